@@ -71,9 +71,8 @@ def _dequant_q4_1(blocks: torch.Tensor) -> torch.Tensor:
 
 
 def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_K/Q5_K 12 scale bytes [n, 12] -> 6-bit scales and mins, float32 [n, 8] each.
-
-    Sub-blocks 0-3 keep their scale/min in the low 6 bits of bytes 0-3 / 4-7; sub-blocks 4-7 take
+    """Q4_K/Q5_K scale bytes [n, 12] -> 6-bit scales and mins, float32 [n, 8] each: sub-blocks 0-3
+    keep their scale/min in the low 6 bits of bytes 0-3 / 4-7; sub-blocks 4-7 take
     the low/high nibble of bytes 8-11 and their top 2 bits from the top of bytes 0-3 / 4-7.
     """
     sc_lo, m_lo, packed = scales[:, 0:4], scales[:, 4:8], scales[:, 8:12]
