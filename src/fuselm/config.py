@@ -1,0 +1,177 @@
+"""Frozen configuration dataclasses: model, cache, scheduler, parallelism, engine."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from fuselm.errors import UnsupportedModelError
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "llama",
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Llama-family decoder, read from a Hugging Face config dict."""
+
+    architecture: str
+    """Hugging Face architecture name, e.g. ``LlamaForCausalLM``."""
+    vocab_size: int
+    """Number of token ids."""
+    hidden_size: int
+    """Width of the residual stream."""
+    intermediate_size: int
+    """Width of the MLP's gate/up projections."""
+    num_hidden_layers: int
+    """Number of decoder layers."""
+    num_attention_heads: int
+    """Query heads."""
+    num_key_value_heads: int
+    """Key/value heads (GQA when fewer than query heads)."""
+    head_dim: int
+    """Size of one attention head."""
+    rms_norm_eps: float = 1e-6
+    """Epsilon of every RMSNorm."""
+    rope_theta: float = 10000.0
+    """Rotary base."""
+    rope_scaling: dict[str, Any] | None = None
+    """Rotary scaling (types ``llama3``, ``linear``, or None)."""
+    max_position_embeddings: int = 2048
+    """Longest context the model was trained for."""
+    tie_word_embeddings: bool = False
+    """LM head shares the embedding matrix."""
+    attention_bias: bool = False
+    """QKV projections carry a bias (Qwen2)."""
+    bos_token_id: int | None = None
+    """Beginning-of-sequence token."""
+    eos_token_id: tuple[int, ...] = ()
+    """End-of-sequence token(s)."""
+
+    @classmethod
+    def from_hf_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
+        """Builds the config from a config.json dict; raises UnsupportedModelError if unknown."""
+        archs = cfg.get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise UnsupportedModelError(
+                f"unsupported architecture {archs or cfg.get('model_type')!r}; fuselm runs "
+                f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+            )
+        num_heads = int(cfg["num_attention_heads"])
+        head_dim = cfg.get("head_dim") or int(cfg["hidden_size"]) // num_heads
+        rope_theta = cfg.get("rope_theta")
+        rope_scaling = cfg.get("rope_scaling")
+        params = cfg.get("rope_parameters")
+        if isinstance(params, dict):  # transformers >= 5 keeps rope settings here
+            rope_theta = rope_theta or params.get("rope_theta")
+            if rope_scaling is None and params.get("rope_type", "default") != "default":
+                rope_scaling = dict(params)
+        if rope_scaling is not None:
+            rope_scaling = dict(rope_scaling)
+            rtype = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+            rope_scaling["rope_type"] = rtype
+            if rtype == "default":
+                rope_scaling = None
+            elif rtype not in ("llama3", "linear"):
+                raise UnsupportedModelError(
+                    f"unsupported rope_scaling type {rtype!r}; fuselm supports llama3 and linear"
+                )
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        is_qwen2 = arch == "Qwen2ForCausalLM"
+        return cls(
+            architecture=arch,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=int(cfg["hidden_size"]),
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_hidden_layers=int(cfg["num_hidden_layers"]),
+            num_attention_heads=num_heads,
+            num_key_value_heads=int(cfg.get("num_key_value_heads") or num_heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope_theta or 10000.0),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", is_qwen2)),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=eos_ids,
+        )
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache."""
+
+    block_size: int = 16
+    """Tokens per KV block."""
+    gpu_memory_utilization: float = 0.9
+    """Fraction of GPU memory fuselm may use (weights, activations, KV cache)."""
+    num_gpu_blocks: int | None = None
+    """Fixed number of KV blocks; None sizes the cache from free memory (CPU: from max_model_len)."""
+    enable_prefix_caching: bool = True
+    """Reuse full KV blocks across requests that share a token prefix."""
+    cpu_kv_cache_gib: float = 1.0
+    """KV cache size on CPU when num_gpu_blocks is not given."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Batching limits per engine step."""
+
+    max_num_seqs: int = 256
+    """Most sequences in one step."""
+    max_num_batched_tokens: int = 8192
+    """Most tokens (prefill + decode) in one step."""
+    max_model_len: int | None = None
+    """Longest prompt + output; None takes the model's max_position_embeddings."""
+    enable_chunked_prefill: bool = True
+    """Split long prompts across steps so that decodes never stall."""
+    max_waiting_requests: int | None = None
+    """Bound of the waiting queue (the server answers 429 beyond it); None is unbounded."""
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Tensor and pipeline parallelism."""
+
+    tensor_parallel_size: int = 1
+    """Ranks a layer is split over."""
+    pipeline_parallel_size: int = 1
+    """Stages the layers are split into."""
+    distributed_timeout: float = 60.0
+    """Seconds before a stalled collective counts as a failure."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs to start."""
+
+    model: str | None = None
+    """Hugging Face directory or .gguf file; None is the default model."""
+    dtype: str = "auto"
+    """auto (bf16 on GPU, float32 on CPU), float32, float16, bfloat16."""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N."""
+    kernel_backend: str = "auto"
+    """reference | triton | cuda | auto."""
+    enforce_eager: bool = False
+    """Disable CUDA graphs."""
+    seed: int = 0
+    """Seed of the default random generator."""
+    load_format: str = "auto"
+    """auto (from the checkpoint) or dummy (random weights, for benchmarks)."""
+    hf_overrides: dict[str, Any] = field(default_factory=dict)
+    """Config dict entries to override."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)

@@ -1,0 +1,26 @@
+"""Collectives of the tensor-parallel group; identity when tp_size is 1."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from fuselm.distributed import parallel_state as ps
+
+
+def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sums x over the tensor-parallel group, in place."""
+    if ps.get_tp_size() == 1:
+        return x
+    dist.all_reduce(x, group=ps.get_tp_group())
+    return x
+
+
+def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Concatenates x from every tensor-parallel rank along ``dim``."""
+    size = ps.get_tp_size()
+    if size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x.contiguous(), group=ps.get_tp_group())
+    return torch.cat(parts, dim=dim)

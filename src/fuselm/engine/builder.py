@@ -1,0 +1,104 @@
+"""Assembling the engine's parts from an EngineConfig: model, tokenizer, KV cache, graphs."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from fuselm.config import EngineConfig, ModelConfig, SchedulerConfig
+from fuselm.engine.block_manager import BlockManager
+from fuselm.engine.model_runner import ModelRunner
+from fuselm.loading import loader
+from fuselm.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineParts:
+    """Everything ``LLMEngine`` is built from."""
+
+    model_config: ModelConfig
+    scheduler_config: SchedulerConfig
+    tokenizer: Tokenizer
+    runner: ModelRunner
+    block_manager: BlockManager
+    max_model_len: int
+    model_name: str
+    device: torch.device
+    dtype: torch.dtype
+    startup_seconds: float
+
+
+def load_tokenizer(source: loader.ModelSource) -> Tokenizer:
+    """The tokenizer that ships with the checkpoint."""
+    if source.format == "gguf":
+        return Tokenizer.from_gguf(source.path)
+    return Tokenizer.from_hf_dir(source.path)
+
+
+def bind_kernels(model: torch.nn.Module, backend: str, device: torch.device) -> None:
+    """Lets every layer pick its kernel implementations once."""
+    for module in model.modules():
+        if hasattr(module, "bind_kernels"):
+            module.bind_kernels(backend, device)
+
+
+def _scheduler_config(config: EngineConfig, max_model_len: int) -> SchedulerConfig:
+    sched = dataclasses.replace(config.scheduler, max_model_len=max_model_len)
+    if not sched.enable_chunked_prefill and sched.max_num_batched_tokens < max_model_len:
+        sched = dataclasses.replace(sched, max_num_batched_tokens=max_model_len)
+    return sched
+
+
+def _num_blocks(config: EngineConfig, runner: ModelRunner, dtype: torch.dtype,
+                sched: SchedulerConfig, max_model_len: int) -> int:
+    cache = config.cache
+    if cache.num_gpu_blocks is not None:
+        return cache.num_gpu_blocks
+    if runner.device.type == "cuda":
+        from fuselm.engine.kv_sizing import profile_num_blocks
+
+        return profile_num_blocks(runner, cache, dtype, sched.max_num_batched_tokens,
+                                  sched.max_num_seqs, max_model_len)
+    budget = int(cache.cpu_kv_cache_gib * 2**30) // runner.kv_bytes_per_block(dtype)
+    return max(budget, -(-max_model_len // cache.block_size))
+
+
+def build_engine_parts(config: EngineConfig) -> EngineParts:
+    """Loads the model and tokenizer, sizes and allocates the KV cache, captures CUDA graphs."""
+    start = time.perf_counter()
+    torch.manual_seed(config.seed)
+    source, model_config = loader.load_model_config(config)
+    device = loader.resolve_device(config.device)
+    dtype = loader.resolve_dtype(config.dtype, device)
+    max_model_len = config.scheduler.max_model_len or model_config.max_position_embeddings
+    tokenizer = load_tokenizer(source)
+    model = loader.build_model(model_config, max(max_model_len, 1), dtype, device)
+    if config.load_format == "dummy":
+        loader.init_dummy_weights(model, config.seed)
+    else:
+        loader.load_weights(model, source, progress=True)
+    bind_kernels(model, config.kernel_backend, device)
+    sched = _scheduler_config(config, max_model_len)
+    runner = ModelRunner(model, model_config.vocab_size, device, sched.max_num_batched_tokens,
+                         sched.max_num_seqs, max_model_len, config.cache.block_size)
+    num_blocks = _num_blocks(config, runner, dtype, sched, max_model_len)
+    capacity = num_blocks * config.cache.block_size
+    if capacity < max_model_len:
+        raise ValueError(
+            f"the KV cache holds {capacity} tokens, fewer than max_model_len {max_model_len}; "
+            "raise --gpu-memory-utilization or lower --max-model-len")
+    runner.allocate_kv_cache(num_blocks, dtype)
+    logger.info("KV cache: %d blocks of %d tokens", num_blocks, config.cache.block_size)
+    if not config.enforce_eager:
+        runner.capture_cuda_graphs()
+    block_manager = BlockManager(num_blocks, config.cache.block_size,
+                                 config.cache.enable_prefix_caching)
+    name = source.path.stem if source.format == "gguf" else source.path.name
+    return EngineParts(model_config, sched, tokenizer, runner, block_manager, max_model_len,
+                       name, device, dtype, time.perf_counter() - start)

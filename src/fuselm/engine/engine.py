@@ -1,0 +1,200 @@
+"""The synchronous engine: add requests, step, get per-token outputs.
+
+``LLMEngine.step`` schedules, runs the model, samples, applies stop rules, detokenizes
+incrementally and returns a ``RequestOutput`` for every request that advanced or finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from fuselm.config import EngineConfig, ModelConfig
+from fuselm.engine.block_manager import BlockManager
+from fuselm.engine.builder import build_engine_parts
+from fuselm.engine.model_runner import ModelRunner
+from fuselm.engine.request import Request, RequestStatus
+from fuselm.engine.scheduler import Scheduler
+from fuselm.engine.stop_checker import SequenceText
+from fuselm.errors import ContextLengthError, InvalidRequestError
+from fuselm.outputs import CompletionOutput, RequestOutput
+from fuselm.sampling_params import SamplingParams
+from fuselm.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestState:
+    """A user request: its n sequences and their texts."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    sequences: list[Request]
+    texts: list[SequenceText]
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    @property
+    def finished(self) -> bool:
+        """True once every sequence finished."""
+        return all(s.is_finished for s in self.sequences)
+
+
+class LLMEngine:
+    """Model, tokenizer, scheduler and runner behind ``add_request`` / ``step``."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        parts = build_engine_parts(config)
+        self.config = config
+        self.model_config: ModelConfig = parts.model_config
+        self.tokenizer: Tokenizer = parts.tokenizer
+        self.runner: ModelRunner = parts.runner
+        self.block_manager: BlockManager = parts.block_manager
+        self.scheduler = Scheduler(parts.scheduler_config, self.block_manager)
+        self.max_model_len = parts.max_model_len
+        self.model_name = parts.model_name
+        self.device = parts.device
+        self.requests: dict[str, RequestState] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.num_steps = 0
+        self._eos = frozenset(self.model_config.eos_token_id) | self.tokenizer.stop_token_ids
+
+    def add_request(self, request_id: str, prompt: str | list[int],
+                    params: SamplingParams | None = None) -> None:
+        """Queues a request; raises InvalidRequestError for a bad or too long prompt."""
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        text, ids = self._encode(prompt)
+        max_tokens = self._max_tokens(len(ids), params)
+        seqs, texts = [], []
+        for i in range(params.n):
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
+            seqs.append(Request(f"{request_id}#{i}", list(ids), params, self._eos, max_tokens,
+                                parent_id=request_id, index=i, generator=gen))
+            texts.append(SequenceText(self.tokenizer, ids, params))
+        self.requests[request_id] = RequestState(request_id, text, ids, seqs, texts)
+        self.prompt_tokens_total += len(ids)
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def _encode(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+            text: str | None = prompt
+        else:
+            ids, text = list(prompt), None
+            if any(not isinstance(t, int) or not 0 <= t < self.model_config.vocab_size
+                   for t in ids):
+                raise InvalidRequestError(
+                    f"prompt token ids must be integers in [0, {self.model_config.vocab_size})",
+                    param="prompt")
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        return text, ids
+
+    def _max_tokens(self, num_prompt: int, params: SamplingParams) -> int:
+        room = self.max_model_len - num_prompt
+        if room <= 0:
+            raise ContextLengthError(
+                f"the prompt has {num_prompt} tokens, but this model's context is "
+                f"{self.max_model_len} tokens; shorten the prompt", param="prompt")
+        if params.max_tokens is None:
+            return room
+        if params.max_tokens > room:
+            raise ContextLengthError(
+                f"prompt ({num_prompt} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                f"context length {self.max_model_len}; lower max_tokens or shorten the prompt",
+                param="max_tokens")
+        return params.max_tokens
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Ends a request at once and frees its KV blocks; its final output, if it existed."""
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return None
+        self.scheduler.finish(state.sequences, RequestStatus.FINISHED_ABORTED)
+        return self._make_output(state)
+
+    def has_unfinished_requests(self) -> bool:
+        """True while any request is queued or running."""
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduling + model step; outputs of the requests that advanced."""
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        result = self.runner.execute(out)
+        self.num_steps += 1
+        self.scheduler.update(out, result.token_ids)
+        touched: dict[str, RequestState] = {}
+        for seq, token, logprobs in zip(out.sequences, result.token_ids, result.logprobs,
+                                        strict=True):
+            req = seq.request
+            state = self.requests.get(req.parent_id or "")
+            if token is None or state is None:
+                continue
+            self.generation_tokens_total += 1
+            if logprobs is not None:
+                req.logprobs.append(logprobs)
+            self._apply_text(state, req)
+            touched[state.request_id] = state
+        outputs = [self._make_output(s) for s in touched.values()]
+        for state in touched.values():
+            if state.finished:
+                del self.requests[state.request_id]
+        return outputs
+
+    def _apply_text(self, state: RequestState, req: Request) -> None:
+        text = state.texts[req.index]
+        stop = text.append(req.output_token_ids[-1], req.is_finished)
+        if stop is not None and not req.is_finished:
+            self.scheduler.finish([req], RequestStatus.FINISHED_STOPPED, stop)
+
+    def _make_output(self, state: RequestState) -> RequestOutput:
+        outputs = []
+        for req, text in zip(state.sequences, state.texts, strict=True):
+            delta, start = text.take_delta(req.is_finished, len(req.output_token_ids))
+            outputs.append(CompletionOutput(
+                index=req.index, text=text.visible_text(req.is_finished),
+                token_ids=list(req.output_token_ids),
+                finish_reason=req.status.value if req.is_finished else None,
+                stop_reason=req.stop_reason,
+                logprobs=list(req.logprobs) if req.sampling_params.logprobs is not None
+                else None,
+                text_delta=delta, token_ids_delta=req.output_token_ids[start:]))
+        first = min((r.first_token_time for r in state.sequences if r.first_token_time),
+                    default=None)
+        metrics = {"arrival_time": state.arrival_time}
+        if first is not None:
+            metrics["first_token_time"] = first
+        if state.finished:
+            metrics["finished_time"] = time.monotonic()
+        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, outputs,
+                             state.finished, max(r.num_cached_tokens for r in state.sequences),
+                             metrics)
+
+    def stats(self) -> dict[str, float]:
+        """Counts for metrics and tests."""
+        bm = self.block_manager
+        return {
+            "num_requests_running": len({r.parent_id for r in self.scheduler.running}),
+            "num_requests_waiting": len({r.parent_id for r in self.scheduler.waiting}),
+            "kv_cache_usage_perc": bm.usage,
+            "num_preemptions_total": self.scheduler.num_preemptions,
+            "prompt_tokens_total": self.prompt_tokens_total,
+            "generation_tokens_total": self.generation_tokens_total,
+            "prefix_cache_queries_total": bm.prefix_queries,
+            "prefix_cache_hits_total": bm.prefix_hits,
+            "num_free_blocks": bm.num_free_blocks,
+            "num_total_blocks": bm.num_blocks,
+            "num_graph_replays": self.runner.num_graph_replays,
+        }

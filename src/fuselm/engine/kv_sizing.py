@@ -1,0 +1,51 @@
+"""How many KV blocks fit: measured free GPU memory after a profiling forward pass."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from fuselm.config import CacheConfig
+from fuselm.engine.model_runner import ModelRunner
+from fuselm.engine.request import Request
+from fuselm.engine.scheduler import ScheduledSequence, SchedulerOutput
+from fuselm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+GRAPH_AND_SAMPLER_RESERVE = 512 * 2**20  # bytes kept back for CUDA graphs' private pool
+
+
+def _profile_batch(max_num_tokens: int, max_num_seqs: int, max_model_len: int,
+                   vocab_size: int) -> SchedulerOutput:
+    """The largest step the scheduler can produce: many prompts filling the token budget."""
+    out = SchedulerOutput()
+    num_seqs = min(max_num_seqs, max_num_tokens)
+    per_seq = max(1, min(max_model_len, max_num_tokens // num_seqs))
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=1)
+    for i in range(num_seqs):
+        req = Request(f"profile-{i}", [i % vocab_size] * per_seq, params)
+        out.sequences.append(ScheduledSequence(req, per_seq, True))
+    return out
+
+
+def profile_num_blocks(runner: ModelRunner, cache: CacheConfig, dtype: torch.dtype,
+                       max_num_tokens: int, max_num_seqs: int, max_model_len: int) -> int:
+    """Blocks that fit in ``gpu_memory_utilization`` of the card after a profiling step."""
+    device = runner.device
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    runner.allocate_kv_cache(1, dtype)
+    batch = _profile_batch(max_num_tokens, max_num_seqs, max_model_len, runner.vocab_size)
+    for seq in batch.sequences:
+        seq.request.block_ids = [0] * runner.max_blocks_per_seq
+    runner.execute(batch)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    _, total = torch.cuda.mem_get_info(device)
+    budget = total * cache.gpu_memory_utilization - peak - GRAPH_AND_SAMPLER_RESERVE
+    num_blocks = int(budget // runner.kv_bytes_per_block(dtype))
+    logger.info("KV cache: %d blocks (peak %.2f GiB during profiling, %.2f GiB total)",
+                num_blocks, peak / 2**30, total / 2**30)
+    return num_blocks

@@ -1,0 +1,157 @@
+"""Runs the model on one step's batch: inputs into persistent buffers, forward (a CUDA graph for
+decode batches), logits for the rows that sample, sampling on the device.
+
+Only sampled token ids (and requested logprobs) come back to the host.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fuselm.engine.input_batch import InputBuffers
+from fuselm.engine.sampling_inputs import build_sampling_tensors
+from fuselm.engine.scheduler import SchedulerOutput
+from fuselm.layers.sampler import SamplerOutput, sample
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    """Sampled tokens per scheduled sequence (None: no token this step) and their logprobs."""
+
+    token_ids: list[int | None]
+    logprobs: list[dict[int, float] | None]
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """Decode batch sizes that get a CUDA graph: 1, 2, 4, 8, then every 16 up to the limit."""
+    sizes = [s for s in (1, 2, 4, 8) if s <= max_num_seqs]
+    sizes += list(range(16, max_num_seqs + 1, 16))
+    if sizes[-1] != max_num_seqs:
+        sizes.append(max_num_seqs)
+    return sizes
+
+
+class ModelRunner:
+    """Owns the model, its KV cache tensors, the input buffers and the decode CUDA graphs."""
+
+    def __init__(self, model: nn.Module, vocab_size: int, device: torch.device,
+                 max_num_tokens: int, max_num_seqs: int, max_model_len: int,
+                 block_size: int) -> None:
+        self.model, self.vocab_size, self.device = model, vocab_size, device
+        self.max_num_seqs, self.block_size = max_num_seqs, block_size
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.buffers = InputBuffers(max_num_tokens, max_num_seqs, self.max_blocks_per_seq,
+                                    block_size, device)
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.num_graph_replays = 0
+
+    def allocate_kv_cache(self, num_blocks: int, dtype: torch.dtype) -> None:
+        """Allocates ``[num_blocks, block_size, kv_heads, head_size]`` K and V per layer."""
+        self.kv_caches = []
+        for attn in self.model.attention_layers():
+            shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_size)
+            k = torch.zeros(shape, dtype=dtype, device=self.device)
+            v = torch.zeros(shape, dtype=dtype, device=self.device)
+            attn.bind_kv_cache(k, v)
+            self.kv_caches.append((k, v))
+
+    def kv_bytes_per_block(self, dtype: torch.dtype) -> int:
+        """Bytes one KV block takes over all of this stage's layers."""
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        return sum(2 * self.block_size * a.num_kv_heads * a.head_size * itemsize
+                   for a in self.model.attention_layers())
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        """Runs one step and samples the sequences whose chunk reached their last token."""
+        num_seqs = len(out.sequences)
+        graph_size = self._graph_size(out)
+        if graph_size is not None:
+            self.buffers.fill(out, pad_to=graph_size)
+            graph, logits_buf = self.graphs[graph_size]
+            graph.replay()
+            self.num_graph_replays += 1
+            logits = logits_buf[:num_seqs]
+        else:
+            ids, pos, batch, _ = self.buffers.fill(out)
+            hidden = self.model(ids, pos, batch)
+            logits = self.model.compute_logits(hidden[batch.logits_indices])
+        sampling_reqs = [s.request for s in out.sequences if s.sample]
+        result = sample(logits, build_sampling_tensors(sampling_reqs, self.vocab_size,
+                                                       self.device))
+        return self._to_host(out, result)
+
+    def _to_host(self, out: SchedulerOutput, result: SamplerOutput) -> StepResult:
+        ids = result.token_ids.tolist()
+        wanted = result.sampled_logprobs is not None
+        sampled_lp = result.sampled_logprobs.tolist() if wanted else None
+        top_lp = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+        top_ids = result.top_ids.tolist() if result.top_ids is not None else None
+        tokens: list[int | None] = []
+        logprobs: list[dict[int, float] | None] = []
+        row = 0
+        for seq in out.sequences:
+            if not seq.sample:
+                tokens.append(None)
+                logprobs.append(None)
+                continue
+            tokens.append(ids[row])
+            k = seq.request.sampling_params.logprobs
+            if k is None or sampled_lp is None:
+                logprobs.append(None)
+            else:
+                entry = {ids[row]: sampled_lp[row]}
+                for tid, lp in zip((top_ids or [[]])[row][:k], (top_lp or [[]])[row][:k],
+                                   strict=True):
+                    entry.setdefault(tid, lp)
+                logprobs.append(entry)
+            row += 1
+        return StepResult(tokens, logprobs)
+
+    def _graph_size(self, out: SchedulerOutput) -> int | None:
+        if not self.graphs or not out.is_decode:
+            return None
+        if not all(s.sample for s in out.sequences):
+            return None
+        n = len(out.sequences)
+        return next((size for size in sorted(self.graphs) if size >= n), None)
+
+    @torch.inference_mode()
+    def capture_cuda_graphs(self) -> None:
+        """Captures one decode graph per batch size in ``graph_batch_sizes``."""
+        if self.device.type != "cuda":
+            return
+        from fuselm.engine.scheduler import ScheduledSequence
+
+        pool = torch.cuda.graph_pool_handle()
+        dummy = _DummyRequest(self.block_size)
+        for size in reversed(graph_batch_sizes(self.max_num_seqs)):
+            fake = SchedulerOutput([ScheduledSequence(dummy, 1, True)])  # type: ignore[arg-type]
+            ids, pos, batch, _ = self.buffers.fill(fake, pad_to=size)
+            for _ in range(2):  # warm-up: Triton compiles, cuBLAS picks kernels
+                self.model.compute_logits(self.model(ids, pos, batch))
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self.model.compute_logits(self.model(ids, pos, batch))
+            self.graphs[size] = (graph, logits)
+        torch.cuda.synchronize()
+        logger.info("captured decode CUDA graphs for batch sizes %s", sorted(self.graphs))
+
+
+class _DummyRequest:
+    """A one-token sequence in block 0 used to fill buffers during graph capture."""
+
+    def __init__(self, block_size: int) -> None:
+        self.num_computed_tokens = 0
+        self.num_prompt_tokens = 1
+        self.prompt_token_ids = [0]
+        self.output_token_ids: list[int] = []
+        self.block_ids = [0]

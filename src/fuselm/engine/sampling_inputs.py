@@ -1,0 +1,69 @@
+"""Per-step SamplingTensors from the sequences that sample this step."""
+
+from __future__ import annotations
+
+import torch
+
+from fuselm.engine.request import Request
+from fuselm.layers.sampler import SamplingTensors
+
+
+def _penalty_inputs(reqs: list[Request], vocab_size: int, device: torch.device,
+                    t: SamplingTensors) -> None:
+    params = [r.sampling_params for r in reqs]
+    if any(p.repetition_penalty != 1.0 for p in params):
+        t.repetition = torch.tensor([p.repetition_penalty for p in params], device=device)
+        seen = torch.zeros(len(reqs), vocab_size, dtype=torch.bool)
+        for row, req in enumerate(reqs):
+            ids = torch.tensor(req.all_token_ids, dtype=torch.int64)
+            seen[row, ids[ids < vocab_size]] = True
+        t.seen_mask = seen.to(device)
+    if any(p.presence_penalty or p.frequency_penalty for p in params):
+        t.presence = torch.tensor([p.presence_penalty for p in params], device=device)
+        t.frequency = torch.tensor([p.frequency_penalty for p in params], device=device)
+        counts = torch.zeros(len(reqs), vocab_size)
+        for row, req in enumerate(reqs):
+            ids = torch.tensor(req.output_token_ids, dtype=torch.int64)
+            ids = ids[ids < vocab_size]
+            counts[row].index_add_(0, ids, torch.ones(len(ids)))
+        t.output_counts = counts.to(device)
+
+
+def _logit_bias(reqs: list[Request], vocab_size: int, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    rows, ids, bias = [], [], []
+    for row, req in enumerate(reqs):
+        for token, value in (req.sampling_params.logit_bias or {}).items():
+            if 0 <= token < vocab_size:
+                rows.append(row)
+                ids.append(token)
+                bias.append(value)
+    if not rows:
+        return None
+    return (torch.tensor(rows, device=device), torch.tensor(ids, device=device),
+            torch.tensor(bias, dtype=torch.float32, device=device))
+
+
+def build_sampling_tensors(reqs: list[Request], vocab_size: int,
+                           device: torch.device) -> SamplingTensors:
+    """Stacks the sampling parameters of ``reqs`` (one row each) on ``device``."""
+    params = [r.sampling_params for r in reqs]
+    temps = [0.0 if p.greedy else p.temperature for p in params]
+    top_ks = [vocab_size if p.top_k in (-1, 0) else min(p.top_k, vocab_size) for p in params]
+    t = SamplingTensors(
+        temperature=torch.tensor(temps, dtype=torch.float32, device=device),
+        top_k=torch.tensor(top_ks, dtype=torch.int64, device=device),
+        top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+        min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device),
+        all_greedy=all(x == 0.0 for x in temps),
+        need_top_k=any(k < vocab_size for k in top_ks),
+        need_top_p=any(p.top_p < 1.0 for p in params),
+        need_min_p=any(p.min_p > 0.0 for p in params),
+    )
+    _penalty_inputs(reqs, vocab_size, device, t)
+    t.logit_bias = _logit_bias(reqs, vocab_size, device)
+    if any(r.generator is not None for r in reqs):
+        t.generators = [r.generator for r in reqs]
+    wanted = [p.logprobs for p in params if p.logprobs is not None]
+    t.max_logprobs = max(wanted) if wanted else -1
+    return t

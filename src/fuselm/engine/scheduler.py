@@ -1,0 +1,161 @@
+"""Continuous batching with a token budget per step.
+
+Each step: running sequences first (decodes, and the next chunk of prompts being prefilled), then
+waiting ones in arrival order, while the token budget (``max_num_batched_tokens``) and the sequence
+limit (``max_num_seqs``) allow. A long prompt is split into chunks so that decodes never stall.
+When blocks run out, the newest running sequence is preempted: it gives its blocks back and is
+recomputed later (through the prefix cache where its blocks survive).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from fuselm.config import SchedulerConfig
+from fuselm.engine.block_manager import BlockManager
+from fuselm.engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledSequence:
+    """A sequence's share of one step."""
+
+    request: Request
+    num_new_tokens: int
+    sample: bool
+    """True when this chunk reaches the sequence's last token, so a new token is sampled."""
+
+
+@dataclass
+class SchedulerOutput:
+    """What one step computes."""
+
+    sequences: list[ScheduledSequence] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in the step's flat batch."""
+        return sum(s.num_new_tokens for s in self.sequences)
+
+    @property
+    def is_decode(self) -> bool:
+        """True when every sequence brings one token."""
+        return all(s.num_new_tokens == 1 for s in self.sequences)
+
+    @property
+    def is_empty(self) -> bool:
+        """True when there is nothing to compute."""
+        return not self.sequences
+
+
+class Scheduler:
+    """Decides each step's batch; owns the waiting queue and the running list."""
+
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, req: Request) -> None:
+        """Queues a new sequence."""
+        self.waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        """True while any sequence waits or runs."""
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        """Picks this step's sequences and token counts, allocating their KV blocks."""
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        if not out.preempted:
+            self._schedule_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.block_manager.allocate(req, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    return budget
+            out.sequences.append(self._scheduled(req, num_new))
+            budget -= num_new
+            i += 1
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            cached = self.block_manager.find_cached_prefix(req)
+            num_cached = len(cached) * self.block_manager.block_size
+            remaining = req.num_tokens - num_cached
+            num_new = min(remaining, budget)
+            if num_new < remaining and not self.config.enable_chunked_prefill:
+                break
+            if not self.block_manager.allocate(req, num_new, cached):
+                break
+            self.waiting.popleft()
+            if req.status is RequestStatus.WAITING:
+                req.num_cached_tokens = num_cached
+            req.status = RequestStatus.RUNNING
+            req.num_computed_tokens = num_cached
+            self.running.append(req)
+            out.sequences.append(self._scheduled(req, num_new))
+            budget -= num_new
+
+    @staticmethod
+    def _scheduled(req: Request, num_new: int) -> ScheduledSequence:
+        return ScheduledSequence(req, num_new, req.num_computed_tokens + num_new == req.num_tokens)
+
+    def _preempt(self, req: Request) -> None:
+        self.block_manager.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def update(self, out: SchedulerOutput, sampled: list[int | None]) -> list[Request]:
+        """Advances each scheduled sequence and appends its sampled token (None where the
+        chunk did not reach the end); returns the sequences that finished."""
+        finished = []
+        for seq, token in zip(out.sequences, sampled, strict=True):
+            req = seq.request
+            if req.is_finished:  # aborted while the step ran
+                continue
+            req.num_computed_tokens += seq.num_new_tokens
+            self.block_manager.cache_computed_blocks(req)
+            if token is not None:
+                req.append_token(token)
+                if req.is_finished:
+                    finished.append(req)
+        self._release(finished)
+        return finished
+
+    def finish(self, requests: Iterable[Request], status: RequestStatus,
+               reason: int | str | None = None) -> None:
+        """Ends sequences early (abort, stop string) and frees their blocks at once."""
+        done = []
+        for req in requests:
+            if not req.is_finished:
+                req.finish(status, reason)
+            done.append(req)
+        self._release(done)
+
+    def _release(self, requests: list[Request]) -> None:
+        for req in requests:
+            if req in self.running:
+                self.running.remove(req)
+            elif req in self.waiting:
+                self.waiting.remove(req)
+            self.block_manager.free(req)

@@ -1,0 +1,49 @@
+"""Typed exceptions. The server maps each to an OpenAI-style error with a 4xx status."""
+
+
+class FuselmError(Exception):
+    """Base class of every error fuselm raises on purpose."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ModelNotFoundError(FuselmError):
+    """A model path or file that does not exist."""
+
+    status_code = 404
+    error_type = "not_found_error"
+
+
+class UnsupportedModelError(FuselmError):
+    """An architecture or checkpoint layout fuselm cannot run."""
+
+
+class UnsupportedQuantizationError(FuselmError):
+    """A quantization type fuselm cannot load."""
+
+
+class InvalidRequestError(FuselmError):
+    """Invalid sampling parameters or prompt (for example, too long for the context)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class ContextLengthError(InvalidRequestError):
+    """Prompt plus requested tokens exceed the model's context length."""
+
+
+class QueueFullError(FuselmError):
+    """The waiting queue is over its bound."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+
+
+class EngineDeadError(FuselmError):
+    """The engine failed or is shutting down."""
+
+    status_code = 503
+    error_type = "service_unavailable"

@@ -1,0 +1,75 @@
+"""Backend registry: which implementation of each op runs, chosen once when a model is built.
+
+Backends: ``reference`` (plain PyTorch, any device), ``triton``, ``cuda`` (compiled extension),
+and ``auto`` = the fastest backend the tuning table in ``configs/<op>.json`` recorded for this
+GPU, else the first available of cuda > triton > reference. On a CPU device ``auto`` is always
+``reference``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+BACKENDS = ("reference", "triton", "cuda", "auto")
+_PREFERENCE = ("cuda", "triton", "reference")
+_CONFIG_DIR = Path(__file__).parent / "configs"
+
+# op name -> backend -> implementation. Filled by the op modules at import time.
+_IMPLS: dict[str, dict[str, Callable]] = {}
+
+
+def register(op: str, backend: str, fn: Callable) -> None:
+    """Makes ``fn`` the ``backend`` implementation of ``op``."""
+    if backend not in BACKENDS or backend == "auto":
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS[:-1]}")
+    _IMPLS.setdefault(op, {})[backend] = fn
+
+
+def available_backends(op: str) -> list[str]:
+    """Backends registered for ``op``."""
+    return sorted(_IMPLS.get(op, {}))
+
+
+@lru_cache(maxsize=None)
+def _tuning_table(op: str) -> dict:
+    path = _CONFIG_DIR / f"{op}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def tuned_backend(op: str, device: torch.device, bucket: str = "default") -> str | None:
+    """The backend ``fuselm bench kernels`` recorded as fastest for this GPU and shape bucket."""
+    if device.type != "cuda":
+        return None
+    gpu = torch.cuda.get_device_name(device).replace(" ", "_")
+    entry = _tuning_table(op).get(gpu, {})
+    choice = entry.get(bucket, entry.get("default"))
+    return choice.get("backend") if isinstance(choice, dict) else choice
+
+
+def select(op: str, backend: str, device: torch.device, bucket: str = "default") -> Callable:
+    """Returns the implementation of ``op`` to use on ``device`` for the requested backend."""
+    from fuselm import kernels  # noqa: F401  (imports every op module, filling _IMPLS)
+
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}; expected one of {BACKENDS}")
+    impls = _IMPLS.get(op)
+    if not impls:
+        raise KeyError(f"no implementation registered for op {op!r}")
+    if device.type != "cuda" and backend == "auto":
+        return impls["reference"]
+    if backend == "auto":
+        tuned = tuned_backend(op, device, bucket)
+        if tuned in impls:
+            return impls[tuned]
+        backend = next(b for b in _PREFERENCE if b in impls)
+    if backend not in impls:
+        raise ValueError(
+            f"backend {backend!r} is not available for op {op!r} here "
+            f"(available: {', '.join(sorted(impls))})"
+        )
+    return impls[backend]

@@ -1,0 +1,68 @@
+"""Vocabulary-parallel embedding and LM head.
+
+The vocabulary (padded up to a multiple of tp_size) is split into contiguous ranges, one per rank.
+The embedding looks up ids in its range (zeros elsewhere) and all-reduces; the LM head computes
+logits for its range and all-gathers them, dropping the padding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fuselm.distributed import comm
+from fuselm.distributed import parallel_state as ps
+from fuselm.layers.weight_utils import copy_checked, narrow, tensor_shape
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token embedding ``[vocab_per_partition, dim]`` of this rank's vocabulary range."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.tp_rank, self.tp_size = ps.get_tp_rank(), ps.get_tp_size()
+        self.num_embeddings = num_embeddings
+        padded = -(-num_embeddings // self.tp_size) * self.tp_size
+        self.num_embeddings_per_partition = padded // self.tp_size
+        self.vocab_start = self.tp_rank * self.num_embeddings_per_partition
+        self.vocab_end = self.vocab_start + self.num_embeddings_per_partition
+        self.weight = nn.Parameter(
+            torch.zeros(self.num_embeddings_per_partition, embedding_dim, dtype=dtype),
+            requires_grad=False,
+        )
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
+        """Loads this rank's vocabulary rows (the padding rows stay zero)."""
+        total = tensor_shape(loaded)[0]
+        if total != self.num_embeddings:
+            raise ValueError(f"embedding has {total} rows, expected {self.num_embeddings}")
+        size = min(self.vocab_end, total) - self.vocab_start
+        copy_checked(param.data[:size], narrow(loaded, 0, self.vocab_start, size))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """ids ``[num_tokens]`` -> ``[num_tokens, dim]``."""
+        if self.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        mask = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
+        local = torch.where(mask, input_ids - self.vocab_start, 0)
+        out = F.embedding(local, self.weight) * mask[:, None].to(self.weight.dtype)
+        return comm.tp_all_reduce(out)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Output projection to the vocabulary; may share its weight with the embedding."""
+
+    def tie_to(self, embedding: VocabParallelEmbedding) -> None:
+        """Uses the embedding's weight (tied embeddings)."""
+        self.weight = embedding.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden ``[n, dim]`` -> float32 logits ``[n, vocab_size]`` (gathered over ranks)."""
+        logits = F.linear(hidden, self.weight)
+        logits = comm.tp_all_gather(logits, dim=-1)
+        return logits[:, : self.num_embeddings].float()

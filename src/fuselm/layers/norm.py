@@ -1,0 +1,36 @@
+"""RMSNorm layer; with a residual it runs the fused add + norm in place."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fuselm.kernels import select
+from fuselm.kernels.rms_norm import fused_add_rms_norm_ref, rms_norm_ref
+
+
+class RMSNorm(nn.Module):
+    """``weight * x / rms(x)``; the kernel backend is bound once by ``bind_kernels``."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
+        self._norm = rms_norm_ref
+        self._add_norm = fused_add_rms_norm_ref
+
+    def bind_kernels(self, backend: str, device: torch.device) -> None:
+        """Chooses the norm implementations for ``device``."""
+        self._norm = select("rms_norm", backend, device)
+        self._add_norm = select("fused_add_rms_norm", backend, device)
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Without residual: the normed x. With it: ``(norm(x + residual), x + residual)``,
+        computed in place in x and residual."""
+        if residual is None:
+            return self._norm(x, self.weight, self.eps)
+        self._add_norm(x, residual, self.weight, self.eps)
+        return x, residual

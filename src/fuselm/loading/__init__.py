@@ -1,0 +1,1 @@
+"""Checkpoint loading: Hugging Face directories (safetensors), GGUF files, the default model."""

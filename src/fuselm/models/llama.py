@@ -1,0 +1,215 @@
+"""Llama-family decoder: Llama 2/3 (llama3/linear rope scaling), SmolLM, Mistral, Qwen2.
+
+Forward takes the engine's flat batch: token ids ``[num_tokens]``, positions ``[num_tokens]`` and
+a ``ForwardBatch``. A pipeline stage holds layers ``[start_layer, end_layer)``; stages other than
+the first take ``(hidden, residual)`` from the previous stage, stages other than the last return
+it. ``compute_logits`` runs the LM head only on the rows that need logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from fuselm.config import ModelConfig
+from fuselm.distributed import parallel_state as ps
+from fuselm.forward_batch import ForwardBatch
+from fuselm.layers.activation import SiluAndMul
+from fuselm.layers.attention import Attention
+from fuselm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from fuselm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from fuselm.layers.norm import RMSNorm
+from fuselm.layers.rotary import cos_sin_cache
+from fuselm.layers.weight_utils import default_weight_loader
+
+# checkpoint name part -> (our parameter name part, shard id)
+_STACKED = (
+    ("q_proj", "qkv_proj", "q"),
+    ("k_proj", "qkv_proj", "k"),
+    ("v_proj", "qkv_proj", "v"),
+    ("gate_proj", "gate_up_proj", 0),
+    ("up_proj", "gate_up_proj", 1),
+)
+
+
+class LlamaAttention(nn.Module):
+    """QKV projection, rotary + paged attention, output projection."""
+
+    def __init__(self, config: ModelConfig, rope: torch.Tensor) -> None:
+        super().__init__()
+        head_size = config.head_dim
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, head_size,
+                                          config.num_attention_heads,
+                                          config.num_key_value_heads, bias=config.attention_bias)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.q_size = self.num_heads * head_size
+        self.kv_size = self.num_kv_heads * head_size
+        self.head_size = head_size
+        self.o_proj = RowParallelLinear(config.num_attention_heads * head_size,
+                                        config.hidden_size, bias=False)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, head_size,
+                              head_size**-0.5, rope)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
+                batch: ForwardBatch) -> torch.Tensor:
+        """hidden ``[T, hidden_size]`` -> ``[T, hidden_size]``."""
+        qkv = self.qkv_proj(hidden)
+        num_tokens = qkv.shape[0]
+        q = qkv[:, : self.q_size].view(num_tokens, self.num_heads, self.head_size)
+        k = qkv[:, self.q_size : self.q_size + self.kv_size].view(
+            num_tokens, self.num_kv_heads, self.head_size)
+        v = qkv[:, self.q_size + self.kv_size :].view(
+            num_tokens, self.num_kv_heads, self.head_size)
+        return self.o_proj(self.attn(q, k, v, positions, batch))
+
+
+class LlamaMLP(nn.Module):
+    """Gated MLP: down(silu(gate(x)) * up(x)), gate and up in one GEMM."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        inter = config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter])
+        self.act_fn = SiluAndMul()
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x ``[T, hidden_size]`` -> ``[T, hidden_size]``."""
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm attention and MLP blocks with the residual carried beside the hidden state."""
+
+    def __init__(self, config: ModelConfig, rope: torch.Tensor) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, rope)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
+                residual: torch.Tensor | None,
+                batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(mlp output, residual)``; their sum is the layer's output."""
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, batch)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+def layer_range(num_layers: int, pp_rank: int, pp_size: int,
+                partition: list[int] | None = None) -> tuple[int, int]:
+    """Layers ``[start, end)`` of stage ``pp_rank``: an even split, or the given sizes."""
+    if partition is None:
+        base, extra = divmod(num_layers, pp_size)
+        partition = [base + (1 if r < extra else 0) for r in range(pp_size)]
+    if len(partition) != pp_size or sum(partition) != num_layers:
+        raise ValueError(f"layer partition {partition} does not split {num_layers} layers "
+                         f"into {pp_size} stages")
+    start = sum(partition[:pp_rank])
+    return start, start + partition[pp_rank]
+
+
+class LlamaForCausalLM(nn.Module):
+    """The whole model, or one pipeline stage of it."""
+
+    def __init__(self, config: ModelConfig, max_position: int | None = None,
+                 layer_partition: list[int] | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.is_first, self.is_last = ps.is_first_pp_rank(), ps.is_last_pp_rank()
+        self.start_layer, self.end_layer = layer_range(
+            config.num_hidden_layers, ps.get_pp_rank(), ps.get_pp_size(), layer_partition)
+        max_position = max_position or config.max_position_embeddings
+        rope = cos_sin_cache(config.head_dim, max_position, config.rope_theta,
+                             config.rope_scaling)
+        self.register_buffer("cos_sin_cache", rope, persistent=False)
+        if self.is_first or (self.is_last and config.tie_word_embeddings):
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleDict({
+            str(i): LlamaDecoderLayer(config, rope)
+            for i in range(self.start_layer, self.end_layer)
+        })
+        if self.is_last:
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+            if config.tie_word_embeddings:
+                self.lm_head.tie_to(self.embed_tokens)
+
+    def _apply(self, fn, recurse: bool = True):  # keeps the shared rope table in every layer
+        super()._apply(fn, recurse)
+        self.cos_sin_cache = self.cos_sin_cache.float()
+        for layer in self.layers.values():
+            layer.self_attn.attn.cos_sin_cache = self.cos_sin_cache
+        return self
+
+    def attention_layers(self) -> list[Attention]:
+        """This stage's attention layers, in order (the engine binds KV caches to them)."""
+        return [layer.self_attn.attn for layer in self.layers.values()]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch,
+                intermediate: tuple[torch.Tensor, torch.Tensor] | None = None,
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Runs this stage: the final normed hidden ``[T, hidden]`` on the last stage,
+        else ``(hidden, residual)`` for the next one."""
+        if self.is_first:
+            hidden, residual = self.embed_tokens(input_ids), None
+        else:
+            hidden, residual = intermediate
+        for layer in self.layers.values():
+            hidden, residual = layer(positions, hidden, residual, batch)
+        if not self.is_last:
+            return hidden, residual
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits ``[n, vocab_size]`` for hidden rows ``[n, hidden_size]``."""
+        return self.lm_head(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
+        """Loads (HF name, tensor) pairs into this stage's parameters; returns loaded names."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            target = self._target_name(name)
+            if target is None:
+                continue
+            ours, shard = target
+            if ours not in params:
+                continue
+            param = params[ours]
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            if shard is None:
+                loader(param, tensor)
+            else:
+                loader(param, tensor, shard)
+            loaded.add(ours)
+        return loaded
+
+    def _target_name(self, name: str) -> tuple[str, Any] | None:
+        if "rotary_emb.inv_freq" in name:
+            return None
+        name = name.removeprefix("model.")
+        if name.startswith("lm_head") and self.config.tie_word_embeddings:
+            return None
+        if name.startswith("layers."):
+            idx = int(name.split(".")[1])
+            if not self.start_layer <= idx < self.end_layer:
+                return None
+        for ckpt, ours, shard in _STACKED:
+            if f".{ckpt}." in name:
+                return name.replace(ckpt, ours), shard
+        return name, None
+
+    def expected_parameters(self) -> set[str]:
+        """Names of parameters a checkpoint must provide for this stage."""
+        return {n for n, _ in self.named_parameters()}
