@@ -1,0 +1,77 @@
+"""Tiny random-weight Hugging Face checkpoints written to disk for fidelity tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+VOCAB_SIZE = 300
+
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama2-mha-untied": dict(
+        arch="LlamaForCausalLM", num_key_value_heads=4, tie_word_embeddings=False,
+        rope_theta=10000.0),
+    "llama3-gqa-scaled": dict(
+        arch="LlamaForCausalLM", num_key_value_heads=2, tie_word_embeddings=False,
+        rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "llama-linear-tied": dict(
+        arch="LlamaForCausalLM", num_key_value_heads=1, tie_word_embeddings=True,
+        rope_theta=10000.0, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "mistral-gqa": dict(arch="MistralForCausalLM", num_key_value_heads=2,
+                        tie_word_embeddings=False, rope_theta=10000.0),
+    "qwen2-gqa-tied-bias": dict(arch="Qwen2ForCausalLM", num_key_value_heads=2,
+                                tie_word_embeddings=True, rope_theta=1000000.0),
+}
+
+
+def write_byte_tokenizer(path: Path) -> None:
+    """A byte-level BPE tokenizer (256 byte tokens + specials, no merges)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<s>", "</s>"])
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": False}))
+
+
+def make_tiny_checkpoint(name: str, path: Path, seed: int = 0) -> Path:
+    """Saves a random tiny model of preset ``name`` with ``save_pretrained``; returns its dir."""
+    import transformers
+
+    spec = dict(TINY_CONFIGS[name])
+    arch = spec.pop("arch")
+    config_cls = {"LlamaForCausalLM": transformers.LlamaConfig,
+                  "MistralForCausalLM": transformers.MistralConfig,
+                  "Qwen2ForCausalLM": transformers.Qwen2Config}[arch]
+    scaling = spec.pop("rope_scaling", None)
+    theta = spec.pop("rope_theta")
+    rope = {"rope_type": "default", "rope_theta": theta} if scaling is None else \
+        {**scaling, "rope_theta": theta}
+    config = config_cls(
+        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-5,
+        rope_parameters=rope, bos_token_id=256, eos_token_id=257, **spec)
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(config).float().eval()
+    with torch.no_grad():  # larger weights than the init's 0.02, so logits spread out
+        for pname, param in model.named_parameters():
+            if "norm" not in pname:
+                std = 1.0 if ("embed" in pname or "lm_head" in pname) else 0.15
+                param.normal_(0.0, std)
+            if pname.endswith("bias"):
+                param.normal_(0.0, 0.1)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    write_byte_tokenizer(path)
+    return path
