@@ -13,16 +13,14 @@ every constant's source are in docs/perf/planner.md.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import inspect
 import json
 import math
-import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fuselm.cli_args import field_docs
 from fuselm.config import ModelConfig
 from fuselm.planner_hardware import (
     GB,
@@ -403,17 +401,6 @@ def make_plan(m: ModelConfig, cluster: ClusterSpec, opts: PlanOptions, *, model_
 # ---- command line (wired by fuselm.cli as `fuselm plan`) ----
 
 
-def _field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings of a dataclass (the string literal under each field)."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body  # type: ignore[attr-defined]
-    docs = {}
-    for node, nxt in zip(body, body[1:], strict=False):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) \
-                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
-            docs[node.target.id] = " ".join(nxt.value.value.split())  # type: ignore[union-attr]
-    return docs
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``fuselm plan``: the model and cluster, then one per PlanOptions field."""
     a = parser.add_argument
@@ -426,7 +413,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="GB/s per direction per GPU in a node (default: the GPU's NVLink spec)")
     a("--inter-node-bandwidth", type=float, default=None,
       help="GB/s per direction per GPU between nodes (default: one NDR/HDR NIC per GPU)")
-    docs = _field_docs(PlanOptions)
+    docs = field_docs(PlanOptions)
     for f in dataclasses.fields(PlanOptions):
         flag = "--" + f.name.replace("_", "-").replace("-gbs", "")
         kind = float if f.type in ("float", "float | None") else (int if f.type == "int" else str)

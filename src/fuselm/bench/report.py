@@ -169,53 +169,24 @@ def finish(args: argparse.Namespace, result: dict[str, Any], table: str,
     return result
 
 
-# ---- building the engine for the offline benches ----
-
-
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """Engine flags shared by the offline benches and the profiler (vLLM names)."""
-    a = parser.add_argument
-    a("--model", default=None, help="HF directory or .gguf file; default: the default model")
-    a("--load-format", default="auto", choices=("auto", "dummy"),
-      help="dummy: random weights of the model's shape")
-    a("--dtype", default="auto")
-    a("--device", default="auto")
-    a("--kernel-backend", default="auto")
-    a("--enforce-eager", action="store_true")
-    a("--max-model-len", type=int, default=None)
-    a("--max-num-seqs", type=int, default=None)
-    a("--max-num-batched-tokens", type=int, default=None)
-    a("--tensor-parallel-size", "-tp", type=int, default=None)
-    a("--pipeline-parallel-size", "-pp", type=int, default=None)
-    a("--seed", type=int, default=0)
-    a("--disable-tqdm", action="store_true")
-
-
-ENGINE_ARGS = ("load_format", "dtype", "device", "kernel_backend", "enforce_eager",
-               "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-               "tensor_parallel_size", "pipeline_parallel_size", "seed")
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """LLM keyword arguments from the flags, leaving out those at their default."""
-    defaults = {"load_format": "auto", "dtype": "auto", "device": "auto",
-                "kernel_backend": "auto", "enforce_eager": False, "seed": 0}
-    kw = {}
-    for k in ENGINE_ARGS:
-        v = getattr(args, k, None)
-        if v is not None and defaults.get(k, None) != v:
-            kw[k] = v
-    return kw
+# ---- the engine of the offline benches ----
 
 
 def build_llm(args: argparse.Namespace) -> Any:
-    """``fuselm.LLM`` from the engine flags (or ``args.llm`` when a caller passes one in)."""
+    """``fuselm.LLM`` from the engine flags (``fuselm.cli_args``), or ``args.llm`` when the
+    caller already holds one (tests load the model once)."""
     llm = getattr(args, "llm", None)
     if llm is not None:
         return llm
     import fuselm
+    from fuselm.cli_args import engine_config_from_args
 
-    return fuselm.LLM(model=args.model, **engine_kwargs(args))
+    return fuselm.LLM(config=engine_config_from_args(args))
+
+
+def workload_seed(args: argparse.Namespace) -> int:
+    """Seed of the random prompts: the engine's ``--seed``."""
+    return int(vars(args).get("engine.seed") or getattr(args, "seed", 0) or 0)
 
 
 def random_token_ids(vocab_size: int, length: int, generator: Any) -> list[int]:
