@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from fuselm import SamplingParams
@@ -48,4 +47,3 @@ def test_default_model_is_smollm2(default_llm):
     """The default model is SmolLM2-135M-Instruct: 30 layers, hidden 576, tied embeddings."""
     cfg = default_llm.model_config
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.tie_word_embeddings) == (30, 576, True)
-    pytest.importorskip("transformers")
