@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import inspect
 import itertools
 import time
 from dataclasses import dataclass
@@ -262,6 +263,7 @@ def load_hf_model(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.devi
         from fuselm.cli_args import engine_config_from_args
 
         cfg = engine_config_from_args(args)
+    load_format = vars(args).get("engine.load_format") or cfg.load_format
     source = loader.resolve_model(cfg.model)
     cfg_dict = {**loader.load_config_dict(source), **cfg.hf_overrides}
     device = loader.resolve_device(cfg.device)
@@ -271,7 +273,7 @@ def load_hf_model(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.devi
     torch.manual_seed(cfg.seed)
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
-    if cfg.load_format != "dummy":
+    if load_format != "dummy":
         state = model.state_dict()
         with torch.no_grad():
             for name, value in loader.iterate_weights(source):
@@ -286,6 +288,9 @@ def hf_time_once(model: torch.nn.Module, device: torch.device, prompts: list[lis
                  output_len: int, tag: str = "") -> Timings:
     """Greedy decoding with transformers' KV cache, every forward timed (token on the host)."""
     ids = torch.tensor(prompts, device=device)
+    # transformers >= 5 names the KV cache argument ``cache``; older ones ``past_key_values``
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters \
+        else "past_key_values"
     steps = []
     with torch.inference_mode():
         _sync(device)
@@ -296,8 +301,8 @@ def hf_time_once(model: torch.nn.Module, device: torch.device, prompts: list[lis
         ttft = time.perf_counter() - start
         for _ in range(output_len - 1):
             t0 = time.perf_counter()
-            out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True,
-                        logits_to_keep=1)
+            cache = getattr(out, cache_arg)
+            out = model(input_ids=token, use_cache=True, logits_to_keep=1, **{cache_arg: cache})
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             token.cpu()
             steps.append(time.perf_counter() - t0)

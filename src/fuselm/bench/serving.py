@@ -203,8 +203,10 @@ def compute_metrics(results: list[RequestResult], duration: float,
 def _client(args: argparse.Namespace) -> Any:
     import httpx
 
-    # trust_env=False: a proxy from the environment must not sit between us and a local server
+    # trust_env=False: a proxy from the environment must not sit between us and a local server;
+    # ``args.transport`` (not a flag) lets tests talk to an in-process ASGI app
     return httpx.AsyncClient(timeout=httpx.Timeout(args.timeout), trust_env=False,
+                             transport=getattr(args, "transport", None),
                              limits=httpx.Limits(max_connections=None,
                                                  max_keepalive_connections=None))
 
