@@ -137,25 +137,16 @@ def _measure(run_once: Any, shape: Shape, args: argparse.Namespace, vocab: int,
     return total
 
 
-def measure_copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float | None:
-    """Device-to-device copy bandwidth in GB/s (read + write bytes / time); None off CUDA."""
+def measure_copy_bandwidth(device: torch.device) -> float | None:
+    """The card's device-to-device copy bandwidth in GB/s (``bench.common``); None off CUDA,
+    where the bandwidth fraction is not reported."""
     if device.type != "cuda":
         return None
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del src, dst
+    from fuselm.bench.common import copy_bandwidth_gbs
+
+    bw = copy_bandwidth_gbs(device)
     torch.cuda.empty_cache()
-    return 2 * nbytes / float(np.median(times)) / 1e9
+    return bw
 
 
 @dataclass(frozen=True)
