@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from fuselm.bench.dummy_model import write_byte_tokenizer
 
 VOCAB_SIZE = 300
 
@@ -27,22 +28,6 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "qwen2-gqa-tied-bias": dict(arch="Qwen2ForCausalLM", num_key_value_heads=2,
                                 tie_word_embeddings=True, rope_theta=1000000.0),
 }
-
-
-def write_byte_tokenizer(path: Path) -> None:
-    """A byte-level BPE tokenizer (256 byte tokens + specials, no merges)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    alphabet = ByteLevel.alphabet()
-    vocab = {tok: i for i, tok in enumerate(sorted(alphabet))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<s>", "</s>"])
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": False}))
 
 
 def make_tiny_checkpoint(name: str, path: Path, seed: int = 0) -> Path:
@@ -67,7 +52,7 @@ def make_tiny_checkpoint(name: str, path: Path, seed: int = 0) -> Path:
     with torch.no_grad():  # larger weights than the init's 0.02, so logits spread out
         for pname, param in model.named_parameters():
             if "norm" not in pname:
-                std = 1.0 if ("embed" in pname or "lm_head" in pname) else 0.15
+                std = 1.0 if "lm_head" in pname else 0.15
                 param.normal_(0.0, std)
             if pname.endswith("bias"):
                 param.normal_(0.0, 0.1)

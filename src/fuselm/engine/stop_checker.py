@@ -21,13 +21,14 @@ class SequenceText:
         self.include_stop = params.include_stop_str_in_output
         self.holdback = max((len(s) for s in self.stop_strings), default=1) - 1
         self.text = ""
+        self.detokenize = params.detokenize
         self.stopped = False
         self._emitted_chars = 0
         self._emitted_tokens = 0
 
     def append(self, token_id: int, finished: bool) -> str | None:
         """Adds a token's text; returns the stop string it completed, if any."""
-        if self.stopped:
+        if self.stopped or not self.detokenize:
             return None
         new = self.detokenizer.step(token_id)
         if finished:

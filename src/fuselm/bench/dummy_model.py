@@ -1,0 +1,50 @@
+"""Checkpoint directories of known model shapes, for runs with dummy (random) weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+LLAMA3_VOCAB = 128256
+
+KNOWN_SHAPES: dict[str, dict[str, Any]] = {
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=LLAMA3_VOCAB,
+                       rope_theta=500000.0, max_position_embeddings=8192),
+    "llama-3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                        num_attention_heads=64, num_key_value_heads=8, vocab_size=LLAMA3_VOCAB,
+                        rope_theta=500000.0, max_position_embeddings=8192),
+    "llama-tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                       num_attention_heads=8, num_key_value_heads=2, vocab_size=512,
+                       rope_theta=10000.0, max_position_embeddings=4096),
+}
+
+
+def write_byte_tokenizer(path: Path) -> None:
+    """A byte-level BPE tokenizer (256 byte tokens + ``<s>``, ``</s>``; no merges)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    vocab = {tok: i for i, tok in enumerate(sorted(ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<s>", "</s>"])
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": False}))
+
+
+def write_dummy_checkpoint(name: str, path: Path, **overrides: Any) -> Path:
+    """A directory with config.json of shape ``name`` and a byte tokenizer (no weights: load
+    it with ``load_format="dummy"``)."""
+    if name not in KNOWN_SHAPES:
+        raise ValueError(f"unknown shape {name!r}; known: {', '.join(KNOWN_SHAPES)}")
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+           "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "bos_token_id": 256,
+           "eos_token_id": 257, **KNOWN_SHAPES[name], **overrides}
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(cfg, indent=1))
+    write_byte_tokenizer(path)
+    return path
