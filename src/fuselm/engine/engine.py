@@ -62,6 +62,7 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.num_steps = 0
+        self.max_seqs_in_step = 0
         self._eos = frozenset(self.model_config.eos_token_id) | self.tokenizer.stop_token_ids
 
     def add_request(self, request_id: str, prompt: str | list[int],
@@ -134,6 +135,7 @@ class LLMEngine:
             return []
         result = self.runner.execute(out)
         self.num_steps += 1
+        self.max_seqs_in_step = max(self.max_seqs_in_step, len(out.sequences))
         self.scheduler.update(out, result.token_ids)
         touched: dict[str, RequestState] = {}
         for seq, token, logprobs in zip(out.sequences, result.token_ids, result.logprobs,
@@ -190,6 +192,8 @@ class LLMEngine:
             "num_requests_waiting": len({r.parent_id for r in self.scheduler.waiting}),
             "kv_cache_usage_perc": bm.usage,
             "num_preemptions_total": self.scheduler.num_preemptions,
+            "num_partial_prefills_total": self.scheduler.num_partial_prefills,
+            "max_num_seqs_in_step": self.max_seqs_in_step,
             "prompt_tokens_total": self.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
             "prefix_cache_queries_total": bm.prefix_queries,

@@ -60,6 +60,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.num_partial_prefills = 0  # chunks that stopped short of the sequence's end
 
     def add(self, req: Request) -> None:
         """Queues a new sequence."""
@@ -113,9 +114,10 @@ class Scheduler:
             out.sequences.append(self._scheduled(req, num_new))
             budget -= num_new
 
-    @staticmethod
-    def _scheduled(req: Request, num_new: int) -> ScheduledSequence:
-        return ScheduledSequence(req, num_new, req.num_computed_tokens + num_new == req.num_tokens)
+    def _scheduled(self, req: Request, num_new: int) -> ScheduledSequence:
+        sample = req.num_computed_tokens + num_new == req.num_tokens
+        self.num_partial_prefills += not sample
+        return ScheduledSequence(req, num_new, sample)
 
     def _preempt(self, req: Request) -> None:
         self.block_manager.free(req)
