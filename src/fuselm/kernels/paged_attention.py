@@ -1,0 +1,477 @@
+"""Decode attention: one query token per sequence over the paged KV cache (GQA).
+
+Shapes: q ``[num_seqs, num_heads, head_size]``; key_cache, value_cache ``[num_blocks,
+block_size, num_kv_heads, head_size]``; block_tables int32 ``[num_seqs, max_blocks]``; seq_lens
+int32 ``[num_seqs]`` (tokens in the cache, the current one included; 0 gives a zero output).
+Returns ``[num_seqs, num_heads, head_size]`` in q's dtype:
+``softmax(q . K[:seq_len]^T * scale) V[:seq_len]`` per head, query head ``h`` reading KV head
+``h // (num_heads // num_kv_heads)``.
+
+Backends and API:
+
+- ``paged_attention_ref``: the spec (float32, gathers the whole block table).
+- ``select("paged_attention", backend, device)``: a callable with the reference's signature
+  (``fuselm::paged_attention`` for Triton, ``paged_attention_cuda`` for CUDA). It allocates its
+  split-KV workspace on every call, sized by the block-table width; fine for tests and eager use.
+- ``PagedAttentionWorkspace(max_num_seqs, num_heads, head_size, max_model_len, device,
+  backend="triton" | "cuda")``: the serving path. Preallocated float32 buffers; ``ws(q,
+  key_cache, value_cache, block_tables, seq_lens, scale, out=None)`` has the reference's
+  signature plus ``out=``. One workspace serves every layer. The partition count it launches
+  depends on shapes only, so a CUDA graph captured at a short context replays at a long one.
+  ``make_paged_attention(backend, device, max_num_seqs=..., num_heads=..., head_size=...,
+  max_model_len=...)`` resolves the backend as ``select`` does and returns a workspace for
+  Triton/CUDA, the reference otherwise: hand it to ``Attention.set_decode_impl``.
+- ``paged_attention_triton_out`` / ``fuselm::paged_attention_out`` and ``paged_attention_cuda_out``
+  / ``fuselm_C::paged_attention``: the in-place launchers behind the workspace.
+
+Split-KV: the context is cut into partitions of ``partition_size`` tokens (512; doubled for
+``max_model_len`` > 32768 so that at most 64 partitions exist); one program per (sequence, KV
+head, partition) reads its K/V slice once for all the query heads of the group; a sequence that
+fits one partition writes its output directly, longer ones write partial results that a second
+kernel merges. ``seq_lens`` must not exceed ``max_model_len`` (the workspace's capacity).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from fuselm.kernels import _extension, _registry, _triton_utils
+from fuselm.kernels._triton_utils import FUSELM_LIB, next_power_of_2
+from fuselm.kernels.prefill_attention import patch_interpreter_range
+
+
+def paged_attention_ref(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Plain PyTorch paged decode attention over the whole block table, in float32."""
+    num_seqs, num_heads, head_size = q.shape
+    num_kv_heads = key_cache.shape[2]
+    group = num_heads // num_kv_heads
+    bt = block_tables.long()
+    # [B, max_blocks * block_size, Hkv, D]
+    keys = key_cache[bt].reshape(num_seqs, -1, num_kv_heads, head_size).float()
+    values = value_cache[bt].reshape(num_seqs, -1, num_kv_heads, head_size).float()
+    keys = keys.transpose(1, 2).repeat_interleave(group, dim=1)  # [B, H, S, D]
+    values = values.transpose(1, 2).repeat_interleave(group, dim=1)
+    pos = torch.arange(keys.shape[2], device=q.device)
+    mask = (pos[None, :] < seq_lens[:, None].long())[:, None, None, :]  # [B, 1, 1, S]
+    qf = q.float()[:, :, None, :]  # [B, H, 1, D]
+    out = F.scaled_dot_product_attention(qf, keys, values, attn_mask=mask, scale=scale)
+    out = torch.where(seq_lens[:, None, None, None] > 0, out, torch.zeros_like(out))
+    return out[:, :, 0, :].to(q.dtype)
+
+
+_registry.register("paged_attention", "reference", paged_attention_ref)
+
+
+# --------------------------------------------------------------------------------------------
+# Split-KV ("flash-decoding"). A sequence's context is cut into partitions of partition_size
+# tokens; one program per (sequence, KV head, partition) reads its slice of K and V once for all
+# the query heads of the group and writes a normalised partial output with its max logit and
+# exp-sum (log2 domain); a second kernel merges the partitions. A sequence whose context fits one
+# partition writes its output directly and the merge skips it. The number of partitions launched
+# depends on tensor shapes only (the workspace and the block-table width), never on seq_lens, so a
+# CUDA graph captured at a short context replays correctly at a long one: the extra programs see
+# an empty partition and exit.
+# --------------------------------------------------------------------------------------------
+
+_LOG2E = 1.4426950408889634
+DEFAULT_PARTITION_SIZE = 512
+MAX_PARTITIONS = 64  # caps the workspace: longer contexts get longer partitions
+
+
+def partition_size_for(max_model_len: int) -> int:
+    """512 tokens, doubled until ``max_model_len`` needs at most ``MAX_PARTITIONS`` partitions."""
+    size = DEFAULT_PARTITION_SIZE
+    while -(-max_model_len // size) > MAX_PARTITIONS:
+        size *= 2
+    return size
+
+
+class PagedAttentionWorkspace:
+    """Decode attention with a preallocated split-KV workspace; the attention layer's callable.
+
+    Build one at model-build time, sized for the largest decode batch, and share it between all
+    layers (they run one after another)::
+
+        ws = PagedAttentionWorkspace(max_num_seqs, num_heads, head_size, max_model_len, device,
+                                     backend="triton")   # or "cuda"
+        out = ws(q, key_cache, value_cache, block_tables, seq_lens, scale)   # ref's signature
+        ws(q, key_cache, value_cache, block_tables, seq_lens, scale, out=out)  # no allocation
+
+    Buffers (float32, overwritten by every call): ``tmp_out [max_num_seqs, num_heads,
+    max_partitions, head_size]``, ``max_logits`` and ``exp_sums [max_num_seqs, num_heads,
+    max_partitions]``; ``max_partitions = cdiv(max_model_len, partition_size)``. A call launches
+    ``min(max_partitions, cdiv(block_tables.shape[1] * block_size, partition_size))`` partitions:
+    shapes only, so it is CUDA-graph safe. Preconditions (not checked on the host, to avoid a
+    sync): ``seq_lens <= max_model_len`` and every block a sequence uses is in its table row.
+    """
+
+    def __init__(self, max_num_seqs: int, num_heads: int, head_size: int, max_model_len: int,
+                 device: torch.device | str, *, backend: str = "triton",
+                 partition_size: int | None = None) -> None:
+        if backend not in ("triton", "cuda"):
+            raise ValueError(f"backend must be 'triton' or 'cuda', got {backend!r}")
+        self.partition_size = partition_size or partition_size_for(max_model_len)
+        if self.partition_size < 16 or self.partition_size & (self.partition_size - 1):
+            raise ValueError(f"partition_size must be a power of 2 >= 16, got {partition_size}")
+        self.backend = backend
+        self.max_num_seqs, self.num_heads, self.head_size = max_num_seqs, num_heads, head_size
+        self.max_partitions = max(1, -(-max_model_len // self.partition_size))
+        shape = (max_num_seqs, num_heads, self.max_partitions)
+        self.tmp_out = torch.empty((*shape, head_size), dtype=torch.float32, device=device)
+        self.max_logits = torch.empty(shape, dtype=torch.float32, device=device)
+        self.exp_sums = torch.empty(shape, dtype=torch.float32, device=device)
+        self._op = (torch.ops.fuselm.paged_attention_out.default if backend == "triton"
+                    else paged_attention_cuda_out)
+
+    def __call__(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                 block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        """Same contract as ``paged_attention_ref``; writes into ``out`` when given."""
+        num_seqs, num_heads, head_size = q.shape
+        if num_seqs > self.max_num_seqs or num_heads != self.num_heads or \
+                head_size != self.head_size:
+            raise ValueError(
+                f"q {tuple(q.shape)} does not fit the workspace (max_num_seqs "
+                f"{self.max_num_seqs}, num_heads {self.num_heads}, head_size {self.head_size})")
+        if out is None:
+            out = torch.empty_like(q)
+        self._op(out, self.tmp_out, self.max_logits, self.exp_sums, q, key_cache, value_cache,
+                 block_tables, seq_lens, scale, self.partition_size)
+        return out
+
+
+def _check_decode_args(out, tmp_out, q, key_cache, value_cache, block_tables, seq_lens,
+                       partition_size: int) -> None:
+    if q.dim() != 3 or out.shape != q.shape or out.dtype != q.dtype:
+        raise ValueError(f"q and out must be [num_seqs, num_heads, head_size] of one dtype, got "
+                         f"{tuple(q.shape)} {q.dtype} and {tuple(out.shape)} {out.dtype}")
+    num_seqs, num_heads, head_size = q.shape
+    if key_cache.dim() != 4 or key_cache.shape != value_cache.shape or \
+            key_cache.shape[3] != head_size or num_heads % key_cache.shape[2] != 0:
+        raise ValueError(f"caches {tuple(key_cache.shape)} must be [num_blocks, block_size, "
+                         f"num_kv_heads, {head_size}] with num_heads % num_kv_heads == 0")
+    if head_size % 16 != 0 or head_size > 256:
+        raise ValueError(f"head_size must be a multiple of 16 up to 256, got {head_size}")
+    for name, t in (("q", q), ("out", out), ("key_cache", key_cache),
+                    ("value_cache", value_cache), ("block_tables", block_tables)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
+    if block_tables.shape[0] < num_seqs or seq_lens.shape[0] < num_seqs:
+        raise ValueError("block_tables and seq_lens need a row per sequence")
+    if not tmp_out.is_contiguous() or tmp_out.shape[0] < num_seqs or \
+            tmp_out.shape[1] != num_heads or tmp_out.shape[3] != head_size:
+        raise ValueError(f"workspace {tuple(tmp_out.shape)} does not fit q {tuple(q.shape)}")
+
+
+def num_partitions_to_launch(max_partitions: int, block_tables: torch.Tensor, block_size: int,
+                             partition_size: int) -> int:
+    """Partitions a call launches: the most a block-table row can address, within the workspace."""
+    max_context = block_tables.shape[1] * block_size
+    return max(1, min(max_partitions, -(-max_context // partition_size)))
+
+
+class DecodeConfig(NamedTuple):
+    """Launch parameters of ``_paged_attention_kernel``."""
+
+    block_n: int  # tokens per inner step (divides the partition size)
+    num_warps: int
+    num_stages: int
+
+
+def decode_config(head_size: int, dtype: torch.dtype, partition_size: int,
+                  device: torch.device) -> DecodeConfig:
+    """Heuristic launch config, then the ``configs/paged_attention.json`` entry for this GPU."""
+    if device.type != "cuda":
+        return DecodeConfig(min(16, partition_size), 4, 1)
+    # K and V tiles of 64 tokens x 128 x 2 B = 16 KB each; 3 stages keep ~96 KB of loads in
+    # flight per program, enough to cover HBM latency at 2 programs per SM (H100: 228 KB smem).
+    cfg = DecodeConfig(64 if head_size <= 128 else 32, 4, 3)
+    tuned = _triton_utils.tuned_triton_config(
+        "paged_attention", f"d{next_power_of_2(head_size)}_{str(dtype).removeprefix('torch.')}",
+        "cuda", device.index or 0)
+    if tuned:
+        cfg = cfg._replace(**{k: int(v) for k, v in tuned.items() if k in cfg._fields})
+    return cfg._replace(block_n=min(cfg.block_n, partition_size))
+
+
+if _triton_utils.triton_available():
+    import triton
+    import triton.language as tl
+
+    if _triton_utils.is_interpreting():
+        patch_interpreter_range()
+
+    @triton.jit
+    def _paged_attention_kernel(
+        out_ptr, tmp_out_ptr, max_logits_ptr, exp_sums_ptr,
+        q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr,
+        qk_scale,  # scale * log2(e)
+        o_seq_stride, o_head_stride, q_seq_stride, q_head_stride,
+        kc_block_stride, kc_slot_stride, kc_head_stride,
+        vc_block_stride, vc_slot_stride, vc_head_stride,
+        bt_stride, block_size,
+        ws_seq_stride, ws_head_stride,  # of max_logits / exp_sums; tmp_out's are x HEAD_SIZE
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+        HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr,
+        PARTITION_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        part = tl.program_id(2)
+        seq_len = tl.load(seq_lens_ptr + seq)
+        start = part * PARTITION_SIZE
+        if (part > 0) & (start >= seq_len):  # empty partition (partition 0 also zeroes seq_len 0)
+            return
+        end = tl.minimum(start + PARTITION_SIZE, seq_len)
+        num_parts = tl.minimum(tl.cdiv(seq_len, PARTITION_SIZE), tl.num_programs(2))
+
+        g = tl.arange(0, GROUP_PAD)
+        g_mask = g < GROUP
+        head = kv_head * GROUP + g  # [GROUP_PAD]
+        offs_d = tl.arange(0, D_PAD)
+        d_mask = offs_d < HEAD_SIZE
+        q = tl.load(q_ptr + seq.to(tl.int64) * q_seq_stride + (head * q_head_stride)[:, None]
+                    + offs_d[None, :], mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+
+        m_i = tl.full([GROUP_PAD], -1.0e30, tl.float32)
+        l_i = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
+        kc_base = kc_ptr + kv_head * kc_head_stride
+        vc_base = vc_ptr + kv_head * vc_head_stride
+        bt_row = bt_ptr + seq.to(tl.int64) * bt_stride
+        offs_n = tl.arange(0, BLOCK_N)
+        for n0 in range(start, end, BLOCK_N):
+            pos = n0 + offs_n
+            n_mask = pos < end
+            blk = tl.load(bt_row + pos // block_size, mask=n_mask, other=0).to(tl.int64)
+            slot = pos % block_size
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+            k = tl.load(kc_base + (blk * kc_block_stride + slot * kc_slot_stride)[:, None]
+                        + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(vc_base + (blk * vc_block_stride + slot * vc_slot_stride)[:, None]
+                        + offs_d[None, :], mask=kv_mask, other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            qk = tl.where(n_mask[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        part_out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # seq_len 0: zeros
+        io_mask = g_mask[:, None] & d_mask[None, :]
+        if num_parts <= 1:
+            o_off = seq.to(tl.int64) * o_seq_stride + head * o_head_stride
+            tl.store(out_ptr + o_off[:, None] + offs_d[None, :],
+                     part_out.to(out_ptr.dtype.element_ty), mask=io_mask)
+        else:
+            ws_off = seq.to(tl.int64) * ws_seq_stride + head * ws_head_stride + part
+            tl.store(max_logits_ptr + ws_off, m_i, mask=g_mask)
+            tl.store(exp_sums_ptr + ws_off, l_i, mask=g_mask)
+            tl.store(tmp_out_ptr + (ws_off * HEAD_SIZE)[:, None] + offs_d[None, :], part_out,
+                     mask=io_mask)
+
+    @triton.jit
+    def _paged_attention_reduce_kernel(
+        out_ptr, tmp_out_ptr, max_logits_ptr, exp_sums_ptr, seq_lens_ptr,
+        o_seq_stride, o_head_stride, ws_seq_stride, ws_head_stride, num_launched,
+        PARTITION_SIZE: tl.constexpr, P_PAD: tl.constexpr,
+        HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr,
+    ):  # fmt: skip
+        seq = tl.program_id(0)
+        head = tl.program_id(1)
+        seq_len = tl.load(seq_lens_ptr + seq)
+        num_parts = tl.minimum(tl.cdiv(seq_len, PARTITION_SIZE), num_launched)
+        if num_parts <= 1:  # written directly by the partition kernel
+            return
+        offs_p = tl.arange(0, P_PAD)
+        p_mask = offs_p < num_parts
+        ws_off = seq.to(tl.int64) * ws_seq_stride + head * ws_head_stride + offs_p
+        m = tl.load(max_logits_ptr + ws_off, mask=p_mask, other=float("-inf"))
+        w = tl.load(exp_sums_ptr + ws_off, mask=p_mask, other=0.0) * tl.exp2(m - tl.max(m, 0))
+        offs_d = tl.arange(0, D_PAD)
+        d_mask = offs_d < HEAD_SIZE
+        parts = tl.load(tmp_out_ptr + (ws_off * HEAD_SIZE)[:, None] + offs_d[None, :],
+                        mask=p_mask[:, None] & d_mask[None, :], other=0.0)
+        out = tl.sum(parts * w[:, None], axis=0) / tl.sum(w, axis=0)
+        o_off = seq.to(tl.int64) * o_seq_stride + head * o_head_stride
+        tl.store(out_ptr + o_off + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+def paged_attention_triton_out(
+    out: torch.Tensor, tmp_out: torch.Tensor, max_logits: torch.Tensor, exp_sums: torch.Tensor,
+    q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+    block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, partition_size: int,
+    config: DecodeConfig | None = None,
+) -> None:
+    """Triton split-KV decode into ``out`` with the given workspace (see the module docstring)."""
+    _check_decode_args(out, tmp_out, q, key_cache, value_cache, block_tables, seq_lens,
+                       partition_size)
+    num_seqs, num_heads, head_size = q.shape
+    if num_seqs == 0:
+        return
+    num_kv_heads, block_size = key_cache.shape[2], key_cache.shape[1]
+    group = num_heads // num_kv_heads
+    num_parts = num_partitions_to_launch(tmp_out.shape[2], block_tables, block_size,
+                                         partition_size)
+    cfg = config or decode_config(head_size, q.dtype, partition_size, q.device)
+    d_pad = max(16, next_power_of_2(head_size))
+    _paged_attention_kernel[(num_seqs, num_kv_heads, num_parts)](
+        out, tmp_out, max_logits, exp_sums, q, key_cache, value_cache, block_tables, seq_lens,
+        scale * _LOG2E, out.stride(0), out.stride(1), q.stride(0), q.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        block_tables.stride(0), block_size, max_logits.stride(0), max_logits.stride(1),
+        GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)), HEAD_SIZE=head_size,
+        D_PAD=d_pad, PARTITION_SIZE=partition_size, BLOCK_N=cfg.block_n,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if num_parts > 1:
+        _paged_attention_reduce_kernel[(num_seqs, num_heads)](
+            out, tmp_out, max_logits, exp_sums, seq_lens, out.stride(0), out.stride(1),
+            max_logits.stride(0), max_logits.stride(1), num_parts,
+            PARTITION_SIZE=partition_size, P_PAD=next_power_of_2(num_parts),
+            HEAD_SIZE=head_size, D_PAD=d_pad, num_warps=4,
+        )  # fmt: skip
+
+
+def _allocate_workspace(q, key_cache, block_tables, partition_size=None):
+    max_context = block_tables.shape[1] * key_cache.shape[1]
+    partition_size = partition_size or partition_size_for(max_context)
+    num_parts = max(1, -(-max_context // partition_size))
+    shape = (q.shape[0], q.shape[1], num_parts)
+    tmp_out = torch.empty((*shape, q.shape[2]), dtype=torch.float32, device=q.device)
+    max_logits = torch.empty(shape, dtype=torch.float32, device=q.device)
+    return tmp_out, max_logits, torch.empty_like(max_logits), partition_size
+
+
+def paged_attention_triton(q, key_cache, value_cache, block_tables, seq_lens, scale,
+                           partition_size: int | None = None,
+                           config: DecodeConfig | None = None) -> torch.Tensor:
+    """Triton decode with the reference's signature; allocates its own workspace, sized by the
+    block-table width (the serving path uses ``PagedAttentionWorkspace`` instead)."""
+    out = torch.empty_like(q)
+    tmp_out, max_logits, exp_sums, psize = _allocate_workspace(q, key_cache, block_tables,
+                                                                partition_size)
+    paged_attention_triton_out(out, tmp_out, max_logits, exp_sums, q, key_cache, value_cache,
+                               block_tables, seq_lens, scale, psize, config)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA: csrc/paged_attention.cu, same partitioning and workspace (fuselm_C::paged_attention).
+# Head sizes 64, 128 and 256; 16-byte aligned rows.
+# --------------------------------------------------------------------------------------------
+
+
+def paged_attention_cuda_out(
+    out: torch.Tensor, tmp_out: torch.Tensor, max_logits: torch.Tensor, exp_sums: torch.Tensor,
+    q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+    block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, partition_size: int,
+) -> None:
+    """CUDA split-KV decode into ``out`` with the given workspace."""
+    torch.ops.fuselm_C.paged_attention(out, tmp_out, max_logits, exp_sums, q, key_cache,
+                                       value_cache, block_tables, seq_lens, scale,
+                                       partition_size)
+
+
+def paged_attention_cuda(q, key_cache, value_cache, block_tables, seq_lens,
+                         scale) -> torch.Tensor:
+    """CUDA decode with the reference's signature; allocates its own workspace."""
+    out = torch.empty_like(q)
+    tmp_out, max_logits, exp_sums, psize = _allocate_workspace(q, key_cache, block_tables)
+    paged_attention_cuda_out(out, tmp_out, max_logits, exp_sums, q, key_cache, value_cache,
+                             block_tables, seq_lens, scale, psize)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Registration. fuselm::paged_attention (allocating, the reference's signature) and
+# fuselm::paged_attention_out (workspace, in place) wrap the Triton launchers.
+# --------------------------------------------------------------------------------------------
+
+FUSELM_LIB.define(
+    "paged_attention(Tensor q, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
+    "Tensor seq_lens, float scale) -> Tensor"
+)
+FUSELM_LIB.define(
+    "paged_attention_out(Tensor(a!) out, Tensor(b!) tmp_out, Tensor(c!) max_logits, "
+    "Tensor(d!) exp_sums, Tensor q, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
+    "Tensor seq_lens, float scale, int partition_size) -> ()"
+)
+
+
+@torch.library.register_fake("fuselm::paged_attention", lib=FUSELM_LIB)
+def _paged_attention_fake(q, key_cache, value_cache, block_tables, seq_lens, scale):
+    return torch.empty_like(q)
+
+
+@torch.library.register_fake("fuselm::paged_attention_out", lib=FUSELM_LIB)
+def _paged_attention_out_fake(out, tmp_out, max_logits, exp_sums, q, key_cache, value_cache,
+                              block_tables, seq_lens, scale, partition_size) -> None:
+    return None
+
+
+def _paged_attention_op(q, key_cache, value_cache, block_tables, seq_lens, scale):
+    return paged_attention_triton(q, key_cache, value_cache, block_tables, seq_lens, scale)
+
+
+def _paged_attention_out_op(out, tmp_out, max_logits, exp_sums, q, key_cache, value_cache,
+                            block_tables, seq_lens, scale, partition_size) -> None:
+    paged_attention_triton_out(out, tmp_out, max_logits, exp_sums, q, key_cache, value_cache,
+                               block_tables, seq_lens, scale, partition_size)
+
+
+if _triton_utils.triton_available():
+    for _key in _triton_utils.triton_dispatch_keys():
+        FUSELM_LIB.impl("paged_attention", _paged_attention_op, _key)
+        FUSELM_LIB.impl("paged_attention_out", _paged_attention_out_op, _key)
+    _registry.register("paged_attention", "triton", torch.ops.fuselm.paged_attention.default)
+
+
+def _cuda_op_available() -> bool:
+    ext = _extension.load_extension()
+    if ext is None:
+        return False
+    try:
+        return hasattr(ext, "paged_attention")
+    except RuntimeError:
+        return False
+
+
+if _cuda_op_available():
+    _extension.register_fake_void("paged_attention")
+    _registry.register("paged_attention", "cuda", paged_attention_cuda)
+
+
+def make_paged_attention(backend: str, device: torch.device, *, max_num_seqs: int,
+                         num_heads: int, head_size: int, max_model_len: int):
+    """The decode callable for the attention layer (``Attention.set_decode_impl``).
+
+    Resolves ``backend`` through the registry as ``select`` does; for Triton or CUDA returns a
+    ``PagedAttentionWorkspace`` (preallocated split-KV buffers, CUDA-graph safe; share one between
+    layers), otherwise the registry's callable (the reference).
+    """
+    fn = _registry.select("paged_attention", backend, device)
+    kinds = {torch.ops.fuselm.paged_attention.default: "triton", paged_attention_cuda: "cuda"}
+    kind = next((k for f, k in kinds.items() if f is fn), None)
+    if kind is None:
+        return fn
+    return PagedAttentionWorkspace(max_num_seqs, num_heads, head_size, max_model_len, device,
+                                   backend=kind)

@@ -1,0 +1,176 @@
+"""paged_attention (decode): Triton and CUDA against the reference, including split-KV with
+partial and empty partitions, the preallocated workspace and a CUDA graph replayed at a longer
+context than it was captured at."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tolerances import assert_close
+
+from fuselm.kernels import available_backends, select
+from fuselm.kernels.paged_attention import (
+    PagedAttentionWorkspace,
+    make_paged_attention,
+    paged_attention_ref,
+    paged_attention_triton,
+)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _require(backend: str) -> None:
+    if backend not in available_backends("paged_attention"):
+        pytest.skip(f"{backend} backend of paged_attention not available here")
+
+
+def make_inputs(seq_lens, num_heads, num_kv_heads, head_size, block_size, dtype, max_len,
+                device="cpu", seed=0):
+    """q, a paged cache in scattered blocks and full-width block tables (max_len tokens a row)."""
+    gen = torch.Generator().manual_seed(seed)
+    num_seqs, max_blocks = len(seq_lens), -(-max_len // block_size)
+    num_blocks = num_seqs * max_blocks + 5
+    block_tables = torch.randperm(num_blocks, generator=gen)[: num_seqs * max_blocks]
+    shape = (num_blocks, block_size, num_kv_heads, head_size)
+    args = (
+        torch.randn(num_seqs, num_heads, head_size, generator=gen).to(dtype),
+        torch.randn(shape, generator=gen).to(dtype),
+        torch.randn(shape, generator=gen).to(dtype),
+        block_tables.view(num_seqs, max_blocks).int(),
+        torch.tensor(seq_lens, dtype=torch.int32),
+    )
+    return tuple(t.to(device) for t in args) + (head_size**-0.5,)
+
+
+# (seq_lens, num_heads, num_kv_heads, head_size, block_size, max_len, partition_size)
+# partition_size None: the allocating path (one 512-token partition at these sizes).
+CASES = {
+    "lens_1_7_40_0_gqa1": ([1, 7, 40, 0], 4, 4, 64, 16, 64, None),
+    "gqa3_hd128_bs32": ([33, 5], 6, 2, 128, 32, 64, None),
+    "gqa7_bs32": ([50, 1, 17], 7, 1, 64, 32, 64, None),
+    # 4 partitions of 32: 70 = 2 full + 1 partial + 1 empty; 20 fits one (direct write);
+    # 128 fills all; 0 gives zeros; 33 = 1 full + 1 of one token + 2 empty.
+    "split_gqa4": ([70, 20, 128, 0, 33], 8, 2, 64, 16, 128, 32),
+    "split_gqa8_hd128_bs32": ([70, 20, 128, 0, 33], 8, 1, 128, 32, 128, 32),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_paged_triton_matches_reference(case, dtype):
+    _require("triton")
+    seq_lens, heads, kv_heads, head_size, block_size, max_len, psize = CASES[case]
+    args = make_inputs(seq_lens, heads, kv_heads, head_size, block_size, dtype, max_len)
+    expected = paged_attention_ref(*args)
+    if psize is None:
+        actual = paged_attention_triton(*args)
+    else:
+        ws = PagedAttentionWorkspace(len(seq_lens), heads, head_size, max_len, "cpu",
+                                     partition_size=psize)
+        assert ws.max_partitions >= 3
+        actual = ws(*args)
+    assert_close(actual, expected, name=case)
+
+
+def test_paged_workspace_reuse_out_and_longer_context():
+    """One workspace, a short then a long context with the same block tables (what a CUDA graph
+    replays), writing into a caller's ``out``."""
+    _require("triton")
+    args = list(make_inputs([16, 3], 8, 2, 64, 16, torch.float32, max_len=128))
+    ws = PagedAttentionWorkspace(4, 8, 64, 128, "cpu", partition_size=32)
+    out = torch.full_like(args[0], float("nan"))
+    for seq_lens in ([16, 3], [100, 128]):
+        args[4] = torch.tensor(seq_lens, dtype=torch.int32)
+        assert ws(*args, out=out) is out
+        assert_close(out, paged_attention_ref(*args), name=str(seq_lens))
+
+
+def test_paged_registry_opcheck_and_factory():
+    _require("triton")
+    args = make_inputs([9, 40], 4, 2, 64, 16, torch.float32, 64, device=DEVICE)
+    op = select("paged_attention", "triton", DEVICE)
+    assert op is torch.ops.fuselm.paged_attention.default
+    assert_close(op(*args), paged_attention_ref(*args))
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    ws = PagedAttentionWorkspace(2, 4, 64, 64, DEVICE, partition_size=16)
+    out = torch.empty_like(args[0])
+    torch.library.opcheck(
+        torch.ops.fuselm.paged_attention_out.default,
+        (out, ws.tmp_out, ws.max_logits, ws.exp_sums, *args, ws.partition_size),
+        test_utils=("test_schema", "test_faketensor"))
+    decode = make_paged_attention("triton", DEVICE, max_num_seqs=8, num_heads=4, head_size=64,
+                                  max_model_len=64)
+    assert isinstance(decode, PagedAttentionWorkspace)
+    assert make_paged_attention("reference", DEVICE, max_num_seqs=8, num_heads=4, head_size=64,
+                                max_model_len=64) is paged_attention_ref
+
+
+def test_paged_workspace_rejects_misfit():
+    _require("triton")
+    args = make_inputs([5, 5, 5], 4, 2, 64, 16, torch.float32, 32)
+    with pytest.raises(ValueError, match="does not fit"):
+        PagedAttentionWorkspace(2, 4, 64, 32, "cpu")(*args)
+    with pytest.raises(ValueError, match="power of 2"):
+        PagedAttentionWorkspace(2, 4, 64, 32, "cpu", partition_size=48)
+
+
+# ------------------------------------------------------------------------------------- GPU --
+
+GPU_CASES = {
+    # (seq_lens, num_heads, num_kv_heads, head_size, block_size, max_len, partition_size)
+    "llama8b_mixed": ([1, 7, 511, 512, 513, 4000, 4096, 0, 1500], 32, 8, 128, 16, 4096, None),
+    "gqa1_hd64_bs32": ([1, 100, 3000], 16, 16, 64, 32, 3072, None),
+    "gqa3_hd128": ([700, 2], 12, 4, 128, 16, 1024, 128),
+    "gqa7_hd64": ([1025, 77], 28, 4, 64, 16, 2048, None),
+    "gqa16_hd128": ([300, 2049], 32, 2, 128, 16, 4096, 256),
+    "hd256": ([1, 600], 8, 4, 256, 16, 1024, 256),
+    "long_32k": ([32768], 32, 8, 128, 16, 32768, None),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("case", list(GPU_CASES), ids=list(GPU_CASES))
+def test_paged_gpu_bf16(case, backend):
+    _require(backend)
+    seq_lens, heads, kv_heads, head_size, block_size, max_len, psize = GPU_CASES[case]
+    args = make_inputs(seq_lens, heads, kv_heads, head_size, block_size, torch.bfloat16,
+                       max_len, device="cuda")
+    expected = paged_attention_ref(*args)
+    assert_close(select("paged_attention", backend, DEVICE)(*args), expected, name="allocating")
+    ws = PagedAttentionWorkspace(len(seq_lens), heads, head_size, max_len, DEVICE,
+                                 backend=backend, partition_size=psize)
+    assert_close(ws(*args), expected, name="workspace")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_paged_gpu_other_dtypes(backend, dtype):
+    _require(backend)
+    args = make_inputs([5, 1000, 2500], 32, 8, 128, 16, dtype, 4096, device="cuda")
+    assert_close(select("paged_attention", backend, DEVICE)(*args), paged_attention_ref(*args))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_paged_cuda_graph_captured_short_replayed_long(backend):
+    """Captured with every sequence at context 16, replayed at 4000 (and mixed lengths)."""
+    _require(backend)
+    batch, max_len = 8, 4096
+    q, kc, vc, bt, seq_lens, scale = make_inputs([16] * batch, 32, 8, 128, 16, torch.bfloat16,
+                                                 max_len, device="cuda")
+    ws = PagedAttentionWorkspace(batch, 32, 128, max_len, DEVICE, backend=backend)
+    out = torch.empty_like(q)
+    ws(q, kc, vc, bt, seq_lens, scale, out=out)  # warm-up: compiles outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ws(q, kc, vc, bt, seq_lens, scale, out=out)
+    for lens in ([16] * batch, [4000] * batch, [4000, 1, 0, 513, 2048, 16, 3999, 4096]):
+        seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+        q.copy_(torch.randn_like(q))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out, paged_attention_ref(q, kc, vc, bt, seq_lens, scale), name=str(lens))
