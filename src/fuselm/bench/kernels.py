@@ -1,0 +1,480 @@
+"""``fuselm bench kernels``: every kernel backend at realistic sizes, against the card's ceiling.
+
+For each case (op x shape): the median time of each registered backend, of the eager reference
+and of ``torch.compile`` of the reference (plus op-specific baselines), achieved GB/s over the
+op's minimum traffic (each input read once, each output written once), % of the copy bandwidth
+measured in the same run, and the ratios to eager and compiled. Writes
+``docs/perf/kernels-<gpu>.md`` and ``.json`` and the tuning tables ``kernels/configs/<op>.json``
+(``{gpu: {bucket: {"backend": fastest, "triton": {best launch config}}}}``) that ``auto`` reads.
+
+More ops join through ``CASE_PROVIDERS``: a ``"module:function"`` entry whose function takes the
+preset name and returns a list of ``KernelCase``; a provider module that is absent is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fuselm.bench import common
+
+logger = logging.getLogger(__name__)
+
+CASE_PROVIDERS = [
+    "fuselm.bench.kernels:core_cases",
+    "fuselm.bench.kernels_attention:attention_cases",  # prefill and paged attention
+]
+PRESETS = ("full", "quick", "tiny")
+REGISTRY_BACKENDS = ("reference", "triton", "cuda")
+
+
+@dataclass(frozen=True)
+class KernelCase:
+    """One op at one shape. ``make_args(device, dtype)`` returns fresh inputs for the op's
+    registered signature; ``bytes_moved(args)`` its minimum device-memory traffic."""
+
+    op: str
+    shape: str  # label, e.g. "16384x4096"
+    make_args: Callable[[torch.device, torch.dtype], tuple]
+    bytes_moved: Callable[[tuple], int]
+    reference: Callable  # the op's *_ref: the eager baseline, and compiled
+    bucket: str | None = None  # tuning-table bucket this case decides
+    # extra baselines: name -> factory of a callable with the op's signature
+    baselines: dict[str, Callable[[], Callable]] = field(default_factory=dict)
+    # Triton launch configs to sweep: args -> {config label: (config dict, callable())}
+    triton_variants: Callable[[tuple], dict[str, tuple[dict, Callable]]] | None = None
+    # targets checked in the report: (baseline or "copy", minimum ratio) per fast backend
+    targets: tuple[tuple[str, float], ...] = ()
+
+
+# ---- the ops of kernels I --------------------------------------------------------------------
+
+
+def _rows(preset: str, full: list, quick: list, tiny: list) -> list:
+    return {"full": full, "quick": quick, "tiny": tiny}[preset]
+
+
+def _norm_cases(preset: str) -> list[KernelCase]:
+    from fuselm.kernels import rms_norm as rn
+
+    shapes = _rows(preset, [(16384, 4096), (16384, 576), (16384, 8192), (256, 4096), (1, 4096)],
+                   [(16384, 4096), (1, 4096)], [(4, 64), (1, 96)])  # fmt: skip
+    cases = []
+    for tokens, hidden in shapes:
+        big = tokens >= 1024
+        targets = (("copy", 0.85), ("compile", 0.97)) if (tokens, hidden) == (16384, 4096) else ()
+
+        def make(device, dtype, t=tokens, h=hidden):
+            return (torch.randn(t, h, device=device, dtype=dtype),
+                    torch.randn(h, device=device, dtype=dtype), 1e-6)  # fmt: skip
+
+        def make_fused(device, dtype, t=tokens, h=hidden):
+            x, w, eps = make(device, dtype, t, h)
+            return x, torch.randn_like(x), w, eps
+
+        def variants(args, fused: bool) -> dict:
+            x, w = args[0], args[-2]
+            base = rn._norm_config(x.shape[1], x.element_size(), x.shape[0], "rms_norm", x.device)
+            res = args[1] if fused else None
+            out = x if fused else torch.empty_like(x)
+            found = {}
+            for warps in (2, 4, 8, 16):
+                for rows in sorted({1, base.rows}):
+                    cfg = base._replace(num_warps=warps, rows=rows)
+                    fn = lambda c=cfg: rn._launch_rms_norm(x, res, w, out, 1e-6, c)  # noqa: B023
+                    found[f"w{warps}r{rows}"] = ({"num_warps": warps, "rows": rows}, fn)
+            return found
+
+        cases.append(KernelCase(
+            "rms_norm", f"{tokens}x{hidden}", make,
+            lambda a: (2 * a[0].numel() + a[1].numel()) * a[0].element_size(), rn.rms_norm_ref,
+            bucket=f"h{hidden}" if big else f"h{hidden}_t{tokens}", targets=targets,
+            triton_variants=(lambda a: variants(a, False)) if big else None,
+        ))  # fmt: skip
+        fused_targets = (*targets, ("compile add+norm", 1.0)) if targets else ()
+        cases.append(KernelCase(
+            "fused_add_rms_norm", f"{tokens}x{hidden}", make_fused,
+            lambda a: (4 * a[0].numel() + a[2].numel()) * a[0].element_size(),
+            rn.fused_add_rms_norm_ref,
+            bucket=f"h{hidden}" if big else f"h{hidden}_t{tokens}", targets=fused_targets,
+            baselines={"compile add+norm": _compiled_add_then_norm},
+            triton_variants=(lambda a: variants(a, True)) if big else None,
+        ))  # fmt: skip
+    return cases
+
+
+def _compiled_add_then_norm() -> Callable:
+    """The unfused pair a user gets from torch.compile: residual += x; then norm(residual)."""
+    from fuselm.kernels.rms_norm import rms_norm_ref
+
+    add = torch.compile(lambda x, residual: residual.add_(x), dynamic=False)
+    norm = torch.compile(rms_norm_ref, dynamic=False)
+    return lambda x, residual, w, eps: norm(add(x, residual), w, eps)
+
+
+def _silu_cases(preset: str) -> list[KernelCase]:
+    from fuselm.kernels import silu_and_mul as sm
+
+    shapes = _rows(preset, [(16384, 14336), (16384, 1536), (16384, 28672), (256, 14336),
+                            (1, 14336)], [(16384, 14336), (1, 14336)], [(4, 64)])  # fmt: skip
+    cases = []
+    for tokens, d in shapes:
+        big = tokens >= 1024
+
+        def variants(args) -> dict:
+            x = args[0]
+            out = torch.empty(x.shape[0], x.shape[1] // 2, device=x.device, dtype=x.dtype)
+            found = {}
+            for block, warps in ((512, 2), (1024, 4), (2048, 4), (2048, 8), (4096, 8)):
+                fn = lambda b=block, w=warps: sm._launch_silu_and_mul(x, out, b, w)  # noqa: B023
+                found[f"b{block}w{warps}"] = ({"block": block, "num_warps": warps}, fn)
+            return found
+
+        cases.append(KernelCase(
+            "silu_and_mul", f"{tokens}x{d}",
+            lambda dev, dtype, t=tokens, d=d: (torch.randn(t, 2 * d, device=dev, dtype=dtype),),
+            lambda a: a[0].numel() * 3 // 2 * a[0].element_size(), sm.silu_and_mul_ref,
+            bucket=f"d{d}" if big else f"d{d}_t{tokens}",
+            targets=(("copy", 0.85), ("compile", 0.97)) if (tokens, d) == (16384, 14336) else (),
+            triton_variants=variants if big else None,
+        ))  # fmt: skip
+    return cases
+
+
+def _rotary_args(device, dtype, tokens, heads, kv_heads, head_size, block_size=16):
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_size, device=device, dtype=dtype)
+    q = qkv[:, : heads * head_size].view(tokens, heads, head_size)
+    k = qkv[:, heads * head_size : (heads + kv_heads) * head_size].view(tokens, kv_heads, -1)
+    v = qkv[:, (heads + kv_heads) * head_size :].view(tokens, kv_heads, head_size)
+    max_pos = max(4096, tokens)
+    angles = torch.rand(max_pos, head_size // 2, device=device) * 6.283
+    cos_sin = torch.cat((angles.cos(), angles.sin()), dim=-1)
+    num_blocks = -(-tokens // block_size) + 1
+    cache = torch.randn(num_blocks, block_size, kv_heads, head_size, device=device, dtype=dtype)
+    slots = torch.randperm(num_blocks * block_size, device=device)[:tokens]  # scattered
+    positions = torch.randint(0, max_pos, (tokens,), device=device)
+    return q, k, v, positions, cos_sin, cache, torch.randn_like(cache), slots
+
+
+def _rotary_bytes(a: tuple) -> int:
+    q, k = a[0], a[1]
+    per_elem = q.element_size()
+    # q, k read + written; v read; k, v written to the cache; positions, slots, cos/sin rows
+    return (2 * q.numel() + 4 * k.numel() + k.numel()) * per_elem + q.shape[0] * (
+        16 + 4 * a[4].shape[1]
+    )
+
+
+def _rotary_cases(preset: str) -> list[KernelCase]:
+    from fuselm.kernels import rotary_store_kv as rk
+
+    shapes = _rows(preset, [(16384, 32, 8, 128), (256, 32, 8, 128), (1, 32, 8, 128),
+                            (16384, 9, 3, 64)], [(16384, 32, 8, 128), (1, 32, 8, 128)],
+                   [(4, 4, 2, 32)])  # fmt: skip
+    cases = []
+    for tokens, heads, kv_heads, head_size in shapes:
+        big = tokens >= 1024
+
+        def variants(args, h=heads, kv=kv_heads, d=head_size) -> dict:
+            base = rk._rotary_config(h, kv, d, args[4].shape[1], args[0].device)
+            found = {}
+            for warps in (2, 4, 8):
+                cfg = {**base, "num_warps": warps}
+                fn = lambda c=cfg: rk._launch_rotary_store_kv(*args, c)  # noqa: B023
+                found[f"w{warps}"] = ({"num_warps": warps}, fn)
+            return found
+
+        cases.append(KernelCase(
+            "rotary_store_kv", f"{tokens}t_{heads}q_{kv_heads}kv_{head_size}d",
+            lambda device, dtype, s=(tokens, heads, kv_heads, head_size): _rotary_args(
+                device, dtype, *s),
+            _rotary_bytes, rk.rotary_store_kv_ref,
+            bucket=f"q{heads}_kv{kv_heads}_d{head_size}" + ("" if big else f"_t{tokens}"),
+            targets=(("copy", 0.70),) if (tokens, heads, head_size) == (16384, 32, 128) else (),
+            triton_variants=variants if big else None,
+        ))  # fmt: skip
+    return cases
+
+
+def core_cases(preset: str) -> list[KernelCase]:
+    """rms_norm, fused_add_rms_norm, silu_and_mul, rotary_store_kv."""
+    return _norm_cases(preset) + _silu_cases(preset) + _rotary_cases(preset)
+
+
+def load_cases(preset: str, ops: set[str] | None = None) -> list[KernelCase]:
+    """Cases of every provider in ``CASE_PROVIDERS`` (absent provider modules are skipped)."""
+    cases: list[KernelCase] = []
+    for entry in CASE_PROVIDERS:
+        module_name, func = entry.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name != module_name:
+                raise
+            logger.info("bench provider %s not present; skipped", module_name)
+            continue
+        cases += getattr(module, func)(preset)
+    return [c for c in cases if ops is None or c.op in ops]
+
+
+# ---- measuring ---------------------------------------------------------------------------------
+
+
+def _candidates(case: KernelCase, device: torch.device, compile_ref: bool) -> dict[str, Callable]:
+    from fuselm.kernels import available_backends, select
+
+    found: dict[str, Callable] = {"eager": case.reference}
+    if compile_ref:
+        found["compile"] = torch.compile(case.reference, dynamic=False)
+        found.update({name: make() for name, make in case.baselines.items()})
+    for backend in available_backends(case.op):
+        if backend != "reference" and (device.type == "cuda" or backend == "triton"):
+            found[backend] = select(case.op, backend, device)
+    return found
+
+
+def _time_all(
+    case: KernelCase, inputs: tuple, device: torch.device, compile_ref: bool, sweep: bool
+) -> tuple[dict[str, float], dict[str, float], dict[str, dict]]:
+    """Microseconds of every candidate (and Triton config), host us of the fast backends."""
+    times: dict[str, float] = {}
+    host: dict[str, float] = {}
+    configs: dict[str, dict] = {}
+    for name, fn in _candidates(case, device, compile_ref).items():
+        call = lambda f=fn: f(*inputs)
+        try:
+            times[name] = common.time_ms(call, device) * 1e3
+            if name in ("triton", "cuda") and device.type == "cuda":
+                host[name] = common.time_host_us(call, device)
+        except Exception as err:  # one broken baseline must not stop the run
+            logger.warning("%s %s %s failed: %s", case.op, case.shape, name, err)
+    if sweep and case.triton_variants is not None and "triton" in times:
+        for label, (cfg, fn) in case.triton_variants(inputs).items():
+            times[f"triton[{label}]"] = common.time_ms(fn, device) * 1e3
+            configs[f"triton[{label}]"] = cfg
+    return times, host, configs
+
+
+def measure_case(case: KernelCase, device: torch.device, dtype: torch.dtype, copy_gbs: float,
+                 compile_ref: bool = True, sweep: bool = True) -> list[dict[str, Any]]:  # fmt: skip
+    """One row per backend or baseline: time, host time, GB/s, % of copy bandwidth, ratios."""
+    inputs = case.make_args(device, dtype)
+    nbytes = case.bytes_moved(inputs)
+    times, host, configs = _time_all(case, inputs, device, compile_ref, sweep)
+    baselines = [b for b in times if b in ("eager", "compile") or b in case.baselines]
+    rows = []
+    for name, us in times.items():
+        ratios = {base: times[base] / us for base in baselines}
+        gbs = nbytes / (us * 1e-6) / 1e9
+        rows.append({"op": case.op, "shape": case.shape, "backend": name, "us": us,
+                     "host_us": host.get(name), "GB/s": gbs, "%copy": 100 * gbs / copy_gbs,
+                     "x_eager": ratios.get("eager"), "x_compile": ratios.get("compile"),
+                     "ratios": ratios, "bucket": case.bucket, "config": configs.get(name),
+                     "bytes": nbytes})  # fmt: skip
+    return rows
+
+
+def check_targets(cases: list[KernelCase], rows: list[dict]) -> list[dict[str, Any]]:
+    """For each case target and fast backend: the measured ratio and whether it is met."""
+    out = []
+    for case in cases:
+        for row in rows:
+            if (row["op"], row["shape"]) != (case.op, case.shape):
+                continue
+            if row["backend"] not in ("triton", "cuda"):
+                continue
+            for baseline, minimum in case.targets:
+                copy = baseline == "copy"
+                value = row["%copy"] / 100 if copy else row["ratios"].get(baseline)
+                met = value is not None and value >= minimum
+                metric = "fraction of copy bw" if copy else f"x vs {baseline}"
+                out.append({"op": case.op, "shape": case.shape, "backend": row["backend"],
+                            "metric": metric, "value": value, "target": minimum,
+                            "met": "yes" if met else "NO"})  # fmt: skip
+    return out
+
+
+# ---- the tuning table --------------------------------------------------------------------------
+
+
+def tuning_tables(rows: list[dict]) -> dict[str, dict[str, dict]]:
+    """op -> bucket -> {"backend": fastest registered backend, "triton": best config}; plus a
+    "default" bucket per op: the backend with the best geometric-mean slowdown over its cases."""
+    tables: dict[str, dict[str, dict]] = {}
+    by_case: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        by_case.setdefault((row["op"], row["shape"]), []).append(row)
+    slowdowns: dict[str, dict[str, list[float]]] = {}
+    for (op, _), case_rows in by_case.items():
+        registered = {r["backend"]: r["us"] for r in case_rows
+                      if r["backend"] in ("triton", "cuda") or r["backend"] == "eager"}  # fmt: skip
+        registered = {("reference" if b == "eager" else b): us for b, us in registered.items()}
+        if not registered or case_rows[0]["bucket"] is None:
+            continue
+        best = min(registered, key=registered.get)
+        entry: dict[str, Any] = {
+            "backend": best,
+            "us": {b: round(t, 2) for b, t in registered.items()},
+        }
+        variants = [r for r in case_rows if r["config"] is not None]
+        if variants:
+            entry["triton"] = min(variants, key=lambda r: r["us"])["config"]
+        tables.setdefault(op, {})[case_rows[0]["bucket"]] = entry
+        for b, t in registered.items():
+            slowdowns.setdefault(op, {}).setdefault(b, []).append(t / registered[best])
+    for op, per_backend in slowdowns.items():
+        complete = {
+            b: v for b, v in per_backend.items() if len(v) == max(map(len, per_backend.values()))
+        }
+        geo = {b: math.exp(sum(map(math.log, v)) / len(v)) for b, v in complete.items()}
+        tables[op]["default"] = {"backend": min(geo, key=geo.get), "geomean_slowdown": geo}
+    return tables
+
+
+def write_tuning_tables(tables: dict[str, dict], gpu_name: str, configs_dir: Path) -> list[Path]:
+    """Merges this GPU's entries into ``configs_dir/<op>.json`` (other GPUs' entries kept)."""
+    written = []
+    for op, buckets in tables.items():
+        path = configs_dir / f"{op}.json"
+        table = json.loads(path.read_text()) if path.exists() else {}
+        table[common.gpu_key(gpu_name)] = buckets
+        written.append(common.write_json(path, dict(sorted(table.items()))))
+    from fuselm.kernels import _registry, _triton_utils
+
+    _registry._tuning_table.cache_clear()
+    _triton_utils.clear_config_caches()
+    return written
+
+
+# ---- report and entry points --------------------------------------------------------------------
+
+TABLE_COLUMNS = ("op", "shape", "backend", "us", "host_us", "GB/s", "%copy", "x_eager", "x_compile")
+
+
+def _markdown(result: dict[str, Any]) -> str:
+    env = result["environment"]
+    lines = [
+        f"# Kernel benchmark: {env.get('gpu') or 'cpu'}",
+        "",
+        f"{env['time']}, commit `{env.get('commit')}`, torch {env['torch']}, triton "
+        f"{env.get('triton')}, CUDA {env.get('cuda')}, driver {env.get('driver')}, dtype "
+        f"{result['dtype']}, CUDA extension: {result['extension']}.",
+        "",
+        f"Copy bandwidth of this card, this run: **{result['copy_gbs']:.0f} GB/s** (1 GiB "
+        "device-to-device copy, bytes read + written, median). Times: median of CUDA-event "
+        "timings with L2 flushed between repetitions (`triton.testing.do_bench`); `host_us`: wall "
+        "time a call, back to back (the launch cost at small sizes). GB/s over each op's minimum "
+        "traffic; `x_eager`/`x_compile`: speed-up over the eager / `torch.compile`d reference.",
+    ]
+    for op in dict.fromkeys(r["op"] for r in result["rows"]):
+        lines += ["", f"## {op}", "",
+                  common.markdown_table([r for r in result["rows"] if r["op"] == op],
+                                        TABLE_COLUMNS)]  # fmt: skip
+    if result["targets"]:
+        lines += ["", "## Targets (issue 3)", "", common.markdown_table(result["targets"])]
+    if result.get("tuning"):
+        lines += ["", "## Tuning table (`kernels/configs/`)", ""]
+        for op, buckets in result["tuning"].items():
+            picks = ", ".join(f"{b}: {e['backend']}" for b, e in buckets.items())
+            lines.append(f"- {op}: {picks}")
+    overhead = [{"path": k, "us": v} for k, v in result["overhead"].items()]
+    lines += ["", "## Dispatch overhead (host, empty op, us a call)", ""]
+    lines.append(common.markdown_table(overhead))
+    return "\n".join(lines) + "\n"
+
+
+def run_kernel_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs the benchmark that ``args`` (see ``add_arguments``) describes; returns the record."""
+    from fuselm.kernels import _extension
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype) if args.dtype else (
+        torch.bfloat16 if device.type == "cuda" else torch.float32)  # fmt: skip
+    dynamo = torch._dynamo.config  # one compiled reference per shape
+    limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
+    ops = set(args.ops.split(",")) if args.ops else None
+    cases = load_cases(args.preset, ops)
+    env = common.environment()
+    copy_gbs = common.copy_bandwidth_gbs(device)
+    print(f"{env.get('gpu') or 'cpu'}: copy bandwidth {copy_gbs:.0f} GB/s; {len(cases)} cases")
+    rows = []
+    for case in cases:
+        torch.manual_seed(0)
+        case_rows = measure_case(
+            case, device, dtype, copy_gbs, not args.no_compile, not args.no_sweep
+        )
+        print(common.format_table(case_rows, TABLE_COLUMNS), flush=True)
+        rows += case_rows
+    result = {"environment": env, "dtype": str(dtype).removeprefix("torch."),
+              "device": str(device), "extension": _extension.extension_status(),
+              "copy_gbs": copy_gbs, "rows": rows, "targets": check_targets(cases, rows),
+              "overhead": common.dispatch_overhead_us()}  # fmt: skip
+    if device.type == "cuda":
+        result["tuning"] = tuning_tables(rows)
+        if not args.no_write_configs:
+            written = write_tuning_tables(result["tuning"], env["gpu"], Path(args.configs_dir))
+            result["configs_written"] = [str(p) for p in written]
+    out_dir = Path(args.output_dir)
+    stem = f"kernels-{common.gpu_slug(env.get('gpu'))}"
+    common.write_json(out_dir / f"{stem}.json", result)
+    (out_dir / f"{stem}.md").write_text(_markdown(result))
+    print("\n" + common.format_table(result["targets"]) if result["targets"] else "")
+    print(f"wrote {out_dir / stem}.md and .json")
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``fuselm bench kernels``."""
+    from fuselm.kernels import _registry
+
+    parser.add_argument("--ops", default=None, help="comma-separated ops (default: all)")
+    parser.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default="full",
+        help="sizes: full (the issue's), quick (headline + decode), tiny (CPU CI)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=("bfloat16", "float16", "float32"),
+        help="default: bfloat16 on GPU, float32 on CPU",
+    )
+    parser.add_argument("--device", default=None, help="default: cuda when available")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile baselines")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the Triton config sweep")
+    parser.add_argument(
+        "--no-write-configs", action="store_true", help="do not write the tuning tables"
+    )
+    parser.add_argument("--output-dir", default="docs/perf", help="where the .md and .json go")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument("--configs-dir", default=str(_registry._CONFIG_DIR),
+                        help="where the tuning tables go")  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``fuselm bench kernels`` (the CLI passes its parsed arguments)."""
+    result = run_kernel_bench(args)
+    return 1 if any(t["met"] == "NO" for t in result["targets"]) and args.strict else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fuselm.bench.kernels [flags]``."""
+    parser = argparse.ArgumentParser(prog="fuselm bench kernels", description=__doc__)
+    add_arguments(parser)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,283 @@
+// The one registration file of the fuselm_C extension: schemas, tensor checks, launches.
+//
+// Kernel sources (*.cu) never see torch: this file checks shapes, dtypes, devices and strides,
+// takes the current stream and calls the raw-pointer launchers declared in ops.h.
+// Ops write their outputs into arguments marked `Tensor!` and return nothing.
+#include <Python.h>
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+namespace {
+
+fuselm::DType to_dtype(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return fuselm::DType::kFloat32;
+    case at::kHalf:
+      return fuselm::DType::kFloat16;
+    case at::kBFloat16:
+      return fuselm::DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, "fuselm_C: unsupported dtype ", t.scalar_type());
+  }
+  return fuselm::DType::kFloat32;  // unreachable
+}
+
+void check_rows(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  TORCH_CHECK(t.is_cuda(), "fuselm_C: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.dim() == 2, "fuselm_C: ", name, " must be 2-D [rows, cols], got ", t.sizes());
+  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, "fuselm_C: ", name,
+              " must be contiguous in its last dimension");
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "fuselm_C: ", name, " has dtype ",
+              t.scalar_type(), ", expected ", like.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), "fuselm_C: ", name, " is on another device");
+}
+
+void check_ok(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, "fuselm_C::", op, " launch failed: ", cudaGetErrorString(err));
+}
+
+// ---- rms_norm ----------------------------------------------------------------------------
+
+void check_weight(const at::Tensor& weight, const at::Tensor& x) {
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) && weight.stride(0) == 1,
+              "fuselm_C: weight must be a contiguous [", x.size(1), "] tensor");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.device() == x.device(),
+              "fuselm_C: weight must have x's dtype and device");
+}
+
+void rms_norm(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_rows(x, "x", x);
+  check_rows(out, "out", x);
+  TORCH_CHECK(out.sizes() == x.sizes(), "fuselm_C: out must have x's shape");
+  check_weight(weight, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_ok(fuselm::launch_rms_norm(out.data_ptr(), x.data_ptr(), weight.data_ptr(), x.size(0),
+                                   x.size(1), out.stride(0), x.stride(0),
+                                   static_cast<float>(eps), to_dtype(x),
+                                   c10::cuda::getCurrentCUDAStream()),
+           "rms_norm");
+}
+
+void fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight,
+                        double eps) {
+  check_rows(x, "x", x);
+  check_rows(residual, "residual", x);
+  TORCH_CHECK(residual.sizes() == x.sizes(), "fuselm_C: residual must have x's shape");
+  check_weight(weight, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_ok(fuselm::launch_fused_add_rms_norm(
+               x.data_ptr(), residual.data_ptr(), weight.data_ptr(), x.size(0), x.size(1),
+               x.stride(0), residual.stride(0), static_cast<float>(eps), to_dtype(x),
+               c10::cuda::getCurrentCUDAStream()),
+           "fused_add_rms_norm");
+}
+
+// ---- silu_and_mul ------------------------------------------------------------------------
+
+void silu_and_mul(at::Tensor& out, const at::Tensor& x) {
+  check_rows(x, "x", x);
+  check_rows(out, "out", x);
+  TORCH_CHECK(x.size(1) % 2 == 0, "fuselm_C: silu_and_mul needs an even last dimension");
+  TORCH_CHECK(out.size(0) == x.size(0) && out.size(1) == x.size(1) / 2,
+              "fuselm_C: out must be [rows, cols / 2]");
+  TORCH_CHECK(x.size(0) < (int64_t{1} << 31), "fuselm_C: too many rows");
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_ok(fuselm::launch_silu_and_mul(out.data_ptr(), x.data_ptr(), x.size(0), out.size(1),
+                                       out.stride(0), x.stride(0), to_dtype(x),
+                                       c10::cuda::getCurrentCUDAStream()),
+           "silu_and_mul");
+}
+
+// ---- rotary_store_kv ---------------------------------------------------------------------
+
+void check_heads(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), "fuselm_C: ", name,
+              " must be a CUDA tensor on q's device");
+  TORCH_CHECK(t.dim() == 3, "fuselm_C: ", name, " must be [tokens, heads, head_size]");
+  TORCH_CHECK(t.stride(2) == 1 || t.size(2) <= 1, "fuselm_C: ", name,
+              " must be contiguous in head_size");
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "fuselm_C: ", name, " has another dtype");
+}
+
+void rotary_store_kv(at::Tensor& q, at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& positions, const at::Tensor& cos_sin_cache,
+                     at::Tensor& key_cache, at::Tensor& value_cache,
+                     const at::Tensor& slot_mapping) {
+  check_heads(q, "q", q);
+  check_heads(k, "k", q);
+  check_heads(v, "v", q);
+  const int64_t num_tokens = q.size(0);
+  TORCH_CHECK(k.size(0) == num_tokens && v.size(0) == num_tokens, "fuselm_C: token counts differ");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(2) == q.size(2), "fuselm_C: k, v shapes");
+  TORCH_CHECK(q.size(1) % k.size(1) == 0, "fuselm_C: num_heads % num_kv_heads != 0");
+  for (const at::Tensor* c : {&key_cache, &value_cache}) {
+    TORCH_CHECK(c->dim() == 4 && c->size(2) == k.size(1) && c->size(3) == k.size(2),
+                "fuselm_C: caches must be [num_blocks, block_size, num_kv_heads, head_size]");
+    TORCH_CHECK(c->stride(3) == 1 && c->scalar_type() == k.scalar_type() &&
+                    c->device() == q.device(),
+                "fuselm_C: caches must be contiguous in head_size, of k's dtype and device");
+  }
+  TORCH_CHECK(key_cache.size(1) == value_cache.size(1), "fuselm_C: cache block sizes differ");
+  for (const at::Tensor* t : {&positions, &slot_mapping}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == num_tokens && t->scalar_type() == at::kLong &&
+                    t->is_contiguous() && t->device() == q.device(),
+                "fuselm_C: positions and slot_mapping must be contiguous int64 [num_tokens]");
+  }
+  TORCH_CHECK(cos_sin_cache.dim() == 2 && cos_sin_cache.scalar_type() == at::kFloat &&
+                  cos_sin_cache.stride(1) == 1 && cos_sin_cache.device() == q.device(),
+              "fuselm_C: cos_sin_cache must be float32 [max_position, rot_dim]");
+  const int64_t rot_dim = cos_sin_cache.size(1);
+  TORCH_CHECK(rot_dim % 2 == 0 && rot_dim <= q.size(2), "fuselm_C: bad rot_dim ", rot_dim);
+
+  fuselm::RotaryStoreKVParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.positions = positions.data_ptr<int64_t>();
+  p.cos_sin_cache = cos_sin_cache.data_ptr<float>();
+  p.key_cache = key_cache.data_ptr();
+  p.value_cache = value_cache.data_ptr();
+  p.slot_mapping = slot_mapping.data_ptr<int64_t>();
+  p.num_tokens = num_tokens;
+  p.num_heads = static_cast<int>(q.size(1));
+  p.num_kv_heads = static_cast<int>(k.size(1));
+  p.head_size = static_cast<int>(q.size(2));
+  p.rot_dim = static_cast<int>(rot_dim);
+  p.block_size = static_cast<int>(key_cache.size(1));
+  p.cos_sin_stride = cos_sin_cache.stride(0);
+  p.q_token_stride = q.stride(0);
+  p.q_head_stride = q.stride(1);
+  p.k_token_stride = k.stride(0);
+  p.k_head_stride = k.stride(1);
+  p.v_token_stride = v.stride(0);
+  p.v_head_stride = v.stride(1);
+  p.kc_block_stride = key_cache.stride(0);
+  p.kc_slot_stride = key_cache.stride(1);
+  p.kc_head_stride = key_cache.stride(2);
+  p.vc_block_stride = value_cache.stride(0);
+  p.vc_slot_stride = value_cache.stride(1);
+  p.vc_head_stride = value_cache.stride(2);
+  const c10::cuda::CUDAGuard guard(q.device());
+  check_ok(fuselm::launch_rotary_store_kv(p, to_dtype(q), c10::cuda::getCurrentCUDAStream()),
+           "rotary_store_kv");
+}
+
+// ---- paged_attention ---------------------------------------------------------------------
+
+void check_workspace(const at::Tensor& t, const char* name, const at::Tensor& q, int64_t dims) {
+  TORCH_CHECK(t.is_cuda() && t.device() == q.device() && t.scalar_type() == at::kFloat &&
+                  t.is_contiguous() && t.dim() == dims,
+              "fuselm_C: ", name, " must be a contiguous float32 ", dims, "-D tensor on q's device");
+  TORCH_CHECK(t.size(0) >= q.size(0) && t.size(1) == q.size(1), "fuselm_C: ", name,
+              " must be [>= num_seqs, num_heads, ...]");
+}
+
+void paged_attention(at::Tensor& out, at::Tensor& tmp_out, at::Tensor& max_logits,
+                     at::Tensor& exp_sums, const at::Tensor& q, const at::Tensor& key_cache,
+                     const at::Tensor& value_cache, const at::Tensor& block_tables,
+                     const at::Tensor& seq_lens, double scale, int64_t partition_size) {
+  check_heads(q, "q", q);
+  check_heads(out, "out", q);
+  TORCH_CHECK(out.sizes() == q.sizes(), "fuselm_C: out must have q's shape");
+  const int64_t num_seqs = q.size(0);
+  for (const at::Tensor* c : {&key_cache, &value_cache}) {
+    TORCH_CHECK(c->dim() == 4 && c->size(3) == q.size(2) && c->stride(3) == 1 &&
+                    c->scalar_type() == q.scalar_type() && c->device() == q.device(),
+                "fuselm_C: caches must be [num_blocks, block_size, num_kv_heads, head_size], "
+                "contiguous in head_size, of q's dtype and device");
+  }
+  TORCH_CHECK(key_cache.sizes() == value_cache.sizes(), "fuselm_C: cache shapes differ");
+  TORCH_CHECK(q.size(1) % key_cache.size(2) == 0, "fuselm_C: num_heads % num_kv_heads != 0");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.scalar_type() == at::kInt &&
+                  block_tables.stride(1) == 1 && block_tables.size(0) >= num_seqs &&
+                  block_tables.device() == q.device(),
+              "fuselm_C: block_tables must be int32 [num_seqs, max_blocks], rows contiguous");
+  TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.scalar_type() == at::kInt &&
+                  seq_lens.is_contiguous() && seq_lens.size(0) >= num_seqs &&
+                  seq_lens.device() == q.device(),
+              "fuselm_C: seq_lens must be contiguous int32 [num_seqs]");
+  check_workspace(tmp_out, "tmp_out", q, 4);
+  check_workspace(max_logits, "max_logits", q, 3);
+  check_workspace(exp_sums, "exp_sums", q, 3);
+  TORCH_CHECK(tmp_out.size(3) == q.size(2) && tmp_out.size(2) == max_logits.size(2) &&
+                  max_logits.sizes() == exp_sums.sizes() &&
+                  tmp_out.size(0) == max_logits.size(0),
+              "fuselm_C: workspace shapes disagree");
+  TORCH_CHECK(partition_size > 0 && partition_size <= 16384, "fuselm_C: bad partition_size");
+  TORCH_CHECK(num_seqs < 65536 && block_tables.size(1) < (int64_t{1} << 30),
+              "fuselm_C: too many sequences or blocks");
+
+  fuselm::PagedAttentionParams p{};
+  p.out = out.data_ptr();
+  p.tmp_out = tmp_out.data_ptr<float>();
+  p.max_logits = max_logits.data_ptr<float>();
+  p.exp_sums = exp_sums.data_ptr<float>();
+  p.q = q.data_ptr();
+  p.key_cache = key_cache.data_ptr();
+  p.value_cache = value_cache.data_ptr();
+  p.block_tables = block_tables.data_ptr<int>();
+  p.seq_lens = seq_lens.data_ptr<int>();
+  p.num_seqs = static_cast<int>(num_seqs);
+  p.num_heads = static_cast<int>(q.size(1));
+  p.num_kv_heads = static_cast<int>(key_cache.size(2));
+  p.head_size = static_cast<int>(q.size(2));
+  p.block_size = static_cast<int>(key_cache.size(1));
+  p.max_blocks_per_seq = static_cast<int>(block_tables.size(1));
+  p.max_partitions = static_cast<int>(tmp_out.size(2));
+  p.partition_size = static_cast<int>(partition_size);
+  p.scale = static_cast<float>(scale);
+  p.out_seq_stride = out.stride(0);
+  p.out_head_stride = out.stride(1);
+  p.q_seq_stride = q.stride(0);
+  p.q_head_stride = q.stride(1);
+  p.kc_block_stride = key_cache.stride(0);
+  p.kc_slot_stride = key_cache.stride(1);
+  p.kc_head_stride = key_cache.stride(2);
+  p.vc_block_stride = value_cache.stride(0);
+  p.vc_slot_stride = value_cache.stride(1);
+  p.vc_head_stride = value_cache.stride(2);
+  p.bt_stride = block_tables.stride(0);
+  const c10::cuda::CUDAGuard guard(q.device());
+  check_ok(fuselm::launch_paged_attention(p, to_dtype(q), c10::cuda::getCurrentCUDAStream()),
+           "paged_attention (head_size 64/128/256, 16-byte aligned rows)");
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fuselm_C, m) {
+  m.def("rms_norm(Tensor! out, Tensor x, Tensor weight, float eps) -> ()");
+  m.impl("rms_norm", c10::kCUDA, &rms_norm);
+  m.def("fused_add_rms_norm(Tensor! x, Tensor! residual, Tensor weight, float eps) -> ()");
+  m.impl("fused_add_rms_norm", c10::kCUDA, &fused_add_rms_norm);
+  m.def("silu_and_mul(Tensor! out, Tensor x) -> ()");
+  m.impl("silu_and_mul", c10::kCUDA, &silu_and_mul);
+  m.def(
+      "rotary_store_kv(Tensor! q, Tensor! k, Tensor v, Tensor positions, Tensor cos_sin_cache, "
+      "Tensor! key_cache, Tensor! value_cache, Tensor slot_mapping) -> ()");
+  m.impl("rotary_store_kv", c10::kCUDA, &rotary_store_kv);
+  m.def(
+      "paged_attention(Tensor! out, Tensor! tmp_out, Tensor! max_logits, Tensor! exp_sums, "
+      "Tensor q, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor seq_lens, "
+      "float scale, int partition_size) -> ()");
+  m.impl("paged_attention", c10::kCUDA, &paged_attention);
+}
+
+// An importable module (`import fuselm._C` loads the library and so registers the ops); the
+// loader uses torch.ops.load_library, which needs no module object.
+#ifndef TORCH_EXTENSION_NAME
+#define TORCH_EXTENSION_NAME _C
+#endif
+#define FUSELM_CONCAT_(a, b) a##b
+#define FUSELM_CONCAT(a, b) FUSELM_CONCAT_(a, b)
+#define FUSELM_STR_(a) #a
+#define FUSELM_STR(a) FUSELM_STR_(a)
+PyMODINIT_FUNC FUSELM_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, FUSELM_STR(TORCH_EXTENSION_NAME),
+                                      nullptr, 0, nullptr};
+  return PyModule_Create(&module);
+}

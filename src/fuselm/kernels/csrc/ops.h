@@ -1,0 +1,104 @@
+// Launchers of fuselm's CUDA kernels: raw pointers, element strides and a stream, no torch
+// headers, so that the .cu files compile fast and bindings.cpp alone talks to torch.
+//
+// Each launcher returns the launch's cudaError_t (cudaSuccess when there is nothing to do) and
+// never synchronizes or allocates, so that the ops can be captured in CUDA graphs.
+// Conventions: a "row" is the last, contiguous dimension; *_stride are in elements.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace fuselm {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// ---- rms_norm.cu --------------------------------------------------------------------------
+// out[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * weight, for r < num_rows; fp32 math.
+// x, out: [num_rows, hidden]; weight: [hidden] of the same dtype. out may not alias x.
+cudaError_t launch_rms_norm(void* out, const void* x, const void* weight, int64_t num_rows,
+                            int64_t hidden, int64_t out_stride, int64_t x_stride, float eps,
+                            DType dtype, cudaStream_t stream);
+
+// In place: residual[r] += x[r] (rounded to dtype); x[r] = rms_norm(residual[r]).
+cudaError_t launch_fused_add_rms_norm(void* x, void* residual, const void* weight,
+                                      int64_t num_rows, int64_t hidden, int64_t x_stride,
+                                      int64_t residual_stride, float eps, DType dtype,
+                                      cudaStream_t stream);
+
+// ---- silu_and_mul.cu ----------------------------------------------------------------------
+// out[r, i] = silu(x[r, i]) * x[r, d + i] for i < d; x: [num_rows, 2 d], out: [num_rows, d].
+cudaError_t launch_silu_and_mul(void* out, const void* x, int64_t num_rows, int64_t d,
+                                int64_t out_stride, int64_t x_stride, DType dtype,
+                                cudaStream_t stream);
+
+// ---- rotary_store_kv.cu -------------------------------------------------------------------
+// Neox rotary of q and k in place, then k and v written to the paged cache at slot_mapping
+// (slot -1: not stored). Caches: [num_blocks, block_size, num_kv_heads, head_size] with the
+// strides below; q, k, v: [num_tokens, heads, head_size] with the strides below.
+struct RotaryStoreKVParams {
+  void* q;
+  void* k;
+  const void* v;
+  const int64_t* positions;     // [num_tokens]
+  const float* cos_sin_cache;   // [max_position, rot_dim]: cos | sin
+  void* key_cache;
+  void* value_cache;
+  const int64_t* slot_mapping;  // [num_tokens]
+  int64_t num_tokens;
+  int num_heads;
+  int num_kv_heads;
+  int head_size;
+  int rot_dim;
+  int block_size;
+  int64_t cos_sin_stride;
+  int64_t q_token_stride, q_head_stride;
+  int64_t k_token_stride, k_head_stride;
+  int64_t v_token_stride, v_head_stride;
+  int64_t kc_block_stride, kc_slot_stride, kc_head_stride;
+  int64_t vc_block_stride, vc_slot_stride, vc_head_stride;
+};
+
+cudaError_t launch_rotary_store_kv(const RotaryStoreKVParams& params, DType dtype,
+                                   cudaStream_t stream);
+
+// ---- paged_attention.cu (next issue) ------------------------------------------------------
+// Declare the attention launchers here, below this line.
+
+// Split-KV decode attention over the paged cache (one query token per sequence, GQA). Partition
+// programs write a sequence's output directly when it fits one partition, else normalised
+// partial outputs + max logit (log2 domain) + exp-sum to the workspace, merged by a second
+// kernel. Launches min(max_partitions, cdiv(max_blocks_per_seq * block_size, partition_size))
+// partitions: shapes only, so CUDA graphs replay at any seq_lens <= that many tokens.
+// head_size 64, 128 or 256; q and cache rows 16-byte aligned; workspace contiguous float32.
+struct PagedAttentionParams {
+  void* out;                // [num_seqs, num_heads, head_size], q's dtype
+  float* tmp_out;           // [>= num_seqs, num_heads, max_partitions, head_size]
+  float* max_logits;        // [>= num_seqs, num_heads, max_partitions]
+  float* exp_sums;          // [>= num_seqs, num_heads, max_partitions]
+  const void* q;            // [num_seqs, num_heads, head_size]
+  const void* key_cache;    // [num_blocks, block_size, num_kv_heads, head_size]
+  const void* value_cache;  // same
+  const int* block_tables;  // [num_seqs, max_blocks_per_seq]
+  const int* seq_lens;      // [num_seqs]
+  int num_seqs;
+  int num_heads;
+  int num_kv_heads;
+  int head_size;
+  int block_size;
+  int max_blocks_per_seq;
+  int max_partitions;
+  int partition_size;
+  float scale;
+  int64_t out_seq_stride, out_head_stride;
+  int64_t q_seq_stride, q_head_stride;
+  int64_t kc_block_stride, kc_slot_stride, kc_head_stride;
+  int64_t vc_block_stride, vc_slot_stride, vc_head_stride;
+  int64_t bt_stride;
+};
+
+cudaError_t launch_paged_attention(const PagedAttentionParams& params, DType dtype,
+                                   cudaStream_t stream);
+
+}  // namespace fuselm
