@@ -41,11 +41,22 @@ def load_tokenizer(source: loader.ModelSource) -> Tokenizer:
     return Tokenizer.from_hf_dir(source.path)
 
 
-def bind_kernels(model: torch.nn.Module, backend: str, device: torch.device) -> None:
-    """Lets every layer pick its kernel implementations once."""
+def bind_kernels(model: torch.nn.Module, backend: str, device: torch.device,
+                 max_num_seqs: int, max_model_len: int) -> None:
+    """Lets every layer pick its kernel implementations once; the decode attention of all
+    layers shares one preallocated split-KV workspace (CUDA-graph safe)."""
+    from fuselm.kernels.paged_attention import make_paged_attention
+
     for module in model.modules():
         if hasattr(module, "bind_kernels"):
             module.bind_kernels(backend, device)
+    layers = model.attention_layers()
+    if layers:
+        decode = make_paged_attention(backend, device, max_num_seqs=max_num_seqs,
+                                      num_heads=layers[0].num_heads,
+                                      head_size=layers[0].head_size, max_model_len=max_model_len)
+        for layer in layers:
+            layer.set_decode_impl(decode)
 
 
 def _scheduler_config(config: EngineConfig, max_model_len: int) -> SchedulerConfig:
@@ -83,8 +94,8 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         loader.init_dummy_weights(model, config.seed)
     else:
         loader.load_weights(model, source, progress=True)
-    bind_kernels(model, config.kernel_backend, device)
     sched = _scheduler_config(config, max_model_len)
+    bind_kernels(model, config.kernel_backend, device, sched.max_num_seqs, max_model_len)
     runner = ModelRunner(model, model_config.vocab_size, device, sched.max_num_batched_tokens,
                          sched.max_num_seqs, max_model_len, config.cache.block_size)
     num_blocks = _num_blocks(config, runner, dtype, sched, max_model_len)
