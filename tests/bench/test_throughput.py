@@ -54,7 +54,8 @@ def test_throughput_run(default_llm, tmp_path):
     out, png = tmp_path / "thr.json", tmp_path / "thr.png"
     args = parse_bench_args(throughput, [
         "--dataset", str(data_file), "--num-prompts", "2", "--num-warmup", "0",
-        "--disable-tqdm", "--output-json", str(out), "--plot", str(png)], llm=default_llm)
+        "--disable-tqdm", "--disable-detokenize", "--output-json", str(out), "--plot", str(png)],
+        llm=default_llm)
     throughput.run(args)
     data = json.loads(out.read_text())
     assert data["num_prompts"] == 2 and data["output_tokens"] == 5

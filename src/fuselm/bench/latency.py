@@ -48,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--num-iters", type=int, default=3, help="timed runs of each shape")
     a("--compare", choices=("hf",), default=None,
       help="also run Hugging Face transformers on the same workload")
+    a("--disable-detokenize", action="store_true", help="time without incremental detokenizing")
     a("--output-json", default=None, help="write the results here")
     a("--plot", default=None, help="write latency vs batch size (PNG) here")
     a("--disable-tqdm", action="store_true")
@@ -90,11 +91,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_engine(engine: Any, prompts: list[list[int]], output_len: int, tag: str) -> Timings:
+def time_engine(engine: Any, prompts: list[list[int]], output_len: int, tag: str,
+                detokenize: bool = True) -> Timings:
     """Runs the prompts to completion, timing every step; ``tag`` keeps request ids unique."""
     from fuselm.sampling_params import SamplingParams
 
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True,
+                            detokenize=detokenize)
     ids = [f"bench-{tag}-{i}" for i in range(len(prompts))]
     start = time.perf_counter()
     for rid, prompt in zip(ids, prompts, strict=True):
@@ -336,7 +339,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     peak = peak_tflops(device, dtype)
 
     def once(prompts: list[list[int]], out_len: int, tag: str) -> Timings:
-        return time_engine(engine, prompts, out_len, tag)
+        return time_engine(engine, prompts, out_len, tag, not args.disable_detokenize)
 
     rows = []
     for shape in shapes:

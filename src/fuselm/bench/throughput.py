@@ -34,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="random lengths are drawn from [len x (1 - r), len x (1 + r)]")
     a("--dataset", default=None, help="JSONL of {prompt | prompt_token_ids, output_len?}")
     a("--num-warmup", type=int, default=1, help="untimed requests run first")
+    a("--disable-detokenize", action="store_true", help="generate without detokenizing")
     a("--output-json", default=None, help="write the results here")
     a("--plot", default=None, help="write TTFT / latency distributions (PNG) here")
     a("--disable-tqdm", action="store_true")
@@ -85,10 +86,11 @@ def load_jsonl(path: str | Path, num: int | None, default_output_len: int) -> li
     return out
 
 
-def _params(output_len: int) -> Any:
+def _params(output_len: int, detokenize: bool = True) -> Any:
     from fuselm.sampling_params import SamplingParams
 
-    return SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    return SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True,
+                          detokenize=detokenize)
 
 
 def request_metrics(outputs: list[Any]) -> dict[str, list[float]]:
@@ -116,8 +118,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         warm = random_requests(args.num_warmup, 8, 4, 0.0, vocab, 12345)
         llm.generate([r.prompt for r in warm], _params(4))
     start = time.perf_counter()
-    outputs = llm.generate([r.prompt for r in requests], [_params(r.output_len) for r in requests],
-                           use_tqdm=not args.disable_tqdm)
+    params = [_params(r.output_len, not args.disable_detokenize) for r in requests]
+    outputs = llm.generate([r.prompt for r in requests], params, use_tqdm=not args.disable_tqdm)
     elapsed = time.perf_counter() - start
     num_in = sum(len(o.prompt_token_ids) for o in outputs)
     num_out = sum(len(c.token_ids) for o in outputs for c in o.outputs)
