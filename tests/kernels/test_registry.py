@@ -87,7 +87,10 @@ def test_ops_compile_without_graph_breaks():
         return silu(up) + rms(x, w, 1e-6).sum()
 
     torch.manual_seed(0)
-    x, residual, w, up = torch.randn(3, 32), torch.randn(3, 32), torch.randn(32), torch.randn(3, 64)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton ops run on CUDA or, in
+    # the interpreter, on the CPU
+    x, residual = torch.randn(3, 32, device=dev), torch.randn(3, 32, device=dev)
+    w, up = torch.randn(32, device=dev), torch.randn(3, 64, device=dev)
     x2, r2 = x.clone(), residual.clone()
     torch._dynamo.reset()
     out = torch.compile(block, backend="aot_eager", fullgraph=True)(x, residual, w, up)

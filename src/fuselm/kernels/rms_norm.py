@@ -208,10 +208,18 @@ def fused_add_rms_norm_triton(
 # --------------------------------------------------------------------------------------------
 
 
+def _check_cuda_weight(x2: torch.Tensor, weight: torch.Tensor) -> None:
+    _check_norm_args(x2, weight)
+    if weight.dtype != x2.dtype:
+        raise ValueError(
+            f"the cuda backend needs weight in x's dtype {x2.dtype}, not {weight.dtype}"
+        )
+
+
 def rms_norm_cuda(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """CUDA RMSNorm (``fuselm_C::rms_norm``); weight must have x's dtype."""
     x2 = as_rows(x, "x")
-    _check_norm_args(x2, weight)
+    _check_cuda_weight(x2, weight)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     torch.ops.fuselm_C.rms_norm(out.view(-1, x.shape[-1]), x2, weight, eps)
     return out
@@ -221,9 +229,9 @@ def fused_add_rms_norm_cuda(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> None:
     """CUDA fused residual add + RMSNorm, in place (``fuselm_C::fused_add_rms_norm``)."""
-    torch.ops.fuselm_C.fused_add_rms_norm(
-        as_rows(x, "x"), as_rows(residual, "residual"), weight, eps
-    )
+    x2 = as_rows(x, "x")
+    _check_cuda_weight(x2, weight)
+    torch.ops.fuselm_C.fused_add_rms_norm(x2, as_rows(residual, "residual"), weight, eps)
 
 
 # --------------------------------------------------------------------------------------------
