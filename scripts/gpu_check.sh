@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The one GPU call: environment, CUDA extension (JIT, this GPU's arch only), every `gpu` test,
+# the kernel benchmarks and the engine benchmark. Each step has its own timeout; logs go to $OUT.
+# Usage (repo root): OUT=/dir scripts/gpu_check.sh [steps...]   steps: env build tests kbench
+#                    abench engine (default: all). Budgets: STEP_TIMEOUT_<STEP>=seconds.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/fuselm-gpu}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export MAX_JOBS=${MAX_JOBS:-16} NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/build/torch_extensions}
+STEPS=${*:-env build tests kbench abench engine}
+status=0
+
+run_step() {  # run_step NAME DEFAULT_TIMEOUT CMD...
+  local name=$1 limit=$2 var="STEP_TIMEOUT_${1^^}" start rc
+  limit=${!var:-$limit}
+  shift 2
+  start=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  rc=$?
+  echo "=== $name rc=$rc $(( $(date +%s) - start ))s$([ $rc -eq 124 ] && echo ' TIMEOUT')"
+  tail -n "${TAIL_LINES:-25}" "$OUT/$name.log"
+  [ $rc -eq 0 ] || status=1
+}
+
+for step in $STEPS; do
+  case $step in
+    env) run_step env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version \
+      --format=csv; python -c 'import torch, triton, transformers; print(torch.__version__, \
+      torch.version.cuda, triton.__version__, transformers.__version__, \
+      torch.cuda.get_device_name())'; git log -1 --format=%H 2>/dev/null || true" ;;
+    build) run_step build 300 python -c "from fuselm.kernels import _extension as e; \
+      e.load_extension(); print(e.extension_status())" ;;
+    tests) run_step tests 420 python -m pytest -m gpu -q -x -p no:cacheprovider -rfE \
+      --durations=10 tests ;;
+    kbench) run_step kbench 300 python -m fuselm.bench.kernels --preset quick --no-sweep \
+      --output-dir "$OUT" ;;
+    abench) run_step abench 300 python -m fuselm.bench.kernels_attention --preset full \
+      --output-dir "$OUT" --configs-dir "$OUT/configs" ;;
+    engine) run_step engine 480 python scripts/bench_engine.py --out "$OUT" ;;
+  esac
+done
+exit $status
