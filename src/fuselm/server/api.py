@@ -1,0 +1,252 @@
+"""The FastAPI app: OpenAI routes, KServe v2 generate, tokenize, health, version, metrics.
+
+    app = build_app(engine, api_key="sk-...", served_model_name="smollm2")
+    uvicorn.run(app)            # or fuselm.server.launcher.serve(EngineConfig(...))
+
+Errors of every kind (fuselm's typed errors, request validation, unknown routes, oversized
+bodies, anything unexpected) are answered in OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}``; validation errors are 400, not FastAPI's 422.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from fuselm.errors import FuselmError, InvalidRequestError
+from fuselm.server.app_state import ServerState
+from fuselm.server.auth import ApiKeyMiddleware
+from fuselm.server.metrics import ServerMetrics
+from fuselm.server.middleware import AdmissionMiddleware, BodySizeLimitMiddleware
+from fuselm.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    GenerateRequest,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    VersionResponse,
+    error_body,
+)
+from fuselm.server.serving import chat_prompt, check_token_ids, error_json, run_until_disconnect
+from fuselm.server.serving_chat import create_chat_completion
+from fuselm.server.serving_completion import (
+    create_completion,
+    kserve_generate,
+    kserve_generate_stream,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 503)}
+_STATUS_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
+                 503: "service_unavailable"}
+
+router = APIRouter()
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+def fuselm_version() -> str:
+    """The installed fuselm version."""
+    try:
+        return version("fuselm")
+    except PackageNotFoundError:
+        return "0.0.0+unknown"
+
+
+# -- routes --------------------------------------------------------------------------------------
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    """200 while the engine can take requests, 503 otherwise."""
+    state = _state(request)
+    try:
+        state.engine.stats()
+    except Exception:
+        state.engine_dead = True
+    if getattr(state.engine, "dead", None):  # AsyncEngine's failure flag, where it has one
+        state.engine_dead = True
+    if state.engine_dead:
+        return JSONResponse(error_body("the engine failed", "service_unavailable"),
+                            status_code=503)
+    return Response(status_code=200)
+
+
+@router.get("/version", response_model=VersionResponse)
+async def show_version() -> VersionResponse:
+    return VersionResponse(version=fuselm_version())
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus text exposition."""
+    return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
+async def list_models(request: Request) -> ModelList:
+    state = _state(request)
+    return ModelList(data=[_model_card(state, name) for name in state.served_model_names])
+
+
+@router.get("/v1/models/{model:path}", response_model=ModelCard, responses=ERROR_RESPONSES)
+async def retrieve_model(model: str, request: Request) -> ModelCard:
+    state = _state(request)
+    state.check_model(model)
+    return _model_card(state, model)
+
+
+def _model_card(state: ServerState, name: str) -> ModelCard:
+    root = getattr(state.engine, "model_name", None)
+    return ModelCard(id=name, root=str(root) if root else None,
+                     max_model_len=state.max_model_len)
+
+
+@router.post("/v1/completions", responses=ERROR_RESPONSES)
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    """OpenAI completions (JSON, or SSE when `stream`)."""
+    return await run_until_disconnect(request, create_completion(_state(request), body))
+
+
+@router.post("/v1/chat/completions", responses=ERROR_RESPONSES)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    """OpenAI chat completions (JSON, or SSE when `stream`)."""
+    return await run_until_disconnect(request, create_chat_completion(_state(request), body))
+
+
+@router.post("/v2/models/{model}/generate", responses=ERROR_RESPONSES)
+async def generate(model: str, body: GenerateRequest, request: Request) -> Response:
+    """KServe v2 generate extension: `text_input` -> `text_output`."""
+    return await run_until_disconnect(request, kserve_generate(_state(request), model, body))
+
+
+@router.post("/v2/models/{model}/generate_stream", responses=ERROR_RESPONSES)
+async def generate_stream(model: str, body: GenerateRequest, request: Request) -> Response:
+    """KServe v2 generate extension, streamed as SSE."""
+    return await run_until_disconnect(request,
+                                      kserve_generate_stream(_state(request), model, body))
+
+
+@router.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
+async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+    """Token ids of `prompt`, or of `messages` rendered with the chat template."""
+    state = _state(request)
+    state.check_model(body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise InvalidRequestError("send exactly one of prompt and messages", param="prompt")
+    if body.messages is not None:
+        if not body.messages:
+            raise InvalidRequestError("messages is empty", param="messages")
+        _, ids = chat_prompt(state, body.messages, body.add_generation_prompt)
+    else:
+        ids = state.tokenizer.encode(body.prompt or "",
+                                     add_special_tokens=body.add_special_tokens)
+    return TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=ids)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES)
+async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    """Text of token ids."""
+    state = _state(request)
+    state.check_model(body.model)
+    ids = check_token_ids(body.tokens, state.tokenizer.vocab_size, "tokens")
+    return DetokenizeResponse(prompt=state.tokenizer.decode(ids))
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+async def _fuselm_error(_: Request, exc: FuselmError) -> JSONResponse:
+    return JSONResponse(error_json(exc), status_code=exc.status_code)
+
+
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = None if first.get("type") == "json_invalid" else ".".join(loc) or None
+    message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more errors)"
+    return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+
+
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = "request_too_large" if exc.status_code == 413 else None
+    error_type = _STATUS_TYPES.get(exc.status_code, "invalid_request_error")
+    return JSONResponse(error_body(str(exc.detail), error_type, code=code),
+                        status_code=exc.status_code, headers=exc.headers)
+
+
+async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+    logger.error("unhandled error", exc_info=exc)
+    return JSONResponse(error_body("internal server error", "internal_error"), status_code=500)
+
+
+# -- the app -------------------------------------------------------------------------------------
+
+
+def build_app(engine: Any, *, api_key: str | None = None,
+              served_model_name: str | list[str] | None = None,
+              max_waiting_requests: int | None = None,
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+              start_engine: bool = True) -> FastAPI:
+    """The server's FastAPI app around `engine` (an `AsyncEngine` or anything with its face).
+
+    `api_key`: required as a bearer token on `/v1/*`, `/v2/*`, `/tokenize`, `/detokenize`.
+    `served_model_name`: name(s) accepted as `model` (default: `engine.model_name`).
+    `max_waiting_requests`: 429 once the engine has this many waiting (None: the engine decides).
+    `max_body_bytes`: larger request bodies get 413.
+    `start_engine`: start the engine's loop on app startup and shut it down on app shutdown.
+    The app's `ServerState` is `app.state.server` (`start_draining` via `state.draining`).
+    """
+    names = ([served_model_name] if isinstance(served_model_name, str)
+             else list(served_model_name or [str(engine.model_name)]))
+    state = ServerState(engine=engine, served_model_names=names,
+                        metrics=ServerMetrics(engine, names[0]), api_key=api_key,
+                        max_waiting_requests=max_waiting_requests, max_body_bytes=max_body_bytes)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if start_engine:
+            await engine.start()
+        try:
+            yield
+        finally:
+            if start_engine:
+                await engine.shutdown()
+
+    app = FastAPI(title="fuselm", version=fuselm_version(), lifespan=lifespan,
+                  description="OpenAI-compatible server of the fuselm engine")
+    app.state.server = state
+    app.include_router(router)
+    app.add_exception_handler(FuselmError, _fuselm_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+    # Added last = outermost: admission (503 while draining), then auth, then the body limit.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)
+    if api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    app.add_middleware(AdmissionMiddleware, state=state)
+    return app
