@@ -3,54 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Any
 
 import httpx
 import pytest
-from conftest import LiveServer, wait_until
 from fake_engine import FakeEngine
+from server_harness import CMPL, LiveServer, disconnect_load, wait_until
 
 pytestmark = pytest.mark.timeout(120)
-
-CMPL = "/v1/completions"
-
-
-async def stream_completion(client: httpx.AsyncClient, body: dict[str, Any],
-                            disconnect_after: int | None = None) -> str | None:
-    """The streamed text, or None after closing the connection at chunk `disconnect_after`."""
-    async with client.stream("POST", CMPL, json={**body, "stream": True}) as r:
-        assert r.status_code == 200
-        text, num_chunks = "", 0
-        async for line in r.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            if line == "data: [DONE]":
-                return text
-            text += json.loads(line[len("data: "):])["choices"][0]["text"]
-            num_chunks += 1
-            if disconnect_after is not None and num_chunks >= disconnect_after:
-                return None  # leaving the block closes the connection mid-stream
-    raise AssertionError("stream ended without [DONE]")
-
-
-async def disconnect_load(server: LiveServer, prompts: list[str], body: dict[str, Any],
-                          check_after_disconnects: Any) -> list[tuple[str, str | None]]:
-    """Streams every prompt at once (with `body`); every 4th client disconnects after 3 chunks.
-    Once they all did, `check_after_disconnects()` runs (in a thread) while the others still
-    stream. Returns (prompt, streamed text or None if disconnected)."""
-    limits = httpx.Limits(max_connections=len(prompts) + 10)
-    async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as client:
-        tasks = [asyncio.create_task(stream_completion(
-            client, {**body, "prompt": p}, 3 if i % 4 == 0 else None))
-            for i, p in enumerate(prompts)]
-        quitters = [t for i, t in enumerate(tasks) if i % 4 == 0]
-        await asyncio.wait_for(asyncio.gather(*quitters), 60)
-        await asyncio.to_thread(check_after_disconnects)
-        texts = await asyncio.wait_for(asyncio.gather(*tasks), 90)
-    return list(zip(prompts, texts, strict=True))
-
 
 def test_200_streams_quarter_disconnect_fake_engine(make_server: Any) -> None:
     engine = FakeEngine(step_delay=0.03, max_model_len=512)

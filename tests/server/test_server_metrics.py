@@ -5,10 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import LiveServer
 from fake_engine import FakeEngine
-from prometheus_client.parser import text_string_to_metric_families
-from test_openai_api import MESSAGES, parse_sse
+from server_harness import MESSAGES, LiveServer, parse_sse, scrape
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -19,18 +17,6 @@ EXPECTED_NAMES = {
     "fuselm:num_preemptions", "fuselm:prefix_cache_queries", "fuselm:prefix_cache_hits",
     "fuselm:request_success",
 }
-
-
-def scrape(server: LiveServer) -> dict[str, float]:
-    """{sample name: value} summed over labels, plus the set of family names under key ''."""
-    with server.client() as client:
-        text = client.get("/metrics").text
-    samples: dict[str, Any] = {"": set()}
-    for family in text_string_to_metric_families(text):
-        samples[""].add(family.name)
-        for sample in family.samples:
-            samples[sample.name] = samples.get(sample.name, 0.0) + sample.value
-    return samples
 
 
 def test_token_counters_equal_summed_usage(make_server: Any) -> None:

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import LiveServer
 from fake_engine import FakeEngine
+from server_harness import LiveServer
 
 from fuselm.server.api import build_app
 

@@ -8,26 +8,9 @@ from typing import Any
 
 import openai
 import pytest
-from conftest import LiveServer
+from server_harness import MESSAGES, LiveServer, parse_sse
 
 pytestmark = pytest.mark.timeout(60)
-
-MESSAGES = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi there"}]
-
-
-def parse_sse(raw: str) -> list[Any]:
-    """Events of an exactly framed SSE body: `data: <json>\\n\\n` ... `data: [DONE]\\n\\n`."""
-    assert raw.endswith("data: [DONE]\n\n"), raw[-200:]
-    events = raw.split("\n\n")
-    assert events[-1] == ""
-    payloads = []
-    for event in events[:-1]:
-        assert event.startswith("data: ") and "\n" not in event, repr(event)
-        body = event[len("data: "):]
-        payloads.append(body if body == "[DONE]" else json.loads(body))
-    assert payloads.count("[DONE]") == 1 and payloads[-1] == "[DONE]"
-    return payloads[:-1]
-
 
 def openai_client(server: LiveServer, **kwargs: Any) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key=kwargs.pop("api_key", "none"),

@@ -9,30 +9,10 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import LiveServer, wait_until
 from fake_engine import FakeEngine
-from test_openai_api import MESSAGES, parse_sse
+from server_harness import CHAT, CMPL, MESSAGES, LiveServer, assert_error, parse_sse, wait_until
 
 pytestmark = pytest.mark.timeout(60)
-
-CMPL, CHAT = "/v1/completions", "/v1/chat/completions"
-
-
-def assert_error(r: httpx.Response, status: int, param: str | None = None,
-                 code: str | None = None) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"}
-    error = body["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert isinstance(error["message"], str) and error["message"]
-    assert isinstance(error["type"], str) and error["type"]
-    if param is not None:
-        assert error["param"] == param, error
-    if code is not None:
-        assert error["code"] == code, error
-    return error
-
 
 BAD_REQUESTS = [
     (CMPL, {"prompt": "hi", "temperature": -1}, "temperature"),

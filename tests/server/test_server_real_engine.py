@@ -11,11 +11,7 @@ from typing import Any
 
 import openai
 import pytest
-from conftest import LiveServer, wait_until
-from test_disconnect import disconnect_load
-from test_errors import assert_error
-from test_metrics import scrape
-from test_openai_api import parse_sse
+from server_harness import LiveServer, assert_error, disconnect_load, parse_sse, scrape, wait_until
 
 from fuselm.errors import ModelNotFoundError
 from fuselm.server.api import build_app
