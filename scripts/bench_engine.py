@@ -81,7 +81,8 @@ def decode_ms(llm, prompts: list[list[int]], new_tokens: int) -> tuple[float, fl
     first = min(o.metrics["first_token_time"] for o in outs)
     end = max(o.metrics["finished_time"] for o in outs)
     ttft = sum(o.metrics["first_token_time"] - o.metrics["arrival_time"] for o in outs)
-    return 1000 * (end - first) / (new_tokens - 1), 1000 * ttft / len(outs)
+    per_token = 1000 * (end - first) / (new_tokens - 1) if new_tokens > 1 else 0.0
+    return per_token, 1000 * ttft / len(outs)
 
 
 def throughput(llm, prompts: list[list[int]], new_tokens: int) -> dict[str, float]:

@@ -13,7 +13,7 @@ from tests.tiny_models import make_tiny_checkpoint
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.gpu
 
-LOGIT_TOL = 0.05  # bf16 weights and activations against a float32 reference
+LOGIT_TOL = 0.02  # of the row's largest |logit|: bf16 weights and activations vs float32
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,8 @@ def test_greedy_steps_within_logit_tolerance(tiny, eager):
             logits = hf(torch.tensor([ids])).logits[0]
         for i, token in enumerate(out.outputs[0].token_ids):
             row = logits[len(prompt) - 1 + i]
-            assert row.max() - row[token] < LOGIT_TOL, f"step {i}: token {token} far from max"
+            gap = (row.max() - row[token]) / row.abs().max()
+            assert gap < LOGIT_TOL, f"step {i}: token {token} {gap:.3f} below the max"
 
 
 def test_graph_and_eager_agree_on_8b_like_layer_shapes():

@@ -380,6 +380,9 @@ def paged_attention_triton(q, key_cache, value_cache, block_tables, seq_lens, sc
 # --------------------------------------------------------------------------------------------
 
 
+CUDA_HEAD_SIZES = (64, 128, 256)  # head sizes the CUDA decode kernel is instantiated for
+
+
 def paged_attention_cuda_out(
     out: torch.Tensor, tmp_out: torch.Tensor, max_logits: torch.Tensor, exp_sums: torch.Tensor,
     q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -471,6 +474,9 @@ def make_paged_attention(backend: str, device: torch.device, *, max_num_seqs: in
     fn = _registry.select("paged_attention", backend, device)
     kinds = {torch.ops.fuselm.paged_attention.default: "triton", paged_attention_cuda: "cuda"}
     kind = next((k for f, k in kinds.items() if f is fn), None)
+    if kind == "cuda" and backend == "auto" and head_size not in CUDA_HEAD_SIZES:
+        fn = _registry.select("paged_attention", "triton", device)
+        kind = "triton"
     if kind is None:
         return fn
     return PagedAttentionWorkspace(max_num_seqs, num_heads, head_size, max_model_len, device,

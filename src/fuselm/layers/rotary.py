@@ -43,9 +43,12 @@ def rotary_inv_freq(head_size: int, base: float,
 
 def cos_sin_cache(head_size: int, max_position: int, base: float,
                   scaling: dict[str, Any] | None = None,
-                  device: torch.device | str = "cpu") -> torch.Tensor:
-    """float32 ``[max_position, head_size]``: cos | sin of ``position * inv_freq``."""
-    inv_freq = rotary_inv_freq(head_size, base, scaling)
-    positions = torch.arange(max_position, dtype=torch.int64).float()
-    freqs = torch.outer(positions, inv_freq)
-    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(device)
+                  device: torch.device | str | None = None) -> torch.Tensor:
+    """float32 ``[max_position, head_size]``: cos | sin of ``position * inv_freq``, computed on
+    the CPU (as transformers does) and placed on ``device`` (default: the current one)."""
+    with torch.device("cpu"):
+        inv_freq = rotary_inv_freq(head_size, base, scaling)
+        positions = torch.arange(max_position, dtype=torch.int64).float()
+        freqs = torch.outer(positions, inv_freq)
+        table = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+    return table.to(device if device is not None else torch.empty(0).device)
