@@ -13,7 +13,7 @@ from tests.tiny_models import make_tiny_checkpoint
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.gpu
 
-LOGIT_TOL = 0.02  # of the row's largest |logit|: bf16 weights and activations vs float32
+LOGIT_TOL = 0.03  # of the row's largest |logit|: bf16 weights and activations vs float32
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,8 @@
-"""Collectives of the tensor-parallel group; identity when tp_size is 1."""
+"""Collectives of the tensor-parallel group; identity when tp_size is 1.
+
+Small CUDA all-reduces go through ``custom_all_reduce`` (one-shot over peer-mapped memory)
+when installed; everything else through torch.distributed (NCCL on GPU, gloo on CPU).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,13 @@ from fuselm.distributed import parallel_state as ps
 
 
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sums x over the tensor-parallel group, in place."""
+    """Sums x over the tensor-parallel group; returns the sum (x itself, or a new tensor when
+    the one-shot custom all-reduce takes a small CUDA message)."""
     if ps.get_tp_size() == 1:
         return x
+    custom = ps.get_custom_all_reduce()
+    if custom is not None and custom.should_use(x):
+        return custom.all_reduce(x)
     dist.all_reduce(x, group=ps.get_tp_group())
     return x
 
