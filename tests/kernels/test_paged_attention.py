@@ -85,6 +85,17 @@ def test_paged_workspace_reuse_out_and_longer_context():
         assert_close(out, paged_attention_ref(*args), name=str(seq_lens))
 
 
+def test_paged_workspace_batch_dependent_partitions():
+    """The default workspace picks smaller partitions for smaller batches (short contexts still
+    spread over the SMs); each batch size, short and long contexts, matches the reference."""
+    _require("triton")
+    ws = PagedAttentionWorkspace(40, 8, 64, 256, "cpu")
+    assert ws.partition_size_for_batch(1) < ws.partition_size_for_batch(40)
+    for seq_lens in ([16, 3], [100, 256], [5] * 9 + [200], [1] * 33 + [130]):
+        args = make_inputs(seq_lens, 8, 2, 64, 16, torch.float32, max_len=256)
+        assert_close(ws(*args), paged_attention_ref(*args), name=f"{len(seq_lens)} seqs")
+
+
 def test_paged_registry_opcheck_and_factory():
     _require("triton")
     args = make_inputs([9, 40], 4, 2, 64, 16, torch.float32, 64, device=DEVICE)
@@ -94,9 +105,10 @@ def test_paged_registry_opcheck_and_factory():
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
     ws = PagedAttentionWorkspace(2, 4, 64, 64, DEVICE, partition_size=16)
     out = torch.empty_like(args[0])
+    size, tmp_out, max_logits, exp_sums = ws.buffers(2)
     torch.library.opcheck(
         torch.ops.fuselm.paged_attention_out.default,
-        (out, ws.tmp_out, ws.max_logits, ws.exp_sums, *args, ws.partition_size),
+        (out, tmp_out, max_logits, exp_sums, *args, size),
         test_utils=("test_schema", "test_faketensor"))
     decode = make_paged_attention("triton", DEVICE, max_num_seqs=8, num_heads=4, head_size=64,
                                   max_model_len=64)

@@ -120,18 +120,44 @@ class PagedAttentionWorkspace:
                  partition_size: int | None = None) -> None:
         if backend not in ("triton", "cuda"):
             raise ValueError(f"backend must be 'triton' or 'cuda', got {backend!r}")
-        self.partition_size = partition_size or partition_size_for(max_model_len)
-        if self.partition_size < 16 or self.partition_size & (self.partition_size - 1):
+        if partition_size is not None and (partition_size < 16
+                                           or partition_size & (partition_size - 1)):
             raise ValueError(f"partition_size must be a power of 2 >= 16, got {partition_size}")
+        self.fixed_partition_size = partition_size
+        self.max_model_len = max_model_len
+        self.partition_size = partition_size or partition_size_for(max_model_len)
         self.backend = backend
         self.max_num_seqs, self.num_heads, self.head_size = max_num_seqs, num_heads, head_size
         self.max_partitions = max(1, -(-max_model_len // self.partition_size))
-        shape = (max_num_seqs, num_heads, self.max_partitions)
-        self.tmp_out = torch.empty((*shape, head_size), dtype=torch.float32, device=device)
-        self.max_logits = torch.empty(shape, dtype=torch.float32, device=device)
-        self.exp_sums = torch.empty(shape, dtype=torch.float32, device=device)
+        rows = max(n * -(-max_model_len // self.partition_size_for_batch(n))
+                   for n in _batch_bucket_limits(max_num_seqs))
+        self._tmp_flat = torch.empty(rows * num_heads * head_size, dtype=torch.float32,
+                                     device=device)
+        self._max_flat = torch.empty(rows * num_heads, dtype=torch.float32, device=device)
+        self._sum_flat = torch.empty(rows * num_heads, dtype=torch.float32, device=device)
         self._op = (torch.ops.fuselm.paged_attention_out.default if backend == "triton"
                     else paged_attention_cuda_out)
+
+    def partition_size_for_batch(self, num_seqs: int) -> int:
+        """Smaller partitions for small batches, so that short contexts still spread over the
+        SMs (H100, batch 1, context 384: one 512-token partition per KV head left 124 of 132 SMs
+        idle); at most 256 partitions per sequence."""
+        if self.fixed_partition_size is not None:
+            return self.fixed_partition_size
+        size = next((p for limit, p in _PARTITION_BUCKETS if num_seqs <= limit), 512)
+        while -(-self.max_model_len // size) > 256:
+            size *= 2
+        return size
+
+    def buffers(self, num_seqs: int) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Partition size and the workspace views ``[num_seqs, num_heads, partitions(, D)]``."""
+        size = self.partition_size_for_batch(num_seqs)
+        parts = max(1, -(-self.max_model_len // size))
+        n = num_seqs * self.num_heads * parts
+        return (size, self._tmp_flat[: n * self.head_size].view(
+                    num_seqs, self.num_heads, parts, self.head_size),
+                self._max_flat[:n].view(num_seqs, self.num_heads, parts),
+                self._sum_flat[:n].view(num_seqs, self.num_heads, parts))
 
     def __call__(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                  block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
@@ -145,9 +171,19 @@ class PagedAttentionWorkspace:
                 f"{self.max_num_seqs}, num_heads {self.num_heads}, head_size {self.head_size})")
         if out is None:
             out = torch.empty_like(q)
-        self._op(out, self.tmp_out, self.max_logits, self.exp_sums, q, key_cache, value_cache,
-                 block_tables, seq_lens, scale, self.partition_size)
+        size, tmp_out, max_logits, exp_sums = self.buffers(num_seqs)
+        self._op(out, tmp_out, max_logits, exp_sums, q, key_cache, value_cache,
+                 block_tables, seq_lens, scale, size)
         return out
+
+
+# (batch size limit, partition size): the partition of the first bucket the batch fits
+_PARTITION_BUCKETS = ((2, 32), (8, 64), (32, 128), (128, 256))
+
+
+def _batch_bucket_limits(max_num_seqs: int) -> list[int]:
+    """The largest batch of each partition bucket, capped at ``max_num_seqs``."""
+    return sorted({min(limit, max_num_seqs) for limit, _ in _PARTITION_BUCKETS} | {max_num_seqs})
 
 
 def _check_decode_args(out, tmp_out, q, key_cache, value_cache, block_tables, seq_lens,
