@@ -64,7 +64,7 @@ class LLM:
 
             bar = tqdm(total=len(ids), desc="Generating", unit=" req")
         while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
+            for out in self.engine.step(stream=False):
                 if out.finished:
                     finished[out.request_id] = out
                     if bar is not None:

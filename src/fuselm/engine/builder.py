@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -32,6 +34,8 @@ class EngineParts:
     device: torch.device
     dtype: torch.dtype
     startup_seconds: float
+    executor: Any = None
+    """Runs each step: LocalExecutor, or the distributed executor/worker of this rank."""
 
 
 def load_tokenizer(source: loader.ModelSource) -> Tokenizer:
@@ -67,7 +71,8 @@ def _scheduler_config(config: EngineConfig, max_model_len: int) -> SchedulerConf
 
 
 def _num_blocks(config: EngineConfig, runner: ModelRunner, dtype: torch.dtype,
-                sched: SchedulerConfig, max_model_len: int) -> int:
+                sched: SchedulerConfig, max_model_len: int,
+                execute: Callable[[Any], Any] | None = None) -> int:
     cache = config.cache
     if cache.num_gpu_blocks is not None:
         return cache.num_gpu_blocks
@@ -75,21 +80,31 @@ def _num_blocks(config: EngineConfig, runner: ModelRunner, dtype: torch.dtype,
         from fuselm.engine.kv_sizing import profile_num_blocks
 
         return profile_num_blocks(runner, cache, dtype, sched.max_num_batched_tokens,
-                                  sched.max_num_seqs, max_model_len)
+                                  sched.max_num_seqs, max_model_len, execute)
     budget = int(cache.cpu_kv_cache_gib * 2**30) // runner.kv_bytes_per_block(dtype)
     return max(budget, -(-max_model_len // cache.block_size))
 
 
-def build_engine_parts(config: EngineConfig) -> EngineParts:
-    """Loads the model and tokenizer, sizes and allocates the KV cache, captures CUDA graphs."""
+def build_engine_parts(config: EngineConfig, dist_ctx: Any = None) -> EngineParts:
+    """Loads the model and tokenizer, sizes and allocates the KV cache, captures CUDA graphs.
+
+    With tp x pp > 1 this process becomes rank 0 (spawning or joining the other ranks, which
+    build their own parts through here with ``dist_ctx``); see ``fuselm.distributed``.
+    """
+    from fuselm.distributed.executor import make_executor
+    from fuselm.distributed.launch import init_distributed
+
     start = time.perf_counter()
     torch.manual_seed(config.seed)
     source, model_config = loader.load_model_config(config)
-    device = loader.resolve_device(config.device)
+    if dist_ctx is None:
+        dist_ctx = init_distributed(config, model_config)  # None: a single process
+    device = dist_ctx.device if dist_ctx else loader.resolve_device(config.device)
     dtype = loader.resolve_dtype(config.dtype, device)
     max_model_len = config.scheduler.max_model_len or model_config.max_position_embeddings
     tokenizer = load_tokenizer(source)
-    model = loader.build_model(model_config, max(max_model_len, 1), dtype, device)
+    model = loader.build_model(model_config, max(max_model_len, 1), dtype, device,
+                               dist_ctx.layer_partition if dist_ctx else None)
     if config.load_format == "dummy":
         loader.init_dummy_weights(model, config.seed)
     else:
@@ -98,7 +113,11 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     bind_kernels(model, config.kernel_backend, device, sched.max_num_seqs, max_model_len)
     runner = ModelRunner(model, model_config.vocab_size, device, sched.max_num_batched_tokens,
                          sched.max_num_seqs, max_model_len, config.cache.block_size)
-    num_blocks = _num_blocks(config, runner, dtype, sched, max_model_len)
+    if dist_ctx is None:
+        num_blocks = _num_blocks(config, runner, dtype, sched, max_model_len)
+    else:  # the smallest over ranks, each profiling its own stage
+        num_blocks = dist_ctx.prepare_runner(runner, dtype, lambda execute: _num_blocks(
+            config, runner, dtype, sched, max_model_len, execute))
     capacity = num_blocks * config.cache.block_size
     if capacity < max_model_len:
         raise ValueError(
@@ -106,10 +125,11 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
             "raise --gpu-memory-utilization or lower --max-model-len")
     runner.allocate_kv_cache(num_blocks, dtype)
     logger.info("KV cache: %d blocks of %d tokens", num_blocks, config.cache.block_size)
-    if not config.enforce_eager:
-        runner.capture_cuda_graphs()
+    if not config.enforce_eager and (dist_ctx is None or dist_ctx.pp_size == 1):
+        runner.capture_cuda_graphs()  # TP ranks capture together; stages run eagerly
     block_manager = BlockManager(num_blocks, config.cache.block_size,
                                  config.cache.enable_prefix_caching)
     name = source.path.stem if source.format == "gguf" else source.path.name
     return EngineParts(model_config, sched, tokenizer, runner, block_manager, max_model_len,
-                       name, device, dtype, time.perf_counter() - start)
+                       name, device, dtype, time.perf_counter() - start,
+                       make_executor(runner, dist_ctx, model_config.vocab_size))

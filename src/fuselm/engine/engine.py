@@ -53,6 +53,7 @@ class LLMEngine:
         self.model_config: ModelConfig = parts.model_config
         self.tokenizer: Tokenizer = parts.tokenizer
         self.runner: ModelRunner = parts.runner
+        self.executor = parts.executor
         self.block_manager: BlockManager = parts.block_manager
         self.scheduler = Scheduler(parts.scheduler_config, self.block_manager)
         self.max_model_len = parts.max_model_len
@@ -128,12 +129,12 @@ class LLMEngine:
         """True while any request is queued or running."""
         return self.scheduler.has_unfinished()
 
-    def step(self) -> list[RequestOutput]:
-        """Runs one scheduling + model step; outputs of the requests that advanced."""
-        out = self.scheduler.schedule()
-        if out.is_empty:
+    def step(self, stream: bool = True) -> list[RequestOutput]:
+        """Runs one scheduling + model step; outputs of the requests that advanced (only of
+        those that finished when ``stream`` is False, which saves per-step work offline)."""
+        out, result = self.executor.step(self.scheduler)  # several in flight with pipelining
+        if result is None:
             return []
-        result = self.runner.execute(out)
         self.num_steps += 1
         self.max_seqs_in_step = max(self.max_seqs_in_step, len(out.sequences))
         self.scheduler.update(out, result.token_ids)
@@ -149,7 +150,7 @@ class LLMEngine:
                 req.logprobs.append(logprobs)
             self._apply_text(state, req)
             touched[state.request_id] = state
-        outputs = [self._make_output(s) for s in touched.values()]
+        outputs = [self._make_output(s) for s in touched.values() if stream or s.finished]
         for state in touched.values():
             if state.finished:
                 del self.requests[state.request_id]

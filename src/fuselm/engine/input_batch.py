@@ -55,40 +55,57 @@ class InputBuffers:
              ) -> tuple[torch.Tensor, torch.Tensor, ForwardBatch, int]:
         """Writes the step's inputs; returns ids, positions, batch and the number of logits
         rows. ``pad_to`` pads a decode batch to a CUDA-graph size (pad rows: seq_len 0)."""
-        ids_np, pos_np = self.h_input_ids.numpy(), self.h_positions.numpy()
-        slots_np, seq_np = self.h_slots.numpy(), self.h_seq_lens.numpy()
-        qsl_np, bt_np = self.h_qsl.numpy(), self.h_block_tables.numpy()
-        logit_np = self.h_logits_idx.numpy()
         bs = self.block_size
-        t = num_logits = max_q = max_seq = max_blocks = 0
+        bt_np = self.h_block_tables.numpy()
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        qsl: list[int] = []
+        logits: list[int] = []
+        max_q = max_blocks = 0
         for i, seq in enumerate(out.sequences):
             req, n = seq.request, seq.num_new_tokens
-            start = req.num_computed_tokens
-            ids_np[t : t + n] = token_slice(req, start, start + n)
-            pos = np.arange(start, start + n)
-            pos_np[t : t + n] = pos
-            blocks = np.asarray(req.block_ids, dtype=np.int64)
-            slots_np[t : t + n] = blocks[pos // bs] * bs + pos % bs
-            seq_np[i] = start + n
+            start, blocks = req.num_computed_tokens, req.block_ids
+            qsl.append(len(ids))
+            if n == 1:  # decode: the common case, kept free of numpy calls
+                ids.append(token_slice(req, start, start + 1)[0])
+                pos.append(start)
+                slots.append(blocks[start // bs] * bs + start % bs)
+            else:
+                ids.extend(token_slice(req, start, start + n))
+                p = np.arange(start, start + n)
+                pos.extend(p.tolist())
+                slots.extend((np.asarray(blocks)[p // bs] * bs + p % bs).tolist())
+            seq_lens.append(start + n)
             bt_np[i, : len(blocks)] = blocks
             max_blocks = max(max_blocks, len(blocks))
-            qsl_np[i] = t
-            t += n
+            max_q = max(max_q, n)
             if seq.sample:
-                logit_np[num_logits] = t - 1
-                num_logits += 1
-            max_q, max_seq = max(max_q, n), max(max_seq, start + n)
+                logits.append(len(ids) - 1)
+        num_logits, num_real = len(logits), len(ids)
         num_seqs = len(out.sequences)
         if pad_to is not None and pad_to > num_seqs:
-            ids_np[t:pad_to] = 0
-            pos_np[t:pad_to] = 0
-            slots_np[t:pad_to] = -1
-            seq_np[num_seqs:pad_to] = 0
+            pad = pad_to - num_seqs
+            ids += [0] * pad
+            pos += [0] * pad
+            slots += [-1] * pad
+            seq_lens += [0] * pad
+            qsl += list(range(num_real, num_real + pad))
+            logits += list(range(num_logits, num_logits + pad))
             bt_np[num_seqs:pad_to] = 0
-            logit_np[num_logits:pad_to] = np.arange(num_logits, pad_to)
-            num_seqs = t = pad_to
-        qsl_np[num_seqs] = t
-        return self._to_device(t, num_seqs, num_logits, max_q, max_seq, max_blocks, pad_to)
+            num_seqs = pad_to
+        qsl.append(len(ids))
+        t = len(ids)
+        self.h_input_ids.numpy()[:t] = ids
+        self.h_positions.numpy()[:t] = pos
+        self.h_slots.numpy()[:t] = slots
+        self.h_seq_lens.numpy()[:num_seqs] = seq_lens
+        self.h_qsl.numpy()[: num_seqs + 1] = qsl
+        self.h_logits_idx.numpy()[: len(logits)] = logits
+        max_seq = max(seq_lens, default=0)
+        return self._to_device(t, num_seqs, num_logits, max(max_q, 1), max_seq, max_blocks,
+                               pad_to)
 
     def _to_device(self, t: int, num_seqs: int, num_logits: int, max_q: int, max_seq: int,
                    max_blocks: int, padded: int | None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -31,8 +33,10 @@ def _profile_batch(max_num_tokens: int, max_num_seqs: int, max_model_len: int,
 
 
 def profile_num_blocks(runner: ModelRunner, cache: CacheConfig, dtype: torch.dtype,
-                       max_num_tokens: int, max_num_seqs: int, max_model_len: int) -> int:
-    """Blocks that fit in ``gpu_memory_utilization`` of the card after a profiling step."""
+                       max_num_tokens: int, max_num_seqs: int, max_model_len: int,
+                       execute: Callable[[SchedulerOutput], Any] | None = None) -> int:
+    """Blocks that fit in ``gpu_memory_utilization`` of the card after a profiling step
+    (``execute``: how to run it, ``runner.execute`` by default; a pipeline stage's own)."""
     device = runner.device
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
@@ -40,7 +44,7 @@ def profile_num_blocks(runner: ModelRunner, cache: CacheConfig, dtype: torch.dty
     batch = _profile_batch(max_num_tokens, max_num_seqs, max_model_len, runner.vocab_size)
     for seq in batch.sequences:
         seq.request.block_ids = [0] * runner.max_blocks_per_seq
-    runner.execute(batch)
+    (execute or runner.execute)(batch)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     _, total = torch.cuda.mem_get_info(device)

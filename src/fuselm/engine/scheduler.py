@@ -10,7 +10,7 @@ recomputed later (through the prefix cache where its blocks survive).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from fuselm.config import SchedulerConfig
@@ -70,21 +70,33 @@ class Scheduler:
         """True while any sequence waits or runs."""
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> SchedulerOutput:
-        """Picks this step's sequences and token counts, allocating their KV blocks."""
+    def schedule(self, exclude: Collection[Request] = (),
+                 max_num_seqs: int | None = None) -> SchedulerOutput:
+        """Picks this step's sequences and token counts, allocating their KV blocks.
+
+        Pipeline parallelism asks for several batches in flight: ``exclude`` holds the
+        sequences of batches not yet returned (neither scheduled nor preempted now), and
+        ``max_num_seqs`` caps this batch's sequences.
+        """
         out = SchedulerOutput()
-        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        cap = self.config.max_num_seqs if max_num_seqs is None else max_num_seqs
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens, exclude, cap)
         if not out.preempted:
-            self._schedule_waiting(out, budget)
+            self._schedule_waiting(out, budget, cap)
         return out
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+    def _schedule_running(self, out: SchedulerOutput, budget: int,
+                          exclude: Collection[Request], cap: int) -> int:
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(out.sequences) < cap:
             req = self.running[i]
+            if req in exclude:
+                i += 1
+                continue
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self.block_manager.allocate(req, num_new):
-                victim = self.running.pop()
+            while not self._has_room(req, num_new) and not self.block_manager.allocate(req, num_new):
+                victim = next(r for r in reversed(self.running) if r not in exclude)
+                self.running.remove(victim)
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is req:
@@ -94,8 +106,9 @@ class Scheduler:
             i += 1
         return budget
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int, cap: int) -> None:
+        while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
+               and len(out.sequences) < cap):
             req = self.waiting[0]
             cached = self.block_manager.find_cached_prefix(req)
             num_cached = len(cached) * self.block_manager.block_size
@@ -113,6 +126,11 @@ class Scheduler:
             self.running.append(req)
             out.sequences.append(self._scheduled(req, num_new))
             budget -= num_new
+
+    def _has_room(self, req: Request, num_new: int) -> bool:
+        """True when the request's blocks already hold ``num_new`` more tokens (most decodes)."""
+        capacity = len(req.block_ids) * self.block_manager.block_size
+        return req.num_computed_tokens + num_new <= capacity
 
     def _scheduled(self, req: Request, num_new: int) -> ScheduledSequence:
         sample = req.num_computed_tokens + num_new == req.num_tokens
