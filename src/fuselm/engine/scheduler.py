@@ -94,7 +94,8 @@ class Scheduler:
                 i += 1
                 continue
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self._has_room(req, num_new) and not self.block_manager.allocate(req, num_new):
+            while not (self._has_room(req, num_new)
+                       or self.block_manager.allocate(req, num_new)):
                 victim = next(r for r in reversed(self.running) if r not in exclude)
                 self.running.remove(victim)
                 self._preempt(victim)
