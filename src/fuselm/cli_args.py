@@ -8,7 +8,7 @@ import dataclasses
 import inspect
 import json
 import typing
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from fuselm.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
@@ -17,7 +17,7 @@ _SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "parallel": Par
 _SKIP = {"model", "cache", "scheduler", "parallel"}
 
 
-@lru_cache(maxsize=None)
+@cache
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring written under each field of a dataclass."""
     tree = ast.parse(inspect.getsource(cls))

@@ -117,7 +117,8 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     """Fraction of GPU memory fuselm may use (weights, activations, KV cache)."""
     num_gpu_blocks: int | None = None
-    """Fixed number of KV blocks; None sizes the cache from free memory (CPU: from max_model_len)."""
+    """Fixed number of KV blocks; None sizes the cache from free memory (on CPU: from
+    cpu_kv_cache_gib)."""
     enable_prefix_caching: bool = True
     """Reuse full KV blocks across requests that share a token prefix."""
     cpu_kv_cache_gib: float = 1.0
@@ -150,6 +151,10 @@ class ParallelConfig:
     """Stages the layers are split into."""
     distributed_timeout: float = 60.0
     """Seconds before a stalled collective counts as a failure."""
+    pipeline_layer_partition: str | None = None
+    """Layers per pipeline stage, comma-separated (e.g. 18,14); None splits evenly."""
+    disable_custom_all_reduce: bool = False
+    """Use NCCL for every tensor-parallel all-reduce (no one-shot all-reduce on GPUs)."""
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -35,7 +35,7 @@ def available_backends(op: str) -> list[str]:
     return sorted(_IMPLS.get(op, {}))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tuning_table(op: str) -> dict:
     path = _CONFIG_DIR / f"{op}.json"
     return json.loads(path.read_text()) if path.exists() else {}
@@ -73,3 +73,14 @@ def select(op: str, backend: str, device: torch.device, bucket: str = "default")
             f"(available: {', '.join(sorted(impls))})"
         )
     return impls[backend]
+
+
+def select_preferred(op: str, backend: str, device: torch.device,
+                     bucket: str = "default") -> Callable:
+    """Like ``select``, but an op without the requested backend falls back to ``auto`` (so
+    ``--kernel-backend cuda`` runs CUDA kernels where they exist and the best others elsewhere)."""
+    from fuselm import kernels  # noqa: F401  (imports every op module, filling _IMPLS)
+
+    if backend in ("triton", "cuda") and backend not in _IMPLS.get(op, {}):
+        return select(op, "auto", device, bucket)
+    return select(op, backend, device, bucket)

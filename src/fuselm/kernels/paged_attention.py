@@ -507,7 +507,7 @@ def make_paged_attention(backend: str, device: torch.device, *, max_num_seqs: in
     ``PagedAttentionWorkspace`` (preallocated split-KV buffers, CUDA-graph safe; share one between
     layers), otherwise the registry's callable (the reference).
     """
-    fn = _registry.select("paged_attention", backend, device)
+    fn = _registry.select_preferred("paged_attention", backend, device)
     kinds = {torch.ops.fuselm.paged_attention.default: "triton", paged_attention_cuda: "cuda"}
     kind = next((k for f, k in kinds.items() if f is fn), None)
     if kind == "cuda" and backend == "auto" and head_size not in CUDA_HEAD_SIZES:

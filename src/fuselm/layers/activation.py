@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fuselm.kernels import select
+from fuselm.kernels._registry import select_preferred as select
 from fuselm.kernels.silu_and_mul import silu_and_mul_ref
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fuselm.forward_batch import ForwardBatch
-from fuselm.kernels import select
+from fuselm.kernels._registry import select_preferred as select
 from fuselm.kernels.paged_attention import paged_attention_ref
 from fuselm.kernels.prefill_attention import prefill_attention_ref
 from fuselm.kernels.rotary_store_kv import rotary_store_kv_ref
