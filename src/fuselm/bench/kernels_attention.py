@@ -235,11 +235,12 @@ def _decode_variants(args) -> dict[str, tuple[dict, Any]]:
     max_len = block_tables.shape[1] * key_cache.shape[1]
     ws = pa.PagedAttentionWorkspace(q.shape[0], q.shape[1], q.shape[2], max_len, q.device)
     out = torch.empty_like(q)
+    size, tmp_out, max_logits, exp_sums = ws.buffers(q.shape[0])
     found = {}
     for label, fields in DECODE_CANDIDATES.items():
-        cfg = pa.DecodeConfig(**fields)._replace(block_n=min(fields["block_n"], ws.partition_size))
+        cfg = pa.DecodeConfig(**fields)._replace(block_n=min(fields["block_n"], size))
         fn = lambda c=cfg: pa.paged_attention_triton_out(  # noqa: E731
-            out, ws.tmp_out, ws.max_logits, ws.exp_sums, *args, ws.partition_size, c)
+            out, tmp_out, max_logits, exp_sums, *args, size, c)
         if _runs_correctly(label, fn, out, expected):
             found[label] = (fields, fn)
     return found
