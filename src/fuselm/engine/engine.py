@@ -194,6 +194,7 @@ class LLMEngine:
             "kv_cache_usage_perc": bm.usage,
             "num_preemptions_total": self.scheduler.num_preemptions,
             "num_partial_prefills_total": self.scheduler.num_partial_prefills,
+            "prompt_tokens_computed_total": self.scheduler.num_prompt_tokens_computed,
             "max_num_seqs_in_step": self.max_seqs_in_step,
             "prompt_tokens_total": self.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,

@@ -61,6 +61,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_preemptions = 0
         self.num_partial_prefills = 0  # chunks that stopped short of the sequence's end
+        self.num_prompt_tokens_computed = 0  # prompt tokens run through the model
 
     def add(self, req: Request) -> None:
         """Queues a new sequence."""
@@ -136,6 +137,9 @@ class Scheduler:
     def _scheduled(self, req: Request, num_new: int) -> ScheduledSequence:
         sample = req.num_computed_tokens + num_new == req.num_tokens
         self.num_partial_prefills += not sample
+        if req.num_computed_tokens < req.num_prompt_tokens:
+            self.num_prompt_tokens_computed += min(num_new,
+                                                   req.num_prompt_tokens - req.num_computed_tokens)
         return ScheduledSequence(req, num_new, sample)
 
     def _preempt(self, req: Request) -> None:
