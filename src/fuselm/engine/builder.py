@@ -108,7 +108,7 @@ def build_engine_parts(config: EngineConfig, dist_ctx: Any = None) -> EnginePart
     if config.load_format == "dummy":
         loader.init_dummy_weights(model, config.seed)
     else:
-        loader.load_weights(model, source, progress=True)
+        loader.load_weights(model, source, progress=dist_ctx is None or dist_ctx.rank == 0)
     sched = _scheduler_config(config, max_model_len)
     bind_kernels(model, config.kernel_backend, device, sched.max_num_seqs, max_model_len)
     runner = ModelRunner(model, model_config.vocab_size, device, sched.max_num_batched_tokens,
@@ -126,10 +126,11 @@ def build_engine_parts(config: EngineConfig, dist_ctx: Any = None) -> EnginePart
     runner.allocate_kv_cache(num_blocks, dtype)
     logger.info("KV cache: %d blocks of %d tokens", num_blocks, config.cache.block_size)
     if not config.enforce_eager and (dist_ctx is None or dist_ctx.pp_size == 1):
-        runner.capture_cuda_graphs()  # TP ranks capture together; stages run eagerly
+        runner.capture_cuda_graphs()  # TP ranks capture together; stages: make_executor
     block_manager = BlockManager(num_blocks, config.cache.block_size,
                                  config.cache.enable_prefix_caching)
     name = source.path.stem if source.format == "gguf" else source.path.name
     return EngineParts(model_config, sched, tokenizer, runner, block_manager, max_model_len,
                        name, device, dtype, time.perf_counter() - start,
-                       make_executor(runner, dist_ctx, model_config.vocab_size))
+                       make_executor(runner, dist_ctx, model_config.vocab_size,
+                                     not config.enforce_eager))

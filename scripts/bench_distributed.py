@@ -1,0 +1,349 @@
+"""Distributed targets on 2 GPUs (issue 7): Llama-3-8B shape, bf16, dummy weights, TP=1 measured
+in the same run. Each subcommand is one configuration in a fresh process and writes
+``--out/<tag>.json``; ``scripts/gpu_distributed_check.sh`` runs them all under ``timeout`` and
+``report`` prints the table and the ratios the issue asks for.
+
+    decode --tp N --pp M [--nccl-only] [--profile]  batch-1 ms/token (+ all-reduce share)
+    throughput --tp N --pp M [--micro-batches K]    1000 requests, 256 in / 256 out, offline
+    allreduce (under torchrun --nproc-per-node 2)   NCCL vs one-shot, eager vs CUDA graph
+    tokens                                          greedy TP=1 vs TP=2, small random model
+    report                                          table + ratios from the JSONs in --out
+
+Per-token time = (last token - first token) / (tokens - 1) of one request; prompts are random.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fuselm.bench.common import environment, format_table, markdown_table, write_json
+from fuselm.bench.dummy_model import write_byte_tokenizer, write_dummy_checkpoint
+
+AR_PER_STEP = 2 * 32 + 1  # 8B: attention and MLP outputs per layer, plus the embedding
+DECODE_MS_TARGET, THROUGHPUT_TARGET = 0.6, 1.6  # TP=2 / TP=1 at most; PP=2 / TP=1 at least
+
+
+def _llm(args: argparse.Namespace, **kwargs: Any) -> Any:
+    from fuselm import LLM
+
+    ckpt = write_dummy_checkpoint(args.shape, Path(args.out) / args.shape)
+    return LLM(model=str(ckpt), load_format="dummy", dtype=args.dtype or "bfloat16",
+               tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp,
+               disable_custom_all_reduce=args.nccl_only, **kwargs)
+
+
+def _tag(args: argparse.Namespace) -> str:
+    tag = f"{args.command}-tp{args.tp}-pp{args.pp}"
+    if args.nccl_only:
+        tag += "-nccl"
+    if getattr(args, "micro_batches", None):
+        tag += f"-mb{args.micro_batches}"
+    return tag
+
+
+def _one_request_ms(engine: Any, rng: np.random.Generator, prompt_len: int,
+                    num_tokens: int) -> float:
+    from fuselm import SamplingParams
+
+    prompt = rng.integers(0, engine.model_config.vocab_size, prompt_len).tolist()
+    params = SamplingParams(temperature=0.0, max_tokens=num_tokens, ignore_eos=True,
+                            detokenize=False)
+    engine.add_request(f"decode-{rng.integers(1 << 62)}", prompt, params)
+    stamps = []
+    while engine.has_unfinished_requests():
+        if engine.step():
+            stamps.append(time.perf_counter())
+    return 1000 * (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+
+def _allreduce_profile(engine: Any, rng: np.random.Generator) -> dict[str, Any]:
+    """All-reduce kernel time per decode step on rank 0 (CUPTI sees graph-replayed kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    steps = 64
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        _one_request_ms(engine, rng, 8, steps)
+    total_us, calls = 0.0, 0
+    for event in prof.key_averages():
+        name = event.key.lower()
+        if "allreduce" in name or "all_reduce" in name:
+            total_us += getattr(event, "device_time_total", 0.0)
+            calls += event.count
+    return {"ar_ms_per_step": total_us / 1000 / steps, "ar_calls_per_step": calls / steps}
+
+
+def cmd_decode(args: argparse.Namespace) -> dict[str, Any]:
+    """Batch-1 decode time per token."""
+    from fuselm.distributed import parallel_state as ps
+
+    llm = _llm(args, max_model_len=2048, max_num_seqs=8, max_num_batched_tokens=2048)
+    engine, rng = llm.engine, np.random.default_rng(0)
+    _one_request_ms(engine, rng, 128, 32)  # warm-up
+    runs = [_one_request_ms(engine, rng, 128, args.tokens) for _ in range(3)]
+    result = {"tp": args.tp, "pp": args.pp, "nccl_only": args.nccl_only,
+              "decode_ms_per_token": statistics.median(runs), "runs_ms": runs,
+              "custom_all_reduce": ps.get_custom_all_reduce() is not None,
+              "graph_replays": engine.runner.num_graph_replays}
+    if args.profile:
+        try:
+            result.update(_allreduce_profile(engine, rng))
+            result["ar_share"] = result["ar_ms_per_step"] / result["decode_ms_per_token"]
+        except Exception as exc:  # noqa: BLE001 - the timing above stands on its own
+            result["profile_error"] = repr(exc)
+    return result
+
+
+def cmd_throughput(args: argparse.Namespace) -> dict[str, Any]:
+    """Offline throughput of 1000 random requests."""
+    from fuselm import SamplingParams
+
+    llm = _llm(args, max_model_len=1024, max_num_seqs=args.max_num_seqs)
+    executor = llm.engine.executor
+    if args.micro_batches:
+        executor.max_in_flight = args.micro_batches
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, llm.model_config.vocab_size, args.input_len).tolist()
+               for _ in range(args.num_prompts)]
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True,
+                            detokenize=False)
+    llm.generate(prompts[:16], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    generated = sum(len(o.outputs[0].token_ids) for o in outs)
+    stats = llm.engine.stats()
+    return {"tp": args.tp, "pp": args.pp, "micro_batches": getattr(executor, "max_in_flight", 1),
+            "max_num_seqs": args.max_num_seqs, "elapsed_s": elapsed,
+            "requests_per_s": len(outs) / elapsed, "output_tokens_per_s": generated / elapsed,
+            "total_tokens_per_s": (generated + args.input_len * len(outs)) / elapsed,
+            "max_in_flight_seen": getattr(executor, "max_in_flight_seen", 1),
+            "num_preemptions": stats["num_preemptions_total"]}
+
+
+def _time_loop_us(fn: Any, iters: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return 1000 * start.elapsed_time(end) / iters
+
+
+def _graph_us(op: Any, x: torch.Tensor, chain: int = 64) -> float:
+    """Per-op time of ``chain`` ops captured back to back in one CUDA graph."""
+    for _ in range(3):
+        op(x)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = x
+        for _ in range(chain):
+            y = op(y)
+    return _time_loop_us(graph.replay, 20) / chain
+
+
+def cmd_allreduce(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Run under torchrun with 2 processes: one decode-sized all-reduce, four ways."""
+    import torch.distributed as dist
+
+    from fuselm.distributed.custom_all_reduce import CustomAllReduce
+
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    local = int(os.environ["LOCAL_RANK"])
+    torch.cuda.set_device(local)
+    dist.init_process_group("cpu:gloo,cuda:nccl")
+    device = torch.device("cuda", local)
+    custom = CustomAllReduce(dist.group.WORLD, device, torch.bfloat16)
+
+    def nccl(t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t)
+        return t
+
+    rows = []
+    for bs in (1, 2, 8, 32, 64, 128):
+        x = torch.randn(bs, 4096, dtype=torch.bfloat16, device=device)
+        want = nccl(x.clone())
+        err = (custom.all_reduce(x).float() - want.float()).abs().max().item()
+        rows.append({"batch": bs, "bytes": x.numel() * 2, "max_err_vs_nccl": err,
+                     "nccl_eager_us": _time_loop_us(lambda x=x: nccl(x), 200),
+                     "custom_eager_us": _time_loop_us(lambda x=x: custom.all_reduce(x), 200),
+                     "nccl_graph_us": _graph_us(nccl, x.clone()),
+                     "custom_graph_us": _graph_us(custom.all_reduce, x.clone())})
+    rank = dist.get_rank()
+    dist.barrier()
+    dist.destroy_process_group()
+    if rank != 0:
+        return None
+    print(format_table(rows))
+    return {"rows": rows, "note": "custom = symm_mem one-shot, multicast off"}
+
+
+def _small_checkpoint(path: Path) -> Path:
+    """A 4-layer random Llama (GQA, 8 heads / 2 KV heads) saved as safetensors in float32."""
+    import transformers
+
+    if (path / "config.json").exists():
+        return path
+    config = transformers.LlamaConfig(
+        vocab_size=1024, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048,
+        rope_theta=500000.0, bos_token_id=256, eos_token_id=257, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).float()
+    with torch.no_grad():  # logits that spread out, so greedy choices are not near-ties
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.normal_(0.0, 1.0 if "lm_head" in name else 0.08)
+    model.save_pretrained(path)
+    write_byte_tokenizer(path)
+    return path
+
+
+def cmd_tokens_run(args: argparse.Namespace) -> dict[str, Any]:
+    """Greedy tokens and top-5 logprobs of 8 prompts on the small checkpoint."""
+    from fuselm import LLM, SamplingParams
+
+    llm = LLM(model=args.ckpt, dtype=args.dtype or "float32", tensor_parallel_size=args.tp,
+              max_model_len=512)
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, 1024, int(n)).tolist() for n in rng.integers(16, 120, 8)]
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=64,
+                                                ignore_eos=True, logprobs=5))
+    return {"tp": args.tp, "dtype": args.dtype,
+            "tokens": [o.outputs[0].token_ids for o in outs],
+            "logprobs": [[{str(k): v for k, v in d.items()} for d in o.outputs[0].logprobs]
+                         for o in outs]}
+
+
+def _compare_tokens(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    same = total = 0
+    worst = 0.0
+    for ta, tb, la, lb in zip(a["tokens"], b["tokens"], a["logprobs"], b["logprobs"],
+                              strict=True):
+        for pos, (x, y) in enumerate(zip(ta, tb, strict=True)):
+            total += 1
+            if x != y:
+                break  # positions after a divergence compare different contexts
+            same += 1
+            worst = max(worst, abs(la[pos][str(x)] - lb[pos][str(y)]))
+    return {"identical": a["tokens"] == b["tokens"], "tokens_agreeing": f"{same}/{total}",
+            "max_sampled_logprob_diff": worst}
+
+
+def cmd_tokens(args: argparse.Namespace) -> dict[str, Any]:
+    """TP=1 vs TP=2 greedy tokens: float32 must agree exactly; bf16 by logprob difference."""
+    ckpt = _small_checkpoint(Path(args.out) / "small-random-llama")
+    result: dict[str, Any] = {}
+    for dtype in ("float32", "bfloat16"):
+        runs = {}
+        for tp in (1, 2):
+            out = Path(args.out) / f"tokens-{dtype}-tp{tp}.json"
+            subprocess.run([sys.executable, __file__, "tokens-run", "--ckpt", str(ckpt),
+                            "--tp", str(tp), "--dtype", dtype, "--out", args.out,
+                            "--json", str(out)], check=True, timeout=600)
+            runs[tp] = json.loads(out.read_text())
+        result[dtype] = _compare_tokens(runs[1], runs[2])
+        print(dtype, result[dtype], flush=True)
+    return result
+
+
+def _load(out: Path, tag: str) -> dict[str, Any] | None:
+    path = out / f"{tag}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
+    """The issue's numbers side by side, from the JSONs of this run."""
+    out = Path(args.out)
+    decode = {name: _load(out, tag) for name, tag in (
+        ("TP=1", "decode-tp1-pp1"), ("TP=2 one-shot", "decode-tp2-pp1"),
+        ("TP=2 NCCL only", "decode-tp2-pp1-nccl"), ("PP=2", "decode-tp1-pp2"))}
+    tput = {name: _load(out, tag) for name, tag in (
+        ("TP=1", "throughput-tp1-pp1"), ("PP=2 (2 micro-batches)", "throughput-tp1-pp2"),
+        ("PP=2 (3 micro-batches)", "throughput-tp1-pp2-mb3"))}
+    base_ms = (decode["TP=1"] or {}).get("decode_ms_per_token")
+    base_tps = (tput["TP=1"] or {}).get("output_tokens_per_s")
+    rows = []
+    for name, r in decode.items():
+        if r is None:
+            continue
+        ms = r["decode_ms_per_token"]
+        rows.append({"decode (batch 1)": name, "ms/token": ms,
+                     "vs TP=1": ms / base_ms if base_ms else None,
+                     "all-reduce ms/step": r.get("ar_ms_per_step"),
+                     "all-reduce share": r.get("ar_share"),
+                     "custom AR": r.get("custom_all_reduce")})
+    trows = [{"offline 1000 x 256/256": name, "output tok/s": r["output_tokens_per_s"],
+              "vs TP=1": r["output_tokens_per_s"] / base_tps if base_tps else None,
+              "in flight": r["max_in_flight_seen"], "elapsed s": r["elapsed_s"]}
+             for name, r in tput.items() if r is not None]
+    ar = _load(out, "allreduce")
+    tokens = _load(out, "tokens")
+    text = "\n\n".join(t for t in (format_table(rows), format_table(trows),
+                                   format_table(ar["rows"]) if ar else "",
+                                   json.dumps(tokens, indent=1) if tokens else "") if t)
+    print(text)
+    tp2 = next((r["vs TP=1"] for r in rows if r["decode (batch 1)"] == "TP=2 one-shot"), None)
+    best_pp = max((r["vs TP=1"] for r in trows
+                   if r["offline 1000 x 256/256"] != "TP=1" and r["vs TP=1"] is not None),
+                  default=None)
+    verdict = {"tp2_decode_ratio": tp2, "tp2_target": DECODE_MS_TARGET,
+               "pp2_throughput_ratio": best_pp, "pp2_target": THROUGHPUT_TARGET}
+    print(json.dumps(verdict))
+    (out / "summary.md").write_text("\n\n".join(
+        [markdown_table(rows), markdown_table(trows)]
+        + ([markdown_table(ar["rows"])] if ar else [])) + "\n")
+    return {"environment": environment(), "decode": rows, "throughput": trows,
+            "allreduce": ar, "tokens": tokens, "verdict": verdict}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("command", choices=["decode", "throughput", "allreduce", "tokens",
+                                            "tokens-run", "report"])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--nccl-only", action="store_true")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--tokens", type=int, default=256, help="decode: tokens per request")
+    parser.add_argument("--micro-batches", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--num-prompts", type=int, default=1000)
+    parser.add_argument("--input-len", type=int, default=256)
+    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--ckpt", default=None)
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 (tokens-run: float32)")
+    parser.add_argument("--shape", default="llama-3-8b", help="dummy shape (CPU smoke: llama-tiny)")
+    parser.add_argument("--json", default=None, help="output path (default: OUT/<tag>.json)")
+    args = parser.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    command = {"decode": cmd_decode, "throughput": cmd_throughput, "allreduce": cmd_allreduce,
+               "tokens": cmd_tokens, "tokens-run": cmd_tokens_run, "report": cmd_report}
+    result = command[args.command](args)
+    if result is None:  # a torchrun rank other than 0
+        return 0
+    tag = {"allreduce": "allreduce", "tokens": "tokens", "report": "summary"}.get(
+        args.command, _tag(args))
+    path = Path(args.json) if args.json else Path(args.out) / f"{tag}.json"
+    write_json(path, {"environment": environment(), **result} if args.command != "report"
+               else result)
+    if args.command not in ("report", "tokens-run"):
+        print(json.dumps(result, default=str)[:2000])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

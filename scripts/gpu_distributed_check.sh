@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Distributed inference on 2 GPUs (issue 7), one device call: environment, the distributed tests,
+# then scripts/bench_distributed.py (Llama-3-8B shape, bf16, dummy weights, TP=1 in the same run):
+# one-shot vs NCCL all-reduce, TP=1/TP=2/PP=2 batch-1 decode (with the all-reduce share),
+# PP=2 vs TP=1 offline throughput, TP=1 vs TP=2 greedy tokens, and the report.
+# Each step runs under `timeout`; logs and JSON go to $OUT.
+# Usage (repo root): OUT=/dir scripts/gpu_distributed_check.sh [steps...]
+#   steps: env tests allreduce decode tput tokens report (default: all)
+#   budgets: STEP_TIMEOUT_<STEP>=seconds
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/fuselm-distributed}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+STEPS=${*:-env tests allreduce decode tput tokens report}
+BENCH="python scripts/bench_distributed.py"
+status=0
+
+run_step() {  # run_step NAME DEFAULT_TIMEOUT CMD...
+  local name=$1 limit=$2 var="STEP_TIMEOUT_${1^^}" start rc
+  var=${var//-/_}
+  limit=${!var:-$limit}
+  shift 2
+  start=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  rc=$?
+  echo "=== $name rc=$rc $(( $(date +%s) - start ))s$([ $rc -eq 124 ] && echo ' TIMEOUT')"
+  tail -n "${TAIL_LINES:-15}" "$OUT/$name.log"
+  [ $rc -eq 0 ] || status=1
+}
+
+for step in $STEPS; do
+  case $step in
+    env) run_step env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version \
+      --format=csv; nvidia-smi topo -m; python -c 'import torch; print(torch.__version__, \
+      torch.version.cuda, torch.cuda.device_count(), torch.cuda.get_device_name())'; \
+      git log -1 --format=%H 2>/dev/null || true" ;;
+    tests) run_step tests 300 env OMP_NUM_THREADS=1 python -m pytest -q -p no:cacheprovider \
+      -rfE tests/distributed ;;
+    allreduce) run_step allreduce 300 python -m torch.distributed.run --nproc-per-node 2 \
+      scripts/bench_distributed.py allreduce --out "$OUT" ;;
+    decode)
+      run_step decode-tp1 420 $BENCH decode --tp 1 --out "$OUT"
+      run_step decode-tp2 420 $BENCH decode --tp 2 --profile --out "$OUT"
+      run_step decode-tp2-nccl 420 $BENCH decode --tp 2 --nccl-only --profile --out "$OUT"
+      run_step decode-pp2 420 $BENCH decode --pp 2 --out "$OUT" ;;
+    tput)
+      run_step tput-tp1 600 $BENCH throughput --tp 1 --out "$OUT"
+      run_step tput-pp2 600 $BENCH throughput --pp 2 --out "$OUT"
+      run_step tput-pp2-mb3 600 $BENCH throughput --pp 2 --micro-batches 3 --out "$OUT" ;;
+    tokens) run_step tokens 600 $BENCH tokens --out "$OUT" ;;
+    report) run_step report 60 $BENCH report --out "$OUT" ;;
+  esac
+done
+exit $status

@@ -1,0 +1,36 @@
+"""Helpers of the distributed tests: the driver script, its environment, free ports."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+DRIVER = Path(__file__).with_name("dist_driver.py")
+# TP sums partial products in another order and pipeline micro-batches compute a row in another
+# batch than one process does; logprobs moved by at most 2.2e-5 on the tiny models (float32).
+LOGPROB_ATOL = 1e-4
+
+
+def driver_env() -> dict[str, str]:
+    """One thread per process (gloo ranks share the CI machine's 2 cores)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (for torchrun's rendezvous endpoint)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assert_same_outputs(got: list[dict], want: list[dict]) -> None:
+    """Identical tokens; logprobs of the same top ids within LOGPROB_ATOL."""
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g["tokens"] == w["tokens"], f"sequence {i}: tokens differ"
+        assert len(g["logprobs"]) == len(w["logprobs"])
+        for pos, (lg, lw) in enumerate(zip(g["logprobs"], w["logprobs"], strict=True)):
+            assert lg.keys() == lw.keys(), f"sequence {i} position {pos}: top ids differ"
+            worst = max(abs(lg[k] - lw[k]) for k in lw)
+            assert worst <= LOGPROB_ATOL, f"sequence {i} position {pos}: logprob off {worst}"

@@ -1,0 +1,72 @@
+"""Tensor, pipeline and hybrid parallelism on CPU (gloo): the same tokens as one process.
+
+Each configuration runs ``dist_driver.py`` as rank 0 in a subprocess (it spawns the other ranks)
+on a tiny random checkpoint, with chunked prefill and prefix caching on, and compares every
+sequence's tokens and logprobs with the same workload run in this process on one rank.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.distributed.dist_helpers import DRIVER, assert_same_outputs, driver_env
+from tests.tiny_models import TINY_CONFIGS
+
+CASES = [  # (checkpoint, tp, pp)
+    ("llama3-gqa-scaled", 2, 1),
+    ("llama3-gqa-scaled", 1, 2),
+    ("llama3-gqa-scaled", 2, 2),
+    ("llama3-gqa-scaled", 4, 1),  # 2 KV heads over 4 ranks: each KV head on two ranks
+    ("qwen2-gqa-tied-bias", 2, 1),
+    ("qwen2-gqa-tied-bias", 1, 2),
+    ("qwen2-gqa-tied-bias", 2, 2),
+    ("llama-linear-tied", 2, 1),  # 1 KV head over 2 ranks
+]
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """name -> the workload's result in this process, one rank."""
+    from tests.distributed import dist_driver
+
+    results: dict[str, dict[str, Any]] = {}
+
+    def get(name: str) -> dict[str, Any]:
+        if name not in results:
+            results[name] = dist_driver.run(str(checkpoint(name)), 1, 1)
+        return results[name]
+
+    return get
+
+
+def run_driver(model: Path, tp: int, pp: int, timeout: float = 90) -> dict[str, Any]:
+    """The driver's RESULT as rank 0 of tp x pp ranks."""
+    proc = subprocess.run([sys.executable, str(DRIVER), "--model", str(model), "--tp", str(tp),
+                           "--pp", str(pp)], capture_output=True, text=True, timeout=timeout,
+                          env=driver_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+@pytest.mark.parametrize(("name", "tp", "pp"), CASES, ids=[f"{n}-tp{t}-pp{p}" for n, t, p in CASES])
+def test_parallel_matches_one_process(checkpoint, reference, name, tp, pp):
+    want = reference(name)
+    got = run_driver(checkpoint(name), tp, pp)
+    assert_same_outputs(got["outputs"], want["outputs"])
+    stats = got["stats"]
+    assert got["world_size"] == tp * pp
+    assert stats["num_partial_prefills_total"] > 0, "no prompt was chunked"
+    assert stats["prefix_cache_hits_total"] > 0, "the prefix cache never hit"
+    assert stats["generation_tokens_total"] == want["stats"]["generation_tokens_total"]
+    num_kv_heads = TINY_CONFIGS[name]["num_key_value_heads"]
+    assert got["rank0_kv_heads"] == max(1, num_kv_heads // tp)  # only this rank's heads
+    assert got["rank0_layers"] == [0, 2 // pp]  # the tiny models have 2 layers
+    if pp > 1:
+        assert got["max_in_flight_seen"] == pp, "micro-batches never overlapped"
