@@ -167,7 +167,7 @@ class DistributedExecutor:
         return done.out, done.result
 
     def _send(self, header: StepHeader, payload: torch.Tensor) -> None:
-        self.links.send_plan(header.to_tensor(), payload)
+        self.links.send_plan(header, payload)
         self._last_send = time.monotonic()
 
     def _key_of(self, req: Request) -> int:

@@ -20,6 +20,9 @@ import torch.distributed as dist
 from fuselm.distributed import parallel_state as ps
 from fuselm.distributed.step_plan import HEADER_LEN, StepHeader
 
+INLINE_LEN = 2048  # int64 payload elements carried in the header's message
+PLAN_MSG_LEN = HEADER_LEN + INLINE_LEN
+
 
 class PendingSends:
     """Outstanding ``isend`` works and the tensors they read."""
@@ -54,37 +57,47 @@ class StageLinks:
         self.pending = PendingSends()
 
     # plans -----------------------------------------------------------------------------
-    def send_plan(self, header: torch.Tensor, payload: torch.Tensor) -> None:
-        """Rank 0: the plan to its TP peers (broadcast) and the next stage (isend)."""
-        if self.tp_size > 1:
-            dist.broadcast(header, src=0, group=self.tp_group)
-            if payload.numel():
-                dist.broadcast(payload, src=0, group=self.tp_group)
-        self.forward_plan(header, payload)
+    # A plan travels as one message of PLAN_MSG_LEN int64: the header, then the payload when
+    # it fits (every decode step of up to a few hundred sequences); a longer payload follows
+    # as a second message. One message less saves a round trip (tens of us) per step.
 
-    def forward_plan(self, header: torch.Tensor, payload: torch.Tensor) -> None:
+    def send_plan(self, header: StepHeader, payload: torch.Tensor) -> None:
+        """Rank 0: the plan to its TP peers (broadcast) and the next stage (isend)."""
+        msg = torch.zeros(PLAN_MSG_LEN, dtype=torch.int64)
+        msg[:HEADER_LEN] = header.to_tensor()
+        inline = header.payload_len <= INLINE_LEN
+        if inline:
+            msg[HEADER_LEN : HEADER_LEN + header.payload_len] = payload
+        if self.tp_size > 1:
+            dist.broadcast(msg, src=0, group=self.tp_group)
+            if not inline:
+                dist.broadcast(payload, src=0, group=self.tp_group)
+        self.forward_plan(header, msg, payload)
+
+    def forward_plan(self, header: StepHeader, msg: torch.Tensor, payload: torch.Tensor) -> None:
         """Hands a plan on to the same TP rank of the next stage (no-op on the last)."""
         if self.next_rank is None:
             return
-        self.pending.add(dist.isend(header, self.next_rank, group=self.pp_group), header)
-        if payload.numel():
+        self.pending.add(dist.isend(msg, self.next_rank, group=self.pp_group), msg)
+        if header.payload_len > INLINE_LEN:
             self.pending.add(dist.isend(payload, self.next_rank, group=self.pp_group), payload)
 
     def recv_plan(self) -> tuple[StepHeader, torch.Tensor, torch.Tensor]:
-        """Workers: the next plan (header object, header tensor, payload)."""
-        header_t = torch.empty(HEADER_LEN, dtype=torch.int64)
+        """Workers: the next plan (header, the message as received, payload)."""
+        msg = torch.empty(PLAN_MSG_LEN, dtype=torch.int64)
         if self.is_first:
-            dist.broadcast(header_t, src=0, group=self.tp_group)
+            dist.broadcast(msg, src=0, group=self.tp_group)
         else:
-            dist.recv(header_t, self.prev_rank, group=self.pp_group)
-        header = StepHeader.from_tensor(header_t)
+            dist.recv(msg, self.prev_rank, group=self.pp_group)
+        header = StepHeader.from_tensor(msg[:HEADER_LEN])
+        if header.payload_len <= INLINE_LEN:
+            return header, msg, msg[HEADER_LEN : HEADER_LEN + header.payload_len]
         payload = torch.empty(header.payload_len, dtype=torch.int64)
-        if header.payload_len:
-            if self.is_first:
-                dist.broadcast(payload, src=0, group=self.tp_group)
-            else:
-                dist.recv(payload, self.prev_rank, group=self.pp_group)
-        return header, header_t, payload
+        if self.is_first:
+            dist.broadcast(payload, src=0, group=self.tp_group)
+        else:
+            dist.recv(payload, self.prev_rank, group=self.pp_group)
+        return header, msg, payload
 
     # hidden states ---------------------------------------------------------------------
     def send_intermediate(self, hidden: torch.Tensor, residual: torch.Tensor) -> None:

@@ -1,5 +1,6 @@
 """One engine step as tensors: the plan that rank 0 sends to every other rank, and the sampled
-result that comes back. Never pickled objects: two int64 CPU tensors per plan.
+result that comes back. Never pickled objects: a plan is two int64 CPU tensors (``pipeline``
+sends a small payload inside the header's message).
 
 - header ``[HEADER_LEN]``: the fields of ``StepHeader`` (kind, sizes, flags).
 - payload ``[header.payload_len]``: flat arrays back to back::

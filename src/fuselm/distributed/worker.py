@@ -147,8 +147,8 @@ class Worker:
                     ps.get_pp_rank(), ps.get_pp_size(), self.runner.model.start_layer,
                     self.runner.model.end_layer - 1)
         while True:
-            header, header_t, payload = self.links.recv_plan()
-            self.links.forward_plan(header_t, payload)
+            header, msg, payload = self.links.recv_plan()
+            self.links.forward_plan(header, msg, payload)
             if header.kind == KIND_STOP:
                 break
             if header.kind != KIND_NOOP:
