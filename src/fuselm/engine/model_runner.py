@@ -84,8 +84,11 @@ class ModelRunner:
             hidden = self.model(ids, pos, batch)
             logits = self.model.compute_logits(hidden[batch.logits_indices])
         sampling_reqs = [s.request for s in out.sequences if s.sample]
-        result = sample(logits, build_sampling_tensors(sampling_reqs, self.vocab_size,
-                                                       self.device))
+        if all(_plain_greedy(r.sampling_params) for r in sampling_reqs):
+            result = SamplerOutput(token_ids=logits.argmax(dim=-1))  # no per-step tensors
+        else:
+            result = sample(logits, build_sampling_tensors(sampling_reqs, self.vocab_size,
+                                                           self.device))
         return self._to_host(out, result)
 
     def _to_host(self, out: SchedulerOutput, result: SamplerOutput) -> StepResult:
@@ -144,6 +147,13 @@ class ModelRunner:
             self.graphs[size] = (graph, logits)
         torch.cuda.synchronize()
         logger.info("captured decode CUDA graphs for batch sizes %s", sorted(self.graphs))
+
+
+def _plain_greedy(params) -> bool:
+    """Greedy with nothing that changes the logits or asks for logprobs."""
+    return (params.greedy and params.logprobs is None and not params.logit_bias
+            and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0
+            and params.repetition_penalty == 1.0)
 
 
 class _DummyRequest:

@@ -54,18 +54,18 @@ def paged_attention_ref(
     """Plain PyTorch paged decode attention over the whole block table, in float32."""
     num_seqs, num_heads, head_size = q.shape
     num_kv_heads = key_cache.shape[2]
-    group = num_heads // num_kv_heads
-    bt = block_tables.long()
-    # [B, max_blocks * block_size, Hkv, D]
-    keys = key_cache[bt].reshape(num_seqs, -1, num_kv_heads, head_size).float()
-    values = value_cache[bt].reshape(num_seqs, -1, num_kv_heads, head_size).float()
-    keys = keys.transpose(1, 2).repeat_interleave(group, dim=1)  # [B, H, S, D]
-    values = values.transpose(1, 2).repeat_interleave(group, dim=1)
+    bt = block_tables.long().reshape(-1)
+    # [B, Hkv, max_blocks * block_size, D]
+    keys = key_cache.index_select(0, bt).reshape(num_seqs, -1, num_kv_heads, head_size)
+    values = value_cache.index_select(0, bt).reshape(num_seqs, -1, num_kv_heads, head_size)
+    keys, values = keys.float().transpose(1, 2), values.float().transpose(1, 2)
     pos = torch.arange(keys.shape[2], device=q.device)
     mask = (pos[None, :] < seq_lens[:, None].long())[:, None, None, :]  # [B, 1, 1, S]
     qf = q.float()[:, :, None, :]  # [B, H, 1, D]
-    out = F.scaled_dot_product_attention(qf, keys, values, attn_mask=mask, scale=scale)
-    out = torch.where(seq_lens[:, None, None, None] > 0, out, torch.zeros_like(out))
+    out = F.scaled_dot_product_attention(qf, keys, values, attn_mask=mask, scale=scale,
+                                         enable_gqa=num_heads != num_kv_heads)
+    if bool((seq_lens == 0).any()):
+        out = torch.where(seq_lens[:, None, None, None] > 0, out, torch.zeros_like(out))
     return out[:, :, 0, :].to(q.dtype)
 
 
