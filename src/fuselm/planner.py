@@ -73,6 +73,12 @@ class PlanOptions:
     """Fixed cost of one send/recv of the hidden state inside a node."""
     overhead_gib: float = 1.0
     """Per-GPU memory outside torch's allocator: CUDA context, NCCL, cuBLAS, CUDA graphs."""
+    kernels_per_layer: int = 11
+    """Kernels a decoder layer launches in fuselm's decode graph (2 norms, 4 GEMMs, 2 split-K
+    reductions, rotary + KV write, attention + its reduction, SiLU-and-mul): counted, not fitted."""
+    kernel_gap_us: float = 1.5
+    """Time a tiny kernel costs inside a CUDA graph (launch + drain), from the micro-benchmark
+    ``scripts/graph_kernel_gap.py``; added per kernel to memory-bound decode steps."""
 
     @property
     def weight_bytes(self) -> float:
@@ -242,8 +248,9 @@ class _StageTimer:
         comm = 2 * s.num_layers * self._collective(act)
         comm += self._collective(act) if s.first else 0.0
         comm += self._collective(b * m.vocab_size * o.act_bytes, True) if s.last else 0.0
+        launches = s.num_layers * o.kernels_per_layer * o.kernel_gap_us * 1e-6
         return {"weights": weights, "kv": kv, "compute": compute, "comm": comm,
-                "total": max(weights + kv, compute) + comm}
+                "launch": launches, "total": max(weights + kv, compute) + comm + launches}
 
     def hop(self, i: int, b: int) -> float:
         """Seconds to send b hidden states from stage i to stage i+1."""
@@ -254,7 +261,7 @@ class _StageTimer:
 
     def latency(self, b: int, ctx: int) -> dict[str, float]:
         """One token's way through every stage: seconds by part and ``total``."""
-        parts = {k: 0.0 for k in ("weights", "kv", "compute", "comm", "p2p", "total")}
+        parts = {k: 0.0 for k in ("weights", "kv", "compute", "comm", "launch", "p2p", "total")}
         for s in self.stages:
             for k, v in self.stage(s, b, ctx).items():
                 parts[k] += v
