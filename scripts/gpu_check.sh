@@ -2,7 +2,7 @@
 # The one GPU call: environment, CUDA extension (JIT, this GPU's arch only), every `gpu` test,
 # the kernel benchmarks and the engine benchmark. Each step has its own timeout; logs go to $OUT.
 # Usage (repo root): OUT=/dir scripts/gpu_check.sh [steps...]   steps: env build tests kbench
-#                    abench engine (default: all). Budgets: STEP_TIMEOUT_<STEP>=seconds.
+#                    abench latency gap engine (default: all). Budgets: STEP_TIMEOUT_<STEP>=seconds.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/fuselm-gpu}
@@ -10,7 +10,7 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export MAX_JOBS=${MAX_JOBS:-16} NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/build/torch_extensions}
-STEPS=${*:-env build tests kbench abench engine}
+STEPS=${*:-env build tests kbench abench latency gap engine}
 status=0
 
 run_step() {  # run_step NAME DEFAULT_TIMEOUT CMD...
@@ -40,7 +40,14 @@ for step in $STEPS; do
       --output-dir "$OUT" ;;
     abench) run_step abench 300 python -m fuselm.bench.kernels_attention --preset full \
       --output-dir "$OUT" --configs-dir "$OUT/configs" ;;
-    engine) run_step engine 480 python scripts/bench_engine.py --out "$OUT" ;;
+    latency) run_step latency 240 bash -c "python -c 'from fuselm.bench.dummy_model import \
+      write_dummy_checkpoint as w; w(\"llama-3-8b\", __import__(\"pathlib\").Path(\"build/l8b\"))' \
+      && python -m fuselm bench latency --model build/l8b --load-format dummy --batch-size 1 8 \
+      --input-len 128 --output-len 32 --num-iters-warmup 1 --num-iters 2 --compare hf \
+      --disable-detokenize --max-model-len 4096 --output-json $OUT/latency.json \
+      --plot $OUT/latency.png --disable-tqdm" ;;
+    gap) run_step gap 60 python scripts/graph_kernel_gap.py ;;
+    engine) run_step engine 480 python scripts/bench_engine.py --out "$OUT" ${ENGINE_ARGS:-} ;;
   esac
 done
 exit $status

@@ -81,3 +81,19 @@ def test_graph_and_eager_agree_on_8b_like_layer_shapes():
         runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params)])
         assert (llm.engine.stats()["num_graph_replays"] > 0) != eager
     assert runs[0] == runs[1]
+
+
+def test_model_logits_triton_and_cuda_match_reference(tiny):
+    """The whole model in bf16 with each kernel backend: logits within bf16 tolerance of the
+    reference backend (same weights, same card)."""
+    path, _ = tiny
+    prompts = _prompts()
+    logits = {}
+    for backend in ("reference", "triton", "cuda"):
+        llm = LLM(str(path), device="cuda", kernel_backend=backend, enforce_eager=True,
+                  num_gpu_blocks=64)
+        logits[backend] = all_position_logits(llm.engine, prompts)
+    for backend in ("triton", "cuda"):
+        for got, want in zip(logits[backend], logits["reference"], strict=True):
+            rel = ((got - want).norm() / want.norm()).item()
+            assert rel < 1.6e-2, f"{backend}: relative logit error {rel:.3e}"
