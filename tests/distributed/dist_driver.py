@@ -22,6 +22,7 @@ from typing import Any
 
 from fuselm import LLM, SamplingParams
 from fuselm.config import EngineConfig
+from fuselm.distributed import parallel_state as ps
 from fuselm.distributed.launch import is_torchrun_worker, run_torchrun_worker
 from fuselm.llm import engine_config_from_kwargs
 
@@ -56,17 +57,20 @@ def workload() -> list[tuple[list[list[int]], list[SamplingParams]]]:
     return [(first, params), (second, [greedy] * len(second))]
 
 
-def make_config(model: str, tp: int, pp: int, timeout: float) -> EngineConfig:
-    """The engine every test configuration uses (tiny CPU cache, small step budget)."""
+def make_config(model: str, tp: int, pp: int, timeout: float,
+                device: str = "cpu") -> EngineConfig:
+    """The engine every test configuration uses (tiny KV cache, small step budget; on GPUs
+    float32, a fixed cache and decode graphs up to 16 sequences)."""
+    gpu = {} if device == "cpu" else dict(dtype="float32", num_gpu_blocks=512, max_num_seqs=16)
     return engine_config_from_kwargs(
-        model, device="cpu", tensor_parallel_size=tp, pipeline_parallel_size=pp,
+        model, device=device, tensor_parallel_size=tp, pipeline_parallel_size=pp,
         max_num_batched_tokens=MAX_BATCHED_TOKENS, max_model_len=256,
-        enable_prefix_caching=True, cpu_kv_cache_gib=0.01, distributed_timeout=timeout)
+        enable_prefix_caching=True, cpu_kv_cache_gib=0.01, distributed_timeout=timeout, **gpu)
 
 
-def make_llm(model: str, tp: int, pp: int, timeout: float) -> LLM:
+def make_llm(model: str, tp: int, pp: int, timeout: float, device: str = "cpu") -> LLM:
     """An LLM of ``make_config``."""
-    return LLM(config=make_config(model, tp, pp, timeout))
+    return LLM(config=make_config(model, tp, pp, timeout, device))
 
 
 def _outputs(outs: list[Any]) -> list[dict[str, Any]]:
@@ -78,9 +82,10 @@ def _outputs(outs: list[Any]) -> list[dict[str, Any]]:
     return result
 
 
-def run(model: str, tp: int, pp: int, timeout: float = 30.0) -> dict[str, Any]:
+def run(model: str, tp: int, pp: int, timeout: float = 30.0,
+        device: str = "cpu") -> dict[str, Any]:
     """Runs the workload; tokens, logprobs and the facts the tests assert on."""
-    llm = make_llm(model, tp, pp, timeout)
+    llm = make_llm(model, tp, pp, timeout, device)
     engine = llm.engine
     outputs = []
     for prompts, params in workload():
@@ -94,6 +99,7 @@ def run(model: str, tp: int, pp: int, timeout: float = 30.0) -> dict[str, Any]:
         "max_in_flight_seen": getattr(executor, "max_in_flight_seen", 1),
         "rank0_kv_heads": attn[0].num_kv_heads,
         "rank0_layers": [engine.runner.model.start_layer, engine.runner.model.end_layer],
+        "custom_all_reduce": ps.get_custom_all_reduce() is not None,
     }
 
 
@@ -133,15 +139,18 @@ def main() -> int:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=30.0)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--fault", choices=["kill", "stop"], default=None)
     parser.add_argument("--fault-rank", type=int, default=1)
     args = parser.parse_args()
     if is_torchrun_worker():  # under torchrun, ranks other than 0 serve rank 0's plans
-        return run_torchrun_worker(make_config(args.model, args.tp, args.pp, args.timeout))
+        return run_torchrun_worker(make_config(args.model, args.tp, args.pp, args.timeout,
+                                               args.device))
     if args.fault:
         return run_with_fault(args.model, args.tp, args.pp, args.timeout, args.fault,
                               args.fault_rank)
-    print("RESULT " + json.dumps(run(args.model, args.tp, args.pp, args.timeout)), flush=True)
+    result = run(args.model, args.tp, args.pp, args.timeout, args.device)
+    print("RESULT " + json.dumps(result), flush=True)
     return 0
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 DRIVER = Path(__file__).with_name("dist_driver.py")
 # TP sums partial products in another order and pipeline micro-batches compute a row in another
@@ -24,8 +28,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def assert_same_outputs(got: list[dict], want: list[dict]) -> None:
-    """Identical tokens; logprobs of the same top ids within LOGPROB_ATOL."""
+def assert_same_outputs(got: list[dict], want: list[dict], atol: float = LOGPROB_ATOL) -> None:
+    """Identical tokens; logprobs of the same top ids within ``atol``."""
     assert len(got) == len(want)
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         assert g["tokens"] == w["tokens"], f"sequence {i}: tokens differ"
@@ -33,4 +37,15 @@ def assert_same_outputs(got: list[dict], want: list[dict]) -> None:
         for pos, (lg, lw) in enumerate(zip(g["logprobs"], w["logprobs"], strict=True)):
             assert lg.keys() == lw.keys(), f"sequence {i} position {pos}: top ids differ"
             worst = max(abs(lg[k] - lw[k]) for k in lw)
-            assert worst <= LOGPROB_ATOL, f"sequence {i} position {pos}: logprob off {worst}"
+            assert worst <= atol, f"sequence {i} position {pos}: logprob off {worst}"
+
+
+def run_driver(model: Path, tp: int, pp: int, device: str = "cpu",
+               timeout: float = 120) -> dict[str, Any]:
+    """The driver's RESULT as rank 0 of tp x pp ranks (it spawns the others)."""
+    proc = subprocess.run([sys.executable, str(DRIVER), "--model", str(model), "--tp", str(tp),
+                           "--pp", str(pp), "--device", device], capture_output=True, text=True,
+                          timeout=timeout, env=driver_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])

@@ -7,15 +7,11 @@ sequence's tokens and logprobs with the same workload run in this process on one
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.distributed.dist_helpers import DRIVER, assert_same_outputs, driver_env
+from tests.distributed.dist_helpers import assert_same_outputs, run_driver
 from tests.tiny_models import TINY_CONFIGS
 
 CASES = [  # (checkpoint, tp, pp)
@@ -43,16 +39,6 @@ def reference(checkpoint):
         return results[name]
 
     return get
-
-
-def run_driver(model: Path, tp: int, pp: int, timeout: float = 90) -> dict[str, Any]:
-    """The driver's RESULT as rank 0 of tp x pp ranks."""
-    proc = subprocess.run([sys.executable, str(DRIVER), "--model", str(model), "--tp", str(tp),
-                           "--pp", str(pp)], capture_output=True, text=True, timeout=timeout,
-                          env=driver_env())
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
 
 
 @pytest.mark.parametrize(("name", "tp", "pp"), CASES, ids=[f"{n}-tp{t}-pp{p}" for n, t, p in CASES])

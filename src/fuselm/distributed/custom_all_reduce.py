@@ -27,6 +27,7 @@ import torch.distributed as dist
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 1 << 20  # 1 MiB: decode batches up to 128 x 4096 bf16; NCCL beyond
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)  # what symm_mem's one-shot kernel dispatches
 
 
 class CustomAllReduce:
@@ -51,9 +52,10 @@ class CustomAllReduce:
         self.num_calls = 0
 
     def should_use(self, x: torch.Tensor) -> bool:
-        """True for a contiguous CUDA tensor of the buffer's dtype that fits the buffer."""
+        """True for a contiguous CUDA tensor of the buffer's dtype that fits the buffer (in
+        whole 16-byte vectors, as the kernel reads them)."""
         return (x.is_cuda and x.dtype == self.dtype and x.numel() <= self.max_numel
-                and x.is_contiguous())
+                and x.is_contiguous() and (x.numel() * x.element_size()) % 16 == 0)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of x over the TP group, shape and dtype of x."""
@@ -79,7 +81,7 @@ def maybe_create_custom_all_reduce(group: dist.ProcessGroup | None, device: torc
 
     Collective over the TP group: every TP rank must call it (with the same arguments).
     """
-    if not enabled or group is None or device.type != "cuda":
+    if not enabled or group is None or device.type != "cuda" or dtype not in SUPPORTED_DTYPES:
         return None
     if dist.get_world_size(group) < 2 or not _tp_ranks_on_this_host(group, store, rank):
         return None
