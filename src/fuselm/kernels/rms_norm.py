@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from fuselm.kernels import _extension, _registry, _triton_utils
 from fuselm.kernels._triton_utils import FUSELM_LIB, as_rows, next_power_of_2
@@ -24,9 +25,8 @@ from fuselm.kernels._triton_utils import FUSELM_LIB, as_rows, next_power_of_2
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Plain PyTorch RMSNorm, computed in float32."""
-    xf = x.float()
-    var = xf.pow(2).mean(dim=-1, keepdim=True)
-    return (xf * torch.rsqrt(var + eps) * weight.float()).to(x.dtype)
+    # F.rms_norm computes x * rsqrt(mean(x^2) + eps) * weight: the spec, in one call on CPU
+    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
 
 
 def fused_add_rms_norm_ref(
