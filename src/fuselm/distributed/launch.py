@@ -227,9 +227,11 @@ def run_worker(config: EngineConfig, ctx: DistributedContext) -> None:
 
 def _worker_failed(rank: int, ctx: DistributedContext | None, exc: BaseException) -> None:
     traceback.print_exc()
+    message = f"{type(exc).__name__}: {exc}"
     if ctx is not None:
-        ctx.monitor.report_error(f"{type(exc).__name__}: {exc}")
-    hard_exit(rank, f"failed: {type(exc).__name__}: {exc}")
+        ctx.monitor.report_error(message)
+        message = ctx.monitor.explain(exc)
+    hard_exit(rank, f"failed: {message}")
 
 
 def _spawned_worker_main(config: EngineConfig, rank: int, port: int, log_level: int) -> None:

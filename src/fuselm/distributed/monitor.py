@@ -100,6 +100,19 @@ class Monitor:
         except Exception:  # noqa: BLE001
             pass
 
+    def explain(self, exc: BaseException) -> str:
+        """A worker, after its step failed: the cause if rank 0 is gone or aborted, else the
+        error itself (a lost link to a peer usually means the peer failed)."""
+        error = f"{type(exc).__name__}: {exc}"
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            return f"rank 0 (pid {self.parent_pid}) is gone ({error})"
+        try:
+            if self.store.check(["abort"]):
+                return f"rank 0 aborted: {self.store.get('abort').decode()}"
+        except Exception:  # noqa: BLE001
+            return f"lost the rendezvous store (rank 0 gone?) ({error})"
+        return error
+
     def diagnose(self, exc: BaseException) -> str:
         """Rank 0, after a collective failed: the message naming the failed rank.
 
