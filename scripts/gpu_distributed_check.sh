@@ -36,7 +36,7 @@ for step in $STEPS; do
       --format=csv; nvidia-smi topo -m; python -c 'import torch; print(torch.__version__, \
       torch.version.cuda, torch.cuda.device_count(), torch.cuda.get_device_name())'; \
       git log -1 --format=%H 2>/dev/null || true" ;;
-    tests) run_step tests 300 env OMP_NUM_THREADS=1 python -m pytest -q -p no:cacheprovider \
+    tests) run_step tests 600 env OMP_NUM_THREADS=1 python -m pytest -q -p no:cacheprovider \
       -rfE tests/distributed ;;
     allreduce) run_step allreduce 300 python -m torch.distributed.run --nproc-per-node 2 \
       scripts/bench_distributed.py allreduce --out "$OUT" ;;
