@@ -37,7 +37,7 @@ for step in $STEPS; do
       --continue-on-collection-errors \
       --durations=10 tests ;;
     kbench) run_step kbench 300 python -m fuselm.bench.kernels --preset quick --no-sweep \
-      --output-dir "$OUT" ;;
+      --output-dir "$OUT" ${KBENCH_ARGS:-} ;;
     abench) run_step abench 300 python -m fuselm.bench.kernels_attention --preset full \
       --output-dir "$OUT" --configs-dir "$OUT/configs" ;;
     latency) run_step latency 240 bash -c "python -c 'from fuselm.bench.dummy_model import \
