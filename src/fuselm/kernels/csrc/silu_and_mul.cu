@@ -30,43 +30,6 @@ __global__ void silu_and_mul_vec_kernel(T* __restrict__ out, const T* __restrict
   reinterpret_cast<P*>(out + row * out_stride)[idx] = o;
 }
 
-// Large inputs: the (row, pack) space flattened, kUnroll packs a thread with every load issued
-// before the first use (more bytes in flight than one pack a thread; no half-empty tail block
-// per row as with 7168-wide rows in 2048-element tiles).
-constexpr int kUnroll = 4;
-
-template <typename T>
-__global__ void silu_and_mul_flat_kernel(T* __restrict__ out, const T* __restrict__ x, int64_t d,
-                                         int64_t out_stride, int64_t x_stride, int64_t total) {
-  constexpr int V = kVec<T>;
-  using P = Pack<T, V>;
-  const int64_t packs_per_row = d / V;
-  const int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x * kUnroll + threadIdx.x;
-  P g[kUnroll], u[kUnroll];
-#pragma unroll
-  for (int k = 0; k < kUnroll; ++k) {
-    const int64_t p = base + static_cast<int64_t>(k) * blockDim.x;
-    if (p < total) {
-      const int64_t row = p / packs_per_row, col = p - row * packs_per_row;
-      const T* x_row = x + row * x_stride;
-      g[k] = reinterpret_cast<const P*>(x_row)[col];
-      u[k] = reinterpret_cast<const P*>(x_row + d)[col];
-    }
-  }
-#pragma unroll
-  for (int k = 0; k < kUnroll; ++k) {
-    const int64_t p = base + static_cast<int64_t>(k) * blockDim.x;
-    if (p < total) {
-      const int64_t row = p / packs_per_row, col = p - row * packs_per_row;
-      P o;
-#pragma unroll
-      for (int j = 0; j < V; ++j)
-        o.v[j] = from_float<T>(silu_mul(to_float(g[k].v[j]), to_float(u[k].v[j])));
-      reinterpret_cast<P*>(out + row * out_stride)[col] = o;
-    }
-  }
-}
-
 template <typename T>
 __global__ void silu_and_mul_generic_kernel(T* __restrict__ out, const T* __restrict__ x,
                                             int64_t d, int64_t out_stride, int64_t x_stride) {
@@ -85,14 +48,6 @@ cudaError_t launch(T* out, const T* x, int64_t num_rows, int64_t d, int64_t out_
   const bool vec = d % V == 0 && x_stride % V == 0 && out_stride % V == 0 && is_aligned16(x) &&
                    is_aligned16(out);
   const int64_t items = vec ? d / V : d;
-  const int64_t total = num_rows * items;
-  if (vec && total >= (int64_t{1} << 20)) {
-    const int64_t blocks = (total + kThreads * kUnroll - 1) / (kThreads * kUnroll);
-    if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-    silu_and_mul_flat_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        out, x, d, out_stride, x_stride, total);
-    return cudaGetLastError();
-  }
   const int threads = items >= kThreads ? kThreads : round_up32(items);
   const dim3 grid(static_cast<unsigned>(num_rows), static_cast<unsigned>((items + threads - 1) / threads));
   if (grid.y > 65535) return cudaErrorInvalidConfiguration;
