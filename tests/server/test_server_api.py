@@ -130,7 +130,8 @@ def test_stop_strings_and_stop_tokens(fake_server: LiveServer) -> None:
 def test_completion_logprobs_echo_and_batched_prompts(fake_server: LiveServer) -> None:
     with fake_server.client() as client:
         r = client.post("/v1/completions", json={"prompt": ["ab", "CDE"], "max_tokens": 3,
-                                                 "n": 2, "logprobs": 2, "echo": True}).json()
+                                                 "n": 2, "logprobs": 2, "echo": True,
+                                                 "temperature": 0}).json()
         ids = client.post("/v1/completions", json={"prompt": [[70, 71, 72], [73]],
                                                    "max_tokens": 1, "echo": True}).json()
     assert [c["index"] for c in r["choices"]] == [0, 1, 2, 3]
