@@ -63,6 +63,17 @@ def bind_kernels(model: torch.nn.Module, backend: str, device: torch.device,
             layer.set_decode_impl(decode)
 
 
+def use_cpu_gemv_layout(model: torch.nn.Module) -> None:
+    """Stores every 2-D weight transposed ([in, out] in memory, same [out, in] view) on CPU.
+
+    MKL's fp32 GEMV streams the transposed layout 1.3-1.7x faster (2-core EPYC, SmolLM2 shapes:
+    16 -> 23-27 GB/s), and batch-1 decode on a CPU is that GEMV; the values are unchanged.
+    """
+    for name, param in model.named_parameters():
+        if param.dim() == 2 and "norm" not in name:
+            param.data = param.data.t().contiguous().t()
+
+
 def _scheduler_config(config: EngineConfig, max_model_len: int) -> SchedulerConfig:
     sched = dataclasses.replace(config.scheduler, max_model_len=max_model_len)
     if not sched.enable_chunked_prefill and sched.max_num_batched_tokens < max_model_len:
@@ -109,6 +120,8 @@ def build_engine_parts(config: EngineConfig, dist_ctx: Any = None) -> EnginePart
         loader.init_dummy_weights(model, config.seed)
     else:
         loader.load_weights(model, source, progress=dist_ctx is None or dist_ctx.rank == 0)
+    if device.type == "cpu":
+        use_cpu_gemv_layout(model)
     sched = _scheduler_config(config, max_model_len)
     bind_kernels(model, config.kernel_backend, device, sched.max_num_seqs, max_model_len)
     runner = ModelRunner(model, model_config.vocab_size, device, sched.max_num_batched_tokens,
