@@ -116,7 +116,8 @@ def weight_bytes(llm) -> int:
 
 
 def kv_bytes_per_token(llm) -> int:
-    return llm.engine.runner.kv_bytes_per_block(torch.bfloat16) // llm.engine.block_manager.block_size
+    runner, block_size = llm.engine.runner, llm.engine.block_manager.block_size
+    return runner.kv_bytes_per_block(torch.bfloat16) // block_size
 
 
 def main() -> None:

@@ -37,7 +37,8 @@ def main() -> None:
         torch.cuda.synchronize()
     while engine.has_unfinished_requests():
         engine.step()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25,
+                                      max_name_column_width=70)
     print(f"{shape} batch {batch} context {context} backend {backend}: 4 decode steps")
     print(table)
 
