@@ -13,17 +13,8 @@ export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/build/torch_extensions}
 STEPS=${*:-env build tests kbench abench latency gap engine}
 status=0
 
-run_step() {  # run_step NAME DEFAULT_TIMEOUT CMD...
-  local name=$1 limit=$2 var="STEP_TIMEOUT_${1^^}" start rc
-  limit=${!var:-$limit}
-  shift 2
-  start=$(date +%s)
-  timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
-  rc=$?
-  echo "=== $name rc=$rc $(( $(date +%s) - start ))s$([ $rc -eq 124 ] && echo ' TIMEOUT')"
-  tail -n "${TAIL_LINES:-25}" "$OUT/$name.log"
-  [ $rc -eq 0 ] || status=1
-}
+# shellcheck source=scripts/lib_steps.sh
+source scripts/lib_steps.sh  # run from the repo root (cd above)
 
 for step in $STEPS; do
   case $step in
