@@ -6,11 +6,11 @@ import argparse
 import functools
 import importlib
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable
 
+from fuselm import envs
 from fuselm.cli_args import add_engine_arguments, engine_config_from_args
 from fuselm.errors import FuselmError
 
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if "engine.seed" in vars(args) and int(os.environ.get("RANK", "0")) > 0:
+    if "engine.seed" in vars(args) and envs.launcher_rank() > 0:
         from fuselm.distributed.launch import run_torchrun_worker  # torchrun rank > 0
 
         return run_torchrun_worker(engine_config_from_args(args))

@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 from types import FrameType
 from typing import Any
 
 import uvicorn
 
+from fuselm import envs
 from fuselm.config import EngineConfig
 from fuselm.server.api import DEFAULT_MAX_BODY_BYTES, build_app
 from fuselm.server.app_state import ServerState
@@ -144,8 +144,7 @@ def main(args: argparse.Namespace) -> int:
     """`fuselm serve`: builds the EngineConfig from the flags and serves; returns 0."""
     from fuselm.cli_args import engine_config_from_args
 
-    # FUSELM_API_KEY: read here until fuselm.envs exists (DESIGN: envs.py owns FUSELM_*).
-    api_key = args.api_key or os.environ.get("FUSELM_API_KEY") or None
+    api_key = args.api_key or envs.api_key()
     serve(engine_config_from_args(args), host=args.host, port=args.port, api_key=api_key,
           served_model_name=args.served_model_name, shutdown_timeout=args.shutdown_timeout,
           max_body_bytes=args.max_body_bytes, log_level=args.log_level)
