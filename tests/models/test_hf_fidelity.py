@@ -82,3 +82,18 @@ def test_greedy_32_tokens_identical(checkpoint):
                 assert top2[0] - top2[1] > 1e-3, f"{name}: near-tie, test would be flaky"
                 ids.append(int(logits.argmax()))
         assert out.outputs[0].token_ids == ids[len(prompt):], name
+
+
+def test_sharded_checkpoint_with_index(tmp_path):
+    """A checkpoint saved in several safetensors shards with an index loads to the same logits."""
+    path = make_tiny_checkpoint("qwen2-gqa-tied-bias", tmp_path / "one")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    sharded = tmp_path / "sharded"
+    hf.save_pretrained(sharded, max_shard_size="60KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (sharded / name).write_bytes((path / name).read_bytes())
+    assert (sharded / "model.safetensors.index.json").exists()
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    prompt = _prompts(4)[1]
+    got = all_position_logits(_fuselm(sharded).engine, [prompt])[0]
+    assert (got - _hf_logits(hf, prompt)).abs().max().item() < ATOL
