@@ -61,13 +61,16 @@ class PagedAttentionWorkspace:
         self._max_flat = torch.empty(rows * num_heads, dtype=torch.float32, device=device)
         self._sum_flat = torch.empty(rows * num_heads, dtype=torch.float32, device=device)
         self._backend = backend
+        self._kernel = None  # resolved at the first call (the ops are defined after this module)
 
     def _op(self):
-        from fuselm.kernels import paged_attention  # the ops live there (defined after us)
+        if self._kernel is None:
+            from fuselm.kernels import paged_attention
 
-        if self._backend == "triton":
-            return torch.ops.fuselm.paged_attention_out.default
-        return paged_attention.paged_attention_cuda_out
+            self._kernel = (torch.ops.fuselm.paged_attention_out.default
+                            if self._backend == "triton"
+                            else paged_attention.paged_attention_cuda_out)
+        return self._kernel
 
     def partition_size_for_batch(self, num_seqs: int) -> int:
         """Smaller partitions for small batches, so that short contexts still spread over the
