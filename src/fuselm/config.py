@@ -171,6 +171,9 @@ class EngineConfig:
     """reference | triton | cuda | auto."""
     enforce_eager: bool = False
     """Disable CUDA graphs."""
+    async_scheduling: bool = False
+    """Queue the next decode step before reading the current one's tokens (overlaps host work
+    with the GPU; single process only)."""
     seed: int = 0
     """Seed of the default random generator."""
     load_format: str = "auto"

@@ -143,7 +143,12 @@ def build_engine_parts(config: EngineConfig, dist_ctx: Any = None) -> EnginePart
     block_manager = BlockManager(num_blocks, config.cache.block_size,
                                  config.cache.enable_prefix_caching)
     name = source.path.stem if source.format == "gguf" else source.path.name
+    if config.async_scheduling and dist_ctx is None:
+        from fuselm.engine.async_executor import AsyncLocalExecutor
+
+        executor = AsyncLocalExecutor(runner, max_model_len)
+    else:
+        executor = make_executor(runner, dist_ctx, model_config.vocab_size,
+                                 not config.enforce_eager)
     return EngineParts(model_config, sched, tokenizer, runner, block_manager, max_model_len,
-                       name, device, dtype, time.perf_counter() - start,
-                       make_executor(runner, dist_ctx, model_config.vocab_size,
-                                     not config.enforce_eager))
+                       name, device, dtype, time.perf_counter() - start, executor)

@@ -66,10 +66,10 @@ class InputBuffers:
         max_q = max_blocks = 0
         for i, seq in enumerate(out.sequences):
             req, n = seq.request, seq.num_new_tokens
-            start, blocks = req.num_computed_tokens, req.block_ids
+            start, blocks = req.num_computed_tokens + seq.ahead, req.block_ids
             qsl.append(len(ids))
             if n == 1:  # decode: the common case, kept free of numpy calls
-                ids.append(token_slice(req, start, start + 1)[0])
+                ids.append(0 if seq.ahead else token_slice(req, start, start + 1)[0])
                 pos.append(start)
                 slots.append(blocks[start // bs] * bs + start % bs)
             else:

@@ -28,6 +28,16 @@ class StepResult:
     logprobs: list[dict[int, float] | None]
 
 
+@dataclass
+class PendingStep:
+    """A launched step: its schedule, the device result, and where its tokens land on the host."""
+
+    out: SchedulerOutput
+    result: SamplerOutput
+    host_tokens: torch.Tensor | None
+    event: torch.cuda.Event | None
+
+
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     """Decode batch sizes that get a CUDA graph: 1, 2, 4, 8, then every 16 up to the limit."""
     sizes = [s for s in (1, 2, 4, 8) if s <= max_num_seqs]
@@ -51,6 +61,10 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.num_graph_replays = 0
+        pin = device.type == "cuda"
+        self._host_tokens = [torch.zeros(max_num_seqs, dtype=torch.int64, pin_memory=pin)
+                             for _ in range(2)]
+        self._host_slot = 0
 
     def allocate_kv_cache(self, num_blocks: int, dtype: torch.dtype) -> None:
         """Allocates ``[num_blocks, block_size, kv_heads, head_size]`` K and V per layer."""
@@ -71,16 +85,27 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
         """Runs one step and samples the sequences whose chunk reached their last token."""
+        return self.finish(self.launch(out))
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput,
+               input_ids: torch.Tensor | None = None) -> PendingStep:
+        """Queues one step on the device without waiting for it. ``input_ids`` (on the device,
+        a row per sequence) replaces the host's token ids: the previous step's samples."""
         num_seqs = len(out.sequences)
         graph_size = self._graph_size(out)
         if graph_size is not None:
             self.buffers.fill(out, pad_to=graph_size)
+            if input_ids is not None:
+                self.buffers.input_ids[:num_seqs].copy_(input_ids)
             graph, logits_buf = self.graphs[graph_size]
             graph.replay()
             self.num_graph_replays += 1
             logits = logits_buf[:num_seqs]
         else:
             ids, pos, batch, _ = self.buffers.fill(out)
+            if input_ids is not None:
+                ids[:num_seqs].copy_(input_ids)
             hidden = self.model(ids, pos, batch)
             logits = self.model.compute_logits(hidden[batch.logits_indices])
         sampling_reqs = [s.request for s in out.sequences if s.sample]
@@ -89,10 +114,30 @@ class ModelRunner:
         else:
             result = sample(logits, build_sampling_tensors(sampling_reqs, self.vocab_size,
                                                            self.device))
-        return self._to_host(out, result)
+        return self._copy_out(out, result)
 
-    def _to_host(self, out: SchedulerOutput, result: SamplerOutput) -> StepResult:
-        ids = result.token_ids.tolist()
+    def _copy_out(self, out: SchedulerOutput, result: SamplerOutput) -> PendingStep:
+        if self.device.type != "cuda":
+            return PendingStep(out, result, None, None)
+        self._host_slot ^= 1  # two pinned buffers: a step's tokens are read after the next launch
+        host = self._host_tokens[self._host_slot][: result.token_ids.shape[0]]
+        host.copy_(result.token_ids, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return PendingStep(out, result, host, event)
+
+    def finish(self, pending: PendingStep) -> StepResult:
+        """Waits for a launched step (only for it) and returns its tokens on the host."""
+        if pending.event is not None:
+            pending.event.synchronize()
+            ids = pending.host_tokens.tolist()
+        else:
+            ids = pending.result.token_ids.tolist()
+        return self._to_host(pending.out, pending.result, ids)
+
+    def _to_host(self, out: SchedulerOutput, result: SamplerOutput,
+                 ids: list[int] | None = None) -> StepResult:
+        ids = result.token_ids.tolist() if ids is None else ids
         wanted = result.sampled_logprobs is not None
         sampled_lp = result.sampled_logprobs.tolist() if wanted else None
         top_lp = result.top_logprobs.tolist() if result.top_logprobs is not None else None

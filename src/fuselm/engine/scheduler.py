@@ -26,6 +26,9 @@ class ScheduledSequence:
     num_new_tokens: int
     sample: bool
     """True when this chunk reaches the sequence's last token, so a new token is sampled."""
+    ahead: int = 0
+    """Tokens of this sequence computed but not yet appended on the host (async scheduling:
+    the input token is the previous step's sample, still on the device)."""
 
 
 @dataclass

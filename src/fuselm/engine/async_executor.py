@@ -1,0 +1,64 @@
+"""Async scheduling for a single process: step N+1 is queued on the GPU before the host reads
+step N's tokens, so the host's bookkeeping overlaps the GPU instead of idling it.
+
+Only steady decode is pipelined: every sequence of the pending step decodes one token, nothing
+waits for admission, no sequence can end by length in the pending step, and no sampling parameter
+reads the token history (penalties) or asks for logprobs. The successor's input tokens are the
+pending step's samples, copied on the device. A sequence that stops (EOS, stop string, abort) in
+the pending step has its successor's token discarded by ``Scheduler.update`` (it skips finished
+sequences); its KV write lands in blocks that the stream order keeps from any later owner.
+"""
+
+from __future__ import annotations
+
+from fuselm.engine.model_runner import ModelRunner, PendingStep, StepResult
+from fuselm.engine.request import Request
+from fuselm.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
+
+
+def _pipelinable(req: Request, max_model_len: int) -> bool:
+    p = req.sampling_params
+    return (not req.is_finished and p.logprobs is None and p.repetition_penalty == 1.0
+            and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
+            and len(req.output_token_ids) + 1 < req.max_tokens
+            and req.num_computed_tokens + 2 <= max_model_len)
+
+
+class AsyncLocalExecutor:
+    """One process, one step ahead on the device while the host processes the previous one."""
+
+    def __init__(self, runner: ModelRunner, max_model_len: int) -> None:
+        self.runner, self.max_model_len = runner, max_model_len
+        self.pending: PendingStep | None = None
+        self.num_pipelined_steps = 0
+
+    def step(self, scheduler: Scheduler) -> tuple[SchedulerOutput, StepResult | None]:
+        """Returns the oldest launched step's schedule and tokens (None: nothing to run)."""
+        if self.pending is None:
+            out = scheduler.schedule()
+            if out.is_empty:
+                return out, None
+            self.pending = self.runner.launch(out)
+        prev = self.pending
+        successor = self._successor(prev.out, scheduler)
+        self.pending = None
+        if successor is not None:
+            self.pending = self.runner.launch(successor, input_ids=prev.result.token_ids)
+            self.num_pipelined_steps += 1
+        return prev.out, self.runner.finish(prev)
+
+    def _successor(self, out: SchedulerOutput, scheduler: Scheduler) -> SchedulerOutput | None:
+        """The next decode step of the same sequences, one token ahead of the host, or None."""
+        if scheduler.waiting or not out.sequences or not all(
+                s.num_new_tokens == 1 and s.sample for s in out.sequences):
+            return None
+        reqs = [s.request for s in out.sequences]
+        if not all(_pipelinable(r, self.max_model_len) for r in reqs):
+            return None
+        if not all(scheduler.block_manager.allocate(r, 2) for r in reqs):
+            return None  # blocks already taken stay with their sequences: harmless
+        return SchedulerOutput([ScheduledSequence(r, 1, True, ahead=1) for r in reqs])
+
+    def shutdown(self) -> None:
+        """Drops the step in flight (its sequences are being aborted with the engine)."""
+        self.pending = None
