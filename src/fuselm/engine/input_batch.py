@@ -30,6 +30,7 @@ class InputBuffers:
                  block_size: int, device: torch.device) -> None:
         self.device, self.block_size = device, block_size
         pin = device.type == "cuda"
+        self._copied: torch.cuda.Event | None = None  # recorded after each step's host->device
         max_tokens = max(max_num_tokens, max_num_seqs)
 
         def host(n: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -55,6 +56,8 @@ class InputBuffers:
              ) -> tuple[torch.Tensor, torch.Tensor, ForwardBatch, int]:
         """Writes the step's inputs; returns ids, positions, batch and the number of logits
         rows. ``pad_to`` pads a decode batch to a CUDA-graph size (pad rows: seq_len 0)."""
+        if self._copied is not None:  # the last step's copies may still read the host buffers
+            self._copied.synchronize()
         bs = self.block_size
         bt_np = self.h_block_tables.numpy()
         ids: list[int] = []
@@ -121,6 +124,8 @@ class InputBuffers:
                 d[:n].copy_(h[:n], non_blocking=True)
             self.block_tables[:num_seqs, :width].copy_(
                 self.h_block_tables[:num_seqs, :width], non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
         batch = ForwardBatch(
             query_start_loc=self.qsl[: num_seqs + 1], seq_lens=self.seq_lens[:num_seqs],
             slot_mapping=self.slots[:t], block_tables=self.block_tables[:num_seqs, :width],
