@@ -128,6 +128,8 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-startup", action="store_true")
     parser.add_argument("--kernel-backend", default="auto")
+    parser.add_argument("--async-scheduling", action="store_true",
+                        help="queue the next decode step before reading the current tokens")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     config_dir = write_dummy_checkpoint(args.shape, Path(tempfile.mkdtemp()) / args.shape)
@@ -145,7 +147,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     llm = LLM(str(config_dir), load_format="dummy", max_model_len=8192,
-              kernel_backend=args.kernel_backend)
+              kernel_backend=args.kernel_backend, async_scheduling=args.async_scheduling)
     res["startup_in_process_s"] = time.perf_counter() - t0
     res["num_kv_blocks"] = llm.engine.block_manager.num_blocks
     prompts = Prompts(llm.model_config.vocab_size)
