@@ -18,22 +18,8 @@ from pathlib import Path
 
 import torch
 
+from fuselm.bench.common import copy_bandwidth_gbs
 from fuselm.bench.dummy_model import write_dummy_checkpoint
-
-
-def copy_bandwidth_gbs() -> float:
-    """Device-to-device copy of 1 GiB, counting bytes read plus written."""
-    src = torch.empty(2**29, dtype=torch.float16, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        dst.copy_(src)
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * src.numel() * 2 * 20 / (start.elapsed_time(end) / 1000) / 1e9
 
 
 class Prompts:
@@ -134,7 +120,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     config_dir = write_dummy_checkpoint(args.shape, Path(tempfile.mkdtemp()) / args.shape)
     res: dict[str, object] = {"gpu": torch.cuda.get_device_name(), "shape": args.shape,
-                              "copy_gbs": copy_bandwidth_gbs()}
+                              "copy_gbs": copy_bandwidth_gbs(torch.device("cuda"))}
     if not args.skip_hf:
         res["hf_b1_ms"] = hf_decode_ms(config_dir, 1, 128, 32)
         res["hf_b8_ms"] = hf_decode_ms(config_dir, 8, 128, 32)

@@ -11,9 +11,8 @@ import typing
 from functools import cache
 from typing import Any
 
-from fuselm.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
+from fuselm.config import CONFIG_SECTIONS, EngineConfig
 
-_SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "parallel": ParallelConfig}
 _SKIP = {"model", "cache", "scheduler", "parallel"}
 
 
@@ -60,7 +59,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model_positional: bool
     parser.add_argument("--model", default=None,
                         help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
     _add_fields(parser.add_argument_group("engine"), EngineConfig, "engine.")
-    for name, cls in _SECTIONS.items():
+    for name, cls in CONFIG_SECTIONS.items():
         _add_fields(parser.add_argument_group(name), cls, f"{name}.")
 
 
@@ -69,7 +68,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     values = vars(args)
     sections = {name: cls(**{f.name: values[f"{name}.{f.name}"]
                              for f in dataclasses.fields(cls)})
-                for name, cls in _SECTIONS.items()}
+                for name, cls in CONFIG_SECTIONS.items()}
     top = {f.name: values[f"engine.{f.name}"] for f in dataclasses.fields(EngineConfig)
            if f.name not in _SKIP}
     if top.get("hf_overrides") is None:

@@ -183,3 +183,8 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+CONFIG_SECTIONS: dict[str, type] = {
+    "cache": CacheConfig, "scheduler": SchedulerConfig, "parallel": ParallelConfig}
+"""EngineConfig's nested sections by field name (the CLI and ``LLM(**kwargs)`` read flat names)."""

@@ -6,20 +6,18 @@ import itertools
 from collections.abc import Sequence
 from typing import Any
 
-from fuselm.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
+from fuselm.config import CONFIG_SECTIONS, EngineConfig
 from fuselm.engine.engine import LLMEngine
 from fuselm.outputs import RequestOutput
 from fuselm.sampling_params import SamplingParams
 
-_SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "parallel": ParallelConfig}
-
 
 def engine_config_from_kwargs(model: str | None = None, **kwargs: Any) -> EngineConfig:
     """An EngineConfig from flat keyword arguments (vLLM-style names, e.g. ``block_size``)."""
-    sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    sections: dict[str, dict[str, Any]] = {name: {} for name in CONFIG_SECTIONS}
     top: dict[str, Any] = {}
     for key, value in kwargs.items():
-        section = next((s for s, cls in _SECTIONS.items()
+        section = next((s for s, cls in CONFIG_SECTIONS.items()
                         if key in cls.__dataclass_fields__), None)
         if section is not None:
             sections[section][key] = value
@@ -28,7 +26,7 @@ def engine_config_from_kwargs(model: str | None = None, **kwargs: Any) -> Engine
         else:
             raise TypeError(f"unknown engine argument {key!r}")
     return EngineConfig(model=model, **top,
-                        **{s: _SECTIONS[s](**v) for s, v in sections.items()})
+                        **{s: CONFIG_SECTIONS[s](**v) for s, v in sections.items()})
 
 
 class LLM:

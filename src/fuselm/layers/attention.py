@@ -34,10 +34,10 @@ class Attention(nn.Module):
         self._decode = paged_attention_ref
 
     def bind_kernels(self, backend: str, device: torch.device) -> None:
-        """Chooses the rotary/KV-write, prefill and decode implementations for ``device``."""
+        """Chooses the rotary/KV-write and prefill implementations for ``device`` (decode comes
+        through ``set_decode_impl``: one split-KV workspace shared by all layers)."""
         self._rotary_store = select("rotary_store_kv", backend, device)
         self._prefill = select("prefill_attention", backend, device)
-        self._decode = select("paged_attention", backend, device)
 
     def bind_kv_cache(self, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
         """Attaches this layer's slice of the paged KV cache."""
