@@ -61,8 +61,20 @@ class ParallelLMHead(VocabParallelEmbedding):
         """Uses the embedding's weight (tied embeddings)."""
         self.weight = embedding.weight
 
+    gemv: Any = None  # batch-1 kernel chosen by bind_kernels; None = F.linear
+
+    def bind_kernels(self, backend: str, device: torch.device) -> None:
+        """Chooses the batch-1 matrix-vector kernel for this weight shape on ``device``."""
+        from fuselm.kernels.gemv import select_gemv
+
+        if self.weight.stride(1) == 1:
+            self.gemv = select_gemv(backend, *self.weight.shape, device)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden ``[n, dim]`` -> float32 logits ``[n, vocab_size]`` (gathered over ranks)."""
-        logits = F.linear(hidden, self.weight)
+        if self.gemv is not None and hidden.shape[0] == 1 and hidden.stride(1) == 1:
+            logits = self.gemv(hidden, self.weight, None, True)  # float32 straight out
+        else:
+            logits = F.linear(hidden, self.weight)
         logits = comm.tp_all_gather(logits, dim=-1)
         return logits[:, : self.num_embeddings].float()

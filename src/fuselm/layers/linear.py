@@ -35,10 +35,14 @@ def divide(numerator: int, denominator: int) -> int:
 
 
 class UnquantizedLinearMethod:
-    """Dense ``y = x W^T + b`` (the bias added in the same call)."""
+    """Dense ``y = x W^T + b`` (the bias added in the same call); a single row goes through the
+    layer's bound matrix-vector kernel when it has one (``LinearBase.bind_kernels``)."""
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Computes the layer's output for x ``[num_tokens, in_features]``."""
+        gemv = layer.gemv
+        if gemv is not None and x.shape[0] == 1 and x.dim() == 2 and x.stride(1) == 1:
+            return gemv(x, layer.weight, bias, False)
         return F.linear(x, layer.weight, bias)
 
 
@@ -57,6 +61,14 @@ class LinearBase(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
         self.quant_method: Any = UnquantizedLinearMethod()
+        self.gemv: Any = None  # batch-1 kernel chosen by bind_kernels; None = F.linear
+
+    def bind_kernels(self, backend: str, device: torch.device) -> None:
+        """Chooses the batch-1 matrix-vector kernel for this weight shape on ``device``."""
+        from fuselm.kernels.gemv import select_gemv
+
+        if self.weight.dim() == 2 and self.weight.stride(1) == 1:
+            self.gemv = select_gemv(backend, *self.weight.shape, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[num_tokens, in_per_partition]`` -> ``[num_tokens, out_per_partition]``."""

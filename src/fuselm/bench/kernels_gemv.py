@@ -1,0 +1,216 @@
+"""Batch-1 linear layers: the Triton ``gemv`` against cuBLAS (``F.linear``) per weight shape.
+
+For each weight shape of a model (Llama-3-8B at TP=1 and TP=2 by default), the benchmark times
+cuBLAS and a sweep of Triton configs the way a decode step runs them: inside one CUDA graph,
+back to back over enough distinct weight copies (>= 256 MB) that nothing is served from L2.
+It prints the achieved weight bandwidth beside the copy bandwidth measured in the same run and
+writes ``configs/gemv.json`` (``--configs-dir``): per shape, the faster of ``triton`` and
+``reference`` (cuBLAS) and the best Triton config. The linear layers read that table when the
+model is built (``fuselm.kernels.gemv.select_gemv``).
+
+    python -m fuselm.bench.kernels_gemv --output-dir docs/perf
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fuselm.bench import common
+
+# (name, N, K) of Llama-3-8B's linear layers at TP=1 and TP=2 (column-parallel N halves,
+# row-parallel K halves), and the LM head (float32 logits out).
+LLAMA3_8B_SHAPES = [
+    ("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336),
+    ("lm_head", 128256, 4096),
+    ("qkv_tp2", 3072, 4096), ("o_tp2", 4096, 2048), ("gate_up_tp2", 14336, 4096),
+    ("down_tp2", 4096, 7168), ("lm_head_tp2", 64128, 4096),
+]
+TINY_SHAPES = [("tiny_a", 96, 64), ("tiny_lm_head", 200, 64)]
+
+
+def sweep_configs(k: int) -> list[Any]:
+    """Triton configs tried for a weight of ``k`` columns (tiles of 2-16 K elements)."""
+    from fuselm.kernels.gemv import GemvConfig, default_config
+
+    out = []
+    for bk in (1024, 2048, 4096):
+        for bn in (1, 2, 4, 8, 16):
+            if not 2048 <= bn * bk <= 16384:
+                continue
+            for warps in (4, 8):
+                stages = (1, 3) if bk < k else (1,)
+                out += [GemvConfig(bn, bk, warps, s) for s in stages]
+    full = 1 << max(k - 1, 0).bit_length()
+    if full > 4096:
+        out += [GemvConfig(1, min(full, 16384), 8, 1), GemvConfig(1, min(full, 16384), 16, 1)]
+    return list(dict.fromkeys(out + [default_config(1, k)]))
+
+
+def _graph_time_us(body, calls: int, replays: int) -> float:
+    """Median per-call time of ``body`` captured ``calls`` times back to back in one graph."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        body()  # warm-up / compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def measure_shape(name: str, n: int, k: int, device: torch.device, dtype: torch.dtype,
+                  copy_gbs: float, replays: int, sweep: bool) -> dict[str, Any]:
+    """cuBLAS and every Triton config on one weight shape; times in us a call."""
+    from fuselm.kernels.gemv import GemvConfig, default_config, launch_gemv
+
+    fp32_out = name.startswith("lm_head")
+    weight_bytes = n * k * torch.empty(0, dtype=dtype).element_size()
+    copies = max(2, -(-(256 << 20) // weight_bytes))
+    gen = torch.Generator(device=device).manual_seed(n * 7 + k)
+    weights = [torch.randn(n, k, device=device, dtype=dtype, generator=gen) * k**-0.5
+               for _ in range(copies)]
+    x = torch.randn(1, k, device=device, dtype=dtype, generator=gen)
+    out_dtype = torch.float32 if fp32_out else dtype
+    outs = [torch.empty(1, n, device=device, dtype=out_dtype) for _ in range(copies)]
+
+    def cublas() -> None:
+        for w, o in zip(weights, outs, strict=True):
+            if fp32_out:  # the LM head's F.linear + .float(): the cast is its own kernel
+                o.copy_(F.linear(x, w))
+            else:
+                torch.mm(x, w.t(), out=o)
+
+    def triton_body(cfg: GemvConfig):
+        def body() -> None:
+            for w, o in zip(weights, outs, strict=True):
+                launch_gemv(x, w, None, o, cfg)
+        return body
+
+    row: dict[str, Any] = {"name": name, "n": n, "k": k, "weight_MB": round(weight_bytes / 1e6, 2),
+                           "fp32_out": fp32_out}
+    row["cublas_us"] = _graph_time_us(cublas, copies, replays)
+    expected = (x.float() @ weights[-1].float().t())
+    configs = sweep_configs(k) if sweep else [default_config(n, k)]
+    results: dict[str, float] = {}
+    best: tuple[float, GemvConfig] | None = None
+    for cfg in configs:
+        try:
+            t = _graph_time_us(triton_body(cfg), copies, replays)
+        except Exception as exc:  # noqa: BLE001 - one config failing must not end the sweep
+            results[cfg.label] = float("nan")
+            print(f"  {name}: config {cfg.label} failed: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)
+            continue
+        err = (outs[-1].float() - expected).abs().max().item()
+        if err > 0.05 * expected.abs().max().item() + 1e-2:
+            print(f"  {name}: config {cfg.label} wrong (max err {err:.3g}); skipped",
+                  file=sys.stderr)
+            continue
+        results[cfg.label] = round(t, 3)
+        if best is None or t < best[0]:
+            best = (t, cfg)
+    row["triton_us"] = best[0] if best else float("nan")
+    row["triton_config"] = best[1].to_dict() if best else None
+    row["configs_us"] = results
+    gb = weight_bytes / 1e9
+    row["cublas_GB/s"] = round(gb / (row["cublas_us"] * 1e-6), 1)
+    row["triton_GB/s"] = round(gb / (row["triton_us"] * 1e-6), 1) if best else float("nan")
+    row["triton_%copy"] = round(100 * row["triton_GB/s"] / copy_gbs, 1) if best else float("nan")
+    row["cublas_%copy"] = round(100 * row["cublas_GB/s"] / copy_gbs, 1)
+    row["x_cublas"] = round(row["cublas_us"] / row["triton_us"], 3) if best else float("nan")
+    return row
+
+
+def tuning_table(rows: list[dict[str, Any]], margin: float) -> dict[str, dict]:
+    """bucket -> {"backend": triton|reference, "triton": best config, "us": both times}: Triton
+    only where it beats cuBLAS by ``margin`` (a fraction)."""
+    from fuselm.kernels.gemv import shape_bucket
+
+    table: dict[str, dict] = {}
+    for r in rows:
+        if r["triton_config"] is None:
+            continue
+        faster = r["triton_us"] < r["cublas_us"] * (1 - margin)
+        table[shape_bucket(r["n"], r["k"])] = {
+            "backend": "triton" if faster else "reference",
+            "triton": r["triton_config"],
+            "us": {"triton": round(r["triton_us"], 2), "cublas": round(r["cublas_us"], 2)},
+        }
+    return table
+
+
+def write_table(table: dict[str, dict], gpu_name: str, configs_dir: Path) -> Path:
+    """Merges this GPU's entries into ``configs_dir/gemv.json``."""
+    path = configs_dir / "gemv.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.setdefault(common.gpu_key(gpu_name), {}).update(table)
+    written = common.write_json(path, dict(sorted(data.items())))
+    from fuselm.kernels import _registry, _triton_utils
+
+    _registry._tuning_table.cache_clear()
+    _triton_utils.clear_config_caches()
+    return written
+
+
+COLUMNS = ("name", "n", "k", "weight_MB", "cublas_us", "cublas_GB/s", "cublas_%copy", "triton_us",
+           "triton_GB/s", "triton_%copy", "x_cublas")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--output-dir", default=None, help="write gemv-<gpu>.json here")
+    p.add_argument("--configs-dir", default=str(Path(__file__).parents[1] / "kernels" / "configs"),
+                   help="where gemv.json (the tuning table) is merged")
+    p.add_argument("--shapes", default="llama3-8b", choices=["llama3-8b", "tiny"])
+    p.add_argument("--replays", type=int, default=20)
+    p.add_argument("--no-sweep", action="store_true", help="time only the default config")
+    p.add_argument("--margin", type=float, default=0.01,
+                   help="Triton must beat cuBLAS by this fraction to be chosen")
+    p.add_argument("--no-write", action="store_true", help="do not write the tuning table")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kernels_gemv needs a CUDA GPU", file=sys.stderr)
+        return 2
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    copy_gbs = common.copy_bandwidth_gbs(device)
+    shapes = LLAMA3_8B_SHAPES if args.shapes == "llama3-8b" else TINY_SHAPES
+    rows = []
+    for name, n, k in shapes:
+        rows.append(measure_shape(name, n, k, device, dtype, copy_gbs, args.replays,
+                                  not args.no_sweep))
+        torch.cuda.empty_cache()
+        print(common.format_table(rows[-1:], COLUMNS), flush=True)
+    print(common.format_table(rows, COLUMNS))
+    gpu = torch.cuda.get_device_name(device)
+    result = {"env": common.environment(), "copy_GB/s": copy_gbs, "rows": rows}
+    if args.output_dir:
+        path = common.write_json(Path(args.output_dir) / f"gemv-{common.gpu_slug(gpu)}.json",
+                                 result)
+        print(f"wrote {path}")
+    if not args.no_write:
+        print(f"wrote {write_table(tuning_table(rows, args.margin), gpu, Path(args.configs_dir))}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

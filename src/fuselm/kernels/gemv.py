@@ -1,0 +1,204 @@
+"""Weight-streaming matrix-vector product for batch-1 decode: ``out = x @ w.T (+ bias)``.
+
+x ``[M, K]`` (M small, typically 1; last dim contiguous), w ``[N, K]`` row-major (a linear
+layer's weight), bias ``[N]`` or None; out ``[M, N]`` in x's dtype, or float32 with
+``fp32_out`` (the LM head's logits, without a separate cast kernel).
+
+At M = 1 a linear layer is a pure stream of its weight: the kernel is one launch that reads
+every weight byte once with 16-byte loads and reduces each output row in registers (no split-K
+workspace, no second reduction kernel). Whether it beats cuBLAS is measured per weight shape by
+``python -m fuselm.bench.kernels_gemv``, which writes ``configs/gemv.json``; the linear layers use
+it only where that table says so (or with ``--kernel-backend triton``).
+
+Backends: ``gemv_ref`` (float32 spec), ``gemv_triton`` (the torch op ``fuselm::gemv``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from fuselm.kernels import _registry, _triton_utils
+from fuselm.kernels._triton_utils import FUSELM_LIB, next_power_of_2
+
+
+def gemv_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+             fp32_out: bool = False) -> torch.Tensor:
+    """Plain PyTorch ``x @ w.T + bias`` in float32; x's dtype out unless ``fp32_out``."""
+    out = x.float() @ w.float().t()
+    if bias is not None:
+        out = out + bias.float()
+    return out if fp32_out else out.to(x.dtype)
+
+
+_registry.register("gemv", "reference", gemv_ref)
+
+
+class GemvConfig(NamedTuple):
+    """Launch parameters of the Triton kernel."""
+
+    block_n: int  # output rows a program computes
+    block_k: int  # columns loaded per loop iteration (a power of 2)
+    num_warps: int
+    num_stages: int = 1
+
+    @property
+    def label(self) -> str:
+        """Stable name used by the sweep and the tuning table."""
+        return f"n{self.block_n}_k{self.block_k}_w{self.num_warps}_s{self.num_stages}"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GemvConfig:
+        """Reads the ``triton`` entry of the tuning table."""
+        return cls(int(d["block_n"]), int(d["block_k"]), int(d["num_warps"]),
+                   int(d.get("num_stages", 1)))
+
+    def to_dict(self) -> dict:
+        """The ``triton`` entry of the tuning table."""
+        return self._asdict()
+
+
+def shape_bucket(n: int, k: int) -> str:
+    """Tuning-table key of a weight shape."""
+    return f"n{n}_k{k}"
+
+
+def default_config(n: int, k: int) -> GemvConfig:
+    """A config that keeps ~16 KB of weight in flight a program: ``block_n`` rows of up to
+    4096 columns (one 16-byte load per thread per row and 512 columns)."""
+    block_k = min(next_power_of_2(k), 4096)
+    block_n = max(1, min(8, 8192 // block_k))
+    return GemvConfig(block_n, block_k, 4, 1)
+
+
+def _check(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"gemv needs x [M, K] and w [N, K], got {tuple(x.shape)} and "
+                         f"{tuple(w.shape)}")
+    if x.stride(1) != 1 or w.stride(1) != 1:
+        raise ValueError("gemv needs x and w contiguous in their last dimension")
+    if bias is not None and bias.shape != (w.shape[0],):
+        raise ValueError(f"gemv bias must be [{w.shape[0]}], got {tuple(bias.shape)}")
+
+
+if _triton_utils.triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _gemv_kernel(
+        x_ptr,  # [M, K], rows x_stride apart
+        w_ptr,  # [N, K], rows w_stride apart
+        b_ptr,  # [N] or a dummy
+        out_ptr,  # [M, N], rows out_stride apart
+        N,
+        K,
+        x_stride,
+        w_stride,
+        out_stride,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        EVEN_N: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        NUM_STAGES: tl.constexpr,
+    ):
+        m = tl.program_id(1).to(tl.int64)
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, BLOCK_K)
+        w_rows = w_ptr + rows.to(tl.int64)[:, None] * w_stride
+        x_row = x_ptr + m * x_stride
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+            k = k0 + cols
+            if EVEN_K:
+                xv = tl.load(x_row + k)
+                if EVEN_N:
+                    wv = tl.load(w_rows + k[None, :], eviction_policy="evict_first")
+                else:
+                    wv = tl.load(w_rows + k[None, :], mask=(rows < N)[:, None], other=0.0,
+                                 eviction_policy="evict_first")
+            else:
+                xv = tl.load(x_row + k, mask=k < K, other=0.0)
+                wv = tl.load(w_rows + k[None, :], mask=(rows < N)[:, None] & (k < K)[None, :],
+                             other=0.0, eviction_policy="evict_first")
+            acc += wv.to(tl.float32) * xv.to(tl.float32)[None, :]
+        y = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        dst = out_ptr + m * out_stride + rows
+        if EVEN_N:
+            tl.store(dst, y.to(out_ptr.dtype.element_ty))
+        else:
+            tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=rows < N)
+
+
+def launch_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+                cfg: GemvConfig) -> None:
+    """Launches the Triton kernel with an explicit config into ``out [M, N]``."""
+    m, k = x.shape
+    n = w.shape[0]
+    if m == 0 or n == 0:
+        return
+    if k == 0:
+        out.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(out))
+        return
+    grid = (triton.cdiv(n, cfg.block_n), m)
+    _gemv_kernel[grid](
+        x, w, bias if bias is not None else w, out, n, k, x.stride(0), w.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        EVEN_N=n % cfg.block_n == 0, EVEN_K=k % cfg.block_k == 0, NUM_STAGES=cfg.num_stages,
+        num_warps=cfg.num_warps,
+    )
+
+
+def tuned_config(n: int, k: int, device: torch.device) -> GemvConfig | None:
+    """The Triton config the tuning table recorded for this weight shape on this GPU, or None."""
+    if device.type != "cuda":
+        return None
+    entry = _triton_utils.tuned_triton_config("gemv", shape_bucket(n, k), "cuda",
+                                              device.index or 0)
+    return GemvConfig.from_dict(entry) if entry else None
+
+
+def gemv_triton(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+                fp32_out: bool = False) -> torch.Tensor:
+    """Triton ``x @ w.T + bias``; same contract as ``gemv_ref``."""
+    _check(x, w, bias)
+    n, k = w.shape
+    out = torch.empty((x.shape[0], n), dtype=torch.float32 if fp32_out else x.dtype,
+                      device=x.device)
+    cfg = tuned_config(n, k, x.device) or default_config(n, k)
+    launch_gemv(x, w, bias, out, cfg)
+    return out
+
+
+FUSELM_LIB.define("gemv(Tensor x, Tensor w, Tensor? bias, bool fp32_out) -> Tensor")
+
+
+@torch.library.register_fake("fuselm::gemv", lib=FUSELM_LIB)
+def _gemv_fake(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+               fp32_out: bool) -> torch.Tensor:
+    return x.new_empty((x.shape[0], w.shape[0]),
+                       dtype=torch.float32 if fp32_out else x.dtype)
+
+
+if _triton_utils.triton_available():
+    for _key in _triton_utils.triton_dispatch_keys():
+        FUSELM_LIB.impl("gemv", gemv_triton, _key)
+    _registry.register("gemv", "triton", torch.ops.fuselm.gemv.default)
+
+
+def select_gemv(backend: str, n: int, k: int, device: torch.device):
+    """The batch-1 matrix-vector implementation a linear layer of weight ``[n, k]`` uses, or
+    None for cuBLAS (``F.linear``): Triton where the tuning table measured it faster for this
+    shape on this GPU (``auto``), or wherever ``backend`` asks for Triton explicitly."""
+    if device.type != "cuda" or "triton" not in _registry.available_backends("gemv"):
+        return None
+    if backend == "triton":
+        return torch.ops.fuselm.gemv.default
+    if backend != "auto":
+        return None
+    choice = _registry.tuned_backend("gemv", device, shape_bucket(n, k))
+    return torch.ops.fuselm.gemv.default if choice == "triton" else None

@@ -1,0 +1,138 @@
+"""gemv (batch-1 linear): the Triton kernel against the float32 reference, and its use by the
+linear layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tolerances import assert_close, count_cuda_kernels
+
+from fuselm.kernels import available_backends
+from fuselm.kernels import gemv as gv
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+CPU_DTYPES = [torch.float32, torch.float16]
+
+
+def _need_triton():
+    if "triton" not in available_backends("gemv"):
+        pytest.skip("triton backend of gemv not available here")
+
+
+def _inputs(m, n, k, dtype, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(dtype).to(DEVICE)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype).to(DEVICE)
+    b = torch.randn(n, generator=g).to(dtype).to(DEVICE) if bias else None
+    return x, w, b
+
+
+def _tol(dtype, k):
+    # fp32 accumulation in a different order than the reference: rounding grows with sqrt(K)
+    atol, rtol = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3),
+                  torch.bfloat16: (2e-2, 2e-2)}[dtype]
+    return atol * max(1.0, (k / 256) ** 0.5), rtol
+
+
+CONFIGS = [gv.GemvConfig(1, 64, 1), gv.GemvConfig(4, 32, 2, 2), gv.GemvConfig(8, 256, 4),
+           gv.GemvConfig(2, 128, 4, 3)]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("m,n,k", [(1, 96, 64), (1, 100, 200), (1, 7, 576), (3, 33, 130)])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.label)
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_configs(dtype, m, n, k, cfg, bias):
+    _need_triton()
+    x, w, b = _inputs(m, n, k, dtype, bias, seed=m * 1000 + n + k)
+    out = torch.empty(m, n, dtype=dtype, device=DEVICE)
+    gv.launch_gemv(x, w, b, out, cfg)
+    atol, rtol = _tol(dtype, k)
+    assert_close(out, gv.gemv_ref(x, w, b), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_gemv_op_fp32_out_strided_rows_and_default_config(dtype):
+    _need_triton()
+    torch.manual_seed(0)
+    x, w, _ = _inputs(1, 80, 96, dtype, False, seed=5)
+    wide = torch.randn(80, 128, dtype=dtype, device=DEVICE)
+    wide[:, 16:112] = w  # weight rows 128 apart
+    out = torch.ops.fuselm.gemv(x, wide[:, 16:112], None, True)
+    assert out.dtype == torch.float32
+    atol, rtol = _tol(dtype, 96)
+    assert_close(out, gv.gemv_ref(x, w, None, fp32_out=True), atol=atol, rtol=rtol)
+
+
+def test_gemv_bad_input_and_empty():
+    _need_triton()
+    x = torch.randn(1, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="gemv needs"):
+        gv.gemv_triton(x, torch.randn(8, 32, device=DEVICE))
+    with pytest.raises(ValueError, match="contiguous"):
+        gv.gemv_triton(x, torch.randn(64, 8, device=DEVICE).t())
+    with pytest.raises(ValueError, match="bias"):
+        gv.gemv_triton(x, torch.randn(8, 64, device=DEVICE), torch.randn(4, device=DEVICE))
+    assert gv.gemv_triton(torch.randn(0, 64, device=DEVICE),
+                          torch.randn(8, 64, device=DEVICE)).shape == (0, 8)
+
+
+def test_opcheck_triton_op():
+    _need_triton()
+    x, w, b = _inputs(1, 48, 64, torch.float32, True, seed=1)
+    torch.library.opcheck(torch.ops.fuselm.gemv.default, (x, w, b, False))
+
+
+def test_select_gemv_only_on_cuda_and_by_choice():
+    cpu = torch.device("cpu")
+    assert gv.select_gemv("triton", 64, 64, cpu) is None  # CPU keeps F.linear
+    if DEVICE.type == "cuda" and "triton" in available_backends("gemv"):
+        assert gv.select_gemv("triton", 64, 64, DEVICE) is not None
+        assert gv.select_gemv("reference", 64, 64, DEVICE) is None
+
+
+def test_default_config_shapes():
+    for n, k in [(6144, 4096), (4096, 14336), (128256, 4096), (7, 3)]:
+        cfg = gv.default_config(n, k)
+        assert cfg.block_k & (cfg.block_k - 1) == 0 and cfg.block_k <= 4096
+        assert cfg.block_n * cfg.block_k <= 8192 or cfg.block_n == 1
+
+
+# ---- GPU ------------------------------------------------------------------------------------
+
+GPU_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096),
+              (3072, 4096), (4096, 7168)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", GPU_SHAPES)
+@pytest.mark.parametrize("fp32_out", [False, True])
+def test_gpu_bf16(n, k, fp32_out):
+    _need_triton()
+    x, w, _ = _inputs(1, n, k, torch.bfloat16, False, seed=n + k)
+    out = torch.ops.fuselm.gemv(x, w, None, fp32_out)
+    atol, rtol = _tol(torch.bfloat16, k)
+    assert_close(out.float(), gv.gemv_ref(x, w, None, fp32_out=True), atol=atol, rtol=rtol)
+
+
+@pytest.mark.gpu
+def test_gpu_one_launch():
+    _need_triton()
+    x, w, _ = _inputs(1, 6144, 4096, torch.bfloat16, False, seed=3)
+    assert count_cuda_kernels(torch.ops.fuselm.gemv.default, x, w, None, False) == 1
+
+
+@pytest.mark.gpu
+def test_gpu_linear_layer_uses_gemv_at_batch_1():
+    _need_triton()
+    from fuselm.layers.linear import ReplicatedLinear
+
+    layer = ReplicatedLinear(512, 256, bias=True, dtype=torch.bfloat16).to(DEVICE)
+    torch.nn.init.normal_(layer.weight, std=0.05)
+    torch.nn.init.normal_(layer.bias)
+    layer.bind_kernels("triton", DEVICE)
+    assert layer.gemv is not None
+    x = torch.randn(1, 512, dtype=torch.bfloat16, device=DEVICE)
+    expected = gv.gemv_ref(x, layer.weight, layer.bias)
+    assert_close(layer(x), expected, atol=3e-2, rtol=2e-2)
+    assert_close(layer(x.expand(4, 512).contiguous())[:1], expected, atol=3e-2, rtol=2e-2)
