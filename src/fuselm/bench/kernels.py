@@ -134,9 +134,9 @@ def _silu_cases(preset: str) -> list[KernelCase]:
             x = args[0]
             out = torch.empty(x.shape[0], x.shape[1] // 2, device=x.device, dtype=x.dtype)
             found = {}
-            for block, warps in ((512, 2), (1024, 4), (2048, 4), (2048, 8), (4096, 8)):
-                fn = lambda b=block, w=warps: sm._launch_silu_and_mul(x, out, b, w)  # noqa: B023
-                found[f"b{block}w{warps}"] = ({"block": block, "num_warps": warps}, fn)
+            for cfg in _silu_sweep(out.shape[1], x.element_size()):
+                fn = lambda c=cfg: sm._launch_silu_and_mul(x, out, c)  # noqa: B023
+                found[_silu_label(cfg)] = (cfg._asdict(), fn)
             return found
 
         cases.append(KernelCase(
@@ -148,6 +148,34 @@ def _silu_cases(preset: str) -> list[KernelCase]:
             triton_variants=variants if big else None,
         ))  # fmt: skip
     return cases
+
+
+def _silu_sweep(d: int, elem_size: int) -> list:
+    """The silu_and_mul launch configs the bench times (14): the "2d" tiles of before; "rows"
+    (the heuristic column tile, 1, 2 or 4 rows a program, column tiles fastest, ~2 vectors a
+    thread, plus 1 row at one vector a thread); "flat" (TorchInductor's 1-D shape, whose
+    default is BLOCK 1024 with 4 warps)."""
+    from fuselm.kernels.silu_and_mul import _silu_config, _SiluConfig
+
+    tile = _silu_config(d, elem_size, 1, torch.device("cpu")).block
+    warps = [max(1, min(16, r * tile * elem_size // 1024)) for r in (1, 2, 4)]  # 2 vectors/thread
+    two_d = ((512, 2), (1024, 4), (2048, 4), (2048, 8), (4096, 8))
+    rows = ((1, warps[0]), (1, min(16, 2 * warps[0])), (2, warps[1]), (4, warps[2]))
+    flat = ((1024, 2), (1024, 4), (2048, 4), (2048, 8), (4096, 8))
+    return [
+        *(_SiluConfig("2d", b, w) for b, w in two_d),
+        *(_SiluConfig("rows", tile, w, r) for r, w in rows),
+        *(_SiluConfig("flat", b, w) for b, w in flat),
+    ]
+
+
+def _silu_label(cfg) -> str:
+    """Stable sweep label: "b2048w4" ("2d", the labels of earlier reports), "rows-r2b2048w8",
+    "flat-b1024w4"."""
+    tag = f"b{cfg.block}w{cfg.num_warps}"
+    if cfg.variant == "rows":
+        return f"rows-r{cfg.rows}{tag}"
+    return tag if cfg.variant == "2d" else f"{cfg.variant}-{tag}"
 
 
 def _rotary_args(device, dtype, tokens, heads, kv_heads, head_size, block_size=16):
