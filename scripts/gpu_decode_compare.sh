@@ -20,7 +20,7 @@ decode() {  # $1 = tag
     local flag=""
     [ "$mode" = async ] && flag=--async-scheduling
     run_step "decode-$1-$mode" 150 python scripts/bench_engine.py --decode-only --skip-hf \
-      --skip-startup --out "$OUT" --tag "-$1-$mode" $flag
+      --skip-startup --out "$OUT" --tag="-$1-$mode" $flag
   done
 }
 rm -f src/fuselm/kernels/configs/gemv.json
