@@ -114,8 +114,9 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-startup", action="store_true")
     parser.add_argument("--kernel-backend", default="auto")
-    parser.add_argument("--async-scheduling", action="store_true",
-                        help="queue the next decode step before reading the current tokens")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                        default=None, help="queue the next decode step before reading the "
+                        "current tokens (default: the engine's, on for CUDA)")
     parser.add_argument("--decode-only", action="store_true",
                         help="batch-1 and batch-8 decode only (no TTFT, no throughput)")
     parser.add_argument("--tag", default="", help="suffix of the JSON file name")

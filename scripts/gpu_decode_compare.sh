@@ -17,7 +17,7 @@ run_step gemv 300 python -m fuselm.bench.kernels_gemv --output-dir "$OUT" \
   --configs-dir "$OUT/configs"
 decode() {  # $1 = tag
   for mode in sync async; do
-    local flag=""
+    local flag=--no-async-scheduling
     [ "$mode" = async ] && flag=--async-scheduling
     run_step "decode-$1-$mode" 150 python scripts/bench_engine.py --decode-only --skip-hf \
       --skip-startup --out "$OUT" --tag="-$1-$mode" $flag

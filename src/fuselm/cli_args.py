@@ -40,7 +40,7 @@ def _add_fields(group: argparse._ArgumentGroup, cls: type, prefix: str) -> None:
         kwargs: dict[str, Any] = {"dest": f"{prefix}{f.name}", "default": default,
                                   "help": f"{docs.get(f.name, '')} (default: {default})"}
         hint = hints[f.name]
-        if hint is bool:
+        if hint is bool or set(typing.get_args(hint)) == {bool, type(None)}:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif "dict" in str(hint):
             kwargs["type"] = json.loads

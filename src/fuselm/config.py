@@ -171,9 +171,9 @@ class EngineConfig:
     """reference | triton | cuda | auto."""
     enforce_eager: bool = False
     """Disable CUDA graphs."""
-    async_scheduling: bool = False
+    async_scheduling: bool | None = None
     """Queue the next decode step before reading the current one's tokens (overlaps host work
-    with the GPU; single process only)."""
+    with the GPU; single process only). Unset: on for CUDA devices, off on CPU."""
     seed: int = 0
     """Seed of the default random generator."""
     load_format: str = "auto"

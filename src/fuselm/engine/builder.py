@@ -143,7 +143,9 @@ def build_engine_parts(config: EngineConfig, dist_ctx: Any = None) -> EnginePart
     block_manager = BlockManager(num_blocks, config.cache.block_size,
                                  config.cache.enable_prefix_caching)
     name = source.path.stem if source.format == "gguf" else source.path.name
-    if config.async_scheduling and dist_ctx is None:
+    use_async = (device.type == "cuda" if config.async_scheduling is None
+                 else config.async_scheduling)
+    if use_async and dist_ctx is None:
         from fuselm.engine.async_executor import AsyncLocalExecutor
 
         executor = AsyncLocalExecutor(runner, max_model_len)
