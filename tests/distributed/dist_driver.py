@@ -54,23 +54,27 @@ def workload() -> list[tuple[list[list[int]], list[SamplingParams]]]:
         greedy,
     ]
     second = [PREFIX + _prompt(6, 5), PREFIX + _prompt(7, 12), PREFIX[:33]]
-    return [(first, params), (second, [greedy] * len(second))]
+    plain = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)  # async-pipelinable
+    third = [_prompt(8, 6), _prompt(9, 11), _prompt(10, 3)]
+    return [(first, params), (second, [greedy] * len(second)), (third, [plain] * len(third))]
 
 
-def make_config(model: str, tp: int, pp: int, timeout: float,
-                device: str = "cpu") -> EngineConfig:
+def make_config(model: str, tp: int, pp: int, timeout: float, device: str = "cpu",
+                async_scheduling: bool | None = None) -> EngineConfig:
     """The engine every test configuration uses (tiny KV cache, small step budget; on GPUs
     float32, a fixed cache and decode graphs up to 16 sequences)."""
     gpu = {} if device == "cpu" else dict(dtype="float32", num_gpu_blocks=512, max_num_seqs=16)
     return engine_config_from_kwargs(
         model, device=device, tensor_parallel_size=tp, pipeline_parallel_size=pp,
         max_num_batched_tokens=MAX_BATCHED_TOKENS, max_model_len=256,
-        enable_prefix_caching=True, cpu_kv_cache_gib=0.01, distributed_timeout=timeout, **gpu)
+        enable_prefix_caching=True, cpu_kv_cache_gib=0.01, distributed_timeout=timeout,
+        async_scheduling=async_scheduling, **gpu)
 
 
-def make_llm(model: str, tp: int, pp: int, timeout: float, device: str = "cpu") -> LLM:
+def make_llm(model: str, tp: int, pp: int, timeout: float, device: str = "cpu",
+             async_scheduling: bool | None = None) -> LLM:
     """An LLM of ``make_config``."""
-    return LLM(config=make_config(model, tp, pp, timeout, device))
+    return LLM(config=make_config(model, tp, pp, timeout, device, async_scheduling))
 
 
 def _outputs(outs: list[Any]) -> list[dict[str, Any]]:
@@ -82,10 +86,10 @@ def _outputs(outs: list[Any]) -> list[dict[str, Any]]:
     return result
 
 
-def run(model: str, tp: int, pp: int, timeout: float = 30.0,
-        device: str = "cpu") -> dict[str, Any]:
+def run(model: str, tp: int, pp: int, timeout: float = 30.0, device: str = "cpu",
+        async_scheduling: bool | None = None) -> dict[str, Any]:
     """Runs the workload; tokens, logprobs and the facts the tests assert on."""
-    llm = make_llm(model, tp, pp, timeout, device)
+    llm = make_llm(model, tp, pp, timeout, device, async_scheduling)
     engine = llm.engine
     outputs = []
     for prompts, params in workload():
@@ -97,6 +101,7 @@ def run(model: str, tp: int, pp: int, timeout: float = 30.0,
         "stats": engine.stats(),
         "world_size": getattr(executor, "world_size", 1),
         "max_in_flight_seen": getattr(executor, "max_in_flight_seen", 1),
+        "num_pipelined_steps": getattr(executor, "num_pipelined_steps", 0),
         "rank0_kv_heads": attn[0].num_kv_heads,
         "rank0_layers": [engine.runner.model.start_layer, engine.runner.model.end_layer],
         "custom_all_reduce": ps.get_custom_all_reduce() is not None,
@@ -142,14 +147,16 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--fault", choices=["kill", "stop"], default=None)
     parser.add_argument("--fault-rank", type=int, default=1)
+    parser.add_argument("--async-scheduling", action="store_true")
     args = parser.parse_args()
+    async_scheduling = True if args.async_scheduling else None
     if is_torchrun_worker():  # under torchrun, ranks other than 0 serve rank 0's plans
         return run_torchrun_worker(make_config(args.model, args.tp, args.pp, args.timeout,
-                                               args.device))
+                                               args.device, async_scheduling))
     if args.fault:
         return run_with_fault(args.model, args.tp, args.pp, args.timeout, args.fault,
                               args.fault_rank)
-    result = run(args.model, args.tp, args.pp, args.timeout, args.device)
+    result = run(args.model, args.tp, args.pp, args.timeout, args.device, async_scheduling)
     print("RESULT " + json.dumps(result), flush=True)
     return 0
 

@@ -41,11 +41,12 @@ def assert_same_outputs(got: list[dict], want: list[dict], atol: float = LOGPROB
 
 
 def run_driver(model: Path, tp: int, pp: int, device: str = "cpu",
-               timeout: float = 120) -> dict[str, Any]:
+               timeout: float = 120, async_scheduling: bool = False) -> dict[str, Any]:
     """The driver's RESULT as rank 0 of tp x pp ranks (it spawns the others)."""
+    extra = ["--async-scheduling"] if async_scheduling else []
     proc = subprocess.run([sys.executable, str(DRIVER), "--model", str(model), "--tp", str(tp),
-                           "--pp", str(pp), "--device", device], capture_output=True, text=True,
-                          timeout=timeout, env=driver_env())
+                           "--pp", str(pp), "--device", device, *extra], capture_output=True,
+                          text=True, timeout=timeout, env=driver_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])

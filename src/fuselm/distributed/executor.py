@@ -29,6 +29,8 @@ import torch
 from fuselm.distributed.launch import DistributedContext
 from fuselm.distributed.pipeline import StageLinks
 from fuselm.distributed.step_plan import (
+    FLAG_DEVICE_INPUTS,
+    FLAG_KEEP_ARGMAX,
     KIND_NOOP,
     KIND_STOP,
     StepHeader,
@@ -38,12 +40,13 @@ from fuselm.distributed.step_plan import (
     result_len,
 )
 from fuselm.distributed.worker import StageRunner, Worker
-from fuselm.engine.model_runner import ModelRunner, StepResult
+from fuselm.engine.async_executor import pipelined_successor
+from fuselm.engine.model_runner import ModelRunner, PendingStep, StepResult, plain_greedy
 from fuselm.engine.request import Request
 from fuselm.engine.sampling_inputs import build_sampling_tensors
 from fuselm.engine.scheduler import Scheduler, SchedulerOutput
 from fuselm.errors import EngineDeadError
-from fuselm.layers.sampler import sample
+from fuselm.layers.sampler import SamplerOutput, sample
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +77,14 @@ class DistributedExecutor:
     """Rank 0's side of a distributed engine (see the module docstring)."""
 
     def __init__(self, runner: ModelRunner, ctx: DistributedContext, vocab_size: int,
-                 capture_graphs: bool) -> None:
+                 capture_graphs: bool, async_scheduling: bool = False,
+                 max_model_len: int = 0) -> None:
         self.runner, self.ctx, self.vocab_size = runner, ctx, vocab_size
+        # async scheduling: one pipeline stage only (stages already overlap micro-batches)
+        self.pipelined = async_scheduling and ctx.pp_size == 1
+        self.max_model_len = max_model_len
+        self.pending: tuple[PendingStep, bool] | None = None  # (launched step, plain greedy)
+        self.num_pipelined_steps = 0
         self.links = StageLinks()
         self.stage = StageRunner(runner, self.links)
         if capture_graphs and ctx.pp_size > 1:  # with one stage, the runner captured them
@@ -110,6 +119,8 @@ class DistributedExecutor:
             if self.dead is not None:
                 raise EngineDeadError(f"the distributed engine failed: {self.dead}")
             try:
+                if self.pipelined:
+                    return self._step_pipelined(scheduler)
                 self._fill(scheduler)
                 if not self.in_flight:
                     return SchedulerOutput(), None
@@ -117,6 +128,57 @@ class DistributedExecutor:
             except Exception as exc:
                 self.dead = self.ctx.monitor.diagnose(exc)
                 raise EngineDeadError(f"the distributed engine failed: {self.dead}") from exc
+
+    def _step_pipelined(self, scheduler: Scheduler
+                        ) -> tuple[SchedulerOutput, StepResult | None]:
+        """Async scheduling at one stage: the next greedy decode step is planned, sent and
+        queued before the host waits for this one's tokens; every rank feeds its own argmax of
+        this step back as the next step's input ids (the plan's ``FLAG_DEVICE_INPUTS``)."""
+        if self.pending is None:
+            out = scheduler.schedule()
+            if out.is_empty:
+                return out, None
+            self.pending = self._launch(out, None)
+        prev, greedy = self.pending
+        self.pending = None
+        successor = (pipelined_successor(prev.out, scheduler, self.max_model_len)
+                     if greedy else None)
+        if successor is not None:
+            self.pending = self._launch(successor, prev.result.token_ids)
+            self.num_pipelined_steps += 1
+        return prev.out, self.runner.finish(prev)
+
+    @torch.inference_mode()
+    def _launch(self, out: SchedulerOutput, device_ids: torch.Tensor | None
+                ) -> tuple[PendingStep, bool]:
+        """Sends the plan of ``out``, runs rank 0's shard and queues the sampling, without
+        waiting for the device; ``device_ids``: the previous step's tokens, on the device."""
+        runner = self.runner
+        graph = runner._graph_size(out)
+        self.stage.before_inputs()
+        ids, pos, batch, num_logits = runner.buffers.fill(out, pad_to=graph)
+        if device_ids is not None:
+            runner.buffers.input_ids[: len(out.sequences)].copy_(device_ids)
+        self.stage.after_inputs()
+        header, parts = encode_batch(runner.buffers, batch, num_logits, len(out.sequences),
+                                     graph)
+        reqs = [s.request for s in out.sequences if s.sample]
+        greedy = all(plain_greedy(r.sampling_params) for r in reqs)
+        if greedy:
+            header.flags |= FLAG_KEEP_ARGMAX
+        if device_ids is not None:
+            header.flags |= FLAG_DEVICE_INPUTS
+        payload = torch.cat(parts)
+        header.payload_len, header.step_id = payload.numel(), self.num_steps
+        self._send(header, payload)
+        logits = self.stage.forward(ids, pos, batch, header)
+        if greedy:
+            result = SamplerOutput(token_ids=logits.argmax(dim=-1))
+        else:
+            result = sample(logits, build_sampling_tensors(reqs, self.vocab_size,
+                                                           runner.device))
+        self.num_steps += 1
+        return runner._copy_out(out, result), greedy
 
     def _fill(self, scheduler: Scheduler) -> None:
         while len(self.in_flight) < self.max_in_flight:
@@ -207,6 +269,7 @@ class DistributedExecutor:
             self.ctx.monitor.stop()
             if self.dead is None and acquired:
                 try:
+                    self.pending = None  # its sequences are being aborted with the engine
                     while self.in_flight:
                         self._collect()
                     self._send(StepHeader(kind=KIND_STOP), torch.empty(0, dtype=torch.int64))
@@ -224,11 +287,14 @@ class DistributedExecutor:
 
 
 def make_executor(runner: ModelRunner, ctx: DistributedContext | None, vocab_size: int,
-                  capture_graphs: bool = False) -> Any:
+                  capture_graphs: bool = False, async_scheduling: bool = False,
+                  max_model_len: int = 0) -> Any:
     """The executor of this process: local, rank 0 of several, or a worker.
-    ``capture_graphs``: capture pipeline stages' decode graphs (CUDA, not enforce_eager)."""
+    ``capture_graphs``: capture pipeline stages' decode graphs (CUDA, not enforce_eager);
+    ``async_scheduling``: rank 0 plans a step ahead (one pipeline stage)."""
     if ctx is None:
         return LocalExecutor(runner)
     if ctx.rank == 0:
-        return DistributedExecutor(runner, ctx, vocab_size, capture_graphs)
+        return DistributedExecutor(runner, ctx, vocab_size, capture_graphs, async_scheduling,
+                                   max_model_len)
     return Worker(runner, vocab_size, capture_graphs)

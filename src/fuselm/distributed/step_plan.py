@@ -38,6 +38,10 @@ from fuselm.layers.sampler import SamplerOutput, SamplingTensors
 
 KIND_STEP, KIND_NOOP, KIND_STOP = 0, 1, 2
 FLAG_SAMPLING, FLAG_PENALTIES = 1, 2
+# async scheduling (one pipeline stage): every rank keeps its greedy tokens of the step on the
+# device (KEEP_ARGMAX), and a plan sent before rank 0 has read them takes them as input ids
+# (DEVICE_INPUTS) instead of the payload's placeholders.
+FLAG_KEEP_ARGMAX, FLAG_DEVICE_INPUTS = 4, 8
 
 
 @dataclass

@@ -20,6 +20,8 @@ import torch
 from fuselm.distributed import parallel_state as ps
 from fuselm.distributed.pipeline import StageLinks
 from fuselm.distributed.step_plan import (
+    FLAG_DEVICE_INPUTS,
+    FLAG_KEEP_ARGMAX,
     KIND_NOOP,
     KIND_STOP,
     StepHeader,
@@ -140,6 +142,7 @@ class Worker:
         self.samples = self.links.rank == self.links.sampler_rank != 0
         self.generators: dict[int, torch.Generator] = {}
         self.num_steps = 0
+        self.last_tokens: torch.Tensor | None = None  # this rank's argmax of the last step
 
     def run(self) -> None:
         """Serves plans until rank 0 sends STOP."""
@@ -161,9 +164,16 @@ class Worker:
         """One plan: inputs into the buffers, the stage's forward, sampling if ours."""
         self.stage.before_inputs()
         ids, pos, batch = decode_batch(header, payload, self.runner.buffers)
+        if header.flags & FLAG_DEVICE_INPUTS:
+            if self.last_tokens is None or self.last_tokens.shape[0] != header.num_real_seqs:
+                raise RuntimeError(f"rank {self.links.rank}: a plan takes device inputs but "
+                                   "the previous step kept no matching tokens")
+            self.runner.buffers.input_ids[: header.num_real_seqs].copy_(self.last_tokens)
         self.stage.after_inputs()
         logits = self.stage.forward(ids, pos, batch, header)
         self.num_steps += 1
+        if logits is not None and header.flags & FLAG_KEEP_ARGMAX:
+            self.last_tokens = logits.argmax(dim=-1)
         if logits is None or not self.samples or header.num_logits == 0:
             return
         tensors = decode_sampling(header, payload, self.vocab_size, self.stage.device,

@@ -24,6 +24,21 @@ def _pipelinable(req: Request, max_model_len: int) -> bool:
             and req.num_computed_tokens + 2 <= max_model_len)
 
 
+def pipelined_successor(out: SchedulerOutput, scheduler: Scheduler,
+                        max_model_len: int) -> SchedulerOutput | None:
+    """The next decode step of the same sequences, one token ahead of the host, or None when
+    the pending step ``out`` cannot be followed blindly (see the module docstring)."""
+    if scheduler.waiting or not out.sequences or not all(
+            s.num_new_tokens == 1 and s.sample for s in out.sequences):
+        return None
+    reqs = [s.request for s in out.sequences]
+    if not all(_pipelinable(r, max_model_len) for r in reqs):
+        return None
+    if not all(scheduler.block_manager.allocate(r, 2) for r in reqs):
+        return None  # blocks already taken stay with their sequences: harmless
+    return SchedulerOutput([ScheduledSequence(r, 1, True, ahead=1) for r in reqs])
+
+
 class AsyncLocalExecutor:
     """One process, one step ahead on the device while the host processes the previous one."""
 
@@ -40,24 +55,12 @@ class AsyncLocalExecutor:
                 return out, None
             self.pending = self.runner.launch(out)
         prev = self.pending
-        successor = self._successor(prev.out, scheduler)
+        successor = pipelined_successor(prev.out, scheduler, self.max_model_len)
         self.pending = None
         if successor is not None:
             self.pending = self.runner.launch(successor, input_ids=prev.result.token_ids)
             self.num_pipelined_steps += 1
         return prev.out, self.runner.finish(prev)
-
-    def _successor(self, out: SchedulerOutput, scheduler: Scheduler) -> SchedulerOutput | None:
-        """The next decode step of the same sequences, one token ahead of the host, or None."""
-        if scheduler.waiting or not out.sequences or not all(
-                s.num_new_tokens == 1 and s.sample for s in out.sequences):
-            return None
-        reqs = [s.request for s in out.sequences]
-        if not all(_pipelinable(r, self.max_model_len) for r in reqs):
-            return None
-        if not all(scheduler.block_manager.allocate(r, 2) for r in reqs):
-            return None  # blocks already taken stay with their sequences: harmless
-        return SchedulerOutput([ScheduledSequence(r, 1, True, ahead=1) for r in reqs])
 
     def shutdown(self) -> None:
         """Drops the step in flight (its sequences are being aborted with the engine)."""

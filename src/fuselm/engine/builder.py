@@ -151,6 +151,6 @@ def build_engine_parts(config: EngineConfig, dist_ctx: Any = None) -> EnginePart
         executor = AsyncLocalExecutor(runner, max_model_len)
     else:
         executor = make_executor(runner, dist_ctx, model_config.vocab_size,
-                                 not config.enforce_eager)
+                                 not config.enforce_eager, use_async, max_model_len)
     return EngineParts(model_config, sched, tokenizer, runner, block_manager, max_model_len,
                        name, device, dtype, time.perf_counter() - start, executor)

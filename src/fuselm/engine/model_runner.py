@@ -109,7 +109,7 @@ class ModelRunner:
             hidden = self.model(ids, pos, batch)
             logits = self.model.compute_logits(hidden[batch.logits_indices])
         sampling_reqs = [s.request for s in out.sequences if s.sample]
-        if all(_plain_greedy(r.sampling_params) for r in sampling_reqs):
+        if all(plain_greedy(r.sampling_params) for r in sampling_reqs):
             result = SamplerOutput(token_ids=logits.argmax(dim=-1))  # no per-step tensors
         else:
             result = sample(logits, build_sampling_tensors(sampling_reqs, self.vocab_size,
@@ -194,7 +194,7 @@ class ModelRunner:
         logger.info("captured decode CUDA graphs for batch sizes %s", sorted(self.graphs))
 
 
-def _plain_greedy(params) -> bool:
+def plain_greedy(params) -> bool:
     """Greedy with nothing that changes the logits or asks for logprobs."""
     return (params.greedy and params.logprobs is None and not params.logit_bias
             and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0
