@@ -49,6 +49,8 @@ def _tag(args: argparse.Namespace) -> str:
         tag += "-nccl"
     if getattr(args, "micro_batches", None):
         tag += f"-mb{args.micro_batches}"
+    if args.command == "throughput" and args.max_num_seqs != 256:
+        tag += f"-seqs{args.max_num_seqs}"
     return tag
 
 

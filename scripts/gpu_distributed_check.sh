@@ -5,7 +5,7 @@
 # PP=2 vs TP=1 offline throughput, TP=1 vs TP=2 greedy tokens, and the report.
 # Each step runs under `timeout`; logs and JSON go to $OUT.
 # Usage (repo root): OUT=/dir scripts/gpu_distributed_check.sh [steps...]
-#   steps: env tests allreduce decode tput tokens report (default: all)
+#   steps: env tests allreduce decode tput tput512 tokens report (default: all but tput512)
 #   budgets: STEP_TIMEOUT_<STEP>=seconds
 set -u
 cd "$(dirname "$0")/.."
@@ -39,6 +39,9 @@ for step in $STEPS; do
       run_step tput-tp1 600 $BENCH throughput --tp 1 --out "$OUT"
       run_step tput-pp2 600 $BENCH throughput --pp 2 --out "$OUT"
       run_step tput-pp2-mb3 600 $BENCH throughput --pp 2 --micro-batches 3 --out "$OUT" ;;
+    tput512)  # a stage holds half the weights: room for twice the sequences
+      run_step tput-tp1-512 600 $BENCH throughput --tp 1 --max-num-seqs 512 --out "$OUT"
+      run_step tput-pp2-512 600 $BENCH throughput --pp 2 --max-num-seqs 512 --out "$OUT" ;;
     tokens) run_step tokens 600 $BENCH tokens --out "$OUT" ;;
     report) run_step report 60 $BENCH report --out "$OUT" ;;
   esac
