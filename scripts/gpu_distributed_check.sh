@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Distributed inference on 2 GPUs (issue 7), one device call: environment, the distributed tests,
 # then scripts/bench_distributed.py (Llama-3-8B shape, bf16, dummy weights, TP=1 in the same run):
-# one-shot vs NCCL all-reduce, TP=1/TP=2/PP=2 batch-1 decode (with the all-reduce share),
+# one-shot vs NCCL all-reduce, TP=1/TP=2 (NCCL; one-shot)/PP=2 batch-1 decode (with the all-reduce share),
 # PP=2 vs TP=1 offline throughput, TP=1 vs TP=2 greedy tokens, and the report.
 # Each step runs under `timeout`; logs and JSON go to $OUT.
 # Usage (repo root): OUT=/dir scripts/gpu_distributed_check.sh [steps...]
@@ -33,7 +33,7 @@ for step in $STEPS; do
     decode)
       run_step decode-tp1 420 $BENCH decode --tp 1 --out "$OUT"
       run_step decode-tp2 420 $BENCH decode --tp 2 --profile --out "$OUT"
-      run_step decode-tp2-nccl 420 $BENCH decode --tp 2 --nccl-only --profile --out "$OUT"
+      run_step decode-tp2-oneshot 420 $BENCH decode --tp 2 --one-shot --profile --out "$OUT"
       run_step decode-pp2 420 $BENCH decode --pp 2 --out "$OUT" ;;
     tput)
       run_step tput-tp1 600 $BENCH throughput --tp 1 --out "$OUT"

@@ -280,6 +280,7 @@ class DistributedExecutor:
             if self.dead is not None:
                 for proc in self.ctx.procs.values():
                     proc.kill()
+            self.runner.release_graphs()
             self.ctx.shutdown()
         finally:
             if acquired:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -103,7 +104,18 @@ class DistributedContext:
                 proc.join(1.0)
         ps.destroy_model_parallel()
         if dist.is_initialized():
-            dist.destroy_process_group()
+            _bounded(dist.destroy_process_group, seconds=min(self.timeout, 10.0))
+
+
+def _bounded(fn: Any, seconds: float) -> None:
+    """Runs ``fn`` in a daemon thread and waits at most ``seconds``: tearing down a NCCL
+    communicator can block on a peer that already exited; the process then exits regardless."""
+    done = threading.Thread(target=fn, name="fuselm-teardown", daemon=True)
+    done.start()
+    done.join(seconds)
+    if done.is_alive():
+        logger.warning("process-group teardown did not finish in %.0f s; exiting anyway",
+                       seconds)
 
 
 def world_size_of(parallel: ParallelConfig) -> int:
@@ -213,7 +225,7 @@ def _join(config: EngineConfig, rank: int, local_rank: int, store: dist.Store | 
                 os.getpid(), device, ps.get_tp_rank(), ps.get_pp_rank())
     return DistributedContext(rank, world, local_rank, parallel.tensor_parallel_size,
                               parallel.pipeline_parallel_size, device, timeout, monitor_store,
-                              monitor, partition, not parallel.disable_custom_all_reduce, procs)
+                              monitor, partition, parallel.custom_all_reduce, procs)
 
 
 def run_worker(config: EngineConfig, ctx: DistributedContext) -> None:

@@ -157,6 +157,7 @@ class Worker:
             if header.kind != KIND_NOOP:
                 self.step(header, payload)
         self.links.pending.wait_all()
+        self.runner.release_graphs()
         logger.info("rank %d: stopped after %d steps", self.links.rank, self.num_steps)
 
     @torch.inference_mode()

@@ -171,6 +171,15 @@ class ModelRunner:
         n = len(out.sequences)
         return next((size for size in sorted(self.graphs) if size >= n), None)
 
+    def release_graphs(self) -> None:
+        """Frees the decode CUDA graphs (before the process groups whose collectives they
+        captured are destroyed: a communicator still referenced by a graph can hang there)."""
+        if not self.graphs:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.graphs.clear()
+
     @torch.inference_mode()
     def capture_cuda_graphs(self) -> None:
         """Captures one decode graph per batch size in ``graph_batch_sizes``."""
