@@ -11,14 +11,20 @@
 
 ``attention_cases(preset)`` feeds ``fuselm.bench.kernels`` (``CASE_PROVIDERS``); every Triton
 config it offers for the sweep has been run once and checked against SDPA / the reference, so a
-config that fails to compile or is wrong never reaches the tuning table.
-``python -m fuselm.bench.kernels_attention --output-dir DIR [--configs-dir DIR]`` runs them alone.
+config that fails to compile or is wrong never reaches the tuning table (it is logged and the
+sweep goes on).
+``python -m fuselm.bench.kernels_attention --output-dir DIR [--configs-dir DIR]`` runs them alone;
+``--ops prefill_attention`` keeps the two prefill shapes, ``--candidates L1,L2`` some sweep labels,
+``--rep-ms`` sets each timing's budget. It prints the fastest swept config per case (the
+``triton`` row runs the default or installed config), and gives a bucket that both prefill shapes
+share the config that is best over both (``shared_bucket_configs``), not the last shape's best.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -37,20 +43,33 @@ DECODE_SHAPES = {"full": [(64, 4096), (1, 32768)], "quick": [(64, 4096)], "tiny"
 PREFILL_TARGETS = (("sdpa_flash", 1.3),)
 DECODE_TARGETS = {(64, 4096): (("sdpa_cudnn", 0.9),), (1, 32768): (("sdpa_cudnn", 1.0),)}
 
-# Launch configs the sweep tries (PrefillConfig / DecodeConfig fields). Hopper: 2 consumer
-# warpgroups on a 128-row tile is FA2/FA3's shape; TMA relieves the address registers of
-# pointer loads; hpp1 = one query head a program instead of the GQA group.
-PREFILL_CANDIDATES = {
-    "m128n64w8s3": dict(block_m=128, block_n=64, num_warps=8, num_stages=3),
-    "m128n128w8s3": dict(block_m=128, block_n=128, num_warps=8, num_stages=3),
-    "m128n64w8s3tma": dict(block_m=128, block_n=64, num_warps=8, num_stages=3, use_tma=True),
-    "m128n128w8s2tma": dict(block_m=128, block_n=128, num_warps=8, num_stages=2, use_tma=True),
-    "m128n64w8s4tma": dict(block_m=128, block_n=64, num_warps=8, num_stages=4, use_tma=True),
-    "m128n64w8s3hpp1": dict(block_m=128, block_n=64, num_warps=8, num_stages=3,
-                            max_heads_per_prog=1),
-    "m128n64w4s3": dict(block_m=128, block_n=64, num_warps=4, num_stages=3),
-    "m64n64w4s3": dict(block_m=64, block_n=64, num_warps=4, num_stages=3),
-}
+
+def _prefill_candidate(block_m: int, block_n: int, num_warps: int, num_stages: int,
+                       *switches: str) -> tuple[str, dict]:
+    """(label, PrefillConfig fields), e.g. ``m128n64w8s3_fold_i32``."""
+    fields = {"fold": "fold_scale", "i32": "narrow_offsets", "lean": "lean_edges",
+              "lazy": "lazy_rescale"}
+    label = "_".join([f"m{block_m}n{block_n}w{num_warps}s{num_stages}", *switches])
+    config = dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+    return label, config | {fields[f]: True for f in switches}
+
+
+# Launch configs the sweep tries (PrefillConfig / DecodeConfig fields). Prefill: 2 consumer
+# warpgroups on a 128-row tile (FA2/FA3's shape on Hopper). The first two are the H100 winners so
+# far (m128n64: S=4096, m128n128: S=16384; docs/perf/attention-notes.md); the others switch on
+# the instruction cuts, alone and together: _fold (no multiply a score), _i32 (int32 key
+# offsets), _lean (trims outside the main loop), _lazy (FA4's conditional rescale). TMA, hpp1
+# and 4-warp configs lost by 3-30 % on the H100 and are left out: 13 compiles, each config timed
+# for --rep-ms.
+PREFILL_CANDIDATES = dict(_prefill_candidate(*c) for c in [
+    (128, 64, 8, 3), (128, 128, 8, 3),
+    (128, 64, 8, 3, "fold"), (128, 64, 8, 3, "i32"), (128, 64, 8, 3, "lean"),
+    (128, 64, 8, 3, "fold", "i32"), (128, 64, 8, 3, "fold", "i32", "lean"),
+    (128, 64, 8, 3, "fold", "i32", "lean", "lazy"),
+    (128, 64, 8, 2, "fold", "i32", "lean"), (128, 64, 8, 4, "fold", "i32", "lean"),
+    (128, 128, 8, 3, "fold", "i32", "lean"), (128, 128, 8, 2, "fold", "i32", "lean"),
+    (128, 128, 8, 2, "fold", "i32", "lean", "lazy"),
+])
 DECODE_CANDIDATES = {
     "n64w4s3": dict(block_n=64, num_warps=4, num_stages=3),
     "n64w4s2": dict(block_n=64, num_warps=4, num_stages=2),
@@ -123,13 +142,16 @@ def _close(actual: torch.Tensor, expected: torch.Tensor) -> bool:
     return bool(torch.allclose(actual.float(), expected.float(), atol=3e-2, rtol=3e-2))
 
 
-def _prefill_variants(args) -> dict[str, tuple[dict, Any]]:
+def _prefill_variants(args, labels: tuple[str, ...] | None = None) -> dict[str, tuple[dict, Any]]:
+    """The sweep's configs (``labels`` of PREFILL_CANDIDATES, default all) that compile and
+    match SDPA; one that fails is logged and left out, the sweep goes on."""
     from fuselm.kernels.prefill_attention import PrefillConfig, prefill_attention_triton
 
     expected = _prefill_expected(args)
     out = torch.empty_like(args[0])
     found = {}
-    for label, fields in PREFILL_CANDIDATES.items():
+    for label in labels or PREFILL_CANDIDATES:
+        fields = PREFILL_CANDIDATES[label]
         cfg = PrefillConfig(**fields)
         fn = lambda c=cfg: prefill_attention_triton(*args, config=c, out=out)  # noqa: E731
         if _runs_correctly(label, fn, out, expected):
@@ -153,10 +175,15 @@ def _runs_correctly(label: str, fn, out: torch.Tensor, expected: torch.Tensor) -
     return True
 
 
-def prefill_cases(preset: str) -> list[KernelCase]:
-    """Causal prefill at the issue's shapes; bucket ``d128_<dtype>`` is the launch-config key."""
+def prefill_cases(preset: str, candidates: tuple[str, ...] | None = None) -> list[KernelCase]:
+    """Causal prefill at the issue's shapes; bucket ``d128_<dtype>`` is the launch-config key.
+    ``candidates``: labels of PREFILL_CANDIDATES to sweep (default all)."""
     from fuselm.kernels.prefill_attention import prefill_attention_ref
 
+    unknown = set(candidates or ()) - set(PREFILL_CANDIDATES)
+    if unknown:
+        raise ValueError(f"unknown prefill candidates {sorted(unknown)}; "
+                         f"known: {', '.join(PREFILL_CANDIDATES)}")
     cases = []
     for batch, seq in PREFILL_SHAPES[preset]:
         cases.append(KernelCase(
@@ -167,7 +194,7 @@ def prefill_cases(preset: str) -> list[KernelCase]:
             bucket=None if preset == "tiny" else "d128_bfloat16",
             baselines={"sdpa_flash": lambda: SdpaPrefill("FLASH_ATTENTION"),
                        "sdpa_cudnn": lambda: SdpaPrefill("CUDNN_ATTENTION")},
-            triton_variants=_prefill_variants,
+            triton_variants=lambda a, c=candidates: _prefill_variants(a, c),
             targets=() if preset == "tiny" else PREFILL_TARGETS,
         ))  # fmt: skip
     return cases
@@ -265,9 +292,10 @@ def decode_cases(preset: str) -> list[KernelCase]:
     return cases
 
 
-def attention_cases(preset: str) -> list[KernelCase]:
+def attention_cases(preset: str,
+                    prefill_candidates: tuple[str, ...] | None = None) -> list[KernelCase]:
     """Every attention case of ``preset`` (``full``, ``quick`` or ``tiny``)."""
-    return prefill_cases(preset) + decode_cases(preset)
+    return prefill_cases(preset, prefill_candidates) + decode_cases(preset)
 
 
 # ---- standalone runner -------------------------------------------------------------------------
@@ -276,7 +304,7 @@ COLUMNS = ("op", "shape", "backend", "us", "TFLOP/s", "GB/s", "x_sdpa_flash", "x
 
 
 def measure(case: KernelCase, device: torch.device, dtype: torch.dtype, *, reference: bool,
-            sweep: bool) -> list[dict[str, Any]]:
+            sweep: bool, rep_ms: float = 100) -> list[dict[str, Any]]:
     """Rows of one case: each backend, baseline and swept config, with TFLOP/s (prefill) or KV
     GB/s (decode) and the time ratios to the SDPA baselines (> 1: faster than SDPA)."""
     from fuselm.kernels import available_backends, select
@@ -298,7 +326,7 @@ def measure(case: KernelCase, device: torch.device, dtype: torch.dtype, *, refer
     times = {}
     for name, fn in fns.items():
         try:
-            times[name] = common.time_ms(lambda f=fn: f(*args), device) * 1e3
+            times[name] = common.time_ms(lambda f=fn: f(*args), device, rep_ms) * 1e3
         except Exception as err:  # a baseline this torch/GPU lacks must not stop the run
             logger.warning("%s %s %s failed: %s", case.op, case.shape, name,
                            str(err).splitlines()[0] if str(err) else err)
@@ -320,13 +348,62 @@ def measure(case: KernelCase, device: torch.device, dtype: torch.dtype, *, refer
     return rows
 
 
+def best_swept(cases: list[KernelCase], rows: list[dict]) -> list[dict[str, Any]]:
+    """Per case: the fastest swept Triton config and its ratios to the case's target baselines
+    (the ``triton`` row runs the current default or tuned config, not the sweep's best)."""
+    out = []
+    for case in cases:
+        swept = [r for r in rows if (r["op"], r["shape"]) == (case.op, case.shape)
+                 and r["config"] is not None]  # fmt: skip
+        if not swept:
+            continue
+        best = min(swept, key=lambda r: r["us"])
+        entry = {"op": case.op, "shape": case.shape, "config": best["backend"], "us": best["us"],
+                 "TFLOP/s": best["TFLOP/s"]}
+        for baseline, minimum in case.targets:
+            if baseline in best["ratios"]:
+                entry[f"x_{baseline}"] = best["ratios"][baseline]
+                entry["met"] = "yes" if best["ratios"][baseline] >= minimum else "NO"
+        out.append(entry)
+    return out
+
+
+def shared_bucket_configs(cases: list[KernelCase], rows: list[dict]) -> dict[tuple, dict]:
+    """(op, bucket) -> Triton config, for buckets that several cases share (``tuning_tables``
+    keeps the last case's best, e.g. S=16384's for both prefill shapes): among the configs swept
+    in every such case, those that meet every case's targets first, then the lowest geometric
+    mean of their time over each case's fastest swept time."""
+    groups: dict[tuple, list[KernelCase]] = {}
+    for case in cases:
+        if case.bucket is not None:
+            groups.setdefault((case.op, case.bucket), []).append(case)
+    chosen = {}
+    for key, group in groups.items():
+        swept = [{r["backend"]: r for r in rows if (r["op"], r["shape"]) == (c.op, c.shape)
+                  and r["config"] is not None} for c in group]  # fmt: skip
+        labels = sorted(set.intersection(*(set(s) for s in swept)))
+        if len(group) < 2 or not labels:
+            continue
+
+        def score(label: str, group=group, swept=swept) -> tuple[bool, float]:
+            met = all((sw[label]["ratios"].get(b) or 0.0) >= minimum
+                      for case, sw in zip(group, swept, strict=True)
+                      for b, minimum in case.targets if b != "copy")  # fmt: skip
+            logs = [math.log(sw[label]["us"] / min(r["us"] for r in sw.values())) for sw in swept]
+            return not met, math.exp(sum(logs) / len(logs))
+
+        chosen[key] = swept[0][min(labels, key=score)]["config"]
+    return chosen
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Measures every case, prints tables and targets, writes JSON (and tuning tables)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (
         torch.bfloat16 if device.type == "cuda" else torch.float32)  # fmt: skip
     ops = set(args.ops.split(",")) if args.ops else None
-    cases = [c for c in attention_cases(args.preset) if ops is None or c.op in ops]
+    candidates = tuple(args.candidates.split(",")) if args.candidates else None
+    cases = [c for c in attention_cases(args.preset, candidates) if ops is None or c.op in ops]
     env = common.environment()
     copy_gbs = common.copy_bandwidth_gbs(device)
     print(f"{env.get('gpu') or 'cpu'}: copy bandwidth {copy_gbs:.0f} GB/s (read + write)")
@@ -334,18 +411,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"environment": env, "dtype": str(dtype).removeprefix("torch."),
                               "copy_gbs": copy_gbs, "rows": [], "targets": []}
     for case in cases:
-        case_rows = measure(case, device, dtype, reference=args.reference, sweep=not args.no_sweep)
+        case_rows = measure(case, device, dtype, reference=args.reference, sweep=not args.no_sweep,
+                            rep_ms=args.rep_ms)
         for row in case_rows:
             row["%copy"] = 100 * row["GB/s"] / copy_gbs
         print(common.format_table(case_rows, COLUMNS), flush=True)
         result["rows"] += case_rows
         result["targets"] = check_targets(cases, result["rows"])
+        result["best_swept"] = best_swept(cases, result["rows"])
         common.write_json(path, result)  # after every case: a timeout keeps what was measured
     if device.type == "cuda" and args.configs_dir:
         result["tuning"] = tuning_tables(result["rows"])
+        for (op, bucket), config in shared_bucket_configs(cases, result["rows"]).items():
+            if bucket in result["tuning"].get(op, {}):
+                result["tuning"][op][bucket]["triton"] = config
         written = write_tuning_tables(result["tuning"], env["gpu"], Path(args.configs_dir))
         result["configs_written"] = [str(p) for p in written]
         common.write_json(path, result)
+    if result["best_swept"]:
+        columns = list(dict.fromkeys(k for row in result["best_swept"] for k in row))
+        print("\nfastest swept config per case:\n"
+              + common.format_table(result["best_swept"], columns))
     if result["targets"]:
         print("\n" + common.format_table(result["targets"]))
     print(f"wrote {path}")
@@ -361,6 +447,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--reference", action="store_true", help="also time the eager *_ref")
     parser.add_argument("--no-sweep", action="store_true", help="skip the Triton config sweep")
+    parser.add_argument("--candidates", default=None,
+                        help="comma-separated labels of PREFILL_CANDIDATES to sweep (default all)")
+    parser.add_argument("--rep-ms", type=float, default=100,
+                        help="timing budget of each backend and config (ms, median reported)")
     parser.add_argument("--output-dir", default="docs/perf")
     parser.add_argument("--configs-dir", default=None,
                         help="write this GPU's tuning tables (<op>.json) here")

@@ -96,6 +96,9 @@ _registry.register("prefill_attention", "reference", prefill_attention_ref)
 # once for that many heads. It walks the cached prefix through the block table (no mask but the
 # tail), then the new keys from k/v: tiles left of the diagonal unmasked, diagonal tiles masked.
 # Online softmax in fp32 in the log2 domain (scale * log2(e) folded into one multiply, exp2).
+# Config switches that cut instructions (fold_scale, narrow_offsets, lazy_rescale, lean_edges:
+# see _online_softmax_step, _token_offsets, _lazy_rescale_step and the kernel's LEAN_EDGES) are
+# off by default; the benchmark's sweep times them and the tuning table turns them on per GPU.
 # Program -> (sequence, q block): sequence s owns programs [qsl[s] // BLOCK_Q + s, qsl[s+1] //
 # BLOCK_Q + s + 1) (at least cdiv(q_len, BLOCK_Q) of them), found by binary search, so the grid
 # (num_tokens // BLOCK_Q + num_seqs) needs no host sync.
@@ -113,6 +116,12 @@ class PrefillConfig(NamedTuple):
     num_stages: int
     max_heads_per_prog: int = 8  # 1: one query head per program
     use_tma: bool = False  # new keys through TMA descriptors (Hopper+; power-of-2 head sizes)
+    # Fewer instructions in the unmasked loop (same results up to rounding; see the kernel):
+    fold_scale: bool = False  # row max of the raw scores: no multiply a score (last bits only)
+    narrow_offsets: bool = False  # int32 offsets for the new keys when they fit (no TMA)
+    lazy_rescale: bool = False  # FA4: rescale acc only when a row max grew by > 2^8
+    # Fewer instructions outside it (S=4096: a program's edges are ~10 % of its time):
+    lean_edges: bool = False  # plainer diagonal mask, one 1/l a row in the epilogue
 
 
 def heads_per_program(group: int, cfg: PrefillConfig) -> int:
@@ -174,15 +183,60 @@ if _triton_utils.triton_available():
         patch_interpreter_range()
 
     @triton.jit
-    def _online_softmax_step(acc, m_i, l_i, qk, v, DOT_PRECISION: tl.constexpr):
-        """One key tile: qk [M, N] (log2 domain, -inf where masked), v [N, D]."""
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    def _online_softmax_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PRECISION: tl.constexpr,
+                             FOLD_SCALE: tl.constexpr, LAZY_RESCALE: tl.constexpr):
+        """One key tile: qk [M, N] from _scores (-inf where masked), v [N, D]; qk_scale is
+        scale * log2(e) > 0. FOLD_SCALE (as Triton's tutorial 06): the max of the raw scores
+        times the scale is the max of the scaled ones (bit for bit), so the scores need no
+        multiply of their own; ``qk * s - m`` is one FMA an element either way (sm_90, 128 x 64:
+        32 of a thread's 412 instructions an iteration)."""
+        if LAZY_RESCALE:
+            acc, m_new, l_i = _lazy_rescale_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PRECISION)
+        else:
+            if FOLD_SCALE:
+                m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(qk * qk_scale - m_new[:, None])
+            else:  # qk came scaled (_scores)
+                m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         return acc, m_new, l_i
+
+    @triton.jit
+    def _lazy_rescale_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PRECISION: tl.constexpr):
+        """_online_softmax_step, scale folded, with FlashAttention-4's conditional rescaling:
+        m_i and acc (``acc *= alpha``: 64 FMUL a thread at 128 x 64) stay until some row's max
+        grows by more than 8 (log2), so probabilities stay below 2^8 (as precise in bf16). One
+        max over all rows (shared memory, a barrier) gives every thread the same branch."""
+        m_tile = tl.max(qk, axis=1) * qk_scale
+        if tl.max(m_tile - m_i, axis=0) > 8.0:
+            m_new = tl.maximum(m_i, m_tile)
+            alpha = tl.exp2(m_i - m_new)
+            acc = acc * alpha[:, None]
+            l_i = l_i * alpha
+            m_i = m_new
+        p = tl.exp2(qk * qk_scale - m_i[:, None])
+        l_i = l_i + tl.sum(p, axis=1)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        return acc, m_i, l_i
+
+    @triton.jit
+    def _scores(q, k, qk_scale, DOT_PRECISION: tl.constexpr, RAW: tl.constexpr):
+        """q k^T [M, N] in fp32, times qk_scale unless RAW (then _online_softmax_step scales)."""
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if not RAW:
+            qk = qk * qk_scale
+        return qk
+
+    @triton.jit
+    def _token_offsets(tokens, NARROW: tl.constexpr):
+        """Token indices, in int32 where all offsets fit (sm_90, 128 x 64: ~3 instead of ~7
+        instructions for each of a thread's 8 cp.async addresses an iteration), else int64."""
+        return tokens if NARROW else tokens.to(tl.int64)
 
     @triton.jit
     def _find_seq(qsl_ptr, num_seqs, pid, BLOCK_Q: tl.constexpr):
@@ -216,6 +270,8 @@ if _triton_utils.triton_available():
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         USE_TMA: tl.constexpr,
+        FOLD_SCALE: tl.constexpr, LAZY_RESCALE: tl.constexpr,  # see _online_softmax_step
+        NARROW_OFFSETS: tl.constexpr, LEAN_EDGES: tl.constexpr,  # see PrefillConfig
     ):  # fmt: skip
         BLOCK_Q: tl.constexpr = BLOCK_M // HEADS_PER_PROG
         # Last programs first: under causality they own the longest key ranges (less tail).
@@ -246,6 +302,7 @@ if _triton_utils.triton_available():
         offs_n = tl.arange(0, BLOCK_N)
 
         # 1) The cached prefix, gathered through the block table; only the last tile is partial.
+        # (Not under `if ctx_len > 0`: a branch result in acc makes ptxas serialize wgmma, C7515.)
         kc_base = kc_ptr + kv_head * kc_head_stride
         vc_base = vc_ptr + kv_head * vc_head_stride
         bt_row = bt_ptr + seq.to(tl.int64) * bt_stride
@@ -257,37 +314,39 @@ if _triton_utils.triton_available():
             kv_mask = n_mask[:, None] & d_mask[None, :]
             k = tl.load(kc_base + (blk * kc_block_stride + slot * kc_slot_stride)[:, None]
                         + offs_d[None, :], mask=kv_mask, other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            qk = _scores(q, k, qk_scale, DOT_PRECISION, FOLD_SCALE or LAZY_RESCALE)
             qk = tl.where(n_mask[None, :], qk, float("-inf"))
             v = tl.load(vc_base + (blk * vc_block_stride + slot * vc_slot_stride)[:, None]
                         + offs_d[None, :], mask=kv_mask, other=0.0)
-            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, qk, v, DOT_PRECISION)
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PRECISION,
+                                                 FOLD_SCALE, LAZY_RESCALE)
 
         # 2) New keys left of the diagonal: every row sees every key, no mask.
         k_base = k_ptr + kv_head * k_head_stride
         v_base = v_ptr + kv_head * v_head_stride
         full_end = (q0 // BLOCK_N) * BLOCK_N
         for n0 in range(0, full_end, BLOCK_N):
-            kv_off = (q_start + n0 + offs_n).to(tl.int64)
+            kv_off = _token_offsets(q_start + n0 + offs_n, NARROW_OFFSETS)
             if USE_TMA:
                 k = k_desc.load([q_start + n0, kv_head * HEAD_SIZE])
             else:
                 k = tl.load(k_base + (kv_off * k_tok_stride)[:, None] + offs_d[None, :],
                             mask=d_mask[None, :], other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            qk = _scores(q, k, qk_scale, DOT_PRECISION, FOLD_SCALE or LAZY_RESCALE)
             if USE_TMA:
                 v = v_desc.load([q_start + n0, kv_head * HEAD_SIZE])
             else:
                 v = tl.load(v_base + (kv_off * v_tok_stride)[:, None] + offs_d[None, :],
                             mask=d_mask[None, :], other=0.0)
-            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, qk, v, DOT_PRECISION)
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PRECISION,
+                                                 FOLD_SCALE, LAZY_RESCALE)
 
         # 3) Diagonal tiles: causal mask.
         diag_end = tl.minimum(q0 + BLOCK_Q, q_len)
         for n0 in range(full_end, diag_end, BLOCK_N):
             pos = n0 + offs_n
             n_mask = pos < q_len
-            kv_off = (q_start + pos).to(tl.int64)
+            kv_off = _token_offsets(q_start + pos, NARROW_OFFSETS)
             kv_mask = n_mask[:, None] & d_mask[None, :]
             # Rows past the sequence (the next one's, or beyond num_tokens: zeros under TMA)
             # only meet masked scores and zero probabilities.
@@ -296,17 +355,24 @@ if _triton_utils.triton_available():
             else:
                 k = tl.load(k_base + (kv_off * k_tok_stride)[:, None] + offs_d[None, :],
                             mask=kv_mask, other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-            visible = (pos[None, :] <= tok[:, None]) & n_mask[None, :]
+            qk = _scores(q, k, qk_scale, DOT_PRECISION, FOLD_SCALE or LAZY_RESCALE)
+            if LEAN_EDGES:  # a valid row's keys (pos <= tok < q_len) are in its sequence
+                visible = pos[None, :] <= tok[:, None]
+            else:
+                visible = (pos[None, :] <= tok[:, None]) & n_mask[None, :]
             qk = tl.where(visible, qk, float("-inf"))
             if USE_TMA:
                 v = v_desc.load([q_start + n0, kv_head * HEAD_SIZE])
             else:
                 v = tl.load(v_base + (kv_off * v_tok_stride)[:, None] + offs_d[None, :],
                             mask=kv_mask, other=0.0)
-            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, qk, v, DOT_PRECISION)
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PRECISION,
+                                                 FOLD_SCALE, LAZY_RESCALE)
 
-        out = acc / l_i[:, None]
+        if LEAN_EDGES:  # one division a row, not a (5-instruction) div.full.f32 an element
+            out = acc * (1.0 / l_i)[:, None]
+        else:
+            out = acc / l_i[:, None]
         o_off = (q_start + tok).to(tl.int64) * o_tok_stride + head * o_head_stride
         tl.store(out_ptr + o_off[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=row_mask[:, None] & d_mask[None, :])
@@ -385,9 +451,17 @@ def prefill_attention_triton(
         GROUP=group, HEADS_PER_PROG=hpp, HEAD_SIZE=head_size,
         D_PAD=max(16, next_power_of_2(head_size)), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", USE_TMA=use_tma,
+        FOLD_SCALE=cfg.fold_scale, LAZY_RESCALE=cfg.lazy_rescale, LEAN_EDGES=cfg.lean_edges,
+        NARROW_OFFSETS=cfg.narrow_offsets and _int32_offsets_fit(k, v, cfg.block_n),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out
+
+
+def _int32_offsets_fit(k: torch.Tensor, v: torch.Tensor, block_n: int) -> bool:
+    """Every offset into k/v a program forms (tokens up to num_tokens + block_n) fits int32."""
+    return all((t.shape[0] + block_n) * t.stride(0) + t.shape[1] * t.stride(1) < 2**31
+               for t in (k, v))
 
 
 def _tma_ok(k: torch.Tensor, v: torch.Tensor) -> bool:
