@@ -47,7 +47,7 @@ def test_gpu_parallel_matches_one_gpu(checkpoint, gpu_reference, name, tp, pp):
     assert got["world_size"] == tp * pp
     assert got["stats"]["num_graph_replays"] > 0, "no decode step replayed a CUDA graph"
     assert got["stats"]["prefix_cache_hits_total"] > 0
-    if tp > 1:
-        assert got["custom_all_reduce"], "the one-shot all-reduce was not set up"
+    if tp > 1:  # NCCL carries the all-reduces by default (faster in the decode graph here)
+        assert not got["custom_all_reduce"], "the one-shot all-reduce is opt-in"
     if pp > 1:
         assert got["max_in_flight_seen"] == pp
