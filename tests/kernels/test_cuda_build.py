@@ -128,6 +128,39 @@ for dt in ("bf16", "fp32"):
         ptx = build(rk._rotary_store_kv_kernel, dict(zip(names, types)), cfg, warps,
                     ("num_heads", "num_kv_heads", "block_size"))
         check(f"rotary {dt} {geometry}", ptx)
+
+# Programmatic dependent launch: the decode-path kernels wait for their predecessor and release
+# their successor (griddepcontrol) when built with USE_PDL; gemv streams weights before waiting.
+from fuselm.kernels import gemv as gv
+
+def check_pdl(name, ptx, prefetch=False):
+    wait = ptx.find("griddepcontrol.wait")
+    ok = wait >= 0 and "griddepcontrol.launch_dependents" in ptx
+    if prefetch:  # a 16-byte weight load is issued before the wait
+        first_load = re.search(r"ld\.global\.L1::evict_first[^\n]*\.v4\.b32", ptx)
+        ok = ok and first_load is not None and first_load.start() < wait
+    print(name, "pdl" if ok else "NO-PDL")
+    if not ok:
+        sys.exit(f"{name}: griddepcontrol missing or misplaced")
+
+bf = "*bf16"
+sig = dict(x_ptr=bf, w_ptr=bf, b_ptr=bf, out_ptr=bf, N="i32", K="i32", x_stride="i32",
+           w_stride="i32", out_stride="i32")
+consts = dict(HAS_BIAS=False, BLOCK_N=1, BLOCK_K=4096, EVEN_N=True, EVEN_K=True, NUM_STAGES=1,
+              PREFETCH=True, USE_PDL=True)
+check_pdl("gemv", build(gv._gemv_kernel, sig, consts, 8), prefetch=True)
+sig = dict(x_ptr=bf, residual_ptr=bf, w_ptr=bf, out_ptr=bf, num_rows="i32", hidden="i32",
+           x_stride="i32", residual_stride="i32", out_stride="i32", eps="fp32")
+consts = dict(BLOCK=4096, ROWS=1, ADD_RESIDUAL=True, ONE_PASS=True, NUM_CHUNKS=1, USE_PDL=True)
+check_pdl("rms", build(rn._rms_norm_kernel, sig, consts, 8, ("num_rows", "eps")))
+sig = dict(x_ptr=bf, out_ptr=bf, d="i32", x_stride="i32", out_stride="i32")
+check_pdl("silu", build(sm._silu_and_mul_kernel, sig, dict(BLOCK=2048, USE_PDL=True), 4))
+cfg = rk._rotary_config(32, 8, 128, 128, torch.device("cpu"))
+warps = cfg.pop("num_warps")
+types = [bf, bf, bf, "*i64", "*fp32", bf, bf, "*i64"] + ["i32"] * 18
+check_pdl("rotary", build(rk._rotary_store_kv_kernel, dict(zip(names, types)),
+                          {**cfg, "USE_PDL": True}, warps,
+                          ("num_heads", "num_kv_heads", "block_size")))
 """
 
 

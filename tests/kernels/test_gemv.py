@@ -42,11 +42,12 @@ CONFIGS = [gv.GemvConfig(1, 64, 1), gv.GemvConfig(4, 32, 2, 2), gv.GemvConfig(8,
 @pytest.mark.parametrize("m,n,k", [(1, 96, 64), (1, 100, 200), (1, 7, 576), (3, 33, 130)])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.label)
 @pytest.mark.parametrize("bias", [False, True])
-def test_gemv_configs(dtype, m, n, k, cfg, bias):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_gemv_configs(dtype, m, n, k, cfg, bias, prefetch):
     _need_triton()
     x, w, b = _inputs(m, n, k, dtype, bias, seed=m * 1000 + n + k)
     out = torch.empty(m, n, dtype=dtype, device=DEVICE)
-    gv.launch_gemv(x, w, b, out, cfg)
+    gv.launch_gemv(x, w, b, out, cfg, prefetch=prefetch)
     atol, rtol = _tol(dtype, k)
     assert_close(out, gv.gemv_ref(x, w, b), atol=atol, rtol=rtol)
 

@@ -2,8 +2,9 @@
 
 Backends: ``reference`` (plain PyTorch, any device), ``triton``, ``cuda`` (compiled extension),
 and ``auto`` = the fastest backend the tuning table in ``configs/<op>.json`` recorded for this
-GPU, else the first available of cuda > triton > reference. On a CPU device ``auto`` is always
-``reference``.
+GPU, else the first available of cuda > triton > reference (triton > cuda on Hopper and newer,
+where the Triton kernels chain with programmatic dependent launch). On a CPU device ``auto`` is
+always ``reference``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ def register(op: str, backend: str, fn: Callable) -> None:
 def available_backends(op: str) -> list[str]:
     """Backends registered for ``op``."""
     return sorted(_IMPLS.get(op, {}))
+
+
+def _preference(device: torch.device) -> tuple[str, ...]:
+    """Backend order for ``auto`` without a tuning-table entry: Triton first where its kernels
+    chain with programmatic dependent launch (Hopper and newer), else CUDA."""
+    from fuselm.kernels._pdl import pdl_available
+
+    return ("triton", "cuda", "reference") if pdl_available(device) else _PREFERENCE
 
 
 @cache
@@ -66,7 +75,7 @@ def select(op: str, backend: str, device: torch.device, bucket: str = "default")
         tuned = tuned_backend(op, device, bucket)
         if tuned in impls:
             return impls[tuned]
-        backend = next(b for b in _PREFERENCE if b in impls)
+        backend = next(b for b in _preference(device) if b in impls)
     if backend not in impls:
         raise ValueError(
             f"backend {backend!r} is not available for op {op!r} here "

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from fuselm.kernels import _registry, _triton_utils
+from fuselm.kernels import _pdl, _registry, _triton_utils
 from fuselm.kernels._triton_utils import FUSELM_LIB, next_power_of_2
 
 
@@ -86,6 +86,30 @@ if _triton_utils.triton_available():
     import triton
     import triton.language as tl
 
+    from fuselm.kernels._pdl import pdl_wait_then_release
+
+    @triton.jit
+    def _w_tile(w_rows, rows, k, N, K, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+        """A [BLOCK_N, BLOCK_K] weight tile (streamed once: evict first)."""
+        if EVEN_K:
+            if EVEN_N:
+                wv = tl.load(w_rows + k[None, :], eviction_policy="evict_first")
+            else:
+                wv = tl.load(w_rows + k[None, :], mask=(rows < N)[:, None], other=0.0,
+                             eviction_policy="evict_first")
+        else:
+            wv = tl.load(w_rows + k[None, :], mask=(rows < N)[:, None] & (k < K)[None, :],
+                         other=0.0, eviction_policy="evict_first")
+        return wv.to(tl.float32)
+
+    @triton.jit
+    def _x_chunk(x_row, k, K, EVEN_K: tl.constexpr):
+        if EVEN_K:
+            xv = tl.load(x_row + k)
+        else:
+            xv = tl.load(x_row + k, mask=k < K, other=0.0)
+        return xv.to(tl.float32)
+
     @triton.jit
     def _gemv_kernel(
         x_ptr,  # [M, K], rows x_stride apart
@@ -103,27 +127,28 @@ if _triton_utils.triton_available():
         EVEN_N: tl.constexpr,
         EVEN_K: tl.constexpr,
         NUM_STAGES: tl.constexpr,
+        PREFETCH: tl.constexpr,  # load the first weight tile before waiting for x
+        USE_PDL: tl.constexpr,
     ):
         m = tl.program_id(1).to(tl.int64)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         w_rows = w_ptr + rows.to(tl.int64)[:, None] * w_stride
         x_row = x_ptr + m * x_stride
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+        if PREFETCH:
+            # the first weight tile does not depend on the previous kernel: with PDL it streams
+            # while that kernel finishes; then wait for x
+            acc = _w_tile(w_rows, rows, cols, N, K, EVEN_N, EVEN_K)
+            pdl_wait_then_release(USE_PDL)
+            acc = acc * _x_chunk(x_row, cols, K, EVEN_K)[None, :]
+            start = BLOCK_K
+        else:
+            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            start = 0
+        for k0 in tl.range(start, K, BLOCK_K, num_stages=NUM_STAGES):
             k = k0 + cols
-            if EVEN_K:
-                xv = tl.load(x_row + k)
-                if EVEN_N:
-                    wv = tl.load(w_rows + k[None, :], eviction_policy="evict_first")
-                else:
-                    wv = tl.load(w_rows + k[None, :], mask=(rows < N)[:, None], other=0.0,
-                                 eviction_policy="evict_first")
-            else:
-                xv = tl.load(x_row + k, mask=k < K, other=0.0)
-                wv = tl.load(w_rows + k[None, :], mask=(rows < N)[:, None] & (k < K)[None, :],
-                             other=0.0, eviction_policy="evict_first")
-            acc += wv.to(tl.float32) * xv.to(tl.float32)[None, :]
+            acc += _w_tile(w_rows, rows, k, N, K, EVEN_N, EVEN_K) * _x_chunk(
+                x_row, k, K, EVEN_K)[None, :]
         y = tl.sum(acc, axis=1)
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
@@ -135,8 +160,9 @@ if _triton_utils.triton_available():
 
 
 def launch_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-                cfg: GemvConfig) -> None:
-    """Launches the Triton kernel with an explicit config into ``out [M, N]``."""
+                cfg: GemvConfig, prefetch: bool | None = None) -> None:
+    """Launches the Triton kernel with an explicit config into ``out [M, N]``; ``prefetch``
+    (default: with PDL) loads the first weight tile before waiting for the previous kernel."""
     m, k = x.shape
     n = w.shape[0]
     if m == 0 or n == 0:
@@ -145,11 +171,13 @@ def launch_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out
         out.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(out))
         return
     grid = (triton.cdiv(n, cfg.block_n), m)
+    pdl = _pdl.use_pdl(x)
     _gemv_kernel[grid](
         x, w, bias if bias is not None else w, out, n, k, x.stride(0), w.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         EVEN_N=n % cfg.block_n == 0, EVEN_K=k % cfg.block_k == 0, NUM_STAGES=cfg.num_stages,
-        num_warps=cfg.num_warps,
+        PREFETCH=pdl if prefetch is None else prefetch, USE_PDL=pdl, num_warps=cfg.num_warps,
+        launch_pdl=pdl,
     )
 
 

@@ -38,7 +38,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from fuselm.kernels import _extension, _registry, _triton_utils
+from fuselm.kernels import _extension, _pdl, _registry, _triton_utils
 from fuselm.kernels._triton_utils import FUSELM_LIB, next_power_of_2
 from fuselm.kernels.decode_workspace import (  # noqa: F401  (public names)
     DEFAULT_PARTITION_SIZE,
@@ -150,6 +150,8 @@ if _triton_utils.triton_available():
     import triton
     import triton.language as tl
 
+    from fuselm.kernels._pdl import pdl_wait_then_release
+
     if _triton_utils.is_interpreting():
         patch_interpreter_range()
 
@@ -167,7 +169,9 @@ if _triton_utils.triton_available():
         HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr,
         PARTITION_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
+        USE_PDL: tl.constexpr = False,  # programmatic dependent launch (_pdl.py)
     ):  # fmt: skip
+        pdl_wait_then_release(USE_PDL)
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
         part = tl.program_id(2)
@@ -232,7 +236,9 @@ if _triton_utils.triton_available():
         o_seq_stride, o_head_stride, ws_seq_stride, ws_head_stride, num_launched,
         PARTITION_SIZE: tl.constexpr, P_PAD: tl.constexpr,
         HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr,
+        USE_PDL: tl.constexpr = False,  # programmatic dependent launch (_pdl.py)
     ):  # fmt: skip
+        pdl_wait_then_release(USE_PDL)
         seq = tl.program_id(0)
         head = tl.program_id(1)
         seq_len = tl.load(seq_lens_ptr + seq)
@@ -281,6 +287,7 @@ def paged_attention_triton_out(
         D_PAD=d_pad, PARTITION_SIZE=partition_size, BLOCK_N=cfg.block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        USE_PDL=_pdl.use_pdl(q), launch_pdl=_pdl.use_pdl(q),
     )  # fmt: skip
     if num_parts > 1:
         _paged_attention_reduce_kernel[(num_seqs, num_heads)](
@@ -288,6 +295,7 @@ def paged_attention_triton_out(
             max_logits.stride(0), max_logits.stride(1), num_parts,
             PARTITION_SIZE=partition_size, P_PAD=next_power_of_2(num_parts),
             HEAD_SIZE=head_size, D_PAD=d_pad, num_warps=4,
+            USE_PDL=_pdl.use_pdl(q), launch_pdl=_pdl.use_pdl(q),
         )  # fmt: skip
 
 

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from fuselm.kernels import _extension, _registry, _triton_utils
+from fuselm.kernels import _extension, _pdl, _registry, _triton_utils
 from fuselm.kernels._triton_utils import FUSELM_LIB, as_rows, next_power_of_2
 
 
@@ -93,6 +93,8 @@ if _triton_utils.triton_available():
     import triton
     import triton.language as tl
 
+    from fuselm.kernels._pdl import pdl_wait_then_release
+
     @triton.jit
     def _load_row(x_row, r_row, c, mask, ADD_RESIDUAL: tl.constexpr):
         """fp32 tile of x, or of x + residual rounded to the dtype (as an unfused add would
@@ -129,7 +131,9 @@ if _triton_utils.triton_available():
         ONE_PASS: tl.constexpr,
         NUM_CHUNKS: tl.constexpr,  # cdiv(hidden, BLOCK) when not ONE_PASS (loop count as a
         # constexpr: the interpreter cannot iterate over a runtime bound)
+        USE_PDL: tl.constexpr = False,  # programmatic dependent launch (_pdl.py)
     ):
+        pdl_wait_then_release(USE_PDL)
         rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
         row_mask = rows < num_rows
         cols = tl.arange(0, BLOCK)
@@ -174,6 +178,7 @@ def _launch_rms_norm(x2, residual2, weight, out2, eps: float, cfg: _NormConfig) 
         x2, res, weight, out2, num_rows, hidden, x2.stride(0), res.stride(0), out2.stride(0), eps,
         BLOCK=cfg.block, ROWS=cfg.rows, ADD_RESIDUAL=add, ONE_PASS=cfg.one_pass,
         NUM_CHUNKS=1 if cfg.one_pass else triton.cdiv(hidden, cfg.block), num_warps=cfg.num_warps,
+        USE_PDL=_pdl.use_pdl(x2), launch_pdl=_pdl.use_pdl(x2),
     )  # fmt: skip
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from fuselm.kernels import _extension, _registry, _triton_utils
+from fuselm.kernels import _extension, _pdl, _registry, _triton_utils
 from fuselm.kernels._triton_utils import FUSELM_LIB, next_power_of_2
 
 
@@ -147,6 +147,8 @@ if _triton_utils.triton_available():
     import triton
     import triton.language as tl
 
+    from fuselm.kernels._pdl import pdl_wait_then_release
+
     @triton.jit
     def _rotate_heads(
         x_tok, head_stride, cache_tok, cache_head_stride, num_heads, half, rot_dim, head_size,
@@ -192,7 +194,9 @@ if _triton_utils.triton_available():
         BLOCK_HQ: tl.constexpr, NUM_HQ_CHUNKS: tl.constexpr, BLOCK_HK: tl.constexpr,
         NUM_HK_CHUNKS: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_TAIL: tl.constexpr, HAS_TAIL: tl.constexpr,
+        USE_PDL: tl.constexpr = False,  # programmatic dependent launch (_pdl.py)
     ):  # fmt: skip
+        pdl_wait_then_release(USE_PDL)
         t = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_HALF)
         cs_row = cos_sin_ptr + tl.load(pos_ptr + t) * cos_sin_stride
@@ -247,7 +251,7 @@ def _launch_rotary_store_kv(q, k, v, positions, cos_sin_cache, key_cache, value_
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
-        **cfg,
+        **cfg, USE_PDL=_pdl.use_pdl(q), launch_pdl=_pdl.use_pdl(q),
     )  # fmt: skip
 
 

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from fuselm.kernels import _extension, _registry, _triton_utils
+from fuselm.kernels import _extension, _pdl, _registry, _triton_utils
 from fuselm.kernels._triton_utils import FUSELM_LIB, as_rows, next_power_of_2
 
 
@@ -73,6 +73,8 @@ if _triton_utils.triton_available():
     import triton
     import triton.language as tl
 
+    from fuselm.kernels._pdl import pdl_wait_then_release
+
     @triton.jit
     def _silu_and_mul_kernel(
         x_ptr,  # [num_rows, 2 * d], rows x_stride apart
@@ -81,7 +83,9 @@ if _triton_utils.triton_available():
         x_stride,
         out_stride,
         BLOCK: tl.constexpr,
+        USE_PDL: tl.constexpr = False,  # programmatic dependent launch (_pdl.py)
     ):
+        pdl_wait_then_release(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < d
@@ -102,7 +106,9 @@ if _triton_utils.triton_available():
         num_tiles,  # cdiv(d, BLOCK)
         BLOCK: tl.constexpr,
         ROWS: tl.constexpr,
+        USE_PDL: tl.constexpr = False,  # programmatic dependent launch (_pdl.py)
     ):
+        pdl_wait_then_release(USE_PDL)
         pid = tl.program_id(0)
         rows = (pid // num_tiles).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # one scalar division
         cols = (pid % num_tiles) * BLOCK + tl.arange(0, BLOCK)
@@ -124,7 +130,9 @@ if _triton_utils.triton_available():
         D: tl.constexpr,  # d: a constant divisor (multiply-shift), and its divisibility is known
         BLOCK: tl.constexpr,
         WIDE: tl.constexpr,  # int64 indices (some offset reaches 2**31)
+        USE_PDL: tl.constexpr = False,  # programmatic dependent launch (_pdl.py)
     ):
+        pdl_wait_then_release(USE_PDL)
         if WIDE:
             start = tl.program_id(0).to(tl.int64) * BLOCK
         else:
@@ -147,6 +155,7 @@ def _launch_flat(x2: torch.Tensor, out2: torch.Tensor, cfg: _SiluConfig, wide: b
     _silu_and_mul_flat_kernel[grid](
         x2, out2, num_rows * d, x2.stride(0), out2.stride(0),
         D=d, BLOCK=cfg.block, WIDE=wide, num_warps=cfg.num_warps,
+        USE_PDL=_pdl.use_pdl(x2), launch_pdl=_pdl.use_pdl(x2),
     )  # fmt: skip
 
 
@@ -167,11 +176,13 @@ def _launch_silu_and_mul(x2: torch.Tensor, out2: torch.Tensor, cfg: _SiluConfig)
         _silu_and_mul_rows_kernel[grid](
             x2, out2, num_rows, d, x2.stride(0), out2.stride(0), num_tiles,
             BLOCK=cfg.block, ROWS=cfg.rows, num_warps=cfg.num_warps,
+            USE_PDL=_pdl.use_pdl(x2), launch_pdl=_pdl.use_pdl(x2),
         )  # fmt: skip
     else:
         grid = (num_rows, triton.cdiv(d, cfg.block))
         _silu_and_mul_kernel[grid](
-            x2, out2, d, x2.stride(0), out2.stride(0), BLOCK=cfg.block, num_warps=cfg.num_warps
+            x2, out2, d, x2.stride(0), out2.stride(0), BLOCK=cfg.block, num_warps=cfg.num_warps,
+            USE_PDL=_pdl.use_pdl(x2), launch_pdl=_pdl.use_pdl(x2),
         )
 
 
