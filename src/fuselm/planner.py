@@ -73,9 +73,9 @@ class PlanOptions:
     """Fixed cost of one send/recv of the hidden state inside a node."""
     overhead_gib: float = 1.0
     """Per-GPU memory outside torch's allocator: CUDA context, NCCL, cuBLAS, CUDA graphs."""
-    kernels_per_layer: int = 11
-    """Kernels a decoder layer launches in fuselm's decode graph (2 norms, 4 GEMMs, 2 split-K
-    reductions, rotary + KV write, attention + its reduction, SiLU-and-mul): counted, not fitted."""
+    kernels_per_layer: int = 10
+    """Kernels a decoder layer launches in fuselm's batch-1 decode graph (2 norms, 4 GEMVs,
+    rotary + KV write, attention + its reduction, SiLU-and-mul): counted, not fitted."""
     kernel_gap_us: float = 1.5
     """Time a tiny kernel costs inside a CUDA graph (launch + drain), from the micro-benchmark
     ``scripts/graph_kernel_gap.py``; added per kernel to memory-bound decode steps."""

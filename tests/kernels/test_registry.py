@@ -98,3 +98,16 @@ def test_ops_compile_without_graph_breaks():
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(residual, r2)
     torch.testing.assert_close(silu(up), silu_and_mul_ref(up))
+
+
+def test_auto_prefers_triton_only_for_cuda_graphs_where_pdl_chains(monkeypatch):
+    """Eager steps keep the cheaper-to-launch CUDA kernels; the decode graphs take the Triton
+    ones when programmatic dependent launch is available, and not otherwise."""
+    from fuselm.kernels import _pdl, _registry
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(_pdl, "pdl_available", lambda device: True)
+    assert _registry._preference(cuda, for_graphs=True)[0] == "triton"
+    assert _registry._preference(cuda, for_graphs=False)[0] == "cuda"
+    monkeypatch.setattr(_pdl, "pdl_available", lambda device: False)
+    assert _registry._preference(cuda, for_graphs=True)[0] == "cuda"

@@ -64,6 +64,11 @@ class StageRunner:
         shape = (max(sizes), self.hidden_size)
         self._graph_inputs = (torch.zeros(shape, dtype=self.dtype, device=self.device),
                               torch.zeros(shape, dtype=self.dtype, device=self.device))
+        with self.runner.graph_kernels():
+            self._capture(sizes)
+        logger.info("captured stage decode CUDA graphs for batch sizes %s", sizes)
+
+    def _capture(self, sizes: list[int]) -> None:
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(sizes):
             fake = SchedulerOutput([ScheduledSequence(_DummyDecode(), 1, True)])  # type: ignore
@@ -76,7 +81,6 @@ class StageRunner:
                 out = self._graph_body(ids, pos, batch, size)
             self.runner.graphs[size] = (graph, out)
         torch.cuda.synchronize()
-        logger.info("captured stage decode CUDA graphs for batch sizes %s", sizes)
 
     def _graph_body(self, ids: torch.Tensor, pos: torch.Tensor, batch: ForwardBatch,
                     size: int) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -51,9 +52,7 @@ def bind_kernels(model: torch.nn.Module, backend: str, device: torch.device,
     layers shares one preallocated split-KV workspace (CUDA-graph safe)."""
     from fuselm.kernels.paged_attention import make_paged_attention
 
-    for module in model.modules():
-        if hasattr(module, "bind_kernels"):
-            module.bind_kernels(backend, device)
+    bind_module_kernels(model, backend, device, for_graphs=False)
     layers = model.attention_layers()
     if layers:
         decode = make_paged_attention(backend, device, max_num_seqs=max_num_seqs,
@@ -61,6 +60,15 @@ def bind_kernels(model: torch.nn.Module, backend: str, device: torch.device,
                                       head_size=layers[0].head_size, max_model_len=max_model_len)
         for layer in layers:
             layer.set_decode_impl(decode)
+
+
+def bind_module_kernels(model: torch.nn.Module, backend: str, device: torch.device,
+                        for_graphs: bool) -> None:
+    """Lets every layer choose its kernels for eager steps or for the decode CUDA graphs (the
+    runner switches to the graph set while it captures, then back)."""
+    for module in model.modules():
+        if hasattr(module, "bind_kernels"):
+            module.bind_kernels(backend, device, for_graphs=for_graphs)
 
 
 def use_cpu_gemv_layout(model: torch.nn.Module) -> None:
@@ -126,6 +134,8 @@ def build_engine_parts(config: EngineConfig, dist_ctx: Any = None) -> EnginePart
     bind_kernels(model, config.kernel_backend, device, sched.max_num_seqs, max_model_len)
     runner = ModelRunner(model, model_config.vocab_size, device, sched.max_num_batched_tokens,
                          sched.max_num_seqs, max_model_len, config.cache.block_size)
+    runner.bind_for_graphs = functools.partial(bind_module_kernels, model,
+                                               config.kernel_backend, device)
     if dist_ctx is None:
         num_blocks = _num_blocks(config, runner, dtype, sched, max_model_len)
     else:  # the smallest over ranks, each profiling its own stage

@@ -6,7 +6,9 @@ Only sampled token ids (and requested logprobs) come back to the host.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +63,8 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.num_graph_replays = 0
+        # (for_graphs: bool) -> None: rebinds the layers' kernels; set by the engine builder
+        self.bind_for_graphs: Callable[[bool], None] | None = None
         pin = device.type == "cuda"
         self._host_tokens = [torch.zeros(max_num_seqs, dtype=torch.int64, pin_memory=pin)
                              for _ in range(2)]
@@ -185,6 +189,22 @@ class ModelRunner:
         """Captures one decode graph per batch size in ``graph_batch_sizes``."""
         if self.device.type != "cuda":
             return
+        with self.graph_kernels():
+            self._capture_all()
+        logger.info("captured decode CUDA graphs for batch sizes %s", sorted(self.graphs))
+
+    @contextlib.contextmanager
+    def graph_kernels(self) -> Iterator[None]:
+        """The layers use their CUDA-graph kernels inside, their eager ones again after."""
+        if self.bind_for_graphs is not None:
+            self.bind_for_graphs(True)
+        try:
+            yield
+        finally:
+            if self.bind_for_graphs is not None:
+                self.bind_for_graphs(False)
+
+    def _capture_all(self) -> None:
         from fuselm.engine.scheduler import ScheduledSequence
 
         pool = torch.cuda.graph_pool_handle()
@@ -200,7 +220,6 @@ class ModelRunner:
                 logits = self.model.compute_logits(self.model(ids, pos, batch))
             self.graphs[size] = (graph, logits)
         torch.cuda.synchronize()
-        logger.info("captured decode CUDA graphs for batch sizes %s", sorted(self.graphs))
 
 
 def plain_greedy(params) -> bool:

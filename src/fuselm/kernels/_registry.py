@@ -2,9 +2,9 @@
 
 Backends: ``reference`` (plain PyTorch, any device), ``triton``, ``cuda`` (compiled extension),
 and ``auto`` = the fastest backend the tuning table in ``configs/<op>.json`` recorded for this
-GPU, else the first available of cuda > triton > reference (triton > cuda on Hopper and newer,
-where the Triton kernels chain with programmatic dependent launch). On a CPU device ``auto`` is
-always ``reference``.
+GPU, else the first available of cuda > triton > reference (triton > cuda for the decode CUDA
+graphs on Hopper and newer, where the Triton kernels chain with programmatic dependent launch).
+On a CPU device ``auto`` is always ``reference``.
 """
 
 from __future__ import annotations
@@ -36,12 +36,15 @@ def available_backends(op: str) -> list[str]:
     return sorted(_IMPLS.get(op, {}))
 
 
-def _preference(device: torch.device) -> tuple[str, ...]:
-    """Backend order for ``auto`` without a tuning-table entry: Triton first where its kernels
-    chain with programmatic dependent launch (Hopper and newer), else CUDA."""
+def _preference(device: torch.device, for_graphs: bool) -> tuple[str, ...]:
+    """Backend order for ``auto`` without a tuning-table entry. Inside CUDA graphs on Hopper and
+    newer, Triton first: its kernels chain with programmatic dependent launch and host launch
+    cost does not count there. Elsewhere CUDA first (its launches cost the host less)."""
     from fuselm.kernels._pdl import pdl_available
 
-    return ("triton", "cuda", "reference") if pdl_available(device) else _PREFERENCE
+    if for_graphs and pdl_available(device):
+        return ("triton", "cuda", "reference")
+    return _PREFERENCE
 
 
 @cache
@@ -60,8 +63,10 @@ def tuned_backend(op: str, device: torch.device, bucket: str = "default") -> str
     return choice.get("backend") if isinstance(choice, dict) else choice
 
 
-def select(op: str, backend: str, device: torch.device, bucket: str = "default") -> Callable:
-    """Returns the implementation of ``op`` to use on ``device`` for the requested backend."""
+def select(op: str, backend: str, device: torch.device, bucket: str = "default",
+           for_graphs: bool = False) -> Callable:
+    """Returns the implementation of ``op`` to use on ``device`` for the requested backend
+    (``for_graphs``: for the decode CUDA graphs, see ``_preference``)."""
     from fuselm import kernels  # noqa: F401  (imports every op module, filling _IMPLS)
 
     if backend not in BACKENDS:
@@ -75,7 +80,7 @@ def select(op: str, backend: str, device: torch.device, bucket: str = "default")
         tuned = tuned_backend(op, device, bucket)
         if tuned in impls:
             return impls[tuned]
-        backend = next(b for b in _preference(device) if b in impls)
+        backend = next(b for b in _preference(device, for_graphs) if b in impls)
     if backend not in impls:
         raise ValueError(
             f"backend {backend!r} is not available for op {op!r} here "
@@ -85,11 +90,11 @@ def select(op: str, backend: str, device: torch.device, bucket: str = "default")
 
 
 def select_preferred(op: str, backend: str, device: torch.device,
-                     bucket: str = "default") -> Callable:
+                     bucket: str = "default", for_graphs: bool = False) -> Callable:
     """Like ``select``, but an op without the requested backend falls back to ``auto`` (so
     ``--kernel-backend cuda`` runs CUDA kernels where they exist and the best others elsewhere)."""
     from fuselm import kernels  # noqa: F401  (imports every op module, filling _IMPLS)
 
     if backend in ("triton", "cuda") and backend not in _IMPLS.get(op, {}):
-        return select(op, "auto", device, bucket)
-    return select(op, backend, device, bucket)
+        return select(op, "auto", device, bucket, for_graphs)
+    return select(op, backend, device, bucket, for_graphs)

@@ -16,9 +16,9 @@ class SiluAndMul(nn.Module):
         super().__init__()
         self._op = silu_and_mul_ref
 
-    def bind_kernels(self, backend: str, device: torch.device) -> None:
-        """Chooses the implementation for ``device``."""
-        self._op = select("silu_and_mul", backend, device)
+    def bind_kernels(self, backend: str, device: torch.device, for_graphs: bool = False) -> None:
+        """Chooses the implementation for ``device`` (eager steps or CUDA graphs)."""
+        self._op = select("silu_and_mul", backend, device, for_graphs=for_graphs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Applies the gate."""

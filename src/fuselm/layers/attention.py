@@ -33,10 +33,11 @@ class Attention(nn.Module):
         self._prefill = prefill_attention_ref
         self._decode = paged_attention_ref
 
-    def bind_kernels(self, backend: str, device: torch.device) -> None:
-        """Chooses the rotary/KV-write and prefill implementations for ``device`` (decode comes
-        through ``set_decode_impl``: one split-KV workspace shared by all layers)."""
-        self._rotary_store = select("rotary_store_kv", backend, device)
+    def bind_kernels(self, backend: str, device: torch.device, for_graphs: bool = False) -> None:
+        """Chooses the rotary/KV-write and prefill implementations for ``device``, for eager
+        steps or CUDA graphs (decode comes through ``set_decode_impl``: one split-KV workspace
+        shared by all layers)."""
+        self._rotary_store = select("rotary_store_kv", backend, device, for_graphs=for_graphs)
         self._prefill = select("prefill_attention", backend, device)
 
     def bind_kv_cache(self, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:

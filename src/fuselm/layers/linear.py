@@ -63,8 +63,9 @@ class LinearBase(nn.Module):
         self.quant_method: Any = UnquantizedLinearMethod()
         self.gemv: Any = None  # batch-1 kernel chosen by bind_kernels; None = F.linear
 
-    def bind_kernels(self, backend: str, device: torch.device) -> None:
-        """Chooses the batch-1 matrix-vector kernel for this weight shape on ``device``."""
+    def bind_kernels(self, backend: str, device: torch.device, for_graphs: bool = False) -> None:
+        """Chooses the batch-1 matrix-vector kernel for this weight shape on ``device`` (the
+        same for eager steps and CUDA graphs)."""
         from fuselm.kernels.gemv import select_gemv
 
         if self.weight.dim() == 2 and self.weight.stride(1) == 1:

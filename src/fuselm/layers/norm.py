@@ -20,10 +20,10 @@ class RMSNorm(nn.Module):
         self._norm = rms_norm_ref
         self._add_norm = fused_add_rms_norm_ref
 
-    def bind_kernels(self, backend: str, device: torch.device) -> None:
-        """Chooses the norm implementations for ``device``."""
-        self._norm = select("rms_norm", backend, device)
-        self._add_norm = select("fused_add_rms_norm", backend, device)
+    def bind_kernels(self, backend: str, device: torch.device, for_graphs: bool = False) -> None:
+        """Chooses the norm implementations for ``device`` (eager steps or CUDA graphs)."""
+        self._norm = select("rms_norm", backend, device, for_graphs=for_graphs)
+        self._add_norm = select("fused_add_rms_norm", backend, device, for_graphs=for_graphs)
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
