@@ -2,7 +2,7 @@
 # The one GPU call: environment, CUDA extension (JIT, this GPU's arch only), every `gpu` test,
 # the kernel benchmarks and the engine benchmark. Each step has its own timeout; logs go to $OUT.
 # Usage (repo root): OUT=/dir scripts/gpu_check.sh [steps...]   steps: env build tests kbench
-#                    abench latency gap engine (default: all). Budgets: STEP_TIMEOUT_<STEP>=seconds.
+#                    abench gemv latency gap engine (default: all). Budgets: STEP_TIMEOUT_<STEP>.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/fuselm-gpu}
@@ -10,7 +10,7 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export MAX_JOBS=${MAX_JOBS:-16} NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/build/torch_extensions}
-STEPS=${*:-env build tests kbench abench latency gap engine}
+STEPS=${*:-env build tests kbench abench gemv latency gap engine}
 status=0
 
 # shellcheck source=scripts/lib_steps.sh
@@ -31,6 +31,8 @@ for step in $STEPS; do
       --output-dir "$OUT" ${KBENCH_ARGS:-} ;;
     abench) run_step abench 300 python -m fuselm.bench.kernels_attention --preset full \
       --output-dir "$OUT" --configs-dir "$OUT/configs" ;;
+    gemv) run_step gemv 240 python -m fuselm.bench.kernels_gemv --output-dir "$OUT" \
+      --configs-dir "$OUT/configs" ;;
     latency) run_step latency 240 bash -c "python -c 'from fuselm.bench.dummy_model import \
       write_dummy_checkpoint as w; w(\"llama-3-8b\", __import__(\"pathlib\").Path(\"build/l8b\"))' \
       && python -m fuselm bench latency --model build/l8b --load-format dummy --batch-size 1 8 \
