@@ -218,12 +218,12 @@ def cmd_tokens_run(args: argparse.Namespace) -> dict[str, Any]:
     from fuselm import LLM, SamplingParams
 
     llm = LLM(model=args.ckpt, dtype=args.dtype or "float32", tensor_parallel_size=args.tp,
-              max_model_len=512)
+              pipeline_parallel_size=args.pp, max_model_len=512)
     rng = np.random.default_rng(2)
     prompts = [rng.integers(0, 1024, int(n)).tolist() for n in rng.integers(16, 120, 8)]
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=64,
                                                 ignore_eos=True, logprobs=5))
-    return {"tp": args.tp, "dtype": args.dtype,
+    return {"tp": args.tp, "pp": args.pp, "dtype": args.dtype,
             "tokens": [o.outputs[0].token_ids for o in outs],
             "logprobs": [[{str(k): v for k, v in d.items()} for d in o.outputs[0].logprobs]
                          for o in outs]}
@@ -258,6 +258,27 @@ def cmd_tokens(args: argparse.Namespace) -> dict[str, Any]:
             runs[tp] = json.loads(out.read_text())
         result[dtype] = _compare_tokens(runs[1], runs[2])
         print(dtype, result[dtype], flush=True)
+    return result
+
+
+def cmd_tokens_scaling(args: argparse.Namespace) -> dict[str, Any]:
+    """Float32 greedy tokens of TP=1, 2, 4, 8 and TP=4 x PP=2 on the small checkpoint (8 heads,
+    2 KV heads: replicated beyond TP=2), each compared with TP=1 (4/8-GPU issue, run 4; on CPUs
+    with gloo where no such machine is lent)."""
+    ckpt = _small_checkpoint(Path(args.out) / "small-random-llama")
+    layouts = [(1, 1), (2, 1), (4, 1), (8, 1), (4, 2)]
+    runs = {}
+    for tp, pp in layouts:
+        out = Path(args.out) / f"tokens-scaling-tp{tp}-pp{pp}.json"
+        start = time.perf_counter()
+        subprocess.run([sys.executable, __file__, "tokens-run", "--ckpt", str(ckpt),
+                        "--tp", str(tp), "--pp", str(pp), "--dtype", "float32",
+                        "--out", args.out, "--json", str(out)], check=True, timeout=1200)
+        runs[(tp, pp)] = json.loads(out.read_text())
+        print(f"TP={tp} x PP={pp}: {time.perf_counter() - start:.0f} s", flush=True)
+    result = {f"tp{tp}-pp{pp}": _compare_tokens(runs[(1, 1)], runs[(tp, pp)])
+              for tp, pp in layouts[1:]}
+    print(json.dumps(result, indent=1))
     return result
 
 
@@ -319,7 +340,7 @@ def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=["decode", "throughput", "allreduce", "tokens",
-                                            "tokens-run", "report"])
+                                            "tokens-run", "tokens-scaling", "report"])
     parser.add_argument("--out", required=True)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
@@ -339,16 +360,18 @@ def main() -> int:
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     command = {"decode": cmd_decode, "throughput": cmd_throughput, "allreduce": cmd_allreduce,
-               "tokens": cmd_tokens, "tokens-run": cmd_tokens_run, "report": cmd_report}
+               "tokens": cmd_tokens, "tokens-run": cmd_tokens_run,
+               "tokens-scaling": cmd_tokens_scaling, "report": cmd_report}
     result = command[args.command](args)
     if result is None:  # a torchrun rank other than 0
         return 0
-    tag = {"allreduce": "allreduce", "tokens": "tokens", "report": "summary"}.get(
+    tag = {"allreduce": "allreduce", "tokens": "tokens", "tokens-scaling": "tokens-scaling",
+           "report": "summary"}.get(
         args.command, _tag(args))
     path = Path(args.json) if args.json else Path(args.out) / f"{tag}.json"
     write_json(path, {"environment": environment(), **result} if args.command != "report"
                else result)
-    if args.command not in ("report", "tokens-run"):
+    if args.command not in ("report", "tokens-run", "tokens-scaling"):
         print(json.dumps(result, default=str)[:2000])
     return 0
 
