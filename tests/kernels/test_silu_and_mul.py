@@ -109,7 +109,7 @@ def test_config_default_and_tuned(monkeypatch):
 def test_bench_sweep_configs_run_and_round_trip(monkeypatch):
     """Every config ``fuselm bench kernels`` sweeps has a distinct stable label, runs correctly
     (on a small input), and, written to the table, comes back from ``_silu_config``."""
-    from fuselm.bench.kernels import _silu_cases
+    from fuselm.bench.kernel_cases import _silu_cases
 
     case = next(c for c in _silu_cases("full") if c.shape == "16384x14336")
     x = torch.randn(5, 2 * 40, device=DEVICE)
@@ -150,7 +150,7 @@ def test_gpu_bf16(backend, num_tokens, d):
 @pytest.mark.parametrize("num_tokens,d", [(7, 576), (1000, 14336), (300, 1536)])
 def test_gpu_bf16_sweep_configs(num_tokens, d):
     """Every config the bench sweeps (the tuning table may name any of them), in bf16."""
-    from fuselm.bench.kernels import _silu_label, _silu_sweep
+    from fuselm.bench.kernel_cases import _silu_label, _silu_sweep
 
     x = 3 * torch.randn(num_tokens, 2 * d, dtype=torch.bfloat16, device=DEVICE)
     expected = sm.silu_and_mul_ref(x)

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from fuselm.bench import common
-from fuselm.bench.kernels import KernelCase, check_targets, tuning_tables, write_tuning_tables
+from fuselm.bench.kernel_cases import KernelCase
+from fuselm.bench.kernels import check_targets, tuning_tables, write_tuning_tables
 
 logger = logging.getLogger(__name__)
 

@@ -128,15 +128,22 @@ def measure_shape(name: str, n: int, k: int, device: torch.device, dtype: torch.
         results[cfg.label] = round(t, 3)
         if best is None or t < best[0]:
             best = (t, cfg)
-    row["triton_us"] = best[0] if best else float("nan")
-    row["triton_config"] = best[1].to_dict() if best else None
     row["configs_us"] = results
+    return _summarize(row, best, weight_bytes, copy_gbs)
+
+
+def _summarize(row: dict[str, Any], best: tuple[float, Any] | None, weight_bytes: int,
+               copy_gbs: float) -> dict[str, Any]:
+    """Adds the best Triton config, the GB/s of both and the speed-up to ``row``."""
+    nan = float("nan")
+    row["triton_us"] = best[0] if best else nan
+    row["triton_config"] = best[1].to_dict() if best else None
     gb = weight_bytes / 1e9
     row["cublas_GB/s"] = round(gb / (row["cublas_us"] * 1e-6), 1)
-    row["triton_GB/s"] = round(gb / (row["triton_us"] * 1e-6), 1) if best else float("nan")
-    row["triton_%copy"] = round(100 * row["triton_GB/s"] / copy_gbs, 1) if best else float("nan")
+    row["triton_GB/s"] = round(gb / (row["triton_us"] * 1e-6), 1) if best else nan
+    row["triton_%copy"] = round(100 * row["triton_GB/s"] / copy_gbs, 1) if best else nan
     row["cublas_%copy"] = round(100 * row["cublas_GB/s"] / copy_gbs, 1)
-    row["x_cublas"] = round(row["cublas_us"] / row["triton_us"], 3) if best else float("nan")
+    row["x_cublas"] = round(row["cublas_us"] / row["triton_us"], 3) if best else nan
     return row
 
 

@@ -97,3 +97,25 @@ def clear_config_caches() -> None:
     """Forgets the cached tables (the benchmark calls it after writing new ones)."""
     _config_table.cache_clear()
     tuned_triton_config.cache_clear()
+
+
+def patch_interpreter_range() -> None:
+    """Lets Triton's CPU interpreter loop over a runtime bound (``range(0, ctx_len, BLOCK_N)``).
+
+    The interpreter holds scalars as 1-element arrays and converts a range bound with ``int()``,
+    which numpy >= 2.3 refuses for arrays of ndim > 0 (triton 3.6, numpy 2.4). Only under
+    ``TRITON_INTERPRET=1``; idempotent. The attention kernels need runtime bounds (context lengths)
+    and a ``for`` loop, not ``while``, so that the compiler pipelines it on the GPU.
+    """
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_fuselm_range_patch", False):
+        return
+
+    def patched(tensor, scope) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._fuselm_range_patch = True
+    interpreter._patch_lang_tensor = patched

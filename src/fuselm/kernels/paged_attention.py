@@ -46,7 +46,6 @@ from fuselm.kernels.decode_workspace import (  # noqa: F401  (public names)
     PagedAttentionWorkspace,
     partition_size_for,
 )
-from fuselm.kernels.prefill_attention import patch_interpreter_range
 
 
 def paged_attention_ref(
@@ -153,7 +152,7 @@ if _triton_utils.triton_available():
     from fuselm.kernels._pdl import pdl_wait_then_release
 
     if _triton_utils.is_interpreting():
-        patch_interpreter_range()
+        _triton_utils.patch_interpreter_range()
 
     @triton.jit
     def _paged_attention_kernel(
