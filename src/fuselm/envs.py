@@ -13,3 +13,9 @@ def api_key() -> str | None:
 def launcher_rank() -> int:
     """RANK set by torchrun (0 when not launched by it)."""
     return int(os.environ.get("RANK", "0"))
+
+
+def pdl_enabled() -> bool:
+    """FUSELM_PDL: 0 turns off programmatic dependent launch of the decode-graph Triton kernels
+    (on by default where the GPU supports it: Hopper and newer)."""
+    return os.environ.get("FUSELM_PDL", "1") != "0"

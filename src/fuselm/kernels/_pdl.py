@@ -12,17 +12,17 @@ its first load or store of activations (weights may be read before it).
 
 from __future__ import annotations
 
-import os
 from functools import cache
 
 import torch
 
+from fuselm import envs
 from fuselm.kernels import _triton_utils
 
 
 @cache
 def _enabled(device_index: int) -> bool:
-    if _triton_utils.is_interpreting() or os.environ.get("FUSELM_PDL", "1") == "0":
+    if _triton_utils.is_interpreting() or not envs.pdl_enabled():
         return False
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
