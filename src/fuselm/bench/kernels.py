@@ -133,51 +133,89 @@ def check_targets(cases: list[KernelCase], rows: list[dict]) -> list[dict[str, A
 # ---- the tuning table --------------------------------------------------------------------------
 
 
+def _geomean(values: list[float]) -> float:
+    return math.exp(sum(map(math.log, values)) / len(values))
+
+
+def _bucket_config(cases: list[list[dict]]) -> dict | None:
+    """The swept Triton config of a bucket: one case, its fastest; several cases sharing the
+    bucket (one table entry serves them all), the best geometric mean of each config's time over
+    the fastest of its case, among configs swept in every case."""
+    per_case = [{r["backend"]: r for r in rows if r["config"] is not None} for rows in cases]
+    common_labels = set.intersection(*(set(c) for c in per_case)) if per_case else set()
+    if not common_labels:
+        return None
+
+    def score(label: str) -> float:
+        return _geomean([c[label]["us"] / min(r["us"] for r in c.values()) for c in per_case])
+
+    return per_case[0][min(sorted(common_labels), key=score)]["config"]
+
+
+def _registered_times(rows: list[dict], config: dict | None) -> dict[str, float]:
+    """Backend -> time of one case, triton at the bucket's chosen config where it is faster."""
+    times = {("reference" if r["backend"] == "eager" else r["backend"]): r["us"] for r in rows
+             if r["backend"] in ("triton", "cuda", "eager")}
+    chosen = [r["us"] for r in rows if config is not None and r["config"] == config]
+    if chosen and "triton" in times:  # the table makes the op launch that config
+        times["triton"] = min(times["triton"], chosen[0])
+    return times
+
+
 def tuning_tables(rows: list[dict]) -> dict[str, dict[str, dict]]:
     """op -> bucket -> {"backend": fastest registered backend, "triton": best config}; plus a
-    "default" bucket per op: the backend with the best geometric-mean slowdown over its cases."""
-    tables: dict[str, dict[str, dict]] = {}
-    by_case: dict[tuple[str, str], list[dict]] = {}
+    "default" bucket per op: the backend with the best geometric-mean slowdown over its cases.
+    Cases that share a bucket get one entry chosen over all of them (``_bucket_config``)."""
+    by_bucket: dict[tuple[str, str], dict[str, list[dict]]] = {}
     for row in rows:
-        by_case.setdefault((row["op"], row["shape"]), []).append(row)
+        if row["bucket"] is not None:
+            by_bucket.setdefault((row["op"], row["bucket"]), {}).setdefault(
+                row["shape"], []).append(row)
+    tables: dict[str, dict[str, dict]] = {}
     slowdowns: dict[str, dict[str, list[float]]] = {}
-    for (op, _), case_rows in by_case.items():
-        registered = {r["backend"]: r["us"] for r in case_rows
-                      if r["backend"] in ("triton", "cuda") or r["backend"] == "eager"}  # fmt: skip
-        registered = {("reference" if b == "eager" else b): us for b, us in registered.items()}
-        if not registered or case_rows[0]["bucket"] is None:
+    for (op, bucket), shapes in by_bucket.items():
+        cases = list(shapes.values())
+        config = _bucket_config(cases)
+        times = [t for t in (_registered_times(c, config) for c in cases) if t]
+        if not times:
             continue
-        variants = [r for r in case_rows if r["config"] is not None]
-        best_variant = min(variants, key=lambda r: r["us"]) if variants else None
-        if best_variant is not None and "triton" in registered:
-            # the table makes the op launch its best swept config: that is triton's time
-            registered["triton"] = min(registered["triton"], best_variant["us"])
-        best = min(registered, key=registered.get)
+        backends = set.intersection(*(set(t) for t in times))
+        best = min(backends, key=lambda b: _geomean([t[b] / min(t.values()) for t in times]))
         entry: dict[str, Any] = {
             "backend": best,
-            "us": {b: round(t, 2) for b, t in registered.items()},
+            "us": {b: round(sum(t[b] for t in times), 2) for b in sorted(backends)},
         }
-        if best_variant is not None:
-            entry["triton"] = best_variant["config"]
-        tables.setdefault(op, {})[case_rows[0]["bucket"]] = entry
-        for b, t in registered.items():
-            slowdowns.setdefault(op, {}).setdefault(b, []).append(t / registered[best])
+        if config is not None:
+            entry["triton"] = config
+        tables.setdefault(op, {})[bucket] = entry
+        for t in times:
+            for b in backends:
+                slowdowns.setdefault(op, {}).setdefault(b, []).append(t[b] / min(t.values()))
     for op, per_backend in slowdowns.items():
         complete = {
             b: v for b, v in per_backend.items() if len(v) == max(map(len, per_backend.values()))
         }
-        geo = {b: math.exp(sum(map(math.log, v)) / len(v)) for b, v in complete.items()}
+        geo = {b: _geomean(v) for b, v in complete.items()}
         tables[op]["default"] = {"backend": min(geo, key=geo.get), "geomean_slowdown": geo}
     return tables
 
 
 def write_tuning_tables(tables: dict[str, dict], gpu_name: str, configs_dir: Path) -> list[Path]:
-    """Merges this GPU's entries into ``configs_dir/<op>.json`` (other GPUs' entries kept)."""
+    """Merges this GPU's entries into ``configs_dir/<op>.json``: other GPUs' entries and buckets
+    not measured now are kept, and an entry measured without a sweep keeps the Triton config
+    the table had."""
     written = []
+    gpu = common.gpu_key(gpu_name)
     for op, buckets in tables.items():
         path = configs_dir / f"{op}.json"
         table = json.loads(path.read_text()) if path.exists() else {}
-        table[common.gpu_key(gpu_name)] = buckets
+        merged = dict(table.get(gpu, {}))
+        for bucket, entry in buckets.items():
+            old = merged.get(bucket, {})
+            if "triton" not in entry and isinstance(old, dict) and "triton" in old:
+                entry = {**entry, "triton": old["triton"]}
+            merged[bucket] = entry
+        table[gpu] = merged
         written.append(common.write_json(path, dict(sorted(table.items()))))
     from fuselm.kernels import _registry, _triton_utils
 
