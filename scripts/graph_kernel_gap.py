@@ -6,26 +6,18 @@ Usage: python scripts/graph_kernel_gap.py
 
 import torch
 
+from fuselm.bench.common import graph_time_us
+
 
 def main() -> None:
     x = torch.zeros(1, device="cuda")
     n = 1000
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        x.add_(1)
-    torch.cuda.synchronize()
-    with torch.cuda.graph(graph):
+
+    def launches() -> None:
         for _ in range(n):
             x.add_(1)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    print(f"kernel_gap_us {start.elapsed_time(end) * 1000 / (10 * n):.2f} "
+
+    print(f"kernel_gap_us {graph_time_us(launches, n, replays=10):.2f} "
           f"({torch.cuda.get_device_name()})")
 
 

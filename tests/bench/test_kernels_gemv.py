@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from fuselm.bench import kernels_gemv as kg
+from fuselm.bench.kernels import write_tuning_tables
 from fuselm.kernels import gemv as gv
 
 
@@ -32,7 +33,7 @@ def test_tuning_table_takes_triton_only_when_faster_by_the_margin(tmp_path):
     assert gv.GemvConfig.from_dict(table["n6144_k4096"]["triton"]) == gv.GemvConfig(1, 4096, 8)
     path = tmp_path / "gemv.json"
     path.write_text(json.dumps({"Other_GPU": {"n1_k1": {"backend": "triton"}}}))
-    kg.write_table(table, "NVIDIA H100 80GB HBM3", tmp_path)
+    write_tuning_tables({"gemv": table}, "NVIDIA H100 80GB HBM3", tmp_path)
     merged = json.loads(path.read_text())
     assert set(merged) == {"Other_GPU", "NVIDIA_H100_80GB_HBM3"}
     assert merged["NVIDIA_H100_80GB_HBM3"]["n6144_k4096"]["us"] == {"triton": 18.3,

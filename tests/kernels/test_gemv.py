@@ -86,10 +86,12 @@ def test_opcheck_triton_op():
 
 def test_select_gemv_only_on_cuda_and_by_choice():
     cpu = torch.device("cpu")
-    assert gv.select_gemv("triton", 64, 64, cpu) is None  # CPU keeps F.linear
+    w = torch.empty(64, 64, device=DEVICE)
+    assert gv.select_gemv("triton", w, cpu) is None  # CPU keeps F.linear
     if DEVICE.type == "cuda" and "triton" in available_backends("gemv"):
-        assert gv.select_gemv("triton", 64, 64, DEVICE) is not None
-        assert gv.select_gemv("reference", 64, 64, DEVICE) is None
+        assert gv.select_gemv("triton", w, DEVICE) is not None
+        assert gv.select_gemv("triton", w.t(), DEVICE) is None  # column-major: F.linear
+        assert gv.select_gemv("reference", w, DEVICE) is None
 
 
 def test_default_config_shapes():

@@ -131,6 +131,30 @@ def _time_events_ms(fn: Callable[[], Any], warmup_ms: float, rep_ms: float) -> f
     return statistics.median(times)
 
 
+def graph_time_us(body: Callable[[], Any], calls: int, replays: int = 20) -> float:
+    """Median microseconds a call of ``body``, which makes ``calls`` calls back to back, captured
+    in one CUDA graph and replayed ``replays`` times (the way a decode step runs kernels)."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        body()  # warm-up / compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
+
+
 def time_host_us(fn: Callable[[], Any], device: torch.device, calls: int = 200) -> float:
     """Wall-clock microseconds a call, back to back, synchronised once at the end.
 

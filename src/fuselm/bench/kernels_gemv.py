@@ -14,8 +14,6 @@ model is built (``fuselm.kernels.gemv.select_gemv``).
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -54,29 +52,6 @@ def sweep_configs(k: int) -> list[Any]:
     return list(dict.fromkeys(out + [default_config(1, k)]))
 
 
-def _graph_time_us(body, calls: int, replays: int) -> float:
-    """Median per-call time of ``body`` captured ``calls`` times back to back in one graph."""
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        body()  # warm-up / compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(times)
-
-
 def measure_shape(name: str, n: int, k: int, device: torch.device, dtype: torch.dtype,
                   copy_gbs: float, replays: int, sweep: bool) -> dict[str, Any]:
     """cuBLAS and every Triton config on one weight shape; times in us a call."""
@@ -107,14 +82,14 @@ def measure_shape(name: str, n: int, k: int, device: torch.device, dtype: torch.
 
     row: dict[str, Any] = {"name": name, "n": n, "k": k, "weight_MB": round(weight_bytes / 1e6, 2),
                            "fp32_out": fp32_out}
-    row["cublas_us"] = _graph_time_us(cublas, copies, replays)
+    row["cublas_us"] = common.graph_time_us(cublas, copies, replays)
     expected = (x.float() @ weights[-1].float().t())
     configs = sweep_configs(k) if sweep else [default_config(n, k)]
     results: dict[str, float] = {}
     best: tuple[float, GemvConfig] | None = None
     for cfg in configs:
         try:
-            t = _graph_time_us(triton_body(cfg), copies, replays)
+            t = common.graph_time_us(triton_body(cfg), copies, replays)
         except Exception as exc:  # noqa: BLE001 - one config failing must not end the sweep
             results[cfg.label] = float("nan")
             print(f"  {name}: config {cfg.label} failed: {type(exc).__name__}: {exc}",
@@ -165,19 +140,6 @@ def tuning_table(rows: list[dict[str, Any]], margin: float) -> dict[str, dict]:
     return table
 
 
-def write_table(table: dict[str, dict], gpu_name: str, configs_dir: Path) -> Path:
-    """Merges this GPU's entries into ``configs_dir/gemv.json``."""
-    path = configs_dir / "gemv.json"
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data.setdefault(common.gpu_key(gpu_name), {}).update(table)
-    written = common.write_json(path, dict(sorted(data.items())))
-    from fuselm.kernels import _registry, _triton_utils
-
-    _registry._tuning_table.cache_clear()
-    _triton_utils.clear_config_caches()
-    return written
-
-
 COLUMNS = ("name", "n", "k", "weight_MB", "cublas_us", "cublas_GB/s", "cublas_%copy", "triton_us",
            "triton_GB/s", "triton_%copy", "x_cublas")
 
@@ -215,7 +177,10 @@ def main(argv: list[str] | None = None) -> int:
                                  result)
         print(f"wrote {path}")
     if not args.no_write:
-        print(f"wrote {write_table(tuning_table(rows, args.margin), gpu, Path(args.configs_dir))}")
+        from fuselm.bench.kernels import write_tuning_tables
+
+        table = {"gemv": tuning_table(rows, args.margin)}
+        print(f"wrote {write_tuning_tables(table, gpu, Path(args.configs_dir))[0]}")
     return 0
 
 

@@ -32,6 +32,12 @@ def use_pdl(t: torch.Tensor) -> bool:
     return t.is_cuda and _enabled(t.device.index or 0)
 
 
+def launch_args(t: torch.Tensor) -> dict[str, bool]:
+    """The kernel's ``USE_PDL`` and the launcher's ``launch_pdl``, for kernels on ``t``'s device."""
+    pdl = use_pdl(t)
+    return {"USE_PDL": pdl, "launch_pdl": pdl}
+
+
 def pdl_available(device: torch.device) -> bool:
     """Whether Triton kernels on ``device`` chain with PDL (the registry prefers them there)."""
     return device.type == "cuda" and _triton_utils.triton_available() and _enabled(

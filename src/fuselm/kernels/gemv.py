@@ -218,12 +218,14 @@ if _triton_utils.triton_available():
     _registry.register("gemv", "triton", torch.ops.fuselm.gemv.default)
 
 
-def select_gemv(backend: str, n: int, k: int, device: torch.device):
-    """The batch-1 matrix-vector implementation a linear layer of weight ``[n, k]`` uses, or
-    None for cuBLAS (``F.linear``): Triton where the tuning table measured it faster for this
+def select_gemv(backend: str, weight: torch.Tensor, device: torch.device):
+    """The batch-1 matrix-vector implementation a layer with ``weight [n, k]`` (row-major) uses,
+    or None for cuBLAS (``F.linear``): Triton where the tuning table measured it faster for this
     shape on this GPU (``auto``), or wherever ``backend`` asks for Triton explicitly."""
-    if device.type != "cuda" or "triton" not in _registry.available_backends("gemv"):
+    if (device.type != "cuda" or "triton" not in _registry.available_backends("gemv")
+            or weight.dim() != 2 or weight.stride(1) != 1):
         return None
+    n, k = weight.shape
     if backend == "triton":
         return torch.ops.fuselm.gemv.default
     if backend != "auto":

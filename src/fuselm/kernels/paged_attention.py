@@ -286,7 +286,7 @@ def paged_attention_triton_out(
         D_PAD=d_pad, PARTITION_SIZE=partition_size, BLOCK_N=cfg.block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        USE_PDL=_pdl.use_pdl(q), launch_pdl=_pdl.use_pdl(q),
+        **_pdl.launch_args(q),
     )  # fmt: skip
     if num_parts > 1:
         _paged_attention_reduce_kernel[(num_seqs, num_heads)](
@@ -294,7 +294,7 @@ def paged_attention_triton_out(
             max_logits.stride(0), max_logits.stride(1), num_parts,
             PARTITION_SIZE=partition_size, P_PAD=next_power_of_2(num_parts),
             HEAD_SIZE=head_size, D_PAD=d_pad, num_warps=4,
-            USE_PDL=_pdl.use_pdl(q), launch_pdl=_pdl.use_pdl(q),
+            **_pdl.launch_args(q),
         )  # fmt: skip
 
 

@@ -178,7 +178,7 @@ def _launch_rms_norm(x2, residual2, weight, out2, eps: float, cfg: _NormConfig) 
         x2, res, weight, out2, num_rows, hidden, x2.stride(0), res.stride(0), out2.stride(0), eps,
         BLOCK=cfg.block, ROWS=cfg.rows, ADD_RESIDUAL=add, ONE_PASS=cfg.one_pass,
         NUM_CHUNKS=1 if cfg.one_pass else triton.cdiv(hidden, cfg.block), num_warps=cfg.num_warps,
-        USE_PDL=_pdl.use_pdl(x2), launch_pdl=_pdl.use_pdl(x2),
+        **_pdl.launch_args(x2),
     )  # fmt: skip
 
 

@@ -251,7 +251,7 @@ def _launch_rotary_store_kv(q, k, v, positions, cos_sin_cache, key_cache, value_
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
-        **cfg, USE_PDL=_pdl.use_pdl(q), launch_pdl=_pdl.use_pdl(q),
+        **cfg, **_pdl.launch_args(q),
     )  # fmt: skip
 
 

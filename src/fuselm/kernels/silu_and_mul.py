@@ -155,7 +155,7 @@ def _launch_flat(x2: torch.Tensor, out2: torch.Tensor, cfg: _SiluConfig, wide: b
     _silu_and_mul_flat_kernel[grid](
         x2, out2, num_rows * d, x2.stride(0), out2.stride(0),
         D=d, BLOCK=cfg.block, WIDE=wide, num_warps=cfg.num_warps,
-        USE_PDL=_pdl.use_pdl(x2), launch_pdl=_pdl.use_pdl(x2),
+        **_pdl.launch_args(x2),
     )  # fmt: skip
 
 
@@ -176,13 +176,13 @@ def _launch_silu_and_mul(x2: torch.Tensor, out2: torch.Tensor, cfg: _SiluConfig)
         _silu_and_mul_rows_kernel[grid](
             x2, out2, num_rows, d, x2.stride(0), out2.stride(0), num_tiles,
             BLOCK=cfg.block, ROWS=cfg.rows, num_warps=cfg.num_warps,
-            USE_PDL=_pdl.use_pdl(x2), launch_pdl=_pdl.use_pdl(x2),
+            **_pdl.launch_args(x2),
         )  # fmt: skip
     else:
         grid = (num_rows, triton.cdiv(d, cfg.block))
         _silu_and_mul_kernel[grid](
             x2, out2, d, x2.stride(0), out2.stride(0), BLOCK=cfg.block, num_warps=cfg.num_warps,
-            USE_PDL=_pdl.use_pdl(x2), launch_pdl=_pdl.use_pdl(x2),
+            **_pdl.launch_args(x2),
         )
 
 

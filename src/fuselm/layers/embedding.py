@@ -68,8 +68,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         same for eager steps and CUDA graphs)."""
         from fuselm.kernels.gemv import select_gemv
 
-        if self.weight.stride(1) == 1:
-            self.gemv = select_gemv(backend, *self.weight.shape, device)
+        self.gemv = select_gemv(backend, self.weight, device)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden ``[n, dim]`` -> float32 logits ``[n, vocab_size]`` (gathered over ranks)."""

@@ -68,8 +68,7 @@ class LinearBase(nn.Module):
         same for eager steps and CUDA graphs)."""
         from fuselm.kernels.gemv import select_gemv
 
-        if self.weight.dim() == 2 and self.weight.stride(1) == 1:
-            self.gemv = select_gemv(backend, *self.weight.shape, device)
+        self.gemv = select_gemv(backend, self.weight, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[num_tokens, in_per_partition]`` -> ``[num_tokens, out_per_partition]``."""
