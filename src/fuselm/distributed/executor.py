@@ -153,32 +153,15 @@ class DistributedExecutor:
                 ) -> tuple[PendingStep, bool]:
         """Sends the plan of ``out``, runs rank 0's shard and queues the sampling, without
         waiting for the device; ``device_ids``: the previous step's tokens, on the device."""
-        runner = self.runner
-        graph = runner._graph_size(out)
-        self.stage.before_inputs()
-        ids, pos, batch, num_logits = runner.buffers.fill(out, pad_to=graph)
-        if device_ids is not None:
-            runner.buffers.input_ids[: len(out.sequences)].copy_(device_ids)
-        self.stage.after_inputs()
-        header, parts = encode_batch(runner.buffers, batch, num_logits, len(out.sequences),
-                                     graph)
         reqs = [s.request for s in out.sequences if s.sample]
         greedy = all(plain_greedy(r.sampling_params) for r in reqs)
-        if greedy:
-            header.flags |= FLAG_KEEP_ARGMAX
-        if device_ids is not None:
-            header.flags |= FLAG_DEVICE_INPUTS
-        payload = torch.cat(parts)
-        header.payload_len, header.step_id = payload.numel(), self.num_steps
-        self._send(header, payload)
-        logits = self.stage.forward(ids, pos, batch, header)
+        _, logits = self._plan_and_forward(out, reqs, device_ids, keep_argmax=greedy)
         if greedy:
             result = SamplerOutput(token_ids=logits.argmax(dim=-1))
         else:
             result = sample(logits, build_sampling_tensors(reqs, self.vocab_size,
-                                                           runner.device))
-        self.num_steps += 1
-        return runner._copy_out(out, result), greedy
+                                                           self.runner.device))
+        return self.runner._copy_out(out, result), greedy
 
     def _fill(self, scheduler: Scheduler) -> None:
         while len(self.in_flight) < self.max_in_flight:
@@ -196,14 +179,36 @@ class DistributedExecutor:
 
     @torch.inference_mode()
     def _submit(self, out: SchedulerOutput) -> None:
+        reqs = [s.request for s in out.sequences if s.sample]
+        header, logits = self._plan_and_forward(out, reqs)
+        result = None
+        if logits is not None:
+            tensors = build_sampling_tensors(reqs, self.vocab_size, self.runner.device)
+            result = self.runner._to_host(out, sample(logits, tensors))
+        self.in_flight.append(_InFlight(out, header, result))
+        self.max_in_flight_seen = max(self.max_in_flight_seen, len(self.in_flight))
+
+    def _plan_and_forward(self, out: SchedulerOutput, reqs: list[Request],
+                          device_ids: torch.Tensor | None = None, keep_argmax: bool = False
+                          ) -> tuple[StepHeader, torch.Tensor | None]:
+        """Fills the inputs of ``out``, sends its plan and runs rank 0's stage; the header and,
+        when rank 0 is on the last stage, the logits of the sampling rows ``reqs``.
+        ``device_ids`` (the previous step's tokens, on the device) replace the host's input ids
+        here and, through ``FLAG_DEVICE_INPUTS``, on every rank; ``keep_argmax``: every rank
+        keeps its argmax of this step for the next one (``FLAG_KEEP_ARGMAX``)."""
         runner = self.runner
         graph = runner._graph_size(out)  # the same decode graph sizes on every rank
         self.stage.before_inputs()
         ids, pos, batch, num_logits = runner.buffers.fill(out, pad_to=graph)
+        if device_ids is not None:
+            runner.buffers.input_ids[: len(out.sequences)].copy_(device_ids)
         self.stage.after_inputs()
         header, parts = encode_batch(runner.buffers, batch, num_logits, len(out.sequences),
                                      graph)
-        reqs = [s.request for s in out.sequences if s.sample]
+        if keep_argmax:
+            header.flags |= FLAG_KEEP_ARGMAX
+        if device_ids is not None:
+            header.flags |= FLAG_DEVICE_INPUTS
         if not self.links.is_last:  # the last stage samples: it needs the parameters
             parts += encode_sampling(reqs, self.vocab_size, self._key_of, self._released(),
                                      header)
@@ -211,13 +216,8 @@ class DistributedExecutor:
         header.payload_len, header.step_id = payload.numel(), self.num_steps
         self._send(header, payload)
         logits = self.stage.forward(ids, pos, batch, header)
-        result = None
-        if logits is not None:
-            tensors = build_sampling_tensors(reqs, self.vocab_size, runner.device)
-            result = runner._to_host(out, sample(logits, tensors))
-        self.in_flight.append(_InFlight(out, header, result))
         self.num_steps += 1
-        self.max_in_flight_seen = max(self.max_in_flight_seen, len(self.in_flight))
+        return header, logits
 
     def _collect(self) -> tuple[SchedulerOutput, StepResult]:
         done = self.in_flight.popleft()
