@@ -1,8 +1,10 @@
-"""Shared fixture of the distributed tests: tiny checkpoints written once per session."""
+"""Shared fixtures of the distributed tests: tiny checkpoints written once per session, and the
+workload's reference result on one rank in this process."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,5 +20,20 @@ def checkpoint(tmp_path_factory):
         if name not in made:
             made[name] = make_tiny_checkpoint(name, tmp_path_factory.mktemp(name))
         return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """(name, device) -> the workload's result in this process, one rank."""
+    from tests.distributed import dist_driver
+
+    results: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def get(name: str, device: str = "cpu") -> dict[str, Any]:
+        if (name, device) not in results:
+            results[name, device] = dist_driver.run(str(checkpoint(name)), 1, 1, device=device)
+        return results[name, device]
 
     return get

@@ -7,8 +7,6 @@ sequence's tokens and logprobs with the same workload run in this process on one
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from tests.distributed.dist_helpers import assert_same_outputs, run_driver
@@ -24,21 +22,6 @@ CASES = [  # (checkpoint, tp, pp)
     ("qwen2-gqa-tied-bias", 2, 2),
     ("llama-linear-tied", 2, 1),  # 1 KV head over 2 ranks
 ]
-
-
-@pytest.fixture(scope="module")
-def reference(checkpoint):
-    """name -> the workload's result in this process, one rank."""
-    from tests.distributed import dist_driver
-
-    results: dict[str, dict[str, Any]] = {}
-
-    def get(name: str) -> dict[str, Any]:
-        if name not in results:
-            results[name] = dist_driver.run(str(checkpoint(name)), 1, 1)
-        return results[name]
-
-    return get
 
 
 @pytest.mark.parametrize(("name", "tp", "pp"), CASES, ids=[f"{n}-tp{t}-pp{p}" for n, t, p in CASES])

@@ -3,8 +3,6 @@ stage and of pipeline stages): the same tokens as one GPU, logprobs within toler
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 
@@ -24,24 +22,9 @@ CASES = [  # (checkpoint, tp, pp)
 ]
 
 
-@pytest.fixture(scope="module")
-def gpu_reference(checkpoint):
-    """name -> the workload on one GPU, in this process."""
-    from tests.distributed import dist_driver
-
-    results: dict[str, dict[str, Any]] = {}
-
-    def get(name: str) -> dict[str, Any]:
-        if name not in results:
-            results[name] = dist_driver.run(str(checkpoint(name)), 1, 1, device="cuda")
-        return results[name]
-
-    return get
-
-
 @pytest.mark.parametrize(("name", "tp", "pp"), CASES, ids=[f"{n}-tp{t}-pp{p}" for n, t, p in CASES])
-def test_gpu_parallel_matches_one_gpu(checkpoint, gpu_reference, name, tp, pp):
-    want = gpu_reference(name)
+def test_gpu_parallel_matches_one_gpu(checkpoint, reference, name, tp, pp):
+    want = reference(name, "cuda")
     got = run_driver(checkpoint(name), tp, pp, device="cuda", timeout=300)
     assert_same_outputs(got["outputs"], want["outputs"], atol=GPU_LOGPROB_ATOL)
     assert got["world_size"] == tp * pp

@@ -34,12 +34,10 @@ def two_nodes(command: list[str], timeout: float = 120) -> list[subprocess.Compl
     return done
 
 
-def test_two_node_pipeline_matches_one_process(checkpoint):
+def test_two_node_pipeline_matches_one_process(checkpoint, reference):
     """PP=2 across the two nodes (the usual multi-node split): tokens and logprobs."""
-    from tests.distributed import dist_driver
-
     model = checkpoint("llama3-gqa-scaled")
-    want = dist_driver.run(str(model), 1, 1)
+    want = reference("llama3-gqa-scaled")
     nodes = two_nodes([str(DRIVER), "--model", str(model), "--pp", "2"])
     results = [ln for p in nodes for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     assert len(results) == 1, "exactly one process is rank 0"
