@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from fuselm.cli_args import field_docs
@@ -480,5 +478,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(format_plan(plan, show_all=args.all or layouts is not None))
     result = plan.to_dict()
     if args.output_json:
-        Path(args.output_json).write_text(json.dumps(result, indent=2))
+        from fuselm.bench.report import write_json
+
+        write_json(args.output_json, result)
     return result

@@ -12,6 +12,8 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
+
 from fuselm.bench.common import environment, format_table, write_json
 
 __all__ = ["environment", "format_table", "write_json", "percentile", "summarize", "progress",
@@ -21,22 +23,18 @@ STAT_KEYS = ("mean", "median", "p90", "p99", "min", "max")
 
 
 def percentile(values: Sequence[float], q: float) -> float:
-    """q-th percentile (0-100) with linear interpolation (numpy's default); nan if empty."""
-    if not values:
-        return math.nan
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100.0
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+    """q-th percentile (0-100) with linear interpolation (numpy's); nan if empty."""
+    return float(np.percentile(values, q)) if len(values) else math.nan
 
 
 def summarize(values: Sequence[float], scale: float = 1.0) -> dict[str, float]:
     """mean, median, p90, p99, min, max of ``values`` times ``scale`` (1e3: seconds -> ms)."""
-    xs = [v * scale for v in values]
-    if not xs:
+    if not len(values):
         return {k: math.nan for k in STAT_KEYS}
-    return {"mean": sum(xs) / len(xs), "median": percentile(xs, 50), "p90": percentile(xs, 90),
-            "p99": percentile(xs, 99), "min": min(xs), "max": max(xs)}
+    xs = np.asarray(values, dtype=np.float64) * scale
+    median, p90, p99 = np.percentile(xs, (50, 90, 99)).tolist()
+    return {"mean": float(xs.mean()), "median": median, "p90": p90, "p99": p99,
+            "min": float(xs.min()), "max": float(xs.max())}
 
 
 def progress(it: Iterable[Any], total: int | None = None, desc: str = "",

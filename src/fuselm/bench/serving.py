@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import time
@@ -231,17 +232,14 @@ async def benchmark(args: argparse.Namespace, requests: list[BenchRequest], mode
     from tqdm import tqdm
 
     url = args.base_url.rstrip("/") + args.endpoint
-    sem = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
+    limit = (asyncio.Semaphore(args.max_concurrency) if args.max_concurrency
+             else contextlib.nullcontext())
     bar = tqdm(total=len(requests), desc=f"rate {rate}", disable=args.disable_tqdm, leave=False)
     rng = np.random.default_rng(args.seed)
 
     async def one(client: Any, req: BenchRequest) -> RequestResult:
-        if sem is None:
+        async with limit:
             res = await send_request(client, url, _payload(model, req, args.ignore_eos), headers)
-        else:
-            async with sem:
-                res = await send_request(client, url, _payload(model, req, args.ignore_eos),
-                                         headers)
         bar.update(1)
         return res
 
