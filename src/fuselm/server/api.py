@@ -223,8 +223,8 @@ def build_app(engine: Any, *, api_key: str | None = None,
     names = ([served_model_name] if isinstance(served_model_name, str)
              else list(served_model_name or [str(engine.model_name)]))
     state = ServerState(engine=engine, served_model_names=names,
-                        metrics=ServerMetrics(engine, names[0]), api_key=api_key,
-                        max_waiting_requests=max_waiting_requests, max_body_bytes=max_body_bytes)
+                        metrics=ServerMetrics(engine, names[0]),
+                        max_waiting_requests=max_waiting_requests)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

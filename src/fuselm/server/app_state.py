@@ -23,10 +23,8 @@ class ServerState:
     served_model_names: list[str]
     """Names the API accepts as `model`; the first is the one reported."""
     metrics: ServerMetrics
-    api_key: str | None = None
     max_waiting_requests: int | None = None
     """429 when the engine's waiting queue holds this many; None leaves it to the engine."""
-    max_body_bytes: int = 4 * 1024 * 1024
     draining: bool = False
     """True after SIGTERM (or `start_draining`): new requests get 503."""
     engine_dead: bool = False

@@ -324,11 +324,6 @@ class GenerateResponse(BaseModel):
     usage: UsageInfo | None = None
 
 
-def dump(model: BaseModel, **kwargs: Any) -> str:
-    """Compact JSON of a response model (the SSE payload)."""
-    return model.model_dump_json(**kwargs)
-
-
 def error_body(message: str, error_type: str, param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
     """OpenAI's error JSON: {"error": {"message", "type", "param", "code"}}."""

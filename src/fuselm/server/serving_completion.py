@@ -187,8 +187,7 @@ class _CompletionStreamer:
 # -- KServe v2 generate --------------------------------------------------------------------------
 
 
-def _prepare_generate(state: ServerState, model: str,
-                      req: GenerateRequest) -> tuple[list[int], EngineCall]:
+def _prepare_generate(state: ServerState, model: str, req: GenerateRequest) -> EngineCall:
     state.check_model(model)
     params = req.parameters
     if params.n != 1:
@@ -199,12 +198,12 @@ def _prepare_generate(state: ServerState, model: str,
                                      max_tokens=resolve_max_tokens(state, len(ids),
                                                                    params.max_tokens))
     state.check_admission()
-    return ids, EngineCall(state, req.id or state.new_id("gen"), [ids], [sampling])
+    return EngineCall(state, req.id or state.new_id("gen"), [ids], [sampling])
 
 
 async def kserve_generate(state: ServerState, model: str, req: GenerateRequest) -> Response:
     """`text_input` -> `text_output`, in one JSON response."""
-    _, call = _prepare_generate(state, model, req)
+    call = _prepare_generate(state, model, req)
     final = (await call.collect())[0]
     c = final.outputs[0]
     body = GenerateResponse(model_name=state.model_name, id=req.id, text_output=c.text,
@@ -216,7 +215,7 @@ async def kserve_generate(state: ServerState, model: str, req: GenerateRequest) 
 async def kserve_generate_stream(state: ServerState, model: str,
                                  req: GenerateRequest) -> Response:
     """`text_input` -> SSE events of `text_output` deltas (no `[DONE]`, as in Triton)."""
-    _, call = _prepare_generate(state, model, req)
+    call = _prepare_generate(state, model, req)
     outputs = await start_stream(call)
 
     def on_output(_: int, out: RequestOutput) -> list[str]:
