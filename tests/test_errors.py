@@ -11,8 +11,10 @@ import pytest
 from fuselm import SamplingParams
 from fuselm.errors import (
     ContextLengthError,
+    EngineDeadError,
     InvalidRequestError,
     ModelNotFoundError,
+    QueueFullError,
     UnsupportedModelError,
     UnsupportedQuantizationError,
 )
@@ -81,3 +83,20 @@ def test_cli_reports_missing_model(tmp_path):
                           timeout=120)
     assert proc.returncode == 2
     assert "error: model" in proc.stderr and "not found" in proc.stderr
+
+
+@pytest.mark.parametrize("exc, status, code", [
+    (ContextLengthError("too long", param="prompt"), 400, "context_length_exceeded"),
+    (InvalidRequestError("bad", param="top_p"), 400, None),
+    (ModelNotFoundError("no such model"), 404, "model_not_found"),
+    (QueueFullError("full"), 429, "queue_full"),
+    (EngineDeadError("dead"), 503, "engine_unavailable"),
+])
+def test_server_error_body(exc, status, code):
+    pytest.importorskip("fastapi")
+    from fuselm.server.serving import error_json
+
+    body = error_json(exc)["error"]
+    assert exc.status_code == status
+    assert body == {"message": str(exc), "type": exc.error_type,
+                    "param": getattr(exc, "param", None), "code": code}

@@ -6,6 +6,8 @@ class FuselmError(Exception):
 
     status_code = 400
     error_type = "invalid_request_error"
+    code: str | None = None
+    """OpenAI-style `code` of the error body (None: none)."""
 
 
 class ModelNotFoundError(FuselmError):
@@ -13,6 +15,7 @@ class ModelNotFoundError(FuselmError):
 
     status_code = 404
     error_type = "not_found_error"
+    code = "model_not_found"
 
 
 class UnsupportedModelError(FuselmError):
@@ -34,12 +37,15 @@ class InvalidRequestError(FuselmError):
 class ContextLengthError(InvalidRequestError):
     """Prompt plus requested tokens exceed the model's context length."""
 
+    code = "context_length_exceeded"
+
 
 class QueueFullError(FuselmError):
     """The waiting queue is over its bound."""
 
     status_code = 429
     error_type = "rate_limit_error"
+    code = "queue_full"
 
 
 class EngineDeadError(FuselmError):
@@ -47,3 +53,4 @@ class EngineDeadError(FuselmError):
 
     status_code = 503
     error_type = "service_unavailable"
+    code = "engine_unavailable"

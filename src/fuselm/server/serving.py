@@ -42,16 +42,9 @@ LOGIT_BIAS_LIMIT = 100.0
 # -- checks and sampling parameters --------------------------------------------------------------
 
 
-def error_code(exc: FuselmError) -> str | None:
-    """OpenAI-style `code` for a fuselm error."""
-    codes = {"ContextLengthError": "context_length_exceeded", "QueueFullError": "queue_full",
-             "ModelNotFoundError": "model_not_found", "EngineDeadError": "engine_unavailable"}
-    return codes.get(type(exc).__name__)
-
-
 def error_json(exc: FuselmError) -> dict[str, Any]:
     """The OpenAI error body of a fuselm error."""
-    return error_body(str(exc), exc.error_type, getattr(exc, "param", None), error_code(exc))
+    return error_body(str(exc), exc.error_type, getattr(exc, "param", None), exc.code)
 
 
 def check_token_ids(ids: Iterable[int], vocab_size: int, param: str) -> list[int]:
