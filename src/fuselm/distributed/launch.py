@@ -55,7 +55,7 @@ class DistributedContext:
     store: dist.Store
     monitor: Monitor
     layer_partition: list[int] | None = None
-    use_custom_all_reduce: bool = True
+    use_custom_all_reduce: bool = False  # --custom-all-reduce opts in
     procs: dict[int, Any] = field(default_factory=dict)
 
     def min_over_ranks(self, value: int) -> int:

@@ -350,11 +350,6 @@ class GGUFCheckpoint:
         """Count of tensors per ggml type, e.g. {"Q4_1": 210, "F32": 61, "Q8_0": 1}."""
         return dict(Counter(t.tensor_type.name for t in self.reader.tensors))
 
-    @property
-    def tensor_names(self) -> list[str]:
-        """HF names of all tensors in file order."""
-        return [hf_tensor_name(name) for name in self._by_name]
-
     def _qk_heads(self, gguf_name: str) -> int | None:
         """Heads to unpermute over for a llama-arch Q/K tensor, else None."""
         if self.architecture not in _PERMUTED_QK:
@@ -389,10 +384,6 @@ class GGUFCheckpoint:
         for gguf_name in self._by_name:
             qt = self.raw_tensor(gguf_name, device)
             yield hf_tensor_name(gguf_name), qt.dequantize() if dequantize else qt
-
-    def tokenizer(self) -> HFTokenizer:
-        """The file's tokenizer as a `tokenizers.Tokenizer` (see `tokenizer_from_gguf`)."""
-        return tokenizer_from_gguf(self.reader)
 
 
 def open_gguf_reader(path: str | Path) -> gguf.GGUFReader:
