@@ -6,15 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-LLAMA3_VOCAB = 128256
+from fuselm.planner_hardware import KNOWN_MODELS
 
 KNOWN_SHAPES: dict[str, dict[str, Any]] = {
-    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, vocab_size=LLAMA3_VOCAB,
-                       rope_theta=500000.0, max_position_embeddings=8192),
-    "llama-3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                        num_attention_heads=64, num_key_value_heads=8, vocab_size=LLAMA3_VOCAB,
-                        rope_theta=500000.0, max_position_embeddings=8192),
+    # the planner's shapes of the Hub configs, with Llama 3's RoPE base
+    "llama-3-8b": {**KNOWN_MODELS["Llama-3-8B"], "rope_theta": 500000.0},
+    "llama-3-70b": {**KNOWN_MODELS["Llama-3-70B"], "rope_theta": 500000.0},
     "llama-tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                        num_attention_heads=8, num_key_value_heads=2, vocab_size=512,
                        rope_theta=10000.0, max_position_embeddings=4096),
