@@ -218,7 +218,7 @@ def build_app(engine: Any, *, api_key: str | None = None,
     `max_waiting_requests`: 429 once the engine has this many waiting (None: the engine decides).
     `max_body_bytes`: larger request bodies get 413.
     `start_engine`: start the engine's loop on app startup and shut it down on app shutdown.
-    The app's `ServerState` is `app.state.server` (`start_draining` via `state.draining`).
+    The app's `ServerState` is `app.state.server` (setting its `draining` starts a drain).
     """
     names = ([served_model_name] if isinstance(served_model_name, str)
              else list(served_model_name or [str(engine.model_name)]))

@@ -26,7 +26,7 @@ class ServerState:
     max_waiting_requests: int | None = None
     """429 when the engine's waiting queue holds this many; None leaves it to the engine."""
     draining: bool = False
-    """True after SIGTERM (or `start_draining`): new requests get 503."""
+    """True after SIGTERM (the launcher sets it): new requests get 503."""
     engine_dead: bool = False
     num_in_flight: int = 0
     """HTTP requests admitted and not yet answered (streams count until their last byte)."""
