@@ -40,13 +40,13 @@ from fuselm.distributed.step_plan import (
     result_len,
 )
 from fuselm.distributed.worker import StageRunner, Worker
-from fuselm.engine.async_executor import pipelined_successor
-from fuselm.engine.model_runner import ModelRunner, PendingStep, StepResult, plain_greedy
+from fuselm.engine.async_executor import AsyncLocalExecutor
+from fuselm.engine.model_runner import ModelRunner, PendingStep, StepResult, all_plain_greedy
 from fuselm.engine.request import Request
 from fuselm.engine.sampling_inputs import build_sampling_tensors
 from fuselm.engine.scheduler import Scheduler, SchedulerOutput
 from fuselm.errors import EngineDeadError
-from fuselm.layers.sampler import SamplerOutput, sample
+from fuselm.layers.sampler import sample
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +81,9 @@ class DistributedExecutor:
                  max_model_len: int = 0) -> None:
         self.runner, self.ctx, self.vocab_size = runner, ctx, vocab_size
         # async scheduling: one pipeline stage only (stages already overlap micro-batches)
-        self.pipelined = async_scheduling and ctx.pp_size == 1
-        self.max_model_len = max_model_len
-        self.pending: tuple[PendingStep, bool] | None = None  # (launched step, plain greedy)
-        self.num_pipelined_steps = 0
+        self.ahead = (AsyncLocalExecutor(runner, max_model_len, launch=self._launch,
+                                         greedy_only=True)
+                      if async_scheduling and ctx.pp_size == 1 else None)
         self.links = StageLinks()
         self.stage = StageRunner(runner, self.links)
         if capture_graphs and ctx.pp_size > 1:  # with one stage, the runner captured them
@@ -119,8 +118,8 @@ class DistributedExecutor:
             if self.dead is not None:
                 raise EngineDeadError(f"the distributed engine failed: {self.dead}")
             try:
-                if self.pipelined:
-                    return self._step_pipelined(scheduler)
+                if self.ahead is not None:
+                    return self.ahead.step(scheduler)
                 self._fill(scheduler)
                 if not self.in_flight:
                     return SchedulerOutput(), None
@@ -129,39 +128,20 @@ class DistributedExecutor:
                 self.dead = self.ctx.monitor.diagnose(exc)
                 raise EngineDeadError(f"the distributed engine failed: {self.dead}") from exc
 
-    def _step_pipelined(self, scheduler: Scheduler
-                        ) -> tuple[SchedulerOutput, StepResult | None]:
-        """Async scheduling at one stage: the next greedy decode step is planned, sent and
-        queued before the host waits for this one's tokens; every rank feeds its own argmax of
-        this step back as the next step's input ids (the plan's ``FLAG_DEVICE_INPUTS``)."""
-        if self.pending is None:
-            out = scheduler.schedule()
-            if out.is_empty:
-                return out, None
-            self.pending = self._launch(out, None)
-        prev, greedy = self.pending
-        self.pending = None
-        successor = (pipelined_successor(prev.out, scheduler, self.max_model_len)
-                     if greedy else None)
-        if successor is not None:
-            self.pending = self._launch(successor, prev.result.token_ids)
-            self.num_pipelined_steps += 1
-        return prev.out, self.runner.finish(prev)
-
     @torch.inference_mode()
-    def _launch(self, out: SchedulerOutput, device_ids: torch.Tensor | None
-                ) -> tuple[PendingStep, bool]:
+    def _launch(self, out: SchedulerOutput, input_ids: torch.Tensor | None = None
+                ) -> PendingStep:
         """Sends the plan of ``out``, runs rank 0's shard and queues the sampling, without
-        waiting for the device; ``device_ids``: the previous step's tokens, on the device."""
+        waiting for the device; ``input_ids``: the previous step's tokens, on the device."""
         reqs = [s.request for s in out.sequences if s.sample]
-        greedy = all(plain_greedy(r.sampling_params) for r in reqs)
-        _, logits = self._plan_and_forward(out, reqs, device_ids, keep_argmax=greedy)
-        if greedy:
-            result = SamplerOutput(token_ids=logits.argmax(dim=-1))
-        else:
-            result = sample(logits, build_sampling_tensors(reqs, self.vocab_size,
-                                                           self.runner.device))
-        return self.runner._copy_out(out, result), greedy
+        greedy = all_plain_greedy(reqs)
+        _, logits = self._plan_and_forward(out, reqs, input_ids, keep_argmax=greedy)
+        return self.runner.sample_launched(out, logits, reqs, greedy)
+
+    @property
+    def num_pipelined_steps(self) -> int:
+        """Steps planned before the previous one's tokens were read (async scheduling)."""
+        return self.ahead.num_pipelined_steps if self.ahead is not None else 0
 
     def _fill(self, scheduler: Scheduler) -> None:
         while len(self.in_flight) < self.max_in_flight:
@@ -198,11 +178,9 @@ class DistributedExecutor:
         keeps its argmax of this step for the next one (``FLAG_KEEP_ARGMAX``)."""
         runner = self.runner
         graph = runner._graph_size(out)  # the same decode graph sizes on every rank
-        self.stage.before_inputs()
         ids, pos, batch, num_logits = runner.buffers.fill(out, pad_to=graph)
         if device_ids is not None:
             runner.buffers.input_ids[: len(out.sequences)].copy_(device_ids)
-        self.stage.after_inputs()
         header, parts = encode_batch(runner.buffers, batch, num_logits, len(out.sequences),
                                      graph)
         if keep_argmax:
@@ -269,7 +247,8 @@ class DistributedExecutor:
             self.ctx.monitor.stop()
             if self.dead is None and acquired:
                 try:
-                    self.pending = None  # its sequences are being aborted with the engine
+                    if self.ahead is not None:  # its step in flight is aborted with the engine
+                        self.ahead.shutdown()
                     while self.in_flight:
                         self._collect()
                     self._send(StepHeader(kind=KIND_STOP), torch.empty(0, dtype=torch.int64))

@@ -122,6 +122,7 @@ def decode_batch(header: StepHeader, payload: torch.Tensor, buffers: InputBuffer
     """Writes a received plan's arrays into ``buffers``; returns ids, positions and batch."""
     h = header
     t, s, w = h.num_tokens, h.num_seqs, h.width
+    buffers.wait_for_copies()
     reader = _Reader(payload)
     for dst, n in ((buffers.h_input_ids, t), (buffers.h_positions, t), (buffers.h_slots, t),
                    (buffers.h_seq_lens, s), (buffers.h_qsl, s + 1),

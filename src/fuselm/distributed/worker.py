@@ -31,7 +31,7 @@ from fuselm.distributed.step_plan import (
 )
 from fuselm.engine.model_runner import ModelRunner, graph_batch_sizes
 from fuselm.engine.sampling_inputs import build_sampling_tensors
-from fuselm.engine.scheduler import ScheduledSequence, SchedulerOutput
+from fuselm.engine.scheduler import SchedulerOutput
 from fuselm.forward_batch import ForwardBatch
 from fuselm.layers.sampler import sample
 
@@ -46,7 +46,6 @@ class StageRunner:
         param = next(self.model.parameters())
         self.dtype, self.device = param.dtype, runner.device
         self.hidden_size = self.model.config.hidden_size
-        self._copied: torch.cuda.Event | None = None
         self._graph_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @torch.inference_mode()
@@ -60,27 +59,10 @@ class StageRunner:
         """
         if self.device.type != "cuda":
             return
-        sizes = graph_batch_sizes(self.runner.max_num_seqs)
-        shape = (max(sizes), self.hidden_size)
+        shape = (max(graph_batch_sizes(self.runner.max_num_seqs)), self.hidden_size)
         self._graph_inputs = (torch.zeros(shape, dtype=self.dtype, device=self.device),
                               torch.zeros(shape, dtype=self.dtype, device=self.device))
-        with self.runner.graph_kernels():
-            self._capture(sizes)
-        logger.info("captured stage decode CUDA graphs for batch sizes %s", sizes)
-
-    def _capture(self, sizes: list[int]) -> None:
-        pool = torch.cuda.graph_pool_handle()
-        for size in reversed(sizes):
-            fake = SchedulerOutput([ScheduledSequence(_DummyDecode(), 1, True)])  # type: ignore
-            ids, pos, batch, _ = self.runner.buffers.fill(fake, pad_to=size)
-            for _ in range(2):  # warm-up: Triton compiles, cuBLAS picks kernels
-                self._graph_body(ids, pos, batch, size)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = self._graph_body(ids, pos, batch, size)
-            self.runner.graphs[size] = (graph, out)
-        torch.cuda.synchronize()
+        self.runner.capture_cuda_graphs(self._graph_body)
 
     def _graph_body(self, ids: torch.Tensor, pos: torch.Tensor, batch: ForwardBatch,
                     size: int) -> Any:
@@ -104,18 +86,6 @@ class StageRunner:
             return out[: header.num_real_seqs]
         self.links.send_intermediate(out[0], out[1])  # stacked into a fresh tensor: the next
         return None  # replay may overwrite the static outputs while the send is pending
-
-    def before_inputs(self) -> None:
-        """Waits until the previous step's host->device input copies are done, so that the
-        host buffers may be rewritten (steps are not synchronised on non-sampling ranks)."""
-        if self._copied is not None:
-            self._copied.synchronize()
-
-    def after_inputs(self) -> None:
-        """Marks the point after this step's input copies on the current stream."""
-        if self.device.type == "cuda":
-            self._copied = torch.cuda.Event()
-            self._copied.record()
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, batch: ForwardBatch,
                 header: StepHeader) -> torch.Tensor | None:
@@ -167,14 +137,12 @@ class Worker:
     @torch.inference_mode()
     def step(self, header: StepHeader, payload: torch.Tensor) -> None:
         """One plan: inputs into the buffers, the stage's forward, sampling if ours."""
-        self.stage.before_inputs()
         ids, pos, batch = decode_batch(header, payload, self.runner.buffers)
         if header.flags & FLAG_DEVICE_INPUTS:
             if self.last_tokens is None or self.last_tokens.shape[0] != header.num_real_seqs:
                 raise RuntimeError(f"rank {self.links.rank}: a plan takes device inputs but "
                                    "the previous step kept no matching tokens")
             self.runner.buffers.input_ids[: header.num_real_seqs].copy_(self.last_tokens)
-        self.stage.after_inputs()
         logits = self.stage.forward(ids, pos, batch, header)
         self.num_steps += 1
         if logits is not None and header.flags & FLAG_KEEP_ARGMAX:
@@ -208,12 +176,3 @@ def stage_profile_execute(runner: ModelRunner) -> Callable[[SchedulerOutput], An
             sample(logits, build_sampling_tensors(reqs, runner.vocab_size, runner.device))
 
     return execute
-
-
-class _DummyDecode:
-    """A one-token sequence in block 0 that fills the input buffers during graph capture."""
-
-    num_computed_tokens, num_prompt_tokens = 0, 1
-    prompt_token_ids = [0]
-    output_token_ids: list[int] = []
-    block_ids = [0]

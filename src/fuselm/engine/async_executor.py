@@ -11,6 +11,8 @@ sequences); its KV write lands in blocks that the stream order keeps from any la
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fuselm.engine.model_runner import ModelRunner, PendingStep, StepResult
 from fuselm.engine.request import Request
 from fuselm.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
@@ -40,10 +42,19 @@ def pipelined_successor(out: SchedulerOutput, scheduler: Scheduler,
 
 
 class AsyncLocalExecutor:
-    """One process, one step ahead on the device while the host processes the previous one."""
+    """One step ahead on the device while the host processes the previous one.
 
-    def __init__(self, runner: ModelRunner, max_model_len: int) -> None:
+    ``launch(out, input_ids=None) -> PendingStep`` queues a step (default: the runner's, one
+    process; rank 0 of tensor parallelism passes its own, which also sends the plan).
+    ``greedy_only``: follow only plain greedy steps (every TP rank recomputes the argmax itself).
+    """
+
+    def __init__(self, runner: ModelRunner, max_model_len: int,
+                 launch: Callable[..., PendingStep] | None = None,
+                 greedy_only: bool = False) -> None:
         self.runner, self.max_model_len = runner, max_model_len
+        self.launch = launch or runner.launch
+        self.greedy_only = greedy_only
         self.pending: PendingStep | None = None
         self.num_pipelined_steps = 0
 
@@ -53,12 +64,14 @@ class AsyncLocalExecutor:
             out = scheduler.schedule()
             if out.is_empty:
                 return out, None
-            self.pending = self.runner.launch(out)
+            self.pending = self.launch(out)
         prev = self.pending
-        successor = pipelined_successor(prev.out, scheduler, self.max_model_len)
+        successor = None
+        if prev.greedy or not self.greedy_only:
+            successor = pipelined_successor(prev.out, scheduler, self.max_model_len)
         self.pending = None
         if successor is not None:
-            self.pending = self.runner.launch(successor, input_ids=prev.result.token_ids)
+            self.pending = self.launch(successor, input_ids=prev.result.token_ids)
             self.num_pipelined_steps += 1
         return prev.out, self.runner.finish(prev)
 

@@ -52,12 +52,17 @@ class InputBuffers:
                 if name.startswith("h_"):
                     setattr(self, name[2:], torch.zeros_like(getattr(self, name), device=device))
 
+    def wait_for_copies(self) -> None:
+        """Waits until the last step's host->device copies are done, so that the host buffers
+        may be rewritten (steps are not synchronised with the host when they overlap)."""
+        if self._copied is not None:
+            self._copied.synchronize()
+
     def fill(self, out: SchedulerOutput, pad_to: int | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, ForwardBatch, int]:
         """Writes the step's inputs; returns ids, positions, batch and the number of logits
         rows. ``pad_to`` pads a decode batch to a CUDA-graph size (pad rows: seq_len 0)."""
-        if self._copied is not None:  # the last step's copies may still read the host buffers
-            self._copied.synchronize()
+        self.wait_for_copies()
         bs = self.block_size
         bt_np = self.h_block_tables.numpy()
         ids: list[int] = []

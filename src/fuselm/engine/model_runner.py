@@ -10,6 +10,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,6 +21,9 @@ from fuselm.engine.scheduler import SchedulerOutput
 from fuselm.layers.sampler import SamplerOutput, sample
 
 logger = logging.getLogger(__name__)
+
+# (input ids, positions, ForwardBatch, graph batch size) -> what a decode graph returns
+GraphBody = Callable[..., Any]
 
 
 @dataclass
@@ -38,6 +42,7 @@ class PendingStep:
     result: SamplerOutput
     host_tokens: torch.Tensor | None
     event: torch.cuda.Event | None
+    greedy: bool = False  # plain greedy: the tokens are the logits' argmax
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -112,23 +117,25 @@ class ModelRunner:
                 ids[:num_seqs].copy_(input_ids)
             hidden = self.model(ids, pos, batch)
             logits = self.model.compute_logits(hidden[batch.logits_indices])
-        sampling_reqs = [s.request for s in out.sequences if s.sample]
-        if all(plain_greedy(r.sampling_params) for r in sampling_reqs):
+        reqs = [s.request for s in out.sequences if s.sample]
+        return self.sample_launched(out, logits, reqs, all_plain_greedy(reqs))
+
+    def sample_launched(self, out: SchedulerOutput, logits: torch.Tensor, reqs: list,
+                        greedy: bool) -> PendingStep:
+        """Queues the sampling of ``logits`` (rows of the sampling requests ``reqs``; ``greedy``:
+        all plain greedy, so an argmax) and the copy of the tokens to the host."""
+        if greedy:
             result = SamplerOutput(token_ids=logits.argmax(dim=-1))  # no per-step tensors
         else:
-            result = sample(logits, build_sampling_tensors(sampling_reqs, self.vocab_size,
-                                                           self.device))
-        return self._copy_out(out, result)
-
-    def _copy_out(self, out: SchedulerOutput, result: SamplerOutput) -> PendingStep:
+            result = sample(logits, build_sampling_tensors(reqs, self.vocab_size, self.device))
         if self.device.type != "cuda":
-            return PendingStep(out, result, None, None)
+            return PendingStep(out, result, None, None, greedy)
         self._host_slot ^= 1  # two pinned buffers: a step's tokens are read after the next launch
         host = self._host_tokens[self._host_slot][: result.token_ids.shape[0]]
         host.copy_(result.token_ids, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        return PendingStep(out, result, host, event)
+        return PendingStep(out, result, host, event, greedy)
 
     def finish(self, pending: PendingStep) -> StepResult:
         """Waits for a launched step (only for it) and returns its tokens on the host."""
@@ -185,13 +192,18 @@ class ModelRunner:
         self.graphs.clear()
 
     @torch.inference_mode()
-    def capture_cuda_graphs(self) -> None:
-        """Captures one decode graph per batch size in ``graph_batch_sizes``."""
+    def capture_cuda_graphs(self, body: GraphBody | None = None) -> None:
+        """Captures one decode graph per batch size in ``graph_batch_sizes`` into ``graphs``.
+        ``body(ids, positions, batch, size)`` is what a graph runs and returns (default: the
+        model and its logits; a pipeline stage passes its own)."""
         if self.device.type != "cuda":
             return
         with self.graph_kernels():
-            self._capture_all()
+            self._capture_all(body or self._logits_body)
         logger.info("captured decode CUDA graphs for batch sizes %s", sorted(self.graphs))
+
+    def _logits_body(self, ids: torch.Tensor, pos: torch.Tensor, batch, size: int) -> torch.Tensor:
+        return self.model.compute_logits(self.model(ids, pos, batch))
 
     @contextlib.contextmanager
     def graph_kernels(self) -> Iterator[None]:
@@ -204,7 +216,7 @@ class ModelRunner:
             if self.bind_for_graphs is not None:
                 self.bind_for_graphs(False)
 
-    def _capture_all(self) -> None:
+    def _capture_all(self, body: GraphBody) -> None:
         from fuselm.engine.scheduler import ScheduledSequence
 
         pool = torch.cuda.graph_pool_handle()
@@ -213,20 +225,20 @@ class ModelRunner:
             fake = SchedulerOutput([ScheduledSequence(dummy, 1, True)])  # type: ignore[arg-type]
             ids, pos, batch, _ = self.buffers.fill(fake, pad_to=size)
             for _ in range(2):  # warm-up: Triton compiles, cuBLAS picks kernels
-                self.model.compute_logits(self.model(ids, pos, batch))
+                body(ids, pos, batch, size)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                logits = self.model.compute_logits(self.model(ids, pos, batch))
-            self.graphs[size] = (graph, logits)
+                out = body(ids, pos, batch, size)
+            self.graphs[size] = (graph, out)
         torch.cuda.synchronize()
 
 
-def plain_greedy(params) -> bool:
-    """Greedy with nothing that changes the logits or asks for logprobs."""
-    return (params.greedy and params.logprobs is None and not params.logit_bias
-            and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0
-            and params.repetition_penalty == 1.0)
+def all_plain_greedy(reqs: list) -> bool:
+    """Every request greedy with nothing that changes the logits or asks for logprobs."""
+    return all(p.greedy and p.logprobs is None and not p.logit_bias
+               and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
+               and p.repetition_penalty == 1.0 for p in (r.sampling_params for r in reqs))
 
 
 class _DummyRequest:
