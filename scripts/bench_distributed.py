@@ -5,7 +5,7 @@ in the same run. Each subcommand is one configuration in a fresh process and wri
 
     decode --tp N --pp M [--one-shot] [--profile]   batch-1 ms/token (+ all-reduce share)
     throughput --tp N --pp M [--micro-batches K]    1000 requests, 256 in / 256 out, offline
-    allreduce (under torchrun --nproc-per-node 2)   NCCL vs one-shot, eager vs CUDA graph
+    allreduce (under torchrun --nproc-per-node 2)   NCCL vs one-shot (+ add + RMSNorm), graphs
     tokens                                          greedy TP=1 vs TP=2, small random model
     report                                          table + ratios from the JSONs in --out
 
@@ -157,10 +157,12 @@ def _graph_us(op: Any, x: torch.Tensor, chain: int = 64) -> float:
 
 
 def cmd_allreduce(args: argparse.Namespace) -> dict[str, Any] | None:
-    """Run under torchrun with 2 processes: one decode-sized all-reduce, four ways."""
+    """Run under torchrun with 2 processes: a decode-sized all-reduce, alone and followed by the
+    residual add + RMSNorm, with NCCL and with the custom one-shot kernel (fused)."""
     import torch.distributed as dist
 
     from fuselm.distributed.custom_all_reduce import CustomAllReduce
+    from fuselm.kernels.rms_norm import fused_add_rms_norm_triton
 
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     local = int(os.environ["LOCAL_RANK"])
@@ -168,6 +170,7 @@ def cmd_allreduce(args: argparse.Namespace) -> dict[str, Any] | None:
     dist.init_process_group("cpu:gloo,cuda:nccl")
     device = torch.device("cuda", local)
     custom = CustomAllReduce(dist.group.WORLD, device, torch.bfloat16)
+    eps = 1e-5
 
     def nccl(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t)
@@ -176,20 +179,40 @@ def cmd_allreduce(args: argparse.Namespace) -> dict[str, Any] | None:
     rows = []
     for bs in (1, 2, 8, 32, 64, 128):
         x = torch.randn(bs, 4096, dtype=torch.bfloat16, device=device)
+        residual = torch.randn_like(x)
+        weight = torch.randn(4096, dtype=torch.bfloat16, device=device)
+
+        def nccl_add_norm(t: torch.Tensor, residual=residual, weight=weight) -> torch.Tensor:
+            dist.all_reduce(t)
+            fused_add_rms_norm_triton(t, residual, weight, eps)
+            return t
+
+        def custom_add_norm(t: torch.Tensor, residual=residual, weight=weight) -> torch.Tensor:
+            custom.all_reduce_add_rms_norm(t, residual, weight, eps)
+            return t
+
         want = nccl(x.clone())
         err = (custom.all_reduce(x).float() - want.float()).abs().max().item()
+        want_norm, got_norm = x.clone(), x.clone()
+        nccl_add_norm(want_norm, residual.clone())
+        custom_add_norm(got_norm, residual.clone())
+        err_norm = (got_norm.float() - want_norm.float()).abs().max().item()
         rows.append({"batch": bs, "bytes": x.numel() * 2, "max_err_vs_nccl": err,
+                     "max_err_add_norm": err_norm,
                      "nccl_eager_us": _time_loop_us(lambda x=x: nccl(x), 200),
                      "custom_eager_us": _time_loop_us(lambda x=x: custom.all_reduce(x), 200),
                      "nccl_graph_us": _graph_us(nccl, x.clone()),
-                     "custom_graph_us": _graph_us(custom.all_reduce, x.clone())})
+                     "custom_graph_us": _graph_us(custom.all_reduce, x.clone()),
+                     "nccl+add_norm_graph_us": _graph_us(nccl_add_norm, x.clone()),
+                     "custom_fused_graph_us": _graph_us(custom_add_norm, x.clone())})
     rank = dist.get_rank()
     dist.barrier()
     dist.destroy_process_group()
     if rank != 0:
         return None
     print(format_table(rows))
-    return {"rows": rows, "note": "custom = symm_mem one-shot, multicast off"}
+    return {"rows": rows, "note": "custom = fuselm one-shot kernel over symmetric memory "
+                                  "(multicast off); fused = all-reduce + residual add + RMSNorm"}
 
 
 def _small_checkpoint(path: Path) -> Path:
@@ -291,8 +314,8 @@ def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
     """The issue's numbers side by side, from the JSONs of this run."""
     out = Path(args.out)
     decode = {name: _load(out, tag) for name, tag in (
-        ("TP=1", "decode-tp1-pp1"), ("TP=2 (NCCL, the default)", "decode-tp2-pp1"),
-        ("TP=2 one-shot all-reduce", "decode-tp2-pp1-oneshot"), ("PP=2", "decode-tp1-pp2"))}
+        ("TP=1", "decode-tp1-pp1"), ("TP=2 (NCCL)", "decode-tp2-pp1"),
+        ("TP=2 custom all-reduce (+ add + norm)", "decode-tp2-pp1-oneshot"), ("PP=2", "decode-tp1-pp2"))}
     tput = {name: _load(out, tag) for name, tag in (
         ("TP=1", "throughput-tp1-pp1"), ("PP=2 (2 micro-batches)", "throughput-tp1-pp2"),
         ("PP=2 (3 micro-batches)", "throughput-tp1-pp2-mb3"),
@@ -345,7 +368,7 @@ def main() -> int:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--one-shot", action="store_true",
-                        help="the one-shot custom all-reduce instead of NCCL")
+                        help="the custom one-shot all-reduce (fused with add + RMSNorm) instead of NCCL")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--tokens", type=int, default=256, help="decode: tokens per request")
     parser.add_argument("--micro-batches", type=int, default=None)

@@ -26,7 +26,7 @@ for step in $STEPS; do
       e.load_extension(); print(e.extension_status())" ;;
     tests) run_step tests 420 python -m pytest -m gpu -q -p no:cacheprovider -rfE \
       --continue-on-collection-errors \
-      --durations=10 --ignore=tests/distributed ${GPU_TESTS:-tests} ;;
+      --durations=10 ${GPU_TESTS:-tests/kernels tests/engine tests/models} ;;
     kbench) run_step kbench 300 python -m fuselm.bench.kernels --preset quick --no-sweep \
       --output-dir "$OUT" ${KBENCH_ARGS:-} ;;
     abench) run_step abench 300 python -m fuselm.bench.kernels_attention --preset full \

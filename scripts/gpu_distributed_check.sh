@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Distributed inference on 2 GPUs (issue 7), one device call: environment, the distributed tests,
 # then scripts/bench_distributed.py (Llama-3-8B shape, bf16, dummy weights, TP=1 in the same run):
-# one-shot vs NCCL all-reduce, TP=1/TP=2 (NCCL; one-shot)/PP=2 batch-1 decode (with the all-reduce share),
+# custom one-shot (+ add + RMSNorm) vs NCCL all-reduce, TP=1/TP=2 (NCCL; custom)/PP=2 batch-1
+# decode (with the all-reduce share),
 # PP=2 vs TP=1 offline throughput, TP=1 vs TP=2 greedy tokens, and the report.
 # Each step runs under `timeout`; logs and JSON go to $OUT.
 # Usage (repo root): OUT=/dir scripts/gpu_distributed_check.sh [steps...]
-#   steps: env tests allreduce decode tput tput512 tokens report (default: all but tput512)
+#   steps: env tests allreduce decode decode-pp tput tput512 tokens report
+#   (default: all but tput512)
 #   budgets: STEP_TIMEOUT_<STEP>=seconds
 set -u
 cd "$(dirname "$0")/.."
@@ -13,7 +15,7 @@ OUT=${OUT:-/tmp/fuselm-distributed}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-STEPS=${*:-env tests allreduce decode tput tokens report}
+STEPS=${*:-env tests allreduce decode decode-pp tput tokens report}
 BENCH="python scripts/bench_distributed.py"
 status=0
 
@@ -27,14 +29,14 @@ for step in $STEPS; do
       torch.version.cuda, torch.cuda.device_count(), torch.cuda.get_device_name())'; \
       git log -1 --format=%H 2>/dev/null || true" ;;
     tests) run_step tests 600 env OMP_NUM_THREADS=1 python -m pytest -q -p no:cacheprovider \
-      -rfE tests/distributed ;;
+      -rfE -m gpu --durations=8 tests/distributed tests/kernels/test_all_reduce.py ;;
     allreduce) run_step allreduce 300 python -m torch.distributed.run --nproc-per-node 2 \
       scripts/bench_distributed.py allreduce --out "$OUT" ;;
     decode)
       run_step decode-tp1 420 $BENCH decode --tp 1 --out "$OUT"
       run_step decode-tp2 420 $BENCH decode --tp 2 --profile --out "$OUT"
-      run_step decode-tp2-oneshot 420 $BENCH decode --tp 2 --one-shot --profile --out "$OUT"
-      run_step decode-pp2 420 $BENCH decode --pp 2 --out "$OUT" ;;
+      run_step decode-tp2-oneshot 420 $BENCH decode --tp 2 --one-shot --profile --out "$OUT" ;;
+    decode-pp) run_step decode-pp2 420 $BENCH decode --pp 2 --out "$OUT" ;;
     tput)
       run_step tput-tp1 600 $BENCH throughput --tp 1 --out "$OUT"
       run_step tput-pp2 600 $BENCH throughput --pp 2 --out "$OUT"

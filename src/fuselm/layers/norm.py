@@ -1,10 +1,12 @@
-"""RMSNorm layer; with a residual it runs the fused add + norm in place."""
+"""RMSNorm layer; with a residual it runs the fused add + norm in place, and with ``reduce``
+it first sums x over the tensor-parallel group (one kernel with the custom all-reduce)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from fuselm.distributed import comm
 from fuselm.kernels._registry import select_preferred as select
 from fuselm.kernels.rms_norm import fused_add_rms_norm_ref, rms_norm_ref
 
@@ -26,11 +28,16 @@ class RMSNorm(nn.Module):
         self._add_norm = select("fused_add_rms_norm", backend, device, for_graphs=for_graphs)
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, reduce: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Without residual: the normed x. With it: ``(norm(x + residual), x + residual)``,
-        computed in place in x and residual."""
+        computed in place in residual (and in x, unless the all-reduce gives a new tensor);
+        with ``reduce``, x is this rank's partial sum and the sum over the TP group is added."""
         if residual is None:
             return self._norm(x, self.weight, self.eps)
+        if reduce:
+            x = comm.tp_all_reduce_add_rms_norm(x, residual, self.weight, self.eps,
+                                                self._add_norm)
+            return x, residual
         self._add_norm(x, residual, self.weight, self.eps)
         return x, residual

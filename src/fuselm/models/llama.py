@@ -4,6 +4,10 @@ Forward takes the engine's flat batch: token ids ``[num_tokens]``, positions ``[
 a ``ForwardBatch``. A pipeline stage holds layers ``[start_layer, end_layer)``; stages other than
 the first take ``(hidden, residual)`` from the previous stage, stages other than the last return
 it. ``compute_logits`` runs the LM head only on the rows that need logits.
+
+Under tensor parallelism the output and down projections leave their partial sums unreduced: the
+norm after each takes the all-reduce with its residual add (``RMSNorm(..., reduce=True)``, one
+kernel with the custom all-reduce), so a layer hands the next one its rank's partial MLP output.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 from torch import nn
 
 from fuselm.config import ModelConfig
+from fuselm.distributed import comm
 from fuselm.distributed import parallel_state as ps
 from fuselm.forward_batch import ForwardBatch
 from fuselm.layers.activation import SiluAndMul
@@ -49,13 +54,13 @@ class LlamaAttention(nn.Module):
         self.kv_size = self.num_kv_heads * head_size
         self.head_size = head_size
         self.o_proj = RowParallelLinear(config.num_attention_heads * head_size,
-                                        config.hidden_size, bias=False)
+                                        config.hidden_size, bias=False, reduce_results=False)
         self.attn = Attention(self.num_heads, self.num_kv_heads, head_size,
                               head_size**-0.5, rope)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 batch: ForwardBatch) -> torch.Tensor:
-        """hidden ``[T, hidden_size]`` -> ``[T, hidden_size]``."""
+        """hidden ``[T, hidden_size]`` -> this rank's partial sum ``[T, hidden_size]``."""
         qkv = self.qkv_proj(hidden)
         num_tokens = qkv.shape[0]
         q = qkv[:, : self.q_size].view(num_tokens, self.num_heads, self.head_size)
@@ -74,10 +79,11 @@ class LlamaMLP(nn.Module):
         inter = config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter])
         self.act_fn = SiluAndMul()
-        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=False)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=False,
+                                           reduce_results=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x ``[T, hidden_size]`` -> ``[T, hidden_size]``."""
+        """x ``[T, hidden_size]`` -> this rank's partial sum ``[T, hidden_size]``."""
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
@@ -92,16 +98,19 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
-                residual: torch.Tensor | None,
-                batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns ``(mlp output, residual)``; their sum is the layer's output."""
+                residual: torch.Tensor | None, batch: ForwardBatch,
+                hidden_is_partial: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(this rank's partial mlp output, residual)``; the sum of the mlp output
+        over the TP group plus the residual is the layer's output. ``hidden`` is the previous
+        layer's partial output unless ``hidden_is_partial`` is False (the embedding, or a
+        stage's input); without residual it is the embedding."""
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+            hidden, residual = self.input_layernorm(hidden, residual, reduce=hidden_is_partial)
         hidden = self.self_attn(positions, hidden, batch)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        hidden, residual = self.post_attention_layernorm(hidden, residual, reduce=True)
         return self.mlp(hidden), residual
 
 
@@ -164,11 +173,13 @@ class LlamaForCausalLM(nn.Module):
             hidden, residual = self.embed_tokens(input_ids), None
         else:
             hidden, residual = intermediate
+        partial = False
         for layer in self.layers.values():
-            hidden, residual = layer(positions, hidden, residual, batch)
+            hidden, residual = layer(positions, hidden, residual, batch, hidden_is_partial=partial)
+            partial = True
         if not self.is_last:
-            return hidden, residual
-        hidden, _ = self.norm(hidden, residual)
+            return (comm.tp_all_reduce(hidden) if partial else hidden), residual
+        hidden, _ = self.norm(hidden, residual, reduce=partial)
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
