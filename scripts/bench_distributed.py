@@ -70,19 +70,27 @@ def _one_request_ms(engine: Any, rng: np.random.Generator, prompt_len: int,
 
 
 def _allreduce_profile(engine: Any, rng: np.random.Generator) -> dict[str, Any]:
-    """All-reduce kernel time per decode step on rank 0 (CUPTI sees graph-replayed kernels)."""
+    """All-reduce kernel time per decode step on rank 0 (CUPTI sees graph-replayed kernels), and
+    the step's kernels by time (with PDL a kernel's time includes its wait for the previous)."""
     from torch.profiler import ProfilerActivity, profile
 
     steps = 64
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         _one_request_ms(engine, rng, 8, steps)
     total_us, calls = 0.0, 0
+    kernels = []
     for event in prof.key_averages():
         name = event.key.lower()
+        us = getattr(event, "device_time_total", 0.0)
         if "allreduce" in name or "all_reduce" in name:
-            total_us += getattr(event, "device_time_total", 0.0)
+            total_us += us
             calls += event.count
-    return {"ar_ms_per_step": total_us / 1000 / steps, "ar_calls_per_step": calls / steps}
+        if us > 0:
+            kernels.append({"kernel": event.key[:70], "calls_per_step": event.count / steps,
+                            "us_per_step": us / steps})
+    kernels.sort(key=lambda k: -k["us_per_step"])
+    return {"ar_ms_per_step": total_us / 1000 / steps, "ar_calls_per_step": calls / steps,
+            "kernels": kernels[:16]}
 
 
 def cmd_decode(args: argparse.Namespace) -> dict[str, Any]:
@@ -315,7 +323,8 @@ def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     decode = {name: _load(out, tag) for name, tag in (
         ("TP=1", "decode-tp1-pp1"), ("TP=2 (NCCL)", "decode-tp2-pp1"),
-        ("TP=2 custom all-reduce (+ add + norm)", "decode-tp2-pp1-oneshot"), ("PP=2", "decode-tp1-pp2"))}
+        ("TP=2 custom all-reduce (+ add + norm)", "decode-tp2-pp1-oneshot"),
+        ("PP=2", "decode-tp1-pp2"))}
     tput = {name: _load(out, tag) for name, tag in (
         ("TP=1", "throughput-tp1-pp1"), ("PP=2 (2 micro-batches)", "throughput-tp1-pp2"),
         ("PP=2 (3 micro-batches)", "throughput-tp1-pp2-mb3"),
@@ -368,7 +377,8 @@ def main() -> int:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--one-shot", action="store_true",
-                        help="the custom one-shot all-reduce (fused with add + RMSNorm) instead of NCCL")
+                        help="the custom one-shot all-reduce (fused with add + RMSNorm), "
+                             "not NCCL")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--tokens", type=int, default=256, help="decode: tokens per request")
     parser.add_argument("--micro-batches", type=int, default=None)

@@ -33,7 +33,7 @@ for step in $STEPS; do
     allreduce) run_step allreduce 300 python -m torch.distributed.run --nproc-per-node 2 \
       scripts/bench_distributed.py allreduce --out "$OUT" ;;
     decode)
-      run_step decode-tp1 420 $BENCH decode --tp 1 --out "$OUT"
+      run_step decode-tp1 420 $BENCH decode --tp 1 --profile --out "$OUT"
       run_step decode-tp2 420 $BENCH decode --tp 2 --profile --out "$OUT"
       run_step decode-tp2-oneshot 420 $BENCH decode --tp 2 --one-shot --profile --out "$OUT" ;;
     decode-pp) run_step decode-pp2 420 $BENCH decode --pp 2 --out "$OUT" ;;

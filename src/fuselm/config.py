@@ -153,10 +153,10 @@ class ParallelConfig:
     """Seconds before a stalled collective counts as a failure."""
     pipeline_layer_partition: str | None = None
     """Layers per pipeline stage, comma-separated (e.g. 18,14); None splits evenly."""
-    custom_all_reduce: bool = False
-    """One-shot symmetric-memory all-reduce for decode-sized tensor-parallel messages instead
-    of NCCL. Off by default: inside the decode CUDA graph on 2 x H100 NCCL measured faster
-    (5.8 vs 9.0 us a call, docs/perf/distributed-h100.md)."""
+    custom_all_reduce: bool | None = None
+    """fuselm's one-shot all-reduce (over peer-mapped memory, fused with the residual add +
+    RMSNorm that follows) for decode-sized tensor-parallel messages instead of NCCL; None: on
+    wherever it can work (CUDA, the TP ranks on one host); False: NCCL only."""
 
 
 @dataclass(frozen=True)

@@ -111,3 +111,27 @@ def test_auto_prefers_triton_only_for_cuda_graphs_where_pdl_chains(monkeypatch):
     assert _registry._preference(cuda, for_graphs=False)[0] == "cuda"
     monkeypatch.setattr(_pdl, "pdl_available", lambda device: False)
     assert _registry._preference(cuda, for_graphs=True)[0] == "cuda"
+
+
+def test_tuning_entry_falls_back_to_a_gpu_of_the_same_capability(tmp_path, monkeypatch):
+    table = {"GPU_A": {"b": {"backend": "triton", "triton": {"num_warps": 4}}},
+             "GPU_B": {"b": {"backend": "cuda"}},
+             _triton_utils.CAPABILITY_KEY: {"GPU_A": "9.0", "GPU_B": "8.0"}}
+    (tmp_path / "op.json").write_text(json.dumps(table))
+    monkeypatch.setattr(_triton_utils, "_CONFIG_DIR", tmp_path)
+    names = {0: "GPU A", 1: "GPU C", 2: "GPU D"}  # C: same capability as A; D: no such GPU
+    caps = {0: (9, 0), 1: (9, 0), 2: (7, 5)}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: names[i])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: caps[i])
+    _triton_utils.clear_config_caches()
+    _triton_utils._gpu_key.cache_clear()
+    try:
+        assert _triton_utils.gpu_table_entry("op", 0) == table["GPU_A"]
+        assert _triton_utils.gpu_table_entry("op", 1) == table["GPU_A"]
+        assert _triton_utils.gpu_table_entry("op", 2) == {}
+        assert _triton_utils.tuned_triton_config("op", "b", "cuda", 1) == {"num_warps": 4}
+        assert _registry.tuned_backend("op", torch.device("cuda", 1), "b") == "triton"
+        assert _registry.tuned_backend("op", torch.device("cuda", 2), "b") is None
+    finally:
+        _triton_utils.clear_config_caches()
+        _triton_utils._gpu_key.cache_clear()

@@ -26,6 +26,7 @@ import torch
 
 from fuselm.bench import common
 from fuselm.bench.kernel_cases import KernelCase
+from fuselm.kernels import _triton_utils
 
 logger = logging.getLogger(__name__)
 
@@ -216,10 +217,10 @@ def write_tuning_tables(tables: dict[str, dict], gpu_name: str, configs_dir: Pat
                 entry = {**entry, "triton": old["triton"]}
             merged[bucket] = entry
         table[gpu] = merged
+        if torch.cuda.is_available():
+            caps = table.setdefault(_triton_utils.CAPABILITY_KEY, {})
+            caps[gpu] = "{}.{}".format(*torch.cuda.get_device_capability())
         written.append(common.write_json(path, dict(sorted(table.items()))))
-    from fuselm.kernels import _registry, _triton_utils
-
-    _registry._tuning_table.cache_clear()
     _triton_utils.clear_config_caches()
     return written
 
@@ -304,7 +305,6 @@ def run_kernel_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``fuselm bench kernels``."""
-    from fuselm.kernels import _registry
 
     parser.add_argument("--ops", default=None, help="comma-separated ops (default: all)")
     parser.add_argument(
@@ -327,7 +327,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--output-dir", default="docs/perf", help="where the .md and .json go")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
-    parser.add_argument("--configs-dir", default=str(_registry._CONFIG_DIR),
+    parser.add_argument("--configs-dir", default=str(_triton_utils._CONFIG_DIR),
                         help="where the tuning tables go")  # fmt: skip
 
 

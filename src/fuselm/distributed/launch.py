@@ -55,7 +55,7 @@ class DistributedContext:
     store: dist.Store
     monitor: Monitor
     layer_partition: list[int] | None = None
-    use_custom_all_reduce: bool = False  # --custom-all-reduce opts in
+    use_custom_all_reduce: bool | None = None  # None: where it works; False: NCCL only
     procs: dict[int, Any] = field(default_factory=dict)
 
     def min_over_ranks(self, value: int) -> int:
@@ -90,7 +90,7 @@ class DistributedContext:
         self.store_barrier("loaded", max(self.timeout, LOAD_TIMEOUT_S))
         ps.set_custom_all_reduce(maybe_create_custom_all_reduce(
             ps.get_tp_group(), self.device, dtype, self.store, self.rank,
-            self.use_custom_all_reduce))
+            self.use_custom_all_reduce is not False))
         return self.min_over_ranks(num_blocks(stage_profile_execute(runner)))
 
     def shutdown(self) -> None:

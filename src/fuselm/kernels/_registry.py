@@ -9,16 +9,12 @@ On a CPU device ``auto`` is always ``reference``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from functools import cache
-from pathlib import Path
 
 import torch
 
 BACKENDS = ("reference", "triton", "cuda", "auto")
 _PREFERENCE = ("cuda", "triton", "reference")
-_CONFIG_DIR = Path(__file__).parent / "configs"
 
 # op name -> backend -> implementation. Filled by the op modules at import time.
 _IMPLS: dict[str, dict[str, Callable]] = {}
@@ -47,18 +43,15 @@ def _preference(device: torch.device, for_graphs: bool) -> tuple[str, ...]:
     return _PREFERENCE
 
 
-@cache
-def _tuning_table(op: str) -> dict:
-    path = _CONFIG_DIR / f"{op}.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
 def tuned_backend(op: str, device: torch.device, bucket: str = "default") -> str | None:
-    """The backend ``fuselm bench kernels`` recorded as fastest for this GPU and shape bucket."""
+    """The backend ``fuselm bench kernels`` recorded as fastest for this GPU (or one of its
+    compute capability) and shape bucket."""
     if device.type != "cuda":
         return None
-    gpu = torch.cuda.get_device_name(device).replace(" ", "_")
-    entry = _tuning_table(op).get(gpu, {})
+    from fuselm.kernels._triton_utils import gpu_table_entry
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    entry = gpu_table_entry(op, index)
     choice = entry.get(bucket, entry.get("default"))
     return choice.get("backend") if isinstance(choice, dict) else choice
 

@@ -79,16 +79,34 @@ def _config_table(op: str) -> dict:
         return {}
 
 
+CAPABILITY_KEY = "_capability"  # {gpu: "major.minor"} beside the GPUs' entries of a table
+
+
+@cache
+def gpu_table_entry(op: str, device_index: int) -> dict:
+    """This GPU's entry ``{bucket: ...}`` of ``configs/<op>.json``; for a GPU the table has no
+    entry for, the entry of a GPU of the same compute capability (an H200 takes an H100's),
+    else {}."""
+    table = _config_table(op)
+    entry = table.get(_gpu_key(device_index))
+    if entry is None:
+        capability = "{}.{}".format(*torch.cuda.get_device_capability(device_index))
+        same = [gpu for gpu, cap in sorted(table.get(CAPABILITY_KEY, {}).items())
+                if cap == capability and gpu in table]
+        entry = table[same[0]] if same else {}
+    return entry if isinstance(entry, dict) else {}
+
+
 @cache
 def tuned_triton_config(op: str, bucket: str, device_type: str, device_index: int) -> dict:
     """Triton launch parameters ``fuselm bench kernels`` recorded for this GPU and bucket, or {}.
 
-    Reads ``configs/<op>.json`` ``{gpu: {bucket: {"backend": ..., "triton": {...}}}}``; cached,
-    so a launcher pays one dict lookup per call after the first.
+    Reads ``configs/<op>.json`` ``{gpu: {bucket: {"backend": ..., "triton": {...}}}}``
+    (``gpu_table_entry``); cached, so a launcher pays one dict lookup per call after the first.
     """
     if device_type != "cuda":
         return {}
-    entry = _config_table(op).get(_gpu_key(device_index), {}).get(bucket, {})
+    entry = gpu_table_entry(op, device_index).get(bucket, {})
     triton_cfg = entry.get("triton", {}) if isinstance(entry, dict) else {}
     return dict(triton_cfg) if isinstance(triton_cfg, dict) else {}
 
@@ -96,6 +114,7 @@ def tuned_triton_config(op: str, bucket: str, device_type: str, device_index: in
 def clear_config_caches() -> None:
     """Forgets the cached tables (the benchmark calls it after writing new ones)."""
     _config_table.cache_clear()
+    gpu_table_entry.cache_clear()
     tuned_triton_config.cache_clear()
 
 
