@@ -6,6 +6,7 @@ in the same run. Each subcommand is one configuration in a fresh process and wri
     decode --tp N --pp M [--one-shot] [--profile]   batch-1 ms/token (+ all-reduce share)
     throughput --tp N --pp M [--micro-batches K]    1000 requests, 256 in / 256 out, offline
     allreduce (under torchrun --nproc-per-node 2)   NCCL vs one-shot (+ add + RMSNorm), graphs
+    layerchain (under torchrun --nproc-per-node 2)  TP=2 layer blocks per gemv config, AR exposed
     tokens                                          greedy TP=1 vs TP=2, small random model
     report                                          table + ratios from the JSONs in --out
 
@@ -223,6 +224,126 @@ def cmd_allreduce(args: argparse.Namespace) -> dict[str, Any] | None:
                                   "(multicast off); fused = all-reduce + residual add + RMSNorm"}
 
 
+def _chain_graph_us(block: Any, count: int) -> float:
+    """Per-block time of ``count`` blocks captured back to back in one CUDA graph."""
+    block()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(count):
+            block()
+    graph.replay()
+    return _time_loop_us(graph.replay, 20) / count
+
+
+def _write_layerchain_configs(rows: list[dict[str, Any]], shapes: dict[str, tuple[int, int]],
+                              out: Path, device_index: int) -> None:
+    """The package's tuning tables in ``out``, with this GPU's gemv entry of each swept shape
+    set to the config with the fastest chained block (where 1 % faster than the tuned one)."""
+    import shutil
+
+    from fuselm.bench.kernels import write_tuning_tables
+    from fuselm.kernels import _triton_utils
+    from fuselm.kernels.gemv import shape_bucket
+
+    out.mkdir(parents=True, exist_ok=True)
+    for path in _triton_utils._CONFIG_DIR.glob("*.json"):
+        shutil.copy(path, out / path.name)
+    entry = dict(_triton_utils.gpu_table_entry("gemv", device_index))
+    for name, (n, k) in shapes.items():
+        mine = [r for r in rows if r["gemv"] == name]
+        best = min(mine, key=lambda r: r["block_us"])
+        base = next((r for r in mine if r["tuned"]), None)
+        if base is None or best["block_us"] < 0.99 * base["block_us"]:
+            entry[shape_bucket(n, k)] = {"backend": "triton", "triton": best["triton"],
+                                         "layerchain_block_us": best["block_us"]}
+    write_tuning_tables({"gemv": entry}, torch.cuda.get_device_name(device_index), out)
+    print(f"wrote {out}/gemv.json")
+
+
+def cmd_layerchain(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Run under torchrun with 2 processes: an 8B layer's TP=2 blocks at batch 1 chained in one
+    CUDA graph, per gemv config: attention side (all-reduce + norm, qkv gemv, o_proj gemv) and
+    MLP side (all-reduce + norm, gate_up gemv, silu, down gemv). With the norm alone instead of
+    the all-reduce + norm, the difference is the all-reduce's exposed time."""
+    import torch.distributed as dist
+
+    from fuselm.distributed.custom_all_reduce import CustomAllReduce
+    from fuselm.kernels.gemv import GemvConfig, launch_gemv, tuned_config
+    from fuselm.kernels.rms_norm import fused_add_rms_norm_triton
+    from fuselm.kernels.silu_and_mul import silu_and_mul_triton
+
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    local = int(os.environ["LOCAL_RANK"])
+    torch.cuda.set_device(local)
+    dist.init_process_group("cpu:gloo,cuda:nccl")
+    device = torch.device("cuda", local)
+    custom = CustomAllReduce(dist.group.WORLD, device, torch.bfloat16)
+    hidden, inter, eps = 4096, 14336 // 2, 1e-5
+
+    def weight(n: int, k: int) -> torch.Tensor:
+        return (torch.randn(n, k, device=device) * 0.02).bfloat16()
+
+    w = {"qkv": weight(3072, hidden), "o": weight(hidden, 2048),
+         "gate_up": weight(2 * inter, hidden), "down": weight(hidden, inter)}
+    norm_w = torch.ones(hidden, dtype=torch.bfloat16, device=device)
+    h = torch.randn(1, hidden, dtype=torch.bfloat16, device=device)
+    residual = torch.randn_like(h)
+    qkv_out = torch.empty(1, 3072, dtype=torch.bfloat16, device=device)
+    gu_out = torch.empty(1, 2 * inter, dtype=torch.bfloat16, device=device)
+
+    def tuned(name: str) -> GemvConfig:
+        n, k = w[name].shape
+        return tuned_config(n, k, device) or GemvConfig(1, 4096, 8)
+
+    def boundary(with_ar: bool) -> None:
+        if with_ar:
+            custom.all_reduce_add_rms_norm(h, residual, norm_w, eps)
+        else:
+            fused_add_rms_norm_triton(h, residual, norm_w, eps)
+
+    def attn_block(cfgs: dict[str, GemvConfig], with_ar: bool) -> None:
+        boundary(with_ar)
+        launch_gemv(h, w["qkv"], None, qkv_out, cfgs["qkv"])
+        launch_gemv(qkv_out[:, :2048], w["o"], None, h, cfgs["o"])
+
+    def mlp_block(cfgs: dict[str, GemvConfig], with_ar: bool) -> None:
+        boundary(with_ar)
+        launch_gemv(h, w["gate_up"], None, gu_out, cfgs["gate_up"])
+        launch_gemv(silu_and_mul_triton(gu_out), w["down"], None, h, cfgs["down"])
+
+    sweep = {"qkv": [(1, 4096, 8), (2, 4096, 8), (4, 4096, 8), (2, 4096, 16), (1, 2048, 4),
+                     (2, 2048, 8), (4, 1024, 8)],
+             "o": [(1, 2048, 4), (2, 2048, 8), (4, 2048, 8), (4, 2048, 16), (8, 1024, 8)],
+             "gate_up": [(1, 4096, 8), (2, 4096, 8), (4, 4096, 8), (2, 4096, 16), (4, 4096, 16),
+                         (1, 2048, 4), (2, 2048, 8)],
+             "down": [(2, 4096, 4), (1, 4096, 8), (2, 4096, 8), (4, 4096, 8), (4, 4096, 16),
+                      (2, 2048, 8)]}
+    rows = []
+    for name, configs in sweep.items():
+        block = attn_block if name in ("qkv", "o") else mlp_block
+        for bn, bk, warps in configs:
+            cfgs = {k: tuned(k) for k in w}
+            cfgs[name] = GemvConfig(bn, bk, warps)
+            with_ar = _chain_graph_us(lambda c=cfgs, b=block: b(c, True), 16)
+            without = _chain_graph_us(lambda c=cfgs, b=block: b(c, False), 16)
+            rows.append({"gemv": name, "config": cfgs[name].label,
+                         "tuned": cfgs[name] == tuned(name), "block_us": with_ar,
+                         "block_no_ar_us": without, "ar_exposed_us": with_ar - without,
+                         "triton": cfgs[name].to_dict()})
+    rank = dist.get_rank()
+    dist.barrier()
+    dist.destroy_process_group()
+    if rank != 0:
+        return None
+    print(format_table([{k: v for k, v in r.items() if k != "triton"} for r in rows]))
+    if args.write_configs:
+        _write_layerchain_configs(rows, {k: tuple(v.shape) for k, v in w.items()},
+                                  Path(args.write_configs), local)
+    return {"rows": rows, "note": "TP=2 8B blocks at batch 1, 16 per CUDA graph, custom fused "
+                                  "all-reduce vs the norm alone"}
+
+
 def _small_checkpoint(path: Path) -> Path:
     """A 4-layer random Llama (GQA, 8 heads / 2 KV heads) saved as safetensors in float32."""
     import transformers
@@ -371,8 +492,8 @@ def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=["decode", "throughput", "allreduce", "tokens",
-                                            "tokens-run", "tokens-scaling", "report"])
+    parser.add_argument("command", choices=["decode", "throughput", "allreduce", "layerchain",
+                                            "tokens", "tokens-run", "tokens-scaling", "report"])
     parser.add_argument("--out", required=True)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
@@ -390,17 +511,19 @@ def main() -> int:
     parser.add_argument("--dtype", default=None, help="default: bfloat16 (tokens-run: float32)")
     parser.add_argument("--shape", default="llama-3-8b", help="dummy shape (CPU smoke: llama-tiny)")
     parser.add_argument("--json", default=None, help="output path (default: OUT/<tag>.json)")
+    parser.add_argument("--write-configs", default=None,
+                        help="layerchain: tuning tables with the best gemv configs, here")
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     command = {"decode": cmd_decode, "throughput": cmd_throughput, "allreduce": cmd_allreduce,
+               "layerchain": cmd_layerchain,
                "tokens": cmd_tokens, "tokens-run": cmd_tokens_run,
                "tokens-scaling": cmd_tokens_scaling, "report": cmd_report}
     result = command[args.command](args)
     if result is None:  # a torchrun rank other than 0
         return 0
-    tag = {"allreduce": "allreduce", "tokens": "tokens", "tokens-scaling": "tokens-scaling",
-           "report": "summary"}.get(
-        args.command, _tag(args))
+    tag = {"allreduce": "allreduce", "layerchain": "layerchain", "tokens": "tokens",
+           "tokens-scaling": "tokens-scaling", "report": "summary"}.get(args.command, _tag(args))
     path = Path(args.json) if args.json else Path(args.out) / f"{tag}.json"
     write_json(path, {"environment": environment(), **result} if args.command != "report"
                else result)

@@ -6,8 +6,8 @@
 # PP=2 vs TP=1 offline throughput, TP=1 vs TP=2 greedy tokens, and the report.
 # Each step runs under `timeout`; logs and JSON go to $OUT.
 # Usage (repo root): OUT=/dir scripts/gpu_distributed_check.sh [steps...]
-#   steps: env tests allreduce decode decode-pp tput tput512 tokens report
-#   (default: all but tput512)
+#   steps: env tests allreduce layerchain decode decode-chained decode-pp tput tput512 tokens
+#   report (default: all but layerchain, decode-chained and tput512)
 #   budgets: STEP_TIMEOUT_<STEP>=seconds
 set -u
 cd "$(dirname "$0")/.."
@@ -36,6 +36,13 @@ for step in $STEPS; do
       run_step decode-tp1 420 $BENCH decode --tp 1 --profile --out "$OUT"
       run_step decode-tp2 420 $BENCH decode --tp 2 --profile --out "$OUT"
       run_step decode-tp2-oneshot 420 $BENCH decode --tp 2 --one-shot --profile --out "$OUT" ;;
+    layerchain) run_step layerchain 300 python -m torch.distributed.run --nproc-per-node 2 \
+      scripts/bench_distributed.py layerchain --out "$OUT" --write-configs "$OUT/configs" ;;
+    decode-chained)  # TP=1 and TP=2 with the gemv configs layerchain picked
+      run_step decode-tp1-chained 420 env FUSELM_KERNEL_CONFIGS="$OUT/configs" $BENCH decode \
+        --tp 1 --out "$OUT" --json "$OUT/decode-tp1-chained.json"
+      run_step decode-tp2-chained 420 env FUSELM_KERNEL_CONFIGS="$OUT/configs" $BENCH decode \
+        --tp 2 --one-shot --profile --out "$OUT" --json "$OUT/decode-tp2-chained.json" ;;
     decode-pp) run_step decode-pp2 420 $BENCH decode --pp 2 --out "$OUT" ;;
     tput)
       run_step tput-tp1 600 $BENCH throughput --tp 1 --out "$OUT"

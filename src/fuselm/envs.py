@@ -19,3 +19,9 @@ def pdl_enabled() -> bool:
     """FUSELM_PDL: 0 turns off programmatic dependent launch of the decode-graph Triton kernels
     (on by default where the GPU supports it: Hopper and newer)."""
     return os.environ.get("FUSELM_PDL", "1") != "0"
+
+
+def kernel_configs_dir() -> str | None:
+    """FUSELM_KERNEL_CONFIGS: a folder of tuning tables (``<op>.json``, as ``fuselm bench
+    kernels --configs-dir`` writes them) read instead of the ones shipped in the package."""
+    return os.environ.get("FUSELM_KERNEL_CONFIGS") or None

@@ -135,3 +135,15 @@ def test_tuning_entry_falls_back_to_a_gpu_of_the_same_capability(tmp_path, monke
     finally:
         _triton_utils.clear_config_caches()
         _triton_utils._gpu_key.cache_clear()
+
+
+def test_tuning_tables_from_another_folder(tmp_path, monkeypatch):
+    (tmp_path / "op.json").write_text(json.dumps({"GPU_A": {"b": {"triton": {"num_warps": 2}}}}))
+    monkeypatch.setenv("FUSELM_KERNEL_CONFIGS", str(tmp_path))
+    monkeypatch.setattr(_triton_utils, "_gpu_key", lambda index: "GPU_A")
+    _triton_utils.clear_config_caches()
+    try:
+        assert _triton_utils.tuned_triton_config("op", "b", "cuda", 0) == {"num_warps": 2}
+    finally:
+        monkeypatch.delenv("FUSELM_KERNEL_CONFIGS")
+        _triton_utils.clear_config_caches()

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from fuselm import envs
+
 _CONFIG_DIR = Path(__file__).parent / "configs"
 
 # One FRAGMENT per process is enough; every op module defines its schemas into it.
@@ -72,7 +74,7 @@ def _gpu_key(device_index: int) -> str:
 
 @cache
 def _config_table(op: str) -> dict:
-    path = _CONFIG_DIR / f"{op}.json"
+    path = Path(envs.kernel_configs_dir() or _CONFIG_DIR) / f"{op}.json"
     try:
         return json.loads(path.read_text()) if path.exists() else {}
     except (OSError, ValueError):
