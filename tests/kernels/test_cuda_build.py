@@ -170,13 +170,21 @@ sig = dict(x_ptr=bf, residual_ptr=bf, w_ptr=bf, out_ptr=bf, peers_ptr="*i64", lo
            state_ptr="*i32", rank="i32", hidden="i32", rank_numel="i32", eps="fp32")
 for norm in (True, False):
     ptx = build(ar._all_reduce_kernel, sig, dict(EMPTY=-32768, WORLD=2, BLOCK=4096, NORM=norm,
-                                                 USE_PDL=True), 8, ("rank", "eps"))
+                                                 SENT=False, USE_PDL=True), 8, ("rank", "eps"))
     check_pdl(f"all_reduce norm={norm}", ptx)
     ok = (re.search(r"ld\.volatile\.global\.v4\.b32", ptx)
           and re.search(r"st\.global\.v4\.b32", ptx) and len(re.findall(r"atom\.global", ptx)) == 1)
     print(f"all_reduce norm={norm}", "ok" if ok else "BAD")
     if not ok:
         sys.exit("all_reduce: volatile 16-byte polls, 16-byte stores or one atomic missing")
+
+# gemv that pushes its rows into the peers' exchange buffers: still prefetches before waiting
+sig = dict(x_ptr=bf, w_ptr=bf, b_ptr=bf, out_ptr=bf, N="i32", K="i32", x_stride="i32",
+           w_stride="i32", out_stride="i32", peers_ptr="*i64", exchange_ptr="*i16",
+           state_ptr="*i32", rank="i32", rank_numel="i32")
+consts = dict(HAS_BIAS=False, BLOCK_N=2, BLOCK_K=4096, EVEN_N=True, EVEN_K=True, NUM_STAGES=1,
+              PREFETCH=True, USE_PDL=True, PUSH=True, WORLD=2, EMPTY=-32768)
+check_pdl("gemv push", build(gv._gemv_kernel, sig, consts, 8, ("rank",)), prefetch=True)
 """
 
 
