@@ -52,31 +52,6 @@ def test_gemv_configs(dtype, m, n, k, cfg, bias, prefetch):
     assert_close(out, gv.gemv_ref(x, w, b), atol=atol, rtol=rtol)
 
 
-def _gated_reference(gate_up, w, b):
-    """float64 ``silu(gate) * up`` rounded to the dtype (as silu_and_mul stores it), then x W^T."""
-    k = w.shape[1]
-    g = gate_up[:, :k].double()
-    act = (g * torch.sigmoid(g) * gate_up[:, k:].double()).to(gate_up.dtype)
-    return gv.gemv_ref(act, w, b)
-
-
-@pytest.mark.parametrize("dtype", CPU_DTYPES)
-@pytest.mark.parametrize("m,n,k", [(1, 96, 64), (1, 7, 576), (2, 33, 130)])
-@pytest.mark.parametrize("cfg", CONFIGS[1:3], ids=lambda c: c.label)
-@pytest.mark.parametrize("bias", [False, True])
-def test_gemv_silu_and_mul(dtype, m, n, k, cfg, bias):
-    _need_triton()
-    x, w, b = _inputs(m, n, 2 * k, dtype, bias, seed=m * 7 + n + k)
-    w = w[:, :k].contiguous()
-    out = torch.empty(m, n, dtype=dtype, device=DEVICE)
-    gv.launch_gemv(x, w, b, out, cfg, gated=True)
-    atol, rtol = _tol(dtype, k)
-    assert_close(out, _gated_reference(x, w, b), atol=atol, rtol=rtol)
-    assert_close(gv.gemv_silu_and_mul(x, w, b), out, atol=atol, rtol=rtol)
-    with pytest.raises(ValueError, match="gated gemv needs"):
-        gv.gemv_silu_and_mul(x[:, :k], w, b)
-
-
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 def test_gemv_op_fp32_out_strided_rows_and_default_config(dtype):
     _need_triton()
@@ -141,16 +116,6 @@ def test_gpu_bf16(n, k, fp32_out):
     out = torch.ops.fuselm.gemv(x, w, None, fp32_out)
     atol, rtol = _tol(torch.bfloat16, k)
     assert_close(out.float(), gv.gemv_ref(x, w, None, fp32_out=True), atol=atol, rtol=rtol)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("n,k", [(4096, 14336), (4096, 7168)])
-def test_gpu_silu_and_mul_bf16(n, k):
-    _need_triton()
-    x, w, _ = _inputs(1, n, 2 * k, torch.bfloat16, False, seed=n + k)
-    w = w[:, :k].contiguous()
-    atol, rtol = _tol(torch.bfloat16, k)
-    assert_close(gv.gemv_silu_and_mul(x, w), _gated_reference(x, w, None), atol=atol, rtol=rtol)
 
 
 @pytest.mark.gpu

@@ -44,14 +44,13 @@ def tp_all_reduce_add_rms_norm(
     return x
 
 
-def tp_row_parallel_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         gated: bool = False) -> torch.Tensor | None:
-    """A row-parallel layer's batch-1 partial product (``gated``: of ``silu_and_mul(x)``) by the
-    GEMV that also hands it to the custom all-reduce's peers (which the next all-reduce of that
-    output then skips), or None where the custom all-reduce does not take it (the caller
-    computes the product itself)."""
+def tp_row_parallel_gemv(x: torch.Tensor, weight: torch.Tensor,
+                         bias: torch.Tensor | None) -> torch.Tensor | None:
+    """A row-parallel layer's partial product by the GEMV that also hands it to the custom
+    all-reduce's peers (which the next all-reduce of that output then skips), or None where the
+    custom all-reduce does not take it (the caller computes the product itself)."""
     custom = ps.get_custom_all_reduce() if ps.get_tp_size() > 1 else None
-    return None if custom is None else custom.gemv_push(x, weight, bias, gated)
+    return None if custom is None else custom.gemv_push(x, weight, bias)
 
 
 def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -73,19 +73,18 @@ class CustomAllReduce:
         next collective on every rank: its data already sits in the peers' buffers)."""
         return self._pushed is not None and x is self._pushed
 
-    def gemv_push(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  gated: bool = False) -> torch.Tensor | None:
-        """``x @ weight.T + bias`` (``gated``: of ``silu_and_mul(x)``) by the Triton GEMV that
-        also stores its output into the peers' exchange buffers (None where that does not
-        apply: the output is not one this all-reduce takes); the next ``all_reduce*`` call must
-        be for that output."""
+    def gemv_push(self, x: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor | None:
+        """``x @ weight.T + bias`` by the Triton GEMV that also stores its output into the
+        peers' exchange buffers (None where that does not apply: the output is not one this
+        all-reduce takes); the next ``all_reduce*`` call must be for that output."""
         rows, n = x.shape[0], weight.shape[0]
         if (not x.is_cuda or x.dtype != self.dtype or rows * n > self.max_numel
                 or rows > MAX_ROWS or self._pushed is not None):
             return None
         from fuselm.kernels.gemv import gemv_push
 
-        self._pushed = gemv_push(x, weight, bias, self.exchange, gated)
+        self._pushed = gemv_push(x, weight, bias, self.exchange)
         self.num_pushes += 1
         return self._pushed
 

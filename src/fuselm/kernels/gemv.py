@@ -12,10 +12,6 @@ it only where that table says so (or with ``--kernel-backend triton``).
 
 Backends: ``gemv_ref`` (float32 spec), ``gemv_triton`` (the torch op ``fuselm::gemv``).
 
-``gemv_silu_and_mul``: ``silu_and_mul(x) @ w.T`` for x ``[M, 2K]`` (gate, up) in one kernel: the
-down projection of a gated MLP reads the gate/up output and applies the activation to its input
-chunk on the fly (rounded to x's dtype, as the separate kernel stores it).
-
 ``gemv_push``: the Triton GEMV of a row-parallel layer under tensor parallelism that also stores
 its output straight into the peers' exchange buffers of the one-shot all-reduce
 (``fuselm.kernels.all_reduce``), program by program as rows are done; the all-reduce that follows
@@ -114,20 +110,11 @@ if _triton_utils.triton_available():
         return wv.to(tl.float32)
 
     @triton.jit
-    def _x_chunk(x_row, k, K, EVEN_K: tl.constexpr, GATED: tl.constexpr):
-        """fp32 chunk of the input row; GATED: ``silu(gate) * up`` of a ``[2K]`` row, rounded
-        to its dtype."""
+    def _x_chunk(x_row, k, K, EVEN_K: tl.constexpr):
         if EVEN_K:
             xv = tl.load(x_row + k)
         else:
             xv = tl.load(x_row + k, mask=k < K, other=0.0)
-        if GATED:
-            if EVEN_K:
-                up = tl.load(x_row + K + k)
-            else:
-                up = tl.load(x_row + K + k, mask=k < K, other=0.0)
-            g = xv.to(tl.float32)
-            xv = (g * tl.sigmoid(g) * up.to(tl.float32)).to(x_row.dtype.element_ty)
         return xv.to(tl.float32)
 
     @triton.jit
@@ -157,7 +144,6 @@ if _triton_utils.triton_available():
         PUSH: tl.constexpr = False,
         WORLD: tl.constexpr = 1,
         EMPTY: tl.constexpr = 0,
-        GATED: tl.constexpr = False,  # x rows are [gate | up] of 2K: silu(gate) * up is the input
     ):
         m = tl.program_id(1).to(tl.int64)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -169,7 +155,7 @@ if _triton_utils.triton_available():
             # while that kernel finishes; then wait for x
             acc = _w_tile(w_rows, rows, cols, N, K, EVEN_N, EVEN_K)
             pdl_wait_then_release(USE_PDL)
-            acc = acc * _x_chunk(x_row, cols, K, EVEN_K, GATED)[None, :]
+            acc = acc * _x_chunk(x_row, cols, K, EVEN_K)[None, :]
             start = BLOCK_K
         else:
             pdl_wait_then_release(USE_PDL)
@@ -178,7 +164,7 @@ if _triton_utils.triton_available():
         for k0 in tl.range(start, K, BLOCK_K, num_stages=NUM_STAGES):
             k = k0 + cols
             acc += _w_tile(w_rows, rows, k, N, K, EVEN_N, EVEN_K) * _x_chunk(
-                x_row, k, K, EVEN_K, GATED)[None, :]
+                x_row, k, K, EVEN_K)[None, :]
         y = tl.sum(acc, axis=1)
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
@@ -198,12 +184,11 @@ if _triton_utils.triton_available():
 
 def launch_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
                 cfg: GemvConfig, prefetch: bool | None = None,
-                push: _ar.Exchange | None = None, gated: bool = False) -> None:
+                push: _ar.Exchange | None = None) -> None:
     """Launches the Triton kernel with an explicit config into ``out [M, N]``; ``prefetch``
     (default: with PDL) loads the first weight tile before waiting for the previous kernel;
-    ``push``: also store out into the peers' exchange buffers (``gemv_push``); ``gated``: x is
-    ``[M, 2K]`` and ``silu_and_mul(x)`` the input (``gemv_silu_and_mul``)."""
-    m, k = x.shape[0], w.shape[1]
+    ``push``: also store out into the peers' exchange buffers (``gemv_push``)."""
+    m, k = x.shape
     n = w.shape[0]
     if m == 0 or n == 0:
         return
@@ -222,7 +207,7 @@ def launch_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out
         HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         EVEN_N=n % cfg.block_n == 0, EVEN_K=k % cfg.block_k == 0, NUM_STAGES=cfg.num_stages,
         PREFETCH=pdl if prefetch is None else prefetch, USE_PDL=pdl, num_warps=cfg.num_warps,
-        launch_pdl=pdl, GATED=gated, **exchange,
+        launch_pdl=pdl, **exchange,
     )
 
 
@@ -252,38 +237,17 @@ def is_triton_gemv(fn: object) -> bool:
     return _triton_utils.triton_available() and fn is torch.ops.fuselm.gemv.default
 
 
-def _check_gated(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
-    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != 2 * w.shape[1]:
-        raise ValueError(f"gated gemv needs x [M, 2K] and w [N, K], got {tuple(x.shape)} and "
-                         f"{tuple(w.shape)}")
-    _check(x[:, : w.shape[1]], w, bias)
-
-
-def gemv_silu_and_mul(x: torch.Tensor, w: torch.Tensor,
-                      bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``gemv_triton(silu_and_mul(x), w, bias)`` in one kernel; x ``[M, 2K]`` (gate, up)."""
-    _check_gated(x, w, bias)
-    n, k = w.shape
-    out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
-    cfg = tuned_config(n, k, x.device) or default_config(n, k)
-    launch_gemv(x, w, bias, out, cfg, gated=True)
-    return out
-
-
 def gemv_push(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
-              exchange: _ar.Exchange, gated: bool = False) -> torch.Tensor:
-    """``gemv_triton`` (x's dtype out; ``gated``: ``gemv_silu_and_mul``) that also stores its
-    output into the peers' exchange buffers for the one-shot all-reduce's current call; that
-    all-reduce must follow, with ``sent=True``, on every rank."""
-    if gated:
-        _check_gated(x, w, bias)
-    else:
-        _check(x, w, bias)
+              exchange: _ar.Exchange) -> torch.Tensor:
+    """``gemv_triton`` (x's dtype out) that also stores its output into the peers' exchange
+    buffers for the one-shot all-reduce's current call; that all-reduce must follow, with
+    ``sent=True``, on every rank."""
+    _check(x, w, bias)
     n, k = w.shape
     out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
     _ar.check_fits(out, exchange)
     cfg = tuned_config(n, k, x.device) or default_config(n, k)
-    launch_gemv(x, w, bias, out, cfg, push=exchange, gated=gated)
+    launch_gemv(x, w, bias, out, cfg, push=exchange)
     return out
 
 

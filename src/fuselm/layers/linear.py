@@ -16,7 +16,6 @@ which a quantized linear replaces the dense matmul: ``quant_method.apply(layer, 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -164,36 +163,20 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Partial product on this rank, summed over ranks unless ``reduce_results`` is off
         (then the caller all-reduces it next); the bias added once."""
-        return self._forward(x, gated=False)
-
-    def forward_silu_and_mul(self, gate_up: torch.Tensor,
-                             act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """``forward(act(gate_up))`` for ``act`` = silu_and_mul of a gated MLP's ``[T, 2 * in]``
-        gate/up output; one kernel where this layer's batch-1 GEMV is the Triton one."""
-        if self._takes_triton_gemv(gate_up):
-            return self._forward(gate_up, gated=True)
-        return self._forward(act(gate_up), gated=False)
-
-    def _forward(self, x: torch.Tensor, gated: bool) -> torch.Tensor:
         bias = self.bias if self.tp_rank == 0 else None
-        if not self.reduce_results and self._takes_triton_gemv(x):
-            # the partial goes straight to the custom all-reduce's peers where it applies
-            out = comm.tp_row_parallel_gemv(x, self.weight, bias, gated=gated)
+        if not self.reduce_results and self._pushes_partials(x):
+            out = comm.tp_row_parallel_gemv(x, self.weight, bias)
             if out is not None:
                 return out
-        if gated:
-            from fuselm.kernels.gemv import gemv_silu_and_mul
-
-            out = gemv_silu_and_mul(x, self.weight, bias)
-        else:
-            out = self.quant_method.apply(self, x, bias)
+        out = self.quant_method.apply(self, x, bias)
         return comm.tp_all_reduce(out) if self.reduce_results else out
 
-    def _takes_triton_gemv(self, x: torch.Tensor) -> bool:
-        """A batch-1 input and a dense weight whose bound GEMV is the Triton one."""
+    def _pushes_partials(self, x: torch.Tensor) -> bool:
+        """A batch-1 step whose bound GEMV is the Triton one (dense weight): its output can go
+        straight to the custom all-reduce's peers."""
         from fuselm.kernels.gemv import is_triton_gemv
 
-        return (x.dim() == 2 and x.shape[0] == 1 and x.stride(1) == 1
+        return (self.tp_size > 1 and x.shape[0] == 1 and x.dim() == 2 and x.stride(1) == 1
                 and isinstance(self.quant_method, UnquantizedLinearMethod)
                 and is_triton_gemv(self.gemv))
 

@@ -84,7 +84,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[T, hidden_size]`` -> this rank's partial sum ``[T, hidden_size]``."""
-        return self.down_proj.forward_silu_and_mul(self.gate_up_proj(x), self.act_fn)
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
