@@ -178,14 +178,13 @@ for norm in (True, False):
     if not ok:
         sys.exit("all_reduce: volatile 16-byte polls, 16-byte stores or one atomic missing")
 
-# gemv of silu_and_mul(x) that pushes its rows into the peers' exchange buffers: still
-# prefetches before waiting
+# gemv that pushes its rows into the peers' exchange buffers: still prefetches before waiting
 sig = dict(x_ptr=bf, w_ptr=bf, b_ptr=bf, out_ptr=bf, N="i32", K="i32", x_stride="i32",
            w_stride="i32", out_stride="i32", peers_ptr="*i64", exchange_ptr="*i16",
            state_ptr="*i32", rank="i32", rank_numel="i32")
 consts = dict(HAS_BIAS=False, BLOCK_N=2, BLOCK_K=4096, EVEN_N=True, EVEN_K=True, NUM_STAGES=1,
-              PREFETCH=True, USE_PDL=True, PUSH=True, WORLD=2, EMPTY=-32768, GATED=True)
-check_pdl("gemv push gated", build(gv._gemv_kernel, sig, consts, 8, ("rank",)), prefetch=True)
+              PREFETCH=True, USE_PDL=True, PUSH=True, WORLD=2, EMPTY=-32768)
+check_pdl("gemv push", build(gv._gemv_kernel, sig, consts, 8, ("rank",)), prefetch=True)
 
 # Greedy argmax: every load of the row 16 bytes wide, pipelined or not; the spans' merge.
 from fuselm.kernels import argmax as am
