@@ -61,8 +61,7 @@ def workload() -> list[tuple[list[list[int]], list[SamplingParams]]]:
 
 def make_config(model: str, tp: int, pp: int, timeout: float, device: str = "cpu",
                 async_scheduling: bool | None = None,
-                custom_all_reduce: bool | None = None,
-                kernel_backend: str | None = None) -> EngineConfig:
+                custom_all_reduce: bool | None = None) -> EngineConfig:
     """The engine every test configuration uses (tiny KV cache, small step budget; on GPUs
     float32, a fixed cache and decode graphs up to 16 sequences)."""
     gpu = {} if device == "cpu" else dict(dtype="float32", num_gpu_blocks=512, max_num_seqs=16)
@@ -71,16 +70,15 @@ def make_config(model: str, tp: int, pp: int, timeout: float, device: str = "cpu
         max_num_batched_tokens=MAX_BATCHED_TOKENS, max_model_len=256,
         enable_prefix_caching=True, cpu_kv_cache_gib=0.01, distributed_timeout=timeout,
         async_scheduling=async_scheduling, **gpu,
-        **({} if custom_all_reduce is None else {"custom_all_reduce": custom_all_reduce}),
-        **({} if kernel_backend is None else {"kernel_backend": kernel_backend}))
+        **({} if custom_all_reduce is None else {"custom_all_reduce": custom_all_reduce}))
 
 
 def make_llm(model: str, tp: int, pp: int, timeout: float, device: str = "cpu",
-             async_scheduling: bool | None = None, custom_all_reduce: bool | None = None,
-             kernel_backend: str | None = None) -> LLM:
+             async_scheduling: bool | None = None,
+             custom_all_reduce: bool | None = None) -> LLM:
     """An LLM of ``make_config``."""
     return LLM(config=make_config(model, tp, pp, timeout, device, async_scheduling,
-                                  custom_all_reduce, kernel_backend))
+                                  custom_all_reduce))
 
 
 def _outputs(outs: list[Any]) -> list[dict[str, Any]]:
@@ -93,11 +91,10 @@ def _outputs(outs: list[Any]) -> list[dict[str, Any]]:
 
 
 def run(model: str, tp: int, pp: int, timeout: float = 30.0, device: str = "cpu",
-        async_scheduling: bool | None = None, custom_all_reduce: bool | None = None,
-        kernel_backend: str | None = None) -> dict[str, Any]:
+        async_scheduling: bool | None = None,
+        custom_all_reduce: bool | None = None) -> dict[str, Any]:
     """Runs the workload; tokens, logprobs and the facts the tests assert on."""
-    llm = make_llm(model, tp, pp, timeout, device, async_scheduling, custom_all_reduce,
-                   kernel_backend)
+    llm = make_llm(model, tp, pp, timeout, device, async_scheduling, custom_all_reduce)
     engine = llm.engine
     outputs = []
     for prompts, params in workload():
@@ -113,7 +110,6 @@ def run(model: str, tp: int, pp: int, timeout: float = 30.0, device: str = "cpu"
         "rank0_kv_heads": attn[0].num_kv_heads,
         "rank0_layers": [engine.runner.model.start_layer, engine.runner.model.end_layer],
         "custom_all_reduce": ps.get_custom_all_reduce() is not None,
-        "custom_all_reduce_pushes": getattr(ps.get_custom_all_reduce(), "num_pushes", 0),
     }
 
 
@@ -159,18 +155,17 @@ def main() -> int:
     parser.add_argument("--async-scheduling", action="store_true")
     parser.add_argument("--custom-all-reduce", action=argparse.BooleanOptionalAction,
                         default=None)
-    parser.add_argument("--kernel-backend", default=None)
     args = parser.parse_args()
     async_scheduling = True if args.async_scheduling else None
     if is_torchrun_worker():  # under torchrun, ranks other than 0 serve rank 0's plans
         return run_torchrun_worker(make_config(args.model, args.tp, args.pp, args.timeout,
                                                args.device, async_scheduling,
-                                               args.custom_all_reduce, args.kernel_backend))
+                                               args.custom_all_reduce))
     if args.fault:
         return run_with_fault(args.model, args.tp, args.pp, args.timeout, args.fault,
                               args.fault_rank)
     result = run(args.model, args.tp, args.pp, args.timeout, args.device, async_scheduling,
-                 args.custom_all_reduce, args.kernel_backend)
+                 args.custom_all_reduce)
     print("RESULT " + json.dumps(result), flush=True)
     return 0
 

@@ -42,14 +42,11 @@ def assert_same_outputs(got: list[dict], want: list[dict], atol: float = LOGPROB
 
 def run_driver(model: Path, tp: int, pp: int, device: str = "cpu",
                timeout: float = 120, async_scheduling: bool = False,
-               custom_all_reduce: bool | None = None,
-               kernel_backend: str | None = None) -> dict[str, Any]:
+               custom_all_reduce: bool | None = None) -> dict[str, Any]:
     """The driver's RESULT as rank 0 of tp x pp ranks (it spawns the others)."""
     extra = ["--async-scheduling"] if async_scheduling else []
     if custom_all_reduce is not None:
         extra.append("--custom-all-reduce" if custom_all_reduce else "--no-custom-all-reduce")
-    if kernel_backend is not None:
-        extra += ["--kernel-backend", kernel_backend]
     proc = subprocess.run([sys.executable, str(DRIVER), "--model", str(model), "--tp", str(tp),
                            "--pp", str(pp), "--device", device, *extra], capture_output=True,
                           text=True, timeout=timeout, env=driver_env())

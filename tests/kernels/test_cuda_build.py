@@ -149,6 +149,7 @@ sig = dict(x_ptr=bf, w_ptr=bf, b_ptr=bf, out_ptr=bf, N="i32", K="i32", x_stride=
 consts = dict(HAS_BIAS=False, BLOCK_N=1, BLOCK_K=4096, EVEN_N=True, EVEN_K=True, NUM_STAGES=1,
               PREFETCH=True, USE_PDL=True)
 check_pdl("gemv", build(gv._gemv_kernel, sig, consts, 8), prefetch=True)
+check_pdl("gemv no prefetch", build(gv._gemv_kernel, sig, {**consts, "PREFETCH": False}, 8))
 sig = dict(x_ptr=bf, residual_ptr=bf, w_ptr=bf, out_ptr=bf, num_rows="i32", hidden="i32",
            x_stride="i32", residual_stride="i32", out_stride="i32", eps="fp32")
 consts = dict(BLOCK=4096, ROWS=1, ADD_RESIDUAL=True, ONE_PASS=True, NUM_CHUNKS=1, USE_PDL=True)
@@ -170,39 +171,13 @@ sig = dict(x_ptr=bf, residual_ptr=bf, w_ptr=bf, out_ptr=bf, peers_ptr="*i64", lo
            state_ptr="*i32", rank="i32", hidden="i32", rank_numel="i32", eps="fp32")
 for norm in (True, False):
     ptx = build(ar._all_reduce_kernel, sig, dict(EMPTY=-32768, WORLD=2, BLOCK=4096, NORM=norm,
-                                                 SENT=False, USE_PDL=True), 8, ("rank", "eps"))
+                                                 USE_PDL=True), 8, ("rank", "eps"))
     check_pdl(f"all_reduce norm={norm}", ptx)
     ok = (re.search(r"ld\.volatile\.global\.v4\.b32", ptx)
           and re.search(r"st\.global\.v4\.b32", ptx) and len(re.findall(r"atom\.global", ptx)) == 1)
     print(f"all_reduce norm={norm}", "ok" if ok else "BAD")
     if not ok:
         sys.exit("all_reduce: volatile 16-byte polls, 16-byte stores or one atomic missing")
-
-# gemv that pushes its rows into the peers' exchange buffers: still prefetches before waiting
-sig = dict(x_ptr=bf, w_ptr=bf, b_ptr=bf, out_ptr=bf, N="i32", K="i32", x_stride="i32",
-           w_stride="i32", out_stride="i32", peers_ptr="*i64", exchange_ptr="*i16",
-           state_ptr="*i32", rank="i32", rank_numel="i32")
-consts = dict(HAS_BIAS=False, BLOCK_N=2, BLOCK_K=4096, EVEN_N=True, EVEN_K=True, NUM_STAGES=1,
-              PREFETCH=True, USE_PDL=True, PUSH=True, WORLD=2, EMPTY=-32768)
-check_pdl("gemv push", build(gv._gemv_kernel, sig, consts, 8, ("rank",)), prefetch=True)
-
-# Greedy argmax: every load of the row 16 bytes wide, pipelined or not; the spans' merge.
-from fuselm.kernels import argmax as am
-
-for dt in ("bf16", "fp32"):
-    for stages in (1, 3):
-        sig = dict(x_ptr="*" + dt, out_ptr="*i32", val_ptr="*fp32", n="i32", x_stride="i32")
-        consts = dict(BLOCK=4096, NUM_STAGES=stages, USE_PDL=True, SPAN=4096 * stages)
-        ptx = build(am._argmax_kernel, sig, consts, 8)
-        check_pdl(f"argmax {dt} stages={stages}", ptx)
-        loads = re.findall(r"(?:ld\.global|cp\.async\.c[ag]\.shared\.global)[^\n]*", ptx)
-        ok = bool(loads) and all(".v4." in ld or ", 0x10," in ld for ld in loads)
-        print(f"argmax {dt} stages={stages}", "v4" if ok else "NOT-16B", len(loads))
-        if not ok:
-            sys.exit(f"argmax {dt} stages={stages}: loads narrower than 16 bytes: {loads[:3]}")
-check_pdl("argmax merge", build(am._argmax_merge_kernel, dict(
-    val_ptr="*fp32", idx_ptr="*i32", out_ptr="*i64", num_spans="i32"),
-    dict(P_PAD=32, USE_PDL=True), 1, ("num_spans",)))
 """
 
 

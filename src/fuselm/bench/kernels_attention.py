@@ -268,7 +268,7 @@ def _decode_variants(args) -> dict[str, tuple[dict, Any]]:
     for label, fields in DECODE_CANDIDATES.items():
         cfg = pa.DecodeConfig(**fields)._replace(block_n=min(fields["block_n"], size))
         fn = lambda c=cfg: pa.paged_attention_triton_out(  # noqa: E731
-            out, tmp_out, max_logits, exp_sums, ws.counters, *args, size, c)
+            out, tmp_out, max_logits, exp_sums, *args, size, c)
         if _runs_correctly(label, fn, out, expected):
             found[label] = (fields, fn)
     return found

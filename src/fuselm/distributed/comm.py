@@ -21,7 +21,7 @@ def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     if ps.get_tp_size() == 1:
         return x
     custom = ps.get_custom_all_reduce()
-    if custom is not None and (custom.should_use(x) or custom.is_pushed(x)):
+    if custom is not None and custom.should_use(x):
         return custom.all_reduce(x)
     dist.all_reduce(x, group=ps.get_tp_group())
     return x
@@ -35,22 +35,12 @@ def tp_all_reduce_add_rms_norm(
     (in place: ``residual += sum``, ``sum = rms_norm(residual)``); returns the normed tensor.
     One kernel when the custom all-reduce takes x, else the all-reduce and then ``add_norm``."""
     custom = ps.get_custom_all_reduce() if ps.get_tp_size() > 1 else None
-    if custom is not None and residual.is_contiguous() and (
-            custom.should_use(x) or custom.is_pushed(x)):
+    if custom is not None and custom.should_use(x) and residual.is_contiguous():
         custom.all_reduce_add_rms_norm(x, residual, weight, eps)
         return x
     x = tp_all_reduce(x)
     add_norm(x, residual, weight, eps)
     return x
-
-
-def tp_row_parallel_gemv(x: torch.Tensor, weight: torch.Tensor,
-                         bias: torch.Tensor | None) -> torch.Tensor | None:
-    """A row-parallel layer's partial product by the GEMV that also hands it to the custom
-    all-reduce's peers (which the next all-reduce of that output then skips), or None where the
-    custom all-reduce does not take it (the caller computes the product itself)."""
-    custom = ps.get_custom_all_reduce() if ps.get_tp_size() > 1 else None
-    return None if custom is None else custom.gemv_push(x, weight, bias)
 
 
 def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -53,14 +53,12 @@ class CustomAllReduce:
         self.buffer = symm_mem.empty(words, dtype=kernels.word_dtype(dtype), device=device)
         self.buffer.fill_(kernels.empty_word(dtype))
         handle = symm_mem.rendezvous(self.buffer, group)
-        peers = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
-        state = torch.zeros(2, dtype=torch.int32, device=device)
-        self.exchange = kernels.Exchange(peers, self.buffer, state, self.rank, self.max_numel)
+        self.peers = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
+        self.state = torch.zeros(2, dtype=torch.int32, device=device)
         self._handle = handle  # keeps the peer mappings alive
-        self._pushed: torch.Tensor | None = None  # a gemv_push output its all-reduce awaits
         torch.cuda.synchronize(device)
         dist.barrier(group=group)  # every buffer is empty before any rank stores into it
-        self.num_calls = self.num_pushes = 0  # host-side launches (a graph replay adds none)
+        self.num_calls = 0
 
     def should_use(self, x: torch.Tensor) -> bool:
         """True for a contiguous CUDA tensor of the buffer's dtype that fits the buffer."""
@@ -68,46 +66,20 @@ class CustomAllReduce:
                 and x.dim() >= 1 and x.numel() // x.shape[-1] <= MAX_ROWS
                 and x.is_contiguous())
 
-    def is_pushed(self, x: torch.Tensor) -> bool:
-        """Whether x is a ``gemv_push`` output whose all-reduce has not run yet (it must be the
-        next collective on every rank: its data already sits in the peers' buffers)."""
-        return self._pushed is not None and x is self._pushed
-
-    def gemv_push(self, x: torch.Tensor, weight: torch.Tensor,
-                  bias: torch.Tensor | None) -> torch.Tensor | None:
-        """``x @ weight.T + bias`` by the Triton GEMV that also stores its output into the
-        peers' exchange buffers (None where that does not apply: the output is not one this
-        all-reduce takes); the next ``all_reduce*`` call must be for that output."""
-        rows, n = x.shape[0], weight.shape[0]
-        if (not x.is_cuda or x.dtype != self.dtype or rows * n > self.max_numel
-                or rows > MAX_ROWS or self._pushed is not None):
-            return None
-        from fuselm.kernels.gemv import gemv_push
-
-        self._pushed = gemv_push(x, weight, bias, self.exchange)
-        self.num_pushes += 1
-        return self._pushed
-
-    def _take_pushed(self, x: torch.Tensor) -> bool:
-        sent = self.is_pushed(x)
-        self._pushed = None
-        return sent
-
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of x over the TP group, shape and dtype of x (a new tensor)."""
         self.num_calls += 1
-        sent = self._take_pushed(x)
-        out = kernels.one_shot_all_reduce(x.view(-1, x.shape[-1]), self.exchange, sent=sent)
+        out = kernels.one_shot_all_reduce(x.view(-1, x.shape[-1]), self.peers, self.buffer,
+                                          self.state, self.rank, self.max_numel)
         return out.view(x.shape)
 
     def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor,
                                 weight: torch.Tensor, eps: float) -> None:
         """In place: ``residual += sum of x over the group``; ``x = rms_norm(residual)``."""
         self.num_calls += 1
-        sent = self._take_pushed(x)
         kernels.one_shot_all_reduce_add_rms_norm(
-            x.view(-1, x.shape[-1]), residual.view(-1, x.shape[-1]), weight, eps, self.exchange,
-            sent=sent)
+            x.view(-1, x.shape[-1]), residual.view(-1, x.shape[-1]), weight, eps, self.peers,
+            self.buffer, self.state, self.rank, self.max_numel)
 
 
 def _tp_ranks_on_this_host(group: dist.ProcessGroup, store: dist.Store, rank: int) -> bool:

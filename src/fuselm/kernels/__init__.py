@@ -4,7 +4,6 @@ Importing this package registers every op's backends; ``select(op, backend, devi
 """
 
 from fuselm.kernels import (  # noqa: F401  (registration side effects)
-    argmax,
     gemv,
     paged_attention,
     prefill_attention,

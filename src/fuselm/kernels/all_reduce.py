@@ -13,10 +13,6 @@ rank still reads; a slot is reused only after every rank has emptied it. The cal
 the device (``state``: the count and the programs finished in this call), so the kernel can be
 captured in a CUDA graph and replayed.
 
-A row-parallel layer's GEMV may store its output into the peers' buffers itself as it computes it
-(``Exchange`` handed to ``fuselm.kernels.gemv.gemv_push``); the all-reduce of that output then
-skips its own stores (``sent=True``) and only polls, sums and normalises.
-
 ``all_reduce_ref`` / ``all_reduce_add_rms_norm_ref`` are the spec, given every rank's input: the
 sum in float32 in rank order, rounded to the input dtype (what NCCL gives for two ranks); the fused
 op then runs ``fused_add_rms_norm`` on it. The buffers and the peer addresses come from
@@ -24,8 +20,6 @@ op then runs ``fused_add_rms_norm`` on it. The buffers and the peer addresses co
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 
@@ -36,21 +30,6 @@ from fuselm.kernels.rms_norm import fused_add_rms_norm_ref
 NUM_SLOTS = 2
 _EMPTY = {2: -(1 << 15), 4: -(1 << 31)}  # the -0.0 bit pattern of 16- and 32-bit floats
 _WORD = {2: torch.int16, 4: torch.int32}
-
-
-class Exchange(NamedTuple):
-    """One rank's view of the group's exchange buffers."""
-
-    peers: torch.Tensor  # int64 [world]: every rank's buffer address (this rank's own included)
-    buffer: torch.Tensor  # this rank's buffer, NUM_SLOTS x world x rank_numel integer words
-    state: torch.Tensor  # int32 [2]: calls so far, programs finished in the current call
-    rank: int
-    rank_numel: int  # words of one rank's rows in a slot: the largest message
-
-    @property
-    def world(self) -> int:
-        """Ranks in the group."""
-        return self.peers.numel()
 
 
 def word_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -89,20 +68,6 @@ if _triton_utils.triton_available():
     from fuselm.kernels._pdl import pdl_wait_then_release
 
     @triton.jit
-    def exchange_words(x, word: tl.constexpr, EMPTY: tl.constexpr):
-        """x's bits as exchange words, -0.0 turned into +0.0 (no value may look empty)."""
-        bits = x.to(word, bitcast=True)
-        return tl.where(bits == EMPTY, tl.zeros_like(bits), bits)
-
-    @triton.jit
-    def store_to_peers(peers_ptr, local_ptr, offs, bits, mask, rank, WORLD: tl.constexpr):
-        """Stores ``bits`` at word ``offs`` of every other rank's exchange buffer."""
-        for p in tl.static_range(WORLD):
-            if p != rank:
-                peer = tl.load(peers_ptr + p).to(local_ptr.dtype)
-                tl.store(peer + offs, bits, mask=mask)
-
-    @triton.jit
     def _all_reduce_kernel(
         x_ptr,  # [rows, hidden] this rank's input; the normed output when NORM
         residual_ptr,  # [rows, hidden] in/out (NORM only)
@@ -119,7 +84,6 @@ if _triton_utils.triton_available():
         WORLD: tl.constexpr,
         BLOCK: tl.constexpr,
         NORM: tl.constexpr,
-        SENT: tl.constexpr,  # the producer of x stored it into the peers' buffers already
         USE_PDL: tl.constexpr = False,
     ):
         pdl_wait_then_release(USE_PDL)
@@ -131,10 +95,13 @@ if _triton_utils.triton_available():
         slot_base = (calls % 2).to(tl.int64) * WORLD * rank_numel
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
         word = local_ptr.dtype.element_ty
-        bits = exchange_words(x, word, EMPTY)
-        if not SENT:
-            store_to_peers(peers_ptr, local_ptr, slot_base + rank * rank_numel + offs, bits,
-                           mask, rank, WORLD)
+        bits = x.to(word, bitcast=True)
+        bits = tl.where(bits == EMPTY, tl.zeros_like(bits), bits)
+        mine = slot_base + rank * rank_numel + offs
+        for p in tl.static_range(WORLD):
+            if p != rank:
+                peer = tl.load(peers_ptr + p).to(local_ptr.dtype)
+                tl.store(peer + mine, bits, mask=mask)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for p in tl.static_range(WORLD):
             if p == rank:
@@ -163,49 +130,49 @@ if _triton_utils.triton_available():
             tl.store(state_ptr + 1, 0)
 
 
-def check_fits(x: torch.Tensor, ex: Exchange) -> None:
-    """Raises ValueError unless x ``[rows, hidden]`` (contiguous) fits the exchange."""
+def _check(x: torch.Tensor, buffer: torch.Tensor, world: int, rank_numel: int) -> None:
     if x.dim() != 2 or not x.is_contiguous():
         raise ValueError(f"x must be a contiguous [rows, hidden] tensor, got {tuple(x.shape)}")
-    if x.numel() > ex.rank_numel:
-        raise ValueError(f"{x.numel()} elements do not fit the exchange rows of {ex.rank_numel}")
-    if (ex.buffer.dtype != word_dtype(x.dtype)
-            or ex.buffer.numel() < NUM_SLOTS * ex.world * ex.rank_numel):
-        raise ValueError(f"exchange buffer {ex.buffer.dtype} [{ex.buffer.numel()}] does not hold "
-                         f"{NUM_SLOTS} x {ex.world} x {ex.rank_numel} words for {x.dtype}")
+    if x.numel() > rank_numel:
+        raise ValueError(f"{x.numel()} elements do not fit the exchange rows of {rank_numel}")
+    if buffer.dtype != word_dtype(x.dtype) or buffer.numel() < NUM_SLOTS * world * rank_numel:
+        raise ValueError(f"exchange buffer {buffer.dtype} [{buffer.numel()}] does not hold "
+                         f"{NUM_SLOTS} x {world} x {rank_numel} words for {x.dtype}")
 
 
-def _launch(x, residual, weight, out, ex: Exchange, eps: float, norm: bool, sent: bool) -> None:
+def _launch(x, residual, weight, out, peers: torch.Tensor, buffer: torch.Tensor,
+            state: torch.Tensor, rank: int, rank_numel: int, eps: float, norm: bool) -> None:
     rows, hidden = x.shape
     if rows == 0:
         return
     block = next_power_of_2(hidden)
     _all_reduce_kernel[(rows,)](
-        x, residual, weight, out, ex.peers, ex.buffer, ex.state, ex.rank, hidden, ex.rank_numel,
-        eps, EMPTY=empty_word(x.dtype), WORLD=ex.world, BLOCK=block, NORM=norm, SENT=sent,
+        x, residual, weight, out, peers, buffer, state, rank, hidden, rank_numel, eps,
+        EMPTY=empty_word(x.dtype), WORLD=peers.numel(), BLOCK=block, NORM=norm,
         num_warps=max(1, min(16, block * x.element_size() // 512)), **_pdl.launch_args(x),
     )  # fmt: skip
 
 
-def one_shot_all_reduce(x: torch.Tensor, ex: Exchange, sent: bool = False) -> torch.Tensor:
+def one_shot_all_reduce(x: torch.Tensor, peers: torch.Tensor, buffer: torch.Tensor,
+                        state: torch.Tensor, rank: int, rank_numel: int) -> torch.Tensor:
     """The sum of ``x`` ``[rows, hidden]`` over every rank (a new tensor); a collective: every
-    rank calls it with the same shape in the same order. ``sent``: x's producer stored it into
-    the peers' buffers already (``gemv_push``)."""
-    check_fits(x, ex)
+    rank calls it with the same shape in the same order."""
+    _check(x, buffer, peers.numel(), rank_numel)
     out = torch.empty_like(x)
-    _launch(x, x, x, out, ex, 0.0, norm=False, sent=sent)
+    _launch(x, x, x, out, peers, buffer, state, rank, rank_numel, 0.0, norm=False)
     return out
 
 
-def one_shot_all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor,
-                                     weight: torch.Tensor, eps: float, ex: Exchange,
-                                     sent: bool = False) -> None:
+def one_shot_all_reduce_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+    peers: torch.Tensor, buffer: torch.Tensor, state: torch.Tensor, rank: int, rank_numel: int,
+) -> None:
     """In place: ``residual += sum over ranks of x``, then ``x = rms_norm(residual)``; a
     collective, like ``one_shot_all_reduce``."""
-    check_fits(x, ex)
+    _check(x, buffer, peers.numel(), rank_numel)
     if residual.shape != x.shape or residual.dtype != x.dtype or not residual.is_contiguous():
         raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match x "
                          f"{tuple(x.shape)} {x.dtype} and be contiguous")
     if weight.shape != (x.shape[1],) or weight.stride(0) != 1:
         raise ValueError(f"weight must be a contiguous [{x.shape[1]}], got {tuple(weight.shape)}")
-    _launch(x, residual, weight, x, ex, eps, norm=True, sent=sent)
+    _launch(x, residual, weight, x, peers, buffer, state, rank, rank_numel, eps, norm=True)

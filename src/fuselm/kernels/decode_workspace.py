@@ -2,8 +2,7 @@
 
 One ``PagedAttentionWorkspace`` serves every layer; it picks the partition size from the batch
 size (a shape, so a graph captured at one context replays at any other) and hands the kernels
-views of flat float32 buffers sized for the largest batch of each partition bucket, plus the
-int32 merge counters of the one-kernel Triton split-KV (zeros between calls).
+views of flat float32 buffers sized for the largest batch of each partition bucket.
 """
 
 from __future__ import annotations
@@ -35,10 +34,7 @@ class PagedAttentionWorkspace:
 
     Buffers (float32, overwritten by every call): ``tmp_out [max_num_seqs, num_heads,
     max_partitions, head_size]``, ``max_logits`` and ``exp_sums [max_num_seqs, num_heads,
-    max_partitions]``; ``max_partitions = cdiv(max_model_len, partition_size)``. ``counters``
-    (int32 ``[max_num_seqs * num_heads]``, Triton only): the first ``num_seqs * num_kv_heads``
-    count finished partitions per (sequence, KV head); zeros at rest, since the kernel's last
-    program of each group resets its counter (the CUDA backend ignores them). A call launches
+    max_partitions]``; ``max_partitions = cdiv(max_model_len, partition_size)``. A call launches
     ``min(max_partitions, cdiv(block_tables.shape[1] * block_size, partition_size))`` partitions:
     shapes only, so it is CUDA-graph safe. Preconditions (not checked on the host, to avoid a
     sync): ``seq_lens <= max_model_len`` and every block a sequence uses is in its table row.
@@ -64,8 +60,6 @@ class PagedAttentionWorkspace:
                                      device=device)
         self._max_flat = torch.empty(rows * num_heads, dtype=torch.float32, device=device)
         self._sum_flat = torch.empty(rows * num_heads, dtype=torch.float32, device=device)
-        # num_kv_heads <= num_heads: a (sequence, KV head) counter each, zeros at rest
-        self.counters = torch.zeros(max_num_seqs * num_heads, dtype=torch.int32, device=device)
         self._backend = backend
         self._kernel = None  # resolved at the first call (the ops are defined after this module)
 
@@ -112,12 +106,8 @@ class PagedAttentionWorkspace:
         if out is None:
             out = torch.empty_like(q)
         size, tmp_out, max_logits, exp_sums = self.buffers(num_seqs)
-        if self._backend == "triton":
-            self._op()(out, tmp_out, max_logits, exp_sums, self.counters, q, key_cache,
-                       value_cache, block_tables, seq_lens, scale, size)
-        else:
-            self._op()(out, tmp_out, max_logits, exp_sums, q, key_cache, value_cache,
-                       block_tables, seq_lens, scale, size)
+        self._op()(out, tmp_out, max_logits, exp_sums, q, key_cache, value_cache,
+                   block_tables, seq_lens, scale, size)
         return out
 
 

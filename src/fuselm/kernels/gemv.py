@@ -11,11 +11,6 @@ workspace, no second reduction kernel). Whether it beats cuBLAS is measured per 
 it only where that table says so (or with ``--kernel-backend triton``).
 
 Backends: ``gemv_ref`` (float32 spec), ``gemv_triton`` (the torch op ``fuselm::gemv``).
-
-``gemv_push``: the Triton GEMV of a row-parallel layer under tensor parallelism that also stores
-its output straight into the peers' exchange buffers of the one-shot all-reduce
-(``fuselm.kernels.all_reduce``), program by program as rows are done; the all-reduce that follows
-then only polls, sums and normalises.
 """
 
 from __future__ import annotations
@@ -25,7 +20,6 @@ from typing import NamedTuple
 import torch
 
 from fuselm.kernels import _pdl, _registry, _triton_utils
-from fuselm.kernels import all_reduce as _ar
 from fuselm.kernels._triton_utils import FUSELM_LIB, next_power_of_2
 
 
@@ -93,7 +87,6 @@ if _triton_utils.triton_available():
     import triton.language as tl
 
     from fuselm.kernels._pdl import pdl_wait_then_release
-    from fuselm.kernels.all_reduce import exchange_words, store_to_peers
 
     @triton.jit
     def _w_tile(w_rows, rows, k, N, K, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
@@ -136,14 +129,6 @@ if _triton_utils.triton_available():
         NUM_STAGES: tl.constexpr,
         PREFETCH: tl.constexpr,  # load the first weight tile before waiting for x
         USE_PDL: tl.constexpr,
-        peers_ptr=None,  # PUSH: the all-reduce's exchange (all_reduce.Exchange)
-        exchange_ptr=None,
-        state_ptr=None,
-        rank=0,
-        rank_numel=0,
-        PUSH: tl.constexpr = False,
-        WORLD: tl.constexpr = 1,
-        EMPTY: tl.constexpr = 0,
     ):
         m = tl.program_id(1).to(tl.int64)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -169,25 +154,16 @@ if _triton_utils.triton_available():
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
         dst = out_ptr + m * out_stride + rows
-        y = y.to(out_ptr.dtype.element_ty)
         if EVEN_N:
-            tl.store(dst, y)
+            tl.store(dst, y.to(out_ptr.dtype.element_ty))
         else:
-            tl.store(dst, y, mask=rows < N)
-        if PUSH:  # this rank's rows of call `calls` into slot calls % 2 of every peer
-            calls = tl.load(state_ptr)
-            slot_base = (calls % 2).to(tl.int64) * WORLD * rank_numel
-            bits = exchange_words(y, exchange_ptr.dtype.element_ty, EMPTY)
-            store_to_peers(peers_ptr, exchange_ptr, slot_base + rank * rank_numel + m * N + rows,
-                           bits, rows < N, rank, WORLD)
+            tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=rows < N)
 
 
 def launch_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-                cfg: GemvConfig, prefetch: bool | None = None,
-                push: _ar.Exchange | None = None) -> None:
+                cfg: GemvConfig, prefetch: bool | None = None) -> None:
     """Launches the Triton kernel with an explicit config into ``out [M, N]``; ``prefetch``
-    (default: with PDL) loads the first weight tile before waiting for the previous kernel;
-    ``push``: also store out into the peers' exchange buffers (``gemv_push``)."""
+    (default: with PDL) loads the first weight tile before waiting for the previous kernel."""
     m, k = x.shape
     n = w.shape[0]
     if m == 0 or n == 0:
@@ -197,17 +173,12 @@ def launch_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out
         return
     grid = (triton.cdiv(n, cfg.block_n), m)
     pdl = _pdl.use_pdl(x)
-    exchange = {}
-    if push is not None:
-        exchange = dict(peers_ptr=push.peers, exchange_ptr=push.buffer, state_ptr=push.state,
-                        rank=push.rank, rank_numel=push.rank_numel, PUSH=True, WORLD=push.world,
-                        EMPTY=_ar.empty_word(out.dtype))
     _gemv_kernel[grid](
         x, w, bias if bias is not None else w, out, n, k, x.stride(0), w.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         EVEN_N=n % cfg.block_n == 0, EVEN_K=k % cfg.block_k == 0, NUM_STAGES=cfg.num_stages,
         PREFETCH=pdl if prefetch is None else prefetch, USE_PDL=pdl, num_warps=cfg.num_warps,
-        launch_pdl=pdl, **exchange,
+        launch_pdl=pdl,
     )
 
 
@@ -229,25 +200,6 @@ def gemv_triton(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = No
                       device=x.device)
     cfg = tuned_config(n, k, x.device) or default_config(n, k)
     launch_gemv(x, w, bias, out, cfg)
-    return out
-
-
-def is_triton_gemv(fn: object) -> bool:
-    """Whether ``fn`` (a layer's bound batch-1 kernel) is this module's Triton GEMV."""
-    return _triton_utils.triton_available() and fn is torch.ops.fuselm.gemv.default
-
-
-def gemv_push(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
-              exchange: _ar.Exchange) -> torch.Tensor:
-    """``gemv_triton`` (x's dtype out) that also stores its output into the peers' exchange
-    buffers for the one-shot all-reduce's current call; that all-reduce must follow, with
-    ``sent=True``, on every rank."""
-    _check(x, w, bias)
-    n, k = w.shape
-    out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
-    _ar.check_fits(out, exchange)
-    cfg = tuned_config(n, k, x.device) or default_config(n, k)
-    launch_gemv(x, w, bias, out, cfg, push=exchange)
     return out
 
 

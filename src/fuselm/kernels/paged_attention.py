@@ -21,18 +21,14 @@ Backends and API:
   ``make_paged_attention(backend, device, max_num_seqs=..., num_heads=..., head_size=...,
   max_model_len=...)`` resolves the backend as ``select`` does and returns a workspace for
   Triton/CUDA, the reference otherwise: hand it to ``Attention.set_decode_impl``.
-- ``paged_attention_triton_out`` / ``fuselm::paged_attention_out`` (which also take the
-  workspace's int32 ``counters``) and ``paged_attention_cuda_out`` / ``fuselm_C::paged_attention``:
-  the in-place launchers behind the workspace.
+- ``paged_attention_triton_out`` / ``fuselm::paged_attention_out`` and ``paged_attention_cuda_out``
+  / ``fuselm_C::paged_attention``: the in-place launchers behind the workspace.
 
 Split-KV: the context is cut into partitions of ``partition_size`` tokens (512; doubled for
 ``max_model_len`` > 32768 so that at most 64 partitions exist); one program per (sequence, KV
-head, partition) reads its K/V slice once for all the query heads of the group. A sequence that
-fits one partition writes its output directly. Longer ones write partial results to the
-workspace and count themselves on a per-(sequence, KV head) int32 counter; the last program of
-the group to arrive merges the partials into ``out`` and sets the counter back to 0. So the
-Triton backend is one kernel launch (the CUDA one still merges in a second kernel and ignores the
-counters). ``seq_lens`` must not exceed ``max_model_len`` (the workspace's capacity).
+head, partition) reads its K/V slice once for all the query heads of the group; a sequence that
+fits one partition writes its output directly, longer ones write partial results that a second
+kernel merges. ``seq_lens`` must not exceed ``max_model_len`` (the workspace's capacity).
 """
 
 from __future__ import annotations
@@ -85,21 +81,14 @@ _registry.register("paged_attention", "reference", paged_attention_ref)
 # Split-KV ("flash-decoding"). A sequence's context is cut into partitions of partition_size
 # tokens; one program per (sequence, KV head, partition) reads its slice of K and V once for all
 # the query heads of the group and writes a normalised partial output with its max logit and
-# exp-sum (log2 domain). A sequence whose context fits one partition writes its output directly.
-# Otherwise each non-empty partition's program, once its partials are stored, increments the
-# (sequence, KV head) counter (acq_rel, GPU scope); the one that sees num_parts - 1 arrived last,
-# merges all partitions of its query heads (max-rescaled weighted sum, read past L1) and resets
-# the counter to 0 for the next call or graph replay. This replaced a second merge kernel that was
-# launched for every layer of every decode step (~4 us a layer on an H200, 32 layers, even when
-# every sequence fitted one partition and its programs returned at once). The number of
-# partitions launched depends on tensor shapes only (the workspace and the block-table width),
-# never on seq_lens, so a CUDA graph captured at a short context replays correctly at a long one:
-# the extra programs see an empty partition and exit without counting.
+# exp-sum (log2 domain); a second kernel merges the partitions. A sequence whose context fits one
+# partition writes its output directly and the merge skips it. The number of partitions launched
+# depends on tensor shapes only (the workspace and the block-table width), never on seq_lens, so a
+# CUDA graph captured at a short context replays correctly at a long one: the extra programs see
+# an empty partition and exit.
 # --------------------------------------------------------------------------------------------
 
 _LOG2E = 1.4426950408889634
-
-
 def _check_decode_args(out, tmp_out, q, key_cache, value_cache, block_tables, seq_lens,
                        partition_size: int) -> None:
     if q.dim() != 3 or out.shape != q.shape or out.dtype != q.dtype:
@@ -123,26 +112,6 @@ def _check_decode_args(out, tmp_out, q, key_cache, value_cache, block_tables, se
     if not tmp_out.is_contiguous() or tmp_out.shape[0] < num_seqs or \
             tmp_out.shape[1] != num_heads or tmp_out.shape[3] != head_size:
         raise ValueError(f"workspace {tuple(tmp_out.shape)} does not fit q {tuple(q.shape)}")
-
-
-def _check_counters(counters: torch.Tensor, q: torch.Tensor, num_kv_heads: int) -> None:
-    if counters.dtype != torch.int32 or not counters.is_contiguous() or \
-            counters.numel() < q.shape[0] * num_kv_heads or counters.device != q.device:
-        raise ValueError(f"counters must be contiguous int32 zeros on {q.device} with at least "
-                         f"num_seqs * num_kv_heads = {q.shape[0] * num_kv_heads} elements, got "
-                         f"{tuple(counters.shape)} {counters.dtype} on {counters.device}")
-
-
-def merge_block(num_parts: int, group: int, d_pad: int) -> int:
-    """Partitions the last program of a group merges per step: tiles of ``next_power_of_2(group)
-    x block x d_pad`` float32 of at most 4096 values (16 KB) and 8 partitions, never more than
-    are launched. Checked by compiling for sm_90 (Triton 3.6, ptxas, 4 warps, 3 stages): with
-    head size 128 and groups 1 to 8 the kernel uses no more registers (128-162) and shared
-    memory (39 KB, two tiles in flight) than the two-kernel version did; larger tiles took up
-    to 194 registers or 68 KB. Head size 64 (up to 141 registers, was 80) and 256 (168-188,
-    was 120) cost more. Not timed on a GPU yet."""
-    tile = next_power_of_2(group) * d_pad
-    return max(1, min(8, next_power_of_2(num_parts), 4096 // tile))
 
 
 def num_partitions_to_launch(max_partitions: int, block_tables: torch.Tensor, block_size: int,
@@ -186,49 +155,8 @@ if _triton_utils.triton_available():
         _triton_utils.patch_interpreter_range()
 
     @triton.jit
-    def _merge_partitions(
-        out_ptr, tmp_out_ptr, max_logits_ptr, exp_sums_ptr, seq, kv_head, num_parts,
-        o_seq_stride, o_head_stride, ws_seq_stride, ws_head_stride,
-        GROUP: tl.constexpr, G_PAD: tl.constexpr, P_BLOCK: tl.constexpr,
-        HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr,
-    ):  # fmt: skip
-        """out[h] = sum_p w_p o_p / sum_p w_p, w_p = exp_sum_p * 2^(max_p - max), for the GROUP
-        query heads of ``kv_head``; P_BLOCK partitions a step, rescaled online between steps
-        (one step when num_parts <= P_BLOCK). Loads are ``.cg`` (L2): other programs of this
-        launch wrote them."""
-        g = tl.arange(0, G_PAD)
-        g_mask = g < GROUP
-        head = kv_head * GROUP + g  # [G_PAD]
-        offs_p = tl.arange(0, P_BLOCK)
-        offs_d = tl.arange(0, D_PAD)
-        d_mask = offs_d < HEAD_SIZE
-        row = seq.to(tl.int64) * ws_seq_stride + head * ws_head_stride  # [G_PAD]
-        m_run = tl.full([G_PAD], -1.0e30, tl.float32)
-        w_sum = tl.zeros([G_PAD], tl.float32)
-        acc = tl.zeros([G_PAD, D_PAD], tl.float32)
-        for p0 in tl.range(0, num_parts, P_BLOCK, num_stages=3):  # 2 tiles in flight
-            gp_mask = g_mask[:, None] & (p0 + offs_p < num_parts)[None, :]  # [G_PAD, P_BLOCK]
-            ws_off = row[:, None] + p0 + offs_p[None, :]
-            m = tl.load(max_logits_ptr + ws_off, mask=gp_mask, other=float("-inf"),
-                        cache_modifier=".cg")
-            s = tl.load(exp_sums_ptr + ws_off, mask=gp_mask, other=0.0, cache_modifier=".cg")
-            parts = tl.load(tmp_out_ptr + (ws_off * HEAD_SIZE)[:, :, None] + offs_d[None, None, :],
-                            mask=gp_mask[:, :, None] & d_mask[None, None, :], other=0.0,
-                            cache_modifier=".cg")  # [G_PAD, P_BLOCK, D_PAD]
-            m_new = tl.maximum(m_run, tl.max(m, axis=1))
-            alpha = tl.exp2(m_run - m_new)
-            w = s * tl.exp2(m - m_new[:, None])
-            w_sum = w_sum * alpha + tl.sum(w, axis=1)
-            acc = acc * alpha[:, None] + tl.sum(parts * w[:, :, None], axis=1)
-            m_run = m_new
-        out = acc / tl.where(w_sum > 0, w_sum, 1.0)[:, None]  # padded heads: never stored
-        o_off = seq.to(tl.int64) * o_seq_stride + head * o_head_stride
-        tl.store(out_ptr + o_off[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=g_mask[:, None] & d_mask[None, :])
-
-    @triton.jit
     def _paged_attention_kernel(
-        out_ptr, tmp_out_ptr, max_logits_ptr, exp_sums_ptr, counters_ptr,
+        out_ptr, tmp_out_ptr, max_logits_ptr, exp_sums_ptr,
         q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr,
         qk_scale,  # scale * log2(e)
         o_seq_stride, o_head_stride, q_seq_stride, q_head_stride,
@@ -236,13 +164,13 @@ if _triton_utils.triton_available():
         vc_block_stride, vc_slot_stride, vc_head_stride,
         bt_stride, block_size,
         ws_seq_stride, ws_head_stride,  # of max_logits / exp_sums; tmp_out's are x HEAD_SIZE
-        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, MERGE_G_PAD: tl.constexpr,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
         HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr,
-        PARTITION_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MERGE_P: tl.constexpr,
+        PARTITION_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         USE_PDL: tl.constexpr = False,  # programmatic dependent launch (_pdl.py)
     ):  # fmt: skip
-        pdl_wait_then_release(USE_PDL)  # also orders the counter reset of the previous call
+        pdl_wait_then_release(USE_PDL)
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
         part = tl.program_id(2)
@@ -300,67 +228,84 @@ if _triton_utils.triton_available():
             tl.store(exp_sums_ptr + ws_off, l_i, mask=g_mask)
             tl.store(tmp_out_ptr + (ws_off * HEAD_SIZE)[:, None] + offs_d[None, :], part_out,
                      mask=io_mask)
-            # Every thread has stored (barrier) before one thread's release increments the
-            # counter; the program that sees all the others arrived acquires their partials.
-            tl.debug_barrier()
-            counter = counters_ptr + seq * tl.num_programs(1) + kv_head
-            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-            if arrived == num_parts - 1:
-                _merge_partitions(out_ptr, tmp_out_ptr, max_logits_ptr, exp_sums_ptr, seq,
-                                  kv_head, num_parts, o_seq_stride, o_head_stride,
-                                  ws_seq_stride, ws_head_stride, GROUP, MERGE_G_PAD, MERGE_P,
-                                  HEAD_SIZE, D_PAD)
-                tl.store(counter, 0)  # every program of the group has counted: none reads it
+
+    @triton.jit
+    def _paged_attention_reduce_kernel(
+        out_ptr, tmp_out_ptr, max_logits_ptr, exp_sums_ptr, seq_lens_ptr,
+        o_seq_stride, o_head_stride, ws_seq_stride, ws_head_stride, num_launched,
+        PARTITION_SIZE: tl.constexpr, P_PAD: tl.constexpr,
+        HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr,
+        USE_PDL: tl.constexpr = False,  # programmatic dependent launch (_pdl.py)
+    ):  # fmt: skip
+        pdl_wait_then_release(USE_PDL)
+        seq = tl.program_id(0)
+        head = tl.program_id(1)
+        seq_len = tl.load(seq_lens_ptr + seq)
+        num_parts = tl.minimum(tl.cdiv(seq_len, PARTITION_SIZE), num_launched)
+        if num_parts <= 1:  # written directly by the partition kernel
+            return
+        offs_p = tl.arange(0, P_PAD)
+        p_mask = offs_p < num_parts
+        ws_off = seq.to(tl.int64) * ws_seq_stride + head * ws_head_stride + offs_p
+        m = tl.load(max_logits_ptr + ws_off, mask=p_mask, other=float("-inf"))
+        w = tl.load(exp_sums_ptr + ws_off, mask=p_mask, other=0.0) * tl.exp2(m - tl.max(m, 0))
+        offs_d = tl.arange(0, D_PAD)
+        d_mask = offs_d < HEAD_SIZE
+        parts = tl.load(tmp_out_ptr + (ws_off * HEAD_SIZE)[:, None] + offs_d[None, :],
+                        mask=p_mask[:, None] & d_mask[None, :], other=0.0)
+        out = tl.sum(parts * w[:, None], axis=0) / tl.sum(w, axis=0)
+        o_off = seq.to(tl.int64) * o_seq_stride + head * o_head_stride
+        tl.store(out_ptr + o_off + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
 def paged_attention_triton_out(
     out: torch.Tensor, tmp_out: torch.Tensor, max_logits: torch.Tensor, exp_sums: torch.Tensor,
-    counters: torch.Tensor, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+    q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
     block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, partition_size: int,
     config: DecodeConfig | None = None,
 ) -> None:
-    """Triton split-KV decode into ``out`` with the given workspace, one kernel launch (see the
-    module docstring). ``counters``: int32, at least ``num_seqs * num_kv_heads`` elements, all 0
-    on entry and again on return (the kernel resets the ones it uses)."""
+    """Triton split-KV decode into ``out`` with the given workspace (see the module docstring)."""
     _check_decode_args(out, tmp_out, q, key_cache, value_cache, block_tables, seq_lens,
                        partition_size)
     num_seqs, num_heads, head_size = q.shape
-    num_kv_heads, block_size = key_cache.shape[2], key_cache.shape[1]
-    _check_counters(counters, q, num_kv_heads)
     if num_seqs == 0:
         return
+    num_kv_heads, block_size = key_cache.shape[2], key_cache.shape[1]
     group = num_heads // num_kv_heads
     num_parts = num_partitions_to_launch(tmp_out.shape[2], block_tables, block_size,
                                          partition_size)
     cfg = config or decode_config(head_size, q.dtype, partition_size, q.device)
     d_pad = max(16, next_power_of_2(head_size))
     _paged_attention_kernel[(num_seqs, num_kv_heads, num_parts)](
-        out, tmp_out, max_logits, exp_sums, counters, q, key_cache, value_cache, block_tables,
-        seq_lens, scale * _LOG2E, out.stride(0), out.stride(1), q.stride(0), q.stride(1),
+        out, tmp_out, max_logits, exp_sums, q, key_cache, value_cache, block_tables, seq_lens,
+        scale * _LOG2E, out.stride(0), out.stride(1), q.stride(0), q.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         block_tables.stride(0), block_size, max_logits.stride(0), max_logits.stride(1),
-        GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)),
-        MERGE_G_PAD=next_power_of_2(group), HEAD_SIZE=head_size, D_PAD=d_pad,
-        PARTITION_SIZE=partition_size, BLOCK_N=cfg.block_n,
-        MERGE_P=merge_block(num_parts, group, d_pad),
+        GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)), HEAD_SIZE=head_size,
+        D_PAD=d_pad, PARTITION_SIZE=partition_size, BLOCK_N=cfg.block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **_pdl.launch_args(q),
     )  # fmt: skip
+    if num_parts > 1:
+        _paged_attention_reduce_kernel[(num_seqs, num_heads)](
+            out, tmp_out, max_logits, exp_sums, seq_lens, out.stride(0), out.stride(1),
+            max_logits.stride(0), max_logits.stride(1), num_parts,
+            PARTITION_SIZE=partition_size, P_PAD=next_power_of_2(num_parts),
+            HEAD_SIZE=head_size, D_PAD=d_pad, num_warps=4,
+            **_pdl.launch_args(q),
+        )  # fmt: skip
 
 
 def _allocate_workspace(q, key_cache, block_tables, partition_size=None):
-    """Per-call split-KV buffers: tmp_out, max_logits, exp_sums (float32), the merge counters
-    (int32 zeros, a (sequence, KV head) each) and the partition size."""
     max_context = block_tables.shape[1] * key_cache.shape[1]
     partition_size = partition_size or partition_size_for(max_context)
     num_parts = max(1, -(-max_context // partition_size))
     shape = (q.shape[0], q.shape[1], num_parts)
     tmp_out = torch.empty((*shape, q.shape[2]), dtype=torch.float32, device=q.device)
     max_logits = torch.empty(shape, dtype=torch.float32, device=q.device)
-    counters = torch.zeros(q.shape[0] * key_cache.shape[2], dtype=torch.int32, device=q.device)
-    return tmp_out, max_logits, torch.empty_like(max_logits), counters, partition_size
+    return tmp_out, max_logits, torch.empty_like(max_logits), partition_size
 
 
 def paged_attention_triton(q, key_cache, value_cache, block_tables, seq_lens, scale,
@@ -369,10 +314,10 @@ def paged_attention_triton(q, key_cache, value_cache, block_tables, seq_lens, sc
     """Triton decode with the reference's signature; allocates its own workspace, sized by the
     block-table width (the serving path uses ``PagedAttentionWorkspace`` instead)."""
     out = torch.empty_like(q)
-    tmp_out, max_logits, exp_sums, counters, psize = _allocate_workspace(
-        q, key_cache, block_tables, partition_size)
-    paged_attention_triton_out(out, tmp_out, max_logits, exp_sums, counters, q, key_cache,
-                               value_cache, block_tables, seq_lens, scale, psize, config)
+    tmp_out, max_logits, exp_sums, psize = _allocate_workspace(q, key_cache, block_tables,
+                                                                partition_size)
+    paged_attention_triton_out(out, tmp_out, max_logits, exp_sums, q, key_cache, value_cache,
+                               block_tables, seq_lens, scale, psize, config)
     return out
 
 
@@ -400,7 +345,7 @@ def paged_attention_cuda(q, key_cache, value_cache, block_tables, seq_lens,
                          scale) -> torch.Tensor:
     """CUDA decode with the reference's signature; allocates its own workspace."""
     out = torch.empty_like(q)
-    tmp_out, max_logits, exp_sums, _, psize = _allocate_workspace(q, key_cache, block_tables)
+    tmp_out, max_logits, exp_sums, psize = _allocate_workspace(q, key_cache, block_tables)
     paged_attention_cuda_out(out, tmp_out, max_logits, exp_sums, q, key_cache, value_cache,
                              block_tables, seq_lens, scale, psize)
     return out
@@ -417,8 +362,8 @@ FUSELM_LIB.define(
 )
 FUSELM_LIB.define(
     "paged_attention_out(Tensor(a!) out, Tensor(b!) tmp_out, Tensor(c!) max_logits, "
-    "Tensor(d!) exp_sums, Tensor(e!) counters, Tensor q, Tensor key_cache, Tensor value_cache, "
-    "Tensor block_tables, Tensor seq_lens, float scale, int partition_size) -> ()"
+    "Tensor(d!) exp_sums, Tensor q, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
+    "Tensor seq_lens, float scale, int partition_size) -> ()"
 )
 
 
@@ -428,8 +373,8 @@ def _paged_attention_fake(q, key_cache, value_cache, block_tables, seq_lens, sca
 
 
 @torch.library.register_fake("fuselm::paged_attention_out", lib=FUSELM_LIB)
-def _paged_attention_out_fake(out, tmp_out, max_logits, exp_sums, counters, q, key_cache,
-                              value_cache, block_tables, seq_lens, scale, partition_size) -> None:
+def _paged_attention_out_fake(out, tmp_out, max_logits, exp_sums, q, key_cache, value_cache,
+                              block_tables, seq_lens, scale, partition_size) -> None:
     return None
 
 
@@ -437,10 +382,10 @@ def _paged_attention_op(q, key_cache, value_cache, block_tables, seq_lens, scale
     return paged_attention_triton(q, key_cache, value_cache, block_tables, seq_lens, scale)
 
 
-def _paged_attention_out_op(out, tmp_out, max_logits, exp_sums, counters, q, key_cache,
-                            value_cache, block_tables, seq_lens, scale, partition_size) -> None:
-    paged_attention_triton_out(out, tmp_out, max_logits, exp_sums, counters, q, key_cache,
-                               value_cache, block_tables, seq_lens, scale, partition_size)
+def _paged_attention_out_op(out, tmp_out, max_logits, exp_sums, q, key_cache, value_cache,
+                            block_tables, seq_lens, scale, partition_size) -> None:
+    paged_attention_triton_out(out, tmp_out, max_logits, exp_sums, q, key_cache, value_cache,
+                               block_tables, seq_lens, scale, partition_size)
 
 
 if _triton_utils.triton_available():

@@ -161,24 +161,10 @@ class RowParallelLinear(LinearBase):
         copy_checked(param, narrow(loaded, 1, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Partial product on this rank, summed over ranks unless ``reduce_results`` is off
-        (then the caller all-reduces it next); the bias added once."""
+        """Partial product on this rank, summed over ranks; the bias added once."""
         bias = self.bias if self.tp_rank == 0 else None
-        if not self.reduce_results and self._pushes_partials(x):
-            out = comm.tp_row_parallel_gemv(x, self.weight, bias)
-            if out is not None:
-                return out
         out = self.quant_method.apply(self, x, bias)
         return comm.tp_all_reduce(out) if self.reduce_results else out
-
-    def _pushes_partials(self, x: torch.Tensor) -> bool:
-        """A batch-1 step whose bound GEMV is the Triton one (dense weight): its output can go
-        straight to the custom all-reduce's peers."""
-        from fuselm.kernels.gemv import is_triton_gemv
-
-        return (self.tp_size > 1 and x.shape[0] == 1 and x.dim() == 2 and x.stride(1) == 1
-                and isinstance(self.quant_method, UnquantizedLinearMethod)
-                and is_triton_gemv(self.gemv))
 
 
 __all__ = [
