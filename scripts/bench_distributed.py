@@ -165,20 +165,28 @@ def _graph_us(op: Any, x: torch.Tensor, chain: int = 64) -> float:
     return _time_loop_us(graph.replay, 20) / chain
 
 
-def cmd_allreduce(args: argparse.Namespace) -> dict[str, Any] | None:
-    """Run under torchrun with 2 processes: a decode-sized all-reduce, alone and followed by the
-    residual add + RMSNorm, with NCCL and with the custom one-shot kernel (fused)."""
+def _torchrun_group() -> tuple[torch.device, Any]:
+    """Under torchrun: this rank's GPU, NCCL (gloo for CPU tensors) and the custom all-reduce."""
     import torch.distributed as dist
 
     from fuselm.distributed.custom_all_reduce import CustomAllReduce
-    from fuselm.kernels.rms_norm import fused_add_rms_norm_triton
 
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     local = int(os.environ["LOCAL_RANK"])
     torch.cuda.set_device(local)
     dist.init_process_group("cpu:gloo,cuda:nccl")
     device = torch.device("cuda", local)
-    custom = CustomAllReduce(dist.group.WORLD, device, torch.bfloat16)
+    return device, CustomAllReduce(dist.group.WORLD, device, torch.bfloat16)
+
+
+def cmd_allreduce(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Run under torchrun with 2 processes: a decode-sized all-reduce, alone and followed by the
+    residual add + RMSNorm, with NCCL and with the custom one-shot kernel (fused)."""
+    import torch.distributed as dist
+
+    from fuselm.kernels.rms_norm import fused_add_rms_norm_triton
+
+    device, custom = _torchrun_group()
     eps = 1e-5
 
     def nccl(t: torch.Tensor) -> torch.Tensor:
@@ -268,17 +276,11 @@ def cmd_layerchain(args: argparse.Namespace) -> dict[str, Any] | None:
     the all-reduce + norm, the difference is the all-reduce's exposed time."""
     import torch.distributed as dist
 
-    from fuselm.distributed.custom_all_reduce import CustomAllReduce
     from fuselm.kernels.gemv import GemvConfig, launch_gemv, tuned_config
     from fuselm.kernels.rms_norm import fused_add_rms_norm_triton
     from fuselm.kernels.silu_and_mul import silu_and_mul_triton
 
-    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-    local = int(os.environ["LOCAL_RANK"])
-    torch.cuda.set_device(local)
-    dist.init_process_group("cpu:gloo,cuda:nccl")
-    device = torch.device("cuda", local)
-    custom = CustomAllReduce(dist.group.WORLD, device, torch.bfloat16)
+    device, custom = _torchrun_group()
     hidden, inter, eps = 4096, 14336 // 2, 1e-5
 
     def weight(n: int, k: int) -> torch.Tensor:
@@ -339,7 +341,7 @@ def cmd_layerchain(args: argparse.Namespace) -> dict[str, Any] | None:
     print(format_table([{k: v for k, v in r.items() if k != "triton"} for r in rows]))
     if args.write_configs:
         _write_layerchain_configs(rows, {k: tuple(v.shape) for k, v in w.items()},
-                                  Path(args.write_configs), local)
+                                  Path(args.write_configs), device.index)
     return {"rows": rows, "note": "TP=2 8B blocks at batch 1, 16 per CUDA graph, custom fused "
                                   "all-reduce vs the norm alone"}
 
