@@ -12,14 +12,14 @@ from tests.distributed.dist_helpers import assert_same_outputs, run_driver
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]
 
-# Not yet measured on a GPU: CPU runs stay within 2.2e-5; Triton attention may use TF32 dots.
+# CPU runs stay within 2.2e-5; Triton attention may use TF32 dots (passed on 2 x H200).
 GPU_LOGPROB_ATOL = 1e-3
 
-CASES = [  # (checkpoint, tp, pp, custom all-reduce)
+CASES = [  # (checkpoint, tp, pp, custom all-reduce: None = the default)
     ("llama3-gqa-scaled", 2, 1, True),
     ("llama3-gqa-scaled", 2, 1, False),
     ("llama3-gqa-scaled", 1, 2, None),
-    ("qwen2-gqa-tied-bias", 2, 1, True),
+    ("qwen2-gqa-tied-bias", 2, 1, None),
     ("llama-linear-tied", 2, 1, True),  # 1 KV head over 2 ranks
 ]
 
@@ -34,7 +34,7 @@ def test_gpu_parallel_matches_one_gpu(checkpoint, reference, name, tp, pp, custo
     assert got["world_size"] == tp * pp
     assert got["stats"]["num_graph_replays"] > 0, "no decode step replayed a CUDA graph"
     assert got["stats"]["prefix_cache_hits_total"] > 0
-    if custom is not None:
-        assert got["custom_all_reduce"] == custom
+    # on by default wherever TP has ranks on one host
+    assert got["custom_all_reduce"] == (custom if custom is not None else tp > 1)
     if pp > 1:
         assert got["max_in_flight_seen"] == pp
