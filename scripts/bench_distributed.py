@@ -28,7 +28,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from fuselm.bench.common import environment, format_table, markdown_table, write_json
+from fuselm.bench.common import (
+    environment,
+    format_table,
+    graph_time_us,
+    markdown_table,
+    write_json,
+)
 from fuselm.bench.dummy_model import write_byte_tokenizer, write_dummy_checkpoint
 
 AR_PER_STEP = 2 * 32 + 1  # 8B: attention and MLP outputs per layer, plus the embedding
@@ -153,16 +159,14 @@ def _time_loop_us(fn: Any, iters: int) -> float:
 
 
 def _graph_us(op: Any, x: torch.Tensor, chain: int = 64) -> float:
-    """Per-op time of ``chain`` ops captured back to back in one CUDA graph."""
-    for _ in range(3):
-        op(x)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    """Per-op time of ``chain`` ops captured back to back in one CUDA graph, each taking the
+    previous one's output."""
+    def body() -> None:
         y = x
         for _ in range(chain):
             y = op(y)
-    return _time_loop_us(graph.replay, 20) / chain
+
+    return graph_time_us(body, chain)
 
 
 def _torchrun_group() -> tuple[torch.device, Any]:
@@ -230,18 +234,6 @@ def cmd_allreduce(args: argparse.Namespace) -> dict[str, Any] | None:
     print(format_table(rows))
     return {"rows": rows, "note": "custom = fuselm one-shot kernel over symmetric memory "
                                   "(multicast off); fused = all-reduce + residual add + RMSNorm"}
-
-
-def _chain_graph_us(block: Any, count: int) -> float:
-    """Per-block time of ``count`` blocks captured back to back in one CUDA graph."""
-    block()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(count):
-            block()
-    graph.replay()
-    return _time_loop_us(graph.replay, 20) / count
 
 
 def _write_layerchain_configs(rows: list[dict[str, Any]], shapes: dict[str, tuple[int, int]],
@@ -327,8 +319,9 @@ def cmd_layerchain(args: argparse.Namespace) -> dict[str, Any] | None:
         for bn, bk, warps in configs:
             cfgs = {k: tuned(k) for k in w}
             cfgs[name] = GemvConfig(bn, bk, warps)
-            with_ar = _chain_graph_us(lambda c=cfgs, b=block: b(c, True), 16)
-            without = _chain_graph_us(lambda c=cfgs, b=block: b(c, False), 16)
+            with_ar, without = (
+                graph_time_us(lambda c=cfgs, b=block, ar=ar: [b(c, ar) for _ in range(16)], 16)
+                for ar in (True, False))
             rows.append({"gemv": name, "config": cfgs[name].label,
                          "tuned": cfgs[name] == tuned(name), "block_us": with_ar,
                          "block_no_ar_us": without, "ar_exposed_us": with_ar - without,

@@ -45,11 +45,11 @@ class CustomAllReduce:
         import torch.distributed._symmetric_memory as symm_mem
 
         os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-        self.device, self.dtype, self.max_bytes = device, dtype, max_bytes
-        self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
+        self.dtype, self.max_bytes = dtype, max_bytes
+        self.rank = dist.get_rank(group)
         itemsize = torch.empty(0, dtype=dtype).element_size()
         self.max_numel = max_bytes // itemsize
-        words = kernels.NUM_SLOTS * self.world_size * self.max_numel
+        words = kernels.NUM_SLOTS * dist.get_world_size(group) * self.max_numel
         self.buffer = symm_mem.empty(words, dtype=kernels.word_dtype(dtype), device=device)
         self.buffer.fill_(kernels.empty_word(dtype))
         handle = symm_mem.rendezvous(self.buffer, group)
@@ -58,7 +58,6 @@ class CustomAllReduce:
         self._handle = handle  # keeps the peer mappings alive
         torch.cuda.synchronize(device)
         dist.barrier(group=group)  # every buffer is empty before any rank stores into it
-        self.num_calls = 0
 
     def should_use(self, x: torch.Tensor) -> bool:
         """True for a contiguous CUDA tensor of the buffer's dtype that fits the buffer."""
@@ -68,7 +67,6 @@ class CustomAllReduce:
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of x over the TP group, shape and dtype of x (a new tensor)."""
-        self.num_calls += 1
         out = kernels.one_shot_all_reduce(x.view(-1, x.shape[-1]), self.peers, self.buffer,
                                           self.state, self.rank, self.max_numel)
         return out.view(x.shape)
@@ -76,7 +74,6 @@ class CustomAllReduce:
     def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor,
                                 weight: torch.Tensor, eps: float) -> None:
         """In place: ``residual += sum of x over the group``; ``x = rms_norm(residual)``."""
-        self.num_calls += 1
         kernels.one_shot_all_reduce_add_rms_norm(
             x.view(-1, x.shape[-1]), residual.view(-1, x.shape[-1]), weight, eps, self.peers,
             self.buffer, self.state, self.rank, self.max_numel)

@@ -43,10 +43,8 @@ from fuselm.distributed.worker import StageRunner, Worker
 from fuselm.engine.async_executor import AsyncLocalExecutor
 from fuselm.engine.model_runner import ModelRunner, PendingStep, StepResult, all_plain_greedy
 from fuselm.engine.request import Request
-from fuselm.engine.sampling_inputs import build_sampling_tensors
 from fuselm.engine.scheduler import Scheduler, SchedulerOutput
 from fuselm.errors import EngineDeadError
-from fuselm.layers.sampler import sample
 
 logger = logging.getLogger(__name__)
 
@@ -163,8 +161,7 @@ class DistributedExecutor:
         header, logits = self._plan_and_forward(out, reqs)
         result = None
         if logits is not None:
-            tensors = build_sampling_tensors(reqs, self.vocab_size, self.runner.device)
-            result = self.runner._to_host(out, sample(logits, tensors))
+            result = self.runner.finish(self.runner.sample_launched(out, logits, reqs, False))
         self.in_flight.append(_InFlight(out, header, result))
         self.max_in_flight_seen = max(self.max_in_flight_seen, len(self.in_flight))
 

@@ -158,8 +158,7 @@ def encode_sampling(reqs: list[Request], vocab_size: int, key_of: Callable[[Requ
              torch.tensor([b[0] for b in bias] + [b[1] for b in bias], dtype=torch.int64),
              _f64([b[2] for b in bias]), torch.tensor(release, dtype=torch.int64)]
     header.flags |= FLAG_SAMPLING
-    if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
-           for p in params):
+    if any(p.uses_penalties for p in params):
         header.flags |= FLAG_PENALTIES
         tokens = [r.all_token_ids for r in reqs]
         offsets = [0]

@@ -20,8 +20,7 @@ from fuselm.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutpu
 
 def _pipelinable(req: Request, max_model_len: int) -> bool:
     p = req.sampling_params
-    return (not req.is_finished and p.logprobs is None and p.repetition_penalty == 1.0
-            and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
+    return (not req.is_finished and p.logprobs is None and not p.uses_penalties
             and len(req.output_token_ids) + 1 < req.max_tokens
             and req.num_computed_tokens + 2 <= max_model_len)
 

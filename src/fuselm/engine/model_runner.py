@@ -236,9 +236,8 @@ class ModelRunner:
 
 def all_plain_greedy(reqs: list) -> bool:
     """Every request greedy with nothing that changes the logits or asks for logprobs."""
-    return all(p.greedy and p.logprobs is None and not p.logit_bias
-               and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
-               and p.repetition_penalty == 1.0 for p in (r.sampling_params for r in reqs))
+    return all(p.greedy and p.logprobs is None and not p.logit_bias and not p.uses_penalties
+               for p in (r.sampling_params for r in reqs))
 
 
 class _DummyRequest:

@@ -13,10 +13,10 @@ rank still reads; a slot is reused only after every rank has emptied it. The cal
 the device (``state``: the count and the programs finished in this call), so the kernel can be
 captured in a CUDA graph and replayed.
 
-``all_reduce_ref`` / ``all_reduce_add_rms_norm_ref`` are the spec, given every rank's input: the
-sum in float32 in rank order, rounded to the input dtype (what NCCL gives for two ranks); the fused
-op then runs ``fused_add_rms_norm`` on it. The buffers and the peer addresses come from
-``fuselm.distributed.custom_all_reduce``; this module only launches kernels on given addresses.
+The result is the sum in float32 in rank order, rounded to the input dtype (what NCCL gives for
+two ranks); the fused op then does what ``fused_add_rms_norm`` does with it. The buffers and the
+peer addresses come from ``fuselm.distributed.custom_all_reduce``; this module only launches
+kernels on given addresses.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import torch
 
 from fuselm.kernels import _pdl, _triton_utils
 from fuselm.kernels._triton_utils import next_power_of_2
-from fuselm.kernels.rms_norm import fused_add_rms_norm_ref
 
 NUM_SLOTS = 2
 _EMPTY = {2: -(1 << 15), 4: -(1 << 31)}  # the -0.0 bit pattern of 16- and 32-bit floats
@@ -34,31 +33,14 @@ _WORD = {2: torch.int16, 4: torch.int32}
 
 def word_dtype(dtype: torch.dtype) -> torch.dtype:
     """The integer dtype of the exchange buffer for activations of ``dtype``."""
-    size = torch.empty(0, dtype=dtype).element_size()
-    if size not in _WORD or not dtype.is_floating_point:
+    if dtype.itemsize not in _WORD or not dtype.is_floating_point:
         raise ValueError(f"the one-shot all-reduce takes 16- or 32-bit floats, not {dtype}")
-    return _WORD[size]
+    return _WORD[dtype.itemsize]
 
 
 def empty_word(dtype: torch.dtype) -> int:
     """The integer value that marks an exchange-buffer word as not yet written."""
-    return _EMPTY[torch.empty(0, dtype=word_dtype(dtype)).element_size()]
-
-
-def all_reduce_ref(inputs: list[torch.Tensor]) -> torch.Tensor:
-    """The sum of every rank's input, accumulated in float32 in rank order, in the input dtype."""
-    acc = torch.zeros(inputs[0].shape, dtype=torch.float32, device=inputs[0].device)
-    for x in inputs:
-        acc += x.float()
-    return acc.to(inputs[0].dtype)
-
-
-def all_reduce_add_rms_norm_ref(inputs: list[torch.Tensor], residual: torch.Tensor,
-                                weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``residual += sum(inputs)`` in place; returns ``rms_norm(residual)``."""
-    out = all_reduce_ref(inputs)
-    fused_add_rms_norm_ref(out, residual, weight, eps)
-    return out
+    return _EMPTY[word_dtype(dtype).itemsize]
 
 
 if _triton_utils.triton_available():
