@@ -45,3 +45,14 @@ def test_summary_row_arithmetic():
                         weight_bytes=30_000_000, copy_gbs=3000.0)
     assert row["cublas_GB/s"] == 1500.0 and row["triton_GB/s"] == 3000.0
     assert row["triton_%copy"] == 100.0 and row["x_cublas"] == 2.0
+
+
+def test_gated_rows_are_judged_against_the_faster_separate_path():
+    fast = {**_row(14336, 4096, 90.0, 80.0), "gated": True, "separate_us": 84.0}
+    slow = {**_row(7168, 4096, 45.0, 42.5), "gated": True, "separate_us": 42.0}
+    table = kg.tuning_table([fast, slow], margin=0.01)
+    assert table[gv.gated_bucket(14336, 4096)]["backend"] == "triton"
+    assert table[gv.gated_bucket(14336, 4096)]["us"] == {"triton": 80.0, "cublas": 90.0,
+                                                         "separate": 84.0}
+    assert table[gv.gated_bucket(7168, 4096)]["backend"] == "reference"
+    assert gv.shape_bucket(14336, 4096) not in table

@@ -84,6 +84,62 @@ def test_opcheck_triton_op():
     torch.library.opcheck(torch.ops.fuselm.gemv.default, (x, w, b, False))
 
 
+def _gated_expected(x, w, b):
+    """float64 silu(x @ gate.T + b_gate) * (x @ up.T + b_up), written out independently."""
+    h = x.double() @ w.double().t() + (b.double() if b is not None else 0.0)
+    n = h.shape[1] // 2
+    gate, up = h[:, :n], h[:, n:]
+    return gate / (1.0 + torch.exp(-gate)) * up
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("m,n,k", [(1, 48, 64), (1, 50, 200), (2, 7, 130)])
+@pytest.mark.parametrize("cfg", CONFIGS[:3], ids=lambda c: c.label)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_gemv_silu_mul_configs(dtype, m, n, k, cfg, bias, prefetch):
+    _need_triton()
+    x, w, b = _inputs(m, 2 * n, k, dtype, bias, seed=m * 77 + n + k)
+    out = torch.empty(m, n, dtype=dtype, device=DEVICE)
+    gv.launch_gemv(x, w, b, out, cfg, prefetch=prefetch, gated=True)
+    atol, rtol = _tol(dtype, k)
+    expected = _gated_expected(x, w, b)
+    assert_close(out, expected.to(dtype), atol=atol, rtol=rtol)
+    assert_close(gv.gemv_silu_mul_ref(x, w, b), expected.to(dtype), atol=atol, rtol=rtol)
+
+
+def test_gemv_silu_mul_op_and_bad_input():
+    _need_triton()
+    x, w, b = _inputs(1, 64, 96, torch.float32, True, seed=9)
+    out = torch.ops.fuselm.gemv_silu_mul(x, w, b)
+    assert out.shape == (1, 32)
+    assert_close(out, _gated_expected(x, w, b).float(), atol=1e-5, rtol=1e-5)
+    torch.library.opcheck(torch.ops.fuselm.gemv_silu_mul.default, (x, w, b))
+    with pytest.raises(ValueError, match="even"):
+        gv.gemv_silu_mul_triton(x, torch.randn(7, 96, device=DEVICE))
+    with pytest.raises(ValueError, match="gemv needs"):
+        gv.gemv_silu_mul_triton(x, torch.randn(8, 32, device=DEVICE))
+
+
+def test_select_gemv_silu_mul_by_table_and_choice():
+    cpu = torch.device("cpu")
+    w = torch.empty(64, 32, device=DEVICE)
+    assert gv.select_gemv_silu_mul("triton", w, cpu) is None
+    if DEVICE.type == "cuda" and "triton" in available_backends("gemv_silu_mul"):
+        assert gv.select_gemv_silu_mul("triton", w, DEVICE) is not None
+        assert gv.select_gemv_silu_mul("triton", w[:63], DEVICE) is None  # odd rows
+        assert gv.select_gemv_silu_mul("reference", w, DEVICE) is None
+        # auto: only where the table measured it (no entry for this tiny shape)
+        assert gv.select_gemv_silu_mul("auto", w, DEVICE) is None
+
+
+def test_gated_config_halves_the_plain_rows():
+    plain = gv.default_config(2 * 14336, 4096)
+    gated = gv.gated_config(14336, 4096, torch.device("cpu"))
+    assert gated.block_n == max(1, plain.block_n // 2)
+    assert gated.block_k == plain.block_k
+
+
 def test_select_gemv_only_on_cuda_and_by_choice():
     cpu = torch.device("cpu")
     w = torch.empty(64, 64, device=DEVICE)
@@ -119,6 +175,17 @@ def test_gpu_bf16(n, k, fp32_out):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(14336, 4096), (7168, 4096)])
+def test_gpu_gemv_silu_mul_bf16(n, k):
+    _need_triton()
+    x, w, _ = _inputs(1, 2 * n, k, torch.bfloat16, False, seed=n + k + 1)
+    out = torch.ops.fuselm.gemv_silu_mul(x, w, None)
+    atol, rtol = _tol(torch.bfloat16, k)
+    assert_close(out.float(), _gated_expected(x, w, None).float(), atol=atol, rtol=rtol)
+    assert count_cuda_kernels(torch.ops.fuselm.gemv_silu_mul.default, x, w, None) == 1
+
+
+@pytest.mark.gpu
 def test_gpu_one_launch():
     _need_triton()
     x, w, _ = _inputs(1, 6144, 4096, torch.bfloat16, False, seed=3)
@@ -139,3 +206,32 @@ def test_gpu_linear_layer_uses_gemv_at_batch_1():
     expected = gv.gemv_ref(x, layer.weight, layer.bias)
     assert_close(layer(x), expected, atol=3e-2, rtol=2e-2)
     assert_close(layer(x.expand(4, 512).contiguous())[:1], expected, atol=3e-2, rtol=2e-2)
+
+
+def test_llama_mlp_single_row_takes_the_fused_kernel():
+    """LlamaMLP with the fused kernel bound: one row goes through it and matches the separate
+    projection + activation (a float64 MLP); several rows keep the separate path."""
+    _need_triton()
+    from fuselm.config import ModelConfig
+    from fuselm.models.llama import LlamaMLP
+
+    cfg = ModelConfig("LlamaForCausalLM", vocab_size=64, hidden_size=64, intermediate_size=96,
+                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=16)
+    gen = torch.Generator().manual_seed(3)
+    mlp = LlamaMLP(cfg).to(DEVICE)
+    for p in mlp.parameters():
+        p.copy_(torch.randn(p.shape, generator=gen).to(DEVICE) / p.shape[-1] ** 0.5)
+    calls = []
+
+    def fused(x, w, b):
+        calls.append(x.shape[0])
+        return torch.ops.fuselm.gemv_silu_mul(x, w, b)
+
+    mlp.gate_up_act = fused
+    x = torch.randn(3, 64, generator=gen).to(DEVICE)
+    w_down = mlp.down_proj.weight.double()
+    expected = (_gated_expected(x, mlp.gate_up_proj.weight, None) @ w_down.t())
+    assert_close(mlp(x[:1]), expected[:1].float(), atol=1e-5, rtol=1e-5)
+    assert_close(mlp(x), expected.float(), atol=1e-5, rtol=1e-5)
+    assert calls == [1]

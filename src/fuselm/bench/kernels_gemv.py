@@ -31,7 +31,10 @@ LLAMA3_8B_SHAPES = [
     ("qkv_tp2", 3072, 4096), ("o_tp2", 4096, 2048), ("gate_up_tp2", 14336, 4096),
     ("down_tp2", 4096, 7168), ("lm_head_tp2", 64128, 4096),
 ]
-TINY_SHAPES = [("tiny_a", 96, 64), ("tiny_lm_head", 200, 64)]
+# the gated MLP's gate/up projection + SiLU-and-mul in one kernel: (name, outputs N, K) on a
+# [2N, K] weight, against the plain gemv + the silu_and_mul kernel
+LLAMA3_8B_GATED = [("gated", 14336, 4096), ("gated_tp2", 7168, 4096)]
+TINY_SHAPES = [("tiny_a", 96, 64), ("tiny_lm_head", 200, 64), ("gated_tiny", 48, 64)]
 
 
 def sweep_configs(k: int) -> list[Any]:
@@ -54,37 +57,66 @@ def sweep_configs(k: int) -> list[Any]:
 
 def measure_shape(name: str, n: int, k: int, device: torch.device, dtype: torch.dtype,
                   copy_gbs: float, replays: int, sweep: bool) -> dict[str, Any]:
-    """cuBLAS and every Triton config on one weight shape; times in us a call."""
-    from fuselm.kernels.gemv import GemvConfig, default_config, launch_gemv
+    """cuBLAS and every Triton config on one weight shape; times in us a call. A ``gated*``
+    shape times the fused gate/up + SiLU-and-mul kernel on a ``[2n, k]`` weight against the
+    separate path (``separate_us``: the plain gemv with its tuned config, then silu_and_mul)."""
+    from fuselm.kernels.gemv import (
+        GemvConfig,
+        default_config,
+        gated_config,
+        gemv_silu_mul_ref,
+        launch_gemv,
+        tuned_config,
+    )
+    from fuselm.kernels.silu_and_mul import silu_and_mul_triton
 
     fp32_out = name.startswith("lm_head")
-    weight_bytes = n * k * torch.empty(0, dtype=dtype).element_size()
+    gated = name.startswith("gated")
+    rows = 2 * n if gated else n
+    weight_bytes = rows * k * torch.empty(0, dtype=dtype).element_size()
     copies = max(2, -(-(256 << 20) // weight_bytes))
     gen = torch.Generator(device=device).manual_seed(n * 7 + k)
-    weights = [torch.randn(n, k, device=device, dtype=dtype, generator=gen) * k**-0.5
+    weights = [torch.randn(rows, k, device=device, dtype=dtype, generator=gen) * k**-0.5
                for _ in range(copies)]
     x = torch.randn(1, k, device=device, dtype=dtype, generator=gen)
     out_dtype = torch.float32 if fp32_out else dtype
     outs = [torch.empty(1, n, device=device, dtype=out_dtype) for _ in range(copies)]
+    full = torch.empty(1, rows, device=device, dtype=dtype)
 
     def cublas() -> None:
         for w, o in zip(weights, outs, strict=True):
-            if fp32_out:  # the LM head's F.linear + .float(): the cast is its own kernel
+            if gated:
+                o.copy_(silu_and_mul_triton(F.linear(x, w)))
+            elif fp32_out:  # the LM head's F.linear + .float(): the cast is its own kernel
                 o.copy_(F.linear(x, w))
             else:
                 torch.mm(x, w.t(), out=o)
 
+    plain_cfg = tuned_config(rows, k, device) or default_config(rows, k)
+
+    def separate() -> None:
+        for w, o in zip(weights, outs, strict=True):
+            launch_gemv(x, w, None, full, plain_cfg)
+            o.copy_(silu_and_mul_triton(full))
+
     def triton_body(cfg: GemvConfig):
         def body() -> None:
             for w, o in zip(weights, outs, strict=True):
-                launch_gemv(x, w, None, o, cfg)
+                launch_gemv(x, w, None, o, cfg, gated=gated)
         return body
 
     row: dict[str, Any] = {"name": name, "n": n, "k": k, "weight_MB": round(weight_bytes / 1e6, 2),
-                           "fp32_out": fp32_out}
+                           "fp32_out": fp32_out, "gated": gated}
     row["cublas_us"] = common.graph_time_us(cublas, copies, replays)
-    expected = (x.float() @ weights[-1].float().t())
-    configs = sweep_configs(k) if sweep else [default_config(n, k)]
+    if gated:
+        row["separate_us"] = common.graph_time_us(separate, copies, replays)
+        row["separate_config"] = plain_cfg.to_dict()
+        expected = gemv_silu_mul_ref(x, weights[-1]).float()
+        configs = sweep_configs(k) if sweep else []
+        configs = list(dict.fromkeys(configs + [gated_config(n, k, device)]))
+    else:
+        expected = (x.float() @ weights[-1].float().t())
+        configs = sweep_configs(k) if sweep else [default_config(n, k)]
     results: dict[str, float] = {}
     best: tuple[float, GemvConfig] | None = None
     for cfg in configs:
@@ -119,29 +151,34 @@ def _summarize(row: dict[str, Any], best: tuple[float, Any] | None, weight_bytes
     row["triton_%copy"] = round(100 * row["triton_GB/s"] / copy_gbs, 1) if best else nan
     row["cublas_%copy"] = round(100 * row["cublas_GB/s"] / copy_gbs, 1)
     row["x_cublas"] = round(row["cublas_us"] / row["triton_us"], 3) if best else nan
+    if "separate_us" in row:
+        row["x_separate"] = round(row["separate_us"] / row["triton_us"], 3) if best else nan
     return row
 
 
 def tuning_table(rows: list[dict[str, Any]], margin: float) -> dict[str, dict]:
-    """bucket -> {"backend": triton|reference, "triton": best config, "us": both times}: Triton
-    only where it beats cuBLAS by ``margin`` (a fraction)."""
-    from fuselm.kernels.gemv import shape_bucket
+    """bucket -> {"backend": triton|reference, "triton": best config, "us": the times}: Triton
+    only where it beats cuBLAS (a gated shape: the faster of cuBLAS and the separate path) by
+    ``margin`` (a fraction)."""
+    from fuselm.kernels.gemv import gated_bucket, shape_bucket
 
     table: dict[str, dict] = {}
     for r in rows:
         if r["triton_config"] is None:
             continue
-        faster = r["triton_us"] < r["cublas_us"] * (1 - margin)
-        table[shape_bucket(r["n"], r["k"])] = {
-            "backend": "triton" if faster else "reference",
-            "triton": r["triton_config"],
-            "us": {"triton": round(r["triton_us"], 2), "cublas": round(r["cublas_us"], 2)},
-        }
+        baseline = min(r["cublas_us"], r.get("separate_us", r["cublas_us"]))
+        faster = r["triton_us"] < baseline * (1 - margin)
+        times = {"triton": round(r["triton_us"], 2), "cublas": round(r["cublas_us"], 2)}
+        if "separate_us" in r:
+            times["separate"] = round(r["separate_us"], 2)
+        bucket = (gated_bucket if r.get("gated") else shape_bucket)(r["n"], r["k"])
+        table[bucket] = {"backend": "triton" if faster else "reference",
+                         "triton": r["triton_config"], "us": times}
     return table
 
 
 COLUMNS = ("name", "n", "k", "weight_MB", "cublas_us", "cublas_GB/s", "cublas_%copy", "triton_us",
-           "triton_GB/s", "triton_%copy", "x_cublas")
+           "triton_GB/s", "triton_%copy", "x_cublas", "separate_us", "x_separate")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-dir", default=None, help="write gemv-<gpu>.json here")
     p.add_argument("--configs-dir", default=str(Path(__file__).parents[1] / "kernels" / "configs"),
                    help="where gemv.json (the tuning table) is merged")
-    p.add_argument("--shapes", default="llama3-8b", choices=["llama3-8b", "tiny"])
+    p.add_argument("--shapes", default="llama3-8b", choices=["llama3-8b", "gated", "tiny"],
+                   help="gated: only the fused gate/up + SiLU-and-mul shapes")
     p.add_argument("--replays", type=int, default=20)
     p.add_argument("--no-sweep", action="store_true", help="time only the default config")
     p.add_argument("--margin", type=float, default=0.01,
@@ -162,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device, dtype = torch.device("cuda"), torch.bfloat16
     copy_gbs = common.copy_bandwidth_gbs(device)
-    shapes = LLAMA3_8B_SHAPES if args.shapes == "llama3-8b" else TINY_SHAPES
+    shapes = {"llama3-8b": LLAMA3_8B_SHAPES + LLAMA3_8B_GATED, "gated": LLAMA3_8B_GATED,
+              "tiny": TINY_SHAPES}[args.shapes]
     rows = []
     for name, n, k in shapes:
         rows.append(measure_shape(name, n, k, device, dtype, copy_gbs, args.replays,

@@ -10,7 +10,12 @@ workspace, no second reduction kernel). Whether it beats cuBLAS is measured per 
 ``python -m fuselm.bench.kernels_gemv``, which writes ``configs/gemv.json``; the linear layers use
 it only where that table says so (or with ``--kernel-backend triton``).
 
-Backends: ``gemv_ref`` (float32 spec), ``gemv_triton`` (the torch op ``fuselm::gemv``).
+The gated variant computes the MLP's ``silu(x @ gate.T) * (x @ up.T)`` from the merged
+``[2N, K]`` gate/up weight in the same stream (each program reads its gate rows and the matching
+up rows), so the activation is no kernel of its own.
+
+Backends: ``gemv_ref`` (float32 spec), ``gemv_triton`` (the torch op ``fuselm::gemv``);
+``gemv_silu_mul_ref``, ``gemv_silu_mul_triton`` (``fuselm::gemv_silu_mul``).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from fuselm.kernels import _pdl, _registry, _triton_utils
 from fuselm.kernels._triton_utils import FUSELM_LIB, next_power_of_2
@@ -33,6 +39,18 @@ def gemv_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
 
 
 _registry.register("gemv", "reference", gemv_ref)
+
+
+def gemv_silu_mul_ref(x: torch.Tensor, w: torch.Tensor,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The gated MLP's first half in float32: ``silu(x @ gate.T) * (x @ up.T)`` with w ``[2N, K]``
+    (gate rows, then up rows) and bias ``[2N]``; ``[M, N]`` in x's dtype."""
+    h = gemv_ref(x, w, bias, fp32_out=True)
+    n = h.shape[1] // 2
+    return (F.silu(h[:, :n]) * h[:, n:]).to(x.dtype)
+
+
+_registry.register("gemv_silu_mul", "reference", gemv_silu_mul_ref)
 
 
 class GemvConfig(NamedTuple):
@@ -113,8 +131,8 @@ if _triton_utils.triton_available():
     @triton.jit
     def _gemv_kernel(
         x_ptr,  # [M, K], rows x_stride apart
-        w_ptr,  # [N, K], rows w_stride apart
-        b_ptr,  # [N] or a dummy
+        w_ptr,  # [N, K] ([2N, K] gated: gate rows, then up rows), rows w_stride apart
+        b_ptr,  # [N] ([2N] gated) or a dummy
         out_ptr,  # [M, N], rows out_stride apart
         N,
         K,
@@ -129,30 +147,51 @@ if _triton_utils.triton_available():
         NUM_STAGES: tl.constexpr,
         PREFETCH: tl.constexpr,  # load the first weight tile before waiting for x
         USE_PDL: tl.constexpr,
+        GATED: tl.constexpr = False,  # out = silu(x @ gate.T) * (x @ up.T)
     ):
         m = tl.program_id(1).to(tl.int64)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         w_rows = w_ptr + rows.to(tl.int64)[:, None] * w_stride
+        up_rows = w_ptr + (rows + N).to(tl.int64)[:, None] * w_stride  # read only when GATED
         x_row = x_ptr + m * x_stride
         if PREFETCH:
             # the first weight tile does not depend on the previous kernel: with PDL it streams
             # while that kernel finishes; then wait for x
             acc = _w_tile(w_rows, rows, cols, N, K, EVEN_N, EVEN_K)
+            if GATED:
+                acc_up = _w_tile(up_rows, rows, cols, N, K, EVEN_N, EVEN_K)
             pdl_wait_then_release(USE_PDL)
-            acc = acc * _x_chunk(x_row, cols, K, EVEN_K)[None, :]
+            if GATED:
+                x0 = _x_chunk(x_row, cols, K, EVEN_K)[None, :]
+                acc = acc * x0
+                acc_up = acc_up * x0
+            else:
+                acc = acc * _x_chunk(x_row, cols, K, EVEN_K)[None, :]
             start = BLOCK_K
         else:
             pdl_wait_then_release(USE_PDL)
             acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            if GATED:
+                acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
             start = 0
         for k0 in tl.range(start, K, BLOCK_K, num_stages=NUM_STAGES):
             k = k0 + cols
-            acc += _w_tile(w_rows, rows, k, N, K, EVEN_N, EVEN_K) * _x_chunk(
-                x_row, k, K, EVEN_K)[None, :]
+            if GATED:
+                xk = _x_chunk(x_row, k, K, EVEN_K)[None, :]
+                acc += _w_tile(w_rows, rows, k, N, K, EVEN_N, EVEN_K) * xk
+                acc_up += _w_tile(up_rows, rows, k, N, K, EVEN_N, EVEN_K) * xk
+            else:
+                acc += _w_tile(w_rows, rows, k, N, K, EVEN_N, EVEN_K) * _x_chunk(
+                    x_row, k, K, EVEN_K)[None, :]
         y = tl.sum(acc, axis=1)
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        if GATED:
+            up = tl.sum(acc_up, axis=1)
+            if HAS_BIAS:
+                up += tl.load(b_ptr + N + rows, mask=rows < N, other=0.0).to(tl.float32)
+            y = y / (1.0 + tl.exp(-y)) * up
         dst = out_ptr + m * out_stride + rows
         if EVEN_N:
             tl.store(dst, y.to(out_ptr.dtype.element_ty))
@@ -161,15 +200,19 @@ if _triton_utils.triton_available():
 
 
 def launch_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-                cfg: GemvConfig, prefetch: bool | None = None) -> None:
+                cfg: GemvConfig, prefetch: bool | None = None, gated: bool = False) -> None:
     """Launches the Triton kernel with an explicit config into ``out [M, N]``; ``prefetch``
-    (default: with PDL) loads the first weight tile before waiting for the previous kernel."""
+    (default: with PDL) loads the first weight tile before waiting for the previous kernel.
+    ``gated``: w is ``[2N, K]`` (gate rows, then up rows) and ``out = silu(gate) * up``; a
+    program then reads ``cfg.block_n`` rows of each."""
     m, k = x.shape
-    n = w.shape[0]
+    n = w.shape[0] // 2 if gated else w.shape[0]
     if m == 0 or n == 0:
         return
     if k == 0:
-        out.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(out))
+        full = bias.float().expand(m, w.shape[0]) if bias is not None else torch.zeros(
+            m, w.shape[0], device=out.device)
+        out.copy_(F.silu(full[:, :n]) * full[:, n:] if gated else full)
         return
     grid = (triton.cdiv(n, cfg.block_n), m)
     pdl = _pdl.use_pdl(x)
@@ -178,7 +221,7 @@ def launch_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out
         HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         EVEN_N=n % cfg.block_n == 0, EVEN_K=k % cfg.block_k == 0, NUM_STAGES=cfg.num_stages,
         PREFETCH=pdl if prefetch is None else prefetch, USE_PDL=pdl, num_warps=cfg.num_warps,
-        launch_pdl=pdl,
+        GATED=gated, launch_pdl=pdl,
     )
 
 
@@ -189,6 +232,23 @@ def tuned_config(n: int, k: int, device: torch.device) -> GemvConfig | None:
     entry = _triton_utils.tuned_triton_config("gemv", shape_bucket(n, k), "cuda",
                                               device.index or 0)
     return GemvConfig.from_dict(entry) if entry else None
+
+
+def gated_bucket(n: int, k: int) -> str:
+    """Tuning-table key of the gated kernel on a ``[2n, k]`` gate/up weight (``n`` outputs)."""
+    return f"gated_n{n}_k{k}"
+
+
+def gated_config(n: int, k: int, device: torch.device) -> GemvConfig:
+    """The gated kernel's config for ``n`` outputs: the table's, else the plain kernel's config
+    for the whole ``[2n, k]`` weight with half the rows a program (it reads gate and up rows)."""
+    if device.type == "cuda":
+        entry = _triton_utils.tuned_triton_config("gemv", gated_bucket(n, k), "cuda",
+                                                  device.index or 0)
+        if entry:
+            return GemvConfig.from_dict(entry)
+    cfg = tuned_config(2 * n, k, device) or default_config(2 * n, k)
+    return cfg._replace(block_n=max(1, cfg.block_n // 2))
 
 
 def gemv_triton(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
@@ -213,10 +273,34 @@ def _gemv_fake(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
                        dtype=torch.float32 if fp32_out else x.dtype)
 
 
+def gemv_silu_mul_triton(x: torch.Tensor, w: torch.Tensor,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton ``silu(x @ gate.T) * (x @ up.T)`` in one weight stream; same contract as
+    ``gemv_silu_mul_ref``."""
+    _check(x, w, bias)
+    if w.shape[0] % 2:
+        raise ValueError(f"gemv_silu_mul needs gate and up rows, an even count; got {w.shape[0]}")
+    n, k = w.shape[0] // 2, w.shape[1]
+    out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+    launch_gemv(x, w, bias, out, gated_config(n, k, x.device), gated=True)
+    return out
+
+
+FUSELM_LIB.define("gemv_silu_mul(Tensor x, Tensor w, Tensor? bias) -> Tensor")
+
+
+@torch.library.register_fake("fuselm::gemv_silu_mul", lib=FUSELM_LIB)
+def _gemv_silu_mul_fake(x: torch.Tensor, w: torch.Tensor,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((x.shape[0], w.shape[0] // 2))
+
+
 if _triton_utils.triton_available():
     for _key in _triton_utils.triton_dispatch_keys():
         FUSELM_LIB.impl("gemv", gemv_triton, _key)
+        FUSELM_LIB.impl("gemv_silu_mul", gemv_silu_mul_triton, _key)
     _registry.register("gemv", "triton", torch.ops.fuselm.gemv.default)
+    _registry.register("gemv_silu_mul", "triton", torch.ops.fuselm.gemv_silu_mul.default)
 
 
 def select_gemv(backend: str, weight: torch.Tensor, device: torch.device):
@@ -233,3 +317,19 @@ def select_gemv(backend: str, weight: torch.Tensor, device: torch.device):
         return None
     choice = _registry.tuned_backend("gemv", device, shape_bucket(n, k))
     return torch.ops.fuselm.gemv.default if choice == "triton" else None
+
+
+def select_gemv_silu_mul(backend: str, weight: torch.Tensor, device: torch.device):
+    """The batch-1 fused gate/up projection + SiLU-and-mul for a ``[2n, k]`` weight, or None
+    (the separate projection and activation): Triton where the tuning table measured it faster
+    than the plain kernel and the activation (``auto``), or wherever ``backend`` asks for Triton."""
+    if (device.type != "cuda" or "triton" not in _registry.available_backends("gemv_silu_mul")
+            or weight.dim() != 2 or weight.stride(1) != 1 or weight.shape[0] % 2):
+        return None
+    if backend == "triton":
+        return torch.ops.fuselm.gemv_silu_mul.default
+    if backend != "auto":
+        return None
+    n, k = weight.shape[0] // 2, weight.shape[1]
+    choice = _registry.tuned_backend("gemv", device, gated_bucket(n, k))
+    return torch.ops.fuselm.gemv_silu_mul.default if choice == "triton" else None

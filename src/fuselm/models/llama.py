@@ -25,7 +25,12 @@ from fuselm.forward_batch import ForwardBatch
 from fuselm.layers.activation import SiluAndMul
 from fuselm.layers.attention import Attention
 from fuselm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from fuselm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from fuselm.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    UnquantizedLinearMethod,
+)
 from fuselm.layers.norm import RMSNorm
 from fuselm.layers.rotary import cos_sin_cache
 from fuselm.layers.weight_utils import default_weight_loader
@@ -81,9 +86,22 @@ class LlamaMLP(nn.Module):
         self.act_fn = SiluAndMul()
         self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=False,
                                            reduce_results=False)
+        self.gate_up_act: Any = None  # batch-1 gate/up projection + activation in one kernel
+
+    def bind_kernels(self, backend: str, device: torch.device, for_graphs: bool = False) -> None:
+        """Chooses whether a single row runs the gate/up projection and the activation as one
+        kernel (``gemv_silu_mul``, where measured faster) on ``device``."""
+        from fuselm.kernels.gemv import select_gemv_silu_mul
+
+        dense = isinstance(self.gate_up_proj.quant_method, UnquantizedLinearMethod)
+        self.gate_up_act = (select_gemv_silu_mul(backend, self.gate_up_proj.weight, device)
+                            if dense else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[T, hidden_size]`` -> this rank's partial sum ``[T, hidden_size]``."""
+        fused = self.gate_up_act
+        if fused is not None and x.dim() == 2 and x.shape[0] == 1 and x.stride(1) == 1:
+            return self.down_proj(fused(x, self.gate_up_proj.weight, self.gate_up_proj.bias))
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
