@@ -65,12 +65,14 @@ def test_greedy_steps_within_logit_tolerance(tiny, eager):
 
 
 def test_batch1_decode_with_triton_gemv_kernels(tiny):
-    """One sequence decodes through the batch-1 Triton kernels (gemv, the fused gate/up +
-    SiLU-and-mul) in a CUDA graph: each greedy token within LOGIT_TOL of transformers."""
+    """One sequence decodes through the batch-1 Triton kernels (gemv, QKV + rotary + KV write,
+    gate/up + SiLU-and-mul) in a CUDA graph: each greedy token within LOGIT_TOL of
+    transformers."""
     path, hf = tiny
     llm = LLM(str(path), device="cuda", kernel_backend="triton", num_gpu_blocks=64)
     model = llm.engine.runner.model
-    assert all(layer.mlp.gate_up_act is not None for layer in model.layers.values())
+    assert all(layer.mlp.gate_up_act is not None and layer.self_attn.qkv_rope is not None
+               for layer in model.layers.values())
     prompt = _prompts()[1]
     out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=16,
                                                 ignore_eos=True))[0]
