@@ -35,7 +35,7 @@ LLAMA3_8B_SHAPES = [
 # [2N, K] weight, against the plain gemv + the silu_and_mul kernel
 LLAMA3_8B_GATED = [("gated", 14336, 4096), ("gated_tp2", 7168, 4096)]
 # QKV projection + rotary + KV-cache write in one kernel: (name, q heads, kv heads, head size, K)
-# against the plain gemv + rotary_store_kv
+# against the plain gemv + rotary_store_kv (timed and recorded, never chosen by this timing)
 LLAMA3_8B_ROPE = [("rope", 32, 8, 128, 4096), ("rope_tp2", 16, 4, 128, 4096)]
 TINY_SHAPES = [("tiny_a", 96, 64), ("tiny_lm_head", 200, 64), ("gated_tiny", 48, 64)]
 TINY_ROPE = [("rope_tiny", 4, 2, 16, 64)]
@@ -254,7 +254,10 @@ def tuning_table(rows: list[dict[str, Any]], margin: float) -> dict[str, dict]:
         if r["triton_config"] is None:
             continue
         baseline = min(r["cublas_us"], r.get("separate_us", r["cublas_us"]))
-        faster = r["triton_us"] < baseline * (1 - margin)
+        # the fused rope kernel won this chain-of-identical-kernels timing on the H200 yet made
+        # the decode step 5 % slower (docs/perf/distributed-h200.md, run 10): it is switched on
+        # only by hand, after a decode A/B
+        faster = r["triton_us"] < baseline * (1 - margin) and not r.get("rope")
         times = {"triton": round(r["triton_us"], 2), "cublas": round(r["cublas_us"], 2)}
         if "separate_us" in r:
             times["separate"] = round(r["separate_us"], 2)
