@@ -2,7 +2,8 @@
 # The one GPU call: environment, CUDA extension (JIT, this GPU's arch only), every `gpu` test,
 # the kernel benchmarks and the engine benchmark. Each step has its own timeout; logs go to $OUT.
 # Usage (repo root): OUT=/dir scripts/gpu_check.sh [steps...]   steps: env build tests kbench
-#                    abench gemv latency gap engine (default: all). Budgets: STEP_TIMEOUT_<STEP>.
+#                    abench gemv latency gap engine pack (default: all; pack, last, leaves only
+#                    $OUT/results.tgz: the device returns a few files). Budgets: STEP_TIMEOUT_<STEP>.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/fuselm-gpu}
@@ -10,7 +11,7 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export MAX_JOBS=${MAX_JOBS:-16} NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/build/torch_extensions}
-STEPS=${*:-env build tests kbench abench gemv latency gap engine}
+STEPS=${*:-env build tests kbench abench gemv latency gap engine pack}
 status=0
 
 # shellcheck source=scripts/lib_steps.sh
@@ -41,6 +42,7 @@ for step in $STEPS; do
       --plot $OUT/latency.png --disable-tqdm" ;;
     gap) run_step gap 60 python scripts/graph_kernel_gap.py ;;
     engine) run_step engine 480 python scripts/bench_engine.py --out "$OUT" ${ENGINE_ARGS:-} ;;
+    pack) pack_out || status=1 ;;  # last: only $OUT/results.tgz remains
   esac
 done
 exit $status

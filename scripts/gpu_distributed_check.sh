@@ -6,8 +6,11 @@
 # PP=2 vs TP=1 offline throughput, TP=1 vs TP=2 greedy tokens, and the report.
 # Each step runs under `timeout`; logs and JSON go to $OUT.
 # Usage (repo root): OUT=/dir scripts/gpu_distributed_check.sh [steps...]
-#   steps: env tests allreduce layerchain decode decode-chained decode-pp tput tput512 tokens
-#   report (default: all but layerchain, decode-chained and tput512)
+#   steps: env fused-table tests allreduce layerchain decode decode-chained decode-pp tput tput512
+#   tokens report (default: all but fused-table, layerchain, decode-chained and tput512;
+#   pack (last) leaves only $OUT/results.tgz (the device returns a few files a call);
+#   fused-table times the fused batch-1 projections on this GPU and writes the package's gemv
+#   table on the device, so that later steps of the call use them; $OUT/gemv.json to commit)
 #   budgets: STEP_TIMEOUT_<STEP>=seconds
 set -u
 cd "$(dirname "$0")/.."
@@ -28,6 +31,10 @@ for step in $STEPS; do
       --format=csv; nvidia-smi topo -m; python -c 'import torch; print(torch.__version__, \
       torch.version.cuda, torch.cuda.device_count(), torch.cuda.get_device_name())'; \
       git log -1 --format=%H 2>/dev/null || true" ;;
+    fused-table)
+      run_step fused-table 300 python -m fuselm.bench.kernels_gemv --shapes fused \
+        --output-dir "$OUT"
+      cp src/fuselm/kernels/configs/gemv.json "$OUT/gemv.json" ;;
     tests) run_step tests 600 env OMP_NUM_THREADS=1 python -m pytest -q -p no:cacheprovider \
       -rfE -m gpu --durations=8 tests/distributed tests/kernels/test_all_reduce.py ;;
     allreduce) run_step allreduce 300 python -m torch.distributed.run --nproc-per-node 2 \
@@ -53,6 +60,7 @@ for step in $STEPS; do
       run_step tput-pp2-512 600 $BENCH throughput --pp 2 --max-num-seqs 512 --out "$OUT" ;;
     tokens) run_step tokens 600 $BENCH tokens --out "$OUT" ;;
     report) run_step report 60 $BENCH report --out "$OUT" ;;
+    pack) pack_out || status=1 ;;
   esac
 done
 exit $status

@@ -13,3 +13,15 @@ run_step() {
   tail -n "${TAIL_LINES:-20}" "$OUT/$name.log"
   [ $rc -eq 0 ] || status=1
 }
+
+# pack_out: replaces everything under $OUT by $OUT/results.tgz (logs, JSON, plots, tables; no
+# model checkpoints): the device returns only a few files a call.
+pack_out() {
+  local tmp
+  tmp=$(mktemp -d)
+  (cd "$OUT" && tar czf "$tmp/results.tgz" --exclude='*.safetensors' --exclude='*.bin' \
+    --exclude='*.gguf' --exclude=llama-3-8b --exclude='small-random*' .) || return 1
+  find "$OUT" -mindepth 1 -delete
+  mv "$tmp/results.tgz" "$OUT/results.tgz" && rmdir "$tmp"
+  echo "=== pack: $OUT/results.tgz $(du -h "$OUT/results.tgz" | cut -f1)"
+}
