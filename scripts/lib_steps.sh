@@ -18,6 +18,7 @@ run_step() {
 # model checkpoints): the device returns only a few files a call.
 pack_out() {
   local tmp
+  [ -n "${OUT:-}" ] && [ -d "$OUT" ] && [ "$(cd "$OUT" && pwd)" != / ] || return 1
   tmp=$(mktemp -d)
   (cd "$OUT" && tar czf "$tmp/results.tgz" --exclude='*.safetensors' --exclude='*.bin' \
     --exclude='*.gguf' --exclude=llama-3-8b --exclude='small-random*' .) || return 1
