@@ -177,21 +177,26 @@ check_pdl("rotary", build(rk._rotary_store_kv_kernel, dict(zip(names, types)),
                           {**cfg, "USE_PDL": True}, warps,
                           ("num_heads", "num_kv_heads", "block_size")))
 
-# The one-shot all-reduce: 16-byte stores to the peers, 16-byte volatile polls of its own buffer
-# (a cached load could spin on a stale line forever), one atomic a program, PDL.
+# The one-shot all-reduce: 16-byte stores to the peers (none of 2 bytes), 16-byte volatile polls
+# of its own buffer (a cached load could spin on a stale line forever), one atomic a program
+# (none with a single program), PDL.
 from fuselm.kernels import all_reduce as ar
 
 sig = dict(x_ptr=bf, residual_ptr=bf, w_ptr=bf, out_ptr=bf, peers_ptr="*i64", local_ptr="*i16",
            state_ptr="*i32", rank="i32", hidden="i32", rank_numel="i32", eps="fp32")
 for norm in (True, False):
-    ptx = build(ar._all_reduce_kernel, sig, dict(EMPTY=-32768, WORLD=2, BLOCK=4096, NORM=norm,
-                                                 USE_PDL=True), 8, ("rank", "eps"))
-    check_pdl(f"all_reduce norm={norm}", ptx)
-    ok = (re.search(r"ld\.volatile\.global\.v4\.b32", ptx)
-          and re.search(r"st\.global\.v4\.b32", ptx) and len(re.findall(r"atom\.global", ptx)) == 1)
-    print(f"all_reduce norm={norm}", "ok" if ok else "BAD")
-    if not ok:
-        sys.exit("all_reduce: volatile 16-byte polls, 16-byte stores or one atomic missing")
+    for single in (False, True):  # one program (batch 1) advances the count without an atomic
+        ptx = build(ar._all_reduce_kernel, sig, dict(EMPTY=-32768, WORD_BYTES=2, WORLD=2,
+                                                     BLOCK=4096, NORM=norm, SINGLE=single,
+                                                     USE_PDL=True), 8, ("rank", "eps"))
+        check_pdl(f"all_reduce norm={norm} single={single}", ptx)
+        ok = (re.search(r"ld\.volatile\.global\.v4\.b32", ptx)
+              and re.search(r"st\.global\.v4\.b32", ptx)
+              and len(re.findall(r"atom\.global", ptx)) == (0 if single else 1)
+              and not re.search(r"st\.global\.b16", ptx))  # no 2-byte stores to the peers
+        print(f"all_reduce norm={norm} single={single}", "ok" if ok else "BAD")
+        if not ok:
+            sys.exit("all_reduce: volatile 16-byte polls, 16-byte stores or the atomic count")
 """
 
 

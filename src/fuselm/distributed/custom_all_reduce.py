@@ -53,7 +53,11 @@ class CustomAllReduce:
         self.buffer = symm_mem.empty(words, dtype=kernels.word_dtype(dtype), device=device)
         self.buffer.fill_(kernels.empty_word(dtype))
         handle = symm_mem.rendezvous(self.buffer, group)
-        self.peers = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
+        ptrs = list(handle.buffer_ptrs)
+        ptrs[self.rank] = self.buffer.data_ptr()  # the kernel stores at peers relative to this
+        if any(p % 16 for p in ptrs):
+            raise RuntimeError(f"exchange buffers must be 16-byte aligned, got {ptrs}")
+        self.peers = torch.tensor(ptrs, dtype=torch.int64, device=device)
         self.state = torch.zeros(2, dtype=torch.int32, device=device)
         self._handle = handle  # keeps the peer mappings alive
         torch.cuda.synchronize(device)

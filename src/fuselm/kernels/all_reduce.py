@@ -63,9 +63,11 @@ if _triton_utils.triton_available():
         rank_numel,  # words of one rank's row block in a slot
         eps,
         EMPTY: tl.constexpr,
+        WORD_BYTES: tl.constexpr,
         WORLD: tl.constexpr,
         BLOCK: tl.constexpr,
         NORM: tl.constexpr,
+        SINGLE: tl.constexpr = False,  # one program: it advances the call count without an atomic
         USE_PDL: tl.constexpr = False,
     ):
         pdl_wait_then_release(USE_PDL)
@@ -80,10 +82,17 @@ if _triton_utils.triton_available():
         bits = x.to(word, bitcast=True)
         bits = tl.where(bits == EMPTY, tl.zeros_like(bits), bits)
         mine = slot_base + rank * rank_numel + offs
+        here = tl.load(peers_ptr + rank)
         for p in tl.static_range(WORLD):
             if p != rank:
-                peer = tl.load(peers_ptr + p).to(local_ptr.dtype)
-                tl.store(peer + mine, bits, mask=mask)
+                # the peer's buffer as an offset from ours, in words: 16-byte aligned (checked on
+                # the host), so the stores stay 16-byte vectors like the local ones
+                delta = (tl.load(peers_ptr + p) - here) // WORD_BYTES
+                delta = tl.multiple_of(delta, 16 // WORD_BYTES)
+                tl.store(local_ptr + delta + mine, bits, mask=mask)
+        if NORM:  # loaded while the peers' stores are in flight
+            res = tl.load(residual_ptr + offs, mask=mask, other=0.0)
+            w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for p in tl.static_range(WORLD):
             if p == rank:
@@ -97,19 +106,20 @@ if _triton_utils.triton_available():
             acc += got.to(x.dtype, bitcast=True).to(tl.float32)
         total = acc.to(x.dtype)
         if NORM:
-            res = tl.load(residual_ptr + offs, mask=mask, other=0.0)
             h = (total.to(tl.float32) + res.to(tl.float32)).to(x.dtype)
             tl.store(residual_ptr + offs, h, mask=mask)
             hf = h.to(tl.float32)
             rstd = tl.rsqrt(tl.sum(hf * hf, axis=0) / hidden + eps)
-            w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             tl.store(x_ptr + offs, (hf * rstd * w).to(x.dtype), mask=mask)
         else:
             tl.store(out_ptr + offs, total, mask=mask)
-        finished = tl.atomic_add(state_ptr + 1, 1)
-        if finished == tl.num_programs(0) - 1:  # the last program moves on to the other slot
+        if SINGLE:
             tl.store(state_ptr, calls + 1)
-            tl.store(state_ptr + 1, 0)
+        else:
+            finished = tl.atomic_add(state_ptr + 1, 1)
+            if finished == tl.num_programs(0) - 1:  # the last program moves on to the other slot
+                tl.store(state_ptr, calls + 1)
+                tl.store(state_ptr + 1, 0)
 
 
 def _check(x: torch.Tensor, buffer: torch.Tensor, world: int, rank_numel: int) -> None:
@@ -130,7 +140,8 @@ def _launch(x, residual, weight, out, peers: torch.Tensor, buffer: torch.Tensor,
     block = next_power_of_2(hidden)
     _all_reduce_kernel[(rows,)](
         x, residual, weight, out, peers, buffer, state, rank, hidden, rank_numel, eps,
-        EMPTY=empty_word(x.dtype), WORLD=peers.numel(), BLOCK=block, NORM=norm,
+        EMPTY=empty_word(x.dtype), WORD_BYTES=x.element_size(), WORLD=peers.numel(),
+        BLOCK=block, NORM=norm, SINGLE=rows == 1,
         num_warps=max(1, min(16, block * x.element_size() // 512)), **_pdl.launch_args(x),
     )  # fmt: skip
 
