@@ -177,6 +177,14 @@ check_pdl("rotary", build(rk._rotary_store_kv_kernel, dict(zip(names, types)),
                           {**cfg, "USE_PDL": True}, warps,
                           ("num_heads", "num_kv_heads", "block_size")))
 
+from fuselm.kernels import vocab_embedding as ve
+
+ptx = build(ve._vocab_embedding_kernel, dict(ids_ptr="*i64", w_ptr=bf, out_ptr=bf, start="i32",
+                                             rows="i32", dim="i32", w_stride="i32"),
+            dict(BLOCK=4096, USE_PDL=True), 8, ("start", "rows"))
+check_pdl("vocab_embedding", ptx)
+check("vocab_embedding", ptx)
+
 # The one-shot all-reduce: 16-byte stores to the peers (none of 2 bytes), 16-byte volatile polls
 # of its own buffer (a cached load could spin on a stale line forever), one atomic a program
 # (none with a single program), PDL.

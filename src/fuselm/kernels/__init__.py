@@ -11,6 +11,7 @@ from fuselm.kernels import (  # noqa: F401  (registration side effects)
     rms_norm,
     rotary_store_kv,
     silu_and_mul,
+    vocab_embedding,
 )
 from fuselm.kernels._registry import BACKENDS, available_backends, register, select
 

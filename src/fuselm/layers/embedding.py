@@ -15,6 +15,7 @@ from torch import nn
 
 from fuselm.distributed import comm
 from fuselm.distributed import parallel_state as ps
+from fuselm.kernels.vocab_embedding import vocab_embedding_ref
 from fuselm.layers.weight_utils import copy_checked, narrow, tensor_shape
 
 
@@ -35,6 +36,14 @@ class VocabParallelEmbedding(nn.Module):
             requires_grad=False,
         )
         self.weight.weight_loader = self.weight_loader
+        self._lookup = vocab_embedding_ref
+
+    def bind_kernels(self, backend: str, device: torch.device, for_graphs: bool = False) -> None:
+        """Chooses the masked lookup of a tensor-parallel rank for ``device``."""
+        from fuselm.kernels._registry import select_preferred
+
+        self._lookup = select_preferred("vocab_embedding", backend, device,
+                                        for_graphs=for_graphs)
 
     def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
         """Loads this rank's vocabulary rows (the padding rows stay zero)."""
@@ -48,10 +57,7 @@ class VocabParallelEmbedding(nn.Module):
         """ids ``[num_tokens]`` -> ``[num_tokens, dim]``."""
         if self.tp_size == 1:
             return F.embedding(input_ids, self.weight)
-        mask = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
-        local = torch.where(mask, input_ids - self.vocab_start, 0)
-        out = F.embedding(local, self.weight) * mask[:, None].to(self.weight.dtype)
-        return comm.tp_all_reduce(out)
+        return comm.tp_all_reduce(self._lookup(input_ids, self.weight, self.vocab_start))
 
 
 class ParallelLMHead(VocabParallelEmbedding):
