@@ -9,7 +9,8 @@
 #       run REV (or work) with extra environment (e.g. fusion=work:FUSELM_KERNEL_CONFIGS=/x).
 #       TPS="1 2" (tensor-parallel sizes), ROUNDS=2, STEP_TIMEOUT=240; TP=2 uses --one-shot.
 #       Writes $OUT/ab-<name>-tp<n>-r<k>.json and $OUT/ab.txt (median of the rounds per
-#       variant and TP size, and each variant's TP=2 / TP=1). AB_DRY=1: summarise the JSON
+#       variant and TP size, and each variant's TP=2 / TP=1), then packs $OUT into
+#       $OUT/results.tgz (lib_steps.sh pack_out). AB_DRY=1: summarise the JSON
 #       already in $OUT without running anything (the script's test).
 set -u
 cd "$(dirname "$0")/.."
@@ -65,6 +66,9 @@ for name, by_tp in rows.items():
         print(f"{name:<16} TP=2 / TP=1 = "
               f"{statistics.median(by_tp[2]) / statistics.median(by_tp[1]):.4f}")
 PY
-    ;;
+    if [ -z "${AB_DRY:-}" ]; then
+      # shellcheck source=scripts/lib_steps.sh
+      source scripts/lib_steps.sh && pack_out
+    fi ;;
   *) echo "usage: $0 prepare REV... | run VARIANT..." >&2; exit 2 ;;
 esac
