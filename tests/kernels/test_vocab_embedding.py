@@ -68,3 +68,28 @@ def test_gpu_bf16_llama3_shard_one_launch():
     out = torch.ops.fuselm.vocab_embedding(ids, weight, 64128)
     assert torch.equal(out, _expected(ids, weight, 64128))
     assert count_cuda_kernels(torch.ops.fuselm.vocab_embedding.default, ids, weight, 0) == 1
+
+
+def test_tp_embedding_shards_sum_to_the_full_lookup(monkeypatch):
+    """Three simulated tensor-parallel ranks of VocabParallelEmbedding (vocabulary 100, padded to
+    102) with each backend bound: their outputs, summed as the all-reduce would, equal the full
+    table's lookup."""
+    from fuselm.distributed import comm
+    from fuselm.distributed import parallel_state as ps
+    from fuselm.layers.embedding import VocabParallelEmbedding
+
+    full = torch.randn(100, 24, device=DEVICE)
+    ids = torch.tensor([0, 33, 34, 67, 68, 99, 5], device=DEVICE)
+    monkeypatch.setattr(comm, "tp_all_reduce", lambda x: x)
+    for backend in ["reference"] + (["triton"] if "triton" in available_backends(
+            "vocab_embedding") else []):
+        total = torch.zeros(ids.shape[0], 24, device=DEVICE)
+        for rank in range(3):
+            monkeypatch.setattr(ps, "get_tp_rank", lambda r=rank: r)
+            monkeypatch.setattr(ps, "get_tp_size", lambda: 3)
+            emb = VocabParallelEmbedding(100, 24).to(DEVICE)
+            emb.weight_loader(emb.weight, full)
+            emb._lookup = (ve.vocab_embedding_ref if backend == "reference"
+                           else torch.ops.fuselm.vocab_embedding)
+            total += emb(ids)
+        assert torch.equal(total, full[ids]), backend
