@@ -7,7 +7,8 @@
 #   OUT=/dir scripts/ab_decode.sh run VARIANT...   (on the device, carry build/ab)
 #       VARIANT: "work" (this working tree's src/), a prepared REV, or NAME=REV:ENV=VALUE,... to
 #       run REV (or work) with extra environment (e.g. fusion=work:FUSELM_KERNEL_CONFIGS=/x).
-#       TPS="1 2" (tensor-parallel sizes), ROUNDS=2, STEP_TIMEOUT=240; TP=2 uses --one-shot.
+#       TPS="1 2" (tensor-parallel sizes), ROUNDS=2, STEP_TIMEOUT=240; TP=2 uses --one-shot;
+#       AB_PROFILE=1 adds the per-kernel profile (--profile) to the first round.
 #       Writes $OUT/ab-<name>-tp<n>-r<k>.json and $OUT/ab.txt (median of the rounds per
 #       variant and TP size, and each variant's TP=2 / TP=1), then packs $OUT into
 #       $OUT/results.tgz (lib_steps.sh pack_out). AB_DRY=1: summarise the JSON
@@ -39,6 +40,7 @@ case $mode in
           [ "$rev" != work ] && src=$PWD/build/ab/$rev/src
           extra=()
           [ "$tp" -gt 1 ] && extra=(--one-shot)
+          [ -n "${AB_PROFILE:-}" ] && [ "$round" = 1 ] && extra+=(--profile)
           json=$OUT/ab-$name-tp$tp-r$round.json
           timeout -k 10 "${STEP_TIMEOUT:-240}" ${AB_DRY:+true} env PYTHONPATH="$src" "${envs[@]}" \
             python scripts/bench_distributed.py decode --tp "$tp" "${extra[@]}" --out "$OUT" \
