@@ -28,6 +28,16 @@ def _prompts() -> list[list[int]]:
     return [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (5, 40, 17)]
 
 
+def _assert_greedy_near_hf_max(hf, prompt: list[int], tokens: list[int]) -> None:
+    """Each greedy token's float32 transformers logit is within LOGIT_TOL of that step's max."""
+    with torch.inference_mode():
+        logits = hf(torch.tensor([prompt + tokens])).logits[0]
+    for i, token in enumerate(tokens):
+        row = logits[len(prompt) - 1 + i]
+        gap = (row.max() - row[token]) / row.abs().max()
+        assert gap < LOGIT_TOL, f"step {i}: token {token} {gap:.3f} below the max"
+
+
 @pytest.mark.parametrize("backend", ["triton", "auto"])
 def test_prefill_logits_bf16(tiny, backend):
     path, hf = tiny
@@ -55,13 +65,7 @@ def test_greedy_steps_within_logit_tolerance(tiny, eager):
     replays = llm.engine.stats()["num_graph_replays"]
     assert (replays > 0) != eager
     for prompt, out in zip(prompts, outs, strict=True):
-        ids = prompt + out.outputs[0].token_ids
-        with torch.inference_mode():
-            logits = hf(torch.tensor([ids])).logits[0]
-        for i, token in enumerate(out.outputs[0].token_ids):
-            row = logits[len(prompt) - 1 + i]
-            gap = (row.max() - row[token]) / row.abs().max()
-            assert gap < LOGIT_TOL, f"step {i}: token {token} {gap:.3f} below the max"
+        _assert_greedy_near_hf_max(hf, prompt, out.outputs[0].token_ids)
 
 
 def test_batch1_decode_with_triton_gemv_kernels(tiny):
@@ -77,13 +81,7 @@ def test_batch1_decode_with_triton_gemv_kernels(tiny):
     out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=16,
                                                 ignore_eos=True))[0]
     assert llm.engine.stats()["num_graph_replays"] > 0
-    ids = prompt + out.outputs[0].token_ids
-    with torch.inference_mode():
-        logits = hf(torch.tensor([ids])).logits[0]
-    for i, token in enumerate(out.outputs[0].token_ids):
-        row = logits[len(prompt) - 1 + i]
-        gap = (row.max() - row[token]) / row.abs().max()
-        assert gap < LOGIT_TOL, f"step {i}: token {token} {gap:.3f} below the max"
+    _assert_greedy_near_hf_max(hf, prompt, out.outputs[0].token_ids)
 
 
 def test_graph_and_eager_agree_on_8b_like_layer_shapes():

@@ -59,13 +59,49 @@ def sweep_configs(k: int) -> list[Any]:
     return list(dict.fromkeys(out + [default_config(1, k)]))
 
 
+def _weight_copies(rows: int, k: int, device: torch.device, dtype: torch.dtype, seed: int):
+    """Enough distinct ``[rows, k]`` weights (>= 256 MB together) that nothing is served from L2,
+    and one input row: ``(weights, x, weight_bytes)``."""
+    weight_bytes = rows * k * torch.empty(0, dtype=dtype).element_size()
+    copies = max(2, -(-(256 << 20) // weight_bytes))
+    gen = torch.Generator(device=device).manual_seed(seed)
+    weights = [torch.randn(rows, k, device=device, dtype=dtype, generator=gen) * k**-0.5
+               for _ in range(copies)]
+    return weights, torch.randn(1, k, device=device, dtype=dtype, generator=gen), weight_bytes
+
+
+def _sweep(name: str, configs: list, body_for, error, scale: float, copies: int,
+           replays: int) -> tuple[dict[str, float], tuple[float, Any] | None]:
+    """Times ``body_for(cfg)`` for every config in one CUDA graph; a config that fails or whose
+    ``error()`` after the run exceeds 5 % of ``scale`` (+ 0.01) is skipped. Returns the times
+    by label and the fastest ``(us, config)``."""
+    results: dict[str, float] = {}
+    best: tuple[float, Any] | None = None
+    for cfg in configs:
+        try:
+            t = common.graph_time_us(body_for(cfg), copies, replays)
+        except Exception as exc:  # noqa: BLE001 - one config failing must not end the sweep
+            results[cfg.label] = float("nan")
+            print(f"  {name}: config {cfg.label} failed: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)
+            continue
+        err = error()
+        if err > 0.05 * scale + 1e-2:
+            print(f"  {name}: config {cfg.label} wrong (max err {err:.3g}); skipped",
+                  file=sys.stderr)
+            continue
+        results[cfg.label] = round(t, 3)
+        if best is None or t < best[0]:
+            best = (t, cfg)
+    return results, best
+
+
 def measure_shape(name: str, n: int, k: int, device: torch.device, dtype: torch.dtype,
                   copy_gbs: float, replays: int, sweep: bool) -> dict[str, Any]:
     """cuBLAS and every Triton config on one weight shape; times in us a call. A ``gated*``
     shape times the fused gate/up + SiLU-and-mul kernel on a ``[2n, k]`` weight against the
     separate path (``separate_us``: the plain gemv with its tuned config, then silu_and_mul)."""
     from fuselm.kernels.gemv import (
-        GemvConfig,
         default_config,
         gated_config,
         gemv_silu_mul_ref,
@@ -77,12 +113,8 @@ def measure_shape(name: str, n: int, k: int, device: torch.device, dtype: torch.
     fp32_out = name.startswith("lm_head")
     gated = name.startswith("gated")
     rows = 2 * n if gated else n
-    weight_bytes = rows * k * torch.empty(0, dtype=dtype).element_size()
-    copies = max(2, -(-(256 << 20) // weight_bytes))
-    gen = torch.Generator(device=device).manual_seed(n * 7 + k)
-    weights = [torch.randn(rows, k, device=device, dtype=dtype, generator=gen) * k**-0.5
-               for _ in range(copies)]
-    x = torch.randn(1, k, device=device, dtype=dtype, generator=gen)
+    weights, x, weight_bytes = _weight_copies(rows, k, device, dtype, seed=n * 7 + k)
+    copies = len(weights)
     out_dtype = torch.float32 if fp32_out else dtype
     outs = [torch.empty(1, n, device=device, dtype=out_dtype) for _ in range(copies)]
     full = torch.empty(1, rows, device=device, dtype=dtype)
@@ -103,7 +135,7 @@ def measure_shape(name: str, n: int, k: int, device: torch.device, dtype: torch.
             launch_gemv(x, w, None, full, plain_cfg)
             o.copy_(silu_and_mul_triton(full))
 
-    def triton_body(cfg: GemvConfig):
+    def triton_body(cfg):
         def body() -> None:
             for w, o in zip(weights, outs, strict=True):
                 launch_gemv(x, w, None, o, cfg, gated=gated)
@@ -121,25 +153,9 @@ def measure_shape(name: str, n: int, k: int, device: torch.device, dtype: torch.
     else:
         expected = (x.float() @ weights[-1].float().t())
         configs = sweep_configs(k) if sweep else [default_config(n, k)]
-    results: dict[str, float] = {}
-    best: tuple[float, GemvConfig] | None = None
-    for cfg in configs:
-        try:
-            t = common.graph_time_us(triton_body(cfg), copies, replays)
-        except Exception as exc:  # noqa: BLE001 - one config failing must not end the sweep
-            results[cfg.label] = float("nan")
-            print(f"  {name}: config {cfg.label} failed: {type(exc).__name__}: {exc}",
-                  file=sys.stderr)
-            continue
-        err = (outs[-1].float() - expected).abs().max().item()
-        if err > 0.05 * expected.abs().max().item() + 1e-2:
-            print(f"  {name}: config {cfg.label} wrong (max err {err:.3g}); skipped",
-                  file=sys.stderr)
-            continue
-        results[cfg.label] = round(t, 3)
-        if best is None or t < best[0]:
-            best = (t, cfg)
-    row["configs_us"] = results
+    row["configs_us"], best = _sweep(
+        name, configs, triton_body, lambda: (outs[-1].float() - expected).abs().max().item(),
+        expected.abs().max().item(), copies, replays)
     return _summarize(row, best, weight_bytes, copy_gbs)
 
 
@@ -149,42 +165,36 @@ def measure_rope(name: str, heads: int, kv_heads: int, head_size: int, k: int,
     """``gemv_rope_kv`` (every swept config) against the plain gemv + ``rotary_store_kv`` on a
     QKV weight, one decode token; times in us a call."""
     from fuselm.kernels.gemv import default_config, launch_gemv, tuned_config
-    from fuselm.kernels.gemv_rope_kv import gemv_rope_kv_ref, launch_gemv_rope_kv, rope_config
+    from fuselm.kernels.gemv_rope_kv import (
+        gemv_rope_kv_ref,
+        launch_gemv_rope_kv,
+        rope_config,
+        split_qkv,
+    )
     from fuselm.kernels.rotary_store_kv import rotary_store_kv_triton
     from fuselm.layers.rotary import cos_sin_cache
 
     n = (heads + 2 * kv_heads) * head_size
-    weight_bytes = n * k * torch.empty(0, dtype=dtype).element_size()
-    copies = max(2, -(-(256 << 20) // weight_bytes))
-    gen = torch.Generator(device=device).manual_seed(n * 5 + k)
-    weights = [torch.randn(n, k, device=device, dtype=dtype, generator=gen) * k**-0.5
-               for _ in range(copies)]
-    x = torch.randn(1, k, device=device, dtype=dtype, generator=gen)
+    weights, x, weight_bytes = _weight_copies(n, k, device, dtype, seed=n * 5 + k)
+    copies = len(weights)
     outs = [torch.empty(1, n, device=device, dtype=dtype) for _ in range(copies)]
     cs = cos_sin_cache(head_size, 4096, 500000.0, None).float().to(device)
     kc = torch.zeros(64, 16, kv_heads, head_size, device=device, dtype=dtype)
     vc = torch.zeros_like(kc)
     pos = torch.tensor([1000], device=device)
     slot = torch.tensor([37], device=device)
-    q_end, k_end = heads * head_size, (heads + kv_heads) * head_size
 
     def cublas() -> None:
         for w, o in zip(weights, outs, strict=True):
             torch.mm(x, w.t(), out=o)
-            rotary_store_kv_triton(o[:, :q_end].view(1, heads, head_size),
-                                   o[:, q_end:k_end].view(1, kv_heads, head_size),
-                                   o[:, k_end:].view(1, kv_heads, head_size), pos, cs, kc, vc,
-                                   slot)
+            rotary_store_kv_triton(*split_qkv(o, heads, kv_heads), pos, cs, kc, vc, slot)
 
     plain_cfg = tuned_config(n, k, device) or default_config(n, k)
 
     def separate() -> None:
         for w, o in zip(weights, outs, strict=True):
             launch_gemv(x, w, None, o, plain_cfg)
-            rotary_store_kv_triton(o[:, :q_end].view(1, heads, head_size),
-                                   o[:, q_end:k_end].view(1, kv_heads, head_size),
-                                   o[:, k_end:].view(1, kv_heads, head_size), pos, cs, kc, vc,
-                                   slot)
+            rotary_store_kv_triton(*split_qkv(o, heads, kv_heads), pos, cs, kc, vc, slot)
 
     def fused_body(cfg):
         def body() -> None:
@@ -202,26 +212,13 @@ def measure_rope(name: str, heads: int, kv_heads: int, head_size: int, k: int,
     expected = gemv_rope_kv_ref(x, weights[-1], None, pos, cs, kc_ref, vc_ref, slot, heads,
                                 kv_heads).float()
     configs = list(dict.fromkeys((sweep_configs(k) if sweep else []) + [rope_config(n, k, device)]))
-    results: dict[str, float] = {}
-    best = None
-    for cfg in configs:
-        try:
-            t = common.graph_time_us(fused_body(cfg), copies, replays)
-        except Exception as exc:  # noqa: BLE001 - one config failing must not end the sweep
-            results[cfg.label] = float("nan")
-            print(f"  {name}: config {cfg.label} failed: {type(exc).__name__}: {exc}",
-                  file=sys.stderr)
-            continue
-        err = max((outs[-1].float() - expected).abs().max().item(),
-                  (kc.float() - kc_ref.float()).abs().max().item())
-        if err > 0.05 * expected.abs().max().item() + 1e-2:
-            print(f"  {name}: config {cfg.label} wrong (max err {err:.3g}); skipped",
-                  file=sys.stderr)
-            continue
-        results[cfg.label] = round(t, 3)
-        if best is None or t < best[0]:
-            best = (t, cfg)
-    row["configs_us"] = results
+
+    def error() -> float:
+        return max((outs[-1].float() - expected).abs().max().item(),
+                   (kc.float() - kc_ref.float()).abs().max().item())
+
+    row["configs_us"], best = _sweep(name, configs, fused_body, error,
+                                     expected.abs().max().item(), copies, replays)
     return _summarize(row, best, weight_bytes, copy_gbs)
 
 

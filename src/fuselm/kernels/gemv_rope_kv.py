@@ -22,10 +22,11 @@ import torch
 from fuselm.kernels import _pdl, _registry, _triton_utils
 from fuselm.kernels._triton_utils import FUSELM_LIB
 from fuselm.kernels.gemv import GemvConfig, default_config, gemv_ref, tuned_config
-from fuselm.kernels.rotary_store_kv import rotary_store_kv_ref
+from fuselm.kernels.rotary_store_kv import _check_args, rotary_store_kv_ref
 
 
-def _split(qkv: torch.Tensor, num_heads: int, num_kv_heads: int):
+def split_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int):
+    """Views ``(q [M, H, D], k [M, Hkv, D], v [M, Hkv, D])`` of a QKV row block."""
     m, head_size = qkv.shape[0], qkv.shape[1] // (num_heads + 2 * num_kv_heads)
     q = qkv[:, : num_heads * head_size].view(m, num_heads, head_size)
     k = qkv[:, num_heads * head_size : (num_heads + num_kv_heads) * head_size]
@@ -39,7 +40,7 @@ def gemv_rope_kv_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
                      slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
     """``x @ w.T + bias`` (float32, rounded to x's dtype), then ``rotary_store_kv_ref``."""
     qkv = gemv_ref(x, w, bias)
-    q, k, v = _split(qkv, num_heads, num_kv_heads)
+    q, k, v = split_qkv(qkv, num_heads, num_kv_heads)
     rotary_store_kv_ref(q, k, v, positions, cos_sin_cache, key_cache, value_cache, slot_mapping)
     return qkv
 
@@ -64,12 +65,11 @@ def rope_config(n: int, k: int, device: torch.device) -> GemvConfig:
     return cfg._replace(block_n=max(1, cfg.block_n // 2))
 
 
-def _check(x, w, bias, positions, cos_sin_cache, key_cache, value_cache, slot_mapping,
-           num_heads, num_kv_heads) -> int:
-    """Validates the arguments; returns the head size."""
-    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"gemv_rope_kv needs x [M, K] and w [N, K], got {tuple(x.shape)} and "
-                         f"{tuple(w.shape)}")
+def _check(x, w, bias, cos_sin_cache, num_heads, num_kv_heads) -> None:
+    """Validates what ``rotary_store_kv``'s checks (run on the output's q/k/v views) do not."""
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1] or x.shape[1] == 0:
+        raise ValueError(f"gemv_rope_kv needs x [M, K] and w [N, K] with K > 0, got "
+                         f"{tuple(x.shape)} and {tuple(w.shape)}")
     if x.stride(1) != 1 or w.stride(1) != 1:
         raise ValueError("gemv_rope_kv needs x and w contiguous in their last dimension")
     heads = num_heads + 2 * num_kv_heads
@@ -81,24 +81,8 @@ def _check(x, w, bias, positions, cos_sin_cache, key_cache, value_cache, slot_ma
         raise ValueError(f"gemv_rope_kv rotates whole heads: cos_sin_cache must be "
                          f"[max_position, {head_size}] (head size even), got "
                          f"{tuple(cos_sin_cache.shape)}")
-    if cos_sin_cache.stride(1) != 1:
-        raise ValueError("cos_sin_cache must be contiguous in its last dimension")
     if bias is not None and bias.shape != (w.shape[0],):
         raise ValueError(f"gemv_rope_kv bias must be [{w.shape[0]}], got {tuple(bias.shape)}")
-    for name, c in (("key_cache", key_cache), ("value_cache", value_cache)):
-        if c.dim() != 4 or tuple(c.shape[2:]) != (num_kv_heads, head_size) or c.stride(3) != 1:
-            raise ValueError(f"{name} must be [num_blocks, block_size, {num_kv_heads}, "
-                             f"{head_size}] contiguous in head_size, got {tuple(c.shape)}")
-    if key_cache.shape[1] != value_cache.shape[1]:
-        raise ValueError("key_cache and value_cache block sizes differ")
-    for name, t in (("positions", positions), ("slot_mapping", slot_mapping)):
-        if t.shape != (x.shape[0],) or t.dtype != torch.int64 or t.stride(0) != 1:
-            raise ValueError(f"{name} must be contiguous int64 [{x.shape[0]}]")
-    devices = {t.device for t in (x, w, positions, cos_sin_cache, key_cache, value_cache,
-                                  slot_mapping)}
-    if len(devices) != 1:
-        raise ValueError(f"all tensors must be on one device, got {devices}")
-    return head_size
 
 
 if _triton_utils.triton_available():
@@ -212,11 +196,10 @@ def gemv_rope_kv_triton(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | N
                         slot_mapping: torch.Tensor, num_heads: int,
                         num_kv_heads: int) -> torch.Tensor:
     """Triton QKV projection + rotary + KV-cache write; same contract as ``gemv_rope_kv_ref``."""
-    _check(x, w, bias, positions, cos_sin_cache, key_cache, value_cache, slot_mapping,
-           num_heads, num_kv_heads)
-    if x.shape[1] == 0:
-        raise ValueError("gemv_rope_kv needs K > 0")
+    _check(x, w, bias, cos_sin_cache, num_heads, num_kv_heads)
     out = torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
+    _check_args(*split_qkv(out, num_heads, num_kv_heads), positions, cos_sin_cache, key_cache,
+                value_cache, slot_mapping)
     launch_gemv_rope_kv(x, w, bias, out, positions, cos_sin_cache, key_cache, value_cache,
                         slot_mapping, num_heads, num_kv_heads,
                         rope_config(w.shape[0], w.shape[1], x.device))
