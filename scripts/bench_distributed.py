@@ -445,7 +445,9 @@ def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
         ("TP=1", "throughput-tp1-pp1"), ("PP=2 (2 micro-batches)", "throughput-tp1-pp2"),
         ("PP=2 (3 micro-batches)", "throughput-tp1-pp2-mb3"),
         ("TP=1, 512 sequences", "throughput-tp1-pp1-seqs512"),
-        ("PP=2, 512 sequences", "throughput-tp1-pp2-seqs512"))}
+        ("PP=2, 512 sequences", "throughput-tp1-pp2-seqs512"),
+        ("TP=1, 1024 sequences", "throughput-tp1-pp1-seqs1024"),
+        ("PP=2, 1024 sequences", "throughput-tp1-pp2-seqs1024"))}
     base_ms = (decode["TP=1"] or {}).get("decode_ms_per_token")
     base_tps = (tput["TP=1"] or {}).get("output_tokens_per_s")
     rows = []

@@ -7,7 +7,8 @@
 # Each step runs under `timeout`; logs and JSON go to $OUT.
 # Usage (repo root): OUT=/dir scripts/gpu_distributed_check.sh [steps...]
 #   steps: env fused-table tests allreduce layerchain decode decode-chained decode-pp tput tput512
-#   tokens report (default: all but fused-table, layerchain, decode-chained and tput512;
+#   tput1024 tokens report (default: all but fused-table, layerchain, decode-chained, tput512
+#   and tput1024;
 #   pack (last) leaves only $OUT/results.tgz (the device returns a few files a call);
 #   fused-table times the fused batch-1 projections on this GPU and writes the package's gemv
 #   table on the device, so that later steps of the call use them; $OUT/gemv.json to commit)
@@ -58,6 +59,9 @@ for step in $STEPS; do
     tput512)  # a stage holds half the weights: room for twice the sequences
       run_step tput-tp1-512 600 $BENCH throughput --tp 1 --max-num-seqs 512 --out "$OUT"
       run_step tput-pp2-512 600 $BENCH throughput --pp 2 --max-num-seqs 512 --out "$OUT" ;;
+    tput1024)  # every request admitted at once (vLLM's offline default on 80+ GB GPUs)
+      run_step tput-tp1-1024 600 $BENCH throughput --tp 1 --max-num-seqs 1024 --out "$OUT"
+      run_step tput-pp2-1024 600 $BENCH throughput --pp 2 --max-num-seqs 1024 --out "$OUT" ;;
     tokens) run_step tokens 600 $BENCH tokens --out "$OUT" ;;
     report) run_step report 60 $BENCH report --out "$OUT" ;;
     pack) pack_out || status=1 ;;

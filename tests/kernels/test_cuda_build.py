@@ -205,6 +205,24 @@ for norm in (True, False):
         print(f"all_reduce norm={norm} single={single}", "ok" if ok else "BAD")
         if not ok:
             sys.exit("all_reduce: volatile 16-byte polls, 16-byte stores or the atomic count")
+
+# Greedy argmax: every load of the row 16 bytes wide, pipelined or not; the spans' merge.
+from fuselm.kernels import argmax as am
+
+for dt in ("bf16", "fp32"):
+    for stages in (1, 3):
+        sig = dict(x_ptr="*" + dt, out_ptr="*i32", val_ptr="*fp32", n="i32", x_stride="i32")
+        consts = dict(BLOCK=4096, NUM_STAGES=stages, USE_PDL=True, SPAN=4096 * stages)
+        ptx = build(am._argmax_kernel, sig, consts, 8)
+        check_pdl(f"argmax {dt} stages={stages}", ptx)
+        loads = re.findall(r"(?:ld\.global|cp\.async\.c[ag]\.shared\.global)[^\n]*", ptx)
+        ok = bool(loads) and all(".v4." in ld or ", 0x10," in ld for ld in loads)
+        print(f"argmax {dt} stages={stages}", "v4" if ok else "NOT-16B", len(loads))
+        if not ok:
+            sys.exit(f"argmax {dt} stages={stages}: loads narrower than 16 bytes: {loads[:3]}")
+check_pdl("argmax merge", build(am._argmax_merge_kernel, dict(
+    val_ptr="*fp32", idx_ptr="*i32", out_ptr="*i64", num_spans="i32"),
+    dict(P_PAD=32, USE_PDL=True), 1, ("num_spans",)))
 """
 
 

@@ -33,6 +33,7 @@ from fuselm.engine.model_runner import ModelRunner, graph_batch_sizes
 from fuselm.engine.sampling_inputs import build_sampling_tensors
 from fuselm.engine.scheduler import SchedulerOutput
 from fuselm.forward_batch import ForwardBatch
+from fuselm.kernels.argmax import greedy_argmax
 from fuselm.layers.sampler import sample
 
 logger = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ class Worker:
         logits = self.stage.forward(ids, pos, batch, header)
         self.num_steps += 1
         if logits is not None and header.flags & FLAG_KEEP_ARGMAX:
-            self.last_tokens = logits.argmax(dim=-1)
+            self.last_tokens = greedy_argmax(logits)
         if logits is None or not self.samples or header.num_logits == 0:
             return
         tensors = decode_sampling(header, payload, self.vocab_size, self.stage.device,

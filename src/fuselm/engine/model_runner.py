@@ -18,6 +18,7 @@ from torch import nn
 from fuselm.engine.input_batch import InputBuffers
 from fuselm.engine.sampling_inputs import build_sampling_tensors
 from fuselm.engine.scheduler import SchedulerOutput
+from fuselm.kernels.argmax import greedy_argmax
 from fuselm.layers.sampler import SamplerOutput, sample
 
 logger = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ class ModelRunner:
         """Queues the sampling of ``logits`` (rows of the sampling requests ``reqs``; ``greedy``:
         all plain greedy, so an argmax) and the copy of the tokens to the host."""
         if greedy:
-            result = SamplerOutput(token_ids=logits.argmax(dim=-1))  # no per-step tensors
+            result = SamplerOutput(token_ids=greedy_argmax(logits))  # no per-step tensors
         else:
             result = sample(logits, build_sampling_tensors(reqs, self.vocab_size, self.device))
         if self.device.type != "cuda":

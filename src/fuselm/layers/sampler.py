@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fuselm.kernels.argmax import greedy_argmax
+
 
 @dataclass
 class SamplingTensors:
@@ -121,10 +123,10 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
     raw = logits.float()
     if t.all_greedy and t.logit_bias is None and t.output_counts is None \
             and t.seen_mask is None:
-        token_ids = raw.argmax(dim=-1)
+        token_ids = greedy_argmax(raw)
     else:
         processed = process_logits(raw, t)
-        greedy_ids = processed.argmax(dim=-1)
+        greedy_ids = greedy_argmax(processed)
         if t.all_greedy:
             token_ids = greedy_ids
         else:
