@@ -48,6 +48,10 @@ def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     size = ps.get_tp_size()
     if size == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(size)]
-    dist.all_gather(parts, x.contiguous(), group=ps.get_tp_group())
-    return torch.cat(parts, dim=dim)
+    d = dim % x.dim()
+    # One output buffer (rank-major along dim 0), no list of parts to copy out and concatenate:
+    # for a batch-1 row of logits the result is a view of it.
+    out = x.new_empty((size * x.shape[0], *x.shape[1:]))
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, x.contiguous(), group=ps.get_tp_group())
+    return out.view(size, *x.shape).movedim(0, d).flatten(d, d + 1)
