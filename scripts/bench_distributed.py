@@ -81,6 +81,8 @@ def _allreduce_profile(engine: Any, rng: np.random.Generator) -> dict[str, Any]:
     the step's kernels by time (with PDL a kernel's time includes its wait for the previous)."""
     from torch.profiler import ProfilerActivity, profile
 
+    from fuselm.profiling import gpu_idle_per_step
+
     steps = 64
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         _one_request_ms(engine, rng, 8, steps)
@@ -97,7 +99,8 @@ def _allreduce_profile(engine: Any, rng: np.random.Generator) -> dict[str, Any]:
                             "us_per_step": us / steps})
     kernels.sort(key=lambda k: -k["us_per_step"])
     return {"ar_ms_per_step": total_us / 1000 / steps, "ar_calls_per_step": calls / steps,
-            "kernels": kernels[:16]}
+            "kernels": kernels[:16], **gpu_idle_per_step(list(prof.events()), steps)}
+
 
 
 def cmd_decode(args: argparse.Namespace) -> dict[str, Any]:

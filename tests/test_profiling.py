@@ -26,8 +26,8 @@ def test_nvtx_range_is_a_no_op_without_profiler_and_recorded_with_one():
 
 
 def test_union_of_intervals():
-    assert profiling._union_us([(0, 2), (1, 3), (5, 6)]) == 4
-    assert profiling._union_us([]) == 0
+    assert profiling.union_us([(0, 2), (1, 3), (5, 6)]) == 4
+    assert profiling.union_us([]) == 0
 
 
 def test_summary_of_gpu_events_hand_computed():
@@ -47,6 +47,17 @@ def test_summary_of_gpu_events_hand_computed():
     assert s["gpu_idle_fraction"] == pytest.approx(1 - busy / 200)
     assert s["launches_per_step"] == 1 and s["graph_launches_per_step"] == 0.5
     assert s["nccl_us_per_step"] == 5 and s["nccl_calls_per_step"] == 0.5
+
+
+def test_gpu_idle_per_step_hand_computed():
+    cuda = "DeviceType.CUDA"
+    events = [ev("cudaGraphLaunch", 0, 5), ev("gemv", 10, 40, cuda), ev("norm", 35, 50, cuda),
+              ev("argmax", 60, 70, cuda), ev("copy", 65, 68, cuda), ev("gemv", 100, 130, cuda)]
+    s = profiling.gpu_idle_per_step(events, steps=2)
+    assert s["gpu_busy_us_per_step"] == (40 + 10 + 30) / 2  # overlaps counted once
+    assert s["gpu_idle_us_per_step"] == (10 + 30) / 2  # the gaps 50-60 and 70-100
+    assert s["gpu_largest_gap_us"] == 30
+    assert profiling.gpu_idle_per_step([ev("cudaGraphLaunch", 0, 5)], steps=2) == {}
 
 
 def test_summary_of_cpu_events_counts_top_level_ops():

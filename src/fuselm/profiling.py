@@ -108,7 +108,7 @@ def run_workload(engine: Any, prompts: list[list[int]], output_len: int, tag: st
     return steps
 
 
-def _union_us(intervals: list[tuple[float, float]]) -> float:
+def union_us(intervals: list[tuple[float, float]]) -> float:
     """Length of the union of [start, end) intervals."""
     total, cur_s, cur_e = 0.0, None, None
     for s, e in sorted(intervals):
@@ -118,6 +118,25 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
         else:
             cur_e = max(cur_e, e)
     return total + ((cur_e - cur_s) if cur_e is not None else 0.0)
+
+
+def gpu_idle_per_step(events: list[Any], steps: int) -> dict[str, float]:
+    """The GPU's busy and idle time per step between its first and last activity (the union of
+    every kernel and copy interval: PDL overlaps kernels), and the largest idle gap."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events
+                   if str(e.device_type).endswith("CUDA"))
+    if not spans:
+        return {}
+    busy = union_us(spans)
+    window = max(end for _, end in spans) - spans[0][0]
+    gaps, reach = [], spans[0][1]
+    for start, end in spans[1:]:
+        if start > reach:
+            gaps.append(start - reach)
+        reach = max(reach, end)
+    return {"gpu_busy_us_per_step": busy / steps,
+            "gpu_idle_us_per_step": (window - busy) / steps,
+            "gpu_largest_gap_us": max(gaps, default=0.0)}
 
 
 def _clip(iv: tuple[float, float], windows: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -144,7 +163,7 @@ def summarize_events(events: list[Any], top: int) -> dict[str, Any]:
     if gpu:
         for e in gpu:
             by_name[e.name].append(e.time_range.end - e.time_range.start)
-        busy = _union_us([c for e in gpu for c in _clip((e.time_range.start, e.time_range.end),
+        busy = union_us([c for e in gpu for c in _clip((e.time_range.start, e.time_range.end),
                                                         steps)])
         idle = 1.0 - busy / step_us if step_us else None
         launches = sum(e.name in _LAUNCHES for e in events)
