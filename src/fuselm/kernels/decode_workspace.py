@@ -111,6 +111,26 @@ class PagedAttentionWorkspace:
         return out
 
 
+    def rope(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+             cos_sin_cache: torch.Tensor, slot_mapping: torch.Tensor, key_cache: torch.Tensor,
+             value_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+             scale: float) -> torch.Tensor:
+        """Decode with the rotary embedding and the new token's KV write fused in (Triton
+        workspaces only): ``paged_attention_rope_ref``'s contract."""
+        if self._backend != "triton":
+            raise ValueError("the fused rotary decode needs the triton workspace")
+        num_seqs, num_heads, head_size = q.shape
+        if num_seqs > self.max_num_seqs or num_heads != self.num_heads or \
+                head_size != self.head_size:
+            raise ValueError(f"q {tuple(q.shape)} does not fit the workspace")
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        size, tmp_out, max_logits, exp_sums = self.buffers(num_seqs)
+        torch.ops.fuselm.paged_attention_rope_out(
+            out, tmp_out, max_logits, exp_sums, q, k, v, positions, cos_sin_cache, slot_mapping,
+            key_cache, value_cache, block_tables, seq_lens, scale, size)
+        return out
+
+
 # (batch size limit, partition size): the partition of the first bucket the batch fits
 _PARTITION_BUCKETS = ((2, 32), (8, 64), (32, 128), (128, 256))
 
