@@ -110,7 +110,6 @@ class PagedAttentionWorkspace:
                    block_tables, seq_lens, scale, size)
         return out
 
-
     def rope(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
              cos_sin_cache: torch.Tensor, slot_mapping: torch.Tensor, key_cache: torch.Tensor,
              value_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
