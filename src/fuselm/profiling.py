@@ -127,15 +127,14 @@ def gpu_idle_per_step(events: list[Any], steps: int) -> dict[str, float]:
                    if str(e.device_type).endswith("CUDA"))
     if not spans:
         return {}
-    busy = union_us(spans)
-    window = max(end for _, end in spans) - spans[0][0]
     gaps, reach = [], spans[0][1]
     for start, end in spans[1:]:
         if start > reach:
             gaps.append(start - reach)
         reach = max(reach, end)
-    return {"gpu_busy_us_per_step": busy / steps,
-            "gpu_idle_us_per_step": (window - busy) / steps,
+    idle = sum(gaps)
+    return {"gpu_busy_us_per_step": (reach - spans[0][0] - idle) / steps,
+            "gpu_idle_us_per_step": idle / steps,
             "gpu_largest_gap_us": max(gaps, default=0.0)}
 
 

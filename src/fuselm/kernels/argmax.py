@@ -12,6 +12,7 @@ otherwise (CPU keeps torch's speed and never runs the interpreter).
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -218,6 +219,12 @@ if _triton_utils.triton_available():
     _registry.register("argmax", "triton", _TRITON_OP)
 
 
+@functools.cache
+def triton_chosen() -> bool:
+    """``FUSELM_GREEDY_ARGMAX`` read once per process (the greedy path runs every step)."""
+    return envs.greedy_argmax_backend() == "triton"
+
+
 def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
     """Greedy tokens: int64 ``[num_rows]``, the argmax of logits ``[num_rows, vocab]`` per row.
 
@@ -226,8 +233,8 @@ def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
     all tensors under ``FUSELM_GREEDY_ARGMAX=torch``."""
     if (
         _TRITON_OP is not None
-        and envs.greedy_argmax_backend() == "triton"
         and logits.is_cuda
+        and triton_chosen()
         and logits.dim() == 2
         and logits.dtype in _DTYPES
         and 0 < logits.shape[1] <= _MAX_N
