@@ -109,7 +109,9 @@ def test_graph_and_eager_agree_on_8b_like_layer_shapes():
 
     path = write_dummy_checkpoint("llama-tiny", Path(tempfile.mkdtemp()) / "m")
     prompts = [torch.randint(300, 512, (n,)).tolist() for n in (3, 30, 70, 129, 6)]
-    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    # requests that end at different steps: the batch shrinks through several graph sizes
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+              for n in (24, 9, 17, 3, 30)]
     runs = []
     for eager in (True, False):
         llm = LLM(str(path), device="cuda", load_format="dummy", enforce_eager=eager,
@@ -117,6 +119,9 @@ def test_graph_and_eager_agree_on_8b_like_layer_shapes():
         runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params)])
         assert (llm.engine.stats()["num_graph_replays"] > 0) != eager
     assert runs[0] == runs[1]
+    shared = {out.untyped_storage().data_ptr()
+              for size, (_, out) in llm.engine.runner.graphs.items() if size > 1}
+    assert len(shared) == 1, "graphs above batch 1 should share one logits buffer"
 
 
 def test_model_logits_triton_and_cuda_match_reference(tiny):

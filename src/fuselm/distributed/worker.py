@@ -71,7 +71,9 @@ class StageRunner:
         if not self.links.is_first:
             inputs = (self._graph_inputs[0][:size], self._graph_inputs[1][:size])
         out = self.model(ids, pos, batch, intermediate=inputs)
-        return self.model.compute_logits(out) if self.links.is_last else out
+        if not self.links.is_last:
+            return out
+        return self.model.compute_logits(out, self.runner.graph_logits_out(size))
 
     def _replay(self, header: StepHeader) -> torch.Tensor | None:
         size = header.graph_size

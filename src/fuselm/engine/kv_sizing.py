@@ -17,6 +17,7 @@ from fuselm.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 GRAPH_AND_SAMPLER_RESERVE = 512 * 2**20  # bytes kept back for CUDA graphs' private pool
+# (the logits buffer that the decode graphs share is kept back on top: ModelRunner)
 
 
 def _profile_batch(max_num_tokens: int, max_num_seqs: int, max_model_len: int,
@@ -48,7 +49,8 @@ def profile_num_blocks(runner: ModelRunner, cache: CacheConfig, dtype: torch.dty
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     _, total = torch.cuda.mem_get_info(device)
-    budget = total * cache.gpu_memory_utilization - peak - GRAPH_AND_SAMPLER_RESERVE
+    reserve = GRAPH_AND_SAMPLER_RESERVE + runner.graph_logits_bytes()
+    budget = total * cache.gpu_memory_utilization - peak - reserve
     num_blocks = int(budget // runner.kv_bytes_per_block(dtype))
     logger.info("KV cache: %d blocks (peak %.2f GiB during profiling, %.2f GiB total)",
                 num_blocks, peak / 2**30, total / 2**30)

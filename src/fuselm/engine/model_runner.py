@@ -75,6 +75,24 @@ class ModelRunner:
         self._host_tokens = [torch.zeros(max_num_seqs, dtype=torch.int64, pin_memory=pin)
                              for _ in range(2)]
         self._host_slot = 0
+        self._graph_logits: torch.Tensor | None = None
+
+    def graph_logits_bytes(self) -> int:
+        """Bytes of the logits buffer that the decode graphs of more than one row share."""
+        rows = max(graph_batch_sizes(self.max_num_seqs))
+        return rows * self.vocab_size * 4 if rows > 1 else 0
+
+    def graph_logits_out(self, size: int) -> torch.Tensor | None:
+        """Where a decode graph of ``size`` rows writes its logits: one buffer that all sizes
+        above 1 share (replays run one at a time, each sampled before the next), so that the
+        graphs do not each keep their own; None (a fresh tensor) for batch 1."""
+        if size == 1:
+            return None
+        if self._graph_logits is None:
+            rows = max(graph_batch_sizes(self.max_num_seqs))
+            self._graph_logits = torch.empty(rows, self.vocab_size, dtype=torch.float32,
+                                             device=self.device)
+        return self._graph_logits[:size]
 
     def allocate_kv_cache(self, num_blocks: int, dtype: torch.dtype) -> None:
         """Allocates ``[num_blocks, block_size, kv_heads, head_size]`` K and V per layer."""
@@ -191,6 +209,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.graphs.clear()
+        self._graph_logits = None
 
     @torch.inference_mode()
     def capture_cuda_graphs(self, body: GraphBody | None = None) -> None:
@@ -204,7 +223,8 @@ class ModelRunner:
         logger.info("captured decode CUDA graphs for batch sizes %s", sorted(self.graphs))
 
     def _logits_body(self, ids: torch.Tensor, pos: torch.Tensor, batch, size: int) -> torch.Tensor:
-        return self.model.compute_logits(self.model(ids, pos, batch))
+        return self.model.compute_logits(self.model(ids, pos, batch),
+                                         self.graph_logits_out(size))
 
     @contextlib.contextmanager
     def graph_kernels(self) -> Iterator[None]:

@@ -76,11 +76,12 @@ class ParallelLMHead(VocabParallelEmbedding):
 
         self.gemv = select_gemv(backend, self.weight, device)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden ``[n, dim]`` -> float32 logits ``[n, vocab_size]`` (gathered over ranks)."""
+    def forward(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden ``[n, dim]`` -> float32 logits ``[n, vocab_size]`` (gathered over ranks),
+        written into ``out`` when given."""
         if self.gemv is not None and hidden.shape[0] == 1 and hidden.stride(1) == 1:
             logits = self.gemv(hidden, self.weight, None, True)  # float32 straight out
         else:
             logits = F.linear(hidden, self.weight)
-        logits = comm.tp_all_gather(logits, dim=-1)
-        return logits[:, : self.num_embeddings].float()
+        logits = comm.tp_all_gather(logits, dim=-1)[:, : self.num_embeddings]
+        return logits.float() if out is None else out.copy_(logits)

@@ -220,9 +220,11 @@ class LlamaForCausalLM(nn.Module):
         hidden, _ = self.norm(hidden, residual, reduce=partial)
         return hidden
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits ``[n, vocab_size]`` for hidden rows ``[n, hidden_size]``."""
-        return self.lm_head(hidden)
+    def compute_logits(self, hidden: torch.Tensor,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 logits ``[n, vocab_size]`` for hidden rows ``[n, hidden_size]`` (into
+        ``out`` when given)."""
+        return self.lm_head(hidden, out)
 
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
         """Loads (HF name, tensor) pairs into this stage's parameters; returns loaded names."""
