@@ -79,8 +79,11 @@ class ModelRunner:
 
     def graph_logits_bytes(self) -> int:
         """Bytes of the logits buffer that the decode graphs of more than one row share."""
-        rows = max(graph_batch_sizes(self.max_num_seqs))
+        rows = self._max_graph_rows()
         return rows * self.vocab_size * 4 if rows > 1 else 0
+
+    def _max_graph_rows(self) -> int:
+        return max(graph_batch_sizes(self.max_num_seqs))
 
     def graph_logits_out(self, size: int) -> torch.Tensor | None:
         """Where a decode graph of ``size`` rows writes its logits: one buffer that all sizes
@@ -89,9 +92,8 @@ class ModelRunner:
         if size == 1:
             return None
         if self._graph_logits is None:
-            rows = max(graph_batch_sizes(self.max_num_seqs))
-            self._graph_logits = torch.empty(rows, self.vocab_size, dtype=torch.float32,
-                                             device=self.device)
+            self._graph_logits = torch.empty(self._max_graph_rows(), self.vocab_size,
+                                             dtype=torch.float32, device=self.device)
         return self._graph_logits[:size]
 
     def allocate_kv_cache(self, num_blocks: int, dtype: torch.dtype) -> None:
