@@ -34,9 +34,3 @@ def greedy_argmax_backend() -> str:
     if value not in ("triton", "torch"):
         raise ValueError(f"FUSELM_GREEDY_ARGMAX must be 'triton' or 'torch', got {value!r}")
     return value
-
-
-def decode_rope_fusion() -> bool:
-    """FUSELM_DECODE_ROPE: 1 fuses the rotary embedding and the new token's KV-cache write into
-    the Triton decode attention (off by default until a decode A/B on the GPU says otherwise)."""
-    return os.environ.get("FUSELM_DECODE_ROPE", "0") == "1"

@@ -84,22 +84,6 @@ def test_batch1_decode_with_triton_gemv_kernels(tiny):
     _assert_greedy_near_hf_max(hf, prompt, out.outputs[0].token_ids)
 
 
-def test_decode_with_rotary_fused_into_attention(tiny, monkeypatch):
-    """FUSELM_DECODE_ROPE=1: decode steps of several sequences run the paged attention with the
-    rotary embedding and KV write fused in, in CUDA graphs; each greedy token within LOGIT_TOL
-    of transformers."""
-    monkeypatch.setenv("FUSELM_DECODE_ROPE", "1")
-    path, hf = tiny
-    llm = LLM(str(path), device="cuda", kernel_backend="triton", num_gpu_blocks=64)
-    layers = llm.engine.runner.model.attention_layers()
-    assert layers and all(layer._decode_rope is not None for layer in layers)
-    prompts = _prompts()
-    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
-    assert llm.engine.stats()["num_graph_replays"] > 0
-    for prompt, out in zip(prompts, outs, strict=True):
-        _assert_greedy_near_hf_max(hf, prompt, out.outputs[0].token_ids)
-
-
 def test_graph_and_eager_agree_on_8b_like_layer_shapes():
     """CUDA-graph decode equals eager decode on a dummy model (same weights, same kernels)."""
     import tempfile

@@ -206,26 +206,6 @@ for norm in (True, False):
         if not ok:
             sys.exit("all_reduce: volatile 16-byte polls, 16-byte stores or the atomic count")
 
-# Decode attention with rotary + KV write fused in (ROPE) and without: both build with PDL.
-from fuselm.kernels import paged_attention as pa
-
-pa_names = ("out_ptr tmp_out_ptr max_logits_ptr exp_sums_ptr q_ptr kc_ptr vc_ptr bt_ptr "
-            "seq_lens_ptr qk_scale o_seq_stride o_head_stride q_seq_stride q_head_stride "
-            "kc_block_stride kc_slot_stride kc_head_stride vc_block_stride vc_slot_stride "
-            "vc_head_stride bt_stride block_size ws_seq_stride ws_head_stride k_ptr v_ptr pos_ptr "
-            "cos_sin_ptr slot_ptr k_seq_stride k_head_stride v_seq_stride v_head_stride "
-            "cos_sin_stride").split()
-pa_types = ([bf, "*fp32", "*fp32", "*fp32", bf, bf, bf, "*i32", "*i32", "fp32"] + ["i32"] * 14
-            + [bf, bf, "*i64", "*fp32", "*i64"] + ["i32"] * 5)
-for rope in (False, True):
-    consts = dict(GROUP=4, GROUP_PAD=16, HEAD_SIZE=128, D_PAD=128, PARTITION_SIZE=32,
-                  BLOCK_N=32, DOT_PRECISION="tf32", ROPE=rope, USE_PDL=True)
-    ptx = build(pa._paged_attention_kernel, dict(zip(pa_names, pa_types)), consts, 4,
-                ("qk_scale", "block_size"))
-    check_pdl(f"paged_attention rope={rope}", ptx)
-    if rope and "bar.sync" not in ptx:
-        sys.exit("paged_attention rope: no barrier between the cache write and the reads")
-
 # Greedy argmax: every load of the row 16 bytes wide, pipelined or not; the spans' merge.
 from fuselm.kernels import argmax as am
 

@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-from fuselm import envs
 from fuselm.config import EngineConfig, ModelConfig, SchedulerConfig
 from fuselm.engine.block_manager import BlockManager
 from fuselm.engine.model_runner import ModelRunner
@@ -51,7 +50,7 @@ def bind_kernels(model: torch.nn.Module, backend: str, device: torch.device,
                  max_num_seqs: int, max_model_len: int) -> None:
     """Lets every layer pick its kernel implementations once; the decode attention of all
     layers shares one preallocated split-KV workspace (CUDA-graph safe)."""
-    from fuselm.kernels.paged_attention import PagedAttentionWorkspace, make_paged_attention
+    from fuselm.kernels.paged_attention import make_paged_attention
 
     bind_module_kernels(model, backend, device, for_graphs=False)
     layers = model.attention_layers()
@@ -59,14 +58,8 @@ def bind_kernels(model: torch.nn.Module, backend: str, device: torch.device,
         decode = make_paged_attention(backend, device, max_num_seqs=max_num_seqs,
                                       num_heads=layers[0].num_heads,
                                       head_size=layers[0].head_size, max_model_len=max_model_len)
-        rope = None
-        table = layers[0].cos_sin_cache
-        if envs.decode_rope_fusion() and isinstance(decode, PagedAttentionWorkspace) and \
-                decode.backend == "triton" and table.dtype == torch.float32 and \
-                table.shape[-1] == layers[0].head_size:
-            rope = decode.rope
         for layer in layers:
-            layer.set_decode_impl(decode, rope=rope)
+            layer.set_decode_impl(decode)
 
 
 def bind_module_kernels(model: torch.nn.Module, backend: str, device: torch.device,

@@ -8,7 +8,6 @@ from fuselm.kernels import (  # noqa: F401  (registration side effects)
     gemv,
     gemv_rope_kv,
     paged_attention,
-    paged_attention_rope,
     prefill_attention,
     rms_norm,
     rotary_store_kv,

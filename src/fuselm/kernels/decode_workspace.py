@@ -93,40 +93,21 @@ class PagedAttentionWorkspace:
                 self._max_flat[:n].view(num_seqs, self.num_heads, parts),
                 self._sum_flat[:n].view(num_seqs, self.num_heads, parts))
 
-    def _check_fits(self, q: torch.Tensor) -> None:
+    def __call__(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                 block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        """Same contract as ``paged_attention_ref``; writes into ``out`` when given."""
         num_seqs, num_heads, head_size = q.shape
         if num_seqs > self.max_num_seqs or num_heads != self.num_heads or \
                 head_size != self.head_size:
             raise ValueError(
                 f"q {tuple(q.shape)} does not fit the workspace (max_num_seqs "
                 f"{self.max_num_seqs}, num_heads {self.num_heads}, head_size {self.head_size})")
-
-    def __call__(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                 block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-        """Same contract as ``paged_attention_ref``; writes into ``out`` when given."""
-        self._check_fits(q)
         if out is None:
             out = torch.empty_like(q)
-        size, tmp_out, max_logits, exp_sums = self.buffers(q.shape[0])
+        size, tmp_out, max_logits, exp_sums = self.buffers(num_seqs)
         self._op()(out, tmp_out, max_logits, exp_sums, q, key_cache, value_cache,
                    block_tables, seq_lens, scale, size)
-        return out
-
-    def rope(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-             cos_sin_cache: torch.Tensor, slot_mapping: torch.Tensor, key_cache: torch.Tensor,
-             value_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-             scale: float) -> torch.Tensor:
-        """Decode with the rotary embedding and the new token's KV write fused in (Triton
-        workspaces only): ``paged_attention_rope_ref``'s contract."""
-        if self._backend != "triton":
-            raise ValueError("the fused rotary decode needs the triton workspace")
-        self._check_fits(q)
-        out = torch.empty_like(q)
-        size, tmp_out, max_logits, exp_sums = self.buffers(q.shape[0])
-        torch.ops.fuselm.paged_attention_rope_out(
-            out, tmp_out, max_logits, exp_sums, q, k, v, positions, cos_sin_cache, slot_mapping,
-            key_cache, value_cache, block_tables, seq_lens, scale, size)
         return out
 
 

@@ -20,6 +20,7 @@ Backends: ``gemv_ref`` (float32 spec), ``gemv_triton`` (the torch op ``fuselm::g
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -239,16 +240,21 @@ def gated_bucket(n: int, k: int) -> str:
     return f"gated_n{n}_k{k}"
 
 
-def gated_config(n: int, k: int, device: torch.device) -> GemvConfig:
-    """The gated kernel's config for ``n`` outputs: the table's, else the plain kernel's config
-    for the whole ``[2n, k]`` weight with half the rows a program (it reads gate and up rows)."""
+def paired_rows_config(bucket: str, n: int, k: int, device: torch.device) -> GemvConfig:
+    """Config of a fused kernel whose programs each read two rows of a ``[n, k]`` weight per
+    output row (gate and up; a rotary pair): the table's entry under ``bucket``, else the plain
+    kernel's config for the weight with half the rows a program."""
     if device.type == "cuda":
-        entry = _triton_utils.tuned_triton_config("gemv", gated_bucket(n, k), "cuda",
-                                                  device.index or 0)
+        entry = _triton_utils.tuned_triton_config("gemv", bucket, "cuda", device.index or 0)
         if entry:
             return GemvConfig.from_dict(entry)
-    cfg = tuned_config(2 * n, k, device) or default_config(2 * n, k)
+    cfg = tuned_config(n, k, device) or default_config(n, k)
     return cfg._replace(block_n=max(1, cfg.block_n // 2))
+
+
+def gated_config(n: int, k: int, device: torch.device) -> GemvConfig:
+    """The gated kernel's config for ``n`` outputs of a ``[2n, k]`` gate/up weight."""
+    return paired_rows_config(gated_bucket(n, k), 2 * n, k, device)
 
 
 def gemv_triton(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
@@ -303,33 +309,30 @@ if _triton_utils.triton_available():
     _registry.register("gemv_silu_mul", "triton", torch.ops.fuselm.gemv_silu_mul.default)
 
 
-def select_gemv(backend: str, weight: torch.Tensor, device: torch.device):
-    """The batch-1 matrix-vector implementation a layer with ``weight [n, k]`` (row-major) uses,
-    or None for cuBLAS (``F.linear``): Triton where the tuning table measured it faster for this
-    shape on this GPU (``auto``), or wherever ``backend`` asks for Triton explicitly."""
-    if (device.type != "cuda" or "triton" not in _registry.available_backends("gemv")
+def select_tuned_op(op: str, backend: str, weight: torch.Tensor, device: torch.device,
+                    bucket_of: Callable[[int, int], str], fits: bool = True):
+    """The Triton op ``fuselm::<op>`` for a batch-1 layer with a row-major 2-D ``weight [n, k]``,
+    or None (the layer's unfused path): where the gemv tuning table measured Triton faster under
+    the key ``bucket_of(n, k)`` on this GPU (``auto``), or wherever ``backend`` asks for Triton;
+    never on a CPU, nor when ``fits`` is False."""
+    if (not fits or device.type != "cuda" or "triton" not in _registry.available_backends(op)
             or weight.dim() != 2 or weight.stride(1) != 1):
         return None
-    n, k = weight.shape
-    if backend == "triton":
-        return torch.ops.fuselm.gemv.default
-    if backend != "auto":
-        return None
-    choice = _registry.tuned_backend("gemv", device, shape_bucket(n, k))
-    return torch.ops.fuselm.gemv.default if choice == "triton" else None
+    if backend == "auto":
+        bucket = bucket_of(*weight.shape)
+        backend = _registry.tuned_backend("gemv", device, bucket) or "reference"
+    return getattr(torch.ops.fuselm, op).default if backend == "triton" else None
+
+
+def select_gemv(backend: str, weight: torch.Tensor, device: torch.device):
+    """The batch-1 matrix-vector implementation a layer with ``weight [n, k]`` (row-major) uses,
+    or None for cuBLAS (``F.linear``): see ``select_tuned_op``."""
+    return select_tuned_op("gemv", backend, weight, device, shape_bucket)
 
 
 def select_gemv_silu_mul(backend: str, weight: torch.Tensor, device: torch.device):
     """The batch-1 fused gate/up projection + SiLU-and-mul for a ``[2n, k]`` weight, or None
-    (the separate projection and activation): Triton where the tuning table measured it faster
-    than the plain kernel and the activation (``auto``), or wherever ``backend`` asks for Triton."""
-    if (device.type != "cuda" or "triton" not in _registry.available_backends("gemv_silu_mul")
-            or weight.dim() != 2 or weight.stride(1) != 1 or weight.shape[0] % 2):
-        return None
-    if backend == "triton":
-        return torch.ops.fuselm.gemv_silu_mul.default
-    if backend != "auto":
-        return None
-    n, k = weight.shape[0] // 2, weight.shape[1]
-    choice = _registry.tuned_backend("gemv", device, gated_bucket(n, k))
-    return torch.ops.fuselm.gemv_silu_mul.default if choice == "triton" else None
+    (the separate projection and activation): see ``select_tuned_op``."""
+    return select_tuned_op("gemv_silu_mul", backend, weight, device,
+                           lambda n, k: gated_bucket(n // 2, k),
+                           fits=weight.dim() == 2 and weight.shape[0] % 2 == 0)

@@ -21,7 +21,7 @@ import torch
 
 from fuselm.kernels import _pdl, _registry, _triton_utils
 from fuselm.kernels._triton_utils import FUSELM_LIB
-from fuselm.kernels.gemv import GemvConfig, default_config, gemv_ref, tuned_config
+from fuselm.kernels.gemv import GemvConfig, gemv_ref, paired_rows_config, select_tuned_op
 from fuselm.kernels.rotary_store_kv import _check_args, rotary_store_kv_ref
 
 
@@ -54,15 +54,8 @@ def rope_bucket(n: int, k: int) -> str:
 
 
 def rope_config(n: int, k: int, device: torch.device) -> GemvConfig:
-    """The fused kernel's config: the table's, else the plain gemv's config for the weight with
-    half the rows a program (it computes a rotary pair of rows per output slot)."""
-    if device.type == "cuda":
-        entry = _triton_utils.tuned_triton_config("gemv", rope_bucket(n, k), "cuda",
-                                                  device.index or 0)
-        if entry:
-            return GemvConfig.from_dict(entry)
-    cfg = tuned_config(n, k, device) or default_config(n, k)
-    return cfg._replace(block_n=max(1, cfg.block_n // 2))
+    """The fused kernel's config for a ``[n, k]`` QKV weight (a program computes rotary pairs)."""
+    return paired_rows_config(rope_bucket(n, k), n, k, device)
 
 
 def _check(x, w, bias, cos_sin_cache, num_heads, num_kv_heads) -> None:
@@ -228,15 +221,7 @@ if _triton_utils.triton_available():
 def select_gemv_rope_kv(backend: str, weight: torch.Tensor, device: torch.device,
                         rot_dim: int, head_size: int):
     """The batch-1 fused QKV projection + rotary + KV write for a ``[n, k]`` weight, or None
-    (the separate kernels): Triton where the gemv tuning table measured it faster (``auto``) or
-    wherever ``backend`` asks for Triton; only for rotary over the whole (even) head."""
-    if (device.type != "cuda" or "triton" not in _registry.available_backends("gemv_rope_kv")
-            or weight.dim() != 2 or weight.stride(1) != 1 or rot_dim != head_size
-            or head_size % 2):
-        return None
-    if backend == "triton":
-        return torch.ops.fuselm.gemv_rope_kv.default
-    if backend != "auto":
-        return None
-    choice = _registry.tuned_backend("gemv", device, rope_bucket(*weight.shape))
-    return torch.ops.fuselm.gemv_rope_kv.default if choice == "triton" else None
+    (the separate kernels): see ``gemv.select_tuned_op``; only for rotary over the whole (even)
+    head."""
+    return select_tuned_op("gemv_rope_kv", backend, weight, device, rope_bucket,
+                           fits=rot_dim == head_size and head_size % 2 == 0)

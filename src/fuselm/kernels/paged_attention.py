@@ -155,48 +155,6 @@ if _triton_utils.triton_available():
         _triton_utils.patch_interpreter_range()
 
     @triton.jit
-    def _rotate_new_token(
-        q, q_rows, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, slot_ptr, kc_base, vc_base,
-        seq, kv_head, part, seq_len, g_mask,
-        k_seq_stride, k_head_stride, v_seq_stride, v_head_stride, cos_sin_stride,
-        block_size, kc_block_stride, kc_slot_stride, vc_block_stride, vc_slot_stride,
-        HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr, PARTITION_SIZE: tl.constexpr,
-    ):  # fmt: skip
-        """Rotary of the group's query rows (returned in q's dtype, as the separate rotary
-        kernel stores them); the program whose partition holds the new token (position
-        seq_len - 1) also writes its rotated k and its v to the cache slot, before any program
-        reads that slot: only this program's partition covers it."""
-        HALF = HEAD_SIZE // 2
-        offs_d = tl.arange(0, D_PAD)
-        d_mask = offs_d < HEAD_SIZE
-        lower = offs_d < HALF
-        partner = tl.where(lower, offs_d + HALF, offs_d - HALF)
-        sign = tl.where(lower, -1.0, 1.0)
-        pos = tl.load(pos_ptr + seq)
-        cs_row = cos_sin_ptr + pos * cos_sin_stride
-        cos = tl.load(cs_row + offs_d % HALF, mask=d_mask, other=0.0)
-        sin = tl.load(cs_row + HALF + offs_d % HALF, mask=d_mask, other=0.0) * sign
-        q_pair = tl.load(q_rows + partner[None, :], mask=g_mask[:, None] & d_mask[None, :],
-                         other=0.0)
-        q_rot = q.to(tl.float32) * cos[None, :] + q_pair.to(tl.float32) * sin[None, :]
-        slot = tl.load(slot_ptr + seq)
-        if (seq_len > 0) & (part == (seq_len - 1) // PARTITION_SIZE) & (slot >= 0):
-            k_row = k_ptr + seq.to(tl.int64) * k_seq_stride + kv_head * k_head_stride
-            k = tl.load(k_row + offs_d, mask=d_mask, other=0.0)
-            k_pair = tl.load(k_row + partner, mask=d_mask, other=0.0)
-            k_rot = (k.to(tl.float32) * cos + k_pair.to(tl.float32) * sin).to(k.dtype)
-            v = tl.load(v_ptr + seq.to(tl.int64) * v_seq_stride + kv_head * v_head_stride
-                        + offs_d, mask=d_mask, other=0.0)
-            blk = slot // block_size
-            off = slot % block_size
-            kc = kc_base + blk * kc_block_stride + off * kc_slot_stride + offs_d
-            vc = vc_base + blk * vc_block_stride + off * vc_slot_stride + offs_d
-            tl.store(kc, k_rot.to(kc_base.dtype.element_ty), mask=d_mask)
-            tl.store(vc, v.to(vc_base.dtype.element_ty), mask=d_mask)
-            tl.debug_barrier()  # the stores are visible to the whole program's loads below
-        return q_rot.to(q.dtype)
-
-    @triton.jit
     def _paged_attention_kernel(
         out_ptr, tmp_out_ptr, max_logits_ptr, exp_sums_ptr,
         q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr,
@@ -206,15 +164,10 @@ if _triton_utils.triton_available():
         vc_block_stride, vc_slot_stride, vc_head_stride,
         bt_stride, block_size,
         ws_seq_stride, ws_head_stride,  # of max_logits / exp_sums; tmp_out's are x HEAD_SIZE
-        # ROPE only (paged_attention_rope.py): the new token's unrotated k and v, its position
-        # and cache slot; q is unrotated too
-        k_ptr, v_ptr, pos_ptr, cos_sin_ptr, slot_ptr,
-        k_seq_stride, k_head_stride, v_seq_stride, v_head_stride, cos_sin_stride,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
         HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr,
         PARTITION_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
-        ROPE: tl.constexpr = False,  # rotary (neox, whole head) + KV-cache write fused in
         USE_PDL: tl.constexpr = False,  # programmatic dependent launch (_pdl.py)
     ):  # fmt: skip
         pdl_wait_then_release(USE_PDL)
@@ -233,21 +186,14 @@ if _triton_utils.triton_available():
         head = kv_head * GROUP + g  # [GROUP_PAD]
         offs_d = tl.arange(0, D_PAD)
         d_mask = offs_d < HEAD_SIZE
-        q_rows = q_ptr + seq.to(tl.int64) * q_seq_stride + (head * q_head_stride)[:, None]
-        q = tl.load(q_rows + offs_d[None, :], mask=g_mask[:, None] & d_mask[None, :], other=0.0)
-        kc_base = kc_ptr + kv_head * kc_head_stride
-        vc_base = vc_ptr + kv_head * vc_head_stride
-        if ROPE:
-            q = _rotate_new_token(q, q_rows, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, slot_ptr,
-                                  kc_base, vc_base, seq, kv_head, part, seq_len, g_mask,
-                                  k_seq_stride, k_head_stride, v_seq_stride, v_head_stride,
-                                  cos_sin_stride, block_size, kc_block_stride, kc_slot_stride,
-                                  vc_block_stride, vc_slot_stride,
-                                  HEAD_SIZE, D_PAD, PARTITION_SIZE)
+        q = tl.load(q_ptr + seq.to(tl.int64) * q_seq_stride + (head * q_head_stride)[:, None]
+                    + offs_d[None, :], mask=g_mask[:, None] & d_mask[None, :], other=0.0)
 
         m_i = tl.full([GROUP_PAD], -1.0e30, tl.float32)
         l_i = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
+        kc_base = kc_ptr + kv_head * kc_head_stride
+        vc_base = vc_ptr + kv_head * vc_head_stride
         bt_row = bt_ptr + seq.to(tl.int64) * bt_stride
         offs_n = tl.arange(0, BLOCK_N)
         for n0 in range(start, end, BLOCK_N):
@@ -312,19 +258,13 @@ if _triton_utils.triton_available():
         tl.store(out_ptr + o_off + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
-def _no_rope_args(q: torch.Tensor, seq_lens: torch.Tensor) -> tuple:
-    """Placeholders for the kernel's rotary arguments when ROPE is off (never read)."""
-    return (q, q, seq_lens, q, seq_lens, 0, 0, 0, 0, 0)
-
-
 def paged_attention_triton_out(
     out: torch.Tensor, tmp_out: torch.Tensor, max_logits: torch.Tensor, exp_sums: torch.Tensor,
     q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
     block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, partition_size: int,
-    config: DecodeConfig | None = None, rope: tuple | None = None,
+    config: DecodeConfig | None = None,
 ) -> None:
-    """Triton split-KV decode into ``out`` with the given workspace (see the module docstring);
-    ``rope``: the fused rotary + KV-write arguments (``paged_attention_rope.py`` builds them)."""
+    """Triton split-KV decode into ``out`` with the given workspace (see the module docstring)."""
     _check_decode_args(out, tmp_out, q, key_cache, value_cache, block_tables, seq_lens,
                        partition_size)
     num_seqs, num_heads, head_size = q.shape
@@ -342,11 +282,10 @@ def paged_attention_triton_out(
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         block_tables.stride(0), block_size, max_logits.stride(0), max_logits.stride(1),
-        *(rope or _no_rope_args(q, seq_lens)),
         GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)), HEAD_SIZE=head_size,
         D_PAD=d_pad, PARTITION_SIZE=partition_size, BLOCK_N=cfg.block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        ROPE=rope is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **_pdl.launch_args(q),
     )  # fmt: skip
     if num_parts > 1:

@@ -32,7 +32,6 @@ class Attention(nn.Module):
         self._rotary_store = rotary_store_kv_ref
         self._prefill = prefill_attention_ref
         self._decode = paged_attention_ref
-        self._decode_rope = None  # decode with rotary + KV write fused in (set_decode_impl)
 
     def bind_kernels(self, backend: str, device: torch.device, for_graphs: bool = False) -> None:
         """Chooses the rotary/KV-write and prefill implementations for ``device``, for eager
@@ -45,24 +44,15 @@ class Attention(nn.Module):
         """Attaches this layer's slice of the paged KV cache."""
         self.key_cache, self.value_cache = key_cache, value_cache
 
-    def set_decode_impl(self, fn, rope=None) -> None:
-        """Replaces the decode attention callable (e.g. one holding a split-KV workspace);
-        ``rope``: one that also applies the rotary embedding and writes the new token's K/V
-        (``PagedAttentionWorkspace.rope``), used for decode steps instead of the pair."""
+    def set_decode_impl(self, fn) -> None:
+        """Replaces the decode attention callable (e.g. one holding a split-KV workspace)."""
         self._decode = fn
-        self._decode_rope = rope
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 positions: torch.Tensor, batch: ForwardBatch,
                 kv_stored: bool = False) -> torch.Tensor:
         """q ``[T, H, D]``, k/v ``[T, Hkv, D]`` (views of the QKV output) -> ``[T, H * D]``;
         ``kv_stored``: q and k are rotated and k, v in the cache already (``gemv_rope_kv``)."""
-        if batch.is_decode and not kv_stored and self._decode_rope is not None and \
-                q.dtype == self.key_cache.dtype:
-            out = self._decode_rope(q, k, v, positions, self.cos_sin_cache, batch.slot_mapping,
-                                    self.key_cache, self.value_cache, batch.block_tables,
-                                    batch.seq_lens, self.scale)
-            return out.reshape(out.shape[0], self.num_heads * self.head_size)
         if not kv_stored:
             self._rotary_store(q, k, v, positions, self.cos_sin_cache, self.key_cache,
                                self.value_cache, batch.slot_mapping)
