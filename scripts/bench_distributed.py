@@ -105,7 +105,7 @@ def _allreduce_profile(engine: Any, rng: np.random.Generator) -> dict[str, Any]:
 
 def cmd_decode(args: argparse.Namespace) -> dict[str, Any]:
     """Batch-1 decode time per token."""
-    from fuselm.distributed import parallel_state as ps
+    from fuselm.parallel import parallel_state as ps
 
     llm = _llm(args, max_model_len=2048, max_num_seqs=8, max_num_batched_tokens=2048)
     engine, rng = llm.engine, np.random.default_rng(0)
@@ -176,7 +176,7 @@ def _torchrun_group() -> tuple[torch.device, Any]:
     """Under torchrun: this rank's GPU, NCCL (gloo for CPU tensors) and the custom all-reduce."""
     import torch.distributed as dist
 
-    from fuselm.distributed.custom_all_reduce import CustomAllReduce
+    from fuselm.parallel.custom_all_reduce import CustomAllReduce
 
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     local = int(os.environ["LOCAL_RANK"])

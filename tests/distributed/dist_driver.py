@@ -22,7 +22,7 @@ from typing import Any
 
 from fuselm import LLM, SamplingParams
 from fuselm.config import EngineConfig
-from fuselm.distributed import parallel_state as ps
+from fuselm.parallel import parallel_state as ps
 from fuselm.distributed.launch import is_torchrun_worker, run_torchrun_worker
 from fuselm.llm import engine_config_from_kwargs
 

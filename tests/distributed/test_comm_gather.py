@@ -12,8 +12,8 @@ from dist_helpers import free_port
 def _gather_ranks(rank: int, port: int, results) -> None:
     import torch.distributed as dist
 
-    from fuselm.distributed import comm
-    from fuselm.distributed import parallel_state as ps
+    from fuselm.parallel import comm
+    from fuselm.parallel import parallel_state as ps
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

@@ -31,7 +31,7 @@ def _reference(inputs, residual, weight):
 def _worker(rank: int, port: int) -> None:
     import torch.distributed as dist
 
-    from fuselm.distributed.custom_all_reduce import CustomAllReduce
+    from fuselm.parallel.custom_all_reduce import CustomAllReduce
     from tests.tolerances import assert_close
 
     torch.cuda.set_device(rank)

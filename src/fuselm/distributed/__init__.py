@@ -1,1 +1,1 @@
-"""Tensor and pipeline parallelism over torch.distributed."""
+"""The rank runtime: launch, monitor, worker, pipeline links, step plans, distributed executor."""

@@ -17,7 +17,7 @@ from collections import deque
 import torch
 import torch.distributed as dist
 
-from fuselm.distributed import parallel_state as ps
+from fuselm.parallel import parallel_state as ps
 from fuselm.distributed.step_plan import HEADER_LEN, StepHeader
 
 INLINE_LEN = 2048  # int64 payload elements carried in the header's message

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from fuselm.distributed import parallel_state as ps
+from fuselm.parallel import parallel_state as ps
 from fuselm.distributed.pipeline import StageLinks
 from fuselm.distributed.step_plan import (
     FLAG_DEVICE_INPUTS,

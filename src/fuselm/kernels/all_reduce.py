@@ -15,7 +15,7 @@ captured in a CUDA graph and replayed.
 
 The result is the sum in float32 in rank order, rounded to the input dtype (what NCCL gives for
 two ranks); the fused op then does what ``fused_add_rms_norm`` does with it. The buffers and the
-peer addresses come from ``fuselm.distributed.custom_all_reduce``; this module only launches
+peer addresses come from ``fuselm.parallel.custom_all_reduce``; this module only launches
 kernels on given addresses.
 """
 

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fuselm.distributed import comm
-from fuselm.distributed import parallel_state as ps
+from fuselm.parallel import comm
+from fuselm.parallel import parallel_state as ps
 from fuselm.layers.weight_utils import copy_checked, default_weight_loader, narrow, tensor_shape
 
 

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from fuselm.config import ModelConfig
-from fuselm.distributed import comm
-from fuselm.distributed import parallel_state as ps
+from fuselm.parallel import comm
+from fuselm.parallel import parallel_state as ps
 from fuselm.forward_batch import ForwardBatch
 from fuselm.layers.activation import SiluAndMul
 from fuselm.layers.attention import Attention

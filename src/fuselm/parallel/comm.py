@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from fuselm.distributed import parallel_state as ps
+from fuselm.parallel import parallel_state as ps
 
 
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:

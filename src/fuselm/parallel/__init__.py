@@ -1,0 +1,1 @@
+"""Process groups, collectives and the custom all-reduce: what tensor-parallel layers import."""
