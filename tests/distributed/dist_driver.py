@@ -22,9 +22,9 @@ from typing import Any
 
 from fuselm import LLM, SamplingParams
 from fuselm.config import EngineConfig
-from fuselm.parallel import parallel_state as ps
 from fuselm.distributed.launch import is_torchrun_worker, run_torchrun_worker
 from fuselm.llm import engine_config_from_kwargs
+from fuselm.parallel import parallel_state as ps
 
 MAX_BATCHED_TOKENS = 32
 LOGPROBS = 3

@@ -74,9 +74,9 @@ def test_tp_embedding_shards_sum_to_the_full_lookup(monkeypatch):
     """Three simulated tensor-parallel ranks of VocabParallelEmbedding (vocabulary 100, padded to
     102) with each backend bound: their outputs, summed as the all-reduce would, equal the full
     table's lookup."""
+    from fuselm.layers.embedding import VocabParallelEmbedding
     from fuselm.parallel import comm
     from fuselm.parallel import parallel_state as ps
-    from fuselm.layers.embedding import VocabParallelEmbedding
 
     full = torch.randn(100, 24, device=DEVICE)
     ids = torch.tensor([0, 33, 34, 67, 68, 99, 5], device=DEVICE)

@@ -31,8 +31,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fuselm.config import EngineConfig, ModelConfig, ParallelConfig
-from fuselm.parallel import parallel_state as ps
 from fuselm.distributed.monitor import Monitor, hard_exit
+from fuselm.parallel import parallel_state as ps
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +84,8 @@ class DistributedContext:
 
         ``num_blocks(execute)`` is the builder's sizing, given this stage's profiling step.
         """
-        from fuselm.parallel.custom_all_reduce import maybe_create_custom_all_reduce
         from fuselm.distributed.worker import stage_profile_execute
+        from fuselm.parallel.custom_all_reduce import maybe_create_custom_all_reduce
 
         self.store_barrier("loaded", max(self.timeout, LOAD_TIMEOUT_S))
         ps.set_custom_all_reduce(maybe_create_custom_all_reduce(

@@ -17,8 +17,8 @@ from collections import deque
 import torch
 import torch.distributed as dist
 
-from fuselm.parallel import parallel_state as ps
 from fuselm.distributed.step_plan import HEADER_LEN, StepHeader
+from fuselm.parallel import parallel_state as ps
 
 INLINE_LEN = 2048  # int64 payload elements carried in the header's message
 PLAN_MSG_LEN = HEADER_LEN + INLINE_LEN

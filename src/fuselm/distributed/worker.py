@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from fuselm.parallel import parallel_state as ps
 from fuselm.distributed.pipeline import StageLinks
 from fuselm.distributed.step_plan import (
     FLAG_DEVICE_INPUTS,
@@ -35,6 +34,7 @@ from fuselm.engine.scheduler import SchedulerOutput
 from fuselm.forward_batch import ForwardBatch
 from fuselm.kernels.argmax import greedy_argmax
 from fuselm.layers.sampler import sample
+from fuselm.parallel import parallel_state as ps
 
 logger = logging.getLogger(__name__)
 

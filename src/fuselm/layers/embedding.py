@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fuselm.parallel import comm
-from fuselm.parallel import parallel_state as ps
 from fuselm.kernels.vocab_embedding import vocab_embedding_ref
 from fuselm.layers.weight_utils import copy_checked, narrow, tensor_shape
+from fuselm.parallel import comm
+from fuselm.parallel import parallel_state as ps
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fuselm.layers.weight_utils import copy_checked, default_weight_loader, narrow, tensor_shape
 from fuselm.parallel import comm
 from fuselm.parallel import parallel_state as ps
-from fuselm.layers.weight_utils import copy_checked, default_weight_loader, narrow, tensor_shape
 
 
 def divide(numerator: int, denominator: int) -> int:

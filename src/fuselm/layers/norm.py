@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fuselm.parallel import comm
 from fuselm.kernels._registry import select_preferred as select
 from fuselm.kernels.rms_norm import fused_add_rms_norm_ref, rms_norm_ref
+from fuselm.parallel import comm
 
 
 class RMSNorm(nn.Module):

@@ -19,8 +19,6 @@ import torch
 from torch import nn
 
 from fuselm.config import ModelConfig
-from fuselm.parallel import comm
-from fuselm.parallel import parallel_state as ps
 from fuselm.forward_batch import ForwardBatch
 from fuselm.layers.activation import SiluAndMul
 from fuselm.layers.attention import Attention
@@ -34,6 +32,8 @@ from fuselm.layers.linear import (
 from fuselm.layers.norm import RMSNorm
 from fuselm.layers.rotary import cos_sin_cache
 from fuselm.layers.weight_utils import default_weight_loader
+from fuselm.parallel import comm
+from fuselm.parallel import parallel_state as ps
 
 # checkpoint name part -> (our parameter name part, shard id)
 _STACKED = (
