@@ -54,9 +54,9 @@ def _stream(engine, request_id: str, prompt: str, params) -> tuple[str, int, flo
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generates an answer to PROMPT, streaming it to the terminal."""
-    from fuselm.engine.engine import LLMEngine
+    from fuselm.runtime import build_engine
 
-    engine = LLMEngine(engine_config_from_args(args))
+    engine = build_engine(engine_config_from_args(args))
     prompt = args.prompt
     if not args.raw_prompt and engine.tokenizer.chat_template:
         prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
@@ -69,9 +69,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """An interactive chat with history, using the model's chat template."""
-    from fuselm.engine.engine import LLMEngine
+    from fuselm.runtime import build_engine
 
-    engine = LLMEngine(engine_config_from_args(args))
+    engine = build_engine(engine_config_from_args(args))
     history = [{"role": "system", "content": args.system}] if args.system else []
     turn = 0
     while True:

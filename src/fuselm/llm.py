@@ -9,6 +9,7 @@ from typing import Any
 from fuselm.config import CONFIG_SECTIONS, EngineConfig
 from fuselm.engine.engine import LLMEngine
 from fuselm.outputs import RequestOutput
+from fuselm.runtime import build_engine
 from fuselm.sampling_params import SamplingParams
 
 
@@ -35,7 +36,7 @@ class LLM:
     def __init__(self, model: str | None = None, config: EngineConfig | None = None,
                  **kwargs: Any) -> None:
         self.config = config or engine_config_from_kwargs(model, **kwargs)
-        self.engine = LLMEngine(self.config)
+        self.engine: LLMEngine = build_engine(self.config)
         self.tokenizer = self.engine.tokenizer
         self.model_config = self.engine.model_config
         self._ids = itertools.count()

@@ -48,7 +48,7 @@ def test_async_equals_sync(tiny, kwargs):
     sync, _ = _run(tiny, False, **kwargs)
     pipelined, engine = _run(tiny, True, **kwargs)
     assert pipelined == sync
-    assert engine.executor.num_pipelined_steps > 0
+    assert engine.num_pipelined_steps > 0
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
@@ -60,7 +60,7 @@ def test_async_abort_mid_pipeline_frees_blocks(tiny):
         engine.add_request(f"r{i}", prompt, params)
     for _ in range(6):
         engine.step()
-    assert engine.executor.num_pipelined_steps > 0
+    assert engine.num_pipelined_steps > 0
     engine.abort_request("r1")
     while engine.has_unfinished_requests():
         engine.step()

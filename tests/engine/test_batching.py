@@ -17,17 +17,17 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def step_sizes(default_llm):
     """Records how many sequences each engine step ran."""
-    runner = default_llm.engine.runner
+    executor = default_llm.engine.executor
     sizes: list[int] = []
-    original = runner.execute
+    original = executor.execute
 
-    def recording(out):
+    def recording(out, follows=None):
         sizes.append(len(out.sequences))
-        return original(out)
+        return original(out, follows)
 
-    runner.execute = recording
+    executor.execute = recording
     yield sizes
-    runner.execute = original
+    del executor.execute
 
 
 def _chat(llm, texts):

@@ -27,11 +27,12 @@ def real_server() -> Iterator[LiveServer]:
     try:
         from fuselm.config import EngineConfig
         from fuselm.engine.async_engine import AsyncEngine
+        from fuselm.runtime import build_engine
     except ImportError as exc:
         pytest.skip(f"the engine is not available: {exc}")
     try:
         # async scheduling on, as the engine runs on GPUs by default (off by default on CPUs)
-        engine = AsyncEngine.from_config(EngineConfig(async_scheduling=True))
+        engine = AsyncEngine(build_engine(EngineConfig(async_scheduling=True)))
     except ModelNotFoundError as exc:
         pytest.skip(str(exc))
     with LiveServer(build_app(engine, served_model_name=NAME)) as server:
@@ -52,7 +53,7 @@ def test_openai_client_end_to_end(real_server: LiveServer) -> None:
         stream_options={"include_usage": True}))
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == chat.choices[0].message.content and streamed
-    assert real_server.engine.engine.executor.num_pipelined_steps > 0, "no step ran ahead"
+    assert real_server.engine.engine.num_pipelined_steps > 0, "no step ran ahead"
     assert chunks[-1].usage == chat.usage
     tok = real_server.engine.tokenizer
     template_ids = tok.encode(tok.apply_chat_template(MESSAGES, add_generation_prompt=True),

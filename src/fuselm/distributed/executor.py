@@ -1,13 +1,10 @@
-"""What ``LLMEngine.step`` runs the model through: ``executor.step(scheduler)`` schedules, runs
-and returns ``(SchedulerOutput, StepResult | None)``.
+"""Rank 0's executor of a distributed engine: the ``Executor`` protocol over several ranks.
 
-- ``LocalExecutor``: one process; ``runner.execute`` as before.
-- ``DistributedExecutor`` (rank 0 of several): encodes each schedule as a plan (``step_plan``),
-  sends it to the other ranks, runs stage 0 itself, and gets the sampled tokens from the last
-  stage. With pipeline stages, up to ``pp_size`` micro-batches are in flight: the scheduler is
-  asked for another batch of requests that are not in flight while earlier ones are still in
-  later stages, so no stage idles; results come back in order.
-- ``Worker`` (ranks other than 0) lives in ``worker.py``.
+``execute(out)`` encodes the schedule as a plan (``step_plan``), sends it to the other ranks,
+runs stage 0 itself and returns a pending step: with one pipeline stage rank 0 samples (the
+step is local from then on); with several, the last stage samples and ``result()`` receives the
+tokens from it. The engine loop keeps up to ``max_in_flight = pp_size`` micro-batches in flight
+and collects them in launch order. ``Worker`` (ranks other than 0) lives in ``worker.py``.
 
 A failure of any rank ends the engine: the step raises ``EngineDeadError`` naming the rank, and
 every later step raises it at once.
@@ -21,8 +18,8 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -39,58 +36,62 @@ from fuselm.distributed.step_plan import (
     encode_sampling,
     result_len,
 )
-from fuselm.distributed.worker import StageRunner, Worker
-from fuselm.engine.async_executor import AsyncLocalExecutor
-from fuselm.engine.model_runner import ModelRunner, PendingStep, StepResult, all_plain_greedy
+from fuselm.distributed.worker import StageRunner
+from fuselm.engine.executor import PendingStep
+from fuselm.engine.model_runner import (
+    LaunchedStep,
+    ModelRunner,
+    StepResult,
+    all_plain_greedy,
+    step_result,
+)
 from fuselm.engine.request import Request
-from fuselm.engine.scheduler import Scheduler, SchedulerOutput
+from fuselm.engine.scheduler import SchedulerOutput
 from fuselm.errors import EngineDeadError
 
 logger = logging.getLogger(__name__)
 
 
-class LocalExecutor:
-    """A single process: the runner executes each schedule."""
+class _RankStep:
+    """A step launched on every rank; its tokens come from rank 0 (``local``) or from the last
+    pipeline stage (received in ``result``)."""
 
-    def __init__(self, runner: ModelRunner) -> None:
-        self.runner = runner
+    def __init__(self, executor: DistributedExecutor, out: SchedulerOutput, header: StepHeader,
+                 local: LaunchedStep | None) -> None:
+        self.executor, self.out, self.header, self.local = executor, out, header, local
+        self.greedy = local is not None and local.greedy
 
-    def step(self, scheduler: Scheduler) -> tuple[SchedulerOutput, StepResult | None]:
-        """Schedules and runs one step; the result is None when nothing was scheduled."""
-        out = scheduler.schedule()
-        return out, (None if out.is_empty else self.runner.execute(out))
+    @property
+    def device_tokens(self) -> torch.Tensor:
+        """Rank 0's sampled tokens on the device (one pipeline stage only)."""
+        if self.local is None:
+            raise RuntimeError("a step sampled on another rank has no tokens here")
+        return self.local.device_tokens
 
-    def shutdown(self) -> None:
-        """Nothing to release."""
-
-
-@dataclass
-class _InFlight:
-    out: SchedulerOutput
-    header: StepHeader
-    result: StepResult | None  # known at once when rank 0 samples (no pipeline stages)
+    def result(self) -> StepResult:
+        """Waits for the step's tokens (from the last stage when rank 0 does not sample)."""
+        with self.executor.guarded():
+            if self.local is not None:
+                return self.local.result()
+            return self.executor.receive(self)
 
 
 class DistributedExecutor:
     """Rank 0's side of a distributed engine (see the module docstring)."""
 
     def __init__(self, runner: ModelRunner, ctx: DistributedContext, vocab_size: int,
-                 capture_graphs: bool, async_scheduling: bool = False,
-                 max_model_len: int = 0) -> None:
+                 capture_graphs: bool, async_scheduling: bool = False) -> None:
         self.runner, self.ctx, self.vocab_size = runner, ctx, vocab_size
-        # async scheduling: one pipeline stage only (stages already overlap micro-batches)
-        self.ahead = (AsyncLocalExecutor(runner, max_model_len, launch=self._launch,
-                                         greedy_only=True)
-                      if async_scheduling and ctx.pp_size == 1 else None)
+        # async scheduling follows plain greedy steps only: every TP rank recomputes the argmax
+        self.keep_argmax = async_scheduling and ctx.pp_size == 1
         self.links = StageLinks()
         self.stage = StageRunner(runner, self.links)
         if capture_graphs and ctx.pp_size > 1:  # with one stage, the runner captured them
             self.stage.capture_graphs()
         self.max_in_flight = ctx.pp_size
-        self.in_flight: deque[_InFlight] = deque()
+        self.unreceived: deque[_RankStep] = deque()  # steps whose tokens the last stage owes
         self.dead: str | None = None
         self.num_steps = 0
-        self.max_in_flight_seen = 0  # micro-batches in flight at once (pipeline overlap)
         self._gen_keys: dict[Request, int] = {}
         self._next_key = itertools.count(1)
         self._lock = threading.Lock()
@@ -110,60 +111,49 @@ class DistributedExecutor:
         """Ranks of the engine."""
         return self.ctx.world_size
 
-    def step(self, scheduler: Scheduler) -> tuple[SchedulerOutput, StepResult | None]:
-        """Fills the pipeline with micro-batches, then returns the oldest one's result."""
+    @contextmanager
+    def guarded(self) -> Iterator[None]:
+        """Holds the executor's lock (against the keepalive) and turns any failure into
+        ``EngineDeadError`` with the monitor's diagnosis."""
         with self._lock:
             if self.dead is not None:
                 raise EngineDeadError(f"the distributed engine failed: {self.dead}")
             try:
-                if self.ahead is not None:
-                    return self.ahead.step(scheduler)
-                self._fill(scheduler)
-                if not self.in_flight:
-                    return SchedulerOutput(), None
-                return self._collect()
+                yield
             except Exception as exc:
                 self.dead = self.ctx.monitor.diagnose(exc)
                 raise EngineDeadError(f"the distributed engine failed: {self.dead}") from exc
 
-    @torch.inference_mode()
-    def _launch(self, out: SchedulerOutput, input_ids: torch.Tensor | None = None
-                ) -> PendingStep:
-        """Sends the plan of ``out``, runs rank 0's shard and queues the sampling, without
-        waiting for the device; ``input_ids``: the previous step's tokens, on the device."""
-        reqs = [s.request for s in out.sequences if s.sample]
-        greedy = all_plain_greedy(reqs)
-        _, logits = self._plan_and_forward(out, reqs, input_ids, keep_argmax=greedy)
-        return self.runner.sample_launched(out, logits, reqs, greedy)
-
-    @property
-    def num_pipelined_steps(self) -> int:
-        """Steps planned before the previous one's tokens were read (async scheduling)."""
-        return self.ahead.num_pipelined_steps if self.ahead is not None else 0
-
-    def _fill(self, scheduler: Scheduler) -> None:
-        while len(self.in_flight) < self.max_in_flight:
-            if self.max_in_flight == 1:
-                out = scheduler.schedule()
-            else:  # share the active sequences between the micro-batches
-                busy = {s.request for f in self.in_flight for s in f.out.sequences}
-                active = min(len(scheduler.running) + len(scheduler.waiting),
-                             scheduler.config.max_num_seqs)
-                out = scheduler.schedule(exclude=busy,
-                                         max_num_seqs=max(1, -(-active // self.max_in_flight)))
-            if out.is_empty:
-                return
-            self._submit(out)
+    def can_follow(self, pending: PendingStep) -> bool:
+        """Plain greedy steps of one pipeline stage, whose argmax every rank kept."""
+        return self.keep_argmax and getattr(pending, "greedy", False)
 
     @torch.inference_mode()
-    def _submit(self, out: SchedulerOutput) -> None:
-        reqs = [s.request for s in out.sequences if s.sample]
-        header, logits = self._plan_and_forward(out, reqs)
-        result = None
-        if logits is not None:
-            result = self.runner.finish(self.runner.sample_launched(out, logits, reqs, False))
-        self.in_flight.append(_InFlight(out, header, result))
-        self.max_in_flight_seen = max(self.max_in_flight_seen, len(self.in_flight))
+    def execute(self, out: SchedulerOutput, follows: PendingStep | None = None) -> _RankStep:
+        """Sends the plan of ``out``, runs rank 0's stage and queues the sampling there (one
+        stage) without waiting for the device; ``follows``: the step whose device tokens are
+        this one's inputs on every rank."""
+        with self.guarded():
+            reqs = [s.request for s in out.sequences if s.sample]
+            greedy = self.keep_argmax and all_plain_greedy(reqs)
+            device_ids = None if follows is None else follows.device_tokens
+            header, logits = self._plan_and_forward(out, reqs, device_ids, keep_argmax=greedy)
+            local = None
+            if logits is not None:
+                local = self.runner.sample_launched(out, logits, reqs, greedy)
+            step = _RankStep(self, out, header, local)
+            if local is None:
+                self.unreceived.append(step)
+            return step
+
+    def receive(self, step: _RankStep) -> StepResult:
+        """The tokens of ``step`` from the sampling rank (steps arrive in launch order)."""
+        if not self.unreceived or self.unreceived[0] is not step:
+            raise RuntimeError("distributed steps must be collected in launch order")
+        self.unreceived.popleft()
+        h = step.header
+        encoded = self.links.recv_result(result_len(h.num_logits, h.max_logprobs))
+        return step_result(step.out, decode_result(encoded, h.num_logits, h.max_logprobs))
 
     def _plan_and_forward(self, out: SchedulerOutput, reqs: list[Request],
                           device_ids: torch.Tensor | None = None, keep_argmax: bool = False
@@ -174,7 +164,7 @@ class DistributedExecutor:
         here and, through ``FLAG_DEVICE_INPUTS``, on every rank; ``keep_argmax``: every rank
         keeps its argmax of this step for the next one (``FLAG_KEEP_ARGMAX``)."""
         runner = self.runner
-        graph = runner._graph_size(out)  # the same decode graph sizes on every rank
+        graph = runner.graph_size_for(out)  # the same decode graph sizes on every rank
         ids, pos, batch, num_logits = runner.buffers.fill(out, pad_to=graph)
         if device_ids is not None:
             runner.buffers.input_ids[: len(out.sequences)].copy_(device_ids)
@@ -193,15 +183,6 @@ class DistributedExecutor:
         logits = self.stage.forward(ids, pos, batch, header)
         self.num_steps += 1
         return header, logits
-
-    def _collect(self) -> tuple[SchedulerOutput, StepResult]:
-        done = self.in_flight.popleft()
-        if done.result is None:
-            h = done.header
-            encoded = self.links.recv_result(result_len(h.num_logits, h.max_logprobs))
-            sampled = decode_result(encoded, h.num_logits, h.max_logprobs)
-            done.result = self.runner._to_host(done.out, sampled)
-        return done.out, done.result
 
     def _send(self, header: StepHeader, payload: torch.Tensor) -> None:
         self.links.send_plan(header, payload)
@@ -235,7 +216,7 @@ class DistributedExecutor:
                 self._lock.release()
 
     def shutdown(self) -> None:
-        """Finishes the micro-batches in flight, stops the workers, releases the groups."""
+        """Receives the tokens still owed, stops the workers, releases the groups."""
         if self._closed.is_set():
             return
         acquired = self._lock.acquire(timeout=self.ctx.timeout)
@@ -244,10 +225,8 @@ class DistributedExecutor:
             self.ctx.monitor.stop()
             if self.dead is None and acquired:
                 try:
-                    if self.ahead is not None:  # its step in flight is aborted with the engine
-                        self.ahead.shutdown()
-                    while self.in_flight:
-                        self._collect()
+                    while self.unreceived:
+                        self.receive(self.unreceived[0])
                     self._send(StepHeader(kind=KIND_STOP), torch.empty(0, dtype=torch.int64))
                     self.links.pending.wait_all()
                 except Exception as exc:  # noqa: BLE001
@@ -261,17 +240,3 @@ class DistributedExecutor:
         finally:
             if acquired:
                 self._lock.release()
-
-
-def make_executor(runner: ModelRunner, ctx: DistributedContext | None, vocab_size: int,
-                  capture_graphs: bool = False, async_scheduling: bool = False,
-                  max_model_len: int = 0) -> Any:
-    """The executor of this process: local, rank 0 of several, or a worker.
-    ``capture_graphs``: capture pipeline stages' decode graphs (CUDA, not enforce_eager);
-    ``async_scheduling``: rank 0 plans a step ahead (one pipeline stage)."""
-    if ctx is None:
-        return LocalExecutor(runner)
-    if ctx.rank == 0:
-        return DistributedExecutor(runner, ctx, vocab_size, capture_graphs, async_scheduling,
-                                   max_model_len)
-    return Worker(runner, vocab_size, capture_graphs)

@@ -230,10 +230,13 @@ def _join(config: EngineConfig, rank: int, local_rank: int, store: dist.Store | 
 
 def run_worker(config: EngineConfig, ctx: DistributedContext) -> None:
     """A worker rank's life: build its stage like rank 0 does, then serve plans until STOP."""
+    from fuselm.distributed.worker import Worker
     from fuselm.engine.builder import build_engine_parts
+    from fuselm.loading import loader
 
-    parts = build_engine_parts(config, dist_ctx=ctx)
-    parts.executor.run()
+    source, model_config = loader.load_model_config(config)
+    parts = build_engine_parts(config, source, model_config, ctx)
+    Worker(parts.runner, model_config.vocab_size, not config.enforce_eager).run()
     ctx.shutdown()
 
 

@@ -77,14 +77,12 @@ class StageRunner:
 
     def _replay(self, header: StepHeader) -> torch.Tensor | None:
         size = header.graph_size
-        graph, out = self.runner.graphs[size]
         if not self.links.is_first:
             hidden, residual = self.links.recv_intermediate(size, self.hidden_size, self.dtype,
                                                             self.device)
             self._graph_inputs[0][:size].copy_(hidden)
             self._graph_inputs[1][:size].copy_(residual)
-        graph.replay()
-        self.runner.num_graph_replays += 1
+        out = self.runner.replay(size)
         if self.links.is_last:
             return out[: header.num_real_seqs]
         self.links.send_intermediate(out[0], out[1])  # stacked into a fresh tensor: the next

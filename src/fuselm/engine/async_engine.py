@@ -11,9 +11,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator
-from typing import Any
 
-from fuselm.config import EngineConfig
 from fuselm.engine.engine import LLMEngine
 from fuselm.errors import EngineDeadError, QueueFullError
 from fuselm.outputs import RequestOutput
@@ -39,11 +37,6 @@ class AsyncEngine:
         self._task: asyncio.Task | None = None
         self._stopping = False
         self.dead: BaseException | None = None
-
-    @classmethod
-    def from_config(cls, config: EngineConfig, **kwargs: Any) -> AsyncEngine:
-        """Builds the engine (loads the model) and wraps it."""
-        return cls(LLMEngine(config), **kwargs)
 
     async def start(self) -> None:
         """Starts the step loop on the running event loop."""

@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -35,8 +35,6 @@ class EngineParts:
     device: torch.device
     dtype: torch.dtype
     startup_seconds: float
-    executor: Any = None
-    """Runs each step: LocalExecutor, or the distributed executor/worker of this rank."""
 
 
 def load_tokenizer(source: loader.ModelSource) -> Tokenizer:
@@ -104,20 +102,30 @@ def _num_blocks(config: EngineConfig, runner: ModelRunner, dtype: torch.dtype,
     return max(budget, -(-max_model_len // cache.block_size))
 
 
-def build_engine_parts(config: EngineConfig, dist_ctx: Any = None) -> EngineParts:
+class RankContext(Protocol):
+    """What the builder needs of a rank of a distributed engine (``DistributedContext``)."""
+
+    rank: int
+    pp_size: int
+    device: torch.device
+    layer_partition: list[int] | None
+
+    def prepare_runner(self, runner: ModelRunner, dtype: torch.dtype,
+                       num_blocks: Callable[[Callable[[Any], Any]], int]) -> int:
+        """The KV block count every rank agrees on, ``num_blocks(execute)`` measured here."""
+        ...
+
+
+def build_engine_parts(config: EngineConfig, source: loader.ModelSource,
+                       model_config: ModelConfig,
+                       dist_ctx: RankContext | None = None) -> EngineParts:
     """Loads the model and tokenizer, sizes and allocates the KV cache, captures CUDA graphs.
 
-    With tp x pp > 1 this process becomes rank 0 (spawning or joining the other ranks, which
-    build their own parts through here with ``dist_ctx``); see ``fuselm.distributed``.
+    ``dist_ctx``: this process's rank of a distributed engine (its TP shard of its PP stage);
+    None for a single process. Pipeline stages capture their graphs in the stage runner.
     """
-    from fuselm.distributed.executor import make_executor
-    from fuselm.distributed.launch import init_distributed
-
     start = time.perf_counter()
     torch.manual_seed(config.seed)
-    source, model_config = loader.load_model_config(config)
-    if dist_ctx is None:
-        dist_ctx = init_distributed(config, model_config)  # None: a single process
     device = dist_ctx.device if dist_ctx else loader.resolve_device(config.device)
     dtype = loader.resolve_dtype(config.dtype, device)
     max_model_len = config.scheduler.max_model_len or model_config.max_position_embeddings
@@ -149,18 +157,9 @@ def build_engine_parts(config: EngineConfig, dist_ctx: Any = None) -> EnginePart
     runner.allocate_kv_cache(num_blocks, dtype)
     logger.info("KV cache: %d blocks of %d tokens", num_blocks, config.cache.block_size)
     if not config.enforce_eager and (dist_ctx is None or dist_ctx.pp_size == 1):
-        runner.capture_cuda_graphs()  # TP ranks capture together; stages: make_executor
+        runner.capture_cuda_graphs()  # TP ranks capture together; stages: their StageRunner
     block_manager = BlockManager(num_blocks, config.cache.block_size,
                                  config.cache.enable_prefix_caching)
     name = source.path.stem if source.format == "gguf" else source.path.name
-    use_async = (device.type == "cuda" if config.async_scheduling is None
-                 else config.async_scheduling)
-    if use_async and dist_ctx is None:
-        from fuselm.engine.async_executor import AsyncLocalExecutor
-
-        executor = AsyncLocalExecutor(runner, max_model_len)
-    else:
-        executor = make_executor(runner, dist_ctx, model_config.vocab_size,
-                                 not config.enforce_eager, use_async, max_model_len)
     return EngineParts(model_config, sched, tokenizer, runner, block_manager, max_model_len,
-                       name, device, dtype, time.perf_counter() - start, executor)
+                       name, device, dtype, time.perf_counter() - start)

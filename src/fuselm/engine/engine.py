@@ -1,20 +1,27 @@
 """The synchronous engine: add requests, step, get per-token outputs.
 
-``LLMEngine.step`` schedules, runs the model, samples, applies stop rules, detokenizes
-incrementally and returns a ``RequestOutput`` for every request that advanced or finished.
+``LLMEngine.step`` reads: schedule -> execute -> update. It launches what the scheduler decides
+through the executor, collects the oldest step in flight, advances the scheduler with its tokens,
+applies stop rules, detokenizes incrementally and returns a ``RequestOutput`` for every request
+that advanced or finished. How many steps are in flight is this loop's policy: one, or one
+ahead (async scheduling: the next decode step is queued before the host reads the current
+one's tokens, so host bookkeeping overlaps the device), or one micro-batch per pipeline stage.
+An engine is built by ``fuselm.runtime.build_engine``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
 from fuselm.config import EngineConfig, ModelConfig
 from fuselm.engine.block_manager import BlockManager
-from fuselm.engine.builder import build_engine_parts
+from fuselm.engine.builder import EngineParts
+from fuselm.engine.executor import Executor, PendingStep
 from fuselm.engine.model_runner import ModelRunner
 from fuselm.engine.request import Request, RequestStatus
 from fuselm.engine.scheduler import Scheduler
@@ -45,15 +52,20 @@ class RequestState:
 
 
 class LLMEngine:
-    """Model, tokenizer, scheduler and runner behind ``add_request`` / ``step``."""
+    """Model, tokenizer, scheduler and executor behind ``add_request`` / ``step``."""
 
-    def __init__(self, config: EngineConfig) -> None:
-        parts = build_engine_parts(config)
+    def __init__(self, config: EngineConfig, parts: EngineParts, executor: Executor) -> None:
         self.config = config
         self.model_config: ModelConfig = parts.model_config
         self.tokenizer: Tokenizer = parts.tokenizer
         self.runner: ModelRunner = parts.runner
-        self.executor = parts.executor
+        self.executor = executor
+        use_async = (parts.device.type == "cuda" if config.async_scheduling is None
+                     else config.async_scheduling)
+        self.run_ahead = use_async and executor.max_in_flight == 1  # pipelines overlap already
+        self.in_flight: deque[PendingStep] = deque()
+        self.num_pipelined_steps = 0  # steps launched before the previous one's tokens were read
+        self.max_in_flight_seen = 0  # steps in flight at once (pipeline micro-batches)
         self.block_manager: BlockManager = parts.block_manager
         self.scheduler = Scheduler(parts.scheduler_config, self.block_manager)
         self.max_model_len = parts.max_model_len
@@ -132,9 +144,11 @@ class LLMEngine:
     def step(self, stream: bool = True) -> list[RequestOutput]:
         """Runs one scheduling + model step; outputs of the requests that advanced (only of
         those that finished when ``stream`` is False, which saves per-step work offline)."""
-        out, result = self.executor.step(self.scheduler)  # several in flight with pipelining
-        if result is None:
+        self._launch_steps()
+        if not self.in_flight:
             return []
+        pending = self.in_flight.popleft()
+        out, result = pending.out, pending.result()
         self.num_steps += 1
         self.max_seqs_in_step = max(self.max_seqs_in_step, len(out.sequences))
         self.scheduler.update(out, result.token_ids)
@@ -155,6 +169,34 @@ class LLMEngine:
             if state.finished:
                 del self.requests[state.request_id]
         return outputs
+
+    def _launch_steps(self) -> None:
+        """Fills the executor: micro-batches up to ``max_in_flight`` (disjoint sequences, each
+        at most its share of the active ones), then, with async scheduling, the decode step
+        that follows the newest one."""
+        sched, limit = self.scheduler, self.executor.max_in_flight
+        while len(self.in_flight) < limit:
+            if limit == 1:
+                out = sched.schedule()
+            else:
+                busy = {s.request for p in self.in_flight for s in p.out.sequences}
+                active = min(len(sched.running) + len(sched.waiting), sched.config.max_num_seqs)
+                out = sched.schedule(exclude=busy, max_num_seqs=max(1, -(-active // limit)))
+            if out.is_empty:
+                break
+            self.in_flight.append(self.executor.execute(out))
+        if self.run_ahead and limit == 1 and len(self.in_flight) == 1:
+            prev = self.in_flight[0]
+            ahead = sched.schedule_ahead(prev.out) if self.executor.can_follow(prev) else None
+            if ahead is not None:
+                self.in_flight.append(self.executor.execute(ahead, follows=prev))
+                self.num_pipelined_steps += 1
+        self.max_in_flight_seen = max(self.max_in_flight_seen, len(self.in_flight))
+
+    def shutdown(self) -> None:
+        """Drops the steps in flight and releases the executor."""
+        self.in_flight.clear()
+        self.executor.shutdown()
 
     def _apply_text(self, state: RequestState, req: Request) -> None:
         text = state.texts[req.index]

@@ -37,7 +37,7 @@ def profile_num_blocks(runner: ModelRunner, cache: CacheConfig, dtype: torch.dty
                        max_num_tokens: int, max_num_seqs: int, max_model_len: int,
                        execute: Callable[[SchedulerOutput], Any] | None = None) -> int:
     """Blocks that fit in ``gpu_memory_utilization`` of the card after a profiling step
-    (``execute``: how to run it, ``runner.execute`` by default; a pipeline stage's own)."""
+    (``execute``: how to run it, the runner's own step by default; a pipeline stage's own)."""
     device = runner.device
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
@@ -45,7 +45,10 @@ def profile_num_blocks(runner: ModelRunner, cache: CacheConfig, dtype: torch.dty
     batch = _profile_batch(max_num_tokens, max_num_seqs, max_model_len, runner.vocab_size)
     for seq in batch.sequences:
         seq.request.block_ids = [0] * runner.max_blocks_per_seq
-    (execute or runner.execute)(batch)
+    if execute is None:
+        runner.launch(batch).result()
+    else:
+        execute(batch)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     _, total = torch.cuda.mem_get_info(device)

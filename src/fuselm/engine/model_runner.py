@@ -36,14 +36,30 @@ class StepResult:
 
 
 @dataclass
-class PendingStep:
-    """A launched step: its schedule, the device result, and where its tokens land on the host."""
+class LaunchedStep:
+    """A step queued on the device: its schedule, the device result, and where its tokens land
+    on the host. ``result()`` waits for this step only; ``device_tokens`` feed a step launched
+    before the host has read them (async scheduling)."""
 
     out: SchedulerOutput
-    result: SamplerOutput
+    sampled: SamplerOutput
     host_tokens: torch.Tensor | None
     event: torch.cuda.Event | None
     greedy: bool = False  # plain greedy: the tokens are the logits' argmax
+
+    @property
+    def device_tokens(self) -> torch.Tensor:
+        """The sampled token ids ``[num_sampling_rows]`` int64, on the device."""
+        return self.sampled.token_ids
+
+    def result(self) -> StepResult:
+        """Waits for the step and returns its tokens on the host."""
+        if self.event is not None:
+            self.event.synchronize()
+            ids = self.host_tokens.tolist()
+        else:
+            ids = self.sampled.token_ids.tolist()
+        return step_result(self.out, self.sampled, ids)
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -113,25 +129,17 @@ class ModelRunner:
                    for a in self.model.attention_layers())
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> StepResult:
-        """Runs one step and samples the sequences whose chunk reached their last token."""
-        return self.finish(self.launch(out))
-
-    @torch.inference_mode()
     def launch(self, out: SchedulerOutput,
-               input_ids: torch.Tensor | None = None) -> PendingStep:
+               input_ids: torch.Tensor | None = None) -> LaunchedStep:
         """Queues one step on the device without waiting for it. ``input_ids`` (on the device,
         a row per sequence) replaces the host's token ids: the previous step's samples."""
         num_seqs = len(out.sequences)
-        graph_size = self._graph_size(out)
+        graph_size = self.graph_size_for(out)
         if graph_size is not None:
             self.buffers.fill(out, pad_to=graph_size)
             if input_ids is not None:
                 self.buffers.input_ids[:num_seqs].copy_(input_ids)
-            graph, logits_buf = self.graphs[graph_size]
-            graph.replay()
-            self.num_graph_replays += 1
-            logits = logits_buf[:num_seqs]
+            logits = self.replay(graph_size)[:num_seqs]
         else:
             ids, pos, batch, _ = self.buffers.fill(out)
             if input_ids is not None:
@@ -142,7 +150,7 @@ class ModelRunner:
         return self.sample_launched(out, logits, reqs, all_plain_greedy(reqs))
 
     def sample_launched(self, out: SchedulerOutput, logits: torch.Tensor, reqs: list,
-                        greedy: bool) -> PendingStep:
+                        greedy: bool) -> LaunchedStep:
         """Queues the sampling of ``logits`` (rows of the sampling requests ``reqs``; ``greedy``:
         all plain greedy, so an argmax) and the copy of the tokens to the host."""
         if greedy:
@@ -150,58 +158,30 @@ class ModelRunner:
         else:
             result = sample(logits, build_sampling_tensors(reqs, self.vocab_size, self.device))
         if self.device.type != "cuda":
-            return PendingStep(out, result, None, None, greedy)
+            return LaunchedStep(out, result, None, None, greedy)
         self._host_slot ^= 1  # two pinned buffers: a step's tokens are read after the next launch
         host = self._host_tokens[self._host_slot][: result.token_ids.shape[0]]
         host.copy_(result.token_ids, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        return PendingStep(out, result, host, event, greedy)
+        return LaunchedStep(out, result, host, event, greedy)
 
-    def finish(self, pending: PendingStep) -> StepResult:
-        """Waits for a launched step (only for it) and returns its tokens on the host."""
-        if pending.event is not None:
-            pending.event.synchronize()
-            ids = pending.host_tokens.tolist()
-        else:
-            ids = pending.result.token_ids.tolist()
-        return self._to_host(pending.out, pending.result, ids)
-
-    def _to_host(self, out: SchedulerOutput, result: SamplerOutput,
-                 ids: list[int] | None = None) -> StepResult:
-        ids = result.token_ids.tolist() if ids is None else ids
-        wanted = result.sampled_logprobs is not None
-        sampled_lp = result.sampled_logprobs.tolist() if wanted else None
-        top_lp = result.top_logprobs.tolist() if result.top_logprobs is not None else None
-        top_ids = result.top_ids.tolist() if result.top_ids is not None else None
-        tokens: list[int | None] = []
-        logprobs: list[dict[int, float] | None] = []
-        row = 0
-        for seq in out.sequences:
-            if not seq.sample:
-                tokens.append(None)
-                logprobs.append(None)
-                continue
-            tokens.append(ids[row])
-            k = seq.request.sampling_params.logprobs
-            if k is None or sampled_lp is None:
-                logprobs.append(None)
-            else:
-                entry = {ids[row]: sampled_lp[row]}
-                for tid, lp in zip((top_ids or [[]])[row][:k], (top_lp or [[]])[row][:k],
-                                   strict=True):
-                    entry.setdefault(tid, lp)
-                logprobs.append(entry)
-            row += 1
-        return StepResult(tokens, logprobs)
-
-    def _graph_size(self, out: SchedulerOutput) -> int | None:
+    def graph_size_for(self, out: SchedulerOutput) -> int | None:
+        """The decode CUDA graph that runs ``out`` (the smallest size holding its sequences),
+        or None for an eager step."""
         if not self.graphs or not out.is_decode:
             return None
         if not all(s.sample for s in out.sequences):
             return None
         n = len(out.sequences)
         return next((size for size in sorted(self.graphs) if size >= n), None)
+
+    def replay(self, size: int) -> Any:
+        """Replays the decode graph of ``size`` rows on the filled buffers; its static output."""
+        graph, out = self.graphs[size]
+        graph.replay()
+        self.num_graph_replays += 1
+        return out
 
     def release_graphs(self) -> None:
         """Frees the decode CUDA graphs (before the process groups whose collectives they
@@ -255,6 +235,37 @@ class ModelRunner:
                 out = body(ids, pos, batch, size)
             self.graphs[size] = (graph, out)
         torch.cuda.synchronize()
+
+
+def step_result(out: SchedulerOutput, result: SamplerOutput,
+                ids: list[int] | None = None) -> StepResult:
+    """The host view of a sampler output: a token (or None) and logprobs per scheduled
+    sequence; ``ids``: the token ids already read to the host."""
+    ids = result.token_ids.tolist() if ids is None else ids
+    wanted = result.sampled_logprobs is not None
+    sampled_lp = result.sampled_logprobs.tolist() if wanted else None
+    top_lp = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+    top_ids = result.top_ids.tolist() if result.top_ids is not None else None
+    tokens: list[int | None] = []
+    logprobs: list[dict[int, float] | None] = []
+    row = 0
+    for seq in out.sequences:
+        if not seq.sample:
+            tokens.append(None)
+            logprobs.append(None)
+            continue
+        tokens.append(ids[row])
+        k = seq.request.sampling_params.logprobs
+        if k is None or sampled_lp is None:
+            logprobs.append(None)
+        else:
+            entry = {ids[row]: sampled_lp[row]}
+            for tid, lp in zip((top_ids or [[]])[row][:k], (top_lp or [[]])[row][:k],
+                               strict=True):
+                entry.setdefault(tid, lp)
+            logprobs.append(entry)
+        row += 1
+    return StepResult(tokens, logprobs)
 
 
 def all_plain_greedy(reqs: list) -> bool:

@@ -89,6 +89,35 @@ class Scheduler:
             self._schedule_waiting(out, budget, cap)
         return out
 
+    def schedule_ahead(self, out: SchedulerOutput) -> SchedulerOutput | None:
+        """The next decode step of ``out``'s sequences, scheduled before ``out``'s tokens reach
+        the host (async scheduling: its input tokens are ``out``'s samples, on the device), or
+        None when ``out`` cannot be followed blindly.
+
+        Only steady decode follows: every sequence of ``out`` decodes one token, nothing waits
+        for admission, no sequence can end by length in ``out``, and no sampling parameter reads
+        the token history (penalties) or asks for logprobs. A sequence that stops in ``out``
+        (EOS, stop string, abort) has its successor's token discarded by ``update`` (it skips
+        finished sequences); its KV write lands in blocks that the stream order keeps from any
+        later owner.
+        """
+        if self.waiting or not out.sequences or not all(
+                s.num_new_tokens == 1 and s.sample for s in out.sequences):
+            return None
+        reqs = [s.request for s in out.sequences]
+        if not all(self._follows_blindly(r) for r in reqs):
+            return None
+        if not all(self.block_manager.allocate(r, 2) for r in reqs):
+            return None  # blocks already taken stay with their sequences: harmless
+        return SchedulerOutput([ScheduledSequence(r, 1, True, ahead=1) for r in reqs])
+
+    def _follows_blindly(self, req: Request) -> bool:
+        p = req.sampling_params
+        max_model_len = self.config.max_model_len
+        return (not req.is_finished and p.logprobs is None and not p.uses_penalties
+                and len(req.output_token_ids) + 1 < req.max_tokens
+                and (max_model_len is None or req.num_computed_tokens + 2 <= max_model_len))
+
     def _schedule_running(self, out: SchedulerOutput, budget: int,
                           exclude: Collection[Request], cap: int) -> int:
         i = 0

@@ -109,8 +109,9 @@ def serve(engine_config: EngineConfig, *, host: str = "127.0.0.1", port: int = 8
     `max_waiting_requests` defaults to the scheduler's `max_waiting_requests`.
     """
     from fuselm.engine.async_engine import AsyncEngine  # the server imports the engine lazily
+    from fuselm.runtime import build_engine
 
-    engine = AsyncEngine.from_config(engine_config)
+    engine = AsyncEngine(build_engine(engine_config))
     if max_waiting_requests is None:
         max_waiting_requests = engine_config.scheduler.max_waiting_requests
     serve_engine(engine, host=host, port=port, api_key=api_key,
