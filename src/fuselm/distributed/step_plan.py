@@ -129,8 +129,8 @@ def decode_batch(header: StepHeader, payload: torch.Tensor, buffers: InputBuffer
                    (buffers.h_logits_idx, h.num_logit_rows)):
         dst[:n].copy_(reader.take(n))
     buffers.h_block_tables[:s, :w].copy_(reader.take(s * w).view(s, w))
-    ids, pos, batch, _ = buffers._to_device(t, s, h.num_logits, h.max_query_len,
-                                            h.max_seq_len, w, h.graph_size or None)
+    ids, pos, batch, _ = buffers.to_device(t, s, h.num_logits, h.max_query_len,
+                                           h.max_seq_len, w, h.graph_size or None)
     return ids, pos, batch
 
 

@@ -112,12 +112,15 @@ class InputBuffers:
         self.h_qsl.numpy()[: num_seqs + 1] = qsl
         self.h_logits_idx.numpy()[: len(logits)] = logits
         max_seq = max(seq_lens, default=0)
-        return self._to_device(t, num_seqs, num_logits, max(max_q, 1), max_seq, max_blocks,
-                               pad_to)
+        return self.to_device(t, num_seqs, num_logits, max(max_q, 1), max_seq, max_blocks,
+                              pad_to)
 
-    def _to_device(self, t: int, num_seqs: int, num_logits: int, max_q: int, max_seq: int,
-                   max_blocks: int, padded: int | None
-                   ) -> tuple[torch.Tensor, torch.Tensor, ForwardBatch, int]:
+    def to_device(self, t: int, num_seqs: int, num_logits: int, max_q: int, max_seq: int,
+                  max_blocks: int, padded: int | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, ForwardBatch, int]:
+        """Copies the first ``t`` tokens / ``num_seqs`` sequences of the host arrays (already
+        written, by ``fill`` or by a received plan) to the device buffers; ``padded``: a decode
+        graph's size (block tables at full width). Returns ids, positions, batch, num_logits."""
         width = self.h_block_tables.shape[1] if padded is not None else max(max_blocks, 1)
         num_logit_rows = num_seqs if padded is not None else num_logits
         pairs = [(self.h_input_ids, self.input_ids, t), (self.h_positions, self.positions, t),
