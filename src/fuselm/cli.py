@@ -112,25 +112,54 @@ def _delegate(module: str, name: str = "run") -> Callable[[argparse.Namespace], 
     return run
 
 
-_BENCHES = {"latency": "fuselm.bench.latency", "throughput": "fuselm.bench.throughput",
-            "serve": "fuselm.bench.serving", "kernels": "fuselm.bench.kernels"}
+# subcommand path -> (module that implements it, help, takes the engine flags)
+_TOOLS = {
+    ("bench", "latency"): ("fuselm.bench.latency", "latency benchmark", True),
+    ("bench", "throughput"): ("fuselm.bench.throughput", "throughput benchmark", True),
+    ("bench", "serve"): ("fuselm.bench.serving", "serving benchmark (an HTTP client)", False),
+    ("bench", "kernels"): ("fuselm.bench.kernels", "kernel benchmark", False),
+    ("profile",): ("fuselm.profiling", "profile a workload", True),
+    ("plan",): ("fuselm.planner", "memory and parallelism planner", False),
+}
 
 
-def _add_optional(sub, name: str, module: str, help_text: str, engine: bool) -> None:
+def _import_for(command: str, module: str):
+    """The module behind a subcommand; a missing optional package is a clear error."""
     try:
-        mod = importlib.import_module(module)
-    except ImportError:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise SystemExit(f"error: `fuselm {command}` needs the package {exc.name!r}, which is "
+                         f"not installed ({exc})") from exc
+
+
+def _add_tool(sub, path: tuple[str, ...], selected: bool) -> None:
+    """A tool's subcommand. Its module (and its flags) load only when the command line selects
+    it, so that ``fuselm --help`` imports no kernel, Triton or server code."""
+    module, help_text, engine = _TOOLS[path]
+    parser = sub.add_parser(path[-1], help=help_text)
+    parser.set_defaults(func=_delegate(module))
+    if not selected:
         return
-    parser = sub.add_parser(name, help=help_text)
     if engine:
         add_engine_arguments(parser)
+    mod = _import_for(" ".join(path), module)
     if hasattr(mod, "add_arguments"):
         mod.add_arguments(parser)
-    parser.set_defaults(func=_delegate(module))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The whole command-line interface."""
+def _add_serve(sub, selected: bool) -> None:
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    serve.set_defaults(func=cmd_serve)
+    if not selected:
+        return
+    add_engine_arguments(serve, model_positional=True)
+    _import_for("serve", "fuselm.server.launcher").add_serve_arguments(serve)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The command-line interface for ``argv`` (default: ``sys.argv[1:]``): every subcommand
+    is listed; only the selected one gets its flags (and imports its module)."""
+    words = [w for w in (sys.argv[1:] if argv is None else argv) if not w.startswith("-")]
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="log progress and speed")
     parser = argparse.ArgumentParser(prog="fuselm", description=__doc__, parents=[common])
@@ -145,28 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
         add_engine_arguments(p)
         _add_sampling_arguments(p)
         p.set_defaults(func=func)
-    try:
-        from fuselm.server.launcher import add_serve_arguments
-    except ImportError:
-        add_serve_arguments = None
-    if add_serve_arguments is not None:
-        serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-        add_engine_arguments(serve, model_positional=True)
-        add_serve_arguments(serve)
-        serve.set_defaults(func=cmd_serve)
+    _add_serve(sub, words[:1] == ["serve"])
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     bench.add_parser = functools.partial(bench.add_parser, parents=[common])  # type: ignore
-    for name, module in _BENCHES.items():
-        _add_optional(bench, name, module, f"{name} benchmark",
-                      engine=name in ("latency", "throughput"))
-    _add_optional(sub, "profile", "fuselm.profiling", "profile a workload", engine=True)
-    _add_optional(sub, "plan", "fuselm.planner", "memory and parallelism planner", engine=False)
+    for path in _TOOLS:
+        _add_tool(bench if path[0] == "bench" else sub, path, list(path) == words[:len(path)])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fuselm`` console script."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if "engine.seed" in vars(args) and envs.launcher_rank() > 0:

@@ -20,7 +20,7 @@ from fuselm import cli
     ["plan", "--model", "30B", "--gpu", "A100-80GB", "--num-nodes", "4", "-tp", "8", "-pp", "4"],
 ])
 def test_flags_parse(argv):
-    args = cli.build_parser().parse_args(argv)
+    args = cli.build_parser(argv).parse_args(argv)
     assert callable(args.func)
 
 
