@@ -2,7 +2,12 @@
 ``LLM.generate``, with transformers eager measured in the same run as the baseline.
 
 Prints a table and writes JSON to --out. Per-token time = (end - first token) / (tokens - 1);
-prompts are random, distinct and never seen before; ``ignore_eos``.
+prompts are random, distinct and never seen before; ``ignore_eos``. Bandwidth: the bytes a step
+reads (``fuselm.planner.decode_step_bytes``: the embedding gathered, one row per sequence; the
+layers and LM head whole) over the step time, and its fraction of the copy bandwidth measured in
+the same run (``copy_gbs``).
+
+Usage: python scripts/bench_engine.py [--out DIR] [--decode-only --skip-hf --skip-startup]
 """
 
 from __future__ import annotations
@@ -97,13 +102,12 @@ def startup_seconds(config_dir: Path, extra: list[str]) -> float:
     raise RuntimeError(proc.stderr[-2000:])
 
 
-def weight_bytes(llm) -> int:
-    return sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
+def step_bytes(llm, batch: int, kv_tokens: float):
+    """What one decode step reads (``fuselm.planner.decode_step_bytes``: layers and LM head
+    whole, one embedding row per sequence, the KV of ``kv_tokens`` per sequence), bf16."""
+    from fuselm.planner import decode_step_bytes
 
-
-def kv_bytes_per_token(llm) -> int:
-    runner, block_size = llm.engine.runner, llm.engine.block_manager.block_size
-    return runner.kv_bytes_per_block(torch.bfloat16) // block_size
+    return decode_step_bytes(llm.model_config, batch, torch.bfloat16, kv_tokens)
 
 
 def main() -> None:
@@ -148,9 +152,13 @@ def main() -> None:
     if not args.decode_only:
         decode_ms(llm, prompts.take(1, 4096), 1)
         res["ttft_4096_ms"] = decode_ms(llm, prompts.take(1, 4096), 2)[1]
-    wb, kvb = weight_bytes(llm), kv_bytes_per_token(llm)
-    res["b1_gbs"] = (wb + kvb * 256) / (res["b1_ms"] / 1000) / 1e9
-    res["b8_gbs"] = (wb + 8 * kvb * 256) / (res["b8_ms"] / 1000) / 1e9
+    for b in (1, 8):  # 128 prompt tokens, 256 decoded: a mean context of 256 per step
+        sb = step_bytes(llm, b, 128 + 256 / 2)
+        ms = res[f"b{b}_ms"]
+        res[f"b{b}_step_bytes"] = sb.total
+        res[f"b{b}_gbs"] = sb.total / (ms / 1000) / 1e9
+        res[f"b{b}_copy_fraction"] = res[f"b{b}_gbs"] / res["copy_gbs"]
+        print(f"batch {b}: {ms:.3f} ms/token, {sb.describe(ms, res['copy_gbs'])}", flush=True)
     res["graph_replays"] = llm.engine.stats()["num_graph_replays"]
     print("decode", res, flush=True)
     if not args.decode_only:

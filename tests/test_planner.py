@@ -67,7 +67,8 @@ def test_batch1_latency_8b_h100_hand_computed():
     m, gpu = shape("Llama-3-8B"), get_gpu("H100")
     opts = PlanOptions(context_len=1024, mem_bandwidth_gbs=3000)
     p = planner.plan_layout(m, ClusterSpec(gpu, 1, 1), opts, tp=1, pp=1)
-    read = 32 * 218_112_000 + 525_336_576 + 4096  # everything but the embedding table
+    # layers, LM head and final norm read whole; the embedding: one 4096-wide row (batch 1)
+    read = 32 * 218_112_000 + 525_336_576 + 4096 + 4096
     kv = 1024 * 2 * 32 * 8 * 128 * 2
     launches = 32 * 10 * 1.5e-6  # kernels per layer x the graph's per-kernel cost
     assert p.decode_latency_ms == pytest.approx(((2 * read + kv) / 3000e9 + launches) * 1e3)
@@ -172,3 +173,51 @@ def test_cli_run_with_config_json(tmp_path, capsys):
 def test_cli_rejects_layout_larger_than_cluster():
     with pytest.raises(ValueError):
         planner.run(_args("--model", "Llama-3-8B", "--gpus-per-node", "2", "-tp", "4"))
+
+
+def _tiny(**kw) -> ModelConfig:
+    return ModelConfig.from_hf_dict({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 256, **kw})
+
+
+def test_decode_step_bytes_tiny_config_by_hand():
+    # hidden 64, head_dim 16, 4 heads, 2 KV heads, MLP 128, 2 layers, vocab 256, bf16.
+    # per layer: q 64*64 + k 64*32 + v 64*32 + o 64*64 + MLP 3*64*128 + two norms 2*64 = 36992
+    layer = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 3 * 64 * 128 + 2 * 64
+    head, final_norm, row = 256 * 64, 64, 64
+    kv_token = 2 * 2 * 2 * 16  # K and V, 2 layers, 2 KV heads, 16 dims
+    sb = planner.decode_step_bytes(_tiny(), batch=3, dtype="bf16", kv_tokens=10)
+    assert sb.weights == (2 * layer + final_norm + head) * 2  # layers and LM head read whole
+    assert sb.embedding == 3 * row * 2  # one gathered row per token, not the 256-row table
+    assert sb.kv == 3 * 10 * kv_token * 2
+    assert sb.total == sb.weights + sb.embedding + sb.kv
+    # a tied head reads the (one) table whole as the LM head; fp8 KV halves the KV bytes
+    tied = planner.decode_step_bytes(_tiny(tie_word_embeddings=True), 3, "bf16", 10, "fp8")
+    assert tied.weights == sb.weights and tied.kv == 3 * 10 * kv_token
+    # TP=2: each rank holds half of every matmul, the norms whole, half the head, one KV head
+    tp2 = planner.decode_step_bytes(_tiny(), 1, "float32", 4, tp=2)
+    assert tp2.weights == (2 * (layer - 2 * 64) / 2 + 2 * 2 * 64 + 64 + head / 2) * 4
+    assert tp2.kv == 4 * (2 * 2 * 1 * 16) * 4
+
+
+def test_decode_step_bytes_llama3_8b_h200_figure():
+    # 4.07 ms/token on the H200 (docs/perf/README.md): 15.01 GB of layers + head, 8 KB of
+    # embedding row: 87 % of the card's measured 4.27 TB/s copy bandwidth
+    sb = planner.decode_step_bytes(shape("Llama-3-8B"), 1, "bf16", 256)
+    assert sb.weights == 2 * (32 * 218_112_000 + 4096 + 525_336_576)
+    assert sb.embedding == 2 * 4096
+    gbs = sb.total / 4.07e-3 / 1e9
+    assert gbs / planner.MEASURED_COPY_GBS["H200-SXM"] == pytest.approx(0.87, abs=0.005)
+    text = sb.describe(4.07, 4270.0)
+    assert "15.043 GB/step" in text and "86.6 % of the 4270 GB/s copy ceiling" in text
+
+
+def test_plan_prints_the_step_bytes_and_copy_fraction():
+    m, gpu = shape("Llama-3-8B"), get_gpu("H200")
+    plan = planner.make_plan(m, ClusterSpec(gpu, 1, 1), PlanOptions(context_len=1024))
+    text = planner.format_plan(plan)
+    assert plan.step_bytes_b1 == pytest.approx(
+        planner.decode_step_bytes(m, 1, "bf16", 1024).total)
+    assert "batch-1 step, TP=1: 15.144 GB/step" in text and "of the 4270 GB/s copy ceiling" in text

@@ -7,7 +7,7 @@ overhead, and the KV cache in what is left. Decode step time of a stage = max(by
 bandwidth, FLOPs / FLOP/s) + collectives (two all-reduces per layer, ``latency + 2(n-1)/n x bytes
 / link bandwidth``); batch-1 latency sums the stages and the (pp-1) point-to-point hops; peak
 throughput keeps pp micro-batches of the largest batch whose KV fits in flight. The formulas and
-every constant's source are in docs/perf/planner.md.
+every constant's source are in docs/perf/log/planner.md.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from fuselm.planner_hardware import (
     GB,
     GIB,
     GPUS,
+    MEASURED_COPY_GBS,
     ClusterSpec,
     GPUSpec,
     collective_seconds,
@@ -133,6 +134,65 @@ def shard_shape(m: ModelConfig, tp: int) -> ShardShape:
     )
 
 
+@dataclass(frozen=True)
+class StepBytes:
+    """Bytes one decode step reads on one GPU (the whole model when tp=1). The decoder layers,
+    the final norm and the LM head are read whole; the embedding table is gathered, one row per
+    token of the step (at most: a vocab-parallel rank reads only the rows in its range); the KV
+    cache is read for every token of every sequence's context."""
+
+    weights: float
+    embedding: float
+    kv: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.embedding + self.kv
+
+    def describe(self, step_ms: float | None = None, copy_gbs: float | None = None) -> str:
+        """``bytes counted`` and, given the step time and the card's copy ceiling, the achieved
+        bandwidth and its fraction of that ceiling."""
+        text = (f"{self.total / 1e9:.3f} GB/step (weights+head {self.weights / 1e9:.3f} GB read "
+                f"whole, embedding {self.embedding / 1e3:.1f} KB gathered, KV "
+                f"{self.kv / 1e6:.1f} MB)")
+        if step_ms:
+            gbs = self.total / (step_ms * 1e-3) / GB
+            text += f" -> {gbs:.0f} GB/s"
+            if copy_gbs:
+                text += f" = {100 * gbs / copy_gbs:.1f} % of the {copy_gbs:.0f} GB/s copy ceiling"
+        return text
+
+
+def embedding_gather_bytes(m: ModelConfig, tokens: float, dtype: Any) -> float:
+    """Bytes the embedding lookup reads for ``tokens`` tokens: one row of the table each."""
+    return tokens * m.hidden_size * dtype_bytes(dtype)
+
+
+def decode_step_bytes(m: ModelConfig, batch: int, dtype: Any, kv_tokens: float,
+                      kv_dtype: Any = None, tp: int = 1) -> StepBytes:
+    """What one decode step of ``batch`` sequences reads, each sequence with ``kv_tokens``
+    tokens of context (a mean is fine): see ``StepBytes``. ``dtype`` (a name, a torch dtype or
+    bytes per element) is the weights'; ``kv_dtype`` the KV cache's (default: ``dtype``).
+    The one count of bytes per step of ``fuselm bench latency``, ``scripts/bench_engine.py`` and
+    the planner."""
+    s = shard_shape(m, tp)
+    head = s.lm_head or s.embedding  # a tied head reads the embedding matrix whole
+    weights = (m.num_hidden_layers * (s.layer_matmul + s.layer_other) + s.final_norm + head)
+    kv_per_token = 2 * m.num_hidden_layers * s.kv_heads_per_rank * m.head_dim
+    return StepBytes(
+        weights=weights * dtype_bytes(dtype),
+        embedding=embedding_gather_bytes(m, batch, dtype),
+        kv=batch * kv_tokens * kv_per_token * dtype_bytes(kv_dtype if kv_dtype else dtype))
+
+
+def copy_ceiling_gbs(device_name: str) -> float | None:
+    """The measured copy bandwidth of a known card (``MEASURED_COPY_GBS``), or None."""
+    from fuselm.planner_hardware import gpu_from_device_name
+
+    spec = gpu_from_device_name(device_name)
+    return MEASURED_COPY_GBS.get(spec.name) if spec else None
+
+
 def total_params(m: ModelConfig) -> int:
     """All parameters of the model (unsharded)."""
     s = shard_shape(m, 1)
@@ -237,7 +297,9 @@ class _StageTimer:
     def stage(self, s: StageShape, b: int, ctx: int) -> dict[str, float]:
         """Seconds by part: weights, kv, compute, comm; ``total`` = max(memory, compute) + comm."""
         o, m = self.opts, self.m
-        weights = s.read_params * o.weight_bytes / self.bw
+        # the first stage gathers one embedding row per sequence; layers and head read whole
+        gather = embedding_gather_bytes(m, b, o.weight_bytes) if s.first else 0.0
+        weights = (s.read_params * o.weight_bytes + gather) / self.bw
         kv = b * ctx * s.kv_bytes_per_token / self.bw
         heads = m.num_attention_heads // self.tp
         flops = 2 * b * s.matmul_params + 4 * b * ctx * heads * m.head_dim * s.num_layers
@@ -356,6 +418,11 @@ class Plan:
     layouts: list[LayoutPlan]
     recommended: LayoutPlan | None
     recommendation: str
+    step_bytes_b1: float = 0.0
+    """Bytes one batch-1 decode step at context_len reads on one GPU (``decode_step_bytes``)."""
+    step_bytes_text: str = ""
+    """The same, by part, with the bandwidth the predicted TP=1 latency implies and its fraction of
+    the card's measured copy ceiling (``MEASURED_COPY_GBS``, where known)."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -399,8 +466,13 @@ def make_plan(m: ModelConfig, cluster: ClusterSpec, opts: PlanOptions, *, model_
              for tp, pp in (layouts or candidate_layouts(m, cluster))]
     pick, why = recommend(plans, objective)
     n = total_params(m)
+    sb = decode_step_bytes(m, 1, opts.weight_bytes, opts.context_len, opts.kv_bytes)
+    tp1 = next((p for p in plans if p.tensor_parallel_size == p.pipeline_parallel_size == 1
+                and p.feasible), None)
+    text = sb.describe(tp1.decode_latency_ms if tp1 else None,
+                       MEASURED_COPY_GBS.get(cluster.gpu.name))
     return Plan(model_name, n, n * opts.weight_bytes / GB, cluster.gpu, cluster, opts,
-                objective, plans, pick, why)
+                objective, plans, pick, why, sb.total, text)
 
 
 # ---- command line (wired by fuselm.cli as `fuselm plan`) ----
@@ -460,7 +532,8 @@ def format_plan(plan: Plan, show_all: bool = False) -> str:
             "note": p.reason or ("TP crosses nodes" if p.tp_crosses_nodes else ""),
         })
     table = format_table(rows) if rows else "(no layout fits)"
-    return f"{head}\n{table}\nrecommended: {plan.recommendation}"
+    step = f"\nbatch-1 step, TP=1: {plan.step_bytes_text}" if plan.step_bytes_text else ""
+    return f"{head}\n{table}\nrecommended: {plan.recommendation}{step}"
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -34,8 +34,13 @@ DTYPE_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "fp8": 1.0, "int
                "int4": 0.5}
 
 
-def dtype_bytes(dtype: str) -> float:
-    """Bytes per element of a dtype name (``bf16`` and ``fp16`` accepted)."""
+def dtype_bytes(dtype: Any) -> float:
+    """Bytes per element of a dtype name (``bf16`` and ``fp16`` accepted), a ``torch.dtype`` or
+    a number of bytes."""
+    if isinstance(dtype, (int, float)):
+        return float(dtype)
+    if not isinstance(dtype, str):  # torch.dtype, without importing torch here
+        return float(dtype.itemsize)
     name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
             "float": "float32"}.get(dtype, dtype)
     if name not in DTYPE_BYTES:
@@ -78,6 +83,12 @@ GPUS: dict[str, GPUSpec] = {
     "H200-SXM": GPUSpec("H200-SXM", 141, 4800, 989, 900 / 2, 400 / 8,
                         f"{H200_DATASHEET}; {DGX_H100_GUIDE} (DGX H200 has the same NICs)"),
 }
+
+# Device-to-device copy bandwidth (bytes read + written, GB/s) measured by
+# ``bench.common.copy_bandwidth_gbs`` on these cards: the ceiling a decode step's bandwidth is
+# compared with when the run does not measure it (docs/perf/README.md).
+MEASURED_COPY_GBS: dict[str, float] = {"H100-SXM": 3000.0, "H200-SXM": 4270.0}
+
 
 _GPU_ALIASES = {
     "a100": "A100-80GB", "a100-40": "A100-40GB", "a100-40gb": "A100-40GB",

@@ -23,39 +23,38 @@ def tiny_config(**kw) -> ModelConfig:
 def test_prefill_flops_hand_computed():
     m = tiny_config()
     # matmul params per layer: q,o 64*64 each, k,v 64*32 each, MLP 3*64*128 = 36864
-    mb = ModelBytes(weight_read_bytes=0, kv_bytes_per_token=0, matmul_params=2 * 36864,
-                    element_size=4)
+    mb = ModelBytes(element_size=4, kv_element_size=4, matmul_params=2 * 36864)
     shape = Shape(batch_size=3, input_len=10, output_len=1)
     attn = 2 * 2 * 2 * 4 * 16 * 10 * 11 / 2  # QK^T + PV over 55 causal pairs, 2 layers, 4 heads
     per_seq = 2 * 2 * 36864 * 10 + attn + 2 * 64 * 256
     assert latency.prefill_flops(m, mb, shape) == pytest.approx(3 * per_seq)
 
 
-def test_model_bytes_skips_untied_embedding():
+def test_model_bytes_element_sizes_and_matmul_params():
     class Tiny(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.embed_tokens = torch.nn.Embedding(256, 64)
-            self.proj = torch.nn.Linear(64, 64, bias=False)
-            self.lm_head = torch.nn.Linear(64, 256, bias=False)
+            self.proj = torch.nn.Linear(64, 64, bias=False).half()
 
-    mb = latency.model_bytes(Tiny(), tiny_config(), torch.float16)
-    assert mb.weight_read_bytes == (64 * 64 + 64 * 256) * 4
-    assert mb.kv_bytes_per_token == 2 * 2 * 2 * 16 * 2  # K+V x layers x kv heads x dim x fp16
-    tied = latency.model_bytes(Tiny(), tiny_config(tie_word_embeddings=True), torch.float32)
-    assert tied.weight_read_bytes == (256 * 64 + 64 * 64 + 64 * 256) * 4
+    mb = latency.model_bytes(Tiny(), tiny_config(), torch.float32)
+    assert (mb.element_size, mb.kv_element_size) == (2, 4)
+    assert mb.matmul_params == 2 * 36864  # 2 layers, hand count in test_prefill_flops
 
 
 def test_summarize_shape_bandwidth_and_utilisation():
     m = tiny_config()
-    mb = ModelBytes(weight_read_bytes=1_000_000, kv_bytes_per_token=100, matmul_params=0,
-                    element_size=2)
+    mb = ModelBytes(element_size=2, kv_element_size=2, matmul_params=0)
     shape = Shape(batch_size=2, input_len=10, output_len=4)
     t = Timings(ttft=[0.01, 0.02], step=[0.001, 0.001, 0.003], prefill=[0.02])
     row = latency.summarize_shape(shape, t, mb, m, copy_gbs=2.0, peak=1.0)
     assert row["per_token_ms"]["median"] == pytest.approx(1.0)
-    step_bytes = 1_000_000 + 2 * (10 + 4 / 2) * 100
-    assert row["bytes_per_step"] == step_bytes
+    # by hand, bf16: per layer 36864 matmul + 2 x 64 norm params; final norm 64; LM head 256 x 64
+    # read whole; the embedding gathered (2 sequences x one 64-wide row); KV of 12 mean tokens:
+    # K+V x 2 layers x 2 KV heads x 16 dims
+    weights = (2 * (36864 + 128) + 64 + 256 * 64) * 2
+    step_bytes = weights + 2 * 64 * 2 + 2 * (10 + 4 / 2) * (2 * 2 * 2 * 16) * 2
+    assert row["bytes_per_step"] == pytest.approx(step_bytes)
+    assert row["embedding_bytes_per_step"] == 2 * 64 * 2
     assert row["achieved_gbs"] == pytest.approx(step_bytes / 1e-3 / 1e9)
     assert row["bandwidth_fraction"] == pytest.approx(row["achieved_gbs"] / 2.0)
     flops = latency.prefill_flops(m, mb, shape)

@@ -6,8 +6,9 @@ when its sampled tokens are on the host). Reported per shape:
 
 - time to first token (TTFT: all prompts arrive together, so it includes the batch's prefill);
 - per-token latency = duration of each step in which every sequence decodes (median, p90, p99);
-- achieved bandwidth = (weight bytes read + KV bytes read) per decode step / median step time, and
-  its fraction of the device's measured copy bandwidth (CUDA only);
+- achieved bandwidth = bytes a decode step reads (``fuselm.planner.decode_step_bytes``: layers and
+  LM head whole, one embedding row per sequence, the KV of the mean context) / median step time,
+  and its fraction of the device's copy bandwidth measured in the same run (CUDA only);
 - prefill FLOP/s = prefill FLOPs / (last first-token time), and its fraction of the spec peak
   (CUDA, 16-bit dtypes only);
 - peak GPU memory (CUDA only).
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 
 from fuselm.bench import plots, report
-from fuselm.planner import shard_shape
+from fuselm.planner import StepBytes, decode_step_bytes, shard_shape
 
 NAME = "latency"
 
@@ -154,31 +155,25 @@ def measure_copy_bandwidth(device: torch.device) -> float | None:
 
 @dataclass(frozen=True)
 class ModelBytes:
-    """What a decode step reads, and what a prefill computes, for the loaded model."""
+    """Element sizes of the loaded model's weights and KV cache (what ``decode_step_bytes``
+    counts a decode step's reads with), and matmul parameters per token (prefill FLOPs)."""
 
-    weight_read_bytes: int
-    kv_bytes_per_token: int
-    matmul_params: int
     element_size: int
+    kv_element_size: int
+    matmul_params: int
+
+    def step(self, m: Any, batch: int, kv_tokens: float) -> StepBytes:
+        """What one decode step reads: ``fuselm.planner.decode_step_bytes``."""
+        return decode_step_bytes(m, batch, self.element_size, kv_tokens, self.kv_element_size)
 
 
 def model_bytes(model: torch.nn.Module, model_config: Any, kv_dtype: torch.dtype) -> ModelBytes:
-    """Weight bytes read per decode step (all but an untied embedding table), KV bytes per token
-    over all layers, and matmul parameters per token (for prefill FLOPs)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embed is None:
-        embed = next((m for n, m in model.named_modules() if n.endswith("embed_tokens")), None)
-    embed_bytes = 0
-    if embed is not None and not model_config.tie_word_embeddings:
-        embed_bytes = sum(p.numel() * p.element_size() for p in embed.parameters())
-    m = model_config
-    itemsize = torch.empty(0, dtype=kv_dtype).element_size()
-    kv = 2 * m.num_hidden_layers * m.num_key_value_heads * m.head_dim * itemsize
-    s = shard_shape(m, 1)
-    matmul = m.num_hidden_layers * s.layer_matmul
-    elem = next(model.parameters()).element_size()
-    return ModelBytes(total - embed_bytes, kv, matmul, elem)
+    """The weights' element size (of the first parameter), the KV cache's, and the matmul
+    parameters per token of ``model_config``."""
+    s = shard_shape(model_config, 1)
+    return ModelBytes(element_size=next(model.parameters()).element_size(),
+                      kv_element_size=torch.empty(0, dtype=kv_dtype).element_size(),
+                      matmul_params=model_config.num_hidden_layers * s.layer_matmul)
 
 
 def prefill_flops(m: Any, mb: ModelBytes, shape: Shape) -> float:
@@ -210,9 +205,11 @@ def summarize_shape(shape: Shape, t: Timings, mb: ModelBytes, m: Any, copy_gbs: 
                            "decode_tok_s": shape.batch_size / step["median"] * 1e3
                            if t.step else None, "peak_memory_gib": t.peak_memory_gib}
     ctx = shape.input_len + shape.output_len / 2  # mean context over the decode steps
-    step_bytes = mb.weight_read_bytes + shape.batch_size * ctx * mb.kv_bytes_per_token
+    sb = mb.step(m, shape.batch_size, ctx)
+    step_bytes = sb.total
     gbs = step_bytes / (step["median"] / 1e3) / 1e9 if t.step else None
-    row.update(bytes_per_step=step_bytes, achieved_gbs=gbs,
+    row.update(bytes_per_step=step_bytes, weight_bytes_per_step=sb.weights,
+               embedding_bytes_per_step=sb.embedding, kv_bytes_per_step=sb.kv, achieved_gbs=gbs,
                bandwidth_fraction=gbs / copy_gbs if gbs and copy_gbs else None)
     prefill_s = float(np.median(t.prefill)) if t.prefill else None
     tflops = prefill_flops(m, mb, shape) / prefill_s / 1e12 if prefill_s else None
@@ -227,7 +224,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
         line = {"batch": r["batch_size"], "in": r["input_len"], "out": r["output_len"],
                 "TTFT ms": r["ttft_ms"]["median"], "tok ms p50": r["per_token_ms"]["median"],
                 "p90": r["per_token_ms"]["p90"], "p99": r["per_token_ms"]["p99"],
-                "tok/s": r["decode_tok_s"], "GB/s": r["achieved_gbs"],
+                "tok/s": r["decode_tok_s"], "GB/step": r["bytes_per_step"] / 1e9,
+                "GB/s": r["achieved_gbs"],
                 "%copy bw": _pct(r["bandwidth_fraction"]),
                 "prefill TFLOP/s": r["prefill_tflops"],
                 "%peak": _pct(r["prefill_flops_fraction"]), "peak GiB": r["peak_memory_gib"]}
@@ -354,8 +352,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "bench": NAME, "env": report.environment(), "model": getattr(engine, "model_name", None),
         "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "copy_bandwidth_gbs": copy_gbs, "peak_tflops": peak,
-        "weight_read_bytes": mb.weight_read_bytes, "kv_bytes_per_token": mb.kv_bytes_per_token,
+        "weight_read_bytes": mb.step(m, 1, 0).weights,
+        "embedding_row_bytes": mb.step(m, 1, 0).embedding,
+        "kv_bytes_per_token": mb.step(m, 1, 1).kv,
         "num_iters": args.num_iters, "results": rows,
     }
+    for r in rows:
+        step_ms = r["per_token_ms"]["median"] if r["num_decode_steps"] else None
+        print(f"batch {r['batch_size']} in {r['input_len']} out {r['output_len']}: "
+              + mb.step(m, r["batch_size"], r["input_len"] + r["output_len"] / 2)
+              .describe(step_ms, copy_gbs))
     gc.collect()
     return report.finish(args, result, _table(rows), plots.plot_latency)
