@@ -4,8 +4,11 @@ For each case (op x shape): the median time of each registered backend, of the e
 and of ``torch.compile`` of the reference (plus op-specific baselines), achieved GB/s over the
 op's minimum traffic (each input read once, each output written once), % of the copy bandwidth
 measured in the same run, and the ratios to eager and compiled. Writes
-``docs/perf/kernels-<gpu>.md`` and ``.json`` and the tuning tables ``kernels/configs/<op>.json``
-(``{gpu: {bucket: {"backend": fastest, "triton": {best launch config}}}}``) that ``auto`` reads.
+``<output-dir>/kernels-<gpu>.md`` and ``.json`` and the tuning tables ``<op>.json``
+(``{gpu: {bucket: {"backend": fastest, "triton": {best launch config}}}}``) that ``auto`` reads:
+into ``--configs-dir``, else ``<output-dir>/configs/`` (``FUSELM_KERNEL_CONFIGS=<dir>`` makes the
+engine read them); into the installed package's ``kernels/configs/`` only with
+``--write-package-configs`` (``resolve_configs_dir``).
 
 More ops join through ``CASE_PROVIDERS``: a ``"module:function"`` entry whose function takes the
 preset name and returns a list of ``KernelCase``; a provider module that is absent is skipped.
@@ -291,9 +294,11 @@ def run_kernel_bench(args: argparse.Namespace) -> dict[str, Any]:
               "overhead": common.dispatch_overhead_us()}  # fmt: skip
     if device.type == "cuda":
         result["tuning"] = tuning_tables(rows)
-        if not args.no_write_configs:
-            written = write_tuning_tables(result["tuning"], env["gpu"], Path(args.configs_dir))
+        configs_dir = resolve_configs_dir(args)
+        if configs_dir is not None:
+            written = write_tuning_tables(result["tuning"], env["gpu"], configs_dir)
             result["configs_written"] = [str(p) for p in written]
+            print(configs_note(configs_dir))
     out_dir = Path(args.output_dir)
     stem = f"kernels-{common.gpu_slug(env.get('gpu'))}"
     common.write_json(out_dir / f"{stem}.json", result)
@@ -322,13 +327,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="default: cuda when available")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile baselines")
     parser.add_argument("--no-sweep", action="store_true", help="skip the Triton config sweep")
-    parser.add_argument(
-        "--no-write-configs", action="store_true", help="do not write the tuning tables"
-    )
     parser.add_argument("--output-dir", default="docs/perf", help="where the .md and .json go")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
-    parser.add_argument("--configs-dir", default=str(_triton_utils._CONFIG_DIR),
-                        help="where the tuning tables go")  # fmt: skip
+    add_configs_arguments(parser)
+
+
+def add_configs_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the tuning tables go (``resolve_configs_dir``); shared by the kernel benches."""
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--configs-dir", default=None,
+                       help="write the tuning tables (<op>.json) here (default: "
+                            "<output-dir>/configs)")
+    where.add_argument("--write-package-configs", action="store_true",
+                       help="write them into the installed package's kernels/configs/, the "
+                            "defaults every run reads")
+    where.add_argument("--no-write-configs", action="store_true",
+                       help="do not write the tuning tables")
+
+
+def resolve_configs_dir(args: argparse.Namespace, fallback_output: str = "out") -> Path | None:
+    """Where the tuning tables go: the package's ``kernels/configs/`` only with
+    ``--write-package-configs``; else ``--configs-dir``; else ``<output-dir>/configs`` (the
+    output dir, or ``fallback_output`` when there is none); None with ``--no-write-configs``."""
+    if getattr(args, "no_write_configs", False):
+        return None
+    if getattr(args, "write_package_configs", False):
+        return Path(_triton_utils._CONFIG_DIR)
+    if getattr(args, "configs_dir", None):
+        return Path(args.configs_dir)
+    return Path(getattr(args, "output_dir", None) or fallback_output) / "configs"
+
+
+def configs_note(configs_dir: Path) -> str:
+    """How the written tables become the ones a run reads."""
+    if configs_dir.resolve() == Path(_triton_utils._CONFIG_DIR).resolve():
+        return f"tuning tables written into the package: {configs_dir}"
+    return (f"tuning tables written to {configs_dir} (FUSELM_KERNEL_CONFIGS={configs_dir} reads "
+            "them; --write-package-configs makes them the package's defaults)")
 
 
 def run(args: argparse.Namespace) -> int:

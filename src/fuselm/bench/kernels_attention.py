@@ -33,7 +33,14 @@ import torch.nn.functional as F
 
 from fuselm.bench import common
 from fuselm.bench.kernel_cases import KernelCase
-from fuselm.bench.kernels import check_targets, tuning_tables, write_tuning_tables
+from fuselm.bench.kernels import (
+    add_configs_arguments,
+    check_targets,
+    configs_note,
+    resolve_configs_dir,
+    tuning_tables,
+    write_tuning_tables,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -421,14 +428,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["targets"] = check_targets(cases, result["rows"])
         result["best_swept"] = best_swept(cases, result["rows"])
         common.write_json(path, result)  # after every case: a timeout keeps what was measured
-    if device.type == "cuda" and args.configs_dir:
+    configs_dir = resolve_configs_dir(args)
+    if device.type == "cuda" and configs_dir is not None:
         result["tuning"] = tuning_tables(result["rows"])
         for (op, bucket), config in shared_bucket_configs(cases, result["rows"]).items():
             if bucket in result["tuning"].get(op, {}):
                 result["tuning"][op][bucket]["triton"] = config
-        written = write_tuning_tables(result["tuning"], env["gpu"], Path(args.configs_dir))
+        written = write_tuning_tables(result["tuning"], env["gpu"], configs_dir)
         result["configs_written"] = [str(p) for p in written]
         common.write_json(path, result)
+        print(configs_note(configs_dir))
     if result["best_swept"]:
         columns = list(dict.fromkeys(k for row in result["best_swept"] for k in row))
         print("\nfastest swept config per case:\n"
@@ -439,8 +448,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m fuselm.bench.kernels_attention [flags]``."""
+def build_parser() -> argparse.ArgumentParser:
+    """Flags of ``python -m fuselm.bench.kernels_attention``."""
     parser = argparse.ArgumentParser(prog="kernels_attention", description=__doc__)
     parser.add_argument("--preset", choices=tuple(PREFILL_SHAPES), default="full")
     parser.add_argument("--ops", default=None, help="prefill_attention,paged_attention")
@@ -453,8 +462,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rep-ms", type=float, default=100,
                         help="timing budget of each backend and config (ms, median reported)")
     parser.add_argument("--output-dir", default="docs/perf")
-    parser.add_argument("--configs-dir", default=None,
-                        help="write this GPU's tuning tables (<op>.json) here")
+    add_configs_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fuselm.bench.kernels_attention [flags]``."""
+    parser = build_parser()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     result = run(parser.parse_args(argv))
     return 0 if all(t["met"] == "yes" for t in result["targets"]) else 1

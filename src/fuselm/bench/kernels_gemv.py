@@ -4,7 +4,8 @@ For each weight shape of a model (Llama-3-8B at TP=1 and TP=2 by default), the b
 cuBLAS and a sweep of Triton configs the way a decode step runs them: inside one CUDA graph,
 back to back over enough distinct weight copies (>= 256 MB) that nothing is served from L2.
 It prints the achieved weight bandwidth beside the copy bandwidth measured in the same run and
-writes ``configs/gemv.json`` (``--configs-dir``): per shape, the faster of ``triton`` and
+writes ``gemv.json`` (into ``--configs-dir``, else ``<output-dir>/configs``; into the package's
+``kernels/configs`` only with ``--write-package-configs``): per shape, the faster of ``triton`` and
 ``reference`` (cuBLAS) and the best Triton config. The linear layers read that table when the
 model is built (``fuselm.kernels.gemv.select_gemv``).
 
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from fuselm.bench import common
+from fuselm.bench.kernels import add_configs_arguments, resolve_configs_dir
 
 # (name, N, K) of Llama-3-8B's linear layers at TP=1 and TP=2 (column-parallel N halves,
 # row-parallel K halves), and the LM head (float32 logits out).
@@ -269,12 +271,10 @@ COLUMNS = ("name", "n", "k", "weight_MB", "cublas_us", "cublas_GB/s", "cublas_%c
            "triton_GB/s", "triton_%copy", "x_cublas", "separate_us", "x_separate")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point."""
+def build_parser() -> argparse.ArgumentParser:
+    """Flags of ``python -m fuselm.bench.kernels_gemv``."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--output-dir", default=None, help="write gemv-<gpu>.json here")
-    p.add_argument("--configs-dir", default=str(Path(__file__).parents[1] / "kernels" / "configs"),
-                   help="where gemv.json (the tuning table) is merged")
     p.add_argument("--shapes", default="llama3-8b", choices=["llama3-8b", "fused", "tiny"],
                    help="fused: only the fused kernels (gate/up + SiLU-and-mul, QKV + rotary + "
                         "KV write)")
@@ -282,8 +282,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-sweep", action="store_true", help="time only the default config")
     p.add_argument("--margin", type=float, default=0.01,
                    help="Triton must beat cuBLAS by this fraction to be chosen")
-    p.add_argument("--no-write", action="store_true", help="do not write the tuning table")
-    args = p.parse_args(argv)
+    add_configs_arguments(p)  # gemv.json: --configs-dir, else <output-dir or out>/configs
+    p.add_argument("--no-write", dest="no_write_configs", action="store_true",
+                   help="same as --no-write-configs")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    args = build_parser().parse_args(argv)
     if not torch.cuda.is_available():
         print("kernels_gemv needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -310,11 +317,13 @@ def main(argv: list[str] | None = None) -> int:
         path = common.write_json(Path(args.output_dir) / f"gemv-{common.gpu_slug(gpu)}.json",
                                  result)
         print(f"wrote {path}")
-    if not args.no_write:
-        from fuselm.bench.kernels import write_tuning_tables
+    configs_dir = resolve_configs_dir(args)
+    if configs_dir is not None:
+        from fuselm.bench.kernels import configs_note, write_tuning_tables
 
         table = {"gemv": tuning_table(rows, args.margin)}
-        print(f"wrote {write_tuning_tables(table, gpu, Path(args.configs_dir))[0]}")
+        print(f"wrote {write_tuning_tables(table, gpu, configs_dir)[0]}")
+        print(configs_note(configs_dir))
     return 0
 
 
