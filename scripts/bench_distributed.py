@@ -1,6 +1,6 @@
 """Distributed targets on 2 GPUs (issue 7): Llama-3-8B shape, bf16, dummy weights, TP=1 measured
 in the same run. Each subcommand is one configuration in a fresh process and writes
-``--out/<tag>.json``; ``scripts/gpu_distributed_check.sh`` runs them all under ``timeout`` and
+``--out/<tag>.json``; ``scripts/gpu/run.sh dist`` runs them all under ``timeout`` and
 ``report`` prints the table and the ratios the issue asks for.
 
     decode --tp N --pp M [--one-shot] [--profile]   batch-1 ms/token (+ all-reduce share)
