@@ -1,7 +1,7 @@
 """Constants of the planner: GPU spec sheets, interconnects and known model shapes.
 
 Every number here comes from a vendor spec sheet or a model's published config.json; the
-source is named next to it and listed in docs/perf/planner.md. Nothing here is fitted to our
+source is named next to it and listed in docs/perf/log/planner.md. Nothing here is fitted to our
 own runs. Efficiencies (how much of a peak a kernel reaches) are not spec-sheet numbers: they
 are planner options (``PlanOptions``) whose defaults are documented, and that a user replaces with
 micro-benchmark results (``--mem-bandwidth`` from ``fuselm bench latency``'s copy measurement,

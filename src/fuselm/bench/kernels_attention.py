@@ -64,7 +64,7 @@ def _prefill_candidate(block_m: int, block_n: int, num_warps: int, num_stages: i
 
 # Launch configs the sweep tries (PrefillConfig / DecodeConfig fields). Prefill: 2 consumer
 # warpgroups on a 128-row tile (FA2/FA3's shape on Hopper). The first two are the H100 winners so
-# far (m128n64: S=4096, m128n128: S=16384; docs/perf/attention-notes.md); the others switch on
+# far (m128n64: S=4096, m128n128: S=16384; docs/perf/log/attention-notes.md); the others switch on
 # the instruction cuts, alone and together: _fold (no multiply a score), _i32 (int32 key
 # offsets), _lean (trims outside the main loop), _lazy (FA4's conditional rescale). TMA, hpp1
 # and 4-warp configs lost by 3-30 % on the H100 and are left out: 13 compiles, each config timed

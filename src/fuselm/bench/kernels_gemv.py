@@ -254,7 +254,7 @@ def tuning_table(rows: list[dict[str, Any]], margin: float) -> dict[str, dict]:
             continue
         baseline = min(r["cublas_us"], r.get("separate_us", r["cublas_us"]))
         # the fused rope kernel won this chain-of-identical-kernels timing on the H200 yet made
-        # the decode step 5 % slower (docs/perf/distributed-h200.md, run 10): it is switched on
+        # the decode step 5 % slower (docs/perf/log/distributed-h200.md, run 10): it is switched on
         # only by hand, after a decode A/B
         faster = r["triton_us"] < baseline * (1 - margin) and not r.get("rope")
         times = {"triton": round(r["triton_us"], 2), "cublas": round(r["cublas_us"], 2)}
