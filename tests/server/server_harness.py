@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import inspect
 import json
 import socket
 import threading
@@ -67,11 +68,12 @@ class LiveServer:
         self.sock.close()
 
     def on_loop(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
-        """Runs `fn()` on the server's loop (thread-safe reads of engine state)."""
+        """Runs `fn()` on the server's loop, awaiting it if it returns an awaitable."""
         assert self.loop is not None
 
         async def call() -> Any:
-            return fn()
+            result = fn()
+            return await result if inspect.isawaitable(result) else result
 
         future: concurrent.futures.Future = asyncio.run_coroutine_threadsafe(call(), self.loop)
         return future.result(timeout)

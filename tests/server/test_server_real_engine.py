@@ -120,17 +120,13 @@ def test_bad_input_never_reaches_the_engine(real_server: LiveServer) -> None:
 
 def _held_blocks(server: LiveServer) -> tuple[int, int, int]:
     """(running requests, blocks in use, distinct blocks held by running sequences)."""
-    engine = server.engine
+    def probe(core) -> tuple[int, int, int]:  # on the step thread, between two steps
+        stats = core.stats()
+        held = {b for seq in core.scheduler.running for b in seq.block_ids}
+        return (stats["num_requests_running"],
+                stats["num_total_blocks"] - stats["num_free_blocks"], len(held))
 
-    def probe() -> tuple[int, int, int]:
-        with engine._lock:  # the step thread holds it while it runs
-            core = engine.engine
-            stats = core.stats()
-            held = {b for seq in core.scheduler.running for b in seq.block_ids}
-            return (stats["num_requests_running"],
-                    stats["num_total_blocks"] - stats["num_free_blocks"], len(held))
-
-    return server.on_loop(probe)
+    return server.on_loop(lambda: server.engine.inspect(probe))
 
 
 def test_streams_with_disconnects_real_engine(real_server: LiveServer) -> None:

@@ -1,27 +1,59 @@
 """The asynchronous engine for the server: ``generate`` yields per-token outputs, ``abort``
-frees a request's blocks at once, ``stats`` feeds the metrics.
+ends a request's stream at once, ``stats`` feeds /metrics and /health.
 
-Model steps run in a worker thread so the event loop stays responsive. Adds and aborts from the
-event loop are queued and applied between steps, so the engine is only touched by that thread.
+One step thread owns the ``LLMEngine``: nothing else calls it. The event loop only puts adds and
+aborts into an inbox (a thread-safe queue) and wakes the thread; the thread drains the inbox at
+the top of every step, runs ``engine.step()``, publishes a stats snapshot and hands the outputs
+to the per-request asyncio queues with ``loop.call_soon_threadsafe``. So a new request, an abort,
+/health and /metrics never wait for a step (which includes the GPU wait).
+
+A bad request (InvalidRequestError, ContextLengthError from ``engine.add_request``) is rejected
+by the step thread at its next drain and reported through the request's queue, so ``generate``
+raises it before yielding anything, as before.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from fuselm.engine.engine import LLMEngine
+from fuselm.config import EngineConfig
 from fuselm.errors import EngineDeadError, QueueFullError
 from fuselm.outputs import RequestOutput
 from fuselm.sampling_params import SamplingParams
 
+if TYPE_CHECKING:
+    from fuselm.engine.engine import LLMEngine
+
 logger = logging.getLogger(__name__)
+
+_Item = RequestOutput | BaseException
+
+
+@dataclass(frozen=True)
+class _Add:
+    """Inbox command: add a request; failures go to `outputs`."""
+
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams
+    outputs: asyncio.Queue[_Item]
+
+
+@dataclass(frozen=True)
+class _Abort:
+    """Inbox command: end a request and free its KV blocks."""
+
+    request_id: str
 
 
 class AsyncEngine:
-    """Wraps an ``LLMEngine`` with a background step loop on the running event loop."""
+    """Wraps an ``LLMEngine`` with a step thread fed by an inbox (see the module docstring)."""
 
     def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None) -> None:
         self.engine = engine
@@ -31,94 +63,157 @@ class AsyncEngine:
         self.model_name = engine.model_name
         self.max_waiting_requests = (max_waiting_requests if max_waiting_requests is not None
                                      else engine.config.scheduler.max_waiting_requests)
-        self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
-        self._lock = threading.Lock()  # guards the engine between the loop and the step thread
-        self._wakeup: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
+        self._queues: dict[str, asyncio.Queue[_Item]] = {}  # touched on the event loop only
+        self._inbox: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        # Held by the step thread while it touches the engine. The event loop never takes it;
+        # tests that inspect the engine's internals take it for a consistent view.
+        self._lock = threading.Lock()
+        self._snapshot: dict[str, float] = dict(engine.stats())
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         self._stopping = False
         self.dead: BaseException | None = None
 
+    @classmethod
+    def from_config(cls, config: EngineConfig, **kwargs: Any) -> AsyncEngine:
+        """Builds the engine (loads the model, local or distributed executor) and wraps it."""
+        from fuselm.runtime import build_engine
+
+        return cls(build_engine(config), **kwargs)
+
     async def start(self) -> None:
-        """Starts the step loop on the running event loop."""
-        if self._task is None:
-            self._wakeup = asyncio.Event()
-            self._task = asyncio.create_task(self._run())
+        """Starts the step thread, which delivers to the running event loop."""
+        if self._thread is None and not self._stopping:
+            self._loop = asyncio.get_running_loop()
+            self._thread = threading.Thread(target=self._run, name="fuselm-step", daemon=True)
+            self._thread.start()
 
     async def shutdown(self) -> None:
-        """Stops the step loop; requests still in flight end with EngineDeadError."""
+        """Stops the step thread after its current step; requests still in flight end with
+        EngineDeadError."""
         self._stopping = True
-        if self._wakeup is not None:
-            self._wakeup.set()
-        if self._task is not None:
-            await self._task
-            self._task = None
+        self._wakeup.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
 
     def _check_admission(self) -> None:
         if self.dead is not None or self._stopping:
             raise EngineDeadError("the engine is shutting down or has failed")
         bound = self.max_waiting_requests
-        if bound is not None and self.stats()["num_requests_waiting"] >= bound:
+        if bound is None:
+            return
+        if self._snapshot.get("num_requests_waiting", 0) + self._inbox.qsize() >= bound:
             raise QueueFullError(f"more than {bound} requests are waiting; retry later")
 
     async def generate(self, request_id: str, prompt: str | list[int],
                        sampling_params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Adds the request and yields its output after every step that advances it.
+        """Queues the request and yields its output after every step that advances it.
 
-        Raises InvalidRequestError/ContextLengthError before the first yield for bad input.
-        Leaving the iterator early (client gone) aborts the request.
+        Raises InvalidRequestError/ContextLengthError before the first yield for bad input,
+        QueueFullError/EngineDeadError when it can't be queued. Leaving the iterator early
+        (client gone) aborts the request.
         """
         await self.start()
         self._check_admission()
-        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        with self._lock:
-            self.engine.add_request(request_id, prompt, sampling_params)
-        self._queues[request_id] = queue
+        if request_id in self._queues:
+            from fuselm.errors import InvalidRequestError
+
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        outputs: asyncio.Queue[_Item] = asyncio.Queue()
+        # No await between the admission check and the put: a failure of the step thread
+        # (which fails every queue in self._queues on this loop) can't slip in between.
+        self._queues[request_id] = outputs
+        self._inbox.put(_Add(request_id, prompt, sampling_params, outputs))
         self._wakeup.set()
-        finished = False
+        ended = False  # finished, failed or aborted: nothing left to abort
         try:
-            while not finished:
-                item = await queue.get()
+            while not ended:
+                item = await outputs.get()
                 if isinstance(item, BaseException):
+                    ended = True
                     raise item
-                finished = item.finished
+                ended = item.finished
                 yield item
         finally:
-            self._queues.pop(request_id, None)
-            if not finished:
+            if self._queues.get(request_id) is outputs:
+                del self._queues[request_id]
+            if not ended:
                 await self.abort(request_id)
 
     async def abort(self, request_id: str) -> None:
-        """Ends the request and frees its KV blocks now."""
-        with self._lock:
-            self.engine.abort_request(request_id)
-        queue = self._queues.pop(request_id, None)
-        if queue is not None:
-            queue.put_nowait(asyncio.CancelledError(f"request {request_id} aborted"))
+        """Ends the request's stream now; the step thread frees its KV blocks at its next
+        drain (before its next step)."""
+        self._inbox.put(_Abort(request_id))
+        self._wakeup.set()
+        outputs = self._queues.pop(request_id, None)
+        if outputs is not None:
+            outputs.put_nowait(asyncio.CancelledError(f"request {request_id} aborted"))
 
     def stats(self) -> dict[str, float]:
-        """Engine counters for /metrics."""
-        return self.engine.stats()
+        """Engine counters for /metrics: the snapshot the step thread published after its last
+        step or drain (never reads the scheduler, so it never waits for a step)."""
+        return dict(self._snapshot)
 
-    def _locked_step(self) -> list[RequestOutput]:
-        with self._lock:
-            return self.engine.step()
+    # -- the step thread ------------------------------------------------------------------------
 
-    async def _run(self) -> None:
-        assert self._wakeup is not None
+    def _run(self) -> None:
         try:
             while not self._stopping:
-                if not self.engine.has_unfinished_requests():
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
-                outputs = await asyncio.to_thread(self._locked_step)
-                for out in outputs:
-                    queue = self._queues.get(out.request_id)
-                    if queue is not None:
-                        queue.put_nowait(out)
+                self._wakeup.clear()  # before the drain: a later put sets it again
+                with self._lock:
+                    self._drain()
+                    if self._stopping:
+                        break
+                    if not self.engine.has_unfinished_requests():
+                        self._snapshot = dict(self.engine.stats())
+                        busy = False
+                    else:
+                        outputs = self.engine.step()
+                        self._snapshot = dict(self.engine.stats())
+                        busy = True
+                if not busy:
+                    self._wakeup.wait()
+                elif outputs:
+                    self._call_on_loop(self._deliver, outputs)
         except Exception as exc:  # the engine failed: fail every request, refuse new ones
             logger.exception("engine step failed")
             self.dead = exc
         error = EngineDeadError(f"the engine stopped: {self.dead or 'shutdown'}")
-        for queue in self._queues.values():
-            queue.put_nowait(error)
+        self._call_on_loop(self._fail_all, error)
+
+    def _drain(self) -> None:
+        """Applies every queued add and abort, in order (step thread only)."""
+        while True:
+            try:
+                cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(cmd, _Abort):
+                self.engine.abort_request(cmd.request_id)
+                continue
+            try:
+                self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params)
+            except Exception as exc:  # bad input: the caller's generate raises it
+                self._call_on_loop(cmd.outputs.put_nowait, exc)
+
+    def _call_on_loop(self, fn: Any, *args: Any) -> None:
+        if self._loop is None:
+            return
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: nobody is left to tell
+            pass
+
+    # -- on the event loop ----------------------------------------------------------------------
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            target = self._queues.get(out.request_id)
+            if target is not None:
+                target.put_nowait(out)
+
+    def _fail_all(self, error: EngineDeadError) -> None:
+        for target in self._queues.values():
+            target.put_nowait(error)

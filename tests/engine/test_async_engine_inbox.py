@@ -1,0 +1,136 @@
+"""AsyncEngine never makes the event loop wait for a step: with a model step of 2 s, a new
+request's admission, an abort, /health and /metrics each answer within 50 ms."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pytest
+
+from fuselm.engine.async_engine import AsyncEngine
+from fuselm.errors import InvalidRequestError
+from fuselm.outputs import CompletionOutput, RequestOutput
+from fuselm.sampling_params import SamplingParams
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "server"))
+from server_harness import LiveServer  # noqa: E402
+
+STEP_S, LIMIT_S = 2.0, 0.05
+
+
+class SlowEngine:
+    """The face of ``LLMEngine`` whose every step takes ``STEP_S``; records what it was told."""
+
+    def __init__(self) -> None:
+        self.tokenizer = SimpleNamespace(encode=lambda text, **kw: [1] * len(text), vocab_size=10,
+                                         decode=lambda ids, **kw: "x" * len(ids))
+        self.model_config = SimpleNamespace(vocab_size=10)
+        self.max_model_len, self.model_name = 64, "slow"
+        self.config = SimpleNamespace(scheduler=SimpleNamespace(max_waiting_requests=None))
+        self.live: dict[str, int] = {}  # request id -> tokens generated
+        self.added: list[tuple[str, float]] = []
+        self.aborted: list[str] = []
+        self.stepping = threading.Event()
+
+    def add_request(self, request_id, prompt, params) -> None:
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        self.added.append((request_id, time.monotonic()))
+        self.live[request_id] = 0
+
+    def abort_request(self, request_id):
+        self.aborted.append(request_id)
+        self.live.pop(request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.live)
+
+    def step(self) -> list[RequestOutput]:
+        self.stepping.set()
+        time.sleep(STEP_S)
+        self.stepping.clear()
+        outs = []
+        for rid in list(self.live):
+            self.live[rid] += 1
+            done = self.live[rid] >= 3
+            outs.append(RequestOutput(rid, None, [1], [CompletionOutput(
+                index=0, text="x" * self.live[rid], token_ids=[7] * self.live[rid],
+                finish_reason="length" if done else None)], done))
+            if done:
+                del self.live[rid]
+        return outs
+
+    def stats(self) -> dict[str, float]:
+        return {"num_requests_running": len(self.live), "num_requests_waiting": 0,
+                "kv_cache_usage_perc": 0.0, "num_preemptions_total": 0,
+                "prompt_tokens_total": 0, "generation_tokens_total": 0}
+
+
+async def _wait_for_step(core: SlowEngine) -> None:
+    while not core.stepping.is_set():
+        await asyncio.sleep(0.005)
+
+
+async def _consume(agen) -> list[RequestOutput]:
+    return [out async for out in agen]
+
+
+def test_admission_and_abort_do_not_wait_for_the_step():
+    async def main() -> None:
+        core = SlowEngine()
+        engine = AsyncEngine(core)  # type: ignore[arg-type]
+        params = SamplingParams(max_tokens=3)
+        first = asyncio.create_task(_consume(engine.generate("a", "hello", params)))
+        await _wait_for_step(core)
+        start = time.monotonic()
+        second = engine.generate("b", "hi", params)
+        pending = asyncio.create_task(second.__anext__())
+        while engine.num_inbox == 0:  # admitted: queued for the step thread
+            await asyncio.sleep(0.001)
+        admitted = time.monotonic() - start
+        start = time.monotonic()
+        await engine.abort("a")
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        aborted = time.monotonic() - start
+        assert admitted < LIMIT_S and aborted < LIMIT_S, (admitted, aborted)
+        assert core.stepping.is_set(), "the step was over before the checks: nothing measured"
+        out = await pending  # b's first output comes from the step after the drain
+        assert out.request_id == "b" and core.aborted == ["a"]
+        assert core.added[1][0] == "b"
+        await _consume(second)
+        with pytest.raises(InvalidRequestError):  # refused by the engine, before any output
+            await _consume(engine.generate("c", "", params))
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_health_and_metrics_answer_during_a_step():
+    from fuselm.server.api import build_app
+
+    core = SlowEngine()
+    engine = AsyncEngine(core)  # type: ignore[arg-type]
+    with LiveServer(build_app(engine)) as server, httpx.Client(base_url=server.url) as client:
+        stream = threading.Thread(target=lambda: client.post(
+            "/v1/completions", json={"model": "slow", "prompt": [1, 2, 3], "max_tokens": 3},
+            timeout=30), daemon=True)
+        stream.start()
+        deadline = time.monotonic() + 10
+        while not core.stepping.is_set() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert core.stepping.is_set()
+        for path in ("/health", "/metrics"):
+            start = time.monotonic()
+            response = client.get(path)
+            elapsed = time.monotonic() - start
+            assert response.status_code == 200, (path, response.text)
+            assert elapsed < LIMIT_S, (path, elapsed)
+        assert core.stepping.is_set(), "the step was over before the checks: nothing measured"
+        stream.join(30)
