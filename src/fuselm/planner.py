@@ -510,7 +510,7 @@ def options_from_args(args: argparse.Namespace) -> PlanOptions:
 
 def format_plan(plan: Plan, show_all: bool = False) -> str:
     """The plan as a text table, recommended layout marked with '*'."""
-    from fuselm.bench.report import format_table
+    from fuselm.tables import format_table
 
     o = plan.options
     head = (f"{plan.model}: {plan.num_params / 1e9:.2f}B params, {plan.weight_gb:.1f} GB"
@@ -551,7 +551,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(format_plan(plan, show_all=args.all or layouts is not None))
     result = plan.to_dict()
     if args.output_json:
-        from fuselm.bench.report import write_json
+        from fuselm.tables import write_json
 
         write_json(args.output_json, result)
     return result

@@ -253,7 +253,7 @@ def run_ncu(args: argparse.Namespace, top_names: list[str]) -> dict[str, Any]:
 
 
 def _table(summary: dict[str, Any]) -> str:
-    from fuselm.bench.report import format_table
+    from fuselm.tables import format_table
 
     rows = [{"kernel" if summary["device"] == "cuda" else "op": k["name"][:70], "calls": k["calls"],
              "total ms": k["total_us"] / 1e3, "ms/step": k["per_step_us"] / 1e3,

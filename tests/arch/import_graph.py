@@ -99,3 +99,26 @@ def forbidden_edges(graph: dict[str, set[str]], lower: set[str],
                     upper: set[str]) -> list[tuple[str, str]]:
     """Edges from a ``lower`` unit into an ``upper`` one."""
     return sorted((a, b) for a in lower for b in graph.get(a, ()) if b in upper)
+
+
+def private_imports_across_units(root: Path, top: str) -> list[tuple[str, str]]:
+    """(importing module, imported name) for every private name (a leading underscore, at any
+    level of the dotted path) that one unit imports from another."""
+    found = []
+    for path in sorted((root / top).rglob("*.py")):
+        module = module_name(root, path)
+        src = unit_of(module, top)
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                parts = name.split(".")
+                if (unit_of(name, top) not in (None, src)
+                        and any(p.startswith("_") and not p.startswith("__") for p in parts)):
+                    found.append((module, name))
+    return sorted(found)

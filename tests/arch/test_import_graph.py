@@ -12,7 +12,8 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 # Bottom to top; a unit may import its own rank and below. Tools sit beside the stack and may
 # import everything below them; the CLI dispatches to all of it.
 RANKS: list[set[str]] = [
-    {"config", "errors", "forward_batch", "sampling_params", "outputs", "envs", "cli_args"},
+    {"config", "errors", "forward_batch", "sampling_params", "outputs", "envs", "cli_args",
+     "tables"},
     {"kernels"},
     {"parallel"},
     {"layers"},
@@ -22,7 +23,8 @@ RANKS: list[set[str]] = [
     {"distributed"},
     {"runtime"},
     {"server", "llm"},
-    {"bench", "profiling", "planner", "planner_hardware"},
+    {"planner", "planner_hardware"},
+    {"bench", "profiling"},
     {"cli", "__main__"},
 ]
 
