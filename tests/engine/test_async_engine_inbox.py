@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from fuselm.engine.async_engine import AsyncEngine
-from fuselm.errors import InvalidRequestError
+from fuselm.errors import EngineDeadError, InvalidRequestError, QueueFullError
 from fuselm.outputs import CompletionOutput, RequestOutput
 from fuselm.sampling_params import SamplingParams
 
@@ -134,3 +134,86 @@ def test_health_and_metrics_answer_during_a_step():
             assert elapsed < LIMIT_S, (path, elapsed)
         assert core.stepping.is_set(), "the step was over before the checks: nothing measured"
         stream.join(30)
+
+
+class QuickEngine(SlowEngine):
+    """`SlowEngine` with a short step that can fail at step `fail_on_step` (1-based)."""
+
+    def __init__(self, step_s: float = 0.05, fail_on_step: int = 0,
+                 max_waiting_requests: int | None = None) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(
+            scheduler=SimpleNamespace(max_waiting_requests=max_waiting_requests))
+        self.step_s, self.fail_on_step, self.num_steps = step_s, fail_on_step, 0
+        self.threads: set[str] = set()  # threads that called add/abort/step
+
+    def add_request(self, request_id, prompt, params) -> None:
+        self.threads.add(threading.current_thread().name)
+        super().add_request(request_id, prompt, params)
+
+    def step(self) -> list[RequestOutput]:
+        self.threads.add(threading.current_thread().name)
+        self.num_steps += 1
+        self.stepping.set()
+        time.sleep(self.step_s)
+        if self.num_steps == self.fail_on_step:
+            raise RuntimeError("the GPU fell off the bus")
+        self.stepping.clear()
+        live = list(self.live)
+        for rid in live:
+            self.live[rid] += 1
+        outs = [RequestOutput(rid, None, [1], [CompletionOutput(0, "x", [7])], False)
+                for rid in live]
+        return outs
+
+
+def test_waiting_bound_counts_the_inbox():
+    async def main() -> None:
+        core = QuickEngine(step_s=0.5, max_waiting_requests=1)
+        engine = AsyncEngine(core)  # type: ignore[arg-type]
+        first = engine.generate("a", "x", SamplingParams())
+        task = asyncio.create_task(first.__anext__())
+        await _wait_for_step(core)
+        second = engine.generate("b", "x", SamplingParams())
+        pending = asyncio.create_task(second.__anext__())
+        while engine.num_inbox == 0:
+            await asyncio.sleep(0.001)
+        with pytest.raises(QueueFullError):
+            await _consume(engine.generate("c", "x", SamplingParams()))
+        await asyncio.wait_for(asyncio.gather(task, pending), 10)
+        assert core.threads == {"fuselm-step"}  # the loop never called the engine
+        await first.aclose()
+        await second.aclose()
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_failed_step_fails_every_request_and_refuses_new_ones():
+    async def main() -> None:
+        engine = AsyncEngine(QuickEngine(fail_on_step=2))  # type: ignore[arg-type]
+        tasks = [asyncio.create_task(_consume(engine.generate(f"r{i}", "x", SamplingParams())))
+                 for i in range(3)]
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+        assert all(isinstance(r, EngineDeadError) for r in results), results
+        assert isinstance(engine.dead, RuntimeError)
+        with pytest.raises(EngineDeadError):
+            await _consume(engine.generate("late", "x", SamplingParams()))
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_shutdown_ends_streams_in_flight_and_inspect_sees_the_engine():
+    async def main() -> None:
+        core = QuickEngine(step_s=0.2)
+        engine = AsyncEngine(core)  # type: ignore[arg-type]
+        task = asyncio.create_task(_consume(engine.generate("a", "x", SamplingParams())))
+        await _wait_for_step(core)
+        assert await engine.inspect(lambda c: sorted(c.live)) == ["a"]
+        assert engine.stats()["num_requests_running"] in (0, 1)  # a snapshot, no waiting
+        await asyncio.wait_for(engine.shutdown(), 5)
+        with pytest.raises(EngineDeadError):
+            await asyncio.wait_for(task, 5)
+
+    asyncio.run(main())

@@ -18,12 +18,12 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fuselm.config import EngineConfig
-from fuselm.errors import EngineDeadError, QueueFullError
+from fuselm.errors import EngineDeadError, InvalidRequestError, QueueFullError
 from fuselm.outputs import RequestOutput
 from fuselm.sampling_params import SamplingParams
 
@@ -52,6 +52,14 @@ class _Abort:
     request_id: str
 
 
+@dataclass(frozen=True)
+class _Inspect:
+    """Inbox command: run `fn(engine)` between two steps; its result goes to `result`."""
+
+    fn: Callable[[Any], Any]
+    result: asyncio.Future[Any]
+
+
 class AsyncEngine:
     """Wraps an ``LLMEngine`` with a step thread fed by an inbox (see the module docstring)."""
 
@@ -64,11 +72,8 @@ class AsyncEngine:
         self.max_waiting_requests = (max_waiting_requests if max_waiting_requests is not None
                                      else engine.config.scheduler.max_waiting_requests)
         self._queues: dict[str, asyncio.Queue[_Item]] = {}  # touched on the event loop only
-        self._inbox: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Add | _Abort | _Inspect] = queue.SimpleQueue()
         self._wakeup = threading.Event()
-        # Held by the step thread while it touches the engine. The event loop never takes it;
-        # tests that inspect the engine's internals take it for a consistent view.
-        self._lock = threading.Lock()
         self._snapshot: dict[str, float] = dict(engine.stats())
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -104,7 +109,7 @@ class AsyncEngine:
         bound = self.max_waiting_requests
         if bound is None:
             return
-        if self._snapshot.get("num_requests_waiting", 0) + self._inbox.qsize() >= bound:
+        if self._snapshot.get("num_requests_waiting", 0) + self.num_inbox >= bound:
             raise QueueFullError(f"more than {bound} requests are waiting; retry later")
 
     async def generate(self, request_id: str, prompt: str | list[int],
@@ -118,8 +123,6 @@ class AsyncEngine:
         await self.start()
         self._check_admission()
         if request_id in self._queues:
-            from fuselm.errors import InvalidRequestError
-
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         outputs: asyncio.Queue[_Item] = asyncio.Queue()
         # No await between the admission check and the put: a failure of the step thread
@@ -151,6 +154,21 @@ class AsyncEngine:
         if outputs is not None:
             outputs.put_nowait(asyncio.CancelledError(f"request {request_id} aborted"))
 
+    @property
+    def num_inbox(self) -> int:
+        """Commands (adds, aborts, probes) queued for the step thread's next drain."""
+        return self._inbox.qsize()
+
+    async def inspect(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """Runs ``fn(engine)`` on the step thread between two steps (a consistent view of the
+        scheduler and the block manager, for tests and debugging) and returns its result."""
+        if self._thread is None or not self._thread.is_alive():
+            return fn(self.engine)  # no step thread: nothing else touches the engine
+        result: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._inbox.put(_Inspect(fn, result))
+        self._wakeup.set()
+        return await result
+
     def stats(self) -> dict[str, float]:
         """Engine counters for /metrics: the snapshot the step thread published after its last
         step or drain (never reads the scheduler, so it never waits for a step)."""
@@ -162,25 +180,28 @@ class AsyncEngine:
         try:
             while not self._stopping:
                 self._wakeup.clear()  # before the drain: a later put sets it again
-                with self._lock:
-                    self._drain()
-                    if self._stopping:
-                        break
-                    if not self.engine.has_unfinished_requests():
-                        self._snapshot = dict(self.engine.stats())
-                        busy = False
-                    else:
-                        outputs = self.engine.step()
-                        self._snapshot = dict(self.engine.stats())
-                        busy = True
-                if not busy:
+                self._drain()
+                if self._stopping:
+                    break
+                if not self.engine.has_unfinished_requests():
+                    self._snapshot = dict(self.engine.stats())
                     self._wakeup.wait()
-                elif outputs:
+                    continue
+                outputs = self.engine.step()
+                self._snapshot = dict(self.engine.stats())
+                if outputs:
                     self._call_on_loop(self._deliver, outputs)
         except Exception as exc:  # the engine failed: fail every request, refuse new ones
             logger.exception("engine step failed")
             self.dead = exc
         error = EngineDeadError(f"the engine stopped: {self.dead or 'shutdown'}")
+        while True:  # probes left in the inbox get the error (adds get it through their queues)
+            try:
+                cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(cmd, _Inspect):
+                self._call_on_loop(_settle, cmd.result, None, error)
         self._call_on_loop(self._fail_all, error)
 
     def _drain(self) -> None:
@@ -193,10 +214,21 @@ class AsyncEngine:
             if isinstance(cmd, _Abort):
                 self.engine.abort_request(cmd.request_id)
                 continue
+            if isinstance(cmd, _Inspect):
+                self._run_probe(cmd)
+                continue
             try:
                 self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params)
             except Exception as exc:  # bad input: the caller's generate raises it
                 self._call_on_loop(cmd.outputs.put_nowait, exc)
+
+    def _run_probe(self, cmd: _Inspect) -> None:
+        try:
+            value = cmd.fn(self.engine)
+        except Exception as exc:  # the probe's failure is its caller's, not the engine's
+            self._call_on_loop(_settle, cmd.result, None, exc)
+        else:
+            self._call_on_loop(_settle, cmd.result, value, None)
 
     def _call_on_loop(self, fn: Any, *args: Any) -> None:
         if self._loop is None:
@@ -217,3 +249,12 @@ class AsyncEngine:
     def _fail_all(self, error: EngineDeadError) -> None:
         for target in self._queues.values():
             target.put_nowait(error)
+
+
+def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller gave up waiting
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
