@@ -184,7 +184,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fuselm`` console script."""
-    args = build_parser(argv).parse_args(argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if "engine.seed" in vars(args):
+        try:  # bad flag values fail here, before any weight loads
+            engine_config_from_args(args)
+        except ValueError as exc:
+            parser.error(str(exc))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if "engine.seed" in vars(args) and envs.launcher_rank() > 0:

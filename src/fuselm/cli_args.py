@@ -11,7 +11,7 @@ import typing
 from functools import cache
 from typing import Any
 
-from fuselm.config import CONFIG_SECTIONS, EngineConfig
+from fuselm.config import CONFIG_SECTIONS, EngineConfig, literal_choices
 
 _SKIP = {"model", "cache", "scheduler", "parallel"}
 
@@ -30,6 +30,8 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def _add_fields(group: argparse._ArgumentGroup, cls: type, prefix: str) -> None:
+    """One flag per field of `cls`: ``--field-name FIELD_NAME``, its docstring as help, the
+    values of a ``Literal`` type as choices, booleans as ``--x/--no-x``."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
@@ -37,18 +39,27 @@ def _add_fields(group: argparse._ArgumentGroup, cls: type, prefix: str) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
-        kwargs: dict[str, Any] = {"dest": f"{prefix}{f.name}", "default": default,
-                                  "help": f"{docs.get(f.name, '')} (default: {default})"}
+        help_text = docs.get(f.name, "")
         hint = hints[f.name]
+        kwargs: dict[str, Any] = {"dest": f"{prefix}{f.name}", "default": default}
+        notes = []
         if hint is bool or set(typing.get_args(hint)) == {bool, type(None)}:
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif "dict" in str(hint):
-            kwargs["type"] = json.loads
         else:
-            base = next((t for t in (int, float, str) if t in typing.get_args(hint) or t is hint),
-                        str)
-            kwargs["type"] = base
-        group.add_argument(flag, **kwargs)
+            kwargs["metavar"] = f.name.upper()
+            if choices := literal_choices(hint):
+                kwargs["choices"] = choices
+                notes.append(f"choices: {', '.join(choices)}")
+            if "dict" in str(hint):
+                kwargs["type"] = json.loads
+            else:
+                kwargs["type"] = next((t for t in (int, float, str)
+                                       if t in typing.get_args(hint) or t is hint), str)
+        if default is not None:  # unset (None) is described by the field's docstring
+            notes.append(f"default: {default}")
+        if notes:
+            help_text += f" ({'; '.join(notes)})"
+        group.add_argument(flag, help=help_text.replace("%", "%%"), **kwargs)
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, model_positional: bool = False) -> None:

@@ -1,10 +1,17 @@
-"""Frozen configuration dataclasses: model, cache, scheduler, parallelism, engine."""
+"""Frozen configuration dataclasses: model, cache, scheduler, parallelism, engine.
+
+The engine's sections validate themselves in ``__post_init__`` (ValueError naming the CLI flag),
+so a bad value fails before any weight loads. Enumerated fields are ``Literal`` types; the CLI
+(``cli_args``) turns them into argparse ``choices``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import re
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from fuselm.errors import UnsupportedModelError
 
@@ -13,6 +20,49 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "llama",
 }
+"""Hugging Face architecture name -> fuselm model family (the one list of what fuselm runs)."""
+
+DType = Literal["auto", "float32", "float16", "bfloat16", "float", "half"]
+KernelBackend = Literal["auto", "reference", "triton", "cuda"]
+LoadFormat = Literal["auto", "dummy"]
+MAX_BLOCK_SIZE = 256
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check(ok: bool, name: str, value: Any, requirement: str) -> None:
+    """Raises ValueError naming the flag of field `name` unless `ok`."""
+    if not ok:
+        raise ValueError(f"{_flag(name)} must be {requirement}, got {value!r}")
+
+
+def _check_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    _check(is_int and value >= minimum, name, value, f"an integer >= {minimum}"
+           + (" (or unset)" if optional else ""))
+
+
+def _check_choices(obj: Any) -> None:
+    """Checks every ``Literal`` field of the dataclass `obj` against its choices."""
+    for name, hint in typing.get_type_hints(type(obj)).items():
+        choices = literal_choices(hint)
+        if choices and getattr(obj, name) not in choices:
+            _check(False, name, getattr(obj, name), f"one of {', '.join(choices)}")
+
+
+def literal_choices(hint: Any) -> tuple[str, ...]:
+    """The values of a ``Literal`` type (also inside ``X | None``); () for other types."""
+    if typing.get_origin(hint) is Literal:
+        return tuple(typing.get_args(hint))
+    for arg in typing.get_args(hint):
+        if typing.get_origin(arg) is Literal:
+            return tuple(typing.get_args(arg))
+    return ()
 
 
 @dataclass(frozen=True)
@@ -124,6 +174,18 @@ class CacheConfig:
     cpu_kv_cache_gib: float = 1.0
     """KV cache size on CPU when num_gpu_blocks is not given."""
 
+    def __post_init__(self) -> None:
+        bs = self.block_size
+        _check_int("block_size", bs, 1)
+        _check(bs <= MAX_BLOCK_SIZE and bs & (bs - 1) == 0, "block_size", bs,
+               f"a power of 2 from 1 to {MAX_BLOCK_SIZE}")
+        util = self.gpu_memory_utilization
+        _check(isinstance(util, int | float) and 0 < util <= 1, "gpu_memory_utilization", util,
+               "in (0, 1]")
+        _check_int("num_gpu_blocks", self.num_gpu_blocks, 1, optional=True)
+        gib = self.cpu_kv_cache_gib
+        _check(isinstance(gib, int | float) and gib > 0, "cpu_kv_cache_gib", gib, "> 0")
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -139,6 +201,15 @@ class SchedulerConfig:
     """Split long prompts across steps so that decodes never stall."""
     max_waiting_requests: int | None = None
     """Bound of the waiting queue (the server answers 429 beyond it); None is unbounded."""
+
+    def __post_init__(self) -> None:
+        # vLLM also requires max_num_batched_tokens >= max_num_seqs; fuselm does not: with
+        # chunked prefill a small token budget only makes steps smaller, and the builder checks
+        # max_num_batched_tokens >= max_model_len when chunked prefill is off.
+        _check_int("max_num_seqs", self.max_num_seqs, 1)
+        _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
+        _check_int("max_model_len", self.max_model_len, 1, optional=True)
+        _check_int("max_waiting_requests", self.max_waiting_requests, 1, optional=True)
 
 
 @dataclass(frozen=True)
@@ -158,6 +229,21 @@ class ParallelConfig:
     RMSNorm that follows) for decode-sized tensor-parallel messages instead of NCCL; None: on
     wherever it can work (CUDA, the TP ranks on one host); False: NCCL only."""
 
+    def __post_init__(self) -> None:
+        _check_int("tensor_parallel_size", self.tensor_parallel_size, 1)
+        _check_int("pipeline_parallel_size", self.pipeline_parallel_size, 1)
+        timeout = self.distributed_timeout
+        _check(isinstance(timeout, int | float) and timeout > 0, "distributed_timeout", timeout,
+               "> 0 seconds")
+        partition = self.pipeline_layer_partition
+        if partition is not None:
+            parts = partition.split(",") if isinstance(partition, str) else []
+            ok = (len(parts) == self.pipeline_parallel_size
+                  and all(p.strip().isdigit() and int(p) >= 1 for p in parts))
+            _check(ok, "pipeline_layer_partition", partition,
+                   f"{self.pipeline_parallel_size} positive layer counts, comma-separated "
+                   "(one per pipeline stage)")
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -165,12 +251,13 @@ class EngineConfig:
 
     model: str | None = None
     """Hugging Face directory or .gguf file; None is the default model."""
-    dtype: str = "auto"
-    """auto (bf16 on GPU, float32 on CPU), float32, float16, bfloat16."""
+    dtype: DType = "auto"
+    """auto (bf16 on GPU, float32 on CPU), float32, float16, bfloat16 (float and half are
+    aliases)."""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N."""
-    kernel_backend: str = "auto"
-    """reference | triton | cuda | auto."""
+    kernel_backend: KernelBackend = "auto"
+    """auto (the fastest that runs on the device), reference (plain PyTorch), triton, cuda."""
     enforce_eager: bool = False
     """Disable CUDA graphs."""
     async_scheduling: bool | None = None
@@ -178,13 +265,25 @@ class EngineConfig:
     with the GPU; single process only). Unset: on for CUDA devices, off on CPU."""
     seed: int = 0
     """Seed of the default random generator."""
-    load_format: str = "auto"
+    load_format: LoadFormat = "auto"
     """auto (from the checkpoint) or dummy (random weights, for benchmarks)."""
     hf_overrides: dict[str, Any] = field(default_factory=dict)
     """Config dict entries to override."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        _check(isinstance(self.device, str) and _DEVICE.fullmatch(self.device) is not None,
+               "device", self.device, "auto, cpu, cuda or cuda:N")
+        _check_int("seed", self.seed, 0)
+        _check(isinstance(self.hf_overrides, dict), "hf_overrides", self.hf_overrides,
+               "a JSON object")
+        for name, cls in CONFIG_SECTIONS.items():
+            if not isinstance(getattr(self, name), cls):
+                raise TypeError(f"EngineConfig.{name} must be a {cls.__name__}, "
+                                f"got {type(getattr(self, name)).__name__}")
 
 
 CONFIG_SECTIONS: dict[str, type] = {
