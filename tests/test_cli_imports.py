@@ -46,3 +46,16 @@ def test_selected_subcommand_still_gets_its_flags():
     proc = subprocess.run([sys.executable, "-m", "fuselm", "plan", "--help"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "--gpu" in proc.stdout
+
+
+def test_missing_optional_package_is_a_clear_error():
+    """`fuselm serve` without FastAPI: listed in --help, and a clear error when selected."""
+    code = ("import sys; sys.modules['fastapi'] = None; sys.argv = ['fuselm', *sys.argv[1:]]\n"
+            "from fuselm.cli import main; raise SystemExit(main())")
+    listed = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert listed.returncode == 0 and "serve" in listed.stdout
+    proc = subprocess.run([sys.executable, "-c", code, "serve", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "fuselm serve" in proc.stderr and "fastapi" in proc.stderr, proc.stderr
