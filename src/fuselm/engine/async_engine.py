@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fuselm.config import EngineConfig
 from fuselm.errors import EngineDeadError, InvalidRequestError, QueueFullError
 from fuselm.outputs import RequestOutput
 from fuselm.sampling_params import SamplingParams
@@ -79,13 +78,6 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.dead: BaseException | None = None
-
-    @classmethod
-    def from_config(cls, config: EngineConfig, **kwargs: Any) -> AsyncEngine:
-        """Builds the engine (loads the model, local or distributed executor) and wraps it."""
-        from fuselm.runtime import build_engine
-
-        return cls(build_engine(config), **kwargs)
 
     async def start(self) -> None:
         """Starts the step thread, which delivers to the running event loop."""
