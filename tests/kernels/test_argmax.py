@@ -163,26 +163,6 @@ def test_greedy_argmax_keeps_torch_on_cpu(monkeypatch):
     assert am.greedy_argmax(x[:, ::2]).tolist() == torch.argmax(x[:, ::2], dim=-1).tolist()
 
 
-@pytest.fixture
-def fresh_argmax_choice():
-    """The env switch is read once per process: re-read it around a test that sets it."""
-    am.triton_chosen.cache_clear()
-    yield
-    am.triton_chosen.cache_clear()
-
-
-def test_greedy_argmax_backend_switch(monkeypatch, fresh_argmax_choice):
-    from fuselm import envs
-
-    monkeypatch.setenv("FUSELM_GREEDY_ARGMAX", "torch")
-    assert envs.greedy_argmax_backend() == "torch"
-    assert not am.triton_chosen()
-    am.triton_chosen.cache_clear()
-    monkeypatch.setenv("FUSELM_GREEDY_ARGMAX", "cub")
-    with pytest.raises(ValueError, match="FUSELM_GREEDY_ARGMAX"):
-        am.triton_chosen()
-
-
 # ---- GPU ------------------------------------------------------------------------------------
 
 
@@ -202,15 +182,11 @@ def test_gpu_vocab(dtype, num_rows):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_gpu_greedy_argmax_uses_triton(monkeypatch, fresh_argmax_choice, dtype):
+def test_gpu_greedy_argmax_uses_triton(monkeypatch, dtype):
     calls = []
     op = am._TRITON_OP
     monkeypatch.setattr(am, "_TRITON_OP", lambda x: calls.append(x) or op(x))
     x = torch.randn(1, 128256, dtype=dtype, device=DEVICE)
-    assert am.greedy_argmax(x).tolist() == torch.argmax(x, dim=-1).tolist()
-    assert len(calls) == 1
-    monkeypatch.setenv("FUSELM_GREEDY_ARGMAX", "torch")  # the A/B switch: torch.argmax
-    am.triton_chosen.cache_clear()
     assert am.greedy_argmax(x).tolist() == torch.argmax(x, dim=-1).tolist()
     assert len(calls) == 1
 

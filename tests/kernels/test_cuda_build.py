@@ -151,19 +151,6 @@ consts = dict(HAS_BIAS=False, BLOCK_N=1, BLOCK_K=4096, EVEN_N=True, EVEN_K=True,
 check_pdl("gemv", build(gv._gemv_kernel, sig, consts, 8), prefetch=True)
 check_pdl("gemv no prefetch", build(gv._gemv_kernel, sig, {**consts, "PREFETCH": False}, 8))
 check_pdl("gemv gated", build(gv._gemv_kernel, sig, {**consts, "GATED": True}, 8), prefetch=True)
-from fuselm.kernels import gemv_rope_kv as gr
-
-rope_names = ("x_ptr w_ptr b_ptr out_ptr pos_ptr cos_sin_ptr kc_ptr vc_ptr slot_ptr num_pairs K "
-              "x_stride w_stride out_stride cos_sin_stride num_heads num_kv_heads block_size "
-              "kc_block_stride kc_slot_stride kc_head_stride vc_block_stride vc_slot_stride "
-              "vc_head_stride").split()
-rope_types = [bf, bf, bf, bf, "*i64", "*fp32", bf, bf, "*i64"] + ["i32"] * 15
-for prefetch in (True, False):
-    ptx = build(gr._gemv_rope_kv_kernel, dict(zip(rope_names, rope_types)),
-                dict(HALF=64, HAS_BIAS=True, BLOCK_N=1, BLOCK_K=4096, EVEN_N=True, EVEN_K=True,
-                     NUM_STAGES=1, PREFETCH=prefetch, USE_PDL=True), 8,
-                ("num_heads", "num_kv_heads", "block_size"))
-    check_pdl(f"gemv_rope_kv prefetch={prefetch}", ptx, prefetch=prefetch)
 sig = dict(x_ptr=bf, residual_ptr=bf, w_ptr=bf, out_ptr=bf, num_rows="i32", hidden="i32",
            x_stride="i32", residual_stride="i32", out_stride="i32", eps="fp32")
 consts = dict(BLOCK=4096, ROWS=1, ADD_RESIDUAL=True, ONE_PASS=True, NUM_CHUNKS=1, USE_PDL=True)

@@ -239,15 +239,13 @@ def test_llama_mlp_single_row_takes_the_fused_kernel():
 
 @pytest.mark.skipif("triton" not in available_backends("gemv"), reason="needs triton")
 def test_selectors_follow_the_table_under_auto(monkeypatch):
-    """The three batch-1 selectors on a CUDA device (none is touched): ``auto`` takes Triton
+    """The two batch-1 selectors on a CUDA device (none is touched): ``auto`` takes Triton
     exactly where the table's bucket for that weight says so, ``triton`` always where the
     weight fits, other backends never."""
     from fuselm.kernels import _registry
-    from fuselm.kernels import gemv_rope_kv as gr
 
     cuda = torch.device("cuda", 0)
-    table = {"n64_k32": "triton", "n96_k32": "triton", "gated_n32_k32": "triton",
-             "rope_n48_k32": "triton"}
+    table = {"n64_k32": "triton", "n96_k32": "triton", "gated_n32_k32": "triton"}
     monkeypatch.setattr(_registry, "tuned_backend", lambda op, dev, bucket: table.get(bucket))
     w64, w48 = torch.empty(64, 32), torch.empty(48, 32)
     assert gv.select_gemv("auto", w64, cuda) is torch.ops.fuselm.gemv.default
@@ -260,17 +258,5 @@ def test_selectors_follow_the_table_under_auto(monkeypatch):
     assert gv.select_gemv_silu_mul("auto", torch.empty(96, 32), cuda) is None
     assert gv.select_gemv_silu_mul("triton", w48[:47], cuda) is None  # odd rows
     assert gv.select_gemv_silu_mul("auto", torch.empty(64), cuda) is None  # not 2-D
-    rope_op = torch.ops.fuselm.gemv_rope_kv.default
-    assert gr.select_gemv_rope_kv("auto", w48, cuda, 16, 16) is rope_op
-    assert gr.select_gemv_rope_kv("auto", w64, cuda, 16, 16) is None  # rope_n64_k32: no entry
-    assert gr.select_gemv_rope_kv("triton", w64, cuda, 8, 16) is None  # partial rotary
-    assert gr.select_gemv_rope_kv("triton", w64, cuda, 15, 15) is None  # odd head
 
 
-def test_rope_config_halves_the_plain_rows():
-    from fuselm.kernels import gemv_rope_kv as gr
-
-    plain = gv.default_config(6144, 4096)
-    rope = gr.rope_config(6144, 4096, torch.device("cpu"))
-    assert rope.block_n == max(1, plain.block_n // 2)
-    assert rope.block_k == plain.block_k

@@ -61,8 +61,8 @@ CASES = {
     "gqa7_prefix": ([20, 3], [25, 0], 7, 1, 64, 32, None),
     "gqa8_hd128_bn32": ([33], [50], 8, 1, 128, 16, PrefillConfig(64, 32, 4, 1)),
     "hd80_empty_seq": ([9, 0, 18], [5, 10, 0], 2, 2, 80, 16, None),
-    "tma_one_head_per_prog": ([40, 1, 7], [0, 37, 16], 4, 2, 64, 16,
-                              PrefillConfig(16, 16, 4, 1, max_heads_per_prog=1, use_tma=True)),
+    "one_head_per_prog": ([40, 1, 7], [0, 37, 16], 4, 2, 64, 16,
+                          PrefillConfig(16, 16, 4, 1, max_heads_per_prog=1)),
     # The sweep's switches (prefix, unmasked and diagonal tiles, two heads a program):
     "fold_scale": ([40, 1, 7], [0, 37, 16], 8, 2, 64, 16, PrefillConfig(32, 16, 4, 1,
                                                                         fold_scale=True)),
@@ -71,9 +71,7 @@ CASES = {
     "lean_edges_hd80": ([9, 0, 18], [5, 10, 0], 2, 2, 80, 16, PrefillConfig(16, 16, 4, 1,
                                                                             lean_edges=True)),
     "all_switches": ([40, 1, 7], [0, 37, 16], 8, 2, 64, 16, PrefillConfig(
-        32, 16, 4, 1, fold_scale=True, narrow_offsets=True, lean_edges=True, lazy_rescale=True)),
-    "lazy_tma": ([40, 1, 7], [0, 37, 16], 4, 2, 64, 16, PrefillConfig(
-        16, 16, 4, 1, max_heads_per_prog=1, use_tma=True, lean_edges=True, lazy_rescale=True)),
+        32, 16, 4, 1, fold_scale=True, narrow_offsets=True, lean_edges=True)),
 }
 
 
@@ -89,48 +87,17 @@ def test_prefill_triton_matches_reference(case, dtype):
     assert_close(actual, expected, name=case)
 
 
-def ramp_keys(args, q_lens, ctx_lens, block_size, growth: float):
-    """Scales the keys at position t of each sequence by 1 + growth * t (cache and new tokens),
-    so that later key tiles hold larger scores: the running max keeps growing."""
-    q, k, v, key_cache, value_cache, qsl, seq_lens, block_tables, scale = args
-    key_cache, k = key_cache.clone(), k.clone()
-    for b, (q_len, ctx) in enumerate(zip(q_lens, ctx_lens, strict=True)):
-        pos = torch.arange(ctx + q_len)
-        blocks = block_tables[b, pos // block_size].long()
-        ramp = (1 + growth * pos).to(k.dtype)[:, None, None]
-        key_cache[blocks, pos % block_size] *= ramp
-        k[int(qsl[b]) : int(qsl[b + 1])] *= ramp[ctx:]
-    return q, k, v, key_cache, value_cache, qsl, seq_lens, block_tables, scale
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_prefill_lazy_rescale_when_the_max_grows(dtype):
-    """Scores that grow along the keys: the lazy branch rescales mid-sequence (in the prefix,
-    the unmasked and the diagonal tiles), and stays exact in between."""
-    q_lens, ctx_lens, block_size = [48, 5], [32, 20], 16
-    args = ramp_keys(make_inputs(q_lens, ctx_lens, 4, 2, 64, block_size, dtype), q_lens,
-                     ctx_lens, block_size, growth=0.15)
-    # Precondition: some row's max grows by more than 2^8 after its first 16-key tile.
-    q0, keys = args[0][:48, 0].float(), args[3][args[7][0, :5].long()].flatten(0, 1)[:80, 0]
-    logits = q0 @ keys.float().T * args[-1] * 1.4426950408889634  # [48, 80]: log2 domain
-    assert (logits.max(dim=1).values - logits[:, :16].max(dim=1).values).max() > 8
-    cfg = PrefillConfig(32, 16, 4, 1, fold_scale=True, narrow_offsets=True, lean_edges=True,
-                        lazy_rescale=True)
-    assert_close(prefill_attention_triton(*args, config=cfg), prefill_attention_ref(*args))
-
-
 def test_prefill_config_takes_switches_from_the_tuning_table(monkeypatch):
     """A tuned entry (bench output, JSON booleans) switches the options on for that bucket."""
     from fuselm.kernels import _triton_utils
     from fuselm.kernels.prefill_attention import prefill_config
 
     tuned = {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 2,
-             "fold_scale": True, "narrow_offsets": True, "lean_edges": True,
-             "lazy_rescale": True}
+             "fold_scale": True, "narrow_offsets": True, "lean_edges": True}
     monkeypatch.setattr(_triton_utils, "tuned_triton_config", lambda *a: tuned)
     cfg = prefill_config(128, torch.bfloat16, torch.device("cuda", 0))
     assert cfg == PrefillConfig(128, 128, 8, 2, fold_scale=True, narrow_offsets=True,
-                                lean_edges=True, lazy_rescale=True)
+                                lean_edges=True)
 
 
 def test_prefill_registry_op_and_opcheck():
@@ -182,17 +149,15 @@ def test_prefill_triton_gpu_bf16(case):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", [
-    PrefillConfig(128, 64, 8, 3, use_tma=True), PrefillConfig(128, 128, 8, 2, use_tma=True),
+    PrefillConfig(128, 64, 8, 3), PrefillConfig(128, 128, 8, 2),
     PrefillConfig(128, 64, 8, 3, max_heads_per_prog=1), PrefillConfig(64, 64, 4, 3),
-    PrefillConfig(128, 64, 8, 3, fold_scale=True, narrow_offsets=True, lean_edges=True,
-                  lazy_rescale=True),
+    PrefillConfig(128, 64, 8, 3, fold_scale=True, narrow_offsets=True, lean_edges=True),
     PrefillConfig(128, 128, 8, 2, fold_scale=True, narrow_offsets=True, lean_edges=True),
-    PrefillConfig(128, 128, 8, 3, fold_scale=True, narrow_offsets=True, lean_edges=True,
-                  lazy_rescale=True),
-], ids=["tma_n64", "tma_n128", "hpp1", "m64", "n64_all_switches", "n128s2_fold_i32_lean",
+    PrefillConfig(128, 128, 8, 3, fold_scale=True, narrow_offsets=True, lean_edges=True),
+], ids=["n64", "n128", "hpp1", "m64", "n64_all_switches", "n128s2_fold_i32_lean",
         "n128s3_all_switches"])
 def test_prefill_triton_gpu_configs(config):
-    """Sweep candidates on a mixed batch: TMA tiles that run past a sequence (into the next one or
+    """Sweep candidates on a mixed batch: tiles that run past a sequence (into the next one or
     beyond num_tokens) must be masked."""
     args = make_inputs(*GPU_CASES["llama8b_mixed"], torch.bfloat16, device="cuda")
     assert_close(prefill_attention_triton(*args, config=config), prefill_attention_ref(*args))

@@ -6,7 +6,6 @@ Importing this package registers every op's backends; ``select(op, backend, devi
 from fuselm.kernels import (  # noqa: F401  (registration side effects)
     argmax,
     gemv,
-    gemv_rope_kv,
     paged_attention,
     prefill_attention,
     rms_norm,

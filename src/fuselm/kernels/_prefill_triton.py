@@ -14,45 +14,24 @@ if _triton_utils.triton_available():
 
     @triton.jit
     def _online_softmax_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PRECISION: tl.constexpr,
-                             FOLD_SCALE: tl.constexpr, LAZY_RESCALE: tl.constexpr):
+                             FOLD_SCALE: tl.constexpr):
         """One key tile: qk [M, N] from _scores (-inf where masked), v [N, D]; qk_scale is
         scale * log2(e) > 0. FOLD_SCALE (as Triton's tutorial 06): the max of the raw scores
         times the scale is the max of the scaled ones (bit for bit), so the scores need no
         multiply of their own; ``qk * s - m`` is one FMA an element either way (sm_90, 128 x 64:
         32 of a thread's 412 instructions an iteration)."""
-        if LAZY_RESCALE:
-            acc, m_new, l_i = _lazy_rescale_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PRECISION)
-        else:
-            if FOLD_SCALE:
-                m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(qk * qk_scale - m_new[:, None])
-            else:  # qk came scaled (_scores)
-                m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        return acc, m_new, l_i
-
-    @triton.jit
-    def _lazy_rescale_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PRECISION: tl.constexpr):
-        """_online_softmax_step, scale folded, with FlashAttention-4's conditional rescaling:
-        m_i and acc (``acc *= alpha``: 64 FMUL a thread at 128 x 64) stay until some row's max
-        grows by more than 8 (log2), so probabilities stay below 2^8 (as precise in bf16). One
-        max over all rows (shared memory, a barrier) gives every thread the same branch."""
-        m_tile = tl.max(qk, axis=1) * qk_scale
-        if tl.max(m_tile - m_i, axis=0) > 8.0:
-            m_new = tl.maximum(m_i, m_tile)
+        if FOLD_SCALE:
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
             alpha = tl.exp2(m_i - m_new)
-            acc = acc * alpha[:, None]
-            l_i = l_i * alpha
-            m_i = m_new
-        p = tl.exp2(qk * qk_scale - m_i[:, None])
-        l_i = l_i + tl.sum(p, axis=1)
+            p = tl.exp2(qk * qk_scale - m_new[:, None])
+        else:  # qk came scaled (_scores)
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        return acc, m_i, l_i
+        return acc, m_new, l_i
 
     @triton.jit
     def _scores(q, k, qk_scale, DOT_PRECISION: tl.constexpr, RAW: tl.constexpr):
@@ -86,7 +65,6 @@ if _triton_utils.triton_available():
     @triton.jit(do_not_specialize=["num_seqs", "num_q_blocks"])
     def _prefill_attention_kernel(
         out_ptr, q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr,  # see prefill_attention_ref
-        k_desc, v_desc,  # TMA descriptors of k, v as [num_tokens, num_kv_heads * D] (USE_TMA)
         qsl_ptr, seq_lens_ptr, bt_ptr,
         num_seqs, num_q_blocks, qk_scale,  # num_q_blocks: grid size on axis 0
         o_tok_stride, o_head_stride, q_tok_stride, q_head_stride,
@@ -99,8 +77,7 @@ if _triton_utils.triton_available():
         HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
-        USE_TMA: tl.constexpr,
-        FOLD_SCALE: tl.constexpr, LAZY_RESCALE: tl.constexpr,  # see _online_softmax_step
+        FOLD_SCALE: tl.constexpr,  # see _online_softmax_step
         NARROW_OFFSETS: tl.constexpr, LEAN_EDGES: tl.constexpr,  # see PrefillConfig
     ):  # fmt: skip
         BLOCK_Q: tl.constexpr = BLOCK_M // HEADS_PER_PROG
@@ -144,12 +121,12 @@ if _triton_utils.triton_available():
             kv_mask = n_mask[:, None] & d_mask[None, :]
             k = tl.load(kc_base + (blk * kc_block_stride + slot * kc_slot_stride)[:, None]
                         + offs_d[None, :], mask=kv_mask, other=0.0)
-            qk = _scores(q, k, qk_scale, DOT_PRECISION, FOLD_SCALE or LAZY_RESCALE)
+            qk = _scores(q, k, qk_scale, DOT_PRECISION, FOLD_SCALE)
             qk = tl.where(n_mask[None, :], qk, float("-inf"))
             v = tl.load(vc_base + (blk * vc_block_stride + slot * vc_slot_stride)[:, None]
                         + offs_d[None, :], mask=kv_mask, other=0.0)
             acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PRECISION,
-                                                 FOLD_SCALE, LAZY_RESCALE)
+                                                 FOLD_SCALE)
 
         # 2) New keys left of the diagonal: every row sees every key, no mask.
         k_base = k_ptr + kv_head * k_head_stride
@@ -157,19 +134,13 @@ if _triton_utils.triton_available():
         full_end = (q0 // BLOCK_N) * BLOCK_N
         for n0 in range(0, full_end, BLOCK_N):
             kv_off = _token_offsets(q_start + n0 + offs_n, NARROW_OFFSETS)
-            if USE_TMA:
-                k = k_desc.load([q_start + n0, kv_head * HEAD_SIZE])
-            else:
-                k = tl.load(k_base + (kv_off * k_tok_stride)[:, None] + offs_d[None, :],
-                            mask=d_mask[None, :], other=0.0)
-            qk = _scores(q, k, qk_scale, DOT_PRECISION, FOLD_SCALE or LAZY_RESCALE)
-            if USE_TMA:
-                v = v_desc.load([q_start + n0, kv_head * HEAD_SIZE])
-            else:
-                v = tl.load(v_base + (kv_off * v_tok_stride)[:, None] + offs_d[None, :],
-                            mask=d_mask[None, :], other=0.0)
+            k = tl.load(k_base + (kv_off * k_tok_stride)[:, None] + offs_d[None, :],
+                        mask=d_mask[None, :], other=0.0)
+            qk = _scores(q, k, qk_scale, DOT_PRECISION, FOLD_SCALE)
+            v = tl.load(v_base + (kv_off * v_tok_stride)[:, None] + offs_d[None, :],
+                        mask=d_mask[None, :], other=0.0)
             acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PRECISION,
-                                                 FOLD_SCALE, LAZY_RESCALE)
+                                                 FOLD_SCALE)
 
         # 3) Diagonal tiles: causal mask.
         diag_end = tl.minimum(q0 + BLOCK_Q, q_len)
@@ -178,26 +149,18 @@ if _triton_utils.triton_available():
             n_mask = pos < q_len
             kv_off = _token_offsets(q_start + pos, NARROW_OFFSETS)
             kv_mask = n_mask[:, None] & d_mask[None, :]
-            # Rows past the sequence (the next one's, or beyond num_tokens: zeros under TMA)
-            # only meet masked scores and zero probabilities.
-            if USE_TMA:
-                k = k_desc.load([q_start + n0, kv_head * HEAD_SIZE])
-            else:
-                k = tl.load(k_base + (kv_off * k_tok_stride)[:, None] + offs_d[None, :],
-                            mask=kv_mask, other=0.0)
-            qk = _scores(q, k, qk_scale, DOT_PRECISION, FOLD_SCALE or LAZY_RESCALE)
+            k = tl.load(k_base + (kv_off * k_tok_stride)[:, None] + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            qk = _scores(q, k, qk_scale, DOT_PRECISION, FOLD_SCALE)
             if LEAN_EDGES:  # a valid row's keys (pos <= tok < q_len) are in its sequence
                 visible = pos[None, :] <= tok[:, None]
             else:
                 visible = (pos[None, :] <= tok[:, None]) & n_mask[None, :]
             qk = tl.where(visible, qk, float("-inf"))
-            if USE_TMA:
-                v = v_desc.load([q_start + n0, kv_head * HEAD_SIZE])
-            else:
-                v = tl.load(v_base + (kv_off * v_tok_stride)[:, None] + offs_d[None, :],
-                            mask=kv_mask, other=0.0)
+            v = tl.load(v_base + (kv_off * v_tok_stride)[:, None] + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
             acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PRECISION,
-                                                 FOLD_SCALE, LAZY_RESCALE)
+                                                 FOLD_SCALE)
 
         if LEAN_EDGES:  # one division a row, not a (5-instruction) div.full.f32 an element
             out = acc * (1.0 / l_i)[:, None]

@@ -12,12 +12,10 @@ otherwise (CPU keeps torch's speed and never runs the interpreter).
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
 
-from fuselm import envs
 from fuselm.kernels import _pdl, _registry, _triton_utils
 from fuselm.kernels._triton_utils import FUSELM_LIB, next_power_of_2
 
@@ -219,22 +217,14 @@ if _triton_utils.triton_available():
     _registry.register("argmax", "triton", _TRITON_OP)
 
 
-@functools.cache
-def triton_chosen() -> bool:
-    """``FUSELM_GREEDY_ARGMAX`` read once per process (the greedy path runs every step)."""
-    return envs.greedy_argmax_backend() == "triton"
-
-
 def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
     """Greedy tokens: int64 ``[num_rows]``, the argmax of logits ``[num_rows, vocab]`` per row.
 
     CUDA tensors the Triton kernel takes (2-D, float, last dim contiguous, non-empty) go to
-    ``fuselm::argmax``; everything else, CPU included, to ``torch.argmax`` (same result), as do
-    all tensors under ``FUSELM_GREEDY_ARGMAX=torch``."""
+    ``fuselm::argmax``; everything else, CPU included, to ``torch.argmax`` (same result)."""
     if (
         _TRITON_OP is not None
         and logits.is_cuda
-        and triton_chosen()
         and logits.dim() == 2
         and logits.dtype in _DTYPES
         and 0 < logits.shape[1] <= _MAX_N

@@ -27,8 +27,7 @@ class PagedAttentionWorkspace:
     Build one at model-build time, sized for the largest decode batch, and share it between all
     layers (they run one after another)::
 
-        ws = PagedAttentionWorkspace(max_num_seqs, num_heads, head_size, max_model_len, device,
-                                     backend="triton")   # or "cuda"
+        ws = PagedAttentionWorkspace(max_num_seqs, num_heads, head_size, max_model_len, device)
         out = ws(q, key_cache, value_cache, block_tables, seq_lens, scale)   # ref's signature
         ws(q, key_cache, value_cache, block_tables, seq_lens, scale, out=out)  # no allocation
 
@@ -41,17 +40,13 @@ class PagedAttentionWorkspace:
     """
 
     def __init__(self, max_num_seqs: int, num_heads: int, head_size: int, max_model_len: int,
-                 device: torch.device | str, *, backend: str = "triton",
-                 partition_size: int | None = None) -> None:
-        if backend not in ("triton", "cuda"):
-            raise ValueError(f"backend must be 'triton' or 'cuda', got {backend!r}")
+                 device: torch.device | str, *, partition_size: int | None = None) -> None:
         if partition_size is not None and (partition_size < 16
                                            or partition_size & (partition_size - 1)):
             raise ValueError(f"partition_size must be a power of 2 >= 16, got {partition_size}")
         self.fixed_partition_size = partition_size
         self.max_model_len = max_model_len
         self.partition_size = partition_size or partition_size_for(max_model_len)
-        self.backend = backend
         self.max_num_seqs, self.num_heads, self.head_size = max_num_seqs, num_heads, head_size
         self.max_partitions = max(1, -(-max_model_len // self.partition_size))
         rows = max(n * -(-max_model_len // self.partition_size_for_batch(n))
@@ -60,16 +55,11 @@ class PagedAttentionWorkspace:
                                      device=device)
         self._max_flat = torch.empty(rows * num_heads, dtype=torch.float32, device=device)
         self._sum_flat = torch.empty(rows * num_heads, dtype=torch.float32, device=device)
-        self._backend = backend
         self._kernel = None  # resolved at the first call (the ops are defined after this module)
 
     def _op(self):
         if self._kernel is None:
-            from fuselm.kernels import paged_attention
-
-            self._kernel = (torch.ops.fuselm.paged_attention_out.default
-                            if self._backend == "triton"
-                            else paged_attention.paged_attention_cuda_out)
+            self._kernel = torch.ops.fuselm.paged_attention_out.default
         return self._kernel
 
     def partition_size_for_batch(self, num_seqs: int) -> int:

@@ -11,18 +11,23 @@ Backends and API:
 
 - ``paged_attention_ref``: the spec (float32, gathers the whole block table).
 - ``select("paged_attention", backend, device)``: a callable with the reference's signature
-  (``fuselm::paged_attention`` for Triton, ``paged_attention_cuda`` for CUDA). It allocates its
+  (``fuselm::paged_attention`` for Triton). It allocates its
   split-KV workspace on every call, sized by the block-table width; fine for tests and eager use.
-- ``PagedAttentionWorkspace(max_num_seqs, num_heads, head_size, max_model_len, device,
-  backend="triton" | "cuda")``: the serving path. Preallocated float32 buffers; ``ws(q,
+- ``PagedAttentionWorkspace(max_num_seqs, num_heads, head_size, max_model_len, device)``: the
+  serving path. Preallocated float32 buffers; ``ws(q,
   key_cache, value_cache, block_tables, seq_lens, scale, out=None)`` has the reference's
   signature plus ``out=``. One workspace serves every layer. The partition count it launches
   depends on shapes only, so a CUDA graph captured at a short context replays at a long one.
   ``make_paged_attention(backend, device, max_num_seqs=..., num_heads=..., head_size=...,
   max_model_len=...)`` resolves the backend as ``select`` does and returns a workspace for
-  Triton/CUDA, the reference otherwise: hand it to ``Attention.set_decode_impl``.
-- ``paged_attention_triton_out`` / ``fuselm::paged_attention_out`` and ``paged_attention_cuda_out``
-  / ``fuselm_C::paged_attention``: the in-place launchers behind the workspace.
+  Triton, the reference otherwise: hand it to ``Attention.set_decode_impl``.
+- ``paged_attention_triton_out`` / ``fuselm::paged_attention_out``: the in-place launcher behind
+  the workspace.
+
+There is no CUDA backend: the CUDA split-KV kernel measured 0.44x cuDNN against Triton's 0.94x
+(H100, B=64 x 4096), 924 against 1,131 GB/s at B=1 x 32768 and 22 us against 5.9 us a layer in
+the batch-1 decode graph, and no tuning table chose it; it was removed (history and numbers in
+git and ``docs/perf/log/attention-notes.md``).
 
 Split-KV: the context is cut into partitions of ``partition_size`` tokens (512; doubled for
 ``max_model_len`` > 32768 so that at most 64 partitions exist); one program per (sequence, KV
@@ -38,7 +43,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from fuselm.kernels import _extension, _pdl, _registry, _triton_utils
+from fuselm.kernels import _pdl, _registry, _triton_utils
 from fuselm.kernels._triton_utils import FUSELM_LIB, next_power_of_2
 from fuselm.kernels.decode_workspace import (  # noqa: F401  (public names)
     DEFAULT_PARTITION_SIZE,
@@ -322,36 +327,6 @@ def paged_attention_triton(q, key_cache, value_cache, block_tables, seq_lens, sc
 
 
 # --------------------------------------------------------------------------------------------
-# CUDA: csrc/paged_attention.cu, same partitioning and workspace (fuselm_C::paged_attention).
-# Head sizes 64, 128 and 256; 16-byte aligned rows.
-# --------------------------------------------------------------------------------------------
-
-
-CUDA_HEAD_SIZES = (64, 128, 256)  # head sizes the CUDA decode kernel is instantiated for
-
-
-def paged_attention_cuda_out(
-    out: torch.Tensor, tmp_out: torch.Tensor, max_logits: torch.Tensor, exp_sums: torch.Tensor,
-    q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-    block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, partition_size: int,
-) -> None:
-    """CUDA split-KV decode into ``out`` with the given workspace."""
-    torch.ops.fuselm_C.paged_attention(out, tmp_out, max_logits, exp_sums, q, key_cache,
-                                       value_cache, block_tables, seq_lens, scale,
-                                       partition_size)
-
-
-def paged_attention_cuda(q, key_cache, value_cache, block_tables, seq_lens,
-                         scale) -> torch.Tensor:
-    """CUDA decode with the reference's signature; allocates its own workspace."""
-    out = torch.empty_like(q)
-    tmp_out, max_logits, exp_sums, psize = _allocate_workspace(q, key_cache, block_tables)
-    paged_attention_cuda_out(out, tmp_out, max_logits, exp_sums, q, key_cache, value_cache,
-                             block_tables, seq_lens, scale, psize)
-    return out
-
-
-# --------------------------------------------------------------------------------------------
 # Registration. fuselm::paged_attention (allocating, the reference's signature) and
 # fuselm::paged_attention_out (workspace, in place) wrap the Triton launchers.
 # --------------------------------------------------------------------------------------------
@@ -395,36 +370,15 @@ if _triton_utils.triton_available():
     _registry.register("paged_attention", "triton", torch.ops.fuselm.paged_attention.default)
 
 
-def _cuda_op_available() -> bool:
-    ext = _extension.load_extension()
-    if ext is None:
-        return False
-    try:
-        return hasattr(ext, "paged_attention")
-    except RuntimeError:
-        return False
-
-
-if _cuda_op_available():
-    _extension.register_fake_void("paged_attention")
-    _registry.register("paged_attention", "cuda", paged_attention_cuda)
-
-
 def make_paged_attention(backend: str, device: torch.device, *, max_num_seqs: int,
                          num_heads: int, head_size: int, max_model_len: int):
     """The decode callable for the attention layer (``Attention.set_decode_impl``).
 
-    Resolves ``backend`` through the registry as ``select`` does; for Triton or CUDA returns a
+    Resolves ``backend`` through the registry as ``select`` does; for Triton returns a
     ``PagedAttentionWorkspace`` (preallocated split-KV buffers, CUDA-graph safe; share one between
     layers), otherwise the registry's callable (the reference).
     """
     fn = _registry.select_preferred("paged_attention", backend, device)
-    kinds = {torch.ops.fuselm.paged_attention.default: "triton", paged_attention_cuda: "cuda"}
-    kind = next((k for f, k in kinds.items() if f is fn), None)
-    if kind == "cuda" and backend == "auto" and head_size not in CUDA_HEAD_SIZES:
-        fn = _registry.select("paged_attention", "triton", device)
-        kind = "triton"
-    if kind is None:
-        return fn
-    return PagedAttentionWorkspace(max_num_seqs, num_heads, head_size, max_model_len, device,
-                                   backend=kind)
+    if _triton_utils.triton_available() and fn is torch.ops.fuselm.paged_attention.default:
+        return PagedAttentionWorkspace(max_num_seqs, num_heads, head_size, max_model_len, device)
+    return fn

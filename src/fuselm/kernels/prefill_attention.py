@@ -96,9 +96,11 @@ _registry.register("prefill_attention", "reference", prefill_attention_ref)
 # once for that many heads. It walks the cached prefix through the block table (no mask but the
 # tail), then the new keys from k/v: tiles left of the diagonal unmasked, diagonal tiles masked.
 # Online softmax in fp32 in the log2 domain (scale * log2(e) folded into one multiply, exp2).
-# Config switches that cut instructions (fold_scale, narrow_offsets, lazy_rescale, lean_edges:
-# see _online_softmax_step, _token_offsets, _lazy_rescale_step and the kernel's LEAN_EDGES) are
-# off by default; the benchmark's sweep times them and the tuning table turns them on per GPU.
+# Config switches that cut instructions (fold_scale, narrow_offsets, lean_edges: see
+# _online_softmax_step, _token_offsets and the kernel's LEAN_EDGES) are off by default; the
+# benchmark's sweep times them and the tuning table turns them on per GPU. (TMA loads of the new
+# keys and FA4-style lazy rescaling were switches no table turned on: removed, numbers in
+# docs/perf/log/attention-notes.md.)
 # Program -> (sequence, q block): sequence s owns programs [qsl[s] // BLOCK_Q + s, qsl[s+1] //
 # BLOCK_Q + s + 1) (at least cdiv(q_len, BLOCK_Q) of them), found by binary search, so the grid
 # (num_tokens // BLOCK_Q + num_seqs) needs no host sync.
@@ -115,11 +117,9 @@ class PrefillConfig(NamedTuple):
     num_warps: int
     num_stages: int
     max_heads_per_prog: int = 8  # 1: one query head per program
-    use_tma: bool = False  # new keys through TMA descriptors (Hopper+; power-of-2 head sizes)
     # Fewer instructions in the unmasked loop (same results up to rounding; see the kernel):
     fold_scale: bool = False  # row max of the raw scores: no multiply a score (last bits only)
     narrow_offsets: bool = False  # int32 offsets for the new keys when they fit (no TMA)
-    lazy_rescale: bool = False  # FA4: rescale acc only when a row max grew by > 2^8
     # Fewer instructions outside it (S=4096: a program's edges are ~10 % of its time):
     lean_edges: bool = False  # plainer diagonal mask, one 1/l a row in the epilogue
 
@@ -215,11 +215,8 @@ def prefill_attention_triton(
     hpp = heads_per_program(group, cfg)
     block_q = cfg.block_m // hpp
     grid = (num_tokens // block_q + num_seqs, num_heads // hpp)
-    use_tma = cfg.use_tma and _tma_ok(k, v)
-    k_desc, v_desc = (_kv_descriptor(k, cfg.block_n), _kv_descriptor(v, cfg.block_n)) \
-        if use_tma else (k, v)
     _prefill_attention_kernel[grid](
-        out, q, k, v, key_cache, value_cache, k_desc, v_desc,
+        out, q, k, v, key_cache, value_cache,
         query_start_loc, seq_lens, block_tables,
         num_seqs, grid[0], scale * _LOG2E,
         out.stride(0), out.stride(1), q.stride(0), q.stride(1),
@@ -229,8 +226,8 @@ def prefill_attention_triton(
         block_tables.stride(0), key_cache.shape[1],
         GROUP=group, HEADS_PER_PROG=hpp, HEAD_SIZE=head_size,
         D_PAD=max(16, next_power_of_2(head_size)), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", USE_TMA=use_tma,
-        FOLD_SCALE=cfg.fold_scale, LAZY_RESCALE=cfg.lazy_rescale, LEAN_EDGES=cfg.lean_edges,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        FOLD_SCALE=cfg.fold_scale, LEAN_EDGES=cfg.lean_edges,
         NARROW_OFFSETS=cfg.narrow_offsets and _int32_offsets_fit(k, v, cfg.block_n),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
@@ -241,28 +238,6 @@ def _int32_offsets_fit(k: torch.Tensor, v: torch.Tensor, block_n: int) -> bool:
     """Every offset into k/v a program forms (tokens up to num_tokens + block_n) fits int32."""
     return all((t.shape[0] + block_n) * t.stride(0) + t.shape[1] * t.stride(1) < 2**31
                for t in (k, v))
-
-
-def _tma_ok(k: torch.Tensor, v: torch.Tensor) -> bool:
-    """TMA descriptors apply: Hopper or newer (or the interpreter), power-of-2 head size, heads
-    of a token adjacent (so k is a [num_tokens, num_kv_heads * D] view), 16-byte alignment."""
-    head_size = k.shape[2]
-    if k.device.type == "cuda":
-        if torch.cuda.get_device_capability(k.device)[0] < 9:
-            return False
-    elif not _triton_utils.is_interpreting():
-        return False
-    return head_size == next_power_of_2(head_size) and all(
-        t.stride(1) == head_size and t.data_ptr() % 16 == 0
-        and (t.stride(0) * t.element_size()) % 16 == 0 for t in (k, v))
-
-
-def _kv_descriptor(x: torch.Tensor, block_n: int):
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    num_tokens, num_kv_heads, head_size = x.shape
-    return TensorDescriptor(x, [num_tokens, num_kv_heads * head_size], [x.stride(0), 1],
-                            [block_n, head_size])
 
 
 # --------------------------------------------------------------------------------------------

@@ -49,13 +49,11 @@ class Attention(nn.Module):
         self._decode = fn
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                positions: torch.Tensor, batch: ForwardBatch,
-                kv_stored: bool = False) -> torch.Tensor:
+                positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """q ``[T, H, D]``, k/v ``[T, Hkv, D]`` (views of the QKV output) -> ``[T, H * D]``;
-        ``kv_stored``: q and k are rotated and k, v in the cache already (``gemv_rope_kv``)."""
-        if not kv_stored:
-            self._rotary_store(q, k, v, positions, self.cos_sin_cache, self.key_cache,
-                               self.value_cache, batch.slot_mapping)
+        rotates q and k in place and writes k, v into the cache."""
+        self._rotary_store(q, k, v, positions, self.cos_sin_cache, self.key_cache,
+                           self.value_cache, batch.slot_mapping)
         if batch.is_decode:
             out = self._decode(q, self.key_cache, self.value_cache, batch.block_tables,
                                batch.seq_lens, self.scale)

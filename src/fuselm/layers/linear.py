@@ -10,8 +10,8 @@
 - ``RowParallelLinear``: the input dim is split; partial outputs are summed by one all-reduce.
 
 Each parameter carries ``weight_loader(param, full_tensor[, shard_id])`` that copies its slice from
-a full checkpoint tensor (or a lazy slice, read only in part). ``quant_method`` is the hook through
-which a quantized linear replaces the dense matmul: ``quant_method.apply(layer, x, bias)``.
+a full checkpoint tensor (or a lazy slice, read only in part). Every layer is dense
+(``LinearBase.matmul``): a quantized layout would add its linear method here when one exists.
 """
 
 from __future__ import annotations
@@ -34,18 +34,6 @@ def divide(numerator: int, denominator: int) -> int:
     return numerator // denominator
 
 
-class UnquantizedLinearMethod:
-    """Dense ``y = x W^T + b`` (the bias added in the same call); a single row goes through the
-    layer's bound matrix-vector kernel when it has one (``LinearBase.bind_kernels``)."""
-
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """Computes the layer's output for x ``[num_tokens, in_features]``."""
-        gemv = layer.gemv
-        if gemv is not None and x.shape[0] == 1 and x.dim() == 2 and x.stride(1) == 1:
-            return gemv(x, layer.weight, bias, False)
-        return F.linear(x, layer.weight, bias)
-
-
 class LinearBase(nn.Module):
     """A weight ``[out_per_partition, in_per_partition]`` and an optional bias."""
 
@@ -60,7 +48,6 @@ class LinearBase(nn.Module):
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
-        self.quant_method: Any = UnquantizedLinearMethod()
         self.gemv: Any = None  # batch-1 kernel chosen by bind_kernels; None = F.linear
 
     def bind_kernels(self, backend: str, device: torch.device, for_graphs: bool = False) -> None:
@@ -70,9 +57,17 @@ class LinearBase(nn.Module):
 
         self.gemv = select_gemv(backend, self.weight, device)
 
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Dense ``x W^T + bias`` for x ``[num_tokens, in_per_partition]``; a single
+        contiguous row goes through the bound matrix-vector kernel when there is one."""
+        gemv = self.gemv
+        if gemv is not None and x.shape[0] == 1 and x.dim() == 2 and x.stride(1) == 1:
+            return gemv(x, self.weight, bias, False)
+        return F.linear(x, self.weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[num_tokens, in_per_partition]`` -> ``[num_tokens, out_per_partition]``."""
-        return self.quant_method.apply(self, x, self.bias)
+        return self.matmul(x, self.bias)
 
     def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
         """Loads the full tensor (replicated layers)."""
@@ -163,7 +158,7 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Partial product on this rank, summed over ranks; the bias added once."""
         bias = self.bias if self.tp_rank == 0 else None
-        out = self.quant_method.apply(self, x, bias)
+        out = self.matmul(x, bias)
         return comm.tp_all_reduce(out) if self.reduce_results else out
 
 

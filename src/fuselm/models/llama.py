@@ -27,7 +27,6 @@ from fuselm.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
-    UnquantizedLinearMethod,
 )
 from fuselm.layers.norm import RMSNorm
 from fuselm.layers.rotary import cos_sin_cache
@@ -62,38 +61,18 @@ class LlamaAttention(nn.Module):
                                         config.hidden_size, bias=False, reduce_results=False)
         self.attn = Attention(self.num_heads, self.num_kv_heads, head_size,
                               head_size**-0.5, rope)
-        self.qkv_rope: Any = None  # batch-1 decode: QKV projection + rotary + KV write in one
-
-    def bind_kernels(self, backend: str, device: torch.device, for_graphs: bool = False) -> None:
-        """Chooses whether a single decode token runs the QKV projection, the rotary embedding
-        and the KV-cache write as one kernel (``gemv_rope_kv``, where measured faster)."""
-        from fuselm.kernels.gemv_rope_kv import select_gemv_rope_kv
-
-        dense = isinstance(self.qkv_proj.quant_method, UnquantizedLinearMethod)
-        rot_dim = self.attn.cos_sin_cache.shape[-1]
-        self.qkv_rope = (select_gemv_rope_kv(backend, self.qkv_proj.weight, device, rot_dim,
-                                             self.head_size) if dense else None)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 batch: ForwardBatch) -> torch.Tensor:
         """hidden ``[T, hidden_size]`` -> this rank's partial sum ``[T, hidden_size]``."""
-        attn = self.attn
-        fused = self.qkv_rope
-        kv_stored = (fused is not None and hidden.dim() == 2 and hidden.shape[0] == 1
-                     and hidden.stride(1) == 1 and batch.is_decode)
-        if kv_stored:
-            qkv = fused(hidden, self.qkv_proj.weight, self.qkv_proj.bias, positions,
-                        attn.cos_sin_cache, attn.key_cache, attn.value_cache,
-                        batch.slot_mapping, self.num_heads, self.num_kv_heads)
-        else:
-            qkv = self.qkv_proj(hidden)
+        qkv = self.qkv_proj(hidden)
         num_tokens = qkv.shape[0]
         q = qkv[:, : self.q_size].view(num_tokens, self.num_heads, self.head_size)
         k = qkv[:, self.q_size : self.q_size + self.kv_size].view(
             num_tokens, self.num_kv_heads, self.head_size)
         v = qkv[:, self.q_size + self.kv_size :].view(
             num_tokens, self.num_kv_heads, self.head_size)
-        return self.o_proj(attn(q, k, v, positions, batch, kv_stored=kv_stored))
+        return self.o_proj(self.attn(q, k, v, positions, batch))
 
 
 class LlamaMLP(nn.Module):
@@ -113,9 +92,7 @@ class LlamaMLP(nn.Module):
         kernel (``gemv_silu_mul``, where measured faster) on ``device``."""
         from fuselm.kernels.gemv import select_gemv_silu_mul
 
-        dense = isinstance(self.gate_up_proj.quant_method, UnquantizedLinearMethod)
-        self.gate_up_act = (select_gemv_silu_mul(backend, self.gate_up_proj.weight, device)
-                            if dense else None)
+        self.gate_up_act = select_gemv_silu_mul(backend, self.gate_up_proj.weight, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[T, hidden_size]`` -> this rank's partial sum ``[T, hidden_size]``."""

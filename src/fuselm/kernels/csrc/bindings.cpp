@@ -167,86 +167,6 @@ void rotary_store_kv(at::Tensor& q, at::Tensor& k, const at::Tensor& v,
            "rotary_store_kv");
 }
 
-// ---- paged_attention ---------------------------------------------------------------------
-
-void check_workspace(const at::Tensor& t, const char* name, const at::Tensor& q, int64_t dims) {
-  TORCH_CHECK(t.is_cuda() && t.device() == q.device() && t.scalar_type() == at::kFloat &&
-                  t.is_contiguous() && t.dim() == dims,
-              "fuselm_C: ", name, " must be a contiguous float32 ", dims, "-D tensor on q's device");
-  TORCH_CHECK(t.size(0) >= q.size(0) && t.size(1) == q.size(1), "fuselm_C: ", name,
-              " must be [>= num_seqs, num_heads, ...]");
-}
-
-void paged_attention(at::Tensor& out, at::Tensor& tmp_out, at::Tensor& max_logits,
-                     at::Tensor& exp_sums, const at::Tensor& q, const at::Tensor& key_cache,
-                     const at::Tensor& value_cache, const at::Tensor& block_tables,
-                     const at::Tensor& seq_lens, double scale, int64_t partition_size) {
-  check_heads(q, "q", q);
-  check_heads(out, "out", q);
-  TORCH_CHECK(out.sizes() == q.sizes(), "fuselm_C: out must have q's shape");
-  const int64_t num_seqs = q.size(0);
-  for (const at::Tensor* c : {&key_cache, &value_cache}) {
-    TORCH_CHECK(c->dim() == 4 && c->size(3) == q.size(2) && c->stride(3) == 1 &&
-                    c->scalar_type() == q.scalar_type() && c->device() == q.device(),
-                "fuselm_C: caches must be [num_blocks, block_size, num_kv_heads, head_size], "
-                "contiguous in head_size, of q's dtype and device");
-  }
-  TORCH_CHECK(key_cache.sizes() == value_cache.sizes(), "fuselm_C: cache shapes differ");
-  TORCH_CHECK(q.size(1) % key_cache.size(2) == 0, "fuselm_C: num_heads % num_kv_heads != 0");
-  TORCH_CHECK(block_tables.dim() == 2 && block_tables.scalar_type() == at::kInt &&
-                  block_tables.stride(1) == 1 && block_tables.size(0) >= num_seqs &&
-                  block_tables.device() == q.device(),
-              "fuselm_C: block_tables must be int32 [num_seqs, max_blocks], rows contiguous");
-  TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.scalar_type() == at::kInt &&
-                  seq_lens.is_contiguous() && seq_lens.size(0) >= num_seqs &&
-                  seq_lens.device() == q.device(),
-              "fuselm_C: seq_lens must be contiguous int32 [num_seqs]");
-  check_workspace(tmp_out, "tmp_out", q, 4);
-  check_workspace(max_logits, "max_logits", q, 3);
-  check_workspace(exp_sums, "exp_sums", q, 3);
-  TORCH_CHECK(tmp_out.size(3) == q.size(2) && tmp_out.size(2) == max_logits.size(2) &&
-                  max_logits.sizes() == exp_sums.sizes() &&
-                  tmp_out.size(0) == max_logits.size(0),
-              "fuselm_C: workspace shapes disagree");
-  TORCH_CHECK(partition_size > 0 && partition_size <= 16384, "fuselm_C: bad partition_size");
-  TORCH_CHECK(num_seqs < 65536 && block_tables.size(1) < (int64_t{1} << 30),
-              "fuselm_C: too many sequences or blocks");
-
-  fuselm::PagedAttentionParams p{};
-  p.out = out.data_ptr();
-  p.tmp_out = tmp_out.data_ptr<float>();
-  p.max_logits = max_logits.data_ptr<float>();
-  p.exp_sums = exp_sums.data_ptr<float>();
-  p.q = q.data_ptr();
-  p.key_cache = key_cache.data_ptr();
-  p.value_cache = value_cache.data_ptr();
-  p.block_tables = block_tables.data_ptr<int>();
-  p.seq_lens = seq_lens.data_ptr<int>();
-  p.num_seqs = static_cast<int>(num_seqs);
-  p.num_heads = static_cast<int>(q.size(1));
-  p.num_kv_heads = static_cast<int>(key_cache.size(2));
-  p.head_size = static_cast<int>(q.size(2));
-  p.block_size = static_cast<int>(key_cache.size(1));
-  p.max_blocks_per_seq = static_cast<int>(block_tables.size(1));
-  p.max_partitions = static_cast<int>(tmp_out.size(2));
-  p.partition_size = static_cast<int>(partition_size);
-  p.scale = static_cast<float>(scale);
-  p.out_seq_stride = out.stride(0);
-  p.out_head_stride = out.stride(1);
-  p.q_seq_stride = q.stride(0);
-  p.q_head_stride = q.stride(1);
-  p.kc_block_stride = key_cache.stride(0);
-  p.kc_slot_stride = key_cache.stride(1);
-  p.kc_head_stride = key_cache.stride(2);
-  p.vc_block_stride = value_cache.stride(0);
-  p.vc_slot_stride = value_cache.stride(1);
-  p.vc_head_stride = value_cache.stride(2);
-  p.bt_stride = block_tables.stride(0);
-  const c10::cuda::CUDAGuard guard(q.device());
-  check_ok(fuselm::launch_paged_attention(p, to_dtype(q), c10::cuda::getCurrentCUDAStream()),
-           "paged_attention (head_size 64/128/256, 16-byte aligned rows)");
-}
-
 }  // namespace
 
 TORCH_LIBRARY(fuselm_C, m) {
@@ -260,11 +180,6 @@ TORCH_LIBRARY(fuselm_C, m) {
       "rotary_store_kv(Tensor! q, Tensor! k, Tensor v, Tensor positions, Tensor cos_sin_cache, "
       "Tensor! key_cache, Tensor! value_cache, Tensor slot_mapping) -> ()");
   m.impl("rotary_store_kv", c10::kCUDA, &rotary_store_kv);
-  m.def(
-      "paged_attention(Tensor! out, Tensor! tmp_out, Tensor! max_logits, Tensor! exp_sums, "
-      "Tensor q, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor seq_lens, "
-      "float scale, int partition_size) -> ()");
-  m.impl("paged_attention", c10::kCUDA, &paged_attention);
 }
 
 // An importable module (`import fuselm._C` loads the library and so registers the ops); the

@@ -63,42 +63,4 @@ struct RotaryStoreKVParams {
 cudaError_t launch_rotary_store_kv(const RotaryStoreKVParams& params, DType dtype,
                                    cudaStream_t stream);
 
-// ---- paged_attention.cu (next issue) ------------------------------------------------------
-// Declare the attention launchers here, below this line.
-
-// Split-KV decode attention over the paged cache (one query token per sequence, GQA). Partition
-// programs write a sequence's output directly when it fits one partition, else normalised
-// partial outputs + max logit (log2 domain) + exp-sum to the workspace, merged by a second
-// kernel. Launches min(max_partitions, cdiv(max_blocks_per_seq * block_size, partition_size))
-// partitions: shapes only, so CUDA graphs replay at any seq_lens <= that many tokens.
-// head_size 64, 128 or 256; q and cache rows 16-byte aligned; workspace contiguous float32.
-struct PagedAttentionParams {
-  void* out;                // [num_seqs, num_heads, head_size], q's dtype
-  float* tmp_out;           // [>= num_seqs, num_heads, max_partitions, head_size]
-  float* max_logits;        // [>= num_seqs, num_heads, max_partitions]
-  float* exp_sums;          // [>= num_seqs, num_heads, max_partitions]
-  const void* q;            // [num_seqs, num_heads, head_size]
-  const void* key_cache;    // [num_blocks, block_size, num_kv_heads, head_size]
-  const void* value_cache;  // same
-  const int* block_tables;  // [num_seqs, max_blocks_per_seq]
-  const int* seq_lens;      // [num_seqs]
-  int num_seqs;
-  int num_heads;
-  int num_kv_heads;
-  int head_size;
-  int block_size;
-  int max_blocks_per_seq;
-  int max_partitions;
-  int partition_size;
-  float scale;
-  int64_t out_seq_stride, out_head_stride;
-  int64_t q_seq_stride, q_head_stride;
-  int64_t kc_block_stride, kc_slot_stride, kc_head_stride;
-  int64_t vc_block_stride, vc_slot_stride, vc_head_stride;
-  int64_t bt_stride;
-};
-
-cudaError_t launch_paged_attention(const PagedAttentionParams& params, DType dtype,
-                                   cudaStream_t stream);
-
 }  // namespace fuselm
