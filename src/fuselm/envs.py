@@ -25,12 +25,3 @@ def kernel_configs_dir() -> str | None:
     """FUSELM_KERNEL_CONFIGS: a folder of tuning tables (``<op>.json``, as ``fuselm bench
     kernels --configs-dir`` writes them) read instead of the ones shipped in the package."""
     return os.environ.get("FUSELM_KERNEL_CONFIGS") or None
-
-
-def greedy_argmax_backend() -> str:
-    """FUSELM_GREEDY_ARGMAX: ``triton`` (default) or ``torch``, the argmax of the greedy path on
-    CUDA tensors (CPU tensors always take ``torch.argmax``)."""
-    value = os.environ.get("FUSELM_GREEDY_ARGMAX", "triton")
-    if value not in ("triton", "torch"):
-        raise ValueError(f"FUSELM_GREEDY_ARGMAX must be 'triton' or 'torch', got {value!r}")
-    return value

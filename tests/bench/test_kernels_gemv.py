@@ -56,14 +56,3 @@ def test_gated_rows_are_judged_against_the_faster_separate_path():
                                                          "separate": 84.0}
     assert table[gv.gated_bucket(7168, 4096)]["backend"] == "reference"
     assert gv.shape_bucket(14336, 4096) not in table
-
-
-def test_rope_rows_go_to_their_own_bucket_and_stay_off():
-    from fuselm.kernels.gemv_rope_kv import rope_bucket
-
-    row = {**_row(6144, 4096, 25.0, 19.0), "rope": True, "separate_us": 22.0}
-    table = kg.tuning_table([row], margin=0.01)
-    assert set(table) == {rope_bucket(6144, 4096)}
-    # faster here, but slower in the decode step: a microbenchmark never switches it on
-    assert table[rope_bucket(6144, 4096)]["backend"] == "reference"
-    assert table[rope_bucket(6144, 4096)]["us"]["triton"] == 19.0

@@ -55,8 +55,7 @@ DECODE_TARGETS = {(64, 4096): (("sdpa_cudnn", 0.9),), (1, 32768): (("sdpa_cudnn"
 def _prefill_candidate(block_m: int, block_n: int, num_warps: int, num_stages: int,
                        *switches: str) -> tuple[str, dict]:
     """(label, PrefillConfig fields), e.g. ``m128n64w8s3_fold_i32``."""
-    fields = {"fold": "fold_scale", "i32": "narrow_offsets", "lean": "lean_edges",
-              "lazy": "lazy_rescale"}
+    fields = {"fold": "fold_scale", "i32": "narrow_offsets", "lean": "lean_edges"}
     label = "_".join([f"m{block_m}n{block_n}w{num_warps}s{num_stages}", *switches])
     config = dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
     return label, config | {fields[f]: True for f in switches}
@@ -66,17 +65,14 @@ def _prefill_candidate(block_m: int, block_n: int, num_warps: int, num_stages: i
 # warpgroups on a 128-row tile (FA2/FA3's shape on Hopper). The first two are the H100 winners so
 # far (m128n64: S=4096, m128n128: S=16384; docs/perf/log/attention-notes.md); the others switch on
 # the instruction cuts, alone and together: _fold (no multiply a score), _i32 (int32 key
-# offsets), _lean (trims outside the main loop), _lazy (FA4's conditional rescale). TMA, hpp1
-# and 4-warp configs lost by 3-30 % on the H100 and are left out: 13 compiles, each config timed
-# for --rep-ms.
+# offsets), _lean (trims outside the main loop). TMA, hpp1, FA4's lazy rescale and 4-warp
+# configs lost by 3-30 % on the H100 and are removed: 11 compiles, each timed for --rep-ms.
 PREFILL_CANDIDATES = dict(_prefill_candidate(*c) for c in [
     (128, 64, 8, 3), (128, 128, 8, 3),
     (128, 64, 8, 3, "fold"), (128, 64, 8, 3, "i32"), (128, 64, 8, 3, "lean"),
     (128, 64, 8, 3, "fold", "i32"), (128, 64, 8, 3, "fold", "i32", "lean"),
-    (128, 64, 8, 3, "fold", "i32", "lean", "lazy"),
     (128, 64, 8, 2, "fold", "i32", "lean"), (128, 64, 8, 4, "fold", "i32", "lean"),
     (128, 128, 8, 3, "fold", "i32", "lean"), (128, 128, 8, 2, "fold", "i32", "lean"),
-    (128, 128, 8, 2, "fold", "i32", "lean", "lazy"),
 ])
 DECODE_CANDIDATES = {
     "n64w4s3": dict(block_n=64, num_warps=4, num_stages=3),

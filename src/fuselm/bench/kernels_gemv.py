@@ -36,11 +36,7 @@ LLAMA3_8B_SHAPES = [
 # the gated MLP's gate/up projection + SiLU-and-mul in one kernel: (name, outputs N, K) on a
 # [2N, K] weight, against the plain gemv + the silu_and_mul kernel
 LLAMA3_8B_GATED = [("gated", 14336, 4096), ("gated_tp2", 7168, 4096)]
-# QKV projection + rotary + KV-cache write in one kernel: (name, q heads, kv heads, head size, K)
-# against the plain gemv + rotary_store_kv (timed and recorded, never chosen by this timing)
-LLAMA3_8B_ROPE = [("rope", 32, 8, 128, 4096), ("rope_tp2", 16, 4, 128, 4096)]
 TINY_SHAPES = [("tiny_a", 96, 64), ("tiny_lm_head", 200, 64), ("gated_tiny", 48, 64)]
-TINY_ROPE = [("rope_tiny", 4, 2, 16, 64)]
 
 
 def sweep_configs(k: int) -> list[Any]:
@@ -161,69 +157,6 @@ def measure_shape(name: str, n: int, k: int, device: torch.device, dtype: torch.
     return _summarize(row, best, weight_bytes, copy_gbs)
 
 
-def measure_rope(name: str, heads: int, kv_heads: int, head_size: int, k: int,
-                 device: torch.device, dtype: torch.dtype, copy_gbs: float, replays: int,
-                 sweep: bool) -> dict[str, Any]:
-    """``gemv_rope_kv`` (every swept config) against the plain gemv + ``rotary_store_kv`` on a
-    QKV weight, one decode token; times in us a call."""
-    from fuselm.kernels.gemv import default_config, launch_gemv, tuned_config
-    from fuselm.kernels.gemv_rope_kv import (
-        gemv_rope_kv_ref,
-        launch_gemv_rope_kv,
-        rope_config,
-        split_qkv,
-    )
-    from fuselm.kernels.rotary_store_kv import rotary_store_kv_triton
-    from fuselm.layers.rotary import cos_sin_cache
-
-    n = (heads + 2 * kv_heads) * head_size
-    weights, x, weight_bytes = _weight_copies(n, k, device, dtype, seed=n * 5 + k)
-    copies = len(weights)
-    outs = [torch.empty(1, n, device=device, dtype=dtype) for _ in range(copies)]
-    cs = cos_sin_cache(head_size, 4096, 500000.0, None).float().to(device)
-    kc = torch.zeros(64, 16, kv_heads, head_size, device=device, dtype=dtype)
-    vc = torch.zeros_like(kc)
-    pos = torch.tensor([1000], device=device)
-    slot = torch.tensor([37], device=device)
-
-    def cublas() -> None:
-        for w, o in zip(weights, outs, strict=True):
-            torch.mm(x, w.t(), out=o)
-            rotary_store_kv_triton(*split_qkv(o, heads, kv_heads), pos, cs, kc, vc, slot)
-
-    plain_cfg = tuned_config(n, k, device) or default_config(n, k)
-
-    def separate() -> None:
-        for w, o in zip(weights, outs, strict=True):
-            launch_gemv(x, w, None, o, plain_cfg)
-            rotary_store_kv_triton(*split_qkv(o, heads, kv_heads), pos, cs, kc, vc, slot)
-
-    def fused_body(cfg):
-        def body() -> None:
-            for w, o in zip(weights, outs, strict=True):
-                launch_gemv_rope_kv(x, w, None, o, pos, cs, kc, vc, slot, heads, kv_heads, cfg)
-        return body
-
-    row: dict[str, Any] = {"name": name, "n": n, "k": k, "weight_MB": round(weight_bytes / 1e6, 2),
-                           "fp32_out": False, "rope": True,
-                           "heads": [heads, kv_heads, head_size]}
-    row["cublas_us"] = common.graph_time_us(cublas, copies, replays)
-    row["separate_us"] = common.graph_time_us(separate, copies, replays)
-    row["separate_config"] = plain_cfg.to_dict()
-    kc_ref, vc_ref = kc.clone(), vc.clone()
-    expected = gemv_rope_kv_ref(x, weights[-1], None, pos, cs, kc_ref, vc_ref, slot, heads,
-                                kv_heads).float()
-    configs = list(dict.fromkeys((sweep_configs(k) if sweep else []) + [rope_config(n, k, device)]))
-
-    def error() -> float:
-        return max((outs[-1].float() - expected).abs().max().item(),
-                   (kc.float() - kc_ref.float()).abs().max().item())
-
-    row["configs_us"], best = _sweep(name, configs, fused_body, error,
-                                     expected.abs().max().item(), copies, replays)
-    return _summarize(row, best, weight_bytes, copy_gbs)
-
-
 def _summarize(row: dict[str, Any], best: tuple[float, Any] | None, weight_bytes: int,
                copy_gbs: float) -> dict[str, Any]:
     """Adds the best Triton config, the GB/s of both and the speed-up to ``row``."""
@@ -246,21 +179,17 @@ def tuning_table(rows: list[dict[str, Any]], margin: float) -> dict[str, dict]:
     only where it beats cuBLAS (a gated shape: the faster of cuBLAS and the separate path) by
     ``margin`` (a fraction)."""
     from fuselm.kernels.gemv import gated_bucket, shape_bucket
-    from fuselm.kernels.gemv_rope_kv import rope_bucket
 
     table: dict[str, dict] = {}
     for r in rows:
         if r["triton_config"] is None:
             continue
         baseline = min(r["cublas_us"], r.get("separate_us", r["cublas_us"]))
-        # the fused rope kernel won this chain-of-identical-kernels timing on the H200 yet made
-        # the decode step 5 % slower (docs/perf/log/distributed-h200.md, run 10): it is switched on
-        # only by hand, after a decode A/B
-        faster = r["triton_us"] < baseline * (1 - margin) and not r.get("rope")
+        faster = r["triton_us"] < baseline * (1 - margin)
         times = {"triton": round(r["triton_us"], 2), "cublas": round(r["cublas_us"], 2)}
         if "separate_us" in r:
             times["separate"] = round(r["separate_us"], 2)
-        key = rope_bucket if r.get("rope") else gated_bucket if r.get("gated") else shape_bucket
+        key = gated_bucket if r.get("gated") else shape_bucket
         bucket = key(r["n"], r["k"])
         table[bucket] = {"backend": "triton" if faster else "reference",
                          "triton": r["triton_config"], "us": times}
@@ -296,18 +225,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device, dtype = torch.device("cuda"), torch.bfloat16
     copy_gbs = common.copy_bandwidth_gbs(device)
-    shapes, rope = {"llama3-8b": (LLAMA3_8B_SHAPES + LLAMA3_8B_GATED, LLAMA3_8B_ROPE),
-                    "fused": (LLAMA3_8B_GATED, LLAMA3_8B_ROPE),
-                    "tiny": (TINY_SHAPES, TINY_ROPE)}[args.shapes]
+    shapes = {"llama3-8b": LLAMA3_8B_SHAPES + LLAMA3_8B_GATED, "fused": LLAMA3_8B_GATED,
+              "tiny": TINY_SHAPES}[args.shapes]
     rows = []
     for name, n, k in shapes:
         rows.append(measure_shape(name, n, k, device, dtype, copy_gbs, args.replays,
                                   not args.no_sweep))
-        torch.cuda.empty_cache()
-        print(common.format_table(rows[-1:], COLUMNS), flush=True)
-    for name, heads, kv_heads, head_size, k in rope:
-        rows.append(measure_rope(name, heads, kv_heads, head_size, k, device, dtype, copy_gbs,
-                                 args.replays, not args.no_sweep))
         torch.cuda.empty_cache()
         print(common.format_table(rows[-1:], COLUMNS), flush=True)
     print(common.format_table(rows, COLUMNS))
