@@ -15,6 +15,14 @@ def launcher_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def torchrun_env() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) when launched by torchrun with several ranks."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "RANK" not in os.environ:
+        return None
+    return (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+            int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def pdl_enabled() -> bool:
     """FUSELM_PDL: 0 turns off programmatic dependent launch of the decode-graph Triton kernels
     (on by default where the GPU supports it: Hopper and newer)."""

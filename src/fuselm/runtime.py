@@ -8,20 +8,18 @@ the other ranks run ``fuselm.distributed.launch.run_worker``.
 
 from __future__ import annotations
 
-import os
-
 from fuselm.config import EngineConfig
 from fuselm.engine.builder import build_engine_parts
 from fuselm.engine.engine import LLMEngine
 from fuselm.engine.executor import Executor, LocalExecutor
+from fuselm.envs import torchrun_env
 from fuselm.loading import loader
 
 
 def needs_ranks(config: EngineConfig) -> bool:
     """True when the configuration runs on several processes (or under torchrun)."""
     world = config.parallel.tensor_parallel_size * config.parallel.pipeline_parallel_size
-    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
-    return world > 1 or torchrun
+    return world > 1 or torchrun_env() is not None
 
 
 def build_engine(config: EngineConfig) -> LLMEngine:

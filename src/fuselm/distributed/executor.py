@@ -126,7 +126,7 @@ class DistributedExecutor:
 
     def can_follow(self, pending: PendingStep) -> bool:
         """Plain greedy steps of one pipeline stage, whose argmax every rank kept."""
-        return self.keep_argmax and getattr(pending, "greedy", False)
+        return self.keep_argmax and isinstance(pending, _RankStep) and pending.greedy
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, follows: PendingStep | None = None) -> _RankStep:

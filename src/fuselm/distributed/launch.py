@@ -32,6 +32,7 @@ import torch.multiprocessing as mp
 
 from fuselm.config import EngineConfig, ModelConfig, ParallelConfig
 from fuselm.distributed.monitor import Monitor, hard_exit
+from fuselm.envs import torchrun_env
 from fuselm.parallel import parallel_state as ps
 
 logger = logging.getLogger(__name__)
@@ -121,14 +122,6 @@ def _bounded(fn: Any, seconds: float) -> None:
 def world_size_of(parallel: ParallelConfig) -> int:
     """Ranks the configuration needs."""
     return parallel.tensor_parallel_size * parallel.pipeline_parallel_size
-
-
-def torchrun_env() -> tuple[int, int, int] | None:
-    """(rank, world size, local rank) when launched by torchrun with several ranks."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "RANK" not in os.environ:
-        return None
-    return (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
-            int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def is_torchrun_worker() -> bool:
