@@ -52,6 +52,11 @@ class FakeTokenizer:
         out.append(buf.decode("utf-8", errors="replace"))
         return "".join(out)
 
+    def token_text(self, token_id: int) -> str | None:
+        if token_id in self._special:
+            return self._special[token_id]
+        return self.decode([token_id]) if 3 <= token_id < self.vocab_size else None
+
     def apply_chat_template(self, messages: list[dict[str, Any]],
                             add_generation_prompt: bool = True) -> str:
         text = "".join(f"<|{m['role']}|>{m.get('content') or ''}\n" for m in messages)
@@ -80,6 +85,7 @@ class _Req:
     seqs: list[_Seq]
     queue: asyncio.Queue
     arrival: float = field(default_factory=time.monotonic)
+    scheduled: float | None = None
     num_blocks: int = 0
 
     @property
@@ -172,6 +178,10 @@ class FakeEngine:
         self._release(req)
         req.queue.put_nowait(self._output(req))
 
+    async def check_health(self) -> None:
+        if self.dead:
+            raise EngineDeadError("the engine died")
+
     def stats(self) -> dict[str, float]:
         used = self.num_total_blocks - self.num_free_blocks
         return {
@@ -244,6 +254,7 @@ class FakeEngine:
             self.num_free_blocks -= need
             req.num_blocks = need
             self.running.append(req)
+            req.scheduled = time.monotonic()
             self.counters["prompt_tokens_total"] += len(req.prompt_ids)
 
     def _step(self) -> None:
@@ -307,7 +318,9 @@ class FakeEngine:
                 text_delta=visible[seq.sent_text:], token_ids_delta=seq.tokens[seq.sent_tokens:]))
             seq.sent_text, seq.sent_tokens = len(visible), len(seq.tokens)
         return RequestOutput(req.request_id, None, list(req.prompt_ids), outputs, req.finished,
-                             metrics={"arrival_time": req.arrival})
+                             metrics={"arrival_time": req.arrival,
+                                      **({"scheduled_time": req.scheduled}
+                                         if req.scheduled is not None else {})})
 
     def expected_text(self, prompt_ids: list[int], max_tokens: int, index: int = 0) -> str:
         """The temperature-0 text of a prompt (no stops): what a request alone would get."""

@@ -1,4 +1,4 @@
-"""/metrics: vLLM's names under `fuselm:`, token counters equal to the summed usage."""
+"""/metrics: vLLM's names (`vllm:*`), token counters equal to the summed usage."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from server_harness import MESSAGES, LiveServer, parse_sse, scrape
 pytestmark = pytest.mark.timeout(60)
 
 EXPECTED_NAMES = {
-    "fuselm:num_requests_running", "fuselm:num_requests_waiting", "fuselm:kv_cache_usage_perc",
-    "fuselm:prompt_tokens", "fuselm:generation_tokens", "fuselm:time_to_first_token_seconds",
-    "fuselm:inter_token_latency_seconds", "fuselm:e2e_request_latency_seconds",
-    "fuselm:num_preemptions", "fuselm:prefix_cache_queries", "fuselm:prefix_cache_hits",
-    "fuselm:request_success",
+    "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+    "vllm:prompt_tokens", "vllm:generation_tokens", "vllm:time_to_first_token_seconds",
+    "vllm:inter_token_latency_seconds", "vllm:e2e_request_latency_seconds",
+    "vllm:num_preemptions", "vllm:prefix_cache_queries", "vllm:prefix_cache_hits",
+    "vllm:request_success",
 }
 
 
@@ -41,21 +41,21 @@ def test_token_counters_equal_summed_usage(make_server: Any) -> None:
             completion_total += usage["completion_tokens"]
     samples = scrape(server)
     assert EXPECTED_NAMES <= samples[""]
-    assert samples["fuselm:prompt_tokens_total"] == prompt_total
-    assert samples["fuselm:generation_tokens_total"] == completion_total
-    assert samples["fuselm:request_success_total"] == 1 + 2 + 1 + 1 + 1 + 1
-    assert samples["fuselm:e2e_request_latency_seconds_count"] == 7
-    assert samples["fuselm:time_to_first_token_seconds_count"] == 7
-    assert samples["fuselm:num_requests_running"] == 0
-    assert samples["fuselm:kv_cache_usage_perc"] == 0.0
+    assert samples["vllm:prompt_tokens_total"] == prompt_total
+    assert samples["vllm:generation_tokens_total"] == completion_total
+    assert samples["vllm:request_success_total"] == 1 + 2 + 1 + 1 + 1 + 1
+    assert samples["vllm:e2e_request_latency_seconds_count"] == 7
+    assert samples["vllm:time_to_first_token_seconds_count"] == 7
+    assert samples["vllm:num_requests_running"] == 0
+    assert samples["vllm:kv_cache_usage_perc"] == 0.0
 
 
 def test_metrics_are_per_app(make_server: Any) -> None:
     a, b = make_server(), make_server()
     with a.client() as client:
         assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).is_success
-    assert scrape(a)["fuselm:generation_tokens_total"] == 2
-    assert scrape(b)["fuselm:generation_tokens_total"] == 0
+    assert scrape(a)["vllm:generation_tokens_total"] == 2
+    assert scrape(b)["vllm:generation_tokens_total"] == 0
 
 
 def test_gauges_follow_engine_stats(make_server: Any) -> None:
@@ -64,6 +64,6 @@ def test_gauges_follow_engine_stats(make_server: Any) -> None:
     engine.counters.update(num_preemptions_total=3, prefix_cache_queries_total=40,
                            prefix_cache_hits_total=16)
     samples = scrape(server)
-    assert samples["fuselm:num_preemptions_total"] == 3
-    assert samples["fuselm:prefix_cache_queries_total"] == 40
-    assert samples["fuselm:prefix_cache_hits_total"] == 16
+    assert samples["vllm:num_preemptions_total"] == 3
+    assert samples["vllm:prefix_cache_queries_total"] == 40
+    assert samples["vllm:prefix_cache_hits_total"] == 16

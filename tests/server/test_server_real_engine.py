@@ -103,7 +103,7 @@ def test_metrics_token_counters_equal_usage(real_server: LiveServer) -> None:
             completion_total += usage["completion_tokens"]
     after = scrape(real_server)
     for name, total in (("prompt", prompt_total), ("generation", completion_total)):
-        key = f"fuselm:{name}_tokens_total"
+        key = f"vllm:{name}_tokens_total"
         assert after[key] - before[key] == total
 
 

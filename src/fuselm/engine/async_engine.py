@@ -161,6 +161,21 @@ class AsyncEngine:
         self._wakeup.set()
         return await result
 
+    @property
+    def errored(self) -> bool:
+        """True once the step thread failed, or ended without being asked to stop."""
+        thread = self._thread
+        return self.dead is not None or (thread is not None and not thread.is_alive()
+                                         and not self._stopping)
+
+    async def check_health(self) -> None:
+        """Raises EngineDeadError if the step thread failed or stopped (vLLM's face for
+        /health); the state of the step thread is the only input, never a stats read."""
+        if self.errored:
+            raise EngineDeadError(f"the engine stopped: {self.dead or 'step thread ended'}")
+        if self._stopping:
+            raise EngineDeadError("the engine is shutting down")
+
     def stats(self) -> dict[str, float]:
         """Engine counters for /metrics: the snapshot the step thread published after its last
         step or drain (never reads the scheduler, so it never waits for a step)."""

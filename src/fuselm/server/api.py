@@ -10,6 +10,7 @@ bodies, anything unexpected) are answered in OpenAI's shape
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,11 +24,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from fuselm.errors import FuselmError, InvalidRequestError
+from fuselm.errors import EngineDeadError, FuselmError, InvalidRequestError
 from fuselm.server.app_state import ServerState
 from fuselm.server.auth import ApiKeyMiddleware
 from fuselm.server.metrics import ServerMetrics
 from fuselm.server.middleware import AdmissionMiddleware, BodySizeLimitMiddleware
+from fuselm.server.prompts import PromptEncoder, check_token_ids
 from fuselm.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -42,7 +44,7 @@ from fuselm.server.protocol import (
     VersionResponse,
     error_body,
 )
-from fuselm.server.serving import chat_prompt, check_token_ids, error_json, run_until_disconnect
+from fuselm.server.serving import error_json, run_until_disconnect
 from fuselm.server.serving_chat import create_chat_completion
 from fuselm.server.serving_completion import (
     create_completion,
@@ -78,16 +80,11 @@ def fuselm_version() -> str:
 
 @router.get("/health")
 async def health(request: Request) -> Response:
-    """200 while the engine can take requests, 503 otherwise."""
-    state = _state(request)
+    """200 while the engine's step thread runs, 503 once it failed or stopped."""
     try:
-        state.engine.stats()
-    except Exception:
-        state.engine_dead = True
-    if getattr(state.engine, "dead", None):  # AsyncEngine's failure flag, where it has one
-        state.engine_dead = True
-    if state.engine_dead:
-        return JSONResponse(error_body("the engine failed", "service_unavailable"),
+        await _state(request).engine.check_health()
+    except EngineDeadError as exc:
+        return JSONResponse(error_body(f"the engine failed: {exc}", "service_unavailable"),
                             status_code=503)
     return Response(status_code=200)
 
@@ -157,10 +154,12 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     if body.messages is not None:
         if not body.messages:
             raise InvalidRequestError("messages is empty", param="messages")
-        _, ids = chat_prompt(state, body.messages, body.add_generation_prompt)
+        _, ids = await state.prompts.chat_prompt(body.messages, body.add_generation_prompt)
     else:
-        ids = state.tokenizer.encode(body.prompt or "",
-                                     add_special_tokens=body.add_special_tokens)
+        text = body.prompt or ""
+        state.prompts.check_length(len(text), "prompt")
+        ids = await asyncio.to_thread(state.tokenizer.encode, text,
+                                      add_special_tokens=body.add_special_tokens)
     return TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=ids)
 
 
@@ -224,6 +223,7 @@ def build_app(engine: Any, *, api_key: str | None = None,
              else list(served_model_name or [str(engine.model_name)]))
     state = ServerState(engine=engine, served_model_names=names,
                         metrics=ServerMetrics(engine, names[0]),
+                        prompts=PromptEncoder(engine.tokenizer, int(engine.max_model_len)),
                         max_waiting_requests=max_waiting_requests)
 
     @asynccontextmanager

@@ -10,6 +10,7 @@ from typing import Any
 
 from fuselm.errors import EngineDeadError, ModelNotFoundError, QueueFullError
 from fuselm.server.metrics import ServerMetrics
+from fuselm.server.prompts import PromptEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -23,11 +24,12 @@ class ServerState:
     served_model_names: list[str]
     """Names the API accepts as `model`; the first is the one reported."""
     metrics: ServerMetrics
+    prompts: PromptEncoder
+    """Tokenizes prompts and chat messages (off the event loop)."""
     max_waiting_requests: int | None = None
     """429 when the engine's waiting queue holds this many; None leaves it to the engine."""
     draining: bool = False
     """True after SIGTERM (the launcher sets it): new requests get 503."""
-    engine_dead: bool = False
     num_in_flight: int = 0
     """HTTP requests admitted and not yet answered (streams count until their last byte)."""
     _background: set[asyncio.Task] = field(default_factory=set)
@@ -61,8 +63,6 @@ class ServerState:
         """Raises EngineDeadError (503) or QueueFullError (429) if a request can't be queued."""
         if self.draining:
             raise EngineDeadError("the server is shutting down")
-        if self.engine_dead:
-            raise EngineDeadError("the engine failed; restart the server")
         bound = self.max_waiting_requests
         if bound is not None and self.engine.stats().get("num_requests_waiting", 0) >= bound:
             raise QueueFullError(

@@ -1,13 +1,13 @@
-"""Prometheus metrics with vLLM's names under the `fuselm:` prefix, in a per-app registry.
+"""Prometheus metrics under vLLM's names and labels (`vllm:*`, label `model_name`), in a
+per-app registry, so that vLLM's published Grafana dashboard works unchanged.
 
 Two sources:
 - the engine's `stats()` (running/waiting requests, KV usage, preemptions, prefix cache), read at
   scrape time by `EngineStatsCollector`;
 - the server's own view of each request (`RequestTracker`): token counters, time to first token,
-  inter-token latency, end-to-end latency, finished requests by reason. Token counters are summed
-  from the outputs the server receives, so they equal the summed `usage` of the responses.
-
-Every metric carries the `model_name` label, as vLLM's do.
+  inter-token latency, queue/prefill/decode/end-to-end times, finished requests by reason
+  (aborts included). Token counters are summed from the outputs the server receives, so they
+  equal the summed `usage` of the responses.
 """
 
 from __future__ import annotations
@@ -29,23 +29,24 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
                 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
                7.5, 10.0, 20.0, 40.0, 80.0)
-E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
-               120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                   60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
 
-# engine stats key -> (metric name, help, kind)
+# engine stats key -> (metric names, help, kind). `gpu_cache_usage_perc` is the name vLLM's
+# published dashboard still reads; vLLM itself now exports `kv_cache_usage_perc`.
 _ENGINE_METRICS = {
-    "num_requests_running": ("fuselm:num_requests_running",
+    "num_requests_running": (("vllm:num_requests_running",),
                              "Requests in the running batch.", "gauge"),
-    "num_requests_waiting": ("fuselm:num_requests_waiting",
+    "num_requests_waiting": (("vllm:num_requests_waiting",),
                              "Requests waiting to be scheduled.", "gauge"),
-    "kv_cache_usage_perc": ("fuselm:kv_cache_usage_perc",
+    "kv_cache_usage_perc": (("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
                             "Fraction of KV cache blocks in use (1 = full).", "gauge"),
-    "num_preemptions_total": ("fuselm:num_preemptions",
+    "num_preemptions_total": (("vllm:num_preemptions",),
                               "Preemptions of running sequences.", "counter"),
-    "prefix_cache_queries_total": ("fuselm:prefix_cache_queries",
+    "prefix_cache_queries_total": (("vllm:prefix_cache_queries",),
                                    "Prompt tokens looked up in the prefix cache.", "counter"),
-    "prefix_cache_hits_total": ("fuselm:prefix_cache_hits",
+    "prefix_cache_hits_total": (("vllm:prefix_cache_hits",),
                                 "Prompt tokens found in the prefix cache.", "counter"),
 }
 
@@ -63,13 +64,20 @@ class EngineStatsCollector:
         except Exception:  # a scrape must not fail because the engine is gone
             logger.exception("engine.stats() failed")
             return
-        for key, (name, doc, kind) in _ENGINE_METRICS.items():
+        for key, (names, doc, kind) in _ENGINE_METRICS.items():
             if key not in stats:
                 continue
-            family_cls = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
-            family = family_cls(name, doc, labels=["model_name"])
-            family.add_metric([self.model_name], float(stats[key]))
-            yield family
+            for name in names:
+                family_cls = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+                family = family_cls(name, doc, labels=["model_name"])
+                family.add_metric([self.model_name], float(stats[key]))
+                yield family
+
+
+def _histogram(name: str, doc: str, buckets: tuple[float, ...], registry: CollectorRegistry,
+               model_name: str) -> Any:
+    return Histogram(name, doc, ["model_name"], buckets=buckets,
+                     registry=registry).labels(model_name)
 
 
 class ServerMetrics:
@@ -77,26 +85,44 @@ class ServerMetrics:
 
     def __init__(self, engine: Any, model_name: str) -> None:
         self.model_name = model_name
-        self.registry = CollectorRegistry()
-        reg, labels = self.registry, ["model_name"]
-        self.prompt_tokens = Counter("fuselm:prompt_tokens", "Prefill tokens processed.",
-                                     labels, registry=reg).labels(model_name)
-        self.generation_tokens = Counter("fuselm:generation_tokens", "Tokens generated.",
-                                         labels, registry=reg).labels(model_name)
-        self.request_success = Counter("fuselm:request_success", "Finished requests by reason.",
+        self.registry = reg = CollectorRegistry()
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefill tokens processed.",
+                                     ["model_name"], registry=reg).labels(model_name)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated.",
+                                         ["model_name"], registry=reg).labels(model_name)
+        self.request_success = Counter("vllm:request_success", "Finished requests by reason.",
                                        ["model_name", "finished_reason"], registry=reg)
-        self.ttft = Histogram("fuselm:time_to_first_token_seconds", "Time to first token.",
-                              labels, buckets=TTFT_BUCKETS, registry=reg).labels(model_name)
-        self.itl = Histogram("fuselm:inter_token_latency_seconds", "Time between outputs.",
-                             labels, buckets=ITL_BUCKETS, registry=reg).labels(model_name)
-        self.e2e = Histogram("fuselm:e2e_request_latency_seconds", "Request latency.",
-                             labels, buckets=E2E_BUCKETS, registry=reg).labels(model_name)
-        self.request_prompt_tokens = Histogram(
-            "fuselm:request_prompt_tokens", "Prompt tokens per request.", labels,
-            buckets=TOKEN_BUCKETS, registry=reg).labels(model_name)
-        self.request_generation_tokens = Histogram(
-            "fuselm:request_generation_tokens", "Generated tokens per request.", labels,
-            buckets=TOKEN_BUCKETS, registry=reg).labels(model_name)
+        self.ttft = _histogram("vllm:time_to_first_token_seconds", "Time to first token.",
+                               TTFT_BUCKETS, reg, model_name)
+        self.itl = _histogram("vllm:inter_token_latency_seconds", "Time between outputs.",
+                              ITL_BUCKETS, reg, model_name)
+        self.tpot = _histogram("vllm:time_per_output_token_seconds",
+                               "Time between outputs (vLLM's older name of the inter-token "
+                               "latency, still read by its dashboard).", ITL_BUCKETS, reg,
+                               model_name)
+        self.e2e = _histogram("vllm:e2e_request_latency_seconds", "Request latency.",
+                              REQUEST_BUCKETS, reg, model_name)
+        self.queue_time = _histogram("vllm:request_queue_time_seconds",
+                                     "Time from arrival to first scheduling.", REQUEST_BUCKETS,
+                                     reg, model_name)
+        self.prefill_time = _histogram("vllm:request_prefill_time_seconds",
+                                       "Time from first scheduling to the first token.",
+                                       REQUEST_BUCKETS, reg, model_name)
+        self.decode_time = _histogram("vllm:request_decode_time_seconds",
+                                      "Time from the first token to the last.",
+                                      REQUEST_BUCKETS, reg, model_name)
+        self.inference_time = _histogram("vllm:request_inference_time_seconds",
+                                         "Time from first scheduling to the last token.",
+                                         REQUEST_BUCKETS, reg, model_name)
+        self.request_prompt_tokens = _histogram(
+            "vllm:request_prompt_tokens", "Prompt tokens per request.", TOKEN_BUCKETS, reg,
+            model_name)
+        self.request_generation_tokens = _histogram(
+            "vllm:request_generation_tokens", "Generated tokens per request (all n choices).",
+            TOKEN_BUCKETS, reg, model_name)
+        self.request_max_generation_tokens = _histogram(
+            "vllm:request_max_num_generation_tokens",
+            "Generated tokens of a request's longest choice.", TOKEN_BUCKETS, reg, model_name)
         reg.register(EngineStatsCollector(engine, model_name))
 
     def render(self) -> bytes:
@@ -109,33 +135,73 @@ class ServerMetrics:
 
 
 class RequestTracker:
-    """Feeds one engine request's outputs into the metrics."""
+    """Feeds one engine request's outputs into the metrics; `close()` counts a request that
+    ended without a finished output (client gone, error) as aborted."""
 
     def __init__(self, metrics: ServerMetrics) -> None:
         self.metrics = metrics
         self.start = time.monotonic()
+        self.first_token_time: float | None = None
         self.last_token_time: float | None = None
         self.num_generated = 0
+        self.num_prompt_tokens = 0
+        self.max_generated = 0
+        self.engine_times: dict[str, float] = {}
         self.admitted = False
+        self.done = False
 
     def observe(self, out: RequestOutput) -> None:
         """Counts the tokens of `out` (deltas since the previous output) and its latencies."""
         m, now = self.metrics, time.monotonic()
         if not self.admitted:
             self.admitted = True
-            m.prompt_tokens.inc(len(out.prompt_token_ids))
+            self.num_prompt_tokens = len(out.prompt_token_ids)
+            m.prompt_tokens.inc(self.num_prompt_tokens)
+        self.engine_times.update(out.metrics or {})
         new = sum(len(c.token_ids_delta) for c in out.outputs)
+        self.max_generated = max([self.max_generated, *(len(c.token_ids) for c in out.outputs)])
         if new:
             self.num_generated += new
             m.generation_tokens.inc(new)
             if self.last_token_time is None:
+                self.first_token_time = now
                 m.ttft.observe(now - self.start)
             else:
                 m.itl.observe(now - self.last_token_time)
+                m.tpot.observe(now - self.last_token_time)
             self.last_token_time = now
         if out.finished:
-            m.e2e.observe(now - self.start)
             reason = (out.outputs[0].finish_reason if out.outputs else None) or "abort"
-            m.request_success.labels(m.model_name, reason).inc()
-            m.request_prompt_tokens.observe(len(out.prompt_token_ids))
-            m.request_generation_tokens.observe(self.num_generated)
+            self._finish(reason, now)
+
+    def close(self) -> None:
+        """Counts the request as aborted unless it already finished."""
+        if not self.done:
+            self._finish("abort", time.monotonic())
+
+    def _finish(self, reason: str, now: float) -> None:
+        m = self.metrics
+        self.done = True
+        m.e2e.observe(now - self.start)
+        m.request_success.labels(m.model_name, reason).inc()
+        if not self.admitted:
+            return
+        m.request_prompt_tokens.observe(self.num_prompt_tokens)
+        m.request_generation_tokens.observe(self.num_generated)
+        m.request_max_generation_tokens.observe(self.max_generated)
+        self._observe_phases(now)
+
+    def _observe_phases(self, now: float) -> None:
+        """Queue, prefill, decode and inference times, from the engine's timestamps where it
+        reports them (`arrival_time`, `scheduled_time`: the engine's monotonic clock, which is
+        this process's)."""
+        m, times = self.metrics, self.engine_times
+        arrival = times.get("arrival_time", self.start)
+        scheduled = times.get("scheduled_time", arrival)
+        first = self.first_token_time
+        last = self.last_token_time or now
+        m.queue_time.observe(max(scheduled - arrival, 0.0))
+        m.inference_time.observe(max(last - scheduled, 0.0))
+        if first is not None:
+            m.prefill_time.observe(max(first - scheduled, 0.0))
+            m.decode_time.observe(max(last - first, 0.0))

@@ -12,20 +12,19 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from fuselm.errors import ContextLengthError, EngineDeadError, FuselmError, InvalidRequestError
+from fuselm.errors import ContextLengthError, FuselmError, InvalidRequestError
 from fuselm.outputs import RequestOutput
 from fuselm.sampling_params import SamplingParams
 from fuselm.server.app_state import ServerState
+from fuselm.server.prompts import check_token_ids
 from fuselm.server.protocol import (
-    MAX_PROMPTS,
-    ChatMessageParam,
     SamplingFields,
     UsageInfo,
     error_body,
@@ -45,16 +44,6 @@ LOGIT_BIAS_LIMIT = 100.0
 def error_json(exc: FuselmError) -> dict[str, Any]:
     """The OpenAI error body of a fuselm error."""
     return error_body(str(exc), exc.error_type, getattr(exc, "param", None), exc.code)
-
-
-def check_token_ids(ids: Iterable[int], vocab_size: int, param: str) -> list[int]:
-    """`ids` as a list; InvalidRequestError if any is outside [0, vocab_size)."""
-    ids = list(ids)
-    bad = [t for t in ids if not 0 <= t < vocab_size]
-    if bad:
-        raise InvalidRequestError(
-            f"token id {bad[0]} is out of range; ids must be in [0, {vocab_size})", param=param)
-    return ids
 
 
 def parse_logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float] | None:
@@ -122,65 +111,6 @@ def build_sampling_params(state: ServerState, req: SamplingFields, *, max_tokens
         skip_special_tokens=req.skip_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output,
     )
-
-
-def completion_prompts(state: ServerState, prompt: Any) -> list[tuple[str, list[int]]]:
-    """(text, token ids) of each prompt of a completion request (text, ids, or lists of them)."""
-    if isinstance(prompt, str):
-        items: list[Any] = [prompt]
-    elif not prompt:
-        raise InvalidRequestError("the prompt is empty", param="prompt")
-    elif isinstance(prompt[0], int):
-        items = [prompt]
-    else:
-        items = list(prompt)
-    if len(items) > MAX_PROMPTS:
-        raise InvalidRequestError(f"at most {MAX_PROMPTS} prompts per request", param="prompt")
-    tok, result = state.tokenizer, []
-    for item in items:
-        if isinstance(item, str):
-            ids = tok.encode(item, add_special_tokens=True)
-            text = item
-        else:
-            ids = check_token_ids(item, tok.vocab_size, "prompt")
-            text = tok.decode(ids, skip_special_tokens=False)
-        if not ids:
-            raise InvalidRequestError("the prompt is empty", param="prompt")
-        result.append((text, ids))
-    return result
-
-
-def chat_prompt(state: ServerState, messages: list[ChatMessageParam],
-                add_generation_prompt: bool) -> tuple[str, list[int]]:
-    """The chat template's text for `messages` and its token ids (no extra special tokens:
-    the template writes them)."""
-    rendered_messages = []
-    for message in messages:
-        content = message.content
-        if isinstance(content, list):
-            texts = []
-            for part in content:
-                if part.type != "text" or part.text is None:
-                    raise InvalidRequestError(
-                        f"content part type {part.type!r} is not supported; send text parts",
-                        param="messages")
-                texts.append(part.text)
-            content = "\n".join(texts)
-        rendered = message.model_dump(exclude_none=True)
-        rendered["content"] = content or ""
-        rendered_messages.append(rendered)
-    tok = state.tokenizer
-    try:
-        text = tok.apply_chat_template(rendered_messages,
-                                       add_generation_prompt=add_generation_prompt)
-    except InvalidRequestError:
-        raise
-    except Exception as exc:  # a template may fail on any message shape
-        raise InvalidRequestError(f"the chat template failed: {exc}", param="messages") from exc
-    ids = tok.encode(text, add_special_tokens=False)
-    if not ids:
-        raise InvalidRequestError("the prompt is empty", param="messages")
-    return text, ids
 
 
 def usage_of(num_prompt_tokens: int, num_completion_tokens: int) -> UsageInfo:
@@ -252,10 +182,12 @@ class EngineCall:
                     yield out
                     if out.finished:
                         return
-        except EngineDeadError:
-            state.engine_dead = not state.draining
+        except FuselmError:
+            if not tracker.admitted:  # refused before it ran: not a finished request
+                tracker.done = True
             raise
         finally:
+            tracker.close()
             if engine_id in self.unfinished:
                 self.unfinished.discard(engine_id)
                 state.abort_soon(engine_id)

@@ -28,7 +28,6 @@ from fuselm.server.serving import (
     EngineCall,
     EventStreamResponse,
     build_sampling_params,
-    chat_prompt,
     clamp_logprob,
     event_stream,
     resolve_max_tokens,
@@ -60,11 +59,12 @@ def _token_logprob(tokenizer: Any, token_id: int, logprob: float | None) -> dict
             "bytes": list(token.encode("utf-8", errors="replace"))}
 
 
-def _prepare(state: ServerState, req: ChatCompletionRequest) -> tuple[int | None, EngineCall]:
+async def _prepare(state: ServerState, req: ChatCompletionRequest,
+                   ) -> tuple[int | None, EngineCall]:
     state.check_model(req.model)
     if req.top_logprobs and not req.logprobs:
         raise InvalidRequestError("top_logprobs needs logprobs set to true", param="top_logprobs")
-    _, ids = chat_prompt(state, req.messages, req.add_generation_prompt)
+    _, ids = await state.prompts.chat_prompt(req.messages, req.add_generation_prompt)
     num_top = (req.top_logprobs or 0) if req.logprobs else None
     max_tokens = req.max_completion_tokens or req.max_tokens
     params = build_sampling_params(state, req, logprobs=num_top,
@@ -85,7 +85,7 @@ def _echo_text(req: ChatCompletionRequest) -> str:
 
 async def create_chat_completion(state: ServerState, req: ChatCompletionRequest) -> Response:
     """Runs a chat completion; JSON, or an event stream when `stream` is set."""
-    num_top, call = _prepare(state, req)
+    num_top, call = await _prepare(state, req)
     if req.stream:
         outputs = await start_stream(call)
         streamer = _ChatStreamer(state, req, call.request_id, num_top)

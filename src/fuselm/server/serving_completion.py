@@ -26,7 +26,6 @@ from fuselm.server.serving import (
     EventStreamResponse,
     build_sampling_params,
     clamp_logprob,
-    completion_prompts,
     event_stream,
     resolve_max_tokens,
     sse,
@@ -73,14 +72,14 @@ def _with_prompt_logprobs(tokenizer: Any, prompt_ids: list[int],
     return result
 
 
-def _prepare(state: ServerState, req: CompletionRequest) -> tuple[list[tuple[str, list[int]]],
-                                                                   EngineCall]:
+async def _prepare(state: ServerState, req: CompletionRequest,
+                   ) -> tuple[list[tuple[str, list[int]]], EngineCall]:
     state.check_model(req.model)
     if req.suffix:
         raise InvalidRequestError("suffix is not supported", param="suffix")
     if req.best_of is not None and req.best_of != req.n:
         raise InvalidRequestError("best_of must equal n (or be left out)", param="best_of")
-    prompts = completion_prompts(state, req.prompt)
+    prompts = await state.prompts.completion_prompts(req.prompt)
     params = [build_sampling_params(state, req, logprobs=req.logprobs,
                                     max_tokens=resolve_max_tokens(state, len(ids),
                                                                   req.max_tokens))
@@ -92,7 +91,7 @@ def _prepare(state: ServerState, req: CompletionRequest) -> tuple[list[tuple[str
 
 async def create_completion(state: ServerState, req: CompletionRequest) -> Response:
     """Runs a completion request; JSON, or an event stream when `stream` is set."""
-    prompts, call = _prepare(state, req)
+    prompts, call = await _prepare(state, req)
     if req.stream:
         outputs = await start_stream(call)
         streamer = _CompletionStreamer(state, req, call.request_id, prompts)
@@ -187,23 +186,25 @@ class _CompletionStreamer:
 # -- KServe v2 generate --------------------------------------------------------------------------
 
 
-def _prepare_generate(state: ServerState, model: str, req: GenerateRequest) -> EngineCall:
+async def _prepare_generate(state: ServerState, model: str, req: GenerateRequest) -> EngineCall:
     state.check_model(model)
     params = req.parameters
     if params.n != 1:
         raise InvalidRequestError("the generate extension returns one text; n must be 1",
                                   param="parameters.n")
-    (_, ids), = completion_prompts(state, req.text_input)
+    (_, ids), = await state.prompts.completion_prompts(req.text_input)
     sampling = build_sampling_params(state, params, logprobs=None,
                                      max_tokens=resolve_max_tokens(state, len(ids),
                                                                    params.max_tokens))
     state.check_admission()
-    return EngineCall(state, req.id or state.new_id("gen"), [ids], [sampling])
+    # The client's `id` is only echoed: engine ids are the server's, so that two clients
+    # sending the same id can never collide with (or abort) each other's work.
+    return EngineCall(state, state.new_id("gen"), [ids], [sampling])
 
 
 async def kserve_generate(state: ServerState, model: str, req: GenerateRequest) -> Response:
     """`text_input` -> `text_output`, in one JSON response."""
-    call = _prepare_generate(state, model, req)
+    call = await _prepare_generate(state, model, req)
     final = (await call.collect())[0]
     c = final.outputs[0]
     body = GenerateResponse(model_name=state.model_name, id=req.id, text_output=c.text,
@@ -215,7 +216,7 @@ async def kserve_generate(state: ServerState, model: str, req: GenerateRequest) 
 async def kserve_generate_stream(state: ServerState, model: str,
                                  req: GenerateRequest) -> Response:
     """`text_input` -> SSE events of `text_output` deltas (no `[DONE]`, as in Triton)."""
-    call = _prepare_generate(state, model, req)
+    call = await _prepare_generate(state, model, req)
     outputs = await start_stream(call)
 
     def on_output(_: int, out: RequestOutput) -> list[str]:
