@@ -5,23 +5,80 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import importlib.metadata
+import importlib.util
 import logging
+import signal
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
-from fuselm import envs
+from fuselm import __version__, envs
 from fuselm.cli_args import add_engine_arguments, engine_config_from_args
 from fuselm.errors import FuselmError
 
+# An optional package -> the extra of fuselm's pyproject.toml that installs it.
+EXTRA_OF_PACKAGE = {"transformers": "hf", "accelerate": "hf", "httpx": "bench",
+                    "matplotlib": "bench"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line: the message, and where to find the flags."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def missing_package_message(command: str, exc: ImportError) -> str:
+    """One line saying which package (and extra) ``fuselm COMMAND`` needs."""
+    name = (exc.name or str(exc)).split(".")[0]
+    extra = EXTRA_OF_PACKAGE.get(name)
+    how = (f"install the {extra} extra: pip install 'fuselm[{extra}]' (in a checkout: "
+           f"pip install -e '.[{extra}]')" if extra else
+           "it is a dependency of fuselm: reinstall with pip install fuselm")
+    return f"fuselm {command}: error: needs the package {name!r}, which is not installed; {how}"
+
+
+def _installed(package: str) -> bool:
+    if package in sys.modules:
+        return sys.modules[package] is not None
+    return importlib.util.find_spec(package) is not None
+
+
+def missing_packages(args: argparse.Namespace) -> list[str]:
+    """Optional packages the selected command will import and that are not installed (checked
+    before it starts, so that a run does not fail at its end, when it writes its --plot)."""
+    needs = []
+    if getattr(args, "plot", None):
+        needs.append("matplotlib")
+    if getattr(args, "compare", None) == "hf":
+        needs.append("transformers")
+    if args.command_path == "bench serve":
+        needs.append("httpx")
+    return [name for name in needs if not _installed(name)]
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("fuselm")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return __version__
+
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=-1)
+    parser.add_argument("--max-tokens", type=int, default=256,
+                        help="tokens to generate at most (default: 256)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sampling temperature; 0 is greedy (default: 0.0)")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="nucleus sampling: keep the smallest set of tokens whose "
+                             "probabilities sum to this (default: 1.0, every token)")
+    parser.add_argument("--top-k", type=int, default=-1,
+                        help="keep the k most likely tokens (default: -1, every token)")
     parser.add_argument("--sampling-seed", type=int, default=None,
-                        help="seed of this request's sampling (default: unseeded)")
+                        help="seed of this request's sampling (unset: unseeded)")
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-text")
 
 
@@ -33,12 +90,28 @@ def _sampling_params(args: argparse.Namespace):
                           ignore_eos=args.ignore_eos)
 
 
-def _stream(engine, request_id: str, prompt: str, params) -> tuple[str, int, float]:
-    """Runs one request, printing text as it arrives; returns text, tokens, decode seconds."""
+@dataclass
+class Answer:
+    """One streamed answer: its text, token count, decode seconds, whether it was stopped."""
+
+    text: str
+    num_tokens: int
+    decode_s: float
+    stopped: bool
+
+
+def _stream(engine, request_id: str, prompt: str, params,
+            stop: Callable[[], bool] = lambda: False) -> Answer:
+    """Runs one request, printing text as it arrives. When ``stop()`` turns true (checked
+    between engine steps) the request is aborted, which frees its KV blocks."""
     engine.add_request(request_id, prompt, params)
     pieces: list[str] = []
-    num_tokens, first = 0, None
+    num_tokens, first, stopped = 0, None, False
     while engine.has_unfinished_requests():
+        if stop():
+            engine.abort_request(request_id)
+            stopped = True
+            break
         for out in engine.step():
             completion = out.outputs[0]
             if first is None and completion.token_ids:
@@ -47,9 +120,9 @@ def _stream(engine, request_id: str, prompt: str, params) -> tuple[str, int, flo
             if completion.text_delta:
                 pieces.append(completion.text_delta)
                 print(completion.text_delta, end="", flush=True)
-    print()
+    print(" [stopped]" if stopped else "")
     decode_s = time.perf_counter() - first if first else 0.0
-    return "".join(pieces), num_tokens, decode_s
+    return Answer("".join(pieces), num_tokens, decode_s, stopped)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -60,11 +133,80 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = args.prompt
     if not args.raw_prompt and engine.tokenizer.chat_template:
         prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-    _, num_tokens, decode_s = _stream(engine, "generate", prompt, _sampling_params(args))
-    if args.verbose and num_tokens > 1:
-        print(f"[{num_tokens} tokens, {1000 * decode_s / (num_tokens - 1):.1f} ms/token decode]",
-              file=sys.stderr)
+    answer = _stream(engine, "generate", prompt, _sampling_params(args))
+    if args.verbose and answer.num_tokens > 1:
+        ms = 1000 * answer.decode_s / (answer.num_tokens - 1)
+        print(f"[{answer.num_tokens} tokens, {ms:.1f} ms/token decode]", file=sys.stderr)
     return 0
+
+
+CHAT_HELP = """\
+/help     this text
+/history  the conversation so far, as the model sees it
+/reset    forget the conversation (keeps the --system prompt)
+/exit     quit (also Ctrl-D, or Ctrl-C at an empty prompt)
+Ctrl-C during an answer stops the answer; arrow keys edit the line, up/down recall lines."""
+
+
+class _StopFlag:
+    """While active, Ctrl-C (SIGINT) sets a flag instead of raising KeyboardInterrupt, so that
+    an answer stops between engine steps, never inside one."""
+
+    def __init__(self) -> None:
+        self.hit = False
+        self._previous: Any = None
+
+    def __call__(self) -> bool:
+        return self.hit
+
+    def __enter__(self) -> _StopFlag:
+        self.hit = False
+        self._previous = signal.signal(signal.SIGINT, self._on_signal)
+        return self
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.hit = True
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def _read_line(prompt: str) -> str | None:
+    """A line typed at ``prompt``; None to end the chat (Ctrl-D, or Ctrl-C on an empty line).
+    Ctrl-C on a line with text drops the text, as a shell does."""
+    try:
+        import readline  # noqa: F401  (line editing and history for input(); not on Windows)
+    except ImportError:
+        readline = None  # type: ignore[assignment]
+    try:
+        return input(prompt)
+    except EOFError:
+        print()
+        return None
+    except KeyboardInterrupt:
+        typed = readline.get_line_buffer() if readline is not None else ""
+        print()
+        return "" if typed else None
+
+
+def _chat_command(line: str, history: list[dict[str, str]], start: int) -> bool | None:
+    """Runs a /command: False to quit, True when handled, None when ``line`` is no command."""
+    word = line.strip()
+    if word in ("/exit", "/quit"):
+        return False
+    if word == "/help":
+        print(CHAT_HELP)
+    elif word == "/reset":
+        del history[start:]
+        print("(conversation cleared)")
+    elif word == "/history":
+        for message in history:
+            print(f"{message['role']}: {message['content']}")
+    elif word.startswith("/"):
+        print(f"unknown command {word}; /help lists the commands")
+    else:
+        return None
+    return True
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -73,28 +215,28 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     engine = build_engine(engine_config_from_args(args))
     history = [{"role": "system", "content": args.system}] if args.system else []
-    turn = 0
-    while True:
-        try:
-            line = input("you> ")
-        except EOFError:
-            print()
-            return 0
-        if line.strip() in ("/exit", "/quit"):
-            return 0
-        if not line.strip():
+    start, turn, stop = len(history), 0, _StopFlag()
+    print("fuselm chat: /help for commands, Ctrl-D to quit", flush=True)
+    while (line := _read_line("you> ")) is not None:
+        handled = _chat_command(line, history, start)
+        if handled is False:
+            break
+        if handled or not line.strip():
             continue
         history.append({"role": "user", "content": line})
         prompt = engine.tokenizer.apply_chat_template(history)
         print("assistant> ", end="", flush=True)
         try:
-            text, _, _ = _stream(engine, f"chat-{turn}", prompt, _sampling_params(args))
+            with stop:
+                answer = _stream(engine, f"chat-{turn}", prompt, _sampling_params(args), stop)
         except FuselmError as exc:
             print(f"\nerror: {exc}", file=sys.stderr)
             history.pop()
             continue
-        history.append({"role": "assistant", "content": text})
+        # a stopped answer stays in the history as far as it was shown
+        history.append({"role": "assistant", "content": answer.text})
         turn += 1
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -124,12 +266,11 @@ _TOOLS = {
 
 
 def _import_for(command: str, module: str):
-    """The module behind a subcommand; a missing optional package is a clear error."""
+    """The module behind a subcommand; a missing package is a one-line error (status 1)."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise SystemExit(f"error: `fuselm {command}` needs the package {exc.name!r}, which is "
-                         f"not installed ({exc})") from exc
+        raise SystemExit(missing_package_message(command, exc)) from exc
 
 
 def _add_tool(sub, path: tuple[str, ...], selected: bool) -> None:
@@ -137,7 +278,7 @@ def _add_tool(sub, path: tuple[str, ...], selected: bool) -> None:
     it, so that ``fuselm --help`` imports no kernel, Triton or server code."""
     module, help_text, engine = _TOOLS[path]
     parser = sub.add_parser(path[-1], help=help_text)
-    parser.set_defaults(func=_delegate(module))
+    parser.set_defaults(func=_delegate(module), command_path=" ".join(path))
     if not selected:
         return
     if engine:
@@ -149,7 +290,7 @@ def _add_tool(sub, path: tuple[str, ...], selected: bool) -> None:
 
 def _add_serve(sub, selected: bool) -> None:
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    serve.set_defaults(func=cmd_serve)
+    serve.set_defaults(func=cmd_serve, command_path="serve")
     if not selected:
         return
     add_engine_arguments(serve, model_positional=True)
@@ -162,18 +303,20 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     words = [w for w in (sys.argv[1:] if argv is None else argv) if not w.startswith("-")]
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="log progress and speed")
-    parser = argparse.ArgumentParser(prog="fuselm", description=__doc__, parents=[common])
+    parser = _Parser(prog="fuselm", description="fuselm: a fast LLM inference engine and "
+                     "OpenAI-compatible server.", parents=[common])
+    parser.add_argument("--version", action="version", version=f"fuselm {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser = functools.partial(sub.add_parser, parents=[common])  # type: ignore[method-assign]
     gen = sub.add_parser("generate", help="answer one prompt, streaming the text")
-    gen.add_argument("prompt")
+    gen.add_argument("prompt", help="the prompt text")
     gen.add_argument("--raw-prompt", action="store_true", help="skip the chat template")
     chat = sub.add_parser("chat", help="interactive chat with history")
     chat.add_argument("--system", default=None, help="system prompt")
-    for p, func in ((gen, cmd_generate), (chat, cmd_chat)):
+    for p, func, name in ((gen, cmd_generate, "generate"), (chat, cmd_chat, "chat")):
         add_engine_arguments(p)
         _add_sampling_arguments(p)
-        p.set_defaults(func=func)
+        p.set_defaults(func=func, command_path=name)
     _add_serve(sub, words[:1] == ["serve"])
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     bench.add_parser = functools.partial(bench.add_parser, parents=[common])  # type: ignore
@@ -182,15 +325,24 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _fail(command: str, message: str, status: int) -> int:
+    print(f"fuselm {command}: error: {message}", file=sys.stderr)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fuselm`` console script."""
     parser = build_parser(argv)
     args = parser.parse_args(argv)
+    command = args.command_path
+    if missing := missing_packages(args):
+        print(missing_package_message(command, ImportError(name=missing[0])), file=sys.stderr)
+        return 1
     if "engine.seed" in vars(args):
         try:  # bad flag values fail here, before any weight loads
             engine_config_from_args(args)
         except ValueError as exc:
-            parser.error(str(exc))
+            return _fail(command, f"{exc} (see fuselm {command} --help)", 2)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if "engine.seed" in vars(args) and envs.launcher_rank() > 0:
@@ -199,8 +351,12 @@ def main(argv: list[str] | None = None) -> int:
         return run_torchrun_worker(engine_config_from_args(args))
     try:
         return args.func(args)
-    except FuselmError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except FuselmError as exc:  # a bad flag, file or request: the message names it
+        return _fail(command, str(exc), 2)
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] not in EXTRA_OF_PACKAGE:
+            raise
+        print(missing_package_message(command, exc), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130

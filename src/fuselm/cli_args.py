@@ -7,13 +7,38 @@ import ast
 import dataclasses
 import inspect
 import json
+import re
 import typing
 from functools import cache
 from typing import Any
 
-from fuselm.config import CONFIG_SECTIONS, EngineConfig, literal_choices
+from fuselm.config import CONFIG_SECTIONS, DTYPE_ALIASES, EngineConfig, literal_choices
 
 _SKIP = {"model", "cache", "scheduler", "parallel"}
+_SHORT_FLAGS = {"tensor_parallel_size": "-tp", "pipeline_parallel_size": "-pp"}  # vLLM's
+
+
+def _flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@cache
+def _field_flags() -> dict[str, str]:
+    """Every engine config field name -> its flag, to write flags where docstrings name fields."""
+    names = [f.name for cls in (EngineConfig, *CONFIG_SECTIONS.values())
+             for f in dataclasses.fields(cls) if f.name not in _SKIP]
+    return {name: _flag_name(name) for name in names}
+
+
+def plain_help(text: str) -> str:
+    """A field docstring as CLI help: no reST markup, flags instead of field names, "unset"
+    instead of None."""
+    text = text.replace("``", "")
+    text = re.sub(r"\bNone\b", "unset", text)
+    flags = _field_flags()
+    # only multi-word names: "device" or "seed" in prose is the word, not the flag
+    return re.sub(r"\b[a-z0-9]+(?:_[a-z0-9]+)+\b", lambda m: flags.get(m.group(), m.group()),
+                  text)
 
 
 @cache
@@ -37,29 +62,33 @@ def _add_fields(group: argparse._ArgumentGroup, cls: type, prefix: str) -> None:
     for f in dataclasses.fields(cls):
         if f.name in _SKIP:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flags = [_flag_name(f.name)] + ([_SHORT_FLAGS[f.name]] if f.name in _SHORT_FLAGS else [])
         default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = docs.get(f.name, "")
+        help_text = plain_help(docs.get(f.name, ""))
         hint = hints[f.name]
         kwargs: dict[str, Any] = {"dest": f"{prefix}{f.name}", "default": default}
-        notes = []
         if hint is bool or set(typing.get_args(hint)) == {bool, type(None)}:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["metavar"] = f.name.upper()
             if choices := literal_choices(hint):
                 kwargs["choices"] = choices
-                notes.append(f"choices: {', '.join(choices)}")
+                # aliases are accepted but not advertised (the docstring names them)
+                kwargs["metavar"] = "{" + ",".join(c for c in choices
+                                                   if c not in DTYPE_ALIASES) + "}"
             if "dict" in str(hint):
                 kwargs["type"] = json.loads
             else:
                 kwargs["type"] = next((t for t in (int, float, str)
                                        if t in typing.get_args(hint) or t is hint), str)
         if default is not None:  # unset (None) is described by the field's docstring
-            notes.append(f"default: {default}")
-        if notes:
-            help_text += f" ({'; '.join(notes)})"
-        group.add_argument(flag, help=help_text.replace("%", "%%"), **kwargs)
+            help_text += f" (default: {default})"
+        # argparse < 3.14 appends "(default: ...)" to BooleanOptionalAction help by itself,
+        # "(default: None)" on tri-state flags; the "%(default)" marker stops it
+        help_text = help_text.replace("%", "%%")
+        if kwargs.get("action") is argparse.BooleanOptionalAction:
+            help_text += "%(default).0s"
+        group.add_argument(*flags, help=help_text, **kwargs)
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, model_positional: bool = False) -> None:
@@ -67,7 +96,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model_positional: bool
     if model_positional:
         parser.add_argument("model_pos", nargs="?", metavar="MODEL", default=None,
                             help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--model", default=None,
+    parser.add_argument("--model", default=None, metavar="MODEL",
                         help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
     _add_fields(parser.add_argument_group("engine"), EngineConfig, "engine.")
     for name, cls in CONFIG_SECTIONS.items():

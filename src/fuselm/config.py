@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from fuselm.errors import UnsupportedModelError
+from fuselm.errors import ConfigError, UnsupportedModelError
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -23,8 +23,10 @@ SUPPORTED_ARCHITECTURES = {
 """Hugging Face architecture name -> fuselm model family (the one list of what fuselm runs)."""
 
 DType = Literal["auto", "float32", "float16", "bfloat16", "float", "half"]
+DTYPE_ALIASES = {"float": "float32", "half": "float16"}
+"""Other names of dtypes (vLLM's), accepted by ``--dtype``."""
 KernelBackend = Literal["auto", "reference", "triton", "cuda"]
-LoadFormat = Literal["auto", "dummy"]
+LoadFormat = Literal["auto", "safetensors", "gguf", "dummy"]
 MAX_BLOCK_SIZE = 256
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -34,9 +36,9 @@ def _flag(name: str) -> str:
 
 
 def _check(ok: bool, name: str, value: Any, requirement: str) -> None:
-    """Raises ValueError naming the flag of field `name` unless `ok`."""
+    """Raises ConfigError (a ValueError) naming the flag of field `name` unless `ok`."""
     if not ok:
-        raise ValueError(f"{_flag(name)} must be {requirement}, got {value!r}")
+        raise ConfigError(f"{_flag(name)} must be {requirement}, got {value!r}")
 
 
 def _check_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:
@@ -266,7 +268,9 @@ class EngineConfig:
     seed: int = 0
     """Seed of the default random generator."""
     load_format: LoadFormat = "auto"
-    """auto (from the checkpoint) or dummy (random weights, for benchmarks)."""
+    """auto (whatever the checkpoint is), safetensors (a Hugging Face directory), gguf (a .gguf
+    file), or dummy (random weights, for benchmarks); safetensors and gguf must match the
+    checkpoint."""
     hf_overrides: dict[str, Any] = field(default_factory=dict)
     """Config dict entries to override."""
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -289,3 +293,45 @@ class EngineConfig:
 CONFIG_SECTIONS: dict[str, type] = {
     "cache": CacheConfig, "scheduler": SchedulerConfig, "parallel": ParallelConfig}
 """EngineConfig's nested sections by field name (the CLI and ``LLM(**kwargs)`` read flat names)."""
+
+
+_LOAD_FORMAT_OF_SOURCE = {"hf": "safetensors", "gguf": "gguf"}
+
+
+def check_load_format(load_format: str, source_format: str, model: str) -> None:
+    """Raises ConfigError when ``--load-format`` names another format than the checkpoint's
+    (``source_format``: "hf" or "gguf"); auto and dummy accept either."""
+    found = _LOAD_FORMAT_OF_SOURCE.get(source_format, source_format)
+    if load_format not in ("auto", "dummy") and load_format != found:
+        raise ConfigError(f"--load-format {load_format} does not match the checkpoint {model}, "
+                          f"which is {found}; pass --load-format auto or {found}")
+
+
+def _parallel_misfit(model: ModelConfig, tp: int) -> str:
+    """Why ``tp`` ranks cannot split the model's layers, or '' if they can."""
+    heads, kv_heads = model.num_attention_heads, model.num_key_value_heads
+    if heads % tp:
+        return f"does not divide the model's {heads} attention heads"
+    if kv_heads % tp and tp % kv_heads:  # KV heads are replicated when tp exceeds them
+        return f"and the model's {kv_heads} KV heads do not divide one another"
+    if model.intermediate_size % tp:
+        return f"does not divide the model's MLP width {model.intermediate_size}"
+    return ""
+
+
+def check_parallel_fits(config: EngineConfig, model: ModelConfig) -> None:
+    """Raises ConfigError naming the flag when tensor x pipeline parallelism cannot split
+    ``model`` (read from its config, before any weight loads)."""
+    tp, pp = config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size
+    if why := _parallel_misfit(model, tp):
+        fits = [n for n in range(1, model.num_attention_heads + 1)
+                if not _parallel_misfit(model, n)]
+        raise ConfigError(f"--tensor-parallel-size {tp} {why}; sizes that fit: "
+                          f"{', '.join(map(str, fits))}")
+    layers = model.num_hidden_layers
+    if pp > layers:
+        raise ConfigError(f"--pipeline-parallel-size {pp} exceeds the model's {layers} layers")
+    partition = config.parallel.pipeline_layer_partition
+    if partition is not None and sum(int(p) for p in partition.split(",")) != layers:
+        raise ConfigError(f"--pipeline-layer-partition {partition} must sum to the model's "
+                          f"{layers} layers")

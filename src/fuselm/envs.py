@@ -23,6 +23,11 @@ def torchrun_env() -> tuple[int, int, int] | None:
             int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def triton_interpret() -> bool:
+    """TRITON_INTERPRET: set (not 0), Triton runs its kernels on the CPU through its interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def pdl_enabled() -> bool:
     """FUSELM_PDL: 0 turns off programmatic dependent launch of the decode-graph Triton kernels
     (on by default where the GPU supports it: Hopper and newer)."""

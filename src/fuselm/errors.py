@@ -18,6 +18,11 @@ class ModelNotFoundError(FuselmError):
     code = "model_not_found"
 
 
+class ConfigError(FuselmError, ValueError):
+    """A flag or config value that is invalid, or cannot work with this model or on this
+    machine; the message names the flag."""
+
+
 class UnsupportedModelError(FuselmError):
     """An architecture or checkpoint layout fuselm cannot run."""
 

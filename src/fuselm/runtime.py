@@ -8,11 +8,16 @@ the other ranks run ``fuselm.distributed.launch.run_worker``.
 
 from __future__ import annotations
 
-from fuselm.config import EngineConfig
+import importlib.util
+
+import torch
+
+from fuselm.config import EngineConfig, ModelConfig, check_load_format, check_parallel_fits
 from fuselm.engine.builder import build_engine_parts
 from fuselm.engine.engine import LLMEngine
 from fuselm.engine.executor import Executor, LocalExecutor
-from fuselm.envs import torchrun_env
+from fuselm.envs import torchrun_env, triton_interpret
+from fuselm.errors import ConfigError
 from fuselm.loading import loader
 
 
@@ -22,9 +27,45 @@ def needs_ranks(config: EngineConfig) -> bool:
     return world > 1 or torchrun_env() is not None
 
 
+def check_device(config: EngineConfig) -> None:
+    """Raises ConfigError naming the flag when the device, the kernel backend or the number of
+    ranks cannot run on this machine."""
+    device, has_cuda = config.device, torch.cuda.is_available()
+    num_gpus = torch.cuda.device_count() if has_cuda else 0
+    if device.startswith("cuda") and not has_cuda:
+        raise ConfigError(f"--device {device}: no CUDA device is available here (torch "
+                          f"{torch.__version__}); use --device cpu or auto")
+    if device.startswith("cuda:") and int(device[5:]) >= num_gpus:
+        raise ConfigError(f"--device {device}: only {num_gpus} CUDA device(s) are visible")
+    on_cuda = device.startswith("cuda") or (device == "auto" and has_cuda)
+    backend = config.kernel_backend
+    if backend == "cuda" and not on_cuda:
+        raise ConfigError("--kernel-backend cuda needs a CUDA device; this run is on the CPU "
+                          "(use auto or reference)")
+    if backend == "triton" and importlib.util.find_spec("triton") is None:
+        raise ConfigError("--kernel-backend triton needs the triton package, not installed")
+    if backend == "triton" and not on_cuda and not triton_interpret():
+        raise ConfigError("--kernel-backend triton needs a CUDA device; this run is on the CPU, "
+                          "where only Triton's interpreter (TRITON_INTERPRET=1, slow) runs it")
+    world = config.parallel.tensor_parallel_size * config.parallel.pipeline_parallel_size
+    if on_cuda and world > num_gpus and torchrun_env() is None:
+        raise ConfigError(f"--tensor-parallel-size x --pipeline-parallel-size is {world}, but "
+                          f"only {num_gpus} CUDA device(s) are visible")
+
+
+def check_before_loading(config: EngineConfig, source: loader.ModelSource,
+                         model_config: ModelConfig) -> None:
+    """Every check that needs no weights: device and kernel backend, the load format against
+    the checkpoint, the parallel sizes against the model's shape (ConfigError naming the flag)."""
+    check_device(config)
+    check_load_format(config.load_format, source.format, str(source.path))
+    check_parallel_fits(config, model_config)
+
+
 def build_engine(config: EngineConfig) -> LLMEngine:
     """Loads the model (on every rank) and returns this process's engine."""
     source, model_config = loader.load_model_config(config)
+    check_before_loading(config, source, model_config)
     executor: Executor
     if not needs_ranks(config):
         parts = build_engine_parts(config, source, model_config)
