@@ -219,6 +219,10 @@ class LLMEngine:
         first = min((r.first_token_time for r in state.sequences if r.first_token_time),
                     default=None)
         metrics = {"arrival_time": state.arrival_time}
+        scheduled = min((r.scheduled_time for r in state.sequences if r.scheduled_time),
+                        default=None)
+        if scheduled is not None:
+            metrics["scheduled_time"] = scheduled
         if first is not None:
             metrics["first_token_time"] = first
         if state.finished:

@@ -1,7 +1,7 @@
 """One sequence being generated: its tokens, progress, KV blocks and stop conditions.
 
-A request with ``n > 1`` is run as n sequences (``Request`` objects sharing a ``parent_id``);
-their shared prompt blocks are reused through the prefix cache.
+A request with ``n > 1`` is run as n sequences (``Request`` objects sharing a ``parent_id``):
+the first one admitted prefills the prompt, the others share its full prompt blocks.
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ class Request:
     stop_reason: int | str | None = None
     logprobs: list[dict[int, float]] = field(default_factory=list)
     generator: torch.Generator | None = None
+    scheduled_time: float | None = None
+    """When the sequence was first scheduled (time.monotonic)."""
     first_token_time: float | None = None
     finished_time: float | None = None
     num_preemptions: int = 0

@@ -4,11 +4,14 @@ Each step: running sequences first (decodes, and the next chunk of prompts being
 waiting ones in arrival order, while the token budget (``max_num_batched_tokens``) and the sequence
 limit (``max_num_seqs``) allow. A long prompt is split into chunks so that decodes never stall.
 When blocks run out, the newest running sequence is preempted: it gives its blocks back and is
-recomputed later (through the prefix cache where its blocks survive).
+recomputed later (through the prefix cache where its blocks survive). The ``n`` sequences of
+one request share its prompt: the first admitted (the leader) prefills it, the others wait for
+it and then share its full prompt blocks, computing only their last partial block.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
@@ -65,6 +68,8 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_partial_prefills = 0  # chunks that stopped short of the sequence's end
         self.num_prompt_tokens_computed = 0  # prompt tokens run through the model
+        # parent id -> the sibling (n > 1) whose prompt blocks the others share
+        self._leaders: dict[str, Request] = {}
 
     def add(self, req: Request) -> None:
         """Queues a new sequence."""
@@ -141,10 +146,16 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int, cap: int) -> None:
+        deferred: list[Request] = []  # siblings waiting for their leader's prompt blocks
         while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
                and len(out.sequences) < cap):
             req = self.waiting[0]
+            shared = self._sibling_prefix(req)
+            if shared is None:
+                deferred.append(self.waiting.popleft())
+                continue
             cached = self.block_manager.find_cached_prefix(req)
+            cached = shared if len(shared) > len(cached) else cached
             num_cached = len(cached) * self.block_manager.block_size
             remaining = req.num_tokens - num_cached
             num_new = min(remaining, budget)
@@ -153,13 +164,33 @@ class Scheduler:
             if not self.block_manager.allocate(req, num_new, cached):
                 break
             self.waiting.popleft()
-            if req.status is RequestStatus.WAITING:
-                req.num_cached_tokens = num_cached
-            req.status = RequestStatus.RUNNING
-            req.num_computed_tokens = num_cached
-            self.running.append(req)
+            self._admit(req, num_cached)
             out.sequences.append(self._scheduled(req, num_new))
             budget -= num_new
+        self.waiting.extendleft(reversed(deferred))
+
+    def _admit(self, req: Request, num_cached: int) -> None:
+        if req.status is RequestStatus.WAITING:
+            req.num_cached_tokens = num_cached
+            req.scheduled_time = time.monotonic()
+        if req.sampling_params.n > 1 and req.parent_id is not None:
+            self._leaders.setdefault(req.parent_id, req)
+        req.status = RequestStatus.RUNNING
+        req.num_computed_tokens = num_cached
+        self.running.append(req)
+
+    def _sibling_prefix(self, req: Request) -> list[int] | None:
+        """The full prompt blocks that ``req`` shares with its leader (the first of its ``n``
+        siblings admitted, which prefills the prompt once); None while the leader has not
+        computed them yet (``req`` waits), [] when there is nothing to share."""
+        num_full = (req.num_prompt_tokens - 1) // self.block_manager.block_size
+        leader = self._leaders.get(req.parent_id or "")
+        if (num_full == 0 or leader is None or leader is req
+                or req.status is not RequestStatus.WAITING):
+            return []
+        if leader.num_computed_tokens < num_full * self.block_manager.block_size:
+            return None
+        return leader.block_ids[:num_full]
 
     def _has_room(self, req: Request, num_new: int) -> bool:
         """True when the request's blocks already hold ``num_new`` more tokens (most decodes)."""
@@ -211,6 +242,8 @@ class Scheduler:
 
     def _release(self, requests: list[Request]) -> None:
         for req in requests:
+            if req.parent_id is not None and self._leaders.get(req.parent_id) is req:
+                del self._leaders[req.parent_id]
             if req in self.running:
                 self.running.remove(req)
             elif req in self.waiting:
