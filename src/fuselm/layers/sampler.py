@@ -13,6 +13,9 @@ import torch
 
 from fuselm.kernels.argmax import greedy_argmax
 
+MIN_TEMPERATURE = 1e-5
+"""Lower temperatures sample greedily (vLLM's bound): dividing by them overflows float32."""
+
 
 @dataclass
 class SamplingTensors:
@@ -97,7 +100,8 @@ def process_logits(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
         rows, ids, bias = t.logit_bias
         logits = logits.index_put((rows, ids), bias, accumulate=True)
     logits = apply_penalties(logits, t)
-    temp = torch.where(t.temperature > 0, t.temperature, torch.ones_like(t.temperature))
+    temp = torch.where(t.temperature >= MIN_TEMPERATURE, t.temperature,
+                       torch.ones_like(t.temperature))
     logits = logits / temp[:, None]
     if t.need_top_k or t.need_top_p:
         logits = apply_top_k_top_p(logits, t.top_k if t.need_top_k else None,
@@ -131,7 +135,7 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
             token_ids = greedy_ids
         else:
             drawn = _draw(processed.softmax(dim=-1), t.generators)
-            token_ids = torch.where(t.temperature > 0, drawn, greedy_ids)
+            token_ids = torch.where(t.temperature >= MIN_TEMPERATURE, drawn, greedy_ids)
     out = SamplerOutput(token_ids=token_ids)
     if t.max_logprobs >= 0:
         logprobs = raw.log_softmax(dim=-1)
