@@ -21,7 +21,7 @@ from fuselm.errors import FuselmError
 
 # An optional package -> the extra of fuselm's pyproject.toml that installs it.
 EXTRA_OF_PACKAGE = {"transformers": "hf", "accelerate": "hf", "httpx": "bench",
-                    "matplotlib": "bench"}
+                    "matplotlib": "bench", "xgrammar": "structured"}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -55,15 +55,15 @@ def check_device(config: EngineConfig) -> None:
 
 def check_before_loading(config: EngineConfig, source: loader.ModelSource,
                          model_config: ModelConfig) -> None:
-    """Every check that needs no weights: device and kernel backend, the load format against
-    the checkpoint, the parallel sizes against the model's shape (ConfigError naming the flag)."""
-    check_device(config)
+    """The checks that need the model's config but no weights: the load format against the
+    checkpoint, the parallel sizes against the model's shape (ConfigError naming the flag)."""
     check_load_format(config.load_format, source.format, str(source.path))
     check_parallel_fits(config, model_config)
 
 
 def build_engine(config: EngineConfig) -> LLMEngine:
     """Loads the model (on every rank) and returns this process's engine."""
+    check_device(config)  # first: it needs not even the model's config
     source, model_config = loader.load_model_config(config)
     check_before_loading(config, source, model_config)
     executor: Executor
