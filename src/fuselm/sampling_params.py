@@ -2,11 +2,72 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from fuselm.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on the generated text, as vLLM's ``StructuredOutputsParams``: exactly one of
+    ``json`` (a JSON schema), ``regex``, ``choice``, ``grammar`` (EBNF/GBNF or Lark) and
+    ``json_object`` (any JSON object) is set."""
+
+    json: str | dict[str, Any] | None = None
+    """A JSON schema (a dict, or its JSON text) the output must satisfy."""
+    regex: str | None = None
+    """A regular expression the whole output must match."""
+    choice: list[str] | None = None
+    """The output is exactly one of these strings."""
+    grammar: str | None = None
+    """A context-free grammar: EBNF/GBNF (rules written ``name ::= ...``, start rule ``root``)
+    or Lark (start rule ``start``)."""
+    json_object: bool = False
+    """Any JSON object (``response_format: {"type": "json_object"}``)."""
+    disable_any_whitespace: bool = False
+    """JSON without free whitespace between tokens."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json, str):
+            try:
+                self.json = json.loads(self.json)
+            except ValueError as exc:
+                raise InvalidRequestError(f"the JSON schema is not valid JSON: {exc}",
+                                          param="json") from None
+        if self.json is not None and not isinstance(self.json, dict | bool):
+            raise InvalidRequestError("a JSON schema must be an object", param="json")
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises InvalidRequestError unless exactly one well-formed constraint is set."""
+        kinds = [name for name in ("json", "regex", "choice", "grammar")
+                 if getattr(self, name) is not None]
+        if self.json_object:
+            kinds.append("json_object")
+        if len(kinds) != 1:
+            raise InvalidRequestError(
+                "structured outputs take exactly one of json, regex, choice, grammar and "
+                f"json_object; got {', '.join(kinds) or 'none'}", param="structured_outputs")
+        if self.choice is not None and (
+                not self.choice or not all(isinstance(c, str) and c for c in self.choice)):
+            raise InvalidRequestError("choice must be a non-empty list of non-empty strings",
+                                      param="choice")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise InvalidRequestError(f"{name} must be a non-empty string", param=name)
+
+    @property
+    def kind(self) -> str:
+        """Which constraint is set: json, regex, choice, grammar or json_object."""
+        for name in ("json", "regex", "choice", "grammar"):
+            if getattr(self, name) is not None:
+                return name
+        return "json_object"
 
 
 @dataclass
@@ -32,6 +93,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     detokenize: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

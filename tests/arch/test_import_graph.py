@@ -18,7 +18,7 @@ RANKS: list[set[str]] = [
     {"parallel"},
     {"layers"},
     {"models"},
-    {"loading", "tokenizer"},
+    {"loading", "tokenizer", "structured"},
     {"engine"},
     {"distributed"},
     {"runtime"},

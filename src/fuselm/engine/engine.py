@@ -29,6 +29,7 @@ from fuselm.engine.stop_checker import SequenceText
 from fuselm.errors import ContextLengthError, InvalidRequestError
 from fuselm.outputs import CompletionOutput, RequestOutput
 from fuselm.sampling_params import SamplingParams
+from fuselm.structured.compiler import GrammarCompiler
 from fuselm.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class LLMEngine:
         self.num_steps = 0
         self.max_seqs_in_step = 0
         self._eos = frozenset(self.model_config.eos_token_id) | self.tokenizer.stop_token_ids
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self._eos)
 
     def add_request(self, request_id: str, prompt: str | list[int],
                     params: SamplingParams | None = None) -> None:
@@ -86,13 +88,16 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         text, ids = self._encode(prompt)
         max_tokens = self._max_tokens(len(ids), params)
+        grammar = (self.grammars.compile(params.structured_outputs)
+                   if params.structured_outputs is not None else None)
         seqs, texts = [], []
         for i in range(params.n):
             gen = None
             if params.seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(params.seed + i)
             seqs.append(Request(f"{request_id}#{i}", list(ids), params, self._eos, max_tokens,
-                                parent_id=request_id, index=i, generator=gen))
+                                parent_id=request_id, index=i, generator=gen,
+                                grammar=grammar.matcher() if grammar is not None else None))
             texts.append(SequenceText(self.tokenizer, ids, params))
         self.requests[request_id] = RequestState(request_id, text, ids, seqs, texts)
         self.prompt_tokens_total += len(ids)

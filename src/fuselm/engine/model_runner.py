@@ -271,6 +271,7 @@ def step_result(out: SchedulerOutput, result: SamplerOutput,
 def all_plain_greedy(reqs: list) -> bool:
     """Every request greedy with nothing that changes the logits or asks for logprobs."""
     return all(p.greedy and p.logprobs is None and not p.logit_bias and not p.uses_penalties
+               and p.structured_outputs is None
                for p in (r.sampling_params for r in reqs))
 
 

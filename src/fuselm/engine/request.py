@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fuselm.sampling_params import SamplingParams
+from fuselm.structured.matcher import SequenceGrammar
 
 
 class RequestStatus(enum.Enum):
@@ -58,6 +59,8 @@ class Request:
     stop_reason: int | str | None = None
     logprobs: list[dict[int, float]] = field(default_factory=list)
     generator: torch.Generator | None = None
+    grammar: SequenceGrammar | None = None
+    """Where the sequence is in its structured-output grammar (None: unconstrained)."""
     scheduled_time: float | None = None
     """When the sequence was first scheduled (time.monotonic)."""
     first_token_time: float | None = None

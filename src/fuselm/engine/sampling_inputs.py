@@ -6,6 +6,8 @@ import torch
 
 from fuselm.engine.request import Request
 from fuselm.layers.sampler import SamplingTensors
+from fuselm.structured.bitmask import fill_token_bitmask
+from fuselm.structured.compiler import bitmask_width
 
 
 def _penalty_inputs(reqs: list[Request], vocab_size: int, device: torch.device,
@@ -44,9 +46,23 @@ def _logit_bias(reqs: list[Request], vocab_size: int, device: torch.device
             torch.tensor(bias, dtype=torch.float32, device=device))
 
 
+def _token_bitmask(reqs: list[Request], vocab_size: int,
+                   device: torch.device) -> torch.Tensor | None:
+    grammars = [r.grammar for r in reqs]
+    if all(g is None for g in grammars):
+        return None
+    # pinned through torch's caching host allocator, which keeps a block from reuse until
+    # the copy that reads it has run
+    host = torch.empty(len(reqs), bitmask_width(vocab_size), dtype=torch.int32,
+                       pin_memory=device.type == "cuda")
+    fill_token_bitmask(grammars, [r.output_token_ids for r in reqs], vocab_size, host)
+    return host.to(device, non_blocking=True)
+
+
 def build_sampling_tensors(reqs: list[Request], vocab_size: int,
                            device: torch.device) -> SamplingTensors:
-    """Stacks the sampling parameters of ``reqs`` (one row each) on ``device``."""
+    """Stacks the sampling parameters of ``reqs`` (one row each) on ``device``; advances the
+    structured-output grammars of ``reqs`` by their new tokens and builds their token bitmask."""
     params = [r.sampling_params for r in reqs]
     temps = [0.0 if p.greedy else p.temperature for p in params]
     top_ks = [vocab_size if p.top_k in (-1, 0) else min(p.top_k, vocab_size) for p in params]
@@ -66,4 +82,5 @@ def build_sampling_tensors(reqs: list[Request], vocab_size: int,
         t.generators = [r.generator for r in reqs]
     wanted = [p.logprobs for p in params if p.logprobs is not None]
     t.max_logprobs = max(wanted) if wanted else -1
+    t.token_bitmask = _token_bitmask(reqs, vocab_size, device)
     return t

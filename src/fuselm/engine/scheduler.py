@@ -120,6 +120,7 @@ class Scheduler:
         p = req.sampling_params
         max_model_len = self.config.max_model_len
         return (not req.is_finished and p.logprobs is None and not p.uses_penalties
+                and req.grammar is None  # its next token mask needs this step's token
                 and len(req.output_token_ids) + 1 < req.max_tokens
                 and (max_model_len is None or req.num_computed_tokens + 2 <= max_model_len))
 

@@ -1,4 +1,5 @@
-"""Sampling on the device: logit bias, penalties, temperature, top-k, top-p, min-p, then a draw.
+"""Sampling on the device: the structured-output token mask, logit bias, penalties, temperature,
+top-k, top-p, min-p, then a draw.
 
 Processing follows Hugging Face's order (bias, repetition, presence/frequency, temperature,
 top-k, top-p, min-p) so that the filtered distributions agree with its logits processors.
@@ -40,6 +41,8 @@ class SamplingTensors:
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # rows, ids, bias
     generators: list[torch.Generator | None] | None = None
     max_logprobs: int = -1  # -1: no logprobs wanted
+    # int32 [N, ceil(V / 32)]: bit j of word w set = token 32w + j allowed (structured outputs)
+    token_bitmask: torch.Tensor | None = None
 
 
 @dataclass
@@ -111,6 +114,17 @@ def process_logits(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     return logits
 
 
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """``logits`` ``[N, V]`` with the tokens whose bit is clear in ``bitmask`` (int32
+    ``[N, ceil(V / 32)]``, on the logits' device) set to -inf; a new tensor."""
+    if bitmask.shape != (logits.shape[0], -(-logits.shape[1] // 32)):
+        raise ValueError(f"bitmask {tuple(bitmask.shape)} does not cover logits "
+                         f"{tuple(logits.shape)}")
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask[:, :, None] >> shifts) & 1).flatten(1)[:, : logits.shape[1]]
+    return logits.masked_fill(allowed == 0, float("-inf"))
+
+
 def _draw(probs: torch.Tensor, generators: list[torch.Generator | None] | None) -> torch.Tensor:
     """Exponential-race sampling: argmax(p / E), E ~ Exp(1), per-row generators where given."""
     noise = torch.empty_like(probs)
@@ -125,6 +139,8 @@ def _draw(probs: torch.Tensor, generators: list[torch.Generator | None] | None) 
 def sample(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
     """Picks one token per row; greedy rows take the argmax of the processed logits."""
     raw = logits.float()
+    if t.token_bitmask is not None:  # logprobs, like vLLM's, are of the masked logits
+        raw = apply_token_bitmask(raw, t.token_bitmask)
     if t.all_greedy and t.logit_bias is None and t.output_counts is None \
             and t.seen_mask is None:
         token_ids = greedy_argmax(raw)
