@@ -14,7 +14,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fake_engine import FakeEngine  # noqa: E402
 from server_harness import LiveServer  # noqa: E402
 
+from fuselm.errors import ModelNotFoundError  # noqa: E402
 from fuselm.server.api import build_app  # noqa: E402
+
+REAL_NAME = "smollm2"
 
 
 @pytest.fixture
@@ -36,4 +39,22 @@ def make_server() -> Iterator[Callable[..., LiveServer]]:
 def fake_server() -> Iterator[LiveServer]:
     """One fake-engine server per test module."""
     with LiveServer(build_app(FakeEngine())) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def real_server() -> Iterator[LiveServer]:
+    """The default model behind a live server, served as "smollm2"; one per test session."""
+    try:
+        from fuselm.config import EngineConfig
+        from fuselm.engine.async_engine import AsyncEngine
+        from fuselm.runtime import build_engine
+    except ImportError as exc:
+        pytest.skip(f"the engine is not available: {exc}")
+    try:
+        # async scheduling on, as the engine runs on GPUs by default (off by default on CPUs)
+        engine = AsyncEngine(build_engine(EngineConfig(async_scheduling=True)))
+    except ModelNotFoundError as exc:
+        pytest.skip(str(exc))
+    with LiveServer(build_app(engine, served_model_name=REAL_NAME)) as server:
         yield server

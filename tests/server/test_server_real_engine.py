@@ -1,42 +1,21 @@
 """End to end with the real engine on the default model (SmolLM2-135M GGUF, CPU): the official
-client, exact framing, metrics vs usage, disconnects, bad input. The model loads once per module;
-token counts stay small (CPU decode is tens of ms a token)."""
+client, exact framing, metrics vs usage, disconnects, bad input. The model loads once per session
+(`real_server` in conftest.py); token counts stay small (CPU decode is tens of ms a token)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import openai
 import pytest
 from server_harness import LiveServer, assert_error, disconnect_load, parse_sse, scrape, wait_until
 
-from fuselm.errors import ModelNotFoundError
-from fuselm.server.api import build_app
-
 pytestmark = pytest.mark.timeout(180)
 
 NAME = "smollm2"
 MESSAGES = [{"role": "user", "content": "Name a color."}]
-
-
-@pytest.fixture(scope="module")
-def real_server() -> Iterator[LiveServer]:
-    try:
-        from fuselm.config import EngineConfig
-        from fuselm.engine.async_engine import AsyncEngine
-        from fuselm.runtime import build_engine
-    except ImportError as exc:
-        pytest.skip(f"the engine is not available: {exc}")
-    try:
-        # async scheduling on, as the engine runs on GPUs by default (off by default on CPUs)
-        engine = AsyncEngine(build_engine(EngineConfig(async_scheduling=True)))
-    except ModelNotFoundError as exc:
-        pytest.skip(str(exc))
-    with LiveServer(build_app(engine, served_model_name=NAME)) as server:
-        yield server
 
 
 def test_openai_client_end_to_end(real_server: LiveServer) -> None:

@@ -161,3 +161,40 @@ def test_fuselm_serve_cli_sigterm_real_engine() -> None:
         assert proc.wait(timeout=60) == 0
     finally:
         stop(proc)
+
+
+@pytest.mark.parametrize("fake_process", [30], indirect=True)
+def test_second_signal_ends_requests_with_503_not_a_cut(
+        fake_process: tuple[subprocess.Popen, str]) -> None:
+    """A second signal during the drain stops the engine at once: the plain request in flight
+    gets a 503 JSON body, the stream an error event and [DONE]; the process still exits 0."""
+    proc, url = fake_process
+
+    async def run() -> tuple[httpx.Response, str]:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            body = {**BODY, "max_tokens": 200}  # 4 s of tokens, past the second signal
+            plain = asyncio.create_task(client.post("/v1/completions", json=body))
+            started = asyncio.Event()
+
+            async def stream() -> str:
+                raw = ""
+                async with client.stream("POST", "/v1/completions",
+                                         json={**body, "stream": True}) as r:
+                    async for chunk in r.aiter_text():
+                        raw += chunk
+                        started.set()
+                return raw
+
+            streamed = asyncio.create_task(stream())
+            await asyncio.wait_for(started.wait(), 20)
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            return await asyncio.wait_for(plain, 20), await asyncio.wait_for(streamed, 20)
+
+    plain, raw = asyncio.run(run())
+    assert plain.status_code == 503 and plain.json()["error"]["type"] == "service_unavailable"
+    events = raw.strip().split("\n\n")
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][len("data: "):])["error"]["type"] == "service_unavailable"
+    assert proc.wait(timeout=15) == 0

@@ -7,7 +7,8 @@ On SIGTERM (or SIGINT) the server keeps listening but answers every new request 
 waits up to `shutdown_timeout` seconds for the requests in flight (streams included) to finish,
 then stops uvicorn and the engine and returns normally (exit status 0). Requests still running
 at the timeout end with the engine's shutdown error (503 body, or an error event in a stream).
-A second signal stops at once.
+A second signal stops the engine at once (requests in flight end with 503, streams with an
+error event and [DONE]); a third exits without waiting.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from collections.abc import Callable, Coroutine
 from types import FrameType
 from typing import Any
 
@@ -45,7 +47,8 @@ class DrainingServer(uvicorn.Server):
         self.state = state
         self.shutdown_timeout = shutdown_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._drain_task: asyncio.Task | None = None
+        self._num_signals = 0
+        self._tasks: set[asyncio.Task] = set()
 
     async def serve(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -59,18 +62,33 @@ class DrainingServer(uvicorn.Server):
             print(f"fuselm server listening on http://{host}:{port}", flush=True)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._drain_task is not None or self._loop is None:
+        self._num_signals += 1
+        if self._loop is None or self._num_signals > 2:
             self.should_exit = True
             self.force_exit = True
+            return
+        if self._num_signals == 2:
+            logger.warning("signal %d again: stopping the engine now; requests in flight end "
+                           "with 503 (a third signal exits at once)", sig)
+            self._loop.call_soon_threadsafe(self._start_task, self.stop_now)
             return
         logger.info("signal %d: draining (up to %.0f s), new requests get 503", sig,
                     self.shutdown_timeout)
         self.state.draining = True
-        self._loop.call_soon_threadsafe(self._start_drain)
+        self._loop.call_soon_threadsafe(self._start_task, self.drain)
 
-    def _start_drain(self) -> None:
-        if self._drain_task is None:
-            self._drain_task = asyncio.get_running_loop().create_task(self.drain())
+    def _start_task(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        task = asyncio.get_running_loop().create_task(fn())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def stop_now(self) -> None:
+        """Ends the requests in flight with the engine's shutdown error (503 bodies, error
+        events and [DONE] in streams), lets them flush, then exits."""
+        self.state.draining = True
+        await self.state.engine.shutdown()
+        await self.state.wait_until_idle(_AFTER_DRAIN_GRACE)
+        self.should_exit = True
 
     async def drain(self) -> None:
         """Stops admitting, waits for in-flight requests (up to the timeout), then exits."""
