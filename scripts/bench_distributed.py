@@ -246,13 +246,13 @@ def _write_layerchain_configs(rows: list[dict[str, Any]], shapes: dict[str, tupl
     import shutil
 
     from fuselm.bench.kernels import write_tuning_tables
-    from fuselm.kernels import _triton_utils
+    from fuselm.kernels import triton_utils
     from fuselm.kernels.gemv import shape_bucket
 
     out.mkdir(parents=True, exist_ok=True)
-    for path in _triton_utils._CONFIG_DIR.glob("*.json"):
+    for path in triton_utils._CONFIG_DIR.glob("*.json"):
         shutil.copy(path, out / path.name)
-    entry = dict(_triton_utils.gpu_table_entry("gemv", device_index))
+    entry = dict(triton_utils.gpu_table_entry("gemv", device_index))
     for name, (n, k) in shapes.items():
         mine = [r for r in rows if r["gemv"] == name]
         best = min(mine, key=lambda r: r["block_us"])

@@ -127,7 +127,7 @@ for step in $STEPS; do
       print(torch.__version__, torch.version.cuda, triton.__version__, \
       transformers.__version__, torch.cuda.device_count(), torch.cuda.get_device_name())'; \
       git log -1 --format=%H 2>/dev/null || true" ;;
-    build) run_step build 300 python -c "from fuselm.kernels import _extension as e; \
+    build) run_step build 300 python -c "from fuselm.kernels import extension as e; \
       e.load_extension(); print(e.extension_status())" ;;
     tests) run_step tests 600 python -m pytest -m gpu -q -p no:cacheprovider -rfE \
       --continue-on-collection-errors --junitxml="$OUT/junit.xml" \

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.arch.import_graph import cycles, forbidden_edges, package_graph
+from tests.arch.import_graph import (
+    cycles,
+    forbidden_edges,
+    package_graph,
+    private_imports_across_units,
+)
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
@@ -78,3 +83,21 @@ def test_negative_control_finds_a_cycle_and_an_upward_import(tmp_path):
     assert cycles(graph) == [["engine", "layers"]]
     assert forbidden_edges(graph, {"layers"}, {"engine"}) == [("layers", "engine")]
     assert _upward_edges(graph) == [("layers", "engine")]
+
+
+def test_no_private_name_crosses_a_unit():
+    """A package uses another's public names only (``_x`` stays inside its own unit)."""
+    assert private_imports_across_units(SRC, "fuselm") == []
+
+
+def test_negative_control_finds_a_private_import(tmp_path):
+    _write(tmp_path, {
+        "pkg/__init__.py": "",
+        "pkg/kernels/__init__.py": "",
+        "pkg/kernels/_registry.py": "def select():\n    pass\n",
+        "pkg/kernels/ops.py": "from pkg.kernels._registry import select\n",  # same unit: fine
+        "pkg/layers/__init__.py": "",
+        "pkg/layers/norm.py": "def f():\n    from pkg.kernels._registry import select\n",
+    })
+    assert private_imports_across_units(tmp_path, "pkg") == [
+        ("pkg.layers.norm", "pkg.kernels._registry.select")]

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from fuselm.bench import kernels, kernels_attention, kernels_gemv
-from fuselm.kernels import _triton_utils
+from fuselm.kernels import triton_utils
 
-PACKAGE = Path(_triton_utils._CONFIG_DIR)
+PACKAGE = Path(triton_utils._CONFIG_DIR)
 
 
 def _kernels_parser() -> argparse.ArgumentParser:

@@ -75,7 +75,7 @@ def test_batch1_decode_with_triton_gemv_kernels(tiny):
     path, hf = tiny
     llm = LLM(str(path), device="cuda", kernel_backend="triton", num_gpu_blocks=64)
     model = llm.engine.runner.model
-    assert all(layer.mlp.gate_up_act is not None for layer in model.layers.values())
+    assert all(layer.mlp.gate_up_act.fn is not None for layer in model.layers.values())
     prompt = _prompts()[1]
     out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=16,
                                                 ignore_eos=True))[0]

@@ -10,10 +10,10 @@ import pytest
 import torch
 from tolerances import assert_close
 
-from fuselm.kernels import _triton_utils
 from fuselm.kernels import all_reduce as ar
+from fuselm.kernels import triton_utils
 
-pytestmark = pytest.mark.skipif(not _triton_utils.triton_available(),
+pytestmark = pytest.mark.skipif(not triton_utils.triton_available(),
                                 reason="Triton (or its interpreter) not available")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

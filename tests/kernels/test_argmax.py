@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fuselm.kernels import argmax as am
-from fuselm.kernels import available_backends, select
+from fuselm.kernels import available_backends, resolve
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CPU_DTYPES = [torch.float32, torch.float16]  # the interpreter's bf16 arithmetic is unreliable
@@ -19,7 +19,7 @@ needs_triton = pytest.mark.skipif("triton" not in available_backends("argmax"),
 def _impl(backend: str):
     if backend not in available_backends("argmax"):
         pytest.skip(f"{backend} backend of argmax not available here")
-    return select("argmax", backend, DEVICE)
+    return resolve("argmax", backend, DEVICE)
 
 
 def _check(fn, x: torch.Tensor) -> None:

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from torch.utils import cpp_extension
 
-from fuselm.kernels import _extension
+from fuselm.kernels import extension
 
-CU_FILES = sorted(_extension.CSRC_DIR.glob("*.cu"))
+CU_FILES = sorted(extension.CSRC_DIR.glob("*.cu"))
 
 
 def _find_nvcc() -> str | None:
@@ -47,8 +47,8 @@ def test_every_cu_file_is_tested():
 def test_cu_compiles_for_sm90a(source, tmp_path):
     cmd = [
         NVCC, "-c", str(source), "-o", str(tmp_path / f"{source.stem}.o"),
-        f"-I{_extension.CSRC_DIR}", "-std=c++17", "-Werror=all-warnings",
-        *cpp_extension.COMMON_NVCC_FLAGS, *_extension.NVCC_FLAGS, _extension.arch_gencode(9, 0),
+        f"-I{extension.CSRC_DIR}", "-std=c++17", "-Werror=all-warnings",
+        *cpp_extension.COMMON_NVCC_FLAGS, *extension.NVCC_FLAGS, extension.arch_gencode(9, 0),
     ]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout}\n{result.stderr}"
@@ -74,8 +74,8 @@ def test_bindings_cpp_compiles(tmp_path):
         stub.write_text("#pragma once\n")
         includes.append(str(tmp_path))
     cmd = [cxx, "-std=c++20", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=_C",
-           f"-I{_extension.CSRC_DIR}", *(f"-I{p}" for p in includes),
-           str(_extension.CSRC_DIR / "bindings.cpp")]  # fmt: skip
+           f"-I{extension.CSRC_DIR}", *(f"-I{p}" for p in includes),
+           str(extension.CSRC_DIR / "bindings.cpp")]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stderr[-4000:]}"
 
@@ -216,7 +216,7 @@ check_pdl("argmax merge", build(am._argmax_merge_kernel, dict(
 def test_triton_kernels_compile_for_sm90():
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    src = str(_extension.CSRC_DIR.parents[2])
+    src = str(extension.CSRC_DIR.parents[2])
     env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
     result = subprocess.run([sys.executable, "-c", _TRITON_AOT], capture_output=True, text=True,
                             env=env, timeout=600)  # fmt: skip

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tolerances import assert_close, count_cuda_kernels
 
-from fuselm.kernels import available_backends
+from fuselm.kernels import KernelChoice, KernelSet, available_backends
 from fuselm.kernels import gemv as gv
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -121,16 +121,14 @@ def test_gemv_silu_mul_op_and_bad_input():
         gv.gemv_silu_mul_triton(x, torch.randn(8, 32, device=DEVICE))
 
 
-def test_select_gemv_silu_mul_by_table_and_choice():
-    cpu = torch.device("cpu")
-    w = torch.empty(64, 32, device=DEVICE)
-    assert gv.select_gemv_silu_mul("triton", w, cpu) is None
+def test_gemv_silu_mul_choice_by_table_and_backend():
+    assert KernelSet("triton", "cpu").gemv_silu_mul(64, 32).fn is None
     if DEVICE.type == "cuda" and "triton" in available_backends("gemv_silu_mul"):
-        assert gv.select_gemv_silu_mul("triton", w, DEVICE) is not None
-        assert gv.select_gemv_silu_mul("triton", w[:63], DEVICE) is None  # odd rows
-        assert gv.select_gemv_silu_mul("reference", w, DEVICE) is None
+        assert KernelSet("triton", DEVICE).gemv_silu_mul(64, 32).fn is not None
+        assert KernelSet("triton", DEVICE).gemv_silu_mul(63, 32).fn is None  # odd rows
+        assert KernelSet("reference", DEVICE).gemv_silu_mul(64, 32).fn is None
         # auto: only where the table measured it (no entry for this tiny shape)
-        assert gv.select_gemv_silu_mul("auto", w, DEVICE) is None
+        assert KernelSet("auto", DEVICE).gemv_silu_mul(64, 32).fn is None
 
 
 def test_gated_config_halves_the_plain_rows():
@@ -140,14 +138,11 @@ def test_gated_config_halves_the_plain_rows():
     assert gated.block_k == plain.block_k
 
 
-def test_select_gemv_only_on_cuda_and_by_choice():
-    cpu = torch.device("cpu")
-    w = torch.empty(64, 64, device=DEVICE)
-    assert gv.select_gemv("triton", w, cpu) is None  # CPU keeps F.linear
+def test_gemv_choice_only_on_cuda_and_by_backend():
+    assert KernelSet("triton", "cpu").gemv(64, 64).fn is None  # CPU keeps F.linear
     if DEVICE.type == "cuda" and "triton" in available_backends("gemv"):
-        assert gv.select_gemv("triton", w, DEVICE) is not None
-        assert gv.select_gemv("triton", w.t(), DEVICE) is None  # column-major: F.linear
-        assert gv.select_gemv("reference", w, DEVICE) is None
+        assert KernelSet("triton", DEVICE).gemv(64, 64).fn is not None
+        assert KernelSet("reference", DEVICE).gemv(64, 64).fn is None
 
 
 def test_default_config_shapes():
@@ -197,29 +192,25 @@ def test_gpu_linear_layer_uses_gemv_at_batch_1():
     _need_triton()
     from fuselm.layers.linear import ReplicatedLinear
 
-    layer = ReplicatedLinear(512, 256, bias=True, dtype=torch.bfloat16).to(DEVICE)
+    layer = ReplicatedLinear(512, 256, bias=True, dtype=torch.bfloat16,
+                             kernels=KernelSet("triton", DEVICE)).to(DEVICE)
     torch.nn.init.normal_(layer.weight, std=0.05)
     torch.nn.init.normal_(layer.bias)
-    layer.bind_kernels("triton", DEVICE)
-    assert layer.gemv is not None
+    assert layer.gemv.fn is torch.ops.fuselm.gemv.default
     x = torch.randn(1, 512, dtype=torch.bfloat16, device=DEVICE)
     expected = gv.gemv_ref(x, layer.weight, layer.bias)
     assert_close(layer(x), expected, atol=3e-2, rtol=2e-2)
     assert_close(layer(x.expand(4, 512).contiguous())[:1], expected, atol=3e-2, rtol=2e-2)
 
 
-def test_llama_mlp_single_row_takes_the_fused_kernel():
-    """LlamaMLP with the fused kernel bound: one row goes through it and matches the separate
+def test_gated_mlp_single_row_takes_the_fused_kernel():
+    """GatedMLP with the fused kernel chosen: one row goes through it and matches the separate
     projection + activation (a float64 MLP); several rows keep the separate path."""
     _need_triton()
-    from fuselm.config import ModelConfig
-    from fuselm.models.llama import LlamaMLP
+    from fuselm.layers.mlp import GatedMLP
 
-    cfg = ModelConfig("LlamaForCausalLM", vocab_size=64, hidden_size=64, intermediate_size=96,
-                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                      head_dim=16)
     gen = torch.Generator().manual_seed(3)
-    mlp = LlamaMLP(cfg).to(DEVICE)
+    mlp = GatedMLP(64, 96).to(DEVICE)
     for p in mlp.parameters():
         p.copy_(torch.randn(p.shape, generator=gen).to(DEVICE) / p.shape[-1] ** 0.5)
     calls = []
@@ -228,7 +219,7 @@ def test_llama_mlp_single_row_takes_the_fused_kernel():
         calls.append(x.shape[0])
         return torch.ops.fuselm.gemv_silu_mul(x, w, b)
 
-    mlp.gate_up_act = fused
+    mlp.gate_up_act = KernelChoice("gemv_silu_mul", "test", fused, fused, "test", "test")
     x = torch.randn(3, 64, generator=gen).to(DEVICE)
     w_down = mlp.down_proj.weight.double()
     expected = (_gated_expected(x, mlp.gate_up_proj.weight, None) @ w_down.t())
@@ -238,25 +229,27 @@ def test_llama_mlp_single_row_takes_the_fused_kernel():
 
 
 @pytest.mark.skipif("triton" not in available_backends("gemv"), reason="needs triton")
-def test_selectors_follow_the_table_under_auto(monkeypatch):
-    """The two batch-1 selectors on a CUDA device (none is touched): ``auto`` takes Triton
-    exactly where the table's bucket for that weight says so, ``triton`` always where the
-    weight fits, other backends never."""
-    from fuselm.kernels import _registry
+def test_batch1_choices_follow_the_table_under_auto(monkeypatch):
+    """The two batch-1 choices of a kernel set on a CUDA device (none is touched): ``auto``
+    takes Triton exactly where the table's bucket for that weight says so, ``triton`` always
+    where the weight fits, other backends never."""
+    from fuselm.kernels import resolver
 
-    cuda = torch.device("cuda", 0)
     table = {"n64_k32": "triton", "n96_k32": "triton", "gated_n32_k32": "triton"}
-    monkeypatch.setattr(_registry, "tuned_backend", lambda op, dev, bucket: table.get(bucket))
-    w64, w48 = torch.empty(64, 32), torch.empty(48, 32)
-    assert gv.select_gemv("auto", w64, cuda) is torch.ops.fuselm.gemv.default
-    assert gv.select_gemv("auto", w48, cuda) is None  # no entry: cuBLAS
-    assert gv.select_gemv("auto", w64.t(), cuda) is None  # column-major
-    assert gv.select_gemv("cuda", w64, cuda) is None
-    assert gv.select_gemv_silu_mul("auto", w64, cuda) is torch.ops.fuselm.gemv_silu_mul.default
-    assert gv.select_gemv_silu_mul("auto", w48, cuda) is None  # gated_n24_k32: no entry
+    monkeypatch.setattr(resolver, "tuned_backend", lambda op, dev, bucket: table.get(bucket))
+
+    def choice(backend, kind, n, k):
+        return getattr(KernelSet(backend, "cuda:0"), kind)(n, k)
+
+    assert choice("auto", "gemv", 64, 32).fn is torch.ops.fuselm.gemv.default
+    assert choice("auto", "gemv", 64, 32).bucket == "n64_k32"
+    assert choice("auto", "gemv", 48, 32).fn is None  # no entry: cuBLAS
+    assert choice("cuda", "gemv", 64, 32).fn is None
+    gated = torch.ops.fuselm.gemv_silu_mul.default
+    assert choice("auto", "gemv_silu_mul", 64, 32).fn is gated
+    assert choice("auto", "gemv_silu_mul", 48, 32).fn is None  # gated_n24_k32: no entry
     # the plain bucket n96_k32 is in the table, the gated one (gated_n48_k32) is not
-    assert gv.select_gemv_silu_mul("auto", torch.empty(96, 32), cuda) is None
-    assert gv.select_gemv_silu_mul("triton", w48[:47], cuda) is None  # odd rows
-    assert gv.select_gemv_silu_mul("auto", torch.empty(64), cuda) is None  # not 2-D
+    assert choice("auto", "gemv_silu_mul", 96, 32).fn is None
+    assert choice("triton", "gemv_silu_mul", 47, 32).fn is None  # odd rows
 
 

@@ -8,10 +8,9 @@ import pytest
 import torch
 from tolerances import assert_close
 
-from fuselm.kernels import available_backends, select
+from fuselm.kernels import KernelSet, available_backends, resolve
 from fuselm.kernels.paged_attention import (
     PagedAttentionWorkspace,
-    make_paged_attention,
     paged_attention_ref,
     paged_attention_triton,
 )
@@ -99,7 +98,7 @@ def test_paged_workspace_batch_dependent_partitions():
 def test_paged_registry_opcheck_and_factory():
     _require("triton")
     args = make_inputs([9, 40], 4, 2, 64, 16, torch.float32, 64, device=DEVICE)
-    op = select("paged_attention", "triton", DEVICE)
+    op = resolve("paged_attention", "triton", DEVICE)
     assert op is torch.ops.fuselm.paged_attention.default
     assert_close(op(*args), paged_attention_ref(*args))
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
@@ -110,11 +109,13 @@ def test_paged_registry_opcheck_and_factory():
         torch.ops.fuselm.paged_attention_out.default,
         (out, tmp_out, max_logits, exp_sums, *args, size),
         test_utils=("test_schema", "test_faketensor"))
-    decode = make_paged_attention("triton", DEVICE, max_num_seqs=8, num_heads=4, head_size=64,
-                                  max_model_len=64)
-    assert isinstance(decode, PagedAttentionWorkspace)
-    assert make_paged_attention("reference", DEVICE, max_num_seqs=8, num_heads=4, head_size=64,
-                                max_model_len=64) is paged_attention_ref
+    kernels = KernelSet("triton", DEVICE, max_num_seqs=8, max_model_len=64)
+    decode = kernels.decode_attention(4, 64)
+    assert isinstance(decode.fn, PagedAttentionWorkspace)
+    assert kernels.decode_attention(4, 64) is decode  # one workspace for every layer
+    assert KernelSet("reference", DEVICE).decode_attention(4, 64).fn is paged_attention_ref
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        KernelSet("triton", DEVICE).decode_attention(4, 64)  # cannot size its workspace
 
 
 def test_paged_workspace_rejects_misfit():
@@ -149,7 +150,7 @@ def test_paged_gpu_bf16(case, backend):
     args = make_inputs(seq_lens, heads, kv_heads, head_size, block_size, torch.bfloat16,
                        max_len, device="cuda")
     expected = paged_attention_ref(*args)
-    assert_close(select("paged_attention", backend, DEVICE)(*args), expected, name="allocating")
+    assert_close(resolve("paged_attention", backend, DEVICE)(*args), expected, name="allocating")
     ws = PagedAttentionWorkspace(len(seq_lens), heads, head_size, max_len, DEVICE,
                                  partition_size=psize)
     assert_close(ws(*args), expected, name="workspace")
@@ -161,7 +162,7 @@ def test_paged_gpu_bf16(case, backend):
 def test_paged_gpu_other_dtypes(backend, dtype):
     _require(backend)
     args = make_inputs([5, 1000, 2500], 32, 8, 128, 16, dtype, 4096, device="cuda")
-    assert_close(select("paged_attention", backend, DEVICE)(*args), paged_attention_ref(*args))
+    assert_close(resolve("paged_attention", backend, DEVICE)(*args), paged_attention_ref(*args))
 
 
 @pytest.mark.gpu

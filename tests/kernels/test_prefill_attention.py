@@ -8,7 +8,7 @@ import pytest
 import torch
 from tolerances import assert_close
 
-from fuselm.kernels import available_backends, select
+from fuselm.kernels import available_backends, resolve
 from fuselm.kernels.prefill_attention import (
     PrefillConfig,
     prefill_attention_ref,
@@ -89,12 +89,12 @@ def test_prefill_triton_matches_reference(case, dtype):
 
 def test_prefill_config_takes_switches_from_the_tuning_table(monkeypatch):
     """A tuned entry (bench output, JSON booleans) switches the options on for that bucket."""
-    from fuselm.kernels import _triton_utils
+    from fuselm.kernels import triton_utils
     from fuselm.kernels.prefill_attention import prefill_config
 
     tuned = {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 2,
              "fold_scale": True, "narrow_offsets": True, "lean_edges": True}
-    monkeypatch.setattr(_triton_utils, "tuned_triton_config", lambda *a: tuned)
+    monkeypatch.setattr(triton_utils, "tuned_triton_config", lambda *a: tuned)
     cfg = prefill_config(128, torch.bfloat16, torch.device("cuda", 0))
     assert cfg == PrefillConfig(128, 128, 8, 2, fold_scale=True, narrow_offsets=True,
                                 lean_edges=True)
@@ -102,7 +102,7 @@ def test_prefill_config_takes_switches_from_the_tuning_table(monkeypatch):
 
 def test_prefill_registry_op_and_opcheck():
     args = make_inputs([5, 3], [4, 0], 4, 2, 64, 16, torch.float32, device=DEVICE)
-    op = select("prefill_attention", "triton", DEVICE)
+    op = resolve("prefill_attention", "triton", DEVICE)
     assert op is torch.ops.fuselm.prefill_attention.default
     assert_close(op(*args), prefill_attention_ref(*args))
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
@@ -143,7 +143,7 @@ def test_prefill_triton_gpu_bf16(case):
     args = make_inputs(q_lens, ctx_lens, heads, kv_heads, head_size, block_size, torch.bfloat16,
                        device="cuda")
     expected = prefill_attention_ref(*args)
-    actual = select("prefill_attention", "triton", torch.device("cuda"))(*args)
+    actual = resolve("prefill_attention", "triton", torch.device("cuda"))(*args)
     assert_close(actual, expected, name=case)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from tolerances import assert_close, count_cuda_kernels
 
-from fuselm.kernels import available_backends, select
+from fuselm.kernels import available_backends, resolve
 from fuselm.kernels import rms_norm as rn
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -17,7 +17,7 @@ EPS = 1e-6
 def _impl(op: str, backend: str):
     if backend not in available_backends(op):
         pytest.skip(f"{backend} backend of {op} not available here")
-    return select(op, backend, DEVICE)
+    return resolve(op, backend, DEVICE)
 
 
 def _check_rms_norm(fn, x, weight):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from tolerances import assert_close, count_cuda_kernels
 
-from fuselm.kernels import available_backends, select
+from fuselm.kernels import available_backends, resolve
 from fuselm.kernels import rotary_store_kv as rk
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -19,7 +19,7 @@ MAX_POSITION = 4096
 def _impl(backend: str):
     if backend not in available_backends("rotary_store_kv"):
         pytest.skip(f"{backend} backend of rotary_store_kv not available here")
-    return select("rotary_store_kv", backend, DEVICE)
+    return resolve("rotary_store_kv", backend, DEVICE)
 
 
 def _cos_sin_cache(rot_dim: int, scaling: str = "none") -> torch.Tensor:

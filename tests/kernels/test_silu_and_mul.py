@@ -6,7 +6,7 @@ import pytest
 import torch
 from tolerances import assert_close, count_cuda_kernels
 
-from fuselm.kernels import available_backends, select
+from fuselm.kernels import available_backends, resolve
 from fuselm.kernels import silu_and_mul as sm
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -16,7 +16,7 @@ CPU_DTYPES = [torch.float32, torch.float16]
 def _impl(backend: str):
     if backend not in available_backends("silu_and_mul"):
         pytest.skip(f"{backend} backend of silu_and_mul not available here")
-    return select("silu_and_mul", backend, DEVICE)
+    return resolve("silu_and_mul", backend, DEVICE)
 
 
 def _check(fn, x):
@@ -71,7 +71,7 @@ def test_launch_variants(cfg, dtype, num_tokens, d, pad):
     wide = 3 * torch.randn(num_tokens, 2 * d + pad, dtype=dtype, device=DEVICE)
     x = wide[:, pad // 2 : pad // 2 + 2 * d]
     out = torch.full((num_tokens, d), float("nan"), dtype=dtype, device=DEVICE)
-    sm._launch_silu_and_mul(x, out, sm._SiluConfig(*cfg))
+    sm._launch_silu_and_mul(x, out, sm.SiluConfig(*cfg))
     assert_close(out, sm.silu_and_mul_ref(x))
 
 
@@ -81,7 +81,7 @@ def test_flat_int64_indices():
     wide = torch.randn(9, 2 * 48 + 16, device=DEVICE)
     x = wide[:, 16:]
     out = torch.empty(9, 48, device=DEVICE)
-    sm._launch_flat(x, out, sm._SiluConfig("flat", 128, 2), wide=True)
+    sm._launch_flat(x, out, sm.SiluConfig("flat", 128, 2), wide=True)
     assert_close(out, sm.silu_and_mul_ref(x))
 
 
@@ -89,8 +89,8 @@ def test_config_default_and_tuned(monkeypatch):
     """No table (or one without "variant"): the "2d" heuristic; a table entry picks the variant;
     an unknown variant is ignored."""
     cuda = torch.device("cuda", 0)
-    assert sm._silu_config(14336, 2, 16384, torch.device("cpu")) == ("2d", 2048, 4, 1)
-    assert sm._silu_config(1536, 2, 16384, torch.device("cpu")) == ("2d", 512, 1, 1)
+    assert sm.silu_config(14336, 2, 16384, torch.device("cpu")) == ("2d", 2048, 4, 1)
+    assert sm.silu_config(1536, 2, 16384, torch.device("cpu")) == ("2d", 512, 1, 1)
     tables = {
         "old": {"block": 1024, "num_warps": 8},
         "flat": {"variant": "flat", "block": 4096, "num_warps": 8},
@@ -100,15 +100,15 @@ def test_config_default_and_tuned(monkeypatch):
     expected = {"old": ("2d", 1024, 8, 1), "flat": ("flat", 4096, 8, 1),
                 "rows": ("rows", 2048, 8, 2), "bad": ("2d", 2048, 4, 1)}  # fmt: skip
     for name, table in tables.items():
-        monkeypatch.setattr(sm._triton_utils, "tuned_triton_config", lambda *a, t=table: t)
-        assert sm._silu_config(14336, 2, 16384, cuda) == expected[name], name
-        assert sm._silu_config(14336, 2, 7, cuda) == ("2d", 2048, 4, 1)  # few tokens: no table
+        monkeypatch.setattr(sm.triton_utils, "tuned_triton_config", lambda *a, t=table: t)
+        assert sm.silu_config(14336, 2, 16384, cuda) == expected[name], name
+        assert sm.silu_config(14336, 2, 7, cuda) == ("2d", 2048, 4, 1)  # few tokens: no table
 
 
 @pytest.mark.skipif("triton" not in available_backends("silu_and_mul"), reason="no triton")
 def test_bench_sweep_configs_run_and_round_trip(monkeypatch):
     """Every config ``fuselm bench kernels`` sweeps has a distinct stable label, runs correctly
-    (on a small input), and, written to the table, comes back from ``_silu_config``."""
+    (on a small input), and, written to the table, comes back from ``silu_config``."""
     from fuselm.bench.kernel_cases import _silu_cases
 
     case = next(c for c in _silu_cases("full") if c.shape == "16384x14336")
@@ -122,8 +122,8 @@ def test_bench_sweep_configs_run_and_round_trip(monkeypatch):
     for label, (cfg, fn) in found.items():
         fn()
         assert_close(launched[-1], sm.silu_and_mul_ref(x), name=label)
-        monkeypatch.setattr(sm._triton_utils, "tuned_triton_config", lambda *a, t=cfg: t)
-        assert sm._silu_config(40, 4, 16384, torch.device("cuda", 0)) == sm._SiluConfig(**cfg)
+        monkeypatch.setattr(sm.triton_utils, "tuned_triton_config", lambda *a, t=cfg: t)
+        assert sm.silu_config(40, 4, 16384, torch.device("cuda", 0)) == sm.SiluConfig(**cfg)
 
 
 def test_opcheck_triton_op():

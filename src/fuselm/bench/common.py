@@ -93,7 +93,7 @@ def gpu_slug(name: str | None) -> str:
 
 
 def gpu_key(name: str) -> str:
-    """Key of a GPU in the tuning tables (the form ``kernels._registry`` looks up)."""
+    """Key of a GPU in the tuning tables (the form ``kernels.resolver`` looks up)."""
     return name.replace(" ", "_")
 
 

@@ -127,17 +127,17 @@ def _silu_sweep(d: int, elem_size: int) -> list:
     (the heuristic column tile, 1, 2 or 4 rows a program, column tiles fastest, ~2 vectors a
     thread, plus 1 row at one vector a thread); "flat" (TorchInductor's 1-D shape, whose
     default is BLOCK 1024 with 4 warps)."""
-    from fuselm.kernels.silu_and_mul import _silu_config, _SiluConfig
+    from fuselm.kernels.silu_and_mul import SiluConfig, silu_config
 
-    tile = _silu_config(d, elem_size, 1, torch.device("cpu")).block
+    tile = silu_config(d, elem_size, 1, torch.device("cpu")).block
     warps = [max(1, min(16, r * tile * elem_size // 1024)) for r in (1, 2, 4)]  # 2 vectors/thread
     two_d = ((512, 2), (1024, 4), (2048, 4), (2048, 8), (4096, 8))
     rows = ((1, warps[0]), (1, min(16, 2 * warps[0])), (2, warps[1]), (4, warps[2]))
     flat = ((1024, 2), (1024, 4), (2048, 4), (2048, 8), (4096, 8))
     return [
-        *(_SiluConfig("2d", b, w) for b, w in two_d),
-        *(_SiluConfig("rows", tile, w, r) for r, w in rows),
-        *(_SiluConfig("flat", b, w) for b, w in flat),
+        *(SiluConfig("2d", b, w) for b, w in two_d),
+        *(SiluConfig("rows", tile, w, r) for r, w in rows),
+        *(SiluConfig("flat", b, w) for b, w in flat),
     ]
 
 

@@ -29,7 +29,7 @@ import torch
 
 from fuselm.bench import common
 from fuselm.bench.kernel_cases import KernelCase
-from fuselm.kernels import _triton_utils
+from fuselm.kernels import triton_utils
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def load_cases(preset: str, ops: set[str] | None = None) -> list[KernelCase]:
 
 
 def _candidates(case: KernelCase, device: torch.device, compile_ref: bool) -> dict[str, Callable]:
-    from fuselm.kernels import available_backends, select
+    from fuselm.kernels import available_backends, resolve
 
     found: dict[str, Callable] = {"eager": case.reference}
     if compile_ref:
@@ -69,7 +69,7 @@ def _candidates(case: KernelCase, device: torch.device, compile_ref: bool) -> di
         found.update({name: make() for name, make in case.baselines.items()})
     for backend in available_backends(case.op):
         if backend != "reference" and (device.type == "cuda" or backend == "triton"):
-            found[backend] = select(case.op, backend, device)
+            found[backend] = resolve(case.op, backend, device)
     return found
 
 
@@ -221,10 +221,10 @@ def write_tuning_tables(tables: dict[str, dict], gpu_name: str, configs_dir: Pat
             merged[bucket] = entry
         table[gpu] = merged
         if torch.cuda.is_available():
-            caps = table.setdefault(_triton_utils.CAPABILITY_KEY, {})
+            caps = table.setdefault(triton_utils.CAPABILITY_KEY, {})
             caps[gpu] = "{}.{}".format(*torch.cuda.get_device_capability())
         written.append(common.write_json(path, dict(sorted(table.items()))))
-    _triton_utils.clear_config_caches()
+    triton_utils.clear_config_caches()
     return written
 
 
@@ -267,7 +267,7 @@ def _markdown(result: dict[str, Any]) -> str:
 
 def run_kernel_bench(args: argparse.Namespace) -> dict[str, Any]:
     """Runs the benchmark that ``args`` (see ``add_arguments``) describes; returns the record."""
-    from fuselm.kernels import _extension
+    from fuselm.kernels import extension
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (
@@ -289,7 +289,7 @@ def run_kernel_bench(args: argparse.Namespace) -> dict[str, Any]:
         print(common.format_table(case_rows, TABLE_COLUMNS), flush=True)
         rows += case_rows
     result = {"environment": env, "dtype": str(dtype).removeprefix("torch."),
-              "device": str(device), "extension": _extension.extension_status(),
+              "device": str(device), "extension": extension.extension_status(),
               "copy_gbs": copy_gbs, "rows": rows, "targets": check_targets(cases, rows),
               "overhead": common.dispatch_overhead_us()}  # fmt: skip
     if device.type == "cuda":
@@ -352,7 +352,7 @@ def resolve_configs_dir(args: argparse.Namespace, fallback_output: str = "out") 
     if getattr(args, "no_write_configs", False):
         return None
     if getattr(args, "write_package_configs", False):
-        return Path(_triton_utils._CONFIG_DIR)
+        return Path(triton_utils._CONFIG_DIR)
     if getattr(args, "configs_dir", None):
         return Path(args.configs_dir)
     return Path(getattr(args, "output_dir", None) or fallback_output) / "configs"
@@ -360,7 +360,7 @@ def resolve_configs_dir(args: argparse.Namespace, fallback_output: str = "out") 
 
 def configs_note(configs_dir: Path) -> str:
     """How the written tables become the ones a run reads."""
-    if configs_dir.resolve() == Path(_triton_utils._CONFIG_DIR).resolve():
+    if configs_dir.resolve() == Path(triton_utils._CONFIG_DIR).resolve():
         return f"tuning tables written into the package: {configs_dir}"
     return (f"tuning tables written to {configs_dir} (FUSELM_KERNEL_CONFIGS={configs_dir} reads "
             "them; --write-package-configs makes them the package's defaults)")

@@ -311,7 +311,7 @@ def measure(case: KernelCase, device: torch.device, dtype: torch.dtype, *, refer
             sweep: bool, rep_ms: float = 100) -> list[dict[str, Any]]:
     """Rows of one case: each backend, baseline and swept config, with TFLOP/s (prefill) or KV
     GB/s (decode) and the time ratios to the SDPA baselines (> 1: faster than SDPA)."""
-    from fuselm.kernels import available_backends, select
+    from fuselm.kernels import available_backends, resolve
 
     torch.manual_seed(0)
     args = case.make_args(device, dtype)
@@ -321,7 +321,7 @@ def measure(case: KernelCase, device: torch.device, dtype: torch.dtype, *, refer
     for backend in ("triton", "cuda"):
         if backend in available_backends(case.op) and (device.type == "cuda" or
                                                        backend == "triton"):
-            fns[backend] = select(case.op, backend, device)
+            fns[backend] = resolve(case.op, backend, device)
     configs: dict[str, dict] = {}
     if sweep and case.triton_variants is not None and "triton" in fns:
         for label, (cfg, fn) in case.triton_variants(args).items():

@@ -7,7 +7,7 @@ It prints the achieved weight bandwidth beside the copy bandwidth measured in th
 writes ``gemv.json`` (into ``--configs-dir``, else ``<output-dir>/configs``; into the package's
 ``kernels/configs`` only with ``--write-package-configs``): per shape, the faster of ``triton`` and
 ``reference`` (cuBLAS) and the best Triton config. The linear layers read that table when the
-model is built (``fuselm.kernels.gemv.select_gemv``).
+model is built (``fuselm.kernels.KernelSet.gemv``).
 
     python -m fuselm.bench.kernels_gemv --output-dir docs/perf
 """

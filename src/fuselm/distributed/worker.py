@@ -32,7 +32,6 @@ from fuselm.engine.model_runner import ModelRunner, graph_batch_sizes
 from fuselm.engine.sampling_inputs import build_sampling_tensors
 from fuselm.engine.scheduler import SchedulerOutput
 from fuselm.forward_batch import ForwardBatch
-from fuselm.kernels.argmax import greedy_argmax
 from fuselm.layers.sampler import sample
 from fuselm.parallel import parallel_state as ps
 
@@ -147,12 +146,13 @@ class Worker:
         logits = self.stage.forward(ids, pos, batch, header)
         self.num_steps += 1
         if logits is not None and header.flags & FLAG_KEEP_ARGMAX:
-            self.last_tokens = greedy_argmax(logits)
+            self.last_tokens = self.runner.kernels.argmax(logits)
         if logits is None or not self.samples or header.num_logits == 0:
             return
         tensors = decode_sampling(header, payload, self.vocab_size, self.stage.device,
                                   self.generators)
-        self.links.send_result(encode_result(sample(logits, tensors), header.max_logprobs))
+        self.links.send_result(encode_result(sample(logits, tensors, self.runner.kernels.argmax),
+                                            header.max_logprobs))
 
 
 def stage_profile_execute(runner: ModelRunner) -> Callable[[SchedulerOutput], Any]:
@@ -174,6 +174,7 @@ def stage_profile_execute(runner: ModelRunner) -> Callable[[SchedulerOutput], An
         if ps.is_last_pp_rank():
             logits = model.compute_logits(hidden[batch.logits_indices])
             reqs = [s.request for s in out.sequences if s.sample]
-            sample(logits, build_sampling_tensors(reqs, runner.vocab_size, runner.device))
+            sample(logits, build_sampling_tensors(reqs, runner.vocab_size, runner.device),
+                   runner.kernels.argmax)
 
     return execute

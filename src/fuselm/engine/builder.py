@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import time
 from collections.abc import Callable
@@ -15,6 +14,7 @@ import torch
 from fuselm.config import EngineConfig, ModelConfig, SchedulerConfig
 from fuselm.engine.block_manager import BlockManager
 from fuselm.engine.model_runner import ModelRunner
+from fuselm.kernels.kernel_set import KernelSet
 from fuselm.loading import loader
 from fuselm.tokenizer import Tokenizer
 
@@ -42,31 +42,6 @@ def load_tokenizer(source: loader.ModelSource) -> Tokenizer:
     if source.format == "gguf":
         return Tokenizer.from_gguf(source.path)
     return Tokenizer.from_hf_dir(source.path)
-
-
-def bind_kernels(model: torch.nn.Module, backend: str, device: torch.device,
-                 max_num_seqs: int, max_model_len: int) -> None:
-    """Lets every layer pick its kernel implementations once; the decode attention of all
-    layers shares one preallocated split-KV workspace (CUDA-graph safe)."""
-    from fuselm.kernels.paged_attention import make_paged_attention
-
-    bind_module_kernels(model, backend, device, for_graphs=False)
-    layers = model.attention_layers()
-    if layers:
-        decode = make_paged_attention(backend, device, max_num_seqs=max_num_seqs,
-                                      num_heads=layers[0].num_heads,
-                                      head_size=layers[0].head_size, max_model_len=max_model_len)
-        for layer in layers:
-            layer.set_decode_impl(decode)
-
-
-def bind_module_kernels(model: torch.nn.Module, backend: str, device: torch.device,
-                        for_graphs: bool) -> None:
-    """Lets every layer choose its kernels for eager steps or for the decode CUDA graphs (the
-    runner switches to the graph set while it captures, then back)."""
-    for module in model.modules():
-        if hasattr(module, "bind_kernels"):
-            module.bind_kernels(backend, device, for_graphs=for_graphs)
 
 
 def use_cpu_gemv_layout(model: torch.nn.Module) -> None:
@@ -102,6 +77,17 @@ def _num_blocks(config: EngineConfig, runner: ModelRunner, dtype: torch.dtype,
     return max(budget, -(-max_model_len // cache.block_size))
 
 
+def log_kernels(kernels: KernelSet) -> None:
+    """One log line naming each op's eager and graph implementation."""
+    parts = []
+    for row in kernels.describe():
+        choice = row["eager"] if row["eager"] == row["graph"] else \
+            f"{row['eager']} | graph {row['graph']}"
+        bucket = "" if row["bucket"] in ("default", "none") else f"[{row['bucket']}]"
+        parts.append(f"{row['op']}{bucket}: {choice}")
+    logger.info("kernels (%s on %s): %s", kernels.backend, kernels.device, "; ".join(parts))
+
+
 class RankContext(Protocol):
     """What the builder needs of a rank of a distributed engine (``DistributedContext``)."""
 
@@ -130,20 +116,20 @@ def build_engine_parts(config: EngineConfig, source: loader.ModelSource,
     dtype = loader.resolve_dtype(config.dtype, device)
     max_model_len = config.scheduler.max_model_len or model_config.max_position_embeddings
     tokenizer = load_tokenizer(source)
+    sched = _scheduler_config(config, max_model_len)
+    kernels = KernelSet(config.kernel_backend, device, max_num_seqs=sched.max_num_seqs,
+                        max_model_len=max_model_len)
     model = loader.build_model(model_config, max(max_model_len, 1), dtype, device,
-                               dist_ctx.layer_partition if dist_ctx else None)
+                               dist_ctx.layer_partition if dist_ctx else None, kernels)
     if config.load_format == "dummy":
         loader.init_dummy_weights(model, config.seed)
     else:
         loader.load_weights(model, source, progress=dist_ctx is None or dist_ctx.rank == 0)
     if device.type == "cpu":
         use_cpu_gemv_layout(model)
-    sched = _scheduler_config(config, max_model_len)
-    bind_kernels(model, config.kernel_backend, device, sched.max_num_seqs, max_model_len)
+    log_kernels(kernels)
     runner = ModelRunner(model, model_config.vocab_size, device, sched.max_num_batched_tokens,
-                         sched.max_num_seqs, max_model_len, config.cache.block_size)
-    runner.bind_for_graphs = functools.partial(bind_module_kernels, model,
-                                               config.kernel_backend, device)
+                         sched.max_num_seqs, max_model_len, config.cache.block_size, kernels)
     if dist_ctx is None:
         num_blocks = _num_blocks(config, runner, dtype, sched, max_model_len)
     else:  # the smallest over ranks, each profiling its own stage

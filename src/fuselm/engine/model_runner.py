@@ -18,7 +18,7 @@ from torch import nn
 from fuselm.engine.input_batch import InputBuffers
 from fuselm.engine.sampling_inputs import build_sampling_tensors
 from fuselm.engine.scheduler import SchedulerOutput
-from fuselm.kernels.argmax import greedy_argmax
+from fuselm.kernels.kernel_set import KernelSet
 from fuselm.layers.sampler import SamplerOutput, sample
 
 logger = logging.getLogger(__name__)
@@ -76,8 +76,9 @@ class ModelRunner:
 
     def __init__(self, model: nn.Module, vocab_size: int, device: torch.device,
                  max_num_tokens: int, max_num_seqs: int, max_model_len: int,
-                 block_size: int) -> None:
+                 block_size: int, kernels: KernelSet | None = None) -> None:
         self.model, self.vocab_size, self.device = model, vocab_size, device
+        self.kernels = kernels or KernelSet(device=device)  # the model's; graphs switch it
         self.max_num_seqs, self.block_size = max_num_seqs, block_size
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.buffers = InputBuffers(max_num_tokens, max_num_seqs, self.max_blocks_per_seq,
@@ -85,8 +86,6 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.num_graph_replays = 0
-        # (for_graphs: bool) -> None: rebinds the layers' kernels; set by the engine builder
-        self.bind_for_graphs: Callable[[bool], None] | None = None
         pin = device.type == "cuda"
         self._host_tokens = [torch.zeros(max_num_seqs, dtype=torch.int64, pin_memory=pin)
                              for _ in range(2)]
@@ -154,9 +153,10 @@ class ModelRunner:
         """Queues the sampling of ``logits`` (rows of the sampling requests ``reqs``; ``greedy``:
         all plain greedy, so an argmax) and the copy of the tokens to the host."""
         if greedy:
-            result = SamplerOutput(token_ids=greedy_argmax(logits))  # no per-step tensors
+            result = SamplerOutput(token_ids=self.kernels.argmax(logits))  # no per-step tensors
         else:
-            result = sample(logits, build_sampling_tensors(reqs, self.vocab_size, self.device))
+            result = sample(logits, build_sampling_tensors(reqs, self.vocab_size, self.device),
+                            self.kernels.argmax)
         if self.device.type != "cuda":
             return LaunchedStep(out, result, None, None, greedy)
         self._host_slot ^= 1  # two pinned buffers: a step's tokens are read after the next launch
@@ -211,13 +211,8 @@ class ModelRunner:
     @contextlib.contextmanager
     def graph_kernels(self) -> Iterator[None]:
         """The layers use their CUDA-graph kernels inside, their eager ones again after."""
-        if self.bind_for_graphs is not None:
-            self.bind_for_graphs(True)
-        try:
+        with self.kernels.variant("graph"):
             yield
-        finally:
-            if self.bind_for_graphs is not None:
-                self.bind_for_graphs(False)
 
     def _capture_all(self, body: GraphBody) -> None:
         from fuselm.engine.scheduler import ScheduledSequence

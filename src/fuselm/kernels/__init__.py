@@ -1,18 +1,11 @@
 """Kernels of the decoder's hot path, one op per module, each with a reference implementation.
 
-Importing this package registers every op's backends; ``select(op, backend, device)`` picks one.
+``resolver`` maps ``(op, backend, device, shape bucket, eager | graph)`` to a callable from one
+explicit table; ``KernelSet`` holds every choice a model makes. Importing this package imports no
+op module, no Triton and no CUDA extension: those load when a kernel is first resolved.
 """
 
-from fuselm.kernels import (  # noqa: F401  (registration side effects)
-    argmax,
-    gemv,
-    paged_attention,
-    prefill_attention,
-    rms_norm,
-    rotary_store_kv,
-    silu_and_mul,
-    vocab_embedding,
-)
-from fuselm.kernels._registry import BACKENDS, available_backends, register, select
+from fuselm.kernels.kernel_set import KernelChoice, KernelSet
+from fuselm.kernels.resolver import BACKENDS, TABLE, available_backends, resolve
 
-__all__ = ["BACKENDS", "available_backends", "register", "select"]
+__all__ = ["BACKENDS", "TABLE", "KernelChoice", "KernelSet", "available_backends", "resolve"]

@@ -17,12 +17,12 @@ from functools import cache
 import torch
 
 from fuselm import envs
-from fuselm.kernels import _triton_utils
+from fuselm.kernels import triton_utils
 
 
 @cache
 def _enabled(device_index: int) -> bool:
-    if _triton_utils.is_interpreting() or not envs.pdl_enabled():
+    if triton_utils.is_interpreting() or not envs.pdl_enabled():
         return False
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
@@ -40,11 +40,11 @@ def launch_args(t: torch.Tensor) -> dict[str, bool]:
 
 def pdl_available(device: torch.device) -> bool:
     """Whether Triton kernels on ``device`` chain with PDL (the registry prefers them there)."""
-    return device.type == "cuda" and _triton_utils.triton_available() and _enabled(
+    return device.type == "cuda" and triton_utils.triton_available() and _enabled(
         device.index if device.index is not None else torch.cuda.current_device())
 
 
-if _triton_utils.triton_available():
+if triton_utils.triton_available():
     import triton
     import triton.language as tl
 

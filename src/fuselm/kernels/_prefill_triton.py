@@ -3,14 +3,14 @@ its jitted helpers (the launcher, configs and checks live in ``prefill_attention
 
 from __future__ import annotations
 
-from fuselm.kernels import _triton_utils
+from fuselm.kernels import triton_utils
 
-if _triton_utils.triton_available():
+if triton_utils.triton_available():
     import triton
     import triton.language as tl
 
-    if _triton_utils.is_interpreting():
-        _triton_utils.patch_interpreter_range()
+    if triton_utils.is_interpreting():
+        triton_utils.patch_interpreter_range()
 
     @triton.jit
     def _online_softmax_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PRECISION: tl.constexpr,

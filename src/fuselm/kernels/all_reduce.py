@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from fuselm.kernels import _pdl, _triton_utils
-from fuselm.kernels._triton_utils import next_power_of_2
+from fuselm.kernels import _pdl, triton_utils
+from fuselm.kernels.triton_utils import next_power_of_2
 
 NUM_SLOTS = 2
 _EMPTY = {2: -(1 << 15), 4: -(1 << 31)}  # the -0.0 bit pattern of 16- and 32-bit floats
@@ -43,7 +43,7 @@ def empty_word(dtype: torch.dtype) -> int:
     return _EMPTY[word_dtype(dtype).itemsize]
 
 
-if _triton_utils.triton_available():
+if triton_utils.triton_available():
     import triton
     import triton.language as tl
 

@@ -16,8 +16,8 @@ from typing import NamedTuple
 
 import torch
 
-from fuselm.kernels import _pdl, _registry, _triton_utils
-from fuselm.kernels._triton_utils import FUSELM_LIB, next_power_of_2
+from fuselm.kernels import _pdl, triton_utils
+from fuselm.kernels.triton_utils import FUSELM_LIB, next_power_of_2
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_N = 2**30  # int32 indices inside the kernel, with room for the last chunk
@@ -27,9 +27,6 @@ def argmax_ref(x: torch.Tensor) -> torch.Tensor:
     """Plain PyTorch ``torch.argmax(x, dim=-1)``: int64 ``[num_rows]`` (exact comparisons, so no
     float32 upcast is needed: widening keeps order and NaN)."""
     return torch.argmax(x, dim=-1)
-
-
-_registry.register("argmax", "reference", argmax_ref)
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,7 +58,7 @@ def _argmax_config(n: int, device: torch.device) -> _ArgmaxConfig:
     num_warps = max(1, min(8, block // 512))
     cfg = _ArgmaxConfig(block, num_warps, 1, 4096 if n > _SPLIT_ABOVE else 0)
     if device.type == "cuda":
-        tuned = _triton_utils.tuned_triton_config("argmax", f"n{n}", "cuda", device.index or 0)
+        tuned = triton_utils.tuned_triton_config("argmax", f"n{n}", "cuda", device.index or 0)
         if tuned:
             cfg = cfg._replace(**{k: v for k, v in tuned.items() if k in _ArgmaxConfig._fields})
     return cfg
@@ -80,14 +77,14 @@ def _check_argmax_input(x: torch.Tensor) -> None:
         raise ValueError(f"argmax needs the last dimension contiguous, got strides {x.stride()}")
 
 
-if _triton_utils.triton_available():
+if triton_utils.triton_available():
     import triton
     import triton.language as tl
 
     from fuselm.kernels._pdl import pdl_wait_then_release
 
-    if _triton_utils.is_interpreting():
-        _triton_utils.patch_interpreter_range()
+    if triton_utils.is_interpreting():
+        triton_utils.patch_interpreter_range()
 
     @triton.jit
     def _first_max(best, best_idx):
@@ -210,11 +207,10 @@ def _argmax_fake(x: torch.Tensor) -> torch.Tensor:
 
 
 _TRITON_OP = None
-if _triton_utils.triton_available():
-    for _key in _triton_utils.triton_dispatch_keys():
+if triton_utils.triton_available():
+    for _key in triton_utils.triton_dispatch_keys():
         FUSELM_LIB.impl("argmax", argmax_triton, _key)
     _TRITON_OP = torch.ops.fuselm.argmax.default
-    _registry.register("argmax", "triton", _TRITON_OP)
 
 
 def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:

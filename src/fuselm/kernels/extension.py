@@ -1,6 +1,7 @@
 """The compiled CUDA extension: ``fuselm._C`` when built at install, else built just in time.
 
-``load_extension()`` returns the ``torch.ops.fuselm_C`` namespace, or None when there is no CUDA
+``load_extension()`` (called by the kernel resolver when a CUDA implementation is first asked
+for, never at import) returns the ``torch.ops.fuselm_C`` namespace, or None when there is no CUDA
 device, no CUDA build of torch, no nvcc or the build fails (with a warning); it never raises.
 The just-in-time build (``torch.utils.cpp_extension.load``, ninja) targets the current GPU's
 architecture only (sm_90a on Hopper), is cached under ``TORCH_EXTENSIONS_DIR`` (default
@@ -46,10 +47,22 @@ def _load() -> tuple[object | None, str]:
     if spec is not None and spec.origin:
         try:
             torch.ops.load_library(spec.origin)
-            return torch.ops.fuselm_C, f"aot:{spec.origin}"
+            return _with_fakes(torch.ops.fuselm_C), f"aot:{spec.origin}"
         except Exception as err:  # e.g. built against another torch: fall back to JIT
             warnings.warn(f"fuselm._C failed to load ({err}); trying a JIT build", stacklevel=2)
-    return _jit_build()
+    ops, status = _jit_build()
+    return (_with_fakes(ops) if ops is not None else None), status
+
+
+# The extension's ops that only write their arguments; each gets a fake (meta) implementation so
+# that torch.compile and CUDA graph tracing see them.
+VOID_OPS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_store_kv")
+
+
+def _with_fakes(ops):
+    for op in VOID_OPS:
+        torch.library.register_fake(f"fuselm_C::{op}")(_void)
+    return ops
 
 
 def _jit_build() -> tuple[object | None, str]:
@@ -95,12 +108,6 @@ def extension_status() -> str:
         return _load()[1]
     except Exception as err:
         return f"error: {err}"
-
-
-def register_fake_void(*ops: str) -> None:
-    """Fake (meta) implementations for ``fuselm_C`` ops that only mutate their arguments."""
-    for op in ops:
-        torch.library.register_fake(f"fuselm_C::{op}")(_void)
 
 
 def _void(*args, **kwargs) -> None:

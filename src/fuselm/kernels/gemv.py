@@ -20,14 +20,13 @@ Backends: ``gemv_ref`` (float32 spec), ``gemv_triton`` (the torch op ``fuselm::g
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from fuselm.kernels import _pdl, _registry, _triton_utils
-from fuselm.kernels._triton_utils import FUSELM_LIB, next_power_of_2
+from fuselm.kernels import _pdl, triton_utils
+from fuselm.kernels.triton_utils import FUSELM_LIB, next_power_of_2
 
 
 def gemv_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
@@ -39,9 +38,6 @@ def gemv_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     return out if fp32_out else out.to(x.dtype)
 
 
-_registry.register("gemv", "reference", gemv_ref)
-
-
 def gemv_silu_mul_ref(x: torch.Tensor, w: torch.Tensor,
                       bias: torch.Tensor | None = None) -> torch.Tensor:
     """The gated MLP's first half in float32: ``silu(x @ gate.T) * (x @ up.T)`` with w ``[2N, K]``
@@ -49,9 +45,6 @@ def gemv_silu_mul_ref(x: torch.Tensor, w: torch.Tensor,
     h = gemv_ref(x, w, bias, fp32_out=True)
     n = h.shape[1] // 2
     return (F.silu(h[:, :n]) * h[:, n:]).to(x.dtype)
-
-
-_registry.register("gemv_silu_mul", "reference", gemv_silu_mul_ref)
 
 
 class GemvConfig(NamedTuple):
@@ -101,7 +94,7 @@ def _check(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> None:
         raise ValueError(f"gemv bias must be [{w.shape[0]}], got {tuple(bias.shape)}")
 
 
-if _triton_utils.triton_available():
+if triton_utils.triton_available():
     import triton
     import triton.language as tl
 
@@ -230,7 +223,7 @@ def tuned_config(n: int, k: int, device: torch.device) -> GemvConfig | None:
     """The Triton config the tuning table recorded for this weight shape on this GPU, or None."""
     if device.type != "cuda":
         return None
-    entry = _triton_utils.tuned_triton_config("gemv", shape_bucket(n, k), "cuda",
+    entry = triton_utils.tuned_triton_config("gemv", shape_bucket(n, k), "cuda",
                                               device.index or 0)
     return GemvConfig.from_dict(entry) if entry else None
 
@@ -245,7 +238,7 @@ def paired_rows_config(bucket: str, n: int, k: int, device: torch.device) -> Gem
     output row (gate and up; a rotary pair): the table's entry under ``bucket``, else the plain
     kernel's config for the weight with half the rows a program."""
     if device.type == "cuda":
-        entry = _triton_utils.tuned_triton_config("gemv", bucket, "cuda", device.index or 0)
+        entry = triton_utils.tuned_triton_config("gemv", bucket, "cuda", device.index or 0)
         if entry:
             return GemvConfig.from_dict(entry)
     cfg = tuned_config(n, k, device) or default_config(n, k)
@@ -301,38 +294,8 @@ def _gemv_silu_mul_fake(x: torch.Tensor, w: torch.Tensor,
     return x.new_empty((x.shape[0], w.shape[0] // 2))
 
 
-if _triton_utils.triton_available():
-    for _key in _triton_utils.triton_dispatch_keys():
+if triton_utils.triton_available():
+    for _key in triton_utils.triton_dispatch_keys():
         FUSELM_LIB.impl("gemv", gemv_triton, _key)
         FUSELM_LIB.impl("gemv_silu_mul", gemv_silu_mul_triton, _key)
-    _registry.register("gemv", "triton", torch.ops.fuselm.gemv.default)
-    _registry.register("gemv_silu_mul", "triton", torch.ops.fuselm.gemv_silu_mul.default)
 
-
-def select_tuned_op(op: str, backend: str, weight: torch.Tensor, device: torch.device,
-                    bucket_of: Callable[[int, int], str], fits: bool = True):
-    """The Triton op ``fuselm::<op>`` for a batch-1 layer with a row-major 2-D ``weight [n, k]``,
-    or None (the layer's unfused path): where the gemv tuning table measured Triton faster under
-    the key ``bucket_of(n, k)`` on this GPU (``auto``), or wherever ``backend`` asks for Triton;
-    never on a CPU, nor when ``fits`` is False."""
-    if (not fits or device.type != "cuda" or "triton" not in _registry.available_backends(op)
-            or weight.dim() != 2 or weight.stride(1) != 1):
-        return None
-    if backend == "auto":
-        bucket = bucket_of(*weight.shape)
-        backend = _registry.tuned_backend("gemv", device, bucket) or "reference"
-    return getattr(torch.ops.fuselm, op).default if backend == "triton" else None
-
-
-def select_gemv(backend: str, weight: torch.Tensor, device: torch.device):
-    """The batch-1 matrix-vector implementation a layer with ``weight [n, k]`` (row-major) uses,
-    or None for cuBLAS (``F.linear``): see ``select_tuned_op``."""
-    return select_tuned_op("gemv", backend, weight, device, shape_bucket)
-
-
-def select_gemv_silu_mul(backend: str, weight: torch.Tensor, device: torch.device):
-    """The batch-1 fused gate/up projection + SiLU-and-mul for a ``[2n, k]`` weight, or None
-    (the separate projection and activation): see ``select_tuned_op``."""
-    return select_tuned_op("gemv_silu_mul", backend, weight, device,
-                           lambda n, k: gated_bucket(n // 2, k),
-                           fits=weight.dim() == 2 and weight.shape[0] % 2 == 0)

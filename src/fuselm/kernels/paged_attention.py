@@ -10,17 +10,15 @@ Returns ``[num_seqs, num_heads, head_size]`` in q's dtype:
 Backends and API:
 
 - ``paged_attention_ref``: the spec (float32, gathers the whole block table).
-- ``select("paged_attention", backend, device)``: a callable with the reference's signature
-  (``fuselm::paged_attention`` for Triton). It allocates its
+- ``fuselm::paged_attention`` (``resolver.resolve("paged_attention", "triton", device)``): the
+  Triton kernel with the reference's signature. It allocates its
   split-KV workspace on every call, sized by the block-table width; fine for tests and eager use.
 - ``PagedAttentionWorkspace(max_num_seqs, num_heads, head_size, max_model_len, device)``: the
   serving path. Preallocated float32 buffers; ``ws(q,
   key_cache, value_cache, block_tables, seq_lens, scale, out=None)`` has the reference's
   signature plus ``out=``. One workspace serves every layer. The partition count it launches
   depends on shapes only, so a CUDA graph captured at a short context replays at a long one.
-  ``make_paged_attention(backend, device, max_num_seqs=..., num_heads=..., head_size=...,
-  max_model_len=...)`` resolves the backend as ``select`` does and returns a workspace for
-  Triton, the reference otherwise: hand it to ``Attention.set_decode_impl``.
+  The model's ``KernelSet`` builds one for Triton and hands it to every attention layer.
 - ``paged_attention_triton_out`` / ``fuselm::paged_attention_out``: the in-place launcher behind
   the workspace.
 
@@ -43,14 +41,14 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from fuselm.kernels import _pdl, _registry, _triton_utils
-from fuselm.kernels._triton_utils import FUSELM_LIB, next_power_of_2
+from fuselm.kernels import _pdl, triton_utils
 from fuselm.kernels.decode_workspace import (  # noqa: F401  (public names)
     DEFAULT_PARTITION_SIZE,
     MAX_PARTITIONS,
     PagedAttentionWorkspace,
     partition_size_for,
 )
+from fuselm.kernels.triton_utils import FUSELM_LIB, next_power_of_2
 
 
 def paged_attention_ref(
@@ -77,9 +75,6 @@ def paged_attention_ref(
     if bool((seq_lens == 0).any()):
         out = torch.where(seq_lens[:, None, None, None] > 0, out, torch.zeros_like(out))
     return out[:, :, 0, :].to(q.dtype)
-
-
-_registry.register("paged_attention", "reference", paged_attention_ref)
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,7 +137,7 @@ def decode_config(head_size: int, dtype: torch.dtype, partition_size: int,
     # K and V tiles of 64 tokens x 128 x 2 B = 16 KB each; 3 stages keep ~96 KB of loads in
     # flight per program, enough to cover HBM latency at 2 programs per SM (H100: 228 KB smem).
     cfg = DecodeConfig(64 if head_size <= 128 else 32, 4, 3)
-    tuned = _triton_utils.tuned_triton_config(
+    tuned = triton_utils.tuned_triton_config(
         "paged_attention", f"d{next_power_of_2(head_size)}_{str(dtype).removeprefix('torch.')}",
         "cuda", device.index or 0)
     if tuned:
@@ -150,14 +145,14 @@ def decode_config(head_size: int, dtype: torch.dtype, partition_size: int,
     return cfg._replace(block_n=min(cfg.block_n, partition_size))
 
 
-if _triton_utils.triton_available():
+if triton_utils.triton_available():
     import triton
     import triton.language as tl
 
     from fuselm.kernels._pdl import pdl_wait_then_release
 
-    if _triton_utils.is_interpreting():
-        _triton_utils.patch_interpreter_range()
+    if triton_utils.is_interpreting():
+        triton_utils.patch_interpreter_range()
 
     @triton.jit
     def _paged_attention_kernel(
@@ -363,22 +358,8 @@ def _paged_attention_out_op(out, tmp_out, max_logits, exp_sums, q, key_cache, va
                                block_tables, seq_lens, scale, partition_size)
 
 
-if _triton_utils.triton_available():
-    for _key in _triton_utils.triton_dispatch_keys():
+if triton_utils.triton_available():
+    for _key in triton_utils.triton_dispatch_keys():
         FUSELM_LIB.impl("paged_attention", _paged_attention_op, _key)
         FUSELM_LIB.impl("paged_attention_out", _paged_attention_out_op, _key)
-    _registry.register("paged_attention", "triton", torch.ops.fuselm.paged_attention.default)
 
-
-def make_paged_attention(backend: str, device: torch.device, *, max_num_seqs: int,
-                         num_heads: int, head_size: int, max_model_len: int):
-    """The decode callable for the attention layer (``Attention.set_decode_impl``).
-
-    Resolves ``backend`` through the registry as ``select`` does; for Triton returns a
-    ``PagedAttentionWorkspace`` (preallocated split-KV buffers, CUDA-graph safe; share one between
-    layers), otherwise the registry's callable (the reference).
-    """
-    fn = _registry.select_preferred("paged_attention", backend, device)
-    if _triton_utils.triton_available() and fn is torch.ops.fuselm.paged_attention.default:
-        return PagedAttentionWorkspace(max_num_seqs, num_heads, head_size, max_model_len, device)
-    return fn

@@ -13,9 +13,10 @@ head_size]`` in q's dtype. ``num_heads`` must be a multiple of ``num_kv_heads``.
 
 Backends: ``prefill_attention_ref`` (the spec, float32) and ``prefill_attention_triton``
 (FlashAttention-2 style, head sizes multiple of 16 up to 256; optional ``config=`` and ``out=``),
-registered as ``fuselm::prefill_attention``; ``select("prefill_attention", backend, device)``
-returns a callable with the reference's signature. Nothing is mutated. The new tokens' k/v are
-also in the cache (rotary_store_kv wrote them); the kernel reads them from k/v, contiguous.
+registered as ``fuselm::prefill_attention``; ``resolver.resolve("prefill_attention", backend,
+device)`` returns a callable with the reference's signature. Nothing is mutated. The new tokens'
+k/v are also in the cache (rotary_store_kv wrote them); the kernel reads them from k/v,
+contiguous.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from fuselm.kernels import _registry, _triton_utils
-from fuselm.kernels._triton_utils import FUSELM_LIB, next_power_of_2
+from fuselm.kernels import triton_utils
+from fuselm.kernels.triton_utils import FUSELM_LIB, next_power_of_2
 
 
 def gather_cached_kv(
@@ -86,9 +87,6 @@ def prefill_attention_ref(
     return out
 
 
-_registry.register("prefill_attention", "reference", prefill_attention_ref)
-
-
 # --------------------------------------------------------------------------------------------
 # Triton: FlashAttention-2 style. One program owns BLOCK_Q new tokens of one sequence times
 # HEADS_PER_PROG query heads that share one KV head, as one [BLOCK_M = BLOCK_Q * HEADS_PER_PROG,
@@ -144,7 +142,7 @@ def prefill_config(head_size: int, dtype: torch.dtype, device: torch.device) -> 
         cfg = PrefillConfig(128, 64, 8, 3)
     else:  # 256: a 64 x 256 fp32 accumulator is 64 registers a thread at 8 warps
         cfg = PrefillConfig(64, 32, 8, 2)
-    tuned = _triton_utils.tuned_triton_config(
+    tuned = triton_utils.tuned_triton_config(
         "prefill_attention", f"d{d_pad}_{str(dtype).removeprefix('torch.')}", "cuda",
         device.index or 0)
     if tuned:
@@ -153,7 +151,7 @@ def prefill_config(head_size: int, dtype: torch.dtype, device: torch.device) -> 
     return cfg
 
 
-if _triton_utils.triton_available():
+if triton_utils.triton_available():
     from fuselm.kernels._prefill_triton import _prefill_attention_kernel
 
 
@@ -242,7 +240,7 @@ def _int32_offsets_fit(k: torch.Tensor, v: torch.Tensor, block_n: int) -> bool:
 
 # --------------------------------------------------------------------------------------------
 # Registration: fuselm::prefill_attention wraps the Triton launcher (one opaque op for
-# torch.compile); the registry hands out the op's default overload.
+# torch.compile); the resolver hands out the op's default overload.
 # --------------------------------------------------------------------------------------------
 
 FUSELM_LIB.define(
@@ -263,7 +261,6 @@ def _prefill_attention_op(q, k, v, key_cache, value_cache, query_start_loc, seq_
                                     block_tables, scale)
 
 
-if _triton_utils.triton_available():
-    for _key in _triton_utils.triton_dispatch_keys():
+if triton_utils.triton_available():
+    for _key in triton_utils.triton_dispatch_keys():
         FUSELM_LIB.impl("prefill_attention", _prefill_attention_op, _key)
-    _registry.register("prefill_attention", "triton", torch.ops.fuselm.prefill_attention.default)

@@ -19,8 +19,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from fuselm.kernels import _extension, _pdl, _registry, _triton_utils
-from fuselm.kernels._triton_utils import FUSELM_LIB, as_rows, next_power_of_2
+from fuselm.kernels import _pdl, triton_utils
+from fuselm.kernels.triton_utils import FUSELM_LIB, as_rows, next_power_of_2
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -35,10 +35,6 @@ def fused_add_rms_norm_ref(
     """In place: ``residual += x``; ``x = rms_norm(residual)``."""
     residual.add_(x)
     x.copy_(rms_norm_ref(residual, weight, eps))
-
-
-_registry.register("rms_norm", "reference", rms_norm_ref)
-_registry.register("fused_add_rms_norm", "reference", fused_add_rms_norm_ref)
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,7 +69,7 @@ def _norm_config(hidden: int, elem_size: int, num_rows: int, op: str, device: to
     num_warps = max(1, min(16, rows * row_bytes // 1024))
     cfg = _NormConfig(block, rows, num_warps, True)
     if num_rows >= 1024 and device.type == "cuda":
-        tuned = _triton_utils.tuned_triton_config(op, f"h{hidden}", "cuda", device.index or 0)
+        tuned = triton_utils.tuned_triton_config(op, f"h{hidden}", "cuda", device.index or 0)
         if tuned:
             cfg = cfg._replace(**{k: v for k, v in tuned.items() if k in ("rows", "num_warps")})
     return cfg
@@ -89,7 +85,7 @@ def _check_norm_args(x2: torch.Tensor, weight: torch.Tensor) -> None:
         raise ValueError(f"weight on {weight.device} but x on {x2.device}")
 
 
-if _triton_utils.triton_available():
+if triton_utils.triton_available():
     import triton
     import triton.language as tl
 
@@ -260,14 +256,8 @@ def _fused_add_rms_norm_fake(x, residual, weight, eps) -> None:
     return None
 
 
-if _triton_utils.triton_available():
-    for _key in _triton_utils.triton_dispatch_keys():
+if triton_utils.triton_available():
+    for _key in triton_utils.triton_dispatch_keys():
         FUSELM_LIB.impl("rms_norm", rms_norm_triton, _key)
         FUSELM_LIB.impl("fused_add_rms_norm", fused_add_rms_norm_triton, _key)
-    _registry.register("rms_norm", "triton", torch.ops.fuselm.rms_norm.default)
-    _registry.register("fused_add_rms_norm", "triton", torch.ops.fuselm.fused_add_rms_norm.default)
 
-if _extension.load_extension() is not None:
-    _extension.register_fake_void("rms_norm", "fused_add_rms_norm")
-    _registry.register("rms_norm", "cuda", rms_norm_cuda)
-    _registry.register("fused_add_rms_norm", "cuda", fused_add_rms_norm_cuda)

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from fuselm.kernels import _extension, _pdl, _registry, _triton_utils
-from fuselm.kernels._triton_utils import FUSELM_LIB, next_power_of_2
+from fuselm.kernels import _pdl, triton_utils
+from fuselm.kernels.triton_utils import FUSELM_LIB, next_power_of_2
 
 
 def apply_rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -72,9 +72,6 @@ def rotary_store_kv_ref(
     flat_shape = (-1, *key_cache.shape[2:])
     key_cache.view(flat_shape)[slots] = keys.to(key_cache.dtype)
     value_cache.view(flat_shape)[slots] = values.to(value_cache.dtype)
-
-
-_registry.register("rotary_store_kv", "reference", rotary_store_kv_ref)
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,12 +135,12 @@ def _rotary_config(num_heads: int, num_kv_heads: int, head_size: int, rot_dim: i
     if device.type == "cuda":
         bucket = f"q{num_heads}_kv{num_kv_heads}_d{head_size}"
         index = device.index or 0
-        tuned = _triton_utils.tuned_triton_config("rotary_store_kv", bucket, "cuda", index)
+        tuned = triton_utils.tuned_triton_config("rotary_store_kv", bucket, "cuda", index)
         cfg["num_warps"] = tuned.get("num_warps", cfg["num_warps"])
     return cfg
 
 
-if _triton_utils.triton_available():
+if triton_utils.triton_available():
     import triton
     import triton.language as tl
 
@@ -310,11 +307,7 @@ def _rotary_store_kv_fake(q, k, v, positions, cos_sin_cache, key_cache, value_ca
     return None
 
 
-if _triton_utils.triton_available():
-    for _key in _triton_utils.triton_dispatch_keys():
+if triton_utils.triton_available():
+    for _key in triton_utils.triton_dispatch_keys():
         FUSELM_LIB.impl("rotary_store_kv", rotary_store_kv_triton, _key)
-    _registry.register("rotary_store_kv", "triton", torch.ops.fuselm.rotary_store_kv.default)
 
-if _extension.load_extension() is not None:
-    _extension.register_fake_void("rotary_store_kv")
-    _registry.register("rotary_store_kv", "cuda", rotary_store_kv_cuda)

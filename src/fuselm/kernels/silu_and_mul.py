@@ -13,8 +13,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from fuselm.kernels import _extension, _pdl, _registry, _triton_utils
-from fuselm.kernels._triton_utils import FUSELM_LIB, as_rows, next_power_of_2
+from fuselm.kernels import _pdl, triton_utils
+from fuselm.kernels.triton_utils import FUSELM_LIB, as_rows, next_power_of_2
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
@@ -22,9 +22,6 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     d = x.shape[-1] // 2
     xf = x.float()
     return (F.silu(xf[..., :d]) * xf[..., d:]).to(x.dtype)
-
-
-_registry.register("silu_and_mul", "reference", silu_and_mul_ref)
 
 
 # --------------------------------------------------------------------------------------------
@@ -43,14 +40,14 @@ SILU_VARIANTS = ("2d", "rows", "flat")
 _INT32_LIMIT = 2**31
 
 
-class _SiluConfig(NamedTuple):
+class SiluConfig(NamedTuple):
     variant: str  # one of SILU_VARIANTS
     block: int  # columns ("2d", "rows") or output elements ("flat") a program handles (power of 2)
     num_warps: int
     rows: int = 1  # rows a program ("rows" only; power of 2)
 
 
-def _silu_config(d: int, elem_size: int, num_rows: int, device: torch.device) -> _SiluConfig:
+def silu_config(d: int, elem_size: int, num_rows: int, device: torch.device) -> SiluConfig:
     """Launch config: the "2d" tile that wastes fewest masked lanes, ~2 vectors a thread; then
     the ``configs/silu_and_mul.json`` entry for this GPU and d (a missing variant means "2d")."""
     if d <= 512:
@@ -59,17 +56,17 @@ def _silu_config(d: int, elem_size: int, num_rows: int, device: torch.device) ->
         # ties go to the larger tile: 1536 -> 512 (3 full tiles), 14336 -> 2048 (7 tiles)
         block = min((2048, 1024, 512), key=lambda b: (-(-d // b) * b - d, -b))
     num_warps = max(1, min(16, block * elem_size // 1024))
-    cfg = _SiluConfig("2d", block, num_warps)
+    cfg = SiluConfig("2d", block, num_warps)
     if num_rows >= 1024 and device.type == "cuda":
-        tuned = _triton_utils.tuned_triton_config(
+        tuned = triton_utils.tuned_triton_config(
             "silu_and_mul", f"d{d}", "cuda", device.index or 0
         )
         if tuned.get("variant", "2d") in SILU_VARIANTS:  # an unknown variant: keep the heuristic
-            cfg = cfg._replace(**{k: v for k, v in tuned.items() if k in _SiluConfig._fields})
+            cfg = cfg._replace(**{k: v for k, v in tuned.items() if k in SiluConfig._fields})
     return cfg
 
 
-if _triton_utils.triton_available():
+if triton_utils.triton_available():
     import triton
     import triton.language as tl
 
@@ -148,7 +145,7 @@ if _triton_utils.triton_available():
         tl.store(out_ptr + row * out_stride + col, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_flat(x2: torch.Tensor, out2: torch.Tensor, cfg: _SiluConfig, wide: bool) -> None:
+def _launch_flat(x2: torch.Tensor, out2: torch.Tensor, cfg: SiluConfig, wide: bool) -> None:
     """``_silu_and_mul_flat_kernel``; ``wide`` selects int64 indices (tests force it)."""
     num_rows, d = out2.shape
     grid = (triton.cdiv(num_rows * d, cfg.block),)
@@ -159,7 +156,7 @@ def _launch_flat(x2: torch.Tensor, out2: torch.Tensor, cfg: _SiluConfig, wide: b
     )  # fmt: skip
 
 
-def _launch_silu_and_mul(x2: torch.Tensor, out2: torch.Tensor, cfg: _SiluConfig) -> None:
+def _launch_silu_and_mul(x2: torch.Tensor, out2: torch.Tensor, cfg: SiluConfig) -> None:
     """Launches the kernel of ``cfg.variant`` with explicit meta-parameters (the bench sweeps
     them). x2 ``[num_rows, 2 * d]`` (rows strided), out2 ``[num_rows, d]``; writes out2."""
     num_rows, d = out2.shape
@@ -198,7 +195,7 @@ def _silu_out(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
     """Triton SiLU-and-mul; same contract as ``silu_and_mul_ref`` (output contiguous)."""
     x2, out, out2 = _silu_out(x)
-    cfg = _silu_config(out2.shape[1], x.element_size(), x2.shape[0], x.device)
+    cfg = silu_config(out2.shape[1], x.element_size(), x2.shape[0], x.device)
     _launch_silu_and_mul(x2, out2, cfg)
     return out
 
@@ -227,11 +224,7 @@ def _silu_and_mul_fake(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
 
 
-if _triton_utils.triton_available():
-    for _key in _triton_utils.triton_dispatch_keys():
+if triton_utils.triton_available():
+    for _key in triton_utils.triton_dispatch_keys():
         FUSELM_LIB.impl("silu_and_mul", silu_and_mul_triton, _key)
-    _registry.register("silu_and_mul", "triton", torch.ops.fuselm.silu_and_mul.default)
 
-if _extension.load_extension() is not None:
-    _extension.register_fake_void("silu_and_mul")
-    _registry.register("silu_and_mul", "cuda", silu_and_mul_cuda)

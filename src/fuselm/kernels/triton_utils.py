@@ -31,6 +31,8 @@ def is_interpreting() -> bool:
 @cache
 def triton_available() -> bool:
     """Triton is importable and has somewhere to run: a CUDA device or the interpreter."""
+    if not (is_interpreting() or torch.cuda.is_available()):
+        return False  # nowhere to run: do not pay for importing triton
     if importlib.util.find_spec("triton") is None:
         return False
     try:
@@ -38,7 +40,7 @@ def triton_available() -> bool:
         import triton.language  # noqa: F401
     except Exception:  # a broken install must not break ``import fuselm``
         return False
-    return torch.cuda.is_available() or is_interpreting()
+    return True
 
 
 def triton_dispatch_keys() -> tuple[str, ...]:

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fuselm.kernels import _pdl, _registry, _triton_utils
-from fuselm.kernels._triton_utils import FUSELM_LIB, next_power_of_2
+from fuselm.kernels import _pdl, triton_utils
+from fuselm.kernels.triton_utils import FUSELM_LIB, next_power_of_2
 
 
 def vocab_embedding_ref(ids: torch.Tensor, weight: torch.Tensor, start: int) -> torch.Tensor:
@@ -26,9 +26,6 @@ def vocab_embedding_ref(ids: torch.Tensor, weight: torch.Tensor, start: int) -> 
     mask = (ids >= start) & (ids < start + weight.shape[0])
     local = torch.where(mask, ids - start, 0)
     return F.embedding(local, weight) * mask[:, None].to(weight.dtype)
-
-
-_registry.register("vocab_embedding", "reference", vocab_embedding_ref)
 
 
 def _check(ids: torch.Tensor, weight: torch.Tensor) -> None:
@@ -40,7 +37,7 @@ def _check(ids: torch.Tensor, weight: torch.Tensor) -> None:
         raise ValueError(f"ids on {ids.device}, weight on {weight.device}")
 
 
-if _triton_utils.triton_available():
+if triton_utils.triton_available():
     import triton
     import triton.language as tl
 
@@ -85,7 +82,6 @@ def _vocab_embedding_fake(ids: torch.Tensor, weight: torch.Tensor, start: int) -
     return weight.new_empty((ids.shape[0], weight.shape[1]))
 
 
-if _triton_utils.triton_available():
-    for _key in _triton_utils.triton_dispatch_keys():
+if triton_utils.triton_available():
+    for _key in triton_utils.triton_dispatch_keys():
         FUSELM_LIB.impl("vocab_embedding", vocab_embedding_triton, _key)
-    _registry.register("vocab_embedding", "triton", torch.ops.fuselm.vocab_embedding.default)

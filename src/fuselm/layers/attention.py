@@ -12,53 +12,40 @@ import torch
 from torch import nn
 
 from fuselm.forward_batch import ForwardBatch
-from fuselm.kernels._registry import select_preferred as select
-from fuselm.kernels.paged_attention import paged_attention_ref
-from fuselm.kernels.prefill_attention import prefill_attention_ref
-from fuselm.kernels.rotary_store_kv import rotary_store_kv_ref
+from fuselm.kernels.kernel_set import KernelSet
 
 
 class Attention(nn.Module):
     """Multi-head attention with GQA for one layer on this rank's heads."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float,
-                 cos_sin_cache: torch.Tensor) -> None:
+                 cos_sin_cache: torch.Tensor, kernels: KernelSet | None = None) -> None:
         super().__init__()
+        kernels = kernels or KernelSet()
         self.num_heads, self.num_kv_heads, self.head_size = num_heads, num_kv_heads, head_size
         self.scale = scale
         self.cos_sin_cache = cos_sin_cache  # shared by every layer; not a parameter
         self.key_cache = torch.empty(0)
         self.value_cache = torch.empty(0)
-        self._rotary_store = rotary_store_kv_ref
-        self._prefill = prefill_attention_ref
-        self._decode = paged_attention_ref
-
-    def bind_kernels(self, backend: str, device: torch.device, for_graphs: bool = False) -> None:
-        """Chooses the rotary/KV-write and prefill implementations for ``device``, for eager
-        steps or CUDA graphs (decode comes through ``set_decode_impl``: one split-KV workspace
-        shared by all layers)."""
-        self._rotary_store = select("rotary_store_kv", backend, device, for_graphs=for_graphs)
-        self._prefill = select("prefill_attention", backend, device)
+        self._rotary_store = kernels.op("rotary_store_kv")
+        self._prefill = kernels.eager_only("prefill_attention")
+        self._decode = kernels.decode_attention(num_heads, head_size)  # shared by all layers
 
     def bind_kv_cache(self, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
         """Attaches this layer's slice of the paged KV cache."""
         self.key_cache, self.value_cache = key_cache, value_cache
 
-    def set_decode_impl(self, fn) -> None:
-        """Replaces the decode attention callable (e.g. one holding a split-KV workspace)."""
-        self._decode = fn
-
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """q ``[T, H, D]``, k/v ``[T, Hkv, D]`` (views of the QKV output) -> ``[T, H * D]``;
         rotates q and k in place and writes k, v into the cache."""
-        self._rotary_store(q, k, v, positions, self.cos_sin_cache, self.key_cache,
-                           self.value_cache, batch.slot_mapping)
+        self._rotary_store.fn(q, k, v, positions, self.cos_sin_cache, self.key_cache,
+                              self.value_cache, batch.slot_mapping)
         if batch.is_decode:
-            out = self._decode(q, self.key_cache, self.value_cache, batch.block_tables,
-                               batch.seq_lens, self.scale)
+            out = self._decode.fn(q, self.key_cache, self.value_cache, batch.block_tables,
+                                  batch.seq_lens, self.scale)
         else:
-            out = self._prefill(q, k, v, self.key_cache, self.value_cache,
-                                batch.query_start_loc, batch.seq_lens, batch.block_tables,
-                                self.scale)
+            out = self._prefill.fn(q, k, v, self.key_cache, self.value_cache,
+                                   batch.query_start_loc, batch.seq_lens, batch.block_tables,
+                                   self.scale)
         return out.reshape(out.shape[0], self.num_heads * self.head_size)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fuselm.kernels.vocab_embedding import vocab_embedding_ref
+from fuselm.kernels.kernel_set import KernelSet
 from fuselm.layers.weight_utils import copy_checked, narrow, tensor_shape
 from fuselm.parallel import comm
 from fuselm.parallel import parallel_state as ps
@@ -23,8 +23,9 @@ class VocabParallelEmbedding(nn.Module):
     """Token embedding ``[vocab_per_partition, dim]`` of this rank's vocabulary range."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, kernels: KernelSet | None = None) -> None:
         super().__init__()
+        kernels = kernels or KernelSet()
         self.tp_rank, self.tp_size = ps.get_tp_rank(), ps.get_tp_size()
         self.num_embeddings = num_embeddings
         padded = -(-num_embeddings // self.tp_size) * self.tp_size
@@ -36,14 +37,7 @@ class VocabParallelEmbedding(nn.Module):
             requires_grad=False,
         )
         self.weight.weight_loader = self.weight_loader
-        self._lookup = vocab_embedding_ref
-
-    def bind_kernels(self, backend: str, device: torch.device, for_graphs: bool = False) -> None:
-        """Chooses the masked lookup of a tensor-parallel rank for ``device``."""
-        from fuselm.kernels._registry import select_preferred
-
-        self._lookup = select_preferred("vocab_embedding", backend, device,
-                                        for_graphs=for_graphs)
+        self._lookup = kernels.op("vocab_embedding")  # a TP rank's masked lookup
 
     def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
         """Loads this rank's vocabulary rows (the padding rows stay zero)."""
@@ -57,30 +51,28 @@ class VocabParallelEmbedding(nn.Module):
         """ids ``[num_tokens]`` -> ``[num_tokens, dim]``."""
         if self.tp_size == 1:
             return F.embedding(input_ids, self.weight)
-        return comm.tp_all_reduce(self._lookup(input_ids, self.weight, self.vocab_start))
+        return comm.tp_all_reduce(self._lookup.fn(input_ids, self.weight, self.vocab_start))
 
 
 class ParallelLMHead(VocabParallelEmbedding):
     """Output projection to the vocabulary; may share its weight with the embedding."""
 
+    def __init__(self, num_embeddings: int, embedding_dim: int,
+                 dtype: torch.dtype | None = None, kernels: KernelSet | None = None) -> None:
+        kernels = kernels or KernelSet()
+        super().__init__(num_embeddings, embedding_dim, dtype, kernels)
+        self.gemv = kernels.gemv(self.num_embeddings_per_partition, embedding_dim)  # batch 1
+
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         """Uses the embedding's weight (tied embeddings)."""
         self.weight = embedding.weight
 
-    gemv: Any = None  # batch-1 kernel chosen by bind_kernels; None = F.linear
-
-    def bind_kernels(self, backend: str, device: torch.device, for_graphs: bool = False) -> None:
-        """Chooses the batch-1 matrix-vector kernel for this weight shape on ``device`` (the
-        same for eager steps and CUDA graphs)."""
-        from fuselm.kernels.gemv import select_gemv
-
-        self.gemv = select_gemv(backend, self.weight, device)
-
     def forward(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """hidden ``[n, dim]`` -> float32 logits ``[n, vocab_size]`` (gathered over ranks),
         written into ``out`` when given."""
-        if self.gemv is not None and hidden.shape[0] == 1 and hidden.stride(1) == 1:
-            logits = self.gemv(hidden, self.weight, None, True)  # float32 straight out
+        gemv = self.gemv.fn
+        if gemv is not None and hidden.shape[0] == 1 and hidden.stride(1) == 1:
+            logits = gemv(hidden, self.weight, None, True)  # float32 straight out
         else:
             logits = F.linear(hidden, self.weight)
         logits = comm.tp_all_gather(logits, dim=-1)[:, : self.num_embeddings]

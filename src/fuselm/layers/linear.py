@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fuselm.kernels.kernel_set import KernelSet
 from fuselm.layers.weight_utils import copy_checked, default_weight_loader, narrow, tensor_shape
 from fuselm.parallel import comm
 from fuselm.parallel import parallel_state as ps
@@ -38,7 +39,7 @@ class LinearBase(nn.Module):
     """A weight ``[out_per_partition, in_per_partition]`` and an optional bias."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, kernels: KernelSet | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype),
@@ -48,19 +49,12 @@ class LinearBase(nn.Module):
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
-        self.gemv: Any = None  # batch-1 kernel chosen by bind_kernels; None = F.linear
-
-    def bind_kernels(self, backend: str, device: torch.device, for_graphs: bool = False) -> None:
-        """Chooses the batch-1 matrix-vector kernel for this weight shape on ``device`` (the
-        same for eager steps and CUDA graphs)."""
-        from fuselm.kernels.gemv import select_gemv
-
-        self.gemv = select_gemv(backend, self.weight, device)
+        self.gemv = (kernels or KernelSet()).gemv(out_features, in_features)  # None: F.linear
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Dense ``x W^T + bias`` for x ``[num_tokens, in_per_partition]``; a single
         contiguous row goes through the bound matrix-vector kernel when there is one."""
-        gemv = self.gemv
+        gemv = self.gemv.fn
         if gemv is not None and x.shape[0] == 1 and x.dim() == 2 and x.stride(1) == 1:
             return gemv(x, self.weight, bias, False)
         return F.linear(x, self.weight, bias)
@@ -82,10 +76,10 @@ class ColumnParallelLinear(LinearBase):
     """Output features split over the tensor-parallel ranks."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, kernels: KernelSet | None = None) -> None:
         self.tp_rank, self.tp_size = ps.get_tp_rank(), ps.get_tp_size()
         self.out_features_total = out_features
-        super().__init__(in_features, divide(out_features, self.tp_size), bias, dtype)
+        super().__init__(in_features, divide(out_features, self.tp_size), bias, dtype, kernels)
 
     def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
         """Loads this rank's rows of the full tensor."""
@@ -97,9 +91,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of one input (gate and up) as one GEMM."""
 
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, kernels: KernelSet | None = None) -> None:
         self.output_sizes = output_sizes
-        super().__init__(in_features, sum(output_sizes), bias, dtype)
+        super().__init__(in_features, sum(output_sizes), bias, dtype, kernels)
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: int) -> None:
         """Loads part ``shard_id`` (0 = gate, 1 = up) of this rank into its place."""
@@ -114,7 +108,7 @@ class QKVParallelLinear(ColumnParallelLinear):
 
     def __init__(self, hidden_size: int, head_size: int, total_num_heads: int,
                  total_num_kv_heads: int, bias: bool = False,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, kernels: KernelSet | None = None) -> None:
         tp_size = ps.get_tp_size()
         self.head_size = head_size
         self.num_heads = divide(total_num_heads, tp_size)
@@ -125,7 +119,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             self.num_kv_heads = divide(total_num_kv_heads, tp_size)
             self.num_kv_head_replicas = 1
         out = (self.num_heads + 2 * self.num_kv_heads) * head_size * tp_size
-        super().__init__(hidden_size, out, bias, dtype)
+        super().__init__(hidden_size, out, bias, dtype, kernels)
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: str) -> None:
         """Loads this rank's heads of the full q, k or v tensor into its place."""
@@ -142,10 +136,11 @@ class RowParallelLinear(LinearBase):
     """Input features split over ranks; outputs summed by one all-reduce."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 dtype: torch.dtype | None = None, reduce_results: bool = True) -> None:
+                 dtype: torch.dtype | None = None, reduce_results: bool = True,
+                 kernels: KernelSet | None = None) -> None:
         self.tp_rank, self.tp_size = ps.get_tp_rank(), ps.get_tp_size()
         self.reduce_results = reduce_results
-        super().__init__(divide(in_features, self.tp_size), out_features, bias, dtype)
+        super().__init__(divide(in_features, self.tp_size), out_features, bias, dtype, kernels)
 
     def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
         """Loads this rank's columns of the weight; the bias is whole."""

@@ -6,26 +6,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fuselm.kernels._registry import select_preferred as select
-from fuselm.kernels.rms_norm import fused_add_rms_norm_ref, rms_norm_ref
+from fuselm.kernels.kernel_set import KernelSet
 from fuselm.parallel import comm
 
 
 class RMSNorm(nn.Module):
-    """``weight * x / rms(x)``; the kernel backend is bound once by ``bind_kernels``."""
+    """``weight * x / rms(x)`` with the model's kernels (the reference ones by default)."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(self, hidden_size: int, eps: float = 1e-6, dtype: torch.dtype | None = None,
+                 kernels: KernelSet | None = None) -> None:
         super().__init__()
+        kernels = kernels or KernelSet()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
-        self._norm = rms_norm_ref
-        self._add_norm = fused_add_rms_norm_ref
-
-    def bind_kernels(self, backend: str, device: torch.device, for_graphs: bool = False) -> None:
-        """Chooses the norm implementations for ``device`` (eager steps or CUDA graphs)."""
-        self._norm = select("rms_norm", backend, device, for_graphs=for_graphs)
-        self._add_norm = select("fused_add_rms_norm", backend, device, for_graphs=for_graphs)
+        self._norm = kernels.op("rms_norm")
+        self._add_norm = kernels.op("fused_add_rms_norm")
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None, reduce: bool = False
@@ -34,10 +29,10 @@ class RMSNorm(nn.Module):
         computed in place in residual (and in x, unless the all-reduce gives a new tensor);
         with ``reduce``, x is this rank's partial sum and the sum over the TP group is added."""
         if residual is None:
-            return self._norm(x, self.weight, self.eps)
+            return self._norm.fn(x, self.weight, self.eps)
         if reduce:
             x = comm.tp_all_reduce_add_rms_norm(x, residual, self.weight, self.eps,
-                                                self._add_norm)
+                                                self._add_norm.fn)
             return x, residual
-        self._add_norm(x, residual, self.weight, self.eps)
+        self._add_norm.fn(x, residual, self.weight, self.eps)
         return x, residual

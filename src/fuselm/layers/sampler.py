@@ -8,11 +8,10 @@ A row with a seed draws from its own generator, so its tokens do not depend on t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
-from fuselm.kernels.argmax import greedy_argmax
 
 MIN_TEMPERATURE = 1e-5
 """Lower temperatures sample greedily (vLLM's bound): dividing by them overflows float32."""
@@ -136,17 +135,23 @@ def _draw(probs: torch.Tensor, generators: list[torch.Generator | None] | None) 
     return (probs / noise).argmax(dim=-1)
 
 
-def sample(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
-    """Picks one token per row; greedy rows take the argmax of the processed logits."""
+def _torch_argmax(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(dim=-1)
+
+
+def sample(logits: torch.Tensor, t: SamplingTensors,
+           argmax: Callable[[torch.Tensor], torch.Tensor] = _torch_argmax) -> SamplerOutput:
+    """Picks one token per row; greedy rows take the argmax of the processed logits (with
+    ``argmax``: the model's kernel, ``KernelSet.argmax``)."""
     raw = logits.float()
     if t.token_bitmask is not None:  # logprobs, like vLLM's, are of the masked logits
         raw = apply_token_bitmask(raw, t.token_bitmask)
     if t.all_greedy and t.logit_bias is None and t.output_counts is None \
             and t.seen_mask is None:
-        token_ids = greedy_argmax(raw)
+        token_ids = argmax(raw)
     else:
         processed = process_logits(raw, t)
-        greedy_ids = greedy_argmax(processed)
+        greedy_ids = argmax(processed)
         if t.all_greedy:
             token_ids = greedy_ids
         else:

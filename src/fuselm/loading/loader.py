@@ -12,6 +12,7 @@ from torch import nn
 
 from fuselm.config import EngineConfig, ModelConfig
 from fuselm.errors import ModelNotFoundError, UnsupportedModelError
+from fuselm.kernels.kernel_set import KernelSet
 from fuselm.loading import hf
 
 
@@ -84,8 +85,10 @@ def resolve_device(device: str) -> torch.device:
 
 
 def build_model(model_config: ModelConfig, max_position: int, dtype: torch.dtype,
-                device: torch.device, layer_partition: list[int] | None = None) -> nn.Module:
-    """Instantiates the architecture's class with empty weights in ``dtype`` on ``device``."""
+                device: torch.device, layer_partition: list[int] | None = None,
+                kernels: KernelSet | None = None) -> nn.Module:
+    """Instantiates the architecture's class with empty weights in ``dtype`` on ``device``,
+    its layers using ``kernels`` (default: the reference kernels)."""
     from fuselm.models.registry import get_model_class
 
     cls = get_model_class(model_config.architecture)
@@ -94,7 +97,7 @@ def build_model(model_config: ModelConfig, max_position: int, dtype: torch.dtype
     try:
         with torch.device(device):
             model = cls(model_config, max_position=max_position,
-                        layer_partition=layer_partition)
+                        layer_partition=layer_partition, kernels=kernels)
     finally:
         torch.set_default_dtype(old)
     return model.eval()

@@ -8,6 +8,9 @@ it. ``compute_logits`` runs the LM head only on the rows that need logits.
 Under tensor parallelism the output and down projections leave their partial sums unreduced: the
 norm after each takes the all-reduce with its residual add (``RMSNorm(..., reduce=True)``, one
 kernel with the custom all-reduce), so a layer hands the next one its rank's partial MLP output.
+
+The model's ``KernelSet`` (``kernels``; default: the reference kernels) is handed to every
+layer; no kernel choice is made here.
 """
 
 from __future__ import annotations
@@ -20,14 +23,11 @@ from torch import nn
 
 from fuselm.config import ModelConfig
 from fuselm.forward_batch import ForwardBatch
-from fuselm.layers.activation import SiluAndMul
+from fuselm.kernels.kernel_set import KernelSet
 from fuselm.layers.attention import Attention
 from fuselm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from fuselm.layers.linear import (
-    MergedColumnParallelLinear,
-    QKVParallelLinear,
-    RowParallelLinear,
-)
+from fuselm.layers.linear import QKVParallelLinear, RowParallelLinear
+from fuselm.layers.mlp import GatedMLP
 from fuselm.layers.norm import RMSNorm
 from fuselm.layers.rotary import cos_sin_cache
 from fuselm.layers.weight_utils import default_weight_loader
@@ -47,20 +47,22 @@ _STACKED = (
 class LlamaAttention(nn.Module):
     """QKV projection, rotary + paged attention, output projection."""
 
-    def __init__(self, config: ModelConfig, rope: torch.Tensor) -> None:
+    def __init__(self, config: ModelConfig, rope: torch.Tensor, kernels: KernelSet) -> None:
         super().__init__()
         head_size = config.head_dim
         self.qkv_proj = QKVParallelLinear(config.hidden_size, head_size,
                                           config.num_attention_heads,
-                                          config.num_key_value_heads, bias=config.attention_bias)
+                                          config.num_key_value_heads, bias=config.attention_bias,
+                                          kernels=kernels)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size = self.num_heads * head_size
         self.kv_size = self.num_kv_heads * head_size
         self.head_size = head_size
         self.o_proj = RowParallelLinear(config.num_attention_heads * head_size,
-                                        config.hidden_size, bias=False, reduce_results=False)
+                                        config.hidden_size, bias=False, reduce_results=False,
+                                        kernels=kernels)
         self.attn = Attention(self.num_heads, self.num_kv_heads, head_size,
-                              head_size**-0.5, rope)
+                              head_size**-0.5, rope, kernels)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 batch: ForwardBatch) -> torch.Tensor:
@@ -75,42 +77,16 @@ class LlamaAttention(nn.Module):
         return self.o_proj(self.attn(q, k, v, positions, batch))
 
 
-class LlamaMLP(nn.Module):
-    """Gated MLP: down(silu(gate(x)) * up(x)), gate and up in one GEMM."""
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        inter = config.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter])
-        self.act_fn = SiluAndMul()
-        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=False,
-                                           reduce_results=False)
-        self.gate_up_act: Any = None  # batch-1 gate/up projection + activation in one kernel
-
-    def bind_kernels(self, backend: str, device: torch.device, for_graphs: bool = False) -> None:
-        """Chooses whether a single row runs the gate/up projection and the activation as one
-        kernel (``gemv_silu_mul``, where measured faster) on ``device``."""
-        from fuselm.kernels.gemv import select_gemv_silu_mul
-
-        self.gate_up_act = select_gemv_silu_mul(backend, self.gate_up_proj.weight, device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x ``[T, hidden_size]`` -> this rank's partial sum ``[T, hidden_size]``."""
-        fused = self.gate_up_act
-        if fused is not None and x.dim() == 2 and x.shape[0] == 1 and x.stride(1) == 1:
-            return self.down_proj(fused(x, self.gate_up_proj.weight, self.gate_up_proj.bias))
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
-
-
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm attention and MLP blocks with the residual carried beside the hidden state."""
 
-    def __init__(self, config: ModelConfig, rope: torch.Tensor) -> None:
+    def __init__(self, config: ModelConfig, rope: torch.Tensor, kernels: KernelSet) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, rope)
-        self.mlp = LlamaMLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, rope, kernels)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, kernels=kernels)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels=kernels)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps,
+                                                kernels=kernels)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 residual: torch.Tensor | None, batch: ForwardBatch,
@@ -146,8 +122,10 @@ class LlamaForCausalLM(nn.Module):
     """The whole model, or one pipeline stage of it."""
 
     def __init__(self, config: ModelConfig, max_position: int | None = None,
-                 layer_partition: list[int] | None = None) -> None:
+                 layer_partition: list[int] | None = None,
+                 kernels: KernelSet | None = None) -> None:
         super().__init__()
+        kernels = kernels or KernelSet()
         self.config = config
         self.is_first, self.is_last = ps.is_first_pp_rank(), ps.is_last_pp_rank()
         self.start_layer, self.end_layer = layer_range(
@@ -157,14 +135,16 @@ class LlamaForCausalLM(nn.Module):
                              config.rope_scaling)
         self.register_buffer("cos_sin_cache", rope, persistent=False)
         if self.is_first or (self.is_last and config.tie_word_embeddings):
-            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
+                                                       kernels=kernels)
         self.layers = nn.ModuleDict({
-            str(i): LlamaDecoderLayer(config, rope)
+            str(i): LlamaDecoderLayer(config, rope, kernels)
             for i in range(self.start_layer, self.end_layer)
         })
         if self.is_last:
-            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels=kernels)
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
+                                          kernels=kernels)
             if config.tie_word_embeddings:
                 self.lm_head.tie_to(self.embed_tokens)
 

@@ -103,9 +103,9 @@ def maybe_create_custom_all_reduce(group: dist.ProcessGroup | None, device: torc
         return None
     if dist.get_world_size(group) < 2 or not _tp_ranks_on_this_host(group, store, rank):
         return None
-    from fuselm.kernels import _triton_utils
+    from fuselm.kernels import triton_utils
 
-    if not _triton_utils.triton_available():
+    if not triton_utils.triton_available():
         logger.warning("custom all-reduce off: it is a Triton kernel and Triton is missing")
         return None
     try:
