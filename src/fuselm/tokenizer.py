@@ -147,7 +147,9 @@ class Tokenizer:
         **kwargs: Any,
     ) -> str:
         """Render `messages` ([{"role": ..., "content": ...}]) to a prompt string with the chat
-        template. `kwargs` (e.g. tools) are passed to the template."""
+        template. `kwargs` (e.g. `tools`: OpenAI tool objects, as HF templates expect) are passed
+        to the template; a template that cannot render the messages (e.g. no content in a tool
+        call turn) is an InvalidRequestError."""
         special = {
             "bos_token": self._token_text_or_empty(self.bos_token_id),
             "eos_token": self._token_text_or_empty(self.eos_token_id),
@@ -156,7 +158,7 @@ class Tokenizer:
             return self._compiled_template.render(
                 messages=messages, add_generation_prompt=add_generation_prompt, **special, **kwargs
             )
-        except jinja2.TemplateError as exc:
+        except (jinja2.TemplateError, TypeError, ValueError) as exc:
             raise InvalidRequestError(f"chat template failed: {exc}", param="messages") from exc
 
     def _token_text_or_empty(self, token_id: int | None) -> str:
