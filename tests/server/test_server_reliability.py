@@ -5,6 +5,7 @@ requests, long stop strings, tokenization off the event loop, aborted requests i
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from typing import Any
@@ -12,7 +13,10 @@ from typing import Any
 import httpx
 import pytest
 from fake_engine import FakeEngine, FakeTokenizer
-from server_harness import CMPL, assert_error, scrape, wait_until
+from server_harness import CMPL, LiveServer, assert_error, scrape, wait_until
+
+from fuselm.server.api import build_app
+from fuselm.server.connection import http_protocol_with_header_timeout
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -144,3 +148,62 @@ def test_aborted_requests_are_counted(make_server: Any) -> None:
         return 0.0
 
     assert wait_until(lambda: aborted() == 1.0, 5), scrape(server)[""]
+
+
+def test_host_header_must_name_this_server(make_server: Any) -> None:
+    """Defect 9: a loopback server refuses a rebound name (DNS rebinding) with a 400."""
+    server = make_server()  # bound to 127.0.0.1: the loopback names only
+    with server.client() as client:
+        assert client.get("/v1/models").status_code == 200
+        assert client.get("/v1/models", headers={"Host": f"localhost:{server.port}"}
+                          ).status_code == 200
+        error = assert_error(client.get("/v1/models", headers={"Host": "evil.example:80"}), 400)
+        assert error["code"] == "invalid_host"
+        assert_error(client.post(CMPL, json={"prompt": "a"}, headers={"Host": "evil.example"}),
+                     400)
+    assert not server.engine.received
+    anywhere = make_server(allowed_hosts=["*"])
+    with anywhere.client() as client:
+        assert client.get("/v1/models", headers={"Host": "evil.example"}).status_code == 200
+
+
+def _raw(port: int, data: bytes, wait: float) -> bytes:
+    """Sends `data`, then reads until the server closes (or `wait` seconds pass)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as sock:
+        sock.sendall(data)
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except TimeoutError:
+            chunks.append(b"<timed out>")
+        return b"".join(chunks)
+
+
+def test_half_sent_requests_time_out(make_server: Any) -> None:
+    """Defect 9: stalled headers close the connection, a stalled body gets 408."""
+    app = build_app(FakeEngine(), body_timeout=0.5)
+    with LiveServer(app, http=http_protocol_with_header_timeout(0.5)) as server:
+        start = time.monotonic()
+        assert _raw(server.port, b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0", 5) == b""
+        assert time.monotonic() - start < 3
+        head = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n")
+        start = time.monotonic()
+        reply = _raw(server.port, head + b'{"prompt": ', 5)
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+        assert b'"request_timeout"' in reply and time.monotonic() - start < 3
+        with server.client() as client:  # whole requests still pass
+            assert client.post(CMPL, json={"prompt": "a", "max_tokens": 2}).status_code == 200
+    assert len(app.state.server.engine.received) == 1
+
+
+def test_cors_preflight_gets_200(fake_server: Any) -> None:
+    with fake_server.client() as client:
+        r = client.options(CMPL, headers={"Origin": "http://example.com",
+                                          "Access-Control-Request-Method": "POST",
+                                          "Access-Control-Request-Headers": "content-type"})
+        assert r.status_code == 200, r.text
+        assert r.headers["access-control-allow-origin"] in ("*", "http://example.com")
+        plain = client.get("/v1/models", headers={"Origin": "http://example.com"})
+        assert plain.headers["access-control-allow-origin"] == "*"

@@ -1,6 +1,6 @@
 """The FastAPI app: OpenAI routes, KServe v2 generate, tokenize, health, version, metrics.
 
-    app = build_app(engine, api_key="sk-...", served_model_name="smollm2")
+    app = build_app(engine, api_key="sk-...", served_model_name="smollm2")   # or ServerOptions
     uvicorn.run(app)            # or fuselm.server.launcher.serve(EngineConfig(...))
 
 Errors of every kind (fuselm's typed errors, request validation, unknown routes, oversized
@@ -19,6 +19,7 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -27,8 +28,10 @@ from starlette.responses import Response
 from fuselm.errors import EngineDeadError, FuselmError, InvalidRequestError
 from fuselm.server.app_state import ServerState
 from fuselm.server.auth import ApiKeyMiddleware
+from fuselm.server.connection import HostCheckMiddleware, default_allowed_hosts
 from fuselm.server.metrics import ServerMetrics
 from fuselm.server.middleware import AdmissionMiddleware, BodySizeLimitMiddleware
+from fuselm.server.options import ServerOptions
 from fuselm.server.prompts import PromptEncoder, check_token_ids
 from fuselm.server.protocol import (
     ChatCompletionRequest,
@@ -54,11 +57,10 @@ from fuselm.server.serving_completion import (
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 503)}
-_STATUS_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
-                 503: "service_unavailable"}
+_STATUS_TYPES = {401: "authentication_error", 404: "not_found_error", 408: "timeout_error",
+                 429: "rate_limit_error", 503: "service_unavailable"}
 
 router = APIRouter()
 
@@ -191,7 +193,7 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 
 
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    code = "request_too_large" if exc.status_code == 413 else None
+    code = {413: "request_too_large", 408: "request_timeout"}.get(exc.status_code)
     error_type = _STATUS_TYPES.get(exc.status_code, "invalid_request_error")
     return JSONResponse(error_body(str(exc.detail), error_type, code=code),
                         status_code=exc.status_code, headers=exc.headers)
@@ -205,26 +207,30 @@ async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
 # -- the app -------------------------------------------------------------------------------------
 
 
-def build_app(engine: Any, *, api_key: str | None = None,
-              served_model_name: str | list[str] | None = None,
-              max_waiting_requests: int | None = None,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-              start_engine: bool = True) -> FastAPI:
+def build_app(engine: Any, options: ServerOptions | None = None, *, start_engine: bool = True,
+              **kwargs: Any) -> FastAPI:
     """The server's FastAPI app around `engine` (an `AsyncEngine` or anything with its face).
 
-    `api_key`: required as a bearer token on `/v1/*`, `/v2/*`, `/tokenize`, `/detokenize`.
-    `served_model_name`: name(s) accepted as `model` (default: `engine.model_name`).
-    `max_waiting_requests`: 429 once the engine has this many waiting (None: the engine decides).
-    `max_body_bytes`: larger request bodies get 413.
+    `options` (or its fields as keyword arguments, e.g. ``api_key="sk-..."``): the server's
+    settings (`ServerOptions`): the API key, served names (default: `engine.model_name`), the
+    waiting bound (429), body size (413) and time (408) limits, allowed Host names, CORS.
     `start_engine`: start the engine's loop on app startup and shut it down on app shutdown.
     The app's `ServerState` is `app.state.server` (setting its `draining` starts a drain).
     """
-    names = ([served_model_name] if isinstance(served_model_name, str)
-             else list(served_model_name or [str(engine.model_name)]))
+    if options is None:
+        names = kwargs.get("served_model_name")
+        if isinstance(names, str):
+            kwargs["served_model_name"] = (names,)
+        elif names is not None:
+            kwargs["served_model_name"] = tuple(names)
+        options = ServerOptions(**kwargs)
+    elif kwargs:
+        raise TypeError(f"pass either options or keyword arguments, not both: {kwargs}")
+    names = list(options.served_model_name or [str(engine.model_name)])
     state = ServerState(engine=engine, served_model_names=names,
                         metrics=ServerMetrics(engine, names[0]),
                         prompts=PromptEncoder(engine.tokenizer, int(engine.max_model_len)),
-                        max_waiting_requests=max_waiting_requests)
+                        max_waiting_requests=options.max_waiting_requests, options=options)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -244,9 +250,25 @@ def build_app(engine: Any, *, api_key: str | None = None,
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
-    # Added last = outermost: admission (503 while draining), then auth, then the body limit.
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes)
-    if api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
-    app.add_middleware(AdmissionMiddleware, state=state)
+    _add_middleware(app, state, options)
     return app
+
+
+def _add_middleware(app: FastAPI, state: ServerState, options: ServerOptions) -> None:
+    # Added last = outermost: the Host check, CORS (a preflight is answered before auth),
+    # admission (503 while draining), auth, then the body's limits.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=options.max_body_bytes,
+                       body_timeout=options.body_timeout)
+    if options.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=options.api_key)
+    app.add_middleware(AdmissionMiddleware, state=state)
+    if options.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(options.allowed_origins),
+                           allow_methods=list(options.allowed_methods),
+                           allow_headers=list(options.allowed_headers),
+                           allow_credentials=options.allow_credentials)
+    hosts = options.allowed_hosts
+    if hosts is None:
+        hosts = default_allowed_hosts(options.host)
+    if hosts is not None:
+        app.add_middleware(HostCheckMiddleware, allowed_hosts=list(hosts))

@@ -10,6 +10,7 @@ from typing import Any
 
 from fuselm.errors import EngineDeadError, ModelNotFoundError, QueueFullError
 from fuselm.server.metrics import ServerMetrics
+from fuselm.server.options import ServerOptions
 from fuselm.server.prompts import PromptEncoder
 
 logger = logging.getLogger(__name__)
@@ -26,6 +27,8 @@ class ServerState:
     metrics: ServerMetrics
     prompts: PromptEncoder
     """Tokenizes prompts and chat messages (off the event loop)."""
+    options: ServerOptions = field(default_factory=ServerOptions)
+    """The server's settings (logging, chat-template trust, ...)."""
     max_waiting_requests: int | None = None
     """429 when the engine's waiting queue holds this many; None leaves it to the engine."""
     draining: bool = False

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
 import logging
 from collections.abc import Callable, Coroutine
 from types import FrameType
@@ -24,8 +26,10 @@ import uvicorn
 
 from fuselm import envs
 from fuselm.config import EngineConfig
-from fuselm.server.api import DEFAULT_MAX_BODY_BYTES, build_app
+from fuselm.server.api import build_app
 from fuselm.server.app_state import ServerState
+from fuselm.server.connection import http_protocol_with_header_timeout
+from fuselm.server.options import ServerOptions
 
 logger = logging.getLogger(__name__)
 
@@ -103,68 +107,145 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve_engine(engine: Any, *, host: str = "127.0.0.1", port: int = 8000,
-                 api_key: str | None = None, served_model_name: str | list[str] | None = None,
-                 shutdown_timeout: float = 30.0, max_waiting_requests: int | None = None,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_level: str = "info") -> None:
+def _options(options: ServerOptions | None, kwargs: dict[str, Any]) -> ServerOptions:
+    """`options`, or ServerOptions built from keyword arguments (`log_level` is accepted for
+    `uvicorn_log_level`, a string for `served_model_name`)."""
+    if options is not None:
+        if kwargs:
+            raise TypeError(f"pass either options or keyword arguments, not both: {kwargs}")
+        return options
+    if "log_level" in kwargs:
+        kwargs["uvicorn_log_level"] = kwargs.pop("log_level")
+    names = kwargs.get("served_model_name")
+    if names is not None:
+        kwargs["served_model_name"] = (names,) if isinstance(names, str) else tuple(names)
+    return ServerOptions(**kwargs)
+
+
+def uvicorn_config(app: Any, options: ServerOptions) -> uvicorn.Config:
+    """uvicorn's config for `app` under `options` (TLS, root path, the header deadline)."""
+    return uvicorn.Config(
+        app, host=options.host, port=options.port, log_level=options.uvicorn_log_level,
+        lifespan="on", timeout_graceful_shutdown=_AFTER_DRAIN_GRACE, access_log=False,
+        root_path=options.root_path or "", ssl_keyfile=options.ssl_keyfile,
+        ssl_certfile=options.ssl_certfile,
+        http=http_protocol_with_header_timeout(options.header_timeout))
+
+
+def serve_engine(engine: Any, options: ServerOptions | None = None, **kwargs: Any) -> None:
     """Serves an already built engine until SIGTERM/SIGINT (see the module docstring).
-    `port=0` picks a free port; the bound address is printed as
-    ``fuselm server listening on http://HOST:PORT``."""
-    app = build_app(engine, api_key=api_key, served_model_name=served_model_name,
-                    max_waiting_requests=max_waiting_requests, max_body_bytes=max_body_bytes)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                            timeout_graceful_shutdown=_AFTER_DRAIN_GRACE, access_log=False)
-    server = DrainingServer(config, app.state.server, shutdown_timeout)
+    `options` (or its fields as keyword arguments): the server's settings. `port=0` picks a
+    free port; the bound address is printed as ``fuselm server listening on http://HOST:PORT``."""
+    options = _options(options, kwargs)
+    app = build_app(engine, options)
+    server = DrainingServer(uvicorn_config(app, options), app.state.server,
+                            options.shutdown_timeout)
     asyncio.run(server.serve())
 
 
-def serve(engine_config: EngineConfig, *, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, served_model_name: str | list[str] | None = None,
-          shutdown_timeout: float = 30.0, max_waiting_requests: int | None = None,
-          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_level: str = "info") -> None:
+def serve(engine_config: EngineConfig, options: ServerOptions | None = None,
+          **kwargs: Any) -> None:
     """Builds the engine of `engine_config` and serves it (`fuselm serve`).
 
-    `max_waiting_requests` defaults to the scheduler's `max_waiting_requests`.
+    The served model name defaults to the `--model` string, as in vLLM;
+    `max_waiting_requests` to the scheduler's `max_waiting_requests`.
     """
     from fuselm.engine.async_engine import AsyncEngine  # the server imports the engine lazily
     from fuselm.runtime import build_engine
 
+    options = _options(options, kwargs)
+    changes: dict[str, Any] = {}
+    if options.served_model_name is None and engine_config.model:
+        changes["served_model_name"] = (str(engine_config.model),)
+    if options.max_waiting_requests is None:
+        changes["max_waiting_requests"] = engine_config.scheduler.max_waiting_requests
     engine = AsyncEngine(build_engine(engine_config))
-    if max_waiting_requests is None:
-        max_waiting_requests = engine_config.scheduler.max_waiting_requests
-    serve_engine(engine, host=host, port=port, api_key=api_key,
-                 served_model_name=served_model_name, shutdown_timeout=shutdown_timeout,
-                 max_waiting_requests=max_waiting_requests, max_body_bytes=max_body_bytes,
-                 log_level=log_level)
-
+    serve_engine(engine, dataclasses.replace(options, **changes))
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """The server's flags (the engine's come from `fuselm.cli_args.add_engine_arguments`)."""
+    """The server's flags, with vLLM's names (the engine's come from
+    `fuselm.cli_args.add_engine_arguments`)."""
+    d = ServerOptions()
     group = parser.add_argument_group("server")
-    group.add_argument("--host", default="127.0.0.1",
+    group.add_argument("--host", default=d.host,
                        help="address to bind (default: 127.0.0.1, this machine only)")
-    group.add_argument("--port", type=int, default=8000,
+    group.add_argument("--port", type=int, default=d.port,
                        help="port to bind; 0 picks a free one (default: 8000)")
     group.add_argument("--api-key", default=None,
                        help="required as 'Authorization: Bearer KEY' on /v1, /v2, /tokenize, "
                             "/detokenize (default: $FUSELM_API_KEY, else no key)")
     group.add_argument("--served-model-name", nargs="+", default=None,
-                       help="name(s) clients pass as 'model' (default: the model's name)")
-    group.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="name(s) clients pass as 'model' (default: the --model string)")
+    group.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
                        help="seconds to drain in-flight requests after SIGTERM (default: 30)")
-    group.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
-                       help=f"largest request body (default: {DEFAULT_MAX_BODY_BYTES})")
-    group.add_argument("--log-level", default="info",
-                       choices=["critical", "error", "warning", "info", "debug"])
+    group.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
+                       help=f"largest request body (default: {d.max_body_bytes})")
+    group.add_argument("--body-timeout", type=float, default=d.body_timeout,
+                       help="seconds for a request body to arrive; 408 beyond (default: 60)")
+    group.add_argument("--header-timeout", type=float, default=d.header_timeout,
+                       help="seconds for a request's headers to arrive; the connection is "
+                            "closed beyond (default: 30)")
+    group.add_argument("--allowed-hosts", type=json.loads, default=None,
+                       help='JSON list of Host header names answered, "*" for any (default: '
+                            "the loopback names when --host is loopback, else any)")
+    for flag, help_text in (("--allowed-origins", "CORS origins"),
+                            ("--allowed-methods", "CORS methods"),
+                            ("--allowed-headers", "CORS headers")):
+        group.add_argument(flag, type=json.loads, default=["*"],
+                           help=f'JSON list of {help_text} (default: ["*"])')
+    group.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
+    group.add_argument("--root-path", default=None,
+                       help="ASGI root path, behind a path-based proxy")
+    group.add_argument("--ssl-keyfile", default=None, help="TLS key file")
+    group.add_argument("--ssl-certfile", default=None, help="TLS certificate file")
+    group.add_argument("--uvicorn-log-level", "--log-level", dest="uvicorn_log_level",
+                       default=d.uvicorn_log_level,
+                       choices=["critical", "error", "warning", "info", "debug", "trace"])
+    logs = group.add_mutually_exclusive_group()
+    logs.add_argument("--disable-log-requests", dest="log_requests", action="store_false",
+                      default=True, help="do not log each request")
+    logs.add_argument("--enable-log-requests", dest="log_requests", action="store_true",
+                      help="log each request (the default)")
+    group.add_argument("--max-log-len", type=int, default=None,
+                       help="characters of a prompt shown in request logs (default: all)")
+    group.add_argument("--disable-log-stats", dest="log_stats", action="store_false",
+                       default=True, help="do not log throughput every 10 s")
+    group.add_argument("--trust-request-chat-template", action="store_true",
+                       help="accept a chat_template sent in a request (refused by default)")
+
+
+def options_from_args(args: argparse.Namespace) -> ServerOptions:
+    """ServerOptions from the parsed `fuselm serve` flags."""
+    names = args.served_model_name
+    return ServerOptions(
+        host=args.host, port=args.port, api_key=args.api_key or envs.api_key(),
+        served_model_name=tuple(names) if names else None,
+        shutdown_timeout=args.shutdown_timeout, max_body_bytes=args.max_body_bytes,
+        body_timeout=args.body_timeout, header_timeout=args.header_timeout,
+        allowed_hosts=_str_tuple(args.allowed_hosts, "--allowed-hosts"),
+        allowed_origins=_str_tuple(args.allowed_origins, "--allowed-origins") or (),
+        allowed_methods=_str_tuple(args.allowed_methods, "--allowed-methods") or (),
+        allowed_headers=_str_tuple(args.allowed_headers, "--allowed-headers") or (),
+        allow_credentials=args.allow_credentials, root_path=args.root_path,
+        ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
+        uvicorn_log_level=args.uvicorn_log_level, log_requests=args.log_requests,
+        max_log_len=args.max_log_len, log_stats=args.log_stats,
+        trust_request_chat_template=args.trust_request_chat_template)
+
+
+def _str_tuple(value: Any, flag: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{flag} must be a JSON list of strings, got {value!r}")
+    return tuple(value)
 
 
 def main(args: argparse.Namespace) -> int:
-    """`fuselm serve`: builds the EngineConfig from the flags and serves; returns 0."""
+    """`fuselm serve`: builds the EngineConfig and ServerOptions from the flags and serves;
+    returns 0."""
     from fuselm.cli_args import engine_config_from_args
 
-    api_key = args.api_key or envs.api_key()
-    serve(engine_config_from_args(args), host=args.host, port=args.port, api_key=api_key,
-          served_model_name=args.served_model_name, shutdown_timeout=args.shutdown_timeout,
-          max_body_bytes=args.max_body_bytes, log_level=args.log_level)
+    serve(engine_config_from_args(args), options_from_args(args))
     return 0

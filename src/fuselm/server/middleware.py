@@ -1,10 +1,12 @@
-"""ASGI middleware: admission while draining, in-flight counting, and the body size limit.
+"""ASGI middleware: admission while draining, in-flight counting, the body's size and time limits.
 
 Pure ASGI (not `BaseHTTPMiddleware`), so that streamed responses and client disconnects pass
 through untouched.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
@@ -50,12 +52,23 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"the request body is larger than the limit of {limit} bytes")
 
 
-class BodySizeLimitMiddleware:
-    """413 for bodies over `max_bytes`, by Content-Length or by counting what arrives."""
+class BodyTimeout(HTTPException):
+    """The request body did not arrive in time (HTTP 408)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, timeout: float) -> None:
+        # the rest of the body may still come: the connection cannot carry another request
+        super().__init__(408, f"the request body did not arrive within {timeout:g} s",
+                         headers={"Connection": "close"})
+
+
+class BodySizeLimitMiddleware:
+    """413 for bodies over `max_bytes`, by Content-Length or by counting what arrives; 408 for
+    a body not complete `body_timeout` seconds after the app first reads it."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, body_timeout: float = 60.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -70,14 +83,25 @@ class BodySizeLimitMiddleware:
                     await _reject(scope, receive, send, 413, BodyTooLarge(self.max_bytes).detail)
                     return
         received = 0
+        deadline: float | None = None
+        body_done = False
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, deadline, body_done
+            if body_done:  # later reads wait for the disconnect: no deadline
+                return await receive()
+            loop = asyncio.get_running_loop()
+            if deadline is None:
+                deadline = loop.time() + self.body_timeout
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+            except asyncio.TimeoutError:
+                raise BodyTimeout(self.body_timeout) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     raise BodyTooLarge(self.max_bytes)
+                body_done = not message.get("more_body", False)
             return message
 
         await self.app(scope, limited_receive, send)
