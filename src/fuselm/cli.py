@@ -171,22 +171,38 @@ class _StopFlag:
         signal.signal(signal.SIGINT, self._previous)
 
 
+class _PromptInterrupt(KeyboardInterrupt):
+    """Ctrl-C at the prompt, with the text typed so far (readline clears its buffer before
+    input() returns, so the signal handler reads it)."""
+
+    def __init__(self, typed: str) -> None:
+        super().__init__()
+        self.typed = typed
+
+
 def _read_line(prompt: str) -> str | None:
     """A line typed at ``prompt``; None to end the chat (Ctrl-D, or Ctrl-C on an empty line).
     Ctrl-C on a line with text drops the text, as a shell does."""
     try:
-        import readline  # noqa: F401  (line editing and history for input(); not on Windows)
+        import readline  # line editing and history for input(); absent on Windows
+        buffer: Callable[[], str] = readline.get_line_buffer
     except ImportError:
-        readline = None  # type: ignore[assignment]
+        buffer = str
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        raise _PromptInterrupt(buffer())
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
         return input(prompt)
     except EOFError:
         print()
         return None
-    except KeyboardInterrupt:
-        typed = readline.get_line_buffer() if readline is not None else ""
+    except _PromptInterrupt as exc:
         print()
-        return "" if typed else None
+        return "" if exc.typed else None
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _chat_command(line: str, history: list[dict[str, str]], start: int) -> bool | None:
@@ -314,7 +330,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="interactive chat with history")
     chat.add_argument("--system", default=None, help="system prompt")
     for p, func, name in ((gen, cmd_generate, "generate"), (chat, cmd_chat, "chat")):
-        add_engine_arguments(p)
+        add_engine_arguments(p, defaults={"max_num_seqs": 1})  # one sequence at a time
         _add_sampling_arguments(p)
         p.set_defaults(func=func, command_path=name)
     _add_serve(sub, words[:1] == ["serve"])
