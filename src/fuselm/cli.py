@@ -20,7 +20,7 @@ from fuselm.cli_args import add_engine_arguments, engine_config_from_args
 from fuselm.errors import FuselmError
 
 # An optional package -> the extra of fuselm's pyproject.toml that installs it.
-EXTRA_OF_PACKAGE = {"transformers": "hf", "accelerate": "hf", "httpx": "bench",
+EXTRA_OF_PACKAGE = {"transformers": "hf", "httpx": "bench",
                     "matplotlib": "bench", "xgrammar": "structured"}
 
 
