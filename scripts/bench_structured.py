@@ -1,0 +1,331 @@
+"""What structured outputs cost: the grammar libraries side by side, and the engine's decode
+step with and without token masks.
+
+``libraries``: xgrammar and llguidance (``pip install llguidance`` for the comparison only) on
+the default model's vocabulary (SmolLM2, 49,152 tokens) and on a 128,256-token byte-level BPE
+built from it (its tokens plus merges of random pairs of them: every new token is a real BPE
+token; Llama 3's size, offline): tokenizer setup, JSON-schema compile, compile + first mask,
+the per-step mask at batch 1 (one matcher walking a valid document) and at batch N (N
+matchers at staggered positions, one batched fill per step on --threads threads).
+
+``step``: the decode step of N sequences with every sequence free (greedy), then every
+sequence constrained (a JSON schema whose string fields never close within the run, so the
+mask works at every step), in one run; prints the step times, their ratio and the host time
+of the mask fill per step. ``--shape llama-3-8b`` serves dummy weights at that shape with the
+128k tokenizer above (a GPU); the default is the default model (CPU works).
+
+Usage:
+  python scripts/bench_structured.py libraries [--threads 8] [--batch-size 64]
+  python scripts/bench_structured.py step [--shape llama-3-8b] [--batch-size 64]
+      [--max-tokens 128] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+
+from fuselm.loading.default_model import default_model_path
+from fuselm.tokenizer import Tokenizer
+
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer"},
+        "name": {"type": "string", "maxLength": 40},
+        "email": {"type": "string", "pattern": "^[a-z]+@[a-z]+\\.com$"},
+        "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 5},
+        "status": {"enum": ["active", "inactive", "banned"]},
+        "address": {"type": "object", "properties": {
+            "street": {"type": "string"}, "city": {"type": "string"},
+            "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+            "required": ["street", "city", "zip"], "additionalProperties": False},
+        "score": {"type": "number"},
+        "verified": {"type": "boolean"},
+    },
+    "required": ["id", "name", "email", "tags", "status", "address", "score", "verified"],
+    "additionalProperties": False,
+}
+INSTANCE = {"id": 12345, "name": "Ada Lovelace", "email": "ada@example.com",
+            "tags": ["math", "poetry", "engines"], "status": "active",
+            "address": {"street": "12 St James's Square", "city": "London", "zip": "12345"},
+            "score": 98.5, "verified": True}
+LLAMA3_VOCAB = 128256
+
+
+def extend_vocab(tok_json: str, target: int, seed: int = 0) -> str:
+    """A byte-level BPE of ``target`` tokens: ``tok_json``'s plus merges of random pairs."""
+    data = json.loads(tok_json)
+    vocab, merges = data["model"]["vocab"], data["model"]["merges"]
+    rng = random.Random(seed)
+    pieces = [t for t in vocab if not t.startswith("<|")]
+    next_id = max(max(vocab.values()), *(a["id"] for a in data["added_tokens"])) + 1
+    while next_id < target:
+        a, b = rng.choice(pieces), rng.choice(pieces)
+        if a + b in vocab or len(a + b) > 16:
+            continue
+        vocab[a + b] = next_id
+        merges.append([a, b] if merges and isinstance(merges[0], list) else f"{a} {b}")
+        next_id += 1
+    return json.dumps(data)
+
+
+# -- libraries ---------------------------------------------------------------------------------
+
+
+class _Xgrammar:
+    name = "xgrammar"
+
+    def __init__(self, tok_json: str, eos: int, threads: int) -> None:
+        import xgrammar as xgr
+
+        from fuselm.structured.compiler import encoded_vocab, vocab_spelling
+
+        self.xgr = xgr
+        t0 = time.perf_counter()
+        tok = Tokenizer(HFTokenizer.from_str(tok_json), eos_token_id=eos)
+        spelling, prefix = vocab_spelling(json.loads(tok_json))
+        self.info = xgr.TokenizerInfo(encoded_vocab(tok, tok.vocab_size),
+                                      getattr(xgr.VocabType, spelling), stop_token_ids=[eos],
+                                      add_prefix_space=prefix)
+        self.compiler = xgr.GrammarCompiler(self.info, max_threads=threads, cache_enabled=False)
+        self.setup_s = time.perf_counter() - t0
+        self.vocab_size = self.info.vocab_size
+        self.batch = xgr.BatchGrammarMatcher(max_threads=threads)
+
+    def compile(self, schema: dict[str, Any]) -> Any:
+        return self.compiler.compile_json_schema(json.dumps(schema))
+
+    def matcher(self, grammar: Any) -> Any:
+        return self.xgr.GrammarMatcher(grammar)
+
+    def bitmask(self, n: int) -> torch.Tensor:
+        return self.xgr.allocate_token_bitmask(n, self.vocab_size)
+
+    def fill(self, m: Any, bitmask: torch.Tensor, row: int) -> None:
+        m.fill_next_token_bitmask(bitmask, row)
+
+    def fill_batch(self, ms: list[Any], bitmask: torch.Tensor) -> None:
+        self.batch.batch_fill_next_token_bitmask(ms, bitmask)
+
+    def accept(self, m: Any, token: int) -> None:
+        if not m.accept_token(token):
+            raise RuntimeError(f"xgrammar rejected {token}")
+
+
+class _Llguidance:
+    name = "llguidance"
+
+    def __init__(self, tok_json: str, eos: int, threads: int) -> None:
+        import llguidance
+        import llguidance.torch as llt
+
+        self.llg, self.llt = llguidance, llt
+        t0 = time.perf_counter()
+        self.tok = llguidance.LLTokenizer(tok_json, eos_token=eos)
+        self.setup_s = time.perf_counter() - t0
+        self.vocab_size = self.tok.vocab_size
+        self.executor = llguidance.LLExecutor(num_threads=threads)
+
+    def compile(self, schema: dict[str, Any]) -> Any:
+        grammar = self.llg.LLMatcher.grammar_from_json_schema(schema)
+        matcher = self.llg.LLMatcher(self.tok, grammar)
+        if matcher.is_error():
+            raise RuntimeError(matcher.get_error())
+        return grammar
+
+    def matcher(self, grammar: Any) -> Any:
+        return self.llg.LLMatcher(self.tok, grammar)
+
+    def bitmask(self, n: int) -> torch.Tensor:
+        return self.llt.allocate_token_bitmask(n, self.vocab_size)
+
+    def fill(self, m: Any, bitmask: torch.Tensor, row: int) -> None:
+        self.llt.fill_next_token_bitmask(m, bitmask, row)
+
+    def fill_batch(self, ms: list[Any], bitmask: torch.Tensor) -> None:
+        self.llt.fill_next_token_bitmask_par(self.executor, [(m, i) for i, m in enumerate(ms)],
+                                             bitmask)
+
+    def accept(self, m: Any, token: int) -> None:
+        if not m.consume_token(token):
+            raise RuntimeError(m.get_error())
+
+
+def _measure(lib: Any, tokens: list[int], batch: int) -> dict[str, float]:
+    compiles = []
+    for k in range(5):  # a new title each time: nothing cached
+        t0 = time.perf_counter()
+        grammar = lib.compile(dict(SCHEMA, title=f"t{k}"))
+        compiles.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()  # llguidance builds its lexer lazily, at the first mask
+    lib.fill(lib.matcher(lib.compile(dict(SCHEMA, title="first"))), lib.bitmask(1), 0)
+    first = time.perf_counter() - t0
+    m, bm, fills = lib.matcher(grammar), lib.bitmask(1), []
+    for token in tokens:
+        t0 = time.perf_counter()
+        lib.fill(m, bm, 0)
+        fills.append(time.perf_counter() - t0)
+        lib.accept(m, token)
+    ms = [lib.matcher(grammar) for _ in range(batch)]
+    offsets = [i * 7 % len(tokens) for i in range(batch)]
+    for m_, off in zip(ms, offsets, strict=True):
+        for token in tokens[:off]:
+            lib.accept(m_, token)
+    bmb, steps = lib.bitmask(batch), []
+    for step in range(min(40, len(tokens))):
+        t0 = time.perf_counter()
+        lib.fill_batch(ms, bmb)
+        steps.append(time.perf_counter() - t0)
+        for m_, off in zip(ms, offsets, strict=True):
+            if (off + step) < len(tokens):
+                lib.accept(m_, tokens[off + step])
+    return {"setup_s": lib.setup_s, "compile_ms": statistics.median(compiles) * 1e3,
+            "compile_first_mask_ms": first * 1e3,
+            "mask_b1_us_mean": statistics.mean(fills) * 1e6,
+            "mask_b1_us_median": statistics.median(fills) * 1e6,
+            "mask_bN_ms_mean": statistics.mean(steps) * 1e3,
+            "mask_bN_ms_median": statistics.median(steps) * 1e3}
+
+
+def run_libraries(args: argparse.Namespace) -> None:
+    """Prints one row per (vocabulary, library)."""
+    base = Tokenizer.from_gguf(default_model_path())
+    tok_json = base.tokenizer.to_str()
+    vocabs = [("SmolLM2 49k", tok_json), ("128k BPE", extend_vocab(tok_json, LLAMA3_VOCAB))]
+    text = json.dumps(INSTANCE)
+    print(f"threads {args.threads}, batch {args.batch_size}; times: median of the steps "
+          "(mean where said)")
+    header = ("vocab", "library", "setup s", "compile ms", "compile+1st mask ms",
+              "mask b1 us med", "mask b1 us mean", f"mask b{args.batch_size} ms med",
+              f"mask b{args.batch_size} ms mean")
+    print(" | ".join(header))
+    for label, tj in vocabs:
+        tokens = HFTokenizer.from_str(tj).encode(text, add_special_tokens=False).ids
+        for cls in (_Xgrammar, _Llguidance):
+            try:
+                lib = cls(tj, base.eos_token_id or 0, args.threads)
+            except ImportError as exc:
+                print(f"{label} | {cls.name} | not installed ({exc.name})")
+                continue
+            r = _measure(lib, tokens, args.batch_size)
+            print(" | ".join([label, cls.name, f"{r['setup_s']:.2f}", f"{r['compile_ms']:.1f}",
+                              f"{r['compile_first_mask_ms']:.1f}",
+                              f"{r['mask_b1_us_median']:.1f}", f"{r['mask_b1_us_mean']:.1f}",
+                              f"{r['mask_bN_ms_median']:.2f}", f"{r['mask_bN_ms_mean']:.2f}"]),
+                  flush=True)
+
+
+# -- engine step -------------------------------------------------------------------------------
+
+# strings that never close within the run, so every step needs a real mask
+OPEN_SCHEMA = {"type": "object", "properties": {"notes": {"type": "array", "items": {
+    "type": "string"}}}, "required": ["notes"]}
+
+
+def _dummy_8b(folder: Path) -> str:
+    from fuselm.bench.dummy_model import write_dummy_checkpoint
+
+    base = Tokenizer.from_gguf(default_model_path())
+    path = write_dummy_checkpoint("llama-3-8b", folder, bos_token_id=1, eos_token_id=2)
+    (path / "tokenizer.json").write_text(extend_vocab(base.tokenizer.to_str(), LLAMA3_VOCAB))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": False}))
+    return str(path)
+
+
+def _timed_run(llm: Any, prompts: list[list[int]], params: Any) -> tuple[float, int]:
+    """Seconds per decode step (first token excluded) and steps, over one batch."""
+    engine = llm.engine
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"b{time.perf_counter_ns()}-{i}", prompt, params)
+    while any(not seq.output_token_ids for state in engine.requests.values()
+              for seq in state.sequences):
+        engine.step()  # prefills
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0, steps = time.perf_counter(), 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+    return (time.perf_counter() - t0) / max(steps, 1), steps
+
+
+def run_step(args: argparse.Namespace) -> None:
+    """Prints free and constrained step times at ``--batch-size``."""
+    import fuselm.engine.sampling_inputs as sampling_inputs
+    from fuselm import LLM, SamplingParams
+    from fuselm.sampling_params import StructuredOutputsParams
+
+    kwargs: dict[str, Any] = {"device": args.device, "max_model_len": 1024,
+                              "max_num_seqs": max(args.batch_size, 1)}
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.shape == "llama-3-8b":
+            llm = LLM(_dummy_8b(Path(tmp)), load_format="dummy", dtype="bfloat16", **kwargs)
+        else:
+            llm = LLM(**kwargs, cpu_kv_cache_gib=1.0) if args.device == "cpu" else LLM(**kwargs)
+        fill_times: list[float] = []
+        fill = sampling_inputs.fill_token_bitmask
+
+        def timed_fill(*a: Any, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            out = fill(*a, **k)
+            fill_times.append(time.perf_counter() - t0)
+            return out
+
+        sampling_inputs.fill_token_bitmask = timed_fill  # instrumentation of this run only
+        gen = torch.Generator().manual_seed(0)
+        vocab = min(llm.tokenizer.vocab_size, llm.model_config.vocab_size)
+        prompts = torch.randint(100, vocab, (args.batch_size, args.prompt_len),
+                                generator=gen).tolist()
+        free = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+        constrained = SamplingParams(
+            temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True,
+            structured_outputs=StructuredOutputsParams(json=OPEN_SCHEMA))
+        _timed_run(llm, prompts, free)  # warm-up: graphs, kernels
+        _timed_run(llm, prompts, constrained)  # warm-up: tokenizer info, grammar compile
+        fill_times.clear()
+        rows = []
+        for label, params in (("free", free), ("constrained", constrained),
+                              ("free again", free)):
+            step_s, steps = _timed_run(llm, prompts, params)
+            rows.append((label, step_s, steps))
+        sampling_inputs.fill_token_bitmask = fill
+    base = (rows[0][1] + rows[2][1]) / 2
+    print(f"device {args.device}, shape {args.shape}, batch {args.batch_size}, "
+          f"{args.max_tokens} tokens, vocab {llm.model_config.vocab_size}")
+    for label, step_s, steps in rows:
+        print(f"{label:12s} step {step_s * 1e3:8.3f} ms over {steps} steps  "
+              f"({step_s / base:.3f}x free)")
+    mean_fill = statistics.mean(fill_times) * 1e3 if fill_times else 0.0
+    print(f"mask fill on the host: {mean_fill:.3f} ms per step (mean of {len(fill_times)}); "
+          f"constrained / free = {rows[1][1] / base:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    lib = sub.add_parser("libraries", help="xgrammar vs llguidance on the CPU")
+    lib.add_argument("--threads", type=int, default=2)
+    lib.add_argument("--batch-size", type=int, default=64)
+    step = sub.add_parser("step", help="engine decode step with and without masks")
+    step.add_argument("--shape", choices=["default", "llama-3-8b"], default="default")
+    step.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    step.add_argument("--batch-size", type=int, default=64)
+    step.add_argument("--max-tokens", type=int, default=128)
+    step.add_argument("--prompt-len", type=int, default=64)
+    args = parser.parse_args()
+    (run_libraries if args.command == "libraries" else run_step)(args)
+
+
+if __name__ == "__main__":
+    main()
