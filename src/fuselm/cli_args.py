@@ -54,9 +54,11 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _add_fields(group: argparse._ArgumentGroup, cls: type, prefix: str) -> None:
+def _add_fields(group: argparse._ArgumentGroup, cls: type, prefix: str,
+                defaults: dict[str, Any] | None = None) -> None:
     """One flag per field of `cls`: ``--field-name FIELD_NAME``, its docstring as help, the
-    values of a ``Literal`` type as choices, booleans as ``--x/--no-x``."""
+    values of a ``Literal`` type as choices, booleans as ``--x/--no-x``; `defaults` replaces
+    some fields' defaults (by field name)."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
@@ -64,6 +66,7 @@ def _add_fields(group: argparse._ArgumentGroup, cls: type, prefix: str) -> None:
             continue
         flags = [_flag_name(f.name)] + ([_SHORT_FLAGS[f.name]] if f.name in _SHORT_FLAGS else [])
         default = f.default if f.default is not dataclasses.MISSING else None
+        default = (defaults or {}).get(f.name, default)
         help_text = plain_help(docs.get(f.name, ""))
         hint = hints[f.name]
         kwargs: dict[str, Any] = {"dest": f"{prefix}{f.name}", "default": default}
@@ -91,16 +94,20 @@ def _add_fields(group: argparse._ArgumentGroup, cls: type, prefix: str) -> None:
         group.add_argument(*flags, help=help_text, **kwargs)
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser, model_positional: bool = False) -> None:
-    """Adds ``--model`` (or a positional MODEL) and every engine config flag."""
+def add_engine_arguments(parser: argparse.ArgumentParser, model_positional: bool = False,
+                         defaults: dict[str, Any] | None = None) -> None:
+    """Adds ``--model`` (or a positional MODEL) and every engine config flag; `defaults`
+    replaces some fields' defaults for this command (by field name, e.g. max_num_seqs)."""
     if model_positional:
         parser.add_argument("model_pos", nargs="?", metavar="MODEL", default=None,
-                            help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
+                            help="HF directory, .gguf file or Hub id ORG/NAME "
+                            "(default: SmolLM2-135M-Instruct)")
     parser.add_argument("--model", default=None, metavar="MODEL",
-                        help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)")
-    _add_fields(parser.add_argument_group("engine"), EngineConfig, "engine.")
+                        help="HF directory, .gguf file or Hub id ORG/NAME "
+                        "(default: SmolLM2-135M-Instruct)")
+    _add_fields(parser.add_argument_group("engine"), EngineConfig, "engine.", defaults)
     for name, cls in CONFIG_SECTIONS.items():
-        _add_fields(parser.add_argument_group(name), cls, f"{name}.")
+        _add_fields(parser.add_argument_group(name), cls, f"{name}.", defaults)
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

@@ -173,8 +173,9 @@ class CacheConfig:
     cpu_kv_cache_gib)."""
     enable_prefix_caching: bool = True
     """Reuse full KV blocks across requests that share a token prefix."""
-    cpu_kv_cache_gib: float = 1.0
-    """KV cache size on CPU when num_gpu_blocks is not given."""
+    cpu_kv_cache_gib: float | None = None
+    """KV cache size on CPU when num_gpu_blocks is not given; None sizes it for max_num_seqs
+    sequences of max_model_len tokens, at most 1 GiB (and one whole sequence at least)."""
 
     def __post_init__(self) -> None:
         bs = self.block_size
@@ -186,7 +187,8 @@ class CacheConfig:
                "in (0, 1]")
         _check_int("num_gpu_blocks", self.num_gpu_blocks, 1, optional=True)
         gib = self.cpu_kv_cache_gib
-        _check(isinstance(gib, int | float) and gib > 0, "cpu_kv_cache_gib", gib, "> 0")
+        _check(gib is None or (isinstance(gib, int | float) and gib > 0), "cpu_kv_cache_gib",
+               gib, "> 0 (or unset)")
 
 
 @dataclass(frozen=True)
@@ -252,7 +254,13 @@ class EngineConfig:
     """Everything the engine needs to start."""
 
     model: str | None = None
-    """Hugging Face directory or .gguf file; None is the default model."""
+    """Hugging Face directory, .gguf file or Hub id ORG/NAME; None is the default model."""
+    revision: str | None = None
+    """Branch, tag or commit of a Hub id (--model ORG/NAME); None is main."""
+    download_dir: str | None = None
+    """Cache folder of Hub downloads; None is huggingface_hub's ($HF_HOME/hub)."""
+    tokenizer: str | None = None
+    """Tokenizer folder, .gguf file or Hub id; None is the model's own."""
     dtype: DType = "auto"
     """auto (bf16 on GPU, float32 on CPU), float32, float16, bfloat16 (float and half are
     aliases)."""
@@ -282,6 +290,10 @@ class EngineConfig:
         _check(isinstance(self.device, str) and _DEVICE.fullmatch(self.device) is not None,
                "device", self.device, "auto, cpu, cuda or cuda:N")
         _check_int("seed", self.seed, 0)
+        for name in ("revision", "download_dir", "tokenizer"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, str) and value != ""), name, value,
+                   "a non-empty string (or unset)")
         _check(isinstance(self.hf_overrides, dict), "hf_overrides", self.hf_overrides,
                "a JSON object")
         for name, cls in CONFIG_SECTIONS.items():

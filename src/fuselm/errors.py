@@ -27,6 +27,10 @@ class UnsupportedModelError(FuselmError):
     """An architecture or checkpoint layout fuselm cannot run."""
 
 
+class CheckpointError(FuselmError):
+    """A checkpoint file that is truncated, corrupt or inconsistent; the message names it."""
+
+
 class UnsupportedQuantizationError(FuselmError):
     """A quantization type fuselm cannot load."""
 

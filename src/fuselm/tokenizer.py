@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 import jinja2.ext
@@ -29,6 +29,9 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 
 from fuselm.errors import InvalidRequestError, ModelNotFoundError
+
+if TYPE_CHECKING:
+    from fuselm.loading.gguf_file import GGUFFile
 
 # End-of-turn tokens that, when the chat template writes them, end generation.
 _END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>")
@@ -64,11 +67,13 @@ class Tokenizer:
     # -- constructors -------------------------------------------------------------------------
 
     @classmethod
-    def from_gguf(cls, path: str | Path) -> Tokenizer:
-        """Tokenizer of a GGUF file (byte-level BPE vocabularies; see `tokenizer_from_gguf`)."""
+    def from_gguf(cls, path: str | Path | GGUFFile) -> Tokenizer:
+        """Tokenizer of a GGUF file, given by path or as its parsed header (byte-level BPE
+        vocabularies; see `tokenizer_from_gguf`)."""
         from fuselm.loading.gguf import metadata_value, open_gguf_reader, tokenizer_from_gguf
+        from fuselm.loading.gguf_file import GGUFFile
 
-        reader = open_gguf_reader(path)
+        reader = path if isinstance(path, GGUFFile) else open_gguf_reader(path)
         return cls(
             tokenizer_from_gguf(reader),
             bos_token_id=metadata_value(reader, "tokenizer.ggml.bos_token_id"),

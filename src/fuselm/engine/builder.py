@@ -38,10 +38,8 @@ class EngineParts:
 
 
 def load_tokenizer(source: loader.ModelSource) -> Tokenizer:
-    """The tokenizer that ships with the checkpoint."""
-    if source.format == "gguf":
-        return Tokenizer.from_gguf(source.path)
-    return Tokenizer.from_hf_dir(source.path)
+    """The tokenizer of ``--tokenizer``, else the one that ships with the checkpoint."""
+    return loader.load_tokenizer(source)
 
 
 def use_cpu_gemv_layout(model: torch.nn.Module) -> None:
@@ -73,8 +71,10 @@ def _num_blocks(config: EngineConfig, runner: ModelRunner, dtype: torch.dtype,
 
         return profile_num_blocks(runner, cache, dtype, sched.max_num_batched_tokens,
                                   sched.max_num_seqs, max_model_len, execute)
-    budget = int(cache.cpu_kv_cache_gib * 2**30) // runner.kv_bytes_per_block(dtype)
-    return max(budget, -(-max_model_len // cache.block_size))
+    from fuselm.engine.kv_sizing import cpu_num_blocks
+
+    return cpu_num_blocks(cache, runner.kv_bytes_per_block(dtype), max_model_len,
+                          sched.max_num_seqs)
 
 
 def log_kernels(kernels: KernelSet) -> None:

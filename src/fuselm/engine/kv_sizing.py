@@ -1,4 +1,5 @@
-"""How many KV blocks fit: measured free GPU memory after a profiling forward pass."""
+"""How many KV blocks fit: measured free GPU memory after a profiling forward pass; on a CPU,
+what the configured sequences need (or ``--cpu-kv-cache-gib``)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from fuselm.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 GRAPH_AND_SAMPLER_RESERVE = 512 * 2**20  # bytes kept back for CUDA graphs' private pool
+CPU_KV_CACHE_CAP = 2**30  # bytes: the automatic CPU cache's bound (--cpu-kv-cache-gib lifts it)
 # (the logits buffer that the decode graphs share is kept back on top: ModelRunner)
 
 
@@ -58,3 +60,16 @@ def profile_num_blocks(runner: ModelRunner, cache: CacheConfig, dtype: torch.dty
     logger.info("KV cache: %d blocks (peak %.2f GiB during profiling, %.2f GiB total)",
                 num_blocks, peak / 2**30, total / 2**30)
     return num_blocks
+
+
+def cpu_num_blocks(cache: CacheConfig, bytes_per_block: int, max_model_len: int,
+                   max_num_seqs: int) -> int:
+    """KV blocks of a CPU cache: ``cpu_kv_cache_gib`` when given; else enough for
+    ``max_num_seqs`` sequences of ``max_model_len`` tokens, at most ``CPU_KV_CACHE_CAP`` bytes;
+    always at least one sequence of ``max_model_len`` tokens."""
+    per_seq = -(-max_model_len // cache.block_size)
+    if cache.cpu_kv_cache_gib is not None:
+        blocks = int(cache.cpu_kv_cache_gib * 2**30) // bytes_per_block
+    else:
+        blocks = min(per_seq * max_num_seqs, CPU_KV_CACHE_CAP // bytes_per_block)
+    return max(blocks, per_seq)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -13,33 +13,70 @@ from torch import nn
 from fuselm.config import EngineConfig, ModelConfig
 from fuselm.errors import ModelNotFoundError, UnsupportedModelError
 from fuselm.kernels.kernel_set import KernelSet
-from fuselm.loading import hf
+from fuselm.loading import hf, hub
+
+if TYPE_CHECKING:
+    from fuselm.loading.gguf import GGUFCheckpoint
+    from fuselm.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a model's config, weights and tokenizer come from."""
+    """Where a model's config, weights and tokenizer come from.
+
+    ``gguf``: the parsed GGUF file (format "gguf"), shared by config, tokenizer and weights so
+    that the file is parsed once. ``tokenizer_path``: a separate tokenizer (``--tokenizer``: a
+    HF folder or a .gguf file); None uses the checkpoint's own.
+    """
 
     path: Path
     format: str  # "hf" or "gguf"
+    gguf: GGUFCheckpoint | None = field(default=None, compare=False, repr=False)
+    tokenizer_path: Path | None = None
+
+    @property
+    def name(self) -> str:
+        """A short name for logs: the file's stem or the folder's name."""
+        return self.path.stem if self.format == "gguf" else self.path.name
 
 
-def resolve_model(model: str | None) -> ModelSource:
-    """Maps ``--model`` (None = default model, a HF directory or a .gguf file) to its source."""
+def _local_path(name: str, revision: str | None, download_dir: str | None,
+                patterns: tuple[str, ...] = hub.MODEL_PATTERNS) -> Path:
+    """A local path, or the snapshot folder of a Hub id ``ORG/NAME``."""
+    if hub.is_hub_id(name):
+        return hub.snapshot_path(name, revision, download_dir, patterns)
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(
+            f"model {name!r} not found: pass a local Hugging Face directory (config.json + "
+            "*.safetensors + tokenizer.json), a .gguf file, a Hub id ORG/NAME, or omit --model "
+            "for the default")
+    return path
+
+
+def _gguf_source(path: Path, tokenizer_path: Path | None = None) -> ModelSource:
+    from fuselm.loading.gguf import load_gguf
+
+    return ModelSource(path, "gguf", load_gguf(path), tokenizer_path)
+
+
+def resolve_model(model: str | None, revision: str | None = None,
+                  download_dir: str | None = None, tokenizer: str | None = None) -> ModelSource:
+    """Maps ``--model`` (None = default model, a HF directory, a .gguf file or a Hub id
+    ``ORG/NAME`` at ``revision``, downloaded into ``download_dir``) and ``--tokenizer`` to a
+    source. A GGUF file is parsed here (once); a truncated or corrupt one raises CheckpointError.
+    """
+    tok = _local_path(tokenizer, revision, download_dir, hub.TOKENIZER_PATTERNS) \
+        if tokenizer else None
     if model is None:
         from fuselm.loading.default_model import default_model_path
 
-        return ModelSource(default_model_path(), "gguf")
-    path = Path(model).expanduser()
-    if not path.exists():
-        raise ModelNotFoundError(
-            f"model {model!r} not found: pass a local Hugging Face directory (config.json + "
-            "*.safetensors + tokenizer.json) or a .gguf file, or omit --model for the default"
-        )
+        return _gguf_source(default_model_path(), tok)
+    path = _local_path(model, revision, download_dir)
     if path.is_file() and path.suffix == ".gguf":
-        return ModelSource(path, "gguf")
+        return _gguf_source(path, tok)
     if hf.is_hf_dir(path):
-        return ModelSource(path, "hf")
+        return ModelSource(path, "hf", tokenizer_path=tok)
     raise ModelNotFoundError(
         f"{model!r} is neither a .gguf file nor a directory with config.json"
     )
@@ -47,20 +84,35 @@ def resolve_model(model: str | None) -> ModelSource:
 
 def load_config_dict(source: ModelSource) -> dict[str, Any]:
     """The Hugging Face style config dict of the source."""
-    if source.format == "gguf":
-        from fuselm.loading.gguf import load_gguf
-
-        return dict(load_gguf(source.path).config)
+    if source.gguf is not None:
+        return dict(source.gguf.config)
     return hf.load_hf_config(source.path)
+
+
+def check_checkpoint(source: ModelSource) -> int:
+    """Reads every weight file's header (no tensor data) and returns the number of tensors;
+    a truncated, corrupt or missing file raises CheckpointError naming it."""
+    if source.gguf is not None:
+        return source.gguf.num_tensors  # checked when parsed
+    return hf.check_hf_weights(source.path)
 
 
 def iterate_weights(source: ModelSource) -> Iterable[tuple[str, Any]]:
     """(HF parameter name, tensor or lazy slice) pairs of the checkpoint."""
-    if source.format == "gguf":
-        from fuselm.loading.gguf import load_gguf
-
-        return load_gguf(source.path).tensors(dequantize=True)
+    if source.gguf is not None:
+        return source.gguf.tensors(dequantize=True)
     return hf.iterate_hf_weights(source.path)
+
+
+def load_tokenizer(source: ModelSource) -> Tokenizer:
+    """The tokenizer of ``--tokenizer`` if given, else the one that ships with the checkpoint."""
+    from fuselm.tokenizer import Tokenizer
+
+    path = source.tokenizer_path
+    if path is None:
+        return Tokenizer.from_gguf(source.gguf.reader) if source.gguf is not None \
+            else Tokenizer.from_hf_dir(source.path)
+    return Tokenizer.from_gguf(path) if path.suffix == ".gguf" else Tokenizer.from_hf_dir(path)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -110,7 +162,7 @@ def load_weights(model: nn.Module, source: ModelSource, progress: bool = False) 
         from tqdm import tqdm
 
         weights = tqdm(weights, desc=f"Loading {source.path.name}", unit=" tensors",
-                       leave=False)
+                       total=check_checkpoint(source), leave=False)
     loaded = model.load_weights(weights)
     missing = model.expected_parameters() - loaded
     if missing:
@@ -131,8 +183,12 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
 
 
 def load_model_config(config: EngineConfig) -> tuple[ModelSource, ModelConfig]:
-    """The source and ModelConfig of ``config.model`` (with hf_overrides applied)."""
-    source = resolve_model(config.model)
+    """The source and ModelConfig of ``config.model`` (with hf_overrides applied); every
+    weight file's header is checked, so a bad file fails before the engine starts."""
+    source = resolve_model(config.model, config.revision, config.download_dir, config.tokenizer)
     cfg = load_config_dict(source)
     cfg.update(config.hf_overrides)
-    return source, ModelConfig.from_hf_dict(cfg)
+    model_config = ModelConfig.from_hf_dict(cfg)
+    if config.load_format != "dummy":
+        check_checkpoint(source)
+    return source, model_config
