@@ -58,7 +58,7 @@ class FakeTokenizer:
         return self.decode([token_id]) if 3 <= token_id < self.vocab_size else None
 
     def apply_chat_template(self, messages: list[dict[str, Any]],
-                            add_generation_prompt: bool = True) -> str:
+                            add_generation_prompt: bool = True, **kwargs: Any) -> str:
         text = "".join(f"<|{m['role']}|>{m.get('content') or ''}\n" for m in messages)
         return text + ("<|assistant|>" if add_generation_prompt else "")
 

@@ -29,6 +29,7 @@ from fuselm.errors import EngineDeadError, FuselmError, InvalidRequestError
 from fuselm.server.app_state import ServerState
 from fuselm.server.auth import ApiKeyMiddleware
 from fuselm.server.connection import HostCheckMiddleware, default_allowed_hosts
+from fuselm.server.contract import check_supported
 from fuselm.server.metrics import ServerMetrics
 from fuselm.server.middleware import AdmissionMiddleware, BodySizeLimitMiddleware
 from fuselm.server.options import ServerOptions
@@ -151,18 +152,25 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     """Token ids of `prompt`, or of `messages` rendered with the chat template."""
     state = _state(request)
     state.check_model(body.model)
+    check_supported(body)
     if (body.prompt is None) == (body.messages is None):
         raise InvalidRequestError("send exactly one of prompt and messages", param="prompt")
     if body.messages is not None:
         if not body.messages:
             raise InvalidRequestError("messages is empty", param="messages")
-        _, ids = await state.prompts.chat_prompt(body.messages, body.add_generation_prompt)
+        _, ids = await state.prompts.chat_prompt(
+            body.messages, body.add_generation_prompt,
+            add_special_tokens=bool(body.add_special_tokens),
+            template_kwargs=body.chat_template_kwargs)
     else:
         text = body.prompt or ""
         state.prompts.check_length(len(text), "prompt")
-        ids = await asyncio.to_thread(state.tokenizer.encode, text,
-                                      add_special_tokens=body.add_special_tokens)
-    return TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=ids)
+        add = True if body.add_special_tokens is None else body.add_special_tokens
+        ids = await asyncio.to_thread(state.tokenizer.encode, text, add_special_tokens=add)
+    strs = ([state.tokenizer.token_text(t) or "" for t in ids] if body.return_token_strs
+            else None)
+    return TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=ids,
+                            token_strs=strs)
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES)
@@ -187,6 +195,9 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = None if first.get("type") == "json_invalid" else ".".join(loc) or None
     message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+    if first.get("type") == "extra_forbidden":
+        message = (f"unrecognized request field {param!r}: fuselm implements OpenAI's fields "
+                   "and vLLM's documented extensions (see the server README)")
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more errors)"
     return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)

@@ -55,6 +55,11 @@ class ServerState:
         """A unique response id, e.g. ``cmpl-3f2a...``."""
         return f"{prefix}-{uuid.uuid4().hex}"
 
+    def response_id(self, prefix: str, client_id: str | None) -> str:
+        """The id a response reports: ``prefix-<client_id>`` where the client named one (vLLM's
+        `request_id`), else a fresh one. Engine requests get ids of their own."""
+        return f"{prefix}-{client_id}" if client_id else self.new_id(prefix)
+
     def check_model(self, name: str | None) -> None:
         """Raises ModelNotFoundError (404) for a model this server does not serve."""
         if name is not None and name not in self.served_model_names:

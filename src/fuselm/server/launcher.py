@@ -211,8 +211,6 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                        help="characters of a prompt shown in request logs (default: all)")
     group.add_argument("--disable-log-stats", dest="log_stats", action="store_false",
                        default=True, help="do not log throughput every 10 s")
-    group.add_argument("--trust-request-chat-template", action="store_true",
-                       help="accept a chat_template sent in a request (refused by default)")
 
 
 def options_from_args(args: argparse.Namespace) -> ServerOptions:
@@ -230,8 +228,7 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         allow_credentials=args.allow_credentials, root_path=args.root_path,
         ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
         uvicorn_log_level=args.uvicorn_log_level, log_requests=args.log_requests,
-        max_log_len=args.max_log_len, log_stats=args.log_stats,
-        trust_request_chat_template=args.trust_request_chat_template)
+        max_log_len=args.max_log_len, log_stats=args.log_stats)
 
 
 def _str_tuple(value: Any, flag: str) -> tuple[str, ...] | None:

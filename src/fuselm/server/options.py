@@ -55,8 +55,6 @@ class ServerOptions:
     """Characters of a prompt shown in request logs; None: all of it."""
     log_stats: bool = True
     """Log throughput and queue state every 10 s (--disable-log-stats turns it off)."""
-    trust_request_chat_template: bool = False
-    """Accept a `chat_template` sent in a request (refused otherwise, as in vLLM)."""
 
     def __post_init__(self) -> None:
         checks = [

@@ -75,8 +75,11 @@ class PromptEncoder:
                 f"context length of {self.max_model_len} tokens; shorten the prompt",
                 param=param)
 
-    async def completion_prompts(self, prompt: Any) -> list[tuple[str, list[int]]]:
-        """(text, token ids) of each prompt of a completion request (text, ids, or lists)."""
+    async def completion_prompts(self, prompt: Any, *, add_special_tokens: bool = True,
+                                 truncate_prompt_tokens: int | None = None,
+                                 ) -> list[tuple[str, list[int]]]:
+        """(text, token ids) of each prompt of a completion request (text, ids, or lists);
+        `truncate_prompt_tokens` keeps the last that many ids of each."""
         if isinstance(prompt, str):
             items: list[Any] = [prompt]
         elif not prompt:
@@ -89,18 +92,25 @@ class PromptEncoder:
             raise InvalidRequestError(f"at most {MAX_PROMPTS} prompts per request",
                                       param="prompt")
         for item in items:
-            if isinstance(item, str):
+            if isinstance(item, str) and truncate_prompt_tokens is None:
                 self.check_length(len(item), "prompt")
-        return await asyncio.to_thread(self._encode_prompts, items)
+        return await asyncio.to_thread(self._encode_prompts, items, add_special_tokens,
+                                       truncate_prompt_tokens)
 
-    def _encode_prompts(self, items: list[Any]) -> list[tuple[str, list[int]]]:
+    def _encode_prompts(self, items: list[Any], add_special_tokens: bool,
+                        truncate: int | None) -> list[tuple[str, list[int]]]:
         tok, result = self.tokenizer, []
         for item in items:
             if isinstance(item, str):
-                ids = tok.encode(item, add_special_tokens=True)
+                ids = tok.encode(item, add_special_tokens=add_special_tokens)
                 text = item
             else:
                 ids = check_token_ids(item, tok.vocab_size, "prompt")
+                text = ""
+            if truncate is not None and len(ids) > truncate:
+                ids = ids[-truncate:]
+                text = ""
+            if not text:
                 text = tok.decode(ids, skip_special_tokens=False)
             if not ids:
                 raise InvalidRequestError("the prompt is empty", param="prompt")
@@ -108,21 +118,33 @@ class PromptEncoder:
         return result
 
     async def chat_prompt(self, messages: list[ChatMessageParam], add_generation_prompt: bool,
+                          *, add_special_tokens: bool = False,
+                          template_kwargs: dict[str, Any] | None = None,
                           ) -> tuple[str, list[int]]:
-        """The chat template's text for `messages` and its token ids (no extra special tokens:
-        the template writes them)."""
+        """The chat template's text for `messages` and its token ids (the template writes the
+        special tokens; `add_special_tokens` adds the tokenizer's own, e.g. BOS, in front).
+        `template_kwargs`: extra template variables."""
         rendered = [_message_dict(m) for m in messages]
+        kwargs = dict(template_kwargs or {})
+        for reserved in ("messages", "add_generation_prompt"):
+            if reserved in kwargs:
+                raise InvalidRequestError(f"chat_template_kwargs may not set {reserved!r}",
+                                          param="chat_template_kwargs")
+        kwargs["add_generation_prompt"] = add_generation_prompt
         self.check_length(sum(len(m["content"]) for m in rendered), "messages")
-        return await asyncio.to_thread(self._render_chat, rendered, add_generation_prompt)
+        text, ids = await asyncio.to_thread(self._render_chat, rendered, kwargs)
+        if add_special_tokens:
+            ids = self.tokenizer.encode("", add_special_tokens=True) + ids
+        return text, ids
 
-    def _render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
+    def _render_chat(self, messages: list[dict[str, Any]], kwargs: dict[str, Any],
                      ) -> tuple[str, list[int]]:
-        text = _apply_template(self.tokenizer, messages, add_generation_prompt)
+        text = _apply_template(self.tokenizer, messages, kwargs)
         marks = {f"\ue000{uuid.uuid4().hex}\ue001": m["content"] for m in messages
                  if m["content"]}
         by_content = iter(marks)
         masked = [{**m, "content": next(by_content)} if m["content"] else m for m in messages]
-        masked_text = _apply_template(self.tokenizer, masked, add_generation_prompt)
+        masked_text = _apply_template(self.tokenizer, masked, kwargs)
         ids: list[int] = []
         pieces: list[str] = []
         pos = 0
@@ -176,9 +198,9 @@ def _message_dict(message: ChatMessageParam) -> dict[str, Any]:
 
 
 def _apply_template(tokenizer: Any, messages: list[dict[str, Any]],
-                    add_generation_prompt: bool) -> str:
+                    kwargs: dict[str, Any]) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(messages, **kwargs)
     except InvalidRequestError:
         raise
     except Exception as exc:  # a template may fail on any message shape

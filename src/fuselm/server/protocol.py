@@ -54,10 +54,11 @@ def has_lone_surrogate(data: Any) -> bool:
 
 
 class OpenAIModel(BaseModel):
-    """Base of request schemas: unknown fields are ignored, NaN, infinities and lone
-    surrogates rejected."""
+    """Base of request schemas: an unknown field is a 400 naming it (a typo such as
+    `max_token` must not be silently dropped); NaN, infinities and lone surrogates are
+    rejected. What each declared field does is `fuselm.server.contract`'s."""
 
-    model_config = ConfigDict(allow_inf_nan=False, extra="ignore")
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
 
     @model_validator(mode="before")
     @classmethod
@@ -88,6 +89,8 @@ class ErrorResponse(BaseModel):
 
 class StreamOptions(OpenAIModel):
     include_usage: bool | None = False
+    include_obfuscation: bool | None = None
+    """Ignored: OpenAI pads streamed chunks against side channels; fuselm sends none."""
 
 
 class UsageInfo(BaseModel):
@@ -119,6 +122,33 @@ class SamplingFields(OpenAIModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    truncate_prompt_tokens: int | None = Field(None, ge=1)
+    """vLLM: keep only the last this many prompt tokens."""
+    request_id: str | None = Field(None, min_length=1, max_length=256)
+    """vLLM: names the response (`cmpl-<request_id>`); never an engine request's id."""
+    # Declared so that /openapi.json documents them and a 400 names them; see contract.py.
+    use_beam_search: bool | None = None
+    length_penalty: float | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    prompt_logprobs: int | None = None
+    logits_processors: list[Any] | None = None
+    return_tokens_as_token_ids: bool | None = None
+    return_token_ids: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    cache_salt: str | None = None
+    kv_transfer_params: dict[str, Any] | None = None
+    vllm_xargs: dict[str, Any] | None = None
+    priority: int | None = None
+    prompt_embeds: Any = None
+    response_format: Any = None
+    structured_outputs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_decoding_backend: Any = None
+    guided_whitespace_pattern: Any = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -141,6 +171,8 @@ class CompletionRequest(SamplingFields):
     echo: bool | None = False
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1, le=MAX_N)
+    add_special_tokens: bool = True
+    """vLLM: add the tokenizer's special tokens (BOS) to text prompts."""
 
 
 class CompletionLogProbs(BaseModel):
@@ -201,6 +233,32 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True
     echo: bool = False
     """vLLM extension: prepend the last message's content when its role is the assistant's."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    """vLLM: extra variables for the chat template (e.g. `enable_thinking`)."""
+    add_special_tokens: bool = False
+    """vLLM: add the tokenizer's special tokens on top of the template's (BOS)."""
+    # OpenAI fields without effect here (contract.IGNORED) ...
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    parallel_tool_calls: bool | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    # ... and fields refused when used (contract.NOT_IMPLEMENTED, STRUCTURED_OUTPUT_FIELDS)
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    modalities: list[str] | None = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    documents: Any = None
+    continue_final_message: bool | None = None
+    chat_template: str | None = None
+    mm_processor_kwargs: Any = None
 
 
 class TopLogprob(BaseModel):
@@ -285,17 +343,27 @@ class ModelList(BaseModel):
 
 
 class TokenizeRequest(OpenAIModel):
+    """vLLM's `/tokenize`: a `prompt`, or `messages` rendered with the chat template."""
+
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessageParam] | None = None
-    add_special_tokens: bool = True
+    add_special_tokens: bool | None = None
+    """Default: True for a prompt, False for messages (vLLM's defaults)."""
     add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+    continue_final_message: bool | None = None
+    chat_template: str | None = None
+    tools: Any = None
+    mm_processor_kwargs: Any = None
 
 
 class TokenizeResponse(BaseModel):
     count: int
     max_model_len: int
     tokens: list[int]
+    token_strs: list[str] | None = None
 
 
 class DetokenizeRequest(OpenAIModel):

@@ -141,7 +141,10 @@ class EngineCall:
         self.request_id = request_id
         self.prompts = prompts
         self.params = params
-        self.engine_ids = [f"{request_id}-{i}" for i in range(len(prompts))]
+        # Fresh ids: a response id may carry a client's `request_id`, which two clients can
+        # share; engine ids must never collide.
+        base = state.new_id(request_id)
+        self.engine_ids = [f"{base}-{i}" for i in range(len(prompts))]
         self.unfinished = set(self.engine_ids)
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ from starlette.responses import Response
 from fuselm.errors import InvalidRequestError
 from fuselm.outputs import CompletionOutput, RequestOutput
 from fuselm.server.app_state import ServerState
+from fuselm.server.contract import check_supported
 from fuselm.server.protocol import (
     ChatCompletionChoice,
     ChatCompletionRequest,
@@ -62,15 +63,21 @@ def _token_logprob(tokenizer: Any, token_id: int, logprob: float | None) -> dict
 async def _prepare(state: ServerState, req: ChatCompletionRequest,
                    ) -> tuple[int | None, EngineCall]:
     state.check_model(req.model)
+    check_supported(req)
     if req.top_logprobs and not req.logprobs:
         raise InvalidRequestError("top_logprobs needs logprobs set to true", param="top_logprobs")
-    _, ids = await state.prompts.chat_prompt(req.messages, req.add_generation_prompt)
+    _, ids = await state.prompts.chat_prompt(
+        req.messages, req.add_generation_prompt, add_special_tokens=req.add_special_tokens,
+        template_kwargs=req.chat_template_kwargs)
+    if req.truncate_prompt_tokens is not None:
+        ids = ids[-req.truncate_prompt_tokens:]
     num_top = (req.top_logprobs or 0) if req.logprobs else None
     max_tokens = req.max_completion_tokens or req.max_tokens
     params = build_sampling_params(state, req, logprobs=num_top,
                                    max_tokens=resolve_max_tokens(state, len(ids), max_tokens))
     state.check_admission()
-    return num_top, EngineCall(state, state.new_id("chatcmpl"), [ids], [params])
+    return num_top, EngineCall(state, state.response_id("chatcmpl", req.request_id), [ids],
+                               [params])
 
 
 def _echo_text(req: ChatCompletionRequest) -> str:

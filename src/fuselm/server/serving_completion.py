@@ -12,6 +12,7 @@ from starlette.responses import Response
 from fuselm.errors import InvalidRequestError
 from fuselm.outputs import CompletionOutput, RequestOutput
 from fuselm.server.app_state import ServerState
+from fuselm.server.contract import check_supported
 from fuselm.server.protocol import (
     CompletionChoice,
     CompletionLogProbs,
@@ -75,17 +76,19 @@ def _with_prompt_logprobs(tokenizer: Any, prompt_ids: list[int],
 async def _prepare(state: ServerState, req: CompletionRequest,
                    ) -> tuple[list[tuple[str, list[int]]], EngineCall]:
     state.check_model(req.model)
-    if req.suffix:
-        raise InvalidRequestError("suffix is not supported", param="suffix")
+    check_supported(req)
     if req.best_of is not None and req.best_of != req.n:
         raise InvalidRequestError("best_of must equal n (or be left out)", param="best_of")
-    prompts = await state.prompts.completion_prompts(req.prompt)
+    prompts = await state.prompts.completion_prompts(
+        req.prompt, add_special_tokens=req.add_special_tokens,
+        truncate_prompt_tokens=req.truncate_prompt_tokens)
     params = [build_sampling_params(state, req, logprobs=req.logprobs,
                                     max_tokens=resolve_max_tokens(state, len(ids),
                                                                   req.max_tokens))
               for _, ids in prompts]
     state.check_admission()
-    call = EngineCall(state, state.new_id("cmpl"), [ids for _, ids in prompts], params)
+    call = EngineCall(state, state.response_id("cmpl", req.request_id),
+                      [ids for _, ids in prompts], params)
     return prompts, call
 
 
@@ -189,10 +192,12 @@ class _CompletionStreamer:
 async def _prepare_generate(state: ServerState, model: str, req: GenerateRequest) -> EngineCall:
     state.check_model(model)
     params = req.parameters
+    check_supported(params)
     if params.n != 1:
         raise InvalidRequestError("the generate extension returns one text; n must be 1",
                                   param="parameters.n")
-    (_, ids), = await state.prompts.completion_prompts(req.text_input)
+    (_, ids), = await state.prompts.completion_prompts(
+        req.text_input, truncate_prompt_tokens=params.truncate_prompt_tokens)
     sampling = build_sampling_params(state, params, logprobs=None,
                                      max_tokens=resolve_max_tokens(state, len(ids),
                                                                    params.max_tokens))
