@@ -30,6 +30,7 @@ from fuselm.server.app_state import ServerState
 from fuselm.server.auth import ApiKeyMiddleware
 from fuselm.server.connection import HostCheckMiddleware, default_allowed_hosts
 from fuselm.server.contract import check_supported
+from fuselm.server.kserve import router as kserve_router
 from fuselm.server.metrics import ServerMetrics
 from fuselm.server.middleware import AdmissionMiddleware, BodySizeLimitMiddleware
 from fuselm.server.options import ServerOptions
@@ -117,9 +118,9 @@ async def retrieve_model(model: str, request: Request) -> ModelCard:
 
 
 def _model_card(state: ServerState, name: str) -> ModelCard:
-    root = getattr(state.engine, "model_name", None)
-    return ModelCard(id=name, root=str(root) if root else None,
-                     max_model_len=state.max_model_len)
+    # vLLM's meaning: `id` is the served name, `root` the model it was loaded from
+    root = state.options.model_root or str(state.engine.model_name)
+    return ModelCard(id=name, root=root, max_model_len=state.max_model_len)
 
 
 @router.post("/v1/completions", responses=ERROR_RESPONSES)
@@ -257,6 +258,7 @@ def build_app(engine: Any, options: ServerOptions | None = None, *, start_engine
                   description="OpenAI-compatible server of the fuselm engine")
     app.state.server = state
     app.include_router(router)
+    app.include_router(kserve_router)
     app.add_exception_handler(FuselmError, _fuselm_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

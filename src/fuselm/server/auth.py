@@ -1,7 +1,7 @@
 """API-key authentication for the inference routes (`/v1/*`, `/v2/*`, `/tokenize`, `/detokenize`).
 
 Clients send ``Authorization: Bearer <key>`` (what the OpenAI clients do). Keys are compared in
-constant time. `/health`, `/metrics`, `/version` and the docs stay open.
+constant time. `/health`, `/v2/health/*`, `/metrics`, `/version` and the docs stay open.
 """
 
 from __future__ import annotations
@@ -17,8 +17,14 @@ PROTECTED_PREFIXES = ("/v1/", "/v2/")
 PROTECTED_PATHS = frozenset({"/v1", "/v2", "/tokenize", "/detokenize"})
 
 
+OPEN_PREFIXES = ("/v2/health/",)
+"""KServe's health probes stay open, like /health (orchestrators send no key)."""
+
+
 def needs_auth(path: str) -> bool:
     """True for the routes that require the API key."""
+    if path.startswith(OPEN_PREFIXES):
+        return False
     return path in PROTECTED_PATHS or path.startswith(PROTECTED_PREFIXES)
 
 

@@ -153,14 +153,23 @@ def serve(engine_config: EngineConfig, options: ServerOptions | None = None,
     from fuselm.engine.async_engine import AsyncEngine  # the server imports the engine lazily
     from fuselm.runtime import build_engine
 
-    options = _options(options, kwargs)
+    options = options_for_model(_options(options, kwargs), engine_config)
+    engine = AsyncEngine(build_engine(engine_config))
+    serve_engine(engine, options)
+
+
+def options_for_model(options: ServerOptions, engine_config: EngineConfig) -> ServerOptions:
+    """`options` with the model's defaults filled in: the served name and `root` are the
+    `--model` string (vLLM's rule), the waiting bound the scheduler's."""
     changes: dict[str, Any] = {}
-    if options.served_model_name is None and engine_config.model:
-        changes["served_model_name"] = (str(engine_config.model),)
+    if engine_config.model:
+        if options.served_model_name is None:
+            changes["served_model_name"] = (str(engine_config.model),)
+        if options.model_root is None:
+            changes["model_root"] = str(engine_config.model)
     if options.max_waiting_requests is None:
         changes["max_waiting_requests"] = engine_config.scheduler.max_waiting_requests
-    engine = AsyncEngine(build_engine(engine_config))
-    serve_engine(engine, dataclasses.replace(options, **changes))
+    return dataclasses.replace(options, **changes)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,8 +15,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from fuselm.server.app_state import ServerState
 from fuselm.server.protocol import error_body
 
-# Paths still served while draining (a scrape should see the drain happen).
-ALWAYS_OPEN = frozenset({"/metrics"})
+# Paths still served while draining (a scrape should see the drain happen; a liveness probe
+# must not get a draining server killed).
+ALWAYS_OPEN = frozenset({"/metrics", "/v2/health/live"})
 
 
 class AdmissionMiddleware:

@@ -21,6 +21,8 @@ class ServerOptions:
     """Required as 'Authorization: Bearer KEY' on /v1, /v2, /tokenize, /detokenize."""
     served_model_name: tuple[str, ...] | None = None
     """Names clients pass as `model`; None: the --model string, as vLLM does."""
+    model_root: str | None = None
+    """The model path reported as `root` by /v1/models; None: the engine's model name."""
     shutdown_timeout: float = 30.0
     """Seconds to drain in-flight requests after SIGTERM."""
     max_waiting_requests: int | None = None

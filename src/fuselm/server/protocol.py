@@ -334,6 +334,8 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "fuselm"
     root: str | None = None
+    """The model path it was loaded from (the served name is `id`), as in vLLM."""
+    parent: str | None = None
     max_model_len: int | None = None
 
 
