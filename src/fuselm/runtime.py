@@ -12,7 +12,7 @@ import importlib.util
 
 import torch
 
-from fuselm.config import EngineConfig, ModelConfig, check_load_format, check_parallel_fits
+from fuselm.config import EngineConfig, check_parallel_fits
 from fuselm.engine.builder import build_engine_parts
 from fuselm.engine.engine import LLMEngine
 from fuselm.engine.executor import Executor, LocalExecutor
@@ -53,19 +53,11 @@ def check_device(config: EngineConfig) -> None:
                           f"only {num_gpus} CUDA device(s) are visible")
 
 
-def check_before_loading(config: EngineConfig, source: loader.ModelSource,
-                         model_config: ModelConfig) -> None:
-    """The checks that need the model's config but no weights: the load format against the
-    checkpoint, the parallel sizes against the model's shape (ConfigError naming the flag)."""
-    check_load_format(config.load_format, source.format, str(source.path))
-    check_parallel_fits(config, model_config)
-
-
 def build_engine(config: EngineConfig) -> LLMEngine:
     """Loads the model (on every rank) and returns this process's engine."""
     check_device(config)  # first: it needs not even the model's config
-    source, model_config = loader.load_model_config(config)
-    check_before_loading(config, source, model_config)
+    source, model_config = loader.load_model_config(config)  # checks --load-format too
+    check_parallel_fits(config, model_config)
     executor: Executor
     if not needs_ranks(config):
         parts = build_engine_parts(config, source, model_config)

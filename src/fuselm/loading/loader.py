@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from fuselm.config import EngineConfig, ModelConfig
+from fuselm.config import EngineConfig, ModelConfig, check_load_format
 from fuselm.errors import ModelNotFoundError, UnsupportedModelError
 from fuselm.kernels.kernel_set import KernelSet
 from fuselm.loading import hf, hub
@@ -189,6 +189,7 @@ def load_model_config(config: EngineConfig) -> tuple[ModelSource, ModelConfig]:
     cfg = load_config_dict(source)
     cfg.update(config.hf_overrides)
     model_config = ModelConfig.from_hf_dict(cfg)
+    check_load_format(config.load_format, source.format, str(source.path))
     if config.load_format != "dummy":
         check_checkpoint(source)
     return source, model_config
