@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 from fuselm import __version__, envs
 from fuselm.cli_args import add_engine_arguments, engine_config_from_args
-from fuselm.errors import FuselmError
+from fuselm.errors import CheckpointError, FuselmError
 
 # An optional package -> the extra of fuselm's pyproject.toml that installs it.
 EXTRA_OF_PACKAGE = {"transformers": "hf", "httpx": "bench",
@@ -367,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_torchrun_worker(engine_config_from_args(args))
     try:
         return args.func(args)
+    except CheckpointError as exc:  # a bad file, not a usage error: the message names it
+        return _fail(command, str(exc), 1)
     except FuselmError as exc:  # a bad flag, file or request: the message names it
         return _fail(command, str(exc), 2)
     except ImportError as exc:
