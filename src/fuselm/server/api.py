@@ -49,6 +49,7 @@ from fuselm.server.protocol import (
     VersionResponse,
     error_body,
 )
+from fuselm.server.request_log import RequestLogger, start_stats_logging
 from fuselm.server.serving import error_json, run_until_disconnect
 from fuselm.server.serving_chat import create_chat_completion
 from fuselm.server.serving_completion import (
@@ -242,15 +243,21 @@ def build_app(engine: Any, options: ServerOptions | None = None, *, start_engine
     state = ServerState(engine=engine, served_model_names=names,
                         metrics=ServerMetrics(engine, names[0]),
                         prompts=PromptEncoder(engine.tokenizer, int(engine.max_model_len)),
-                        max_waiting_requests=options.max_waiting_requests, options=options)
+                        max_waiting_requests=options.max_waiting_requests, options=options,
+                        request_log=(RequestLogger(options.max_log_len) if options.log_requests
+                                     else None))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if start_engine:
             await engine.start()
+        stats_task = (start_stats_logging(engine.stats, options.log_stats_interval)
+                      if options.log_stats else None)
         try:
             yield
         finally:
+            if stats_task is not None:
+                stats_task.cancel()
             if start_engine:
                 await engine.shutdown()
 

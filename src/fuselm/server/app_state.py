@@ -12,6 +12,7 @@ from fuselm.errors import EngineDeadError, ModelNotFoundError, QueueFullError
 from fuselm.server.metrics import ServerMetrics
 from fuselm.server.options import ServerOptions
 from fuselm.server.prompts import PromptEncoder
+from fuselm.server.request_log import RequestLogger
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ class ServerState:
     """Tokenizes prompts and chat messages (off the event loop)."""
     options: ServerOptions = field(default_factory=ServerOptions)
     """The server's settings (logging, chat-template trust, ...)."""
+    request_log: RequestLogger | None = None
+    """Logs each request; None with --disable-log-requests."""
     max_waiting_requests: int | None = None
     """429 when the engine's waiting queue holds this many; None leaves it to the engine."""
     draining: bool = False

@@ -57,6 +57,8 @@ class ServerOptions:
     """Characters of a prompt shown in request logs; None: all of it."""
     log_stats: bool = True
     """Log throughput and queue state every 10 s (--disable-log-stats turns it off)."""
+    log_stats_interval: float = 10.0
+    """Seconds between two throughput lines (vLLM's 10 s)."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -65,6 +67,7 @@ class ServerOptions:
             (self.max_body_bytes >= 1, "--max-body-bytes", "must be >= 1"),
             (self.body_timeout > 0, "--body-timeout", "must be > 0"),
             (self.header_timeout > 0, "--header-timeout", "must be > 0"),
+            (self.log_stats_interval > 0, "log_stats_interval", "must be > 0"),
             (self.max_waiting_requests is None or self.max_waiting_requests >= 1,
              "--max-waiting-requests", "must be >= 1"),
             (self.max_log_len is None or self.max_log_len >= 0, "--max-log-len",

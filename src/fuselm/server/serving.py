@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -175,10 +176,14 @@ class EngineCall:
     async def _one(self, i: int) -> AsyncIterator[RequestOutput]:
         engine_id, state = self.engine_ids[i], self.state
         tracker = state.metrics.tracker()
+        log, last = state.request_log, None
+        if log is not None:
+            log.received(engine_id, self.prompts[i], self.params[i])
         gen = state.engine.generate(engine_id, self.prompts[i], self.params[i])
         try:
             async with contextlib.aclosing(gen):
                 async for out in gen:
+                    last = out
                     tracker.observe(out)
                     if out.finished:
                         self.unfinished.discard(engine_id)
@@ -191,6 +196,8 @@ class EngineCall:
             raise
         finally:
             tracker.close()
+            if log is not None:
+                log.finished(engine_id, last, time.monotonic() - tracker.start)
             if engine_id in self.unfinished:
                 self.unfinished.discard(engine_id)
                 state.abort_soon(engine_id)
