@@ -8,6 +8,7 @@ import contextlib
 import io
 
 import pytest
+import torch
 
 from fuselm import cli
 from fuselm.cli_args import add_engine_arguments, engine_config_from_args
@@ -18,8 +19,11 @@ from fuselm.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    check_load_format,
+    check_parallel_fits,
 )
-from fuselm.errors import UnsupportedModelError
+from fuselm.errors import ConfigError, UnsupportedModelError
+from fuselm.runtime import check_device
 
 BAD = [
     (CacheConfig, {"block_size": 0}, "--block-size"),
@@ -114,3 +118,92 @@ def test_flags_round_trip_and_help():
 def test_unknown_architecture_lists_the_supported_ones():
     with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM"):
         ModelConfig.from_hf_dict({"architectures": ["GPT2LMHeadModel"]})
+
+
+def _model(heads: int = 9, kv_heads: int = 3, intermediate: int = 1536,
+           layers: int = 30) -> ModelConfig:
+    return ModelConfig("LlamaForCausalLM", vocab_size=100, hidden_size=heads * 64,
+                       intermediate_size=intermediate, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=64)
+
+
+def _parallel(tp: int = 1, pp: int = 1, partition: str | None = None) -> EngineConfig:
+    return EngineConfig(parallel=ParallelConfig(tensor_parallel_size=tp,
+                                                pipeline_parallel_size=pp,
+                                                pipeline_layer_partition=partition))
+
+
+@pytest.mark.parametrize(("model", "tp", "pp", "partition", "flag"), [
+    (_model(), 2, 1, None, "--tensor-parallel-size 2 does not divide the model's 9 attention"),
+    (_model(heads=12, kv_heads=8), 3, 1, None, "8 KV heads do not divide"),
+    (_model(heads=8, kv_heads=8, intermediate=100), 8, 1, None, "MLP width 100"),
+    (_model(layers=2), 1, 3, None, "--pipeline-parallel-size 3 exceeds the model's 2 layers"),
+    (_model(layers=30), 1, 2, "10,10", "--pipeline-layer-partition 10,10 must sum to"),
+])
+def test_parallel_sizes_that_do_not_split_the_model(model, tp, pp, partition, flag):
+    with pytest.raises(ConfigError, match=flag):
+        check_parallel_fits(_parallel(tp, pp, partition), model)
+
+
+@pytest.mark.parametrize(("model", "tp", "pp", "partition"), [
+    (_model(), 3, 1, None),
+    (_model(intermediate=1152), 9, 1, None),  # 9 ranks: each KV head on 3 of them
+    (_model(heads=32, kv_heads=8, intermediate=14336), 8, 2, "18,14"),
+])
+def test_parallel_sizes_that_split_the_model(model, tp, pp, partition):
+    if partition:
+        model = model.replace(num_hidden_layers=32)
+    check_parallel_fits(_parallel(tp, pp, partition), model)
+
+
+def test_fitting_sizes_are_listed():
+    """SmolLM2-135M's shape: 9 heads, 3 KV heads, MLP 1536 (not a multiple of 9)."""
+    with pytest.raises(ConfigError, match="sizes that fit: 1, 3$"):
+        check_parallel_fits(_parallel(2), _model())
+
+
+@pytest.mark.parametrize(("load_format", "source", "ok"), [
+    ("auto", "hf", True), ("auto", "gguf", True), ("dummy", "gguf", True),
+    ("safetensors", "hf", True), ("gguf", "gguf", True),
+    ("safetensors", "gguf", False), ("gguf", "hf", False)])
+def test_load_format_against_the_checkpoint(load_format, source, ok):
+    if ok:
+        check_load_format(load_format, source, "m")
+    else:
+        with pytest.raises(ConfigError, match=f"--load-format {load_format} does not match"):
+            check_load_format(load_format, source, "m")
+
+
+@pytest.fixture
+def one_gpu(monkeypatch):
+    """This process sees one CUDA device (without touching one)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"device": "cuda:1"}, "--device cuda:1: only 1 CUDA device"),
+    ({"parallel": ParallelConfig(tensor_parallel_size=2)}, "is 2, but only 1 CUDA device"),
+])
+def test_devices_that_are_not_there(one_gpu, monkeypatch, kwargs, message):
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError, match=message):
+        check_device(EngineConfig(**kwargs))
+
+
+def test_backends_a_gpu_runs(one_gpu):
+    for backend in ("auto", "reference", "triton", "cuda"):
+        check_device(EngineConfig(device="cuda", kernel_backend=backend))
+    check_device(EngineConfig(device="cpu", kernel_backend="reference"))
+
+
+def test_triton_on_the_cpu_only_under_its_interpreter(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    check_device(EngineConfig(device="cpu", kernel_backend="triton"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ConfigError, match="--kernel-backend triton needs a CUDA device"):
+        check_device(EngineConfig(device="cpu", kernel_backend="triton"))
+    with pytest.raises(ConfigError, match="--kernel-backend cuda needs a CUDA device"):
+        check_device(EngineConfig(device="auto", kernel_backend="cuda"))
