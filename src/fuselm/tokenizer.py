@@ -32,6 +32,7 @@ from fuselm.errors import InvalidRequestError, ModelNotFoundError
 
 if TYPE_CHECKING:
     from fuselm.loading.gguf_file import GGUFFile
+    from fuselm.loading.loader import ModelSource
 
 # End-of-turn tokens that, when the chat template writes them, end generation.
 _END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>")
@@ -80,6 +81,17 @@ class Tokenizer:
             eos_token_id=metadata_value(reader, "tokenizer.ggml.eos_token_id"),
             chat_template=metadata_value(reader, "tokenizer.chat_template"),
         )
+
+    @classmethod
+    def from_source(cls, source: ModelSource) -> Tokenizer:
+        """The tokenizer of ``--tokenizer`` (``source.tokenizer_path``: a HF folder or a .gguf
+        file) if given, else the one that ships with the checkpoint (a GGUF's parsed header is
+        reused, not read again)."""
+        path = source.tokenizer_path
+        if path is None:
+            return cls.from_gguf(source.gguf.reader) if source.gguf is not None \
+                else cls.from_hf_dir(source.path)
+        return cls.from_gguf(path) if path.suffix == ".gguf" else cls.from_hf_dir(path)
 
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> Tokenizer:

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import torch
 
 from fuselm.config import EngineConfig, ModelConfig, SchedulerConfig
+from fuselm.engine import startup_report
 from fuselm.engine.block_manager import BlockManager
 from fuselm.engine.model_runner import ModelRunner
 from fuselm.kernels.kernel_set import KernelSet
@@ -39,7 +40,7 @@ class EngineParts:
 
 def load_tokenizer(source: loader.ModelSource) -> Tokenizer:
     """The tokenizer of ``--tokenizer``, else the one that ships with the checkpoint."""
-    return loader.load_tokenizer(source)
+    return Tokenizer.from_source(source)
 
 
 def use_cpu_gemv_layout(model: torch.nn.Module) -> None:
@@ -141,11 +142,14 @@ def build_engine_parts(config: EngineConfig, source: loader.ModelSource,
             f"the KV cache holds {capacity} tokens, fewer than max_model_len {max_model_len}; "
             "raise --gpu-memory-utilization or lower --max-model-len")
     runner.allocate_kv_cache(num_blocks, dtype)
-    logger.info("KV cache: %d blocks of %d tokens", num_blocks, config.cache.block_size)
+    graph_seconds = None
     if not config.enforce_eager and (dist_ctx is None or dist_ctx.pp_size == 1):
-        runner.capture_cuda_graphs()  # TP ranks capture together; stages: their StageRunner
+        # TP ranks capture together; stages: their StageRunner
+        graph_seconds = startup_report.timed(runner.capture_cuda_graphs)
     block_manager = BlockManager(num_blocks, config.cache.block_size,
                                  config.cache.enable_prefix_caching)
-    name = source.path.stem if source.format == "gguf" else source.path.name
-    return EngineParts(model_config, sched, tokenizer, runner, block_manager, max_model_len,
-                       name, device, dtype, time.perf_counter() - start)
+    parts = EngineParts(model_config, sched, tokenizer, runner, block_manager, max_model_len,
+                        source.name, device, dtype, time.perf_counter() - start)
+    startup_report.log_startup(config, source, parts, graph_seconds,
+                               dist_ctx.rank if dist_ctx else 0)
+    return parts

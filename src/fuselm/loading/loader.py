@@ -17,7 +17,6 @@ from fuselm.loading import hf, hub
 
 if TYPE_CHECKING:
     from fuselm.loading.gguf import GGUFCheckpoint
-    from fuselm.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -102,17 +101,6 @@ def iterate_weights(source: ModelSource) -> Iterable[tuple[str, Any]]:
     if source.gguf is not None:
         return source.gguf.tensors(dequantize=True)
     return hf.iterate_hf_weights(source.path)
-
-
-def load_tokenizer(source: ModelSource) -> Tokenizer:
-    """The tokenizer of ``--tokenizer`` if given, else the one that ships with the checkpoint."""
-    from fuselm.tokenizer import Tokenizer
-
-    path = source.tokenizer_path
-    if path is None:
-        return Tokenizer.from_gguf(source.gguf.reader) if source.gguf is not None \
-            else Tokenizer.from_hf_dir(source.path)
-    return Tokenizer.from_gguf(path) if path.suffix == ".gguf" else Tokenizer.from_hf_dir(path)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
