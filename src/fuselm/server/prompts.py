@@ -53,7 +53,7 @@ def _max_token_chars(tokenizer: Any) -> int:
     """The longest vocabulary entry in characters: a bound on the text one token covers."""
     longest = 1
     for token_id in range(tokenizer.vocab_size):
-        longest = max(longest, len(tokenizer.token_text(token_id) or ""))
+        longest = max(longest, len(tokenizer.decode([token_id], skip_special_tokens=False)))
     return longest
 
 
