@@ -52,7 +52,10 @@ def test_every_openai_field_is_honoured_ignored_or_refused_by_name(
         fake_server: Any, route: str, fields: dict[str, Any]) -> None:
     with fake_server.client() as client:
         for name, value in fields.items():
-            extra = {"logprobs": True} if name == "top_logprobs" else {}
+            extra = {"top_logprobs": {"logprobs": True},
+                     "tool_choice": {"tools": fields.get("tools")},  # OpenAI: no tools, a 400
+                     "tools": {"tool_choice": "none"},  # "auto" needs a tool call parser
+                     }.get(name, {})
             r = client.post(route, json={**_base(route), **extra, name: value})
             if name in REFUSED:
                 error = assert_error(r, 400, param=name)

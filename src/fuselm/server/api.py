@@ -57,6 +57,7 @@ from fuselm.server.serving_completion import (
     kserve_generate,
     kserve_generate_stream,
 )
+from fuselm.server.serving_structured import template_messages, template_tools
 
 logger = logging.getLogger(__name__)
 
@@ -160,11 +161,16 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     if body.messages is not None:
         if not body.messages:
             raise InvalidRequestError("messages is empty", param="messages")
+        template_kwargs = dict(body.chat_template_kwargs or {})
+        if body.tools is not None:
+            template_kwargs["tools"] = template_tools(body.tools)
         _, ids = await state.prompts.chat_prompt(
-            body.messages, body.add_generation_prompt,
+            template_messages(body.messages), body.add_generation_prompt,
             add_special_tokens=bool(body.add_special_tokens),
-            template_kwargs=body.chat_template_kwargs)
+            template_kwargs=template_kwargs or None)
     else:
+        if body.tools is not None:
+            raise InvalidRequestError("tools need messages (the chat template)", param="tools")
         text = body.prompt or ""
         state.prompts.check_length(len(text), "prompt")
         add = True if body.add_special_tokens is None else body.add_special_tokens

@@ -16,13 +16,10 @@ from pydantic import BaseModel
 
 from fuselm.errors import InvalidRequestError
 
-STRUCTURED_OUTPUT_FIELDS = (
-    "response_format", "tools", "tool_choice", "functions", "function_call",
-    "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-    "guided_decoding_backend", "guided_whitespace_pattern",
-)
-"""Structured outputs and tool calling (issue #20, part 2): refused until they land. Remove a
-name here when its implementation is wired into the request path."""
+STRUCTURED_OUTPUT_FIELDS = ("functions", "function_call", "guided_whitespace_pattern")
+"""Structured-output and tool fields fuselm does not implement: OpenAI's deprecated functions
+(send `tools`) and a whitespace pattern (xgrammar has none; `structured_outputs` takes
+`disable_any_whitespace`). The others are `fuselm.server.serving_structured`'s."""
 
 NOT_IMPLEMENTED: dict[str, tuple[Any, ...]] = {
     # field -> values that ask for nothing (accepted); any other value is a 400
@@ -55,11 +52,11 @@ naming it rather than an answer that silently lacks it."""
 
 IGNORED = (
     "user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
-    "parallel_tool_calls", "reasoning_effort", "verbosity",
+    "reasoning_effort", "verbosity",
 )
 """Accepted and without effect: bookkeeping for OpenAI's platform (user, metadata, store, service
-tier, cache key, safety id), or options of features this model or server does not have (tool
-calls in parallel while tools are refused; reasoning effort and verbosity of reasoning models)."""
+tier, cache key, safety id), or options of features this model or server does not have
+(reasoning effort and verbosity of reasoning models)."""
 
 
 def check_supported(req: BaseModel) -> None:
@@ -69,8 +66,7 @@ def check_supported(req: BaseModel) -> None:
     for name in STRUCTURED_OUTPUT_FIELDS:
         if name in sent and getattr(req, name, None) is not None:
             raise InvalidRequestError(
-                f"{name} is not supported yet (structured outputs and tool calling are not "
-                "wired into this server)", param=name)
+                f"{name} is not supported by fuselm", param=name)
     for name, harmless in NOT_IMPLEMENTED.items():
         if name in sent and getattr(req, name, None) not in harmless:
             message = f"{name} is not supported by fuselm"

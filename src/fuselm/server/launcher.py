@@ -30,6 +30,7 @@ from fuselm.server.api import build_app
 from fuselm.server.app_state import ServerState
 from fuselm.server.connection import http_protocol_with_header_timeout
 from fuselm.server.options import ServerOptions
+from fuselm.server.tool_parsers import TOOL_PARSERS
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +221,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                        help="characters of a prompt shown in request logs (default: all)")
     group.add_argument("--disable-log-stats", dest="log_stats", action="store_false",
                        default=True, help="do not log throughput every 10 s")
+    group.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help='let the model decide to call tools (tool_choice "auto"); needs '
+                            "--tool-call-parser")
+    group.add_argument("--tool-call-parser", choices=sorted(TOOL_PARSERS), default=None,
+                       help="how tool calls are read from the model's text: hermes (Hermes, "
+                            "Qwen) or llama3_json (Llama 3.1/3.2)")
 
 
 def options_from_args(args: argparse.Namespace) -> ServerOptions:
@@ -237,7 +244,9 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         allow_credentials=args.allow_credentials, root_path=args.root_path,
         ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
         uvicorn_log_level=args.uvicorn_log_level, log_requests=args.log_requests,
-        max_log_len=args.max_log_len, log_stats=args.log_stats)
+        max_log_len=args.max_log_len, log_stats=args.log_stats,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        tool_call_parser=args.tool_call_parser)
 
 
 def _str_tuple(value: Any, flag: str) -> tuple[str, ...] | None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fuselm.server.tool_parsers import TOOL_PARSERS
+
 
 @dataclass(frozen=True)
 class ServerOptions:
@@ -57,6 +59,10 @@ class ServerOptions:
     """Characters of a prompt shown in request logs; None: all of it."""
     log_stats: bool = True
     """Log throughput and queue state every 10 s (--disable-log-stats turns it off)."""
+    enable_auto_tool_choice: bool = False
+    """Let the model decide to call tools (tool_choice "auto"); needs tool_call_parser."""
+    tool_call_parser: str | None = None
+    """How calls are read from the model's text: hermes (Hermes, Qwen) or llama3_json."""
     log_stats_interval: float = 10.0
     """Seconds between two throughput lines (vLLM's 10 s)."""
 
@@ -67,6 +73,10 @@ class ServerOptions:
             (self.max_body_bytes >= 1, "--max-body-bytes", "must be >= 1"),
             (self.body_timeout > 0, "--body-timeout", "must be > 0"),
             (self.header_timeout > 0, "--header-timeout", "must be > 0"),
+            (self.tool_call_parser in (None, *TOOL_PARSERS), "--tool-call-parser",
+             f"must be one of {', '.join(TOOL_PARSERS)}"),
+            (not self.enable_auto_tool_choice or self.tool_call_parser is not None,
+             "--enable-auto-tool-choice", "needs --tool-call-parser"),
             (self.log_stats_interval > 0, "log_stats_interval", "must be > 0"),
             (self.max_waiting_requests is None or self.max_waiting_requests >= 1,
              "--max-waiting-requests", "must be >= 1"),

@@ -36,6 +36,14 @@ from fuselm.server.serving import (
     start_stream,
     usage_of,
 )
+from fuselm.server.serving_structured import (
+    ChoiceToolStreams,
+    ToolPlan,
+    chat_constraint,
+    plan_tools,
+    template_messages,
+    tool_calls_json,
+)
 
 ROLE = "assistant"
 
@@ -61,23 +69,29 @@ def _token_logprob(tokenizer: Any, token_id: int, logprob: float | None) -> dict
 
 
 async def _prepare(state: ServerState, req: ChatCompletionRequest,
-                   ) -> tuple[int | None, EngineCall]:
+                   ) -> tuple[int | None, EngineCall, ToolPlan | None]:
     state.check_model(req.model)
     check_supported(req)
     if req.top_logprobs and not req.logprobs:
         raise InvalidRequestError("top_logprobs needs logprobs set to true", param="top_logprobs")
+    options = state.options
+    plan = plan_tools(req, options.tool_call_parser if options.enable_auto_tool_choice else None)
+    template_kwargs = dict(req.chat_template_kwargs or {})
+    if plan is not None:  # as vLLM: the template sees the tools even for tool_choice "none"
+        template_kwargs["tools"] = plan.template_tools
     _, ids = await state.prompts.chat_prompt(
-        req.messages, req.add_generation_prompt, add_special_tokens=req.add_special_tokens,
-        template_kwargs=req.chat_template_kwargs)
+        template_messages(req.messages), req.add_generation_prompt,
+        add_special_tokens=req.add_special_tokens, template_kwargs=template_kwargs or None)
     if req.truncate_prompt_tokens is not None:
         ids = ids[-req.truncate_prompt_tokens:]
     num_top = (req.top_logprobs or 0) if req.logprobs else None
     max_tokens = req.max_completion_tokens or req.max_tokens
     params = build_sampling_params(state, req, logprobs=num_top,
                                    max_tokens=resolve_max_tokens(state, len(ids), max_tokens))
+    params.structured_outputs = chat_constraint(req, plan)
     state.check_admission()
     return num_top, EngineCall(state, state.response_id("chatcmpl", req.request_id), [ids],
-                               [params])
+                               [params]), plan
 
 
 def _echo_text(req: ChatCompletionRequest) -> str:
@@ -92,10 +106,10 @@ def _echo_text(req: ChatCompletionRequest) -> str:
 
 async def create_chat_completion(state: ServerState, req: ChatCompletionRequest) -> Response:
     """Runs a chat completion; JSON, or an event stream when `stream` is set."""
-    num_top, call = await _prepare(state, req)
+    num_top, call, plan = await _prepare(state, req)
     if req.stream:
         outputs = await start_stream(call)
-        streamer = _ChatStreamer(state, req, call.request_id, num_top)
+        streamer = _ChatStreamer(state, req, call.request_id, num_top, plan)
         return EventStreamResponse(event_stream(outputs, on_output=streamer.on_output,
                                                 head=streamer.head, tail=streamer.tail), call)
     final = (await call.collect())[0]
@@ -103,9 +117,16 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest)
     for c in sorted(final.outputs, key=lambda c: c.index):
         logprobs = (chat_logprobs(state.tokenizer, c.token_ids, c.logprobs, num_top)
                     if num_top is not None else None)
+        content: str | None = _echo_text(req) + c.text
+        calls, finish_reason = [], c.finish_reason
+        if plan is not None:
+            extracted = plan.extract(c.text)
+            if extracted.tools_called:
+                content, calls = extracted.content, tool_calls_json(extracted.tool_calls)
+                finish_reason = plan.finish_reason(True, c.finish_reason)
         choices.append(ChatCompletionChoice(
-            index=c.index, message=ChatMessage(role=ROLE, content=_echo_text(req) + c.text),
-            logprobs=logprobs, finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+            index=c.index, message=ChatMessage(role=ROLE, content=content, tool_calls=calls),
+            logprobs=logprobs, finish_reason=finish_reason, stop_reason=c.stop_reason))
     usage = usage_of(len(final.prompt_token_ids), sum(len(c.token_ids) for c in final.outputs))
     body = ChatCompletionResponse(id=call.request_id, model=state.model_name, choices=choices,
                                   usage=usage)
@@ -117,8 +138,9 @@ class _ChatStreamer:
     last one with `finish_reason`), then the usage chunk when asked."""
 
     def __init__(self, state: ServerState, req: ChatCompletionRequest, request_id: str,
-                 num_top: int | None) -> None:
+                 num_top: int | None, plan: ToolPlan | None = None) -> None:
         self.state, self.req, self.request_id, self.num_top = state, req, request_id, num_top
+        self.tools = ChoiceToolStreams(plan) if plan is not None else None
         self.created = int(time.time())
         self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
         self.num_prompt_tokens = 0
@@ -164,8 +186,16 @@ class _ChatStreamer:
                                      c.logprobs[start:len(c.token_ids)], self.num_top)
         if c.finish_reason is not None:
             self.finished.add(c.index)
-        return ChatCompletionStreamChoice(index=c.index, delta=DeltaMessage(content=c.text_delta),
-                                          logprobs=logprobs, finish_reason=c.finish_reason,
+        delta, finish_reason = DeltaMessage(content=c.text_delta), c.finish_reason
+        if self.tools is not None:
+            content, calls = self.tools.delta(c.index, c.text_delta, c.finish_reason is not None)
+            if not content and not calls and c.finish_reason is None and logprobs is None:
+                return None  # held back: it may start a tool call
+            delta = DeltaMessage(content=content or None, tool_calls=calls or None)
+            finish_reason = self.tools.plan.finish_reason(c.index in self.tools.called,
+                                                          c.finish_reason)
+        return ChatCompletionStreamChoice(index=c.index, delta=delta, logprobs=logprobs,
+                                          finish_reason=finish_reason,
                                           stop_reason=c.stop_reason)
 
     def tail(self) -> list[str]:

@@ -33,6 +33,7 @@ from fuselm.server.serving import (
     start_stream,
     usage_of,
 )
+from fuselm.server.serving_structured import structured_outputs_of
 
 
 def completion_logprobs(tokenizer: Any, token_ids: list[int],
@@ -86,6 +87,9 @@ async def _prepare(state: ServerState, req: CompletionRequest,
                                     max_tokens=resolve_max_tokens(state, len(ids),
                                                                   req.max_tokens))
               for _, ids in prompts]
+    constraint = structured_outputs_of(req)
+    for p in params:
+        p.structured_outputs = constraint
     state.check_admission()
     call = EngineCall(state, state.response_id("cmpl", req.request_id),
                       [ids for _, ids in prompts], params)
@@ -201,6 +205,7 @@ async def _prepare_generate(state: ServerState, model: str, req: GenerateRequest
     sampling = build_sampling_params(state, params, logprobs=None,
                                      max_tokens=resolve_max_tokens(state, len(ids),
                                                                    params.max_tokens))
+    sampling.structured_outputs = structured_outputs_of(params)
     state.check_admission()
     # The client's `id` is only echoed: engine ids are the server's, so that two clients
     # sending the same id can never collide with (or abort) each other's work.
