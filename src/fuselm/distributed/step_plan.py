@@ -14,6 +14,7 @@ sends a small payload inside the header's message).
       top_k[L] seed[L] generator_key[L] temperature/top_p/min_p/presence/frequency/repetition[L]
       logit_bias rows[B] ids[B] values[B] release_keys[K]
       (FLAG_PENALTIES) token_offsets[L + 1] prompt_lens[L] tokens[P]
+      (FLAG_BITMASK) token_bitmask[L * ceil(V / 32)] (structured outputs; int32 words)
 
   Floats travel as the bits of float64 values, so they round to float32 exactly as
   ``build_sampling_tensors`` rounds them.
@@ -35,9 +36,11 @@ from fuselm.engine.input_batch import InputBuffers
 from fuselm.engine.request import Request
 from fuselm.forward_batch import ForwardBatch
 from fuselm.layers.sampler import SamplerOutput, SamplingTensors
+from fuselm.structured.bitmask import fill_token_bitmask
+from fuselm.structured.compiler import bitmask_width
 
 KIND_STEP, KIND_NOOP, KIND_STOP = 0, 1, 2
-FLAG_SAMPLING, FLAG_PENALTIES = 1, 2
+FLAG_SAMPLING, FLAG_PENALTIES, FLAG_BITMASK = 1, 2, 16
 # async scheduling (one pipeline stage): every rank keeps its greedy tokens of the step on the
 # device (KEEP_ARGMAX), and a plan sent before rank 0 has read them takes them as input ids
 # (DEVICE_INPUTS) instead of the payload's placeholders.
@@ -167,6 +170,11 @@ def encode_sampling(reqs: list[Request], vocab_size: int, key_of: Callable[[Requ
         parts += [torch.tensor(offsets + [r.num_prompt_tokens for r in reqs], dtype=torch.int64),
                   torch.tensor([t for ids in tokens for t in ids], dtype=torch.int64)]
         header.num_penalty_tokens = offsets[-1]
+    if any(r.grammar is not None for r in reqs):  # the mask is rank 0's: it owns the grammars
+        header.flags |= FLAG_BITMASK
+        bitmask = fill_token_bitmask([r.grammar for r in reqs],
+                                     [r.output_token_ids for r in reqs], vocab_size)
+        parts.append(bitmask.flatten().to(torch.int64))
     wanted = [p.logprobs for p in params if p.logprobs is not None]
     header.num_sample_rows, header.num_bias, header.num_release = len(reqs), len(bias), len(release)
     header.max_logprobs = max(wanted) if wanted else -1
@@ -199,6 +207,9 @@ def decode_sampling(header: StepHeader, payload: torch.Tensor, vocab_size: int,
         tokens = reader.take(h.num_penalty_tokens)
         rows = [tokens[offsets[i] : offsets[i + 1]] for i in range(n)]
         _penalties(t, rows, prompt_lens, repetition, presence, frequency, vocab_size, device)
+    if h.flags & FLAG_BITMASK:
+        width = bitmask_width(vocab_size)
+        t.token_bitmask = reader.take(n * width).to(torch.int32).view(n, width).to(device)
     if h.num_bias:
         t.logit_bias = (bias_rows.to(device), bias_ids.to(device), bias_vals.float().to(device))
     if any(s >= 0 for s in seeds):
