@@ -19,6 +19,7 @@ from fuselm.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    check_cache_fits,
     check_load_format,
     check_parallel_fits,
 )
@@ -207,3 +208,17 @@ def test_triton_on_the_cpu_only_under_its_interpreter(monkeypatch):
         check_device(EngineConfig(device="cpu", kernel_backend="triton"))
     with pytest.raises(ConfigError, match="--kernel-backend cuda needs a CUDA device"):
         check_device(EngineConfig(device="auto", kernel_backend="cuda"))
+
+
+@pytest.mark.parametrize(("blocks", "block_size", "max_model_len", "ok"), [
+    (None, 16, None, True), (192, 16, None, True), (191, 16, None, False),
+    (4, 16, 64, True), (3, 16, 64, False), (64, 1, 64, True)])
+def test_a_fixed_kv_cache_holds_one_whole_sequence(blocks, block_size, max_model_len, ok):
+    config = EngineConfig(cache=CacheConfig(num_gpu_blocks=blocks, block_size=block_size),
+                          scheduler=SchedulerConfig(max_model_len=max_model_len))
+    model = _model().replace(max_position_embeddings=3072)  # 192 blocks of 16
+    if ok:
+        check_cache_fits(config, model)
+    else:
+        with pytest.raises(ConfigError, match=f"--num-gpu-blocks {blocks} x --block-size"):
+            check_cache_fits(config, model)

@@ -347,3 +347,15 @@ def check_parallel_fits(config: EngineConfig, model: ModelConfig) -> None:
     if partition is not None and sum(int(p) for p in partition.split(",")) != layers:
         raise ConfigError(f"--pipeline-layer-partition {partition} must sum to the model's "
                           f"{layers} layers")
+
+
+def check_cache_fits(config: EngineConfig, model: ModelConfig) -> None:
+    """Raises ConfigError when a fixed ``--num-gpu-blocks`` cannot hold one sequence of
+    max_model_len tokens (the engine needs that much for its longest request)."""
+    blocks, block_size = config.cache.num_gpu_blocks, config.cache.block_size
+    max_len = config.scheduler.max_model_len or model.max_position_embeddings
+    if blocks is not None and blocks * block_size < max_len:
+        limit = (f"--max-model-len {max_len}" if config.scheduler.max_model_len else
+                 f"max_model_len {max_len} (the model's context; lower it with --max-model-len)")
+        raise ConfigError(f"--num-gpu-blocks {blocks} x --block-size {block_size} holds "
+                          f"{blocks * block_size} tokens, fewer than {limit}")

@@ -12,7 +12,7 @@ import importlib.util
 
 import torch
 
-from fuselm.config import EngineConfig, check_parallel_fits
+from fuselm.config import EngineConfig, check_cache_fits, check_parallel_fits
 from fuselm.engine.builder import build_engine_parts
 from fuselm.engine.engine import LLMEngine
 from fuselm.engine.executor import Executor, LocalExecutor
@@ -58,6 +58,7 @@ def build_engine(config: EngineConfig) -> LLMEngine:
     check_device(config)  # first: it needs not even the model's config
     source, model_config = loader.load_model_config(config)  # checks --load-format too
     check_parallel_fits(config, model_config)
+    check_cache_fits(config, model_config)
     executor: Executor
     if not needs_ranks(config):
         parts = build_engine_parts(config, source, model_config)

@@ -84,6 +84,8 @@ BAD_FLAGS = [
     ("generate", ["-pp", "3"], "--pipeline-parallel-size"),
     ("generate", ["-pp", "2", "--pipeline-layer-partition", "1,2"],
      "--pipeline-layer-partition"),
+    ("generate", ["--num-gpu-blocks", "2"], "--num-gpu-blocks"),
+    ("generate", ["--num-gpu-blocks", "2", "--max-model-len", "64"], "--max-model-len 64"),
     ("generate", ["--max-num-seqs", "0"], "--max-num-seqs"),
     ("generate", ["--max-model-len", "abc"], "--max-model-len"),
     ("generate", ["--block-size", "12"], "--block-size"),
@@ -120,6 +122,13 @@ def test_cuda_device_on_a_cpu_only_machine(nine_head_model):
     proc = run_cli(_argv("generate", ["--device", "cuda"], nine_head_model))
     assert_flag_error(proc, "--device")
     assert "no CUDA device" in proc.stderr
+
+
+def test_tp_2_on_the_default_model():
+    """SmolLM2-135M has 9 attention heads."""
+    proc = run_cli(["generate", "hi", "--device", "cpu", "-tp", "2"])
+    assert_flag_error(proc, "--tensor-parallel-size")
+    assert "9 attention heads" in proc.stderr
 
 
 def test_load_format_safetensors_on_a_gguf_file(default_gguf_path):
