@@ -47,6 +47,9 @@ def check_device(config: EngineConfig) -> None:
     if backend == "triton" and not on_cuda and not triton_interpret():
         raise ConfigError("--kernel-backend triton needs a CUDA device; this run is on the CPU, "
                           "where only Triton's interpreter (TRITON_INTERPRET=1, slow) runs it")
+    if config.parallel.custom_all_reduce and not on_cuda:
+        raise ConfigError("--custom-all-reduce needs CUDA devices (it is a one-shot all-reduce "
+                          "over peer-mapped GPU memory); this run is on the CPU")
     world = config.parallel.tensor_parallel_size * config.parallel.pipeline_parallel_size
     if on_cuda and world > num_gpus and torchrun_env() is None:
         raise ConfigError(f"--tensor-parallel-size x --pipeline-parallel-size is {world}, but "

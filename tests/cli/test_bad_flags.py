@@ -81,6 +81,7 @@ BAD_FLAGS = [
     ("generate", ["-tp", "2"], "--tensor-parallel-size"),
     ("serve", ["-tp", "2"], "--tensor-parallel-size"),
     ("bench latency", ["-tp", "2"], "--tensor-parallel-size"),
+    ("generate", ["-tp", "3", "--custom-all-reduce"], "--custom-all-reduce"),
     ("generate", ["-pp", "3"], "--pipeline-parallel-size"),
     ("generate", ["-pp", "2", "--pipeline-layer-partition", "1,2"],
      "--pipeline-layer-partition"),
