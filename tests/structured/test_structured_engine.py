@@ -97,3 +97,14 @@ def test_bad_grammar_is_refused_before_anything_runs(tiny):
     assert info.value.param == "regex"
     assert not llm.engine.has_unfinished_requests()
     assert llm.engine.block_manager.num_free_blocks == 50
+
+
+@pytest.mark.gpu
+def test_constrained_decode_replays_cuda_graphs(tiny):
+    """On a GPU the decode steps replay CUDA graphs and the mask is applied to their logits:
+    constrained outputs still match, and the steps did replay graphs."""
+    llm = LLM(str(tiny), device="cuda", num_gpu_blocks=200, block_size=8, max_num_seqs=16)
+    prompts, params = _prompts(6), _params()
+    outs = llm.generate(prompts, params)
+    _check(outs)
+    assert llm.engine.runner.num_graph_replays > 0
