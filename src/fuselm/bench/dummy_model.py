@@ -18,12 +18,27 @@ KNOWN_SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
-def write_byte_tokenizer(path: Path) -> None:
-    """A byte-level BPE tokenizer (256 byte tokens + ``<s>``, ``</s>``; no merges)."""
+def _filler_token(token_id: int) -> str:
+    """A word of byte-level letters naming `token_id` (" w" + base-26), unique per id."""
+    letters = ""
+    while True:
+        token_id, digit = divmod(token_id, 26)
+        letters = chr(ord("a") + digit) + letters
+        if token_id == 0:
+            return "Ġw" + letters  # Ġ: the byte-level spelling of a space
+
+
+def write_byte_tokenizer(path: Path, vocab_size: int | None = None) -> None:
+    """A byte-level BPE tokenizer: 256 byte tokens, ``<s>`` (256), ``</s>`` (257), no merges.
+    With `vocab_size`, ids 258 .. vocab_size-1 decode to words (`" wabc"`), so that a model with
+    that vocabulary and random weights streams text (encoding still yields byte tokens)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from tokenizers.pre_tokenizers import ByteLevel
 
     vocab = {tok: i for i, tok in enumerate(sorted(ByteLevel.alphabet()))}
+    vocab.update({"<s>": 256, "</s>": 257})
+    for token_id in range(258, vocab_size or 0):
+        vocab[_filler_token(token_id)] = token_id
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -34,8 +49,8 @@ def write_byte_tokenizer(path: Path) -> None:
 
 
 def write_dummy_checkpoint(name: str, path: Path, **overrides: Any) -> Path:
-    """A directory with config.json of shape ``name`` and a byte tokenizer (no weights: load
-    it with ``load_format="dummy"``)."""
+    """A directory with config.json of shape ``name`` and a byte tokenizer covering its
+    vocabulary (no weights: load it with ``load_format="dummy"``)."""
     if name not in KNOWN_SHAPES:
         raise ValueError(f"unknown shape {name!r}; known: {', '.join(KNOWN_SHAPES)}")
     cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -43,5 +58,5 @@ def write_dummy_checkpoint(name: str, path: Path, **overrides: Any) -> Path:
            "eos_token_id": 257, **KNOWN_SHAPES[name], **overrides}
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(cfg, indent=1))
-    write_byte_tokenizer(path)
+    write_byte_tokenizer(path, cfg["vocab_size"])
     return path
