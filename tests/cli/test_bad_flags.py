@@ -145,3 +145,14 @@ def test_control_good_flags_load_weights_and_answer(nine_head_model):
                                       "--load-format", "dummy"], nine_head_model))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert MARKER in proc.stderr
+
+
+@pytest.mark.gpu
+def test_gpus_beyond_the_visible_ones(nine_head_model):
+    num_gpus = torch.cuda.device_count()
+    proc = run_cli(_argv("generate", ["--device", f"cuda:{num_gpus}"], nine_head_model))
+    assert_flag_error(proc, f"--device cuda:{num_gpus}")
+    proc = run_cli(_argv("generate", ["--device", "cuda", "-pp", str(num_gpus + 1)],
+                         nine_head_model))
+    assert_flag_error(proc, "--pipeline-parallel-size")
+    assert f"only {num_gpus} CUDA device" in proc.stderr
