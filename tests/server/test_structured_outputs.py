@@ -110,3 +110,34 @@ def test_bad_constraints_are_a_400_naming_the_field(real_server: LiveServer, rou
         r = client.post(route, json={**base, "max_tokens": 3, **extra})
     error = assert_error(r, 400, param=param)
     assert "Traceback" not in error["message"] and "/project/" not in error["message"]
+
+
+def test_a_new_schema_compiles_off_the_step_thread(real_server: LiveServer,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    compiler = real_server.engine.engine.grammars
+    seen: list[tuple[str, bool]] = []
+    compile_fn = compiler.compile
+
+    def recording(params: Any) -> Any:
+        key = json.dumps(params.json, sort_keys=True)
+        seen.append((threading.current_thread().name, key in {json.dumps(g, sort_keys=True)
+                                                               for g in cached()}))
+        return compile_fn(params)
+
+    def cached() -> list[Any]:
+        return [json.loads(k[1]) for k in compiler._cache if k[0] == "json"]
+
+    monkeypatch.setattr(compiler, "compile", recording)
+    schema = {"type": "object", "properties": {"fresh": {"type": "boolean"}},
+              "required": ["fresh"], "additionalProperties": False}
+    with real_server.client() as client:
+        r = client.post(CHAT, json={"messages": [{"role": "user", "content": "ok?"}],
+                                    "max_tokens": 12, "temperature": 0,
+                                    "structured_outputs": {"json": schema,
+                                                           "disable_any_whitespace": True}})
+    assert r.status_code == 200 and json.loads(r.json()["choices"][0]["message"]["content"])
+    first_thread, was_cached = seen[0]
+    assert first_thread != "fuselm-step" and not was_cached
+    assert all(cached_ for name, cached_ in seen if name == "fuselm-step")

@@ -113,6 +113,11 @@ class AsyncEngine:
         (client gone) aborts the request.
         """
         await self.start()
+        if sampling_params.structured_outputs is not None:
+            # compiled in a worker thread, not on the step thread (a new schema takes tens of
+            # ms), which then finds it in the compiler's cache; a bad one raises here
+            await asyncio.to_thread(self.engine.grammars.compile,
+                                    sampling_params.structured_outputs)
         self._check_admission()
         if request_id in self._queues:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
