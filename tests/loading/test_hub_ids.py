@@ -141,3 +141,15 @@ def test_cli_generates_from_hub_id(hub_cache, tmp_path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flag,kwargs", [("--revision", {"revision": "v1"}),
+                                         ("--download-dir", {"download_dir": "/tmp/x"})])
+def test_hub_flags_without_hub_id_are_refused(hub_cache, flag, kwargs) -> None:
+    """--revision / --download-dir would do nothing for a local folder: refused by name."""
+    from fuselm.errors import ConfigError
+
+    local = _snapshot(hub_cache, COMMIT_OLD)
+    for model in (str(local), None):
+        with pytest.raises(ConfigError, match=flag):
+            resolve_model(model, **kwargs)

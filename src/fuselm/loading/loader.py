@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fuselm.config import EngineConfig, ModelConfig, check_load_format
-from fuselm.errors import ModelNotFoundError, UnsupportedModelError
+from fuselm.errors import ConfigError, ModelNotFoundError, UnsupportedModelError
 from fuselm.kernels.kernel_set import KernelSet
 from fuselm.loading import hf, hub
 
@@ -64,7 +64,14 @@ def resolve_model(model: str | None, revision: str | None = None,
     """Maps ``--model`` (None = default model, a HF directory, a .gguf file or a Hub id
     ``ORG/NAME`` at ``revision``, downloaded into ``download_dir``) and ``--tokenizer`` to a
     source. A GGUF file is parsed here (once); a truncated or corrupt one raises CheckpointError.
+    ``revision`` or ``download_dir`` without a Hub id raise ConfigError (they would do nothing).
     """
+    hub_ids = [name for name in (model, tokenizer) if name and hub.is_hub_id(name)]
+    for flag, value in (("--revision", revision), ("--download-dir", download_dir)):
+        if value is not None and not hub_ids:
+            raise ConfigError(f"{flag} {value} applies to Hugging Face Hub ids (--model "
+                              f"ORG/NAME), but the model is {model or 'the default model'!r}, "
+                              "a local path")
     tok = _local_path(tokenizer, revision, download_dir, hub.TOKENIZER_PATTERNS) \
         if tokenizer else None
     if model is None:
