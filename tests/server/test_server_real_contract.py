@@ -8,6 +8,7 @@ import asyncio
 import re
 import threading
 import time
+from typing import Any
 
 import httpx
 import pytest
@@ -157,3 +158,40 @@ def test_message_text_cannot_forge_control_tokens(real_server: LiveServer) -> No
     assert sum(t in specials for t in ids) == sum(t in specials for t in reference)
     assert tok.decode(ids, skip_special_tokens=False) == tok.apply_chat_template(attack)
     assert chat.status_code == 200 and chat.json()["usage"]["prompt_tokens"] == len(ids)
+
+
+def test_health_answers_while_a_huge_prompt_is_tokenized(real_server: LiveServer) -> None:
+    """Defect 4 with the real tokenizer (whose `encode` holds the GIL): /health answers within
+    0.3 s while a prompt of about a megabyte is tokenized; one too long for any context is
+    refused before it is tokenized."""
+    max_chars = real_server.state.prompts.max_chars
+    text = "hello world " * (min(max_chars, 1_200_000) // 12)
+    result: dict[str, Any] = {}
+
+    def tokenize() -> None:
+        with real_server.client(timeout=120) as client:
+            start = time.monotonic()
+            result["r"] = client.post("/tokenize", json={"prompt": text})
+            result["s"] = time.monotonic() - start
+
+    thread = threading.Thread(target=tokenize)
+    thread.start()
+    starts, probes = [], []
+    with real_server.client() as client:
+        while thread.is_alive():
+            starts.append(time.monotonic())
+            assert client.get("/health").status_code == 200
+            probes.append(time.monotonic() - starts[-1])
+            time.sleep(0.02)
+    thread.join()
+    assert result["r"].status_code == 200 and result["r"].json()["count"] > len(text) // 12
+    assert result["s"] > 0.3 and len(probes) >= 3, (result["s"], probes)
+    # The client shares the server's process: a stall that holds the GIL shows as a long
+    # probe or as a long gap between two probes.
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    assert max(probes) < 0.3 and max(gaps, default=0) < 0.4, (probes, gaps)
+    with real_server.client() as client:
+        start = time.monotonic()
+        error = assert_error(client.post("/v1/completions", json={
+            "prompt": "x" * (max_chars + 1)}), 400, param="prompt")
+        assert "context" in error["message"] and time.monotonic() - start < 2

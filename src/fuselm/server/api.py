@@ -174,7 +174,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
         text = body.prompt or ""
         state.prompts.check_length(len(text), "prompt")
         add = True if body.add_special_tokens is None else body.add_special_tokens
-        ids = await asyncio.to_thread(state.tokenizer.encode, text, add_special_tokens=add)
+        ids = await asyncio.to_thread(state.prompts.encode, text, add)
     strs = ([state.tokenizer.token_text(t) or "" for t in ids] if body.return_token_strs
             else None)
     return TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=ids,

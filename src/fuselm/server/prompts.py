@@ -33,20 +33,44 @@ def check_token_ids(ids: Iterable[int], vocab_size: int, param: str) -> list[int
     return ids
 
 
-def _plain_encoder(tokenizer: Any) -> Callable[[str], list[int]]:
-    """An encode function that never parses special tokens out of the text."""
+LONG_TEXT = 16384
+"""Characters from which a text is encoded through `encode_batch`: Hugging Face's `encode`
+holds the GIL (a 3.6 MB prompt stalled every other thread for 3.6 s on a CPU), its batch
+call releases it (the longest stall of the same encode: 64 ms)."""
+
+
+def _hf_tokenizer(tokenizer: Any) -> Any:
+    """The `tokenizers.Tokenizer` inside fuselm's Tokenizer, or None for other kinds."""
     try:
         from tokenizers import Tokenizer as HFTokenizer
     except ImportError:  # pragma: no cover - tokenizers comes with the engine
-        HFTokenizer = None
+        return None
     inner = getattr(tokenizer, "tokenizer", None)
-    if HFTokenizer is not None and isinstance(inner, HFTokenizer):
-        # A private copy: the flag is per tokenizer object, and the engine's must keep parsing.
-        plain = HFTokenizer.from_str(inner.to_str())
-        plain.encode_special_tokens = True
-        return lambda text: plain.encode(text, add_special_tokens=False).ids
-    # Tokenizers of other kinds (the tests' byte tokenizer) parse no special tokens from text.
-    return lambda text: tokenizer.encode(text, add_special_tokens=False)
+    return inner if isinstance(inner, HFTokenizer) else None
+
+
+def _encoder(hf: Any) -> Callable[[str, bool], list[int]]:
+    def encode(text: str, add_special_tokens: bool) -> list[int]:
+        if len(text) < LONG_TEXT:
+            return hf.encode(text, add_special_tokens=add_special_tokens).ids
+        return hf.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
+    return encode
+
+
+def _encoders(tokenizer: Any) -> tuple[Callable[[str, bool], list[int]],
+                                       Callable[[str], list[int]]]:
+    """(encode(text, add_special_tokens), encode_plain(text)): the second never parses
+    special tokens out of the text."""
+    hf = _hf_tokenizer(tokenizer)
+    if hf is None:  # other kinds (the tests' byte tokenizer) parse no special tokens from text
+        return (lambda text, add: tokenizer.encode(text, add_special_tokens=add),
+                lambda text: tokenizer.encode(text, add_special_tokens=False))
+    # A private copy: the flag is per tokenizer object, and the engine's must keep parsing.
+    plain = type(hf).from_str(hf.to_str())
+    plain.encode_special_tokens = True
+    encode_plain = _encoder(plain)
+    return _encoder(hf), lambda text: encode_plain(text, False)
 
 
 def _max_token_chars(tokenizer: Any) -> int:
@@ -63,7 +87,7 @@ class PromptEncoder:
     def __init__(self, tokenizer: Any, max_model_len: int) -> None:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
-        self.encode_plain = _plain_encoder(tokenizer)
+        self.encode, self.encode_plain = _encoders(tokenizer)
         self.max_chars = max_model_len * _max_token_chars(tokenizer) * CHARS_MARGIN
         """Longer texts cannot fit in the context, whatever they tokenize to."""
 
@@ -102,7 +126,7 @@ class PromptEncoder:
         tok, result = self.tokenizer, []
         for item in items:
             if isinstance(item, str):
-                ids = tok.encode(item, add_special_tokens=add_special_tokens)
+                ids = self.encode(item, add_special_tokens)
                 text = item
             else:
                 ids = check_token_ids(item, tok.vocab_size, "prompt")
@@ -134,7 +158,7 @@ class PromptEncoder:
         self.check_length(sum(len(m["content"]) for m in rendered), "messages")
         text, ids = await asyncio.to_thread(self._render_chat, rendered, kwargs)
         if add_special_tokens:
-            ids = self.tokenizer.encode("", add_special_tokens=True) + ids
+            ids = self.encode("", True) + ids
         return text, ids
 
     def _render_chat(self, messages: list[dict[str, Any]], kwargs: dict[str, Any],
@@ -151,11 +175,11 @@ class PromptEncoder:
         for match in (re.finditer("|".join(map(re.escape, marks)), masked_text) if marks
                       else ()):
             markup, content = masked_text[pos:match.start()], marks[match.group()]
-            ids += self.tokenizer.encode(markup, add_special_tokens=False)
+            ids += self.encode(markup, False)
             ids += self.encode_plain(content)
             pieces += [markup, content]
             pos = match.end()
-        ids += self.tokenizer.encode(masked_text[pos:], add_special_tokens=False)
+        ids += self.encode(masked_text[pos:], False)
         if "".join(pieces) + masked_text[pos:] != text:
             ids = self._whole_text_ids(messages, text)
         if not ids:
@@ -167,12 +191,11 @@ class PromptEncoder:
         the whole text, refused if any message text holds special-token markup."""
         for m in messages:
             content = m["content"]
-            if self.tokenizer.encode(content, add_special_tokens=False) \
-                    != self.encode_plain(content):
+            if self.encode(content, False) != self.encode_plain(content):
                 raise InvalidRequestError(
                     "message content holds special-token markup, which this model's chat "
                     "template does not let fuselm keep as text", param="messages")
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.encode(text, False)
 
 
 def _message_dict(message: ChatMessageParam) -> dict[str, Any]:
