@@ -17,6 +17,7 @@ from fake_engine import FakeEngine
 from server_harness import LiveServer
 
 from fuselm.bench import serving
+from fuselm.bench.dummy_model import write_dummy_checkpoint
 from fuselm.server.api import build_app
 
 pytestmark = pytest.mark.timeout(120)
@@ -94,3 +95,19 @@ def test_chat_backend_and_sharegpt_datasets(fake_server: Any, tmp_path: Path) ->
     assert result["endpoint"] == "/v1/chat/completions"
     chat = serving.run(_args(fake_server.url, "--backend", "openai-chat"))["runs"][0]
     assert chat["completed"] == 4 and chat["total_output_tokens"] == 4 * 5
+
+
+def test_dummy_tokenizer_decodes_the_whole_vocabulary(tmp_path: Path) -> None:
+    """With dummy weights any id can be sampled: each of the 8B shape's 128256 ids decodes to
+    text (the byte tokenizer alone decoded none above 257)."""
+    from tokenizers import Tokenizer
+
+    path = write_dummy_checkpoint("llama-3-8b", tmp_path / "m")
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    assert tok.get_vocab_size() == 128256
+    ids = [258, 1000, 65535, 128255]
+    texts = [tok.decode([i]) for i in ids]
+    assert all(t.startswith(" w") and len(t) > 2 for t in texts)
+    assert len(set(texts)) == len(ids)
+    assert tok.token_to_id("<s>") == 256 and tok.token_to_id("</s>") == 257
+    assert tok.decode(tok.encode("héllo").ids) == "héllo"  # bytes still round-trip
