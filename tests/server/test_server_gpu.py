@@ -1,0 +1,71 @@
+"""Acceptance 4 of issue #20 on a GPU: `fuselm serve` at the Llama-3-8B shape with dummy weights
+under `fuselm bench serve` (random 512 in / 128 out, request rates 8, 32 and inf): no failed
+request; the batch-1 inter-token latency through HTTP is printed beside the engine's own
+(the lead's A/B compares it with the in-process step time of the same call)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.gpu, pytest.mark.timeout(1800)]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _serve(model_dir: Path) -> tuple[subprocess.Popen, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fuselm", "serve", str(model_dir), "--load-format", "dummy",
+         "--port", "0", "--disable-log-requests", "--uvicorn-log-level", "warning"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    found: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            print(line, end="")
+            match = re.search(r"listening on (http://\S+)", line)
+            if match and not found:
+                found.append(match.group(1))
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    if not ready.wait(900) or not found:
+        proc.kill()
+        raise RuntimeError("fuselm serve did not start")
+    return proc, found[0]
+
+
+def test_8b_dummy_serve_under_bench_serve(tmp_path: Path) -> None:
+    from fuselm.bench.dummy_model import write_dummy_checkpoint
+
+    model_dir = write_dummy_checkpoint("llama-3-8b", tmp_path / "llama-3-8b")
+    proc, url = _serve(model_dir)
+    try:
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+        for argv in (["--request-rate", "8", "32", "inf", "--num-prompts", "200"],
+                     ["--max-concurrency", "1", "--num-prompts", "20"]):
+            out = tmp_path / "bench.json"
+            subprocess.run([sys.executable, "-m", "fuselm", "bench", "serve", "--base-url", url,
+                            "--random-input-len", "512", "--random-output-len", "128",
+                            "--ignore-eos", "--disable-tqdm", "--output-json", str(out),
+                            "--save-result", "--result-dir", str(tmp_path), *argv],
+                           cwd=ROOT, env=env, check=True, timeout=1200)
+            result = json.loads(out.read_text())
+            for run in result["runs"]:
+                print(run["request_rate"], run["max_concurrency"], run["completed"],
+                      run["failed"], "ITL p50 ms", run["itl_ms"]["median"])
+                assert run["failed"] == 0, run["errors"]
+                assert run["total_output_tokens"] == run["completed"] * 128
+    finally:
+        proc.terminate()
+        proc.wait(60)
