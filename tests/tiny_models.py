@@ -27,6 +27,14 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
                         tie_word_embeddings=False, rope_theta=10000.0),
     "qwen2-gqa-tied-bias": dict(arch="Qwen2ForCausalLM", num_key_value_heads=2,
                                 tie_word_embeddings=True, rope_theta=1000000.0),
+    # sliding windows shorter than the test prompts (Qwen2: layer 0 full, layer 1 sliding)
+    "mistral-sliding": dict(arch="MistralForCausalLM", num_key_value_heads=2,
+                            tie_word_embeddings=False, rope_theta=10000.0, sliding_window=11),
+    "qwen2-sliding": dict(arch="Qwen2ForCausalLM", num_key_value_heads=2,
+                          tie_word_embeddings=False, rope_theta=1000000.0,
+                          use_sliding_window=True, sliding_window=13, max_window_layers=1),
+    "llama-mlp-bias": dict(arch="LlamaForCausalLM", num_key_value_heads=2,
+                           tie_word_embeddings=False, rope_theta=10000.0, mlp_bias=True),
 }
 
 

@@ -99,6 +99,13 @@ class ModelConfig:
     """LM head shares the embedding matrix."""
     attention_bias: bool = False
     """QKV projections carry a bias (Qwen2)."""
+    mlp_bias: bool = False
+    """Gate, up and down projections carry a bias (Llama's ``mlp_bias``)."""
+    sliding_window: int | None = None
+    """Tokens a query attends to, itself included (Mistral, Qwen2); None: the whole context."""
+    layer_types: tuple[str, ...] | None = None
+    """Per layer ``sliding_attention`` or ``full_attention``; None: every layer slides when
+    ``sliding_window`` is set."""
     bos_token_id: int | None = None
     """Beginning-of-sequence token."""
     eos_token_id: tuple[int, ...] = ()
@@ -133,6 +140,12 @@ class ModelConfig:
                 raise UnsupportedModelError(
                     f"unsupported rope_scaling type {rtype!r}; fuselm supports llama3 and linear"
                 )
+        act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
+        if act != "silu":
+            raise UnsupportedModelError(
+                f"unsupported hidden_act {act!r} in the model config; fuselm's gated MLP "
+                "implements silu")
+        sliding_window, layer_types = _sliding_window(cfg, arch, int(cfg["num_hidden_layers"]))
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         is_qwen2 = arch == "Qwen2ForCausalLM"
@@ -151,6 +164,9 @@ class ModelConfig:
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", is_qwen2)),
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            sliding_window=sliding_window,
+            layer_types=layer_types,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=eos_ids,
         )
@@ -158,6 +174,48 @@ class ModelConfig:
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of decoder layer ``layer``, or None (full attention)."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
+
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _sliding_window(cfg: dict[str, Any], arch: str,
+                    num_layers: int) -> tuple[int | None, tuple[str, ...] | None]:
+    """``(sliding_window, layer_types)`` as transformers reads them: Mistral slides in every
+    layer when ``sliding_window`` is set; Qwen2 only with ``use_sliding_window``, in the layers
+    from ``max_window_layers`` on (or as ``layer_types`` says)."""
+    window = cfg.get("sliding_window")
+    if arch == "LlamaForCausalLM" or (arch == "Qwen2ForCausalLM"
+                                      and not cfg.get("use_sliding_window", False)):
+        window = None  # what transformers reads for these architectures
+    layer_types = cfg.get("layer_types")
+    if window is None:
+        if layer_types and "sliding_attention" in layer_types:
+            raise UnsupportedModelError("layer_types has sliding_attention layers but the "
+                                        "config sets no sliding_window")
+        return None, None
+    if int(window) < 1:
+        raise UnsupportedModelError(f"sliding_window must be >= 1, got {window}")
+    if layer_types is None and arch == "Qwen2ForCausalLM":
+        first = int(cfg.get("max_window_layers", num_layers))
+        layer_types = ["sliding_attention" if i >= first else "full_attention"
+                       for i in range(num_layers)]
+    if layer_types is not None:
+        unknown = sorted(set(layer_types) - set(LAYER_TYPES))
+        if unknown or len(layer_types) != num_layers:
+            raise UnsupportedModelError(
+                f"unsupported layer_types {unknown or layer_types!r}: fuselm runs "
+                f"{', '.join(LAYER_TYPES)}, one per layer ({num_layers})")
+        layer_types = tuple(layer_types)
+    return int(window), layer_types
 
 
 @dataclass(frozen=True)

@@ -187,3 +187,20 @@ def test_paged_cuda_graph_captured_short_replayed_long(backend):
         graph.replay()
         torch.cuda.synchronize()
         assert_close(out, paged_attention_ref(q, kc, vc, bt, seq_lens, scale), name=str(lens))
+
+
+@pytest.mark.parametrize("window", [1, 10, 40, 300])
+def test_paged_sliding_window_matches_reference(window):
+    """Only the last ``window`` tokens of a sequence: partitions before the window contribute
+    nothing (split-KV), a window past the context masks nothing."""
+    _require("triton")
+    seq_lens, heads, kv_heads, head_size, block_size, max_len, psize = CASES["split_gqa4"]
+    args = make_inputs(seq_lens, heads, kv_heads, head_size, block_size, torch.float32, max_len,
+                       seed=window)
+    expected = paged_attention_ref(*args, window)
+    ws = PagedAttentionWorkspace(len(seq_lens), heads, head_size, max_len, "cpu",
+                                 partition_size=psize)
+    assert_close(ws(*args, window), expected, name=f"workspace, window {window}")
+    assert_close(paged_attention_triton(*args, window), expected, name=f"window {window}")
+    full = paged_attention_ref(*args)
+    assert torch.allclose(expected, full) == (window == 300)

@@ -169,3 +169,20 @@ def test_prefill_triton_gpu_fp16_and_fp32():
         args = make_inputs([100, 1, 250], [0, 300, 77], 8, 2, 128, 16, dtype, device="cuda")
         assert_close(prefill_attention_triton(*args), prefill_attention_ref(*args),
                      name=str(dtype))
+
+
+@pytest.mark.parametrize("window", [1, 5, 17, 200])
+@pytest.mark.parametrize("case", ["mixed_prefix_gqa4", "gqa8_hd128_bn32", "fold_scale"])
+def test_prefill_sliding_window_matches_reference(case, window):
+    """A query at position i sees keys j > i - window, in the cached prefix, left of the
+    diagonal and on it; a window past every position masks nothing."""
+    q_lens, ctx_lens, heads, kv_heads, head_size, block_size, cfg = CASES[case]
+    args = make_inputs(q_lens, ctx_lens, heads, kv_heads, head_size, block_size, torch.float32,
+                       seed=window)
+    expected = prefill_attention_ref(*args, window)
+    assert_close(prefill_attention_triton(*args, config=cfg, sliding_window=window), expected,
+                 name=f"{case} window {window}")
+    if window == 200:
+        assert_close(expected, prefill_attention_ref(*args), name="window past the context")
+    else:
+        assert not torch.allclose(expected, prefill_attention_ref(*args))

@@ -79,6 +79,7 @@ if triton_utils.triton_available():
         DOT_PRECISION: tl.constexpr,
         FOLD_SCALE: tl.constexpr,  # see _online_softmax_step
         NARROW_OFFSETS: tl.constexpr, LEAN_EDGES: tl.constexpr,  # see PrefillConfig
+        WINDOW: tl.constexpr = 0,  # sliding window (keys j > i - WINDOW); 0: none, no cost
     ):  # fmt: skip
         BLOCK_Q: tl.constexpr = BLOCK_M // HEADS_PER_PROG
         # Last programs first: under causality they own the longest key ranges (less tail).
@@ -113,7 +114,14 @@ if triton_utils.triton_available():
         kc_base = kc_ptr + kv_head * kc_head_stride
         vc_base = vc_ptr + kv_head * vc_head_stride
         bt_row = bt_ptr + seq.to(tl.int64) * bt_stride
-        for n0 in range(0, ctx_len, BLOCK_N):
+        qpos = ctx_len + tok  # [M] absolute positions of the rows' tokens
+        if WINDOW > 0:  # start at the tile holding the block's first visible key
+            ctx_lo = (tl.maximum(ctx_len + q0 - WINDOW + 1, 0) // BLOCK_N) * BLOCK_N
+            new_lo = (tl.maximum(q0 - WINDOW + 1, 0) // BLOCK_N) * BLOCK_N
+        else:
+            ctx_lo = 0
+            new_lo = 0
+        for n0 in range(ctx_lo, ctx_len, BLOCK_N):
             pos = n0 + offs_n
             n_mask = pos < ctx_len
             blk = tl.load(bt_row + pos // block_size, mask=n_mask, other=0).to(tl.int64)
@@ -122,7 +130,11 @@ if triton_utils.triton_available():
             k = tl.load(kc_base + (blk * kc_block_stride + slot * kc_slot_stride)[:, None]
                         + offs_d[None, :], mask=kv_mask, other=0.0)
             qk = _scores(q, k, qk_scale, DOT_PRECISION, FOLD_SCALE)
-            qk = tl.where(n_mask[None, :], qk, float("-inf"))
+            if WINDOW > 0:
+                qk = tl.where(n_mask[None, :] & (pos[None, :] > qpos[:, None] - WINDOW), qk,
+                              float("-inf"))
+            else:
+                qk = tl.where(n_mask[None, :], qk, float("-inf"))
             v = tl.load(vc_base + (blk * vc_block_stride + slot * vc_slot_stride)[:, None]
                         + offs_d[None, :], mask=kv_mask, other=0.0)
             acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PRECISION,
@@ -132,11 +144,13 @@ if triton_utils.triton_available():
         k_base = k_ptr + kv_head * k_head_stride
         v_base = v_ptr + kv_head * v_head_stride
         full_end = (q0 // BLOCK_N) * BLOCK_N
-        for n0 in range(0, full_end, BLOCK_N):
+        for n0 in range(new_lo, full_end, BLOCK_N):
             kv_off = _token_offsets(q_start + n0 + offs_n, NARROW_OFFSETS)
             k = tl.load(k_base + (kv_off * k_tok_stride)[:, None] + offs_d[None, :],
                         mask=d_mask[None, :], other=0.0)
             qk = _scores(q, k, qk_scale, DOT_PRECISION, FOLD_SCALE)
+            if WINDOW > 0:  # (a sliding window masks these too)
+                qk = tl.where((n0 + offs_n)[None, :] > tok[:, None] - WINDOW, qk, float("-inf"))
             v = tl.load(v_base + (kv_off * v_tok_stride)[:, None] + offs_d[None, :],
                         mask=d_mask[None, :], other=0.0)
             acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PRECISION,
@@ -156,6 +170,8 @@ if triton_utils.triton_available():
                 visible = pos[None, :] <= tok[:, None]
             else:
                 visible = (pos[None, :] <= tok[:, None]) & n_mask[None, :]
+            if WINDOW > 0:
+                visible = visible & (pos[None, :] > tok[:, None] - WINDOW)
             qk = tl.where(visible, qk, float("-inf"))
             v = tl.load(v_base + (kv_off * v_tok_stride)[:, None] + offs_d[None, :],
                         mask=kv_mask, other=0.0)

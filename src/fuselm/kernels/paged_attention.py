@@ -58,8 +58,10 @@ def paged_attention_ref(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    sliding_window: int = 0,
 ) -> torch.Tensor:
-    """Plain PyTorch paged decode attention over the whole block table, in float32."""
+    """Plain PyTorch paged decode attention over the whole block table, in float32; with
+    ``sliding_window`` > 0 only the last ``sliding_window`` tokens of each sequence."""
     num_seqs, num_heads, head_size = q.shape
     num_kv_heads = key_cache.shape[2]
     bt = block_tables.long().reshape(-1)
@@ -68,7 +70,10 @@ def paged_attention_ref(
     values = value_cache.index_select(0, bt).reshape(num_seqs, -1, num_kv_heads, head_size)
     keys, values = keys.float().transpose(1, 2), values.float().transpose(1, 2)
     pos = torch.arange(keys.shape[2], device=q.device)
-    mask = (pos[None, :] < seq_lens[:, None].long())[:, None, None, :]  # [B, 1, 1, S]
+    visible = pos[None, :] < seq_lens[:, None].long()
+    if sliding_window > 0:
+        visible &= pos[None, :] >= seq_lens[:, None].long() - sliding_window
+    mask = visible[:, None, None, :]  # [B, 1, 1, S]
     qf = q.float()[:, :, None, :]  # [B, H, 1, D]
     out = F.scaled_dot_product_attention(qf, keys, values, attn_mask=mask, scale=scale,
                                          enable_gqa=num_heads != num_kv_heads)
@@ -169,6 +174,7 @@ if triton_utils.triton_available():
         PARTITION_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         USE_PDL: tl.constexpr = False,  # programmatic dependent launch (_pdl.py)
+        WINDOW: tl.constexpr = 0,  # sliding window: the last WINDOW tokens; 0: all, no cost
     ):  # fmt: skip
         pdl_wait_then_release(USE_PDL)
         seq = tl.program_id(0)
@@ -196,9 +202,17 @@ if triton_utils.triton_available():
         vc_base = vc_ptr + kv_head * vc_head_stride
         bt_row = bt_ptr + seq.to(tl.int64) * bt_stride
         offs_n = tl.arange(0, BLOCK_N)
-        for n0 in range(start, end, BLOCK_N):
+        if WINDOW > 0:  # from the tile holding the first visible token
+            win_lo = seq_len - WINDOW
+            lo = start + (tl.maximum(win_lo - start, 0) // BLOCK_N) * BLOCK_N
+        else:
+            win_lo = 0
+            lo = start
+        for n0 in range(lo, end, BLOCK_N):
             pos = n0 + offs_n
             n_mask = pos < end
+            if WINDOW > 0:
+                n_mask = n_mask & (pos >= win_lo)
             blk = tl.load(bt_row + pos // block_size, mask=n_mask, other=0).to(tl.int64)
             slot = pos % block_size
             kv_mask = n_mask[:, None] & d_mask[None, :]
@@ -262,11 +276,13 @@ def paged_attention_triton_out(
     out: torch.Tensor, tmp_out: torch.Tensor, max_logits: torch.Tensor, exp_sums: torch.Tensor,
     q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
     block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, partition_size: int,
-    config: DecodeConfig | None = None,
+    config: DecodeConfig | None = None, sliding_window: int = 0,
 ) -> None:
     """Triton split-KV decode into ``out`` with the given workspace (see the module docstring)."""
     _check_decode_args(out, tmp_out, q, key_cache, value_cache, block_tables, seq_lens,
                        partition_size)
+    if sliding_window < 0:
+        raise ValueError(f"sliding_window must be >= 0 (0: none), got {sliding_window}")
     num_seqs, num_heads, head_size = q.shape
     if num_seqs == 0:
         return
@@ -285,7 +301,7 @@ def paged_attention_triton_out(
         GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)), HEAD_SIZE=head_size,
         D_PAD=d_pad, PARTITION_SIZE=partition_size, BLOCK_N=cfg.block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, WINDOW=sliding_window,
         **_pdl.launch_args(q),
     )  # fmt: skip
     if num_parts > 1:
@@ -309,7 +325,7 @@ def _allocate_workspace(q, key_cache, block_tables, partition_size=None):
 
 
 def paged_attention_triton(q, key_cache, value_cache, block_tables, seq_lens, scale,
-                           partition_size: int | None = None,
+                           sliding_window: int = 0, partition_size: int | None = None,
                            config: DecodeConfig | None = None) -> torch.Tensor:
     """Triton decode with the reference's signature; allocates its own workspace, sized by the
     block-table width (the serving path uses ``PagedAttentionWorkspace`` instead)."""
@@ -317,7 +333,7 @@ def paged_attention_triton(q, key_cache, value_cache, block_tables, seq_lens, sc
     tmp_out, max_logits, exp_sums, psize = _allocate_workspace(q, key_cache, block_tables,
                                                                 partition_size)
     paged_attention_triton_out(out, tmp_out, max_logits, exp_sums, q, key_cache, value_cache,
-                               block_tables, seq_lens, scale, psize, config)
+                               block_tables, seq_lens, scale, psize, config, sliding_window)
     return out
 
 
@@ -328,34 +344,40 @@ def paged_attention_triton(q, key_cache, value_cache, block_tables, seq_lens, sc
 
 FUSELM_LIB.define(
     "paged_attention(Tensor q, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
-    "Tensor seq_lens, float scale) -> Tensor"
+    "Tensor seq_lens, float scale, int sliding_window=0) -> Tensor"
 )
 FUSELM_LIB.define(
     "paged_attention_out(Tensor(a!) out, Tensor(b!) tmp_out, Tensor(c!) max_logits, "
     "Tensor(d!) exp_sums, Tensor q, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
-    "Tensor seq_lens, float scale, int partition_size) -> ()"
+    "Tensor seq_lens, float scale, int partition_size, int sliding_window=0) -> ()"
 )
 
 
 @torch.library.register_fake("fuselm::paged_attention", lib=FUSELM_LIB)
-def _paged_attention_fake(q, key_cache, value_cache, block_tables, seq_lens, scale):
+def _paged_attention_fake(q, key_cache, value_cache, block_tables, seq_lens, scale,
+                          sliding_window=0):
     return torch.empty_like(q)
 
 
 @torch.library.register_fake("fuselm::paged_attention_out", lib=FUSELM_LIB)
 def _paged_attention_out_fake(out, tmp_out, max_logits, exp_sums, q, key_cache, value_cache,
-                              block_tables, seq_lens, scale, partition_size) -> None:
+                              block_tables, seq_lens, scale, partition_size,
+                              sliding_window=0) -> None:
     return None
 
 
-def _paged_attention_op(q, key_cache, value_cache, block_tables, seq_lens, scale):
-    return paged_attention_triton(q, key_cache, value_cache, block_tables, seq_lens, scale)
+def _paged_attention_op(q, key_cache, value_cache, block_tables, seq_lens, scale,
+                        sliding_window=0):
+    return paged_attention_triton(q, key_cache, value_cache, block_tables, seq_lens, scale,
+                                  sliding_window)
 
 
 def _paged_attention_out_op(out, tmp_out, max_logits, exp_sums, q, key_cache, value_cache,
-                            block_tables, seq_lens, scale, partition_size) -> None:
+                            block_tables, seq_lens, scale, partition_size,
+                            sliding_window=0) -> None:
     paged_attention_triton_out(out, tmp_out, max_logits, exp_sums, q, key_cache, value_cache,
-                               block_tables, seq_lens, scale, partition_size)
+                               block_tables, seq_lens, scale, partition_size,
+                               sliding_window=sliding_window)
 
 
 if triton_utils.triton_available():

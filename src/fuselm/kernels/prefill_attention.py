@@ -41,8 +41,9 @@ def gather_cached_kv(
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-            context_len: int) -> torch.Tensor:
-    """q ``[L, H, D]``, k/v ``[C + L, Hkv, D]``; float32 causal attention with an offset."""
+            context_len: int, sliding_window: int = 0) -> torch.Tensor:
+    """q ``[L, H, D]``, k/v ``[C + L, Hkv, D]``; float32 causal attention with an offset (and
+    a query at position i sees keys j > i - sliding_window when that is > 0)."""
     num_q, num_heads = q.shape[0], q.shape[1]
     group = num_heads // k.shape[1]
     qf = q.float().transpose(0, 1)  # [H, L, D]
@@ -51,6 +52,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     qpos = torch.arange(num_q, device=q.device)[:, None] + context_len
     kpos = torch.arange(k.shape[0], device=q.device)[None, :]
     mask = kpos <= qpos  # [L, C + L]
+    if sliding_window > 0:
+        mask &= kpos > qpos - sliding_window
     out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, scale=scale)
     return out.transpose(0, 1)
 
@@ -65,8 +68,11 @@ def prefill_attention_ref(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    sliding_window: int = 0,
 ) -> torch.Tensor:
-    """Plain PyTorch varlen causal attention with cached prefixes, in float32."""
+    """Plain PyTorch varlen causal attention with cached prefixes, in float32; with
+    ``sliding_window`` > 0 a query at position i attends to keys j with i - j < sliding_window
+    (transformers' sliding-window mask)."""
     out = torch.empty_like(q)
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
@@ -83,7 +89,8 @@ def prefill_attention_ref(
             values = torch.cat(
                 (gather_cached_kv(value_cache, block_tables[b], context_len).to(v.dtype), values)
             )
-        out[lo:hi] = _attend(q[lo:hi], keys, values, scale, context_len).to(q.dtype)
+        out[lo:hi] = _attend(q[lo:hi], keys, values, scale, context_len,
+                             sliding_window).to(q.dtype)
     return out
 
 
@@ -194,6 +201,7 @@ def prefill_attention_triton(
     scale: float,
     config: PrefillConfig | None = None,
     out: torch.Tensor | None = None,
+    sliding_window: int = 0,
 ) -> torch.Tensor:
     """Triton varlen causal attention over cached prefixes; same contract as the reference.
 
@@ -202,6 +210,8 @@ def prefill_attention_triton(
     No host synchronisation: the grid depends on tensor shapes only.
     """
     _check_prefill_args(q, k, v, key_cache, value_cache, query_start_loc, seq_lens, block_tables)
+    if sliding_window < 0:
+        raise ValueError(f"sliding_window must be >= 0 (0: none), got {sliding_window}")
     num_tokens, num_heads, head_size = q.shape
     if out is None:
         out = torch.empty_like(q)
@@ -225,7 +235,7 @@ def prefill_attention_triton(
         GROUP=group, HEADS_PER_PROG=hpp, HEAD_SIZE=head_size,
         D_PAD=max(16, next_power_of_2(head_size)), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        FOLD_SCALE=cfg.fold_scale, LEAN_EDGES=cfg.lean_edges,
+        FOLD_SCALE=cfg.fold_scale, LEAN_EDGES=cfg.lean_edges, WINDOW=sliding_window,
         NARROW_OFFSETS=cfg.narrow_offsets and _int32_offsets_fit(k, v, cfg.block_n),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
@@ -245,20 +255,21 @@ def _int32_offsets_fit(k: torch.Tensor, v: torch.Tensor, block_n: int) -> bool:
 
 FUSELM_LIB.define(
     "prefill_attention(Tensor q, Tensor k, Tensor v, Tensor key_cache, Tensor value_cache, "
-    "Tensor query_start_loc, Tensor seq_lens, Tensor block_tables, float scale) -> Tensor"
+    "Tensor query_start_loc, Tensor seq_lens, Tensor block_tables, float scale, "
+    "int sliding_window=0) -> Tensor"
 )
 
 
 @torch.library.register_fake("fuselm::prefill_attention", lib=FUSELM_LIB)
 def _prefill_attention_fake(q, k, v, key_cache, value_cache, query_start_loc, seq_lens,
-                            block_tables, scale) -> torch.Tensor:
+                            block_tables, scale, sliding_window=0) -> torch.Tensor:
     return torch.empty_like(q)
 
 
 def _prefill_attention_op(q, k, v, key_cache, value_cache, query_start_loc, seq_lens,
-                          block_tables, scale) -> torch.Tensor:
+                          block_tables, scale, sliding_window=0) -> torch.Tensor:
     return prefill_attention_triton(q, k, v, key_cache, value_cache, query_start_loc, seq_lens,
-                                    block_tables, scale)
+                                    block_tables, scale, sliding_window=sliding_window)
 
 
 if triton_utils.triton_available():

@@ -19,11 +19,15 @@ class Attention(nn.Module):
     """Multi-head attention with GQA for one layer on this rank's heads."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_size: int, scale: float,
-                 cos_sin_cache: torch.Tensor, kernels: KernelSet | None = None) -> None:
+                 cos_sin_cache: torch.Tensor, kernels: KernelSet | None = None,
+                 sliding_window: int | None = None) -> None:
         super().__init__()
         kernels = kernels or KernelSet()
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
         self.num_heads, self.num_kv_heads, self.head_size = num_heads, num_kv_heads, head_size
         self.scale = scale
+        self.sliding_window = sliding_window or 0  # the kernels' "none"
         self.cos_sin_cache = cos_sin_cache  # shared by every layer; not a parameter
         self.key_cache = torch.empty(0)
         self.value_cache = torch.empty(0)
@@ -43,9 +47,9 @@ class Attention(nn.Module):
                               self.value_cache, batch.slot_mapping)
         if batch.is_decode:
             out = self._decode.fn(q, self.key_cache, self.value_cache, batch.block_tables,
-                                  batch.seq_lens, self.scale)
+                                  batch.seq_lens, self.scale, self.sliding_window)
         else:
             out = self._prefill.fn(q, k, v, self.key_cache, self.value_cache,
                                    batch.query_start_loc, batch.seq_lens, batch.block_tables,
-                                   self.scale)
+                                   self.scale, self.sliding_window)
         return out.reshape(out.shape[0], self.num_heads * self.head_size)

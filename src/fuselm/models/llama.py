@@ -47,7 +47,8 @@ _STACKED = (
 class LlamaAttention(nn.Module):
     """QKV projection, rotary + paged attention, output projection."""
 
-    def __init__(self, config: ModelConfig, rope: torch.Tensor, kernels: KernelSet) -> None:
+    def __init__(self, config: ModelConfig, rope: torch.Tensor, kernels: KernelSet,
+                 sliding_window: int | None = None) -> None:
         super().__init__()
         head_size = config.head_dim
         self.qkv_proj = QKVParallelLinear(config.hidden_size, head_size,
@@ -62,7 +63,7 @@ class LlamaAttention(nn.Module):
                                         config.hidden_size, bias=False, reduce_results=False,
                                         kernels=kernels)
         self.attn = Attention(self.num_heads, self.num_kv_heads, head_size,
-                              head_size**-0.5, rope, kernels)
+                              head_size**-0.5, rope, kernels, sliding_window)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 batch: ForwardBatch) -> torch.Tensor:
@@ -80,10 +81,12 @@ class LlamaAttention(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm attention and MLP blocks with the residual carried beside the hidden state."""
 
-    def __init__(self, config: ModelConfig, rope: torch.Tensor, kernels: KernelSet) -> None:
+    def __init__(self, config: ModelConfig, rope: torch.Tensor, kernels: KernelSet,
+                 sliding_window: int | None = None) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, rope, kernels)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, kernels=kernels)
+        self.self_attn = LlamaAttention(config, rope, kernels, sliding_window)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.mlp_bias,
+                            kernels)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels=kernels)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps,
                                                 kernels=kernels)
@@ -103,6 +106,11 @@ class LlamaDecoderLayer(nn.Module):
         hidden = self.self_attn(positions, hidden, batch)
         hidden, residual = self.post_attention_layernorm(hidden, residual, reduce=True)
         return self.mlp(hidden), residual
+
+
+def _effective_window(window: int | None, max_position: int) -> int | None:
+    """None where a window reaches over every position the model serves (it masks nothing)."""
+    return window if window is not None and window < max_position else None
 
 
 def layer_range(num_layers: int, pp_rank: int, pp_size: int,
@@ -138,7 +146,8 @@ class LlamaForCausalLM(nn.Module):
             self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
                                                        kernels=kernels)
         self.layers = nn.ModuleDict({
-            str(i): LlamaDecoderLayer(config, rope, kernels)
+            str(i): LlamaDecoderLayer(config, rope, kernels,
+                                      _effective_window(config.layer_window(i), max_position))
             for i in range(self.start_layer, self.end_layer)
         })
         if self.is_last:
