@@ -183,3 +183,13 @@ def test_tool_flags_reach_the_options_and_are_checked() -> None:
         ServerOptions(enable_auto_tool_choice=True)
     with pytest.raises(ValueError, match="--tool-call-parser must be one of hermes"):
         ServerOptions(tool_call_parser="mistral")
+
+
+def test_tokenize_takes_tools_with_messages(real_server: LiveServer) -> None:
+    with real_server.client() as http:
+        ok = http.post("/tokenize", json={"messages": ASK, "tools": TOOLS})
+        assert ok.status_code == 200 and ok.json()["count"] > 0
+        assert_error(http.post("/tokenize", json={"prompt": "hi", "tools": TOOLS}), 400,
+                     param="tools")
+        assert_error(http.post("/tokenize", json={"messages": ASK, "tools": [{"x": 1}]}), 400,
+                     param="tools")
