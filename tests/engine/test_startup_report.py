@@ -77,3 +77,18 @@ def test_cpu_num_blocks(gib, seqs, model_len, want) -> None:
         budget = CPU_KV_CACHE_CAP if gib is None else int(gib * 2**30)
         want = budget // bytes_per_block
     assert cpu_num_blocks(cache, bytes_per_block, model_len, seqs) == want
+
+
+@pytest.mark.gpu
+def test_cuda_graph_line(tiny, caplog) -> None:
+    """On a GPU: the captured batch sizes (those of graph_batch_sizes) and the capture time."""
+    from fuselm import LLM
+    from fuselm.engine.model_runner import graph_batch_sizes
+
+    caplog.set_level(logging.INFO, logger="fuselm.startup")
+    LLM(str(tiny), device="cuda", max_num_seqs=8, max_model_len=64, num_gpu_blocks=64)
+    line = _lines(caplog)["CUDA graphs"]
+    match = re.fullmatch(r"batch sizes \[([\d, ]+)\], captured in ([\d.]+) s", line)
+    assert match is not None, line
+    assert [int(s) for s in match.group(1).split(",")] == sorted(graph_batch_sizes(8))
+    assert float(match.group(2)) > 0
