@@ -71,10 +71,10 @@ class Tokenizer:
     def from_gguf(cls, path: str | Path | GGUFFile) -> Tokenizer:
         """Tokenizer of a GGUF file, given by path or as its parsed header (byte-level BPE
         vocabularies; see `tokenizer_from_gguf`)."""
-        from fuselm.loading.gguf import metadata_value, open_gguf_reader, tokenizer_from_gguf
+        from fuselm.loading.gguf import metadata_value, tokenizer_from_gguf
         from fuselm.loading.gguf_file import GGUFFile
 
-        reader = path if isinstance(path, GGUFFile) else open_gguf_reader(path)
+        reader = path if isinstance(path, GGUFFile) else GGUFFile.open(path)
         return cls(
             tokenizer_from_gguf(reader),
             bos_token_id=metadata_value(reader, "tokenizer.ggml.bos_token_id"),
