@@ -308,7 +308,32 @@ def run_step(args: argparse.Namespace) -> None:
               f"({step_s / base:.3f}x free)")
     mean_fill = statistics.mean(fill_times) * 1e3 if fill_times else 0.0
     print(f"mask fill on the host: {mean_fill:.3f} ms per step (mean of {len(fill_times)}); "
+          f"mask applied on the device: {_apply_ms(args, llm.model_config.vocab_size):.3f} ms; "
           f"constrained / free = {rows[1][1] / base:.3f}")
+
+
+def _apply_ms(args: argparse.Namespace, vocab_size: int) -> float:
+    """Device time of ``apply_token_bitmask`` on ``[batch, vocab]`` float32 logits."""
+    from fuselm.layers.sampler import apply_token_bitmask
+
+    device = torch.device(args.device)
+    logits = torch.randn(args.batch_size, vocab_size, device=device)
+    bitmask = torch.randint(-2**31, 2**31 - 1, (args.batch_size, -(-vocab_size // 32)),
+                            dtype=torch.int32, device=device)
+    for _ in range(3):
+        apply_token_bitmask(logits, bitmask)
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(20):
+            apply_token_bitmask(logits, bitmask)
+        return (time.perf_counter() - t0) / 20 * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(100):
+        apply_token_bitmask(logits, bitmask)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 100
 
 
 def main() -> None:
