@@ -150,3 +150,15 @@ def test_named_output_complete_and_streamed():
     assert got.tool_calls[0].name == "weather" and json.loads(got.tool_calls[0].arguments) == args
     content, streamed, _ = stream(NamedStreamer("weather"), pieces(text, rng))
     assert streamed == [("weather", args)] and content == ""
+
+
+@pytest.mark.parametrize("name, text", [
+    ("llama3_json", '{"answer": 42, "why": "because"}'),
+    ("hermes", 'Sure. <tool_call>{"arguments": {"a": 1}</tool_call>'),
+    ("hermes", "Sure. <tool_call> not json at all"),
+])
+def test_what_never_becomes_a_call_streams_as_content(name, text):
+    parser = get_tool_parser(name)
+    assert parser.extract(text).content == text
+    content, calls, _ = stream(parser.streamer(), pieces(text, random.Random(3)))
+    assert calls == [] and content == text

@@ -55,6 +55,7 @@ class HermesStreamer:
         self.state = "content"  # content | brace (after <tool_call>) | call | end_tag
         self.call: CallObjectStream | None = None
         self.num_calls = 0
+        self.tag_start = 0  # where the open <tool_call> began
 
     def feed(self, delta: str) -> StreamDelta:
         """The content and pieces that ``delta`` completes."""
@@ -75,7 +76,7 @@ class HermesStreamer:
             self.pos = upto
             if found < 0:
                 return False
-            self.pos, self.state = found + len(START), "brace"
+            self.pos, self.state, self.tag_start = found + len(START), "brace", found
         if self.state == "brace":
             brace = text.find("{", self.pos)
             if brace < 0:
@@ -94,11 +95,14 @@ class HermesStreamer:
         return True
 
     def finish(self) -> StreamDelta:
-        """Content still held back at the end of the message."""
+        """Content still held back at the end of the message; a first block that never
+        became a call (no name) is content too, as in ``extract``."""
         out = StreamDelta()
-        if self.state == "content" and self.num_calls == 0:
+        if self.num_calls == 0 and self.state == "content":
             out.content = self.text[self.pos:]
             self.pos = len(self.text)
+        elif self.num_calls == 0 and (self.call is None or self.call.name is None):
+            out.content = self.text[self.tag_start:]
         return out
 
 

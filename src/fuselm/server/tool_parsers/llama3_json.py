@@ -119,7 +119,9 @@ class Llama3JsonStreamer:
         return brace if brace >= 0 else None
 
     def finish(self) -> StreamDelta:
-        """Text held back while the mode was undecided."""
-        if self.mode is None:
+        """Text held back while the mode was undecided, or a message that looked like a call
+        but never named a function (JSON content)."""
+        unnamed = self.num_calls == 0 and self.call is not None and self.call.name is None
+        if self.mode is None or (self.mode == "calls" and unnamed):
             return StreamDelta(content=self.text)
         return StreamDelta()
