@@ -29,10 +29,14 @@ from fuselm.server.tool_parsers.forced import (
 
 
 class _Strict(BaseModel):
+    """Unknown keys are a 400 (they are inside fields the contract cannot see)."""
+
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
 
 
 class JsonSchemaFormat(_Strict):
+    """OpenAI's ``response_format.json_schema``."""
+
     name: str = Field("response", min_length=1, max_length=64)
     description: str | None = None
     json_schema: dict[str, Any] | bool | None = Field(None, alias="schema")
@@ -40,6 +44,8 @@ class JsonSchemaFormat(_Strict):
 
 
 class ResponseFormat(_Strict):
+    """OpenAI's ``response_format``."""
+
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -56,6 +62,8 @@ class StructuredOutputsField(_Strict):
 
 
 class FunctionDefinition(_Strict):
+    """A tool's function: its name, description and parameters schema."""
+
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
     parameters: dict[str, Any] | None = None
@@ -63,6 +71,8 @@ class FunctionDefinition(_Strict):
 
 
 class ChatTool(_Strict):
+    """One of ``tools``."""
+
     type: Literal["function"] = "function"
     function: FunctionDefinition
 
@@ -72,6 +82,8 @@ class _FunctionName(_Strict):
 
 
 class NamedToolChoice(_Strict):
+    """``tool_choice: {"type": "function", "function": {"name": ...}}``."""
+
     type: Literal["function"] = "function"
     function: _FunctionName
 
@@ -137,9 +149,15 @@ def _params(param: str, **kwargs: Any) -> StructuredOutputsParams:
 
 
 class ToolStreamer(Protocol):
-    def feed(self, delta: str) -> StreamDelta: ...
+    """Per-choice streaming state of a tool parser or a forced choice."""
 
-    def finish(self) -> StreamDelta: ...
+    def feed(self, delta: str) -> StreamDelta:
+        """What a text delta adds."""
+        ...
+
+    def finish(self) -> StreamDelta:
+        """What was held back, at the end."""
+        ...
 
 
 @dataclass
