@@ -69,3 +69,47 @@ def test_8b_dummy_serve_under_bench_serve(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+def test_health_stays_200_for_60_s_under_the_defect_1_load(tmp_path: Path) -> None:
+    """Defect 1's repro at full size: 40 concurrent n=16 completions of 64 prompts while
+    /health is polled for 60 s: every probe 200 (requests get 200, or 429 when the queue is
+    full, never 503)."""
+    import asyncio
+    import time
+
+    import httpx
+
+    from fuselm.bench.dummy_model import write_dummy_checkpoint
+
+    model_dir = write_dummy_checkpoint("llama-3-8b", tmp_path / "llama-3-8b")
+    proc, url = _serve(model_dir)
+
+    async def run() -> tuple[set[int], set[int]]:
+        health: set[int] = set()
+        answers: set[int] = set()
+        body = {"prompt": [f"prompt {i}" for i in range(64)], "n": 16, "max_tokens": 16,
+                "temperature": 1.0, "ignore_eos": True}
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+            end = time.monotonic() + 60
+
+            async def load() -> None:
+                while time.monotonic() < end:
+                    answers.add((await client.post("/v1/completions", json=body)).status_code)
+
+            async def poll() -> None:
+                while time.monotonic() < end:
+                    health.add((await client.get("/health")).status_code)
+                    await asyncio.sleep(0.1)
+
+            await asyncio.gather(poll(), *(load() for _ in range(40)))
+        return health, answers
+
+    try:
+        health, answers = asyncio.run(run())
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    assert health == {200}, health
+    assert answers <= {200, 429}, answers
