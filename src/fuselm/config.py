@@ -140,6 +140,13 @@ class ModelConfig:
                 raise UnsupportedModelError(
                     f"unsupported rope_scaling type {rtype!r}; fuselm supports llama3 and linear"
                 )
+        quant = cfg.get("quantization_config")
+        if quant:
+            method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else quant
+            raise UnsupportedModelError(
+                f"the checkpoint is quantized (quantization_config.quant_method {method!r}); "
+                "fuselm does not load quantized Hugging Face checkpoints yet (their scales "
+                "would be dropped): use the bf16/fp16 checkpoint or a GGUF file")
         act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
         if act != "silu":
             raise UnsupportedModelError(
