@@ -5,8 +5,11 @@
 # step does not stop the later ones, and the script exits 1 if any failed.
 #
 # Usage (repo root or anywhere):  OUT=/dir scripts/gpu/run.sh [steps...]
-#   steps: env build tests kbench abench gemv latency gap engine ab dist pack
-#   default: env build tests kbench abench gemv latency gap engine pack
+#   steps: wheels env build tests kbench abench gemv latency gap engine ab dist pack
+#   default: wheels env build tests kbench abench gemv latency gap engine pack
+#     wheels   installs the wheels in .whl/ (packages the device image lacks: FastAPI, uvicorn,
+#              xgrammar, gguf, jsonschema, ...; see docs/perf/README.md) into /tmp/site, on
+#              PYTHONPATH for the later steps; nothing when there is no .whl/
 #     env      GPU, driver, torch/triton/transformers versions, commit
 #     build    the CUDA extension (JIT, this GPU's arch only)
 #     tests    pytest -m gpu over $GPU_TESTS (default: tests/)
@@ -37,7 +40,7 @@ OUT=$(cd "$OUT" && pwd)
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export MAX_JOBS=${MAX_JOBS:-16} NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/build/torch_extensions}
-STEPS=${*:-env build tests kbench abench gemv latency gap engine pack}
+STEPS=${*:-wheels env build tests kbench abench gemv latency gap engine pack}
 status=0
 
 # shellcheck source=scripts/gpu/lib_steps.sh
@@ -122,6 +125,12 @@ dist() {  # 2 GPUs: Llama-3-8B shape, bf16, dummy weights; TP=1 in the same run
 
 for step in $STEPS; do
   case $step in
+    wheels)
+      if compgen -G ".whl/*.whl" > /dev/null; then
+        run_step wheels 120 python3 -m pip install -q --no-index --no-deps --no-compile \
+          --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+        export PYTHONPATH="/tmp/site:$PYTHONPATH"
+      fi ;;
     env) run_step env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version \
       --format=csv; nvidia-smi topo -m; python -c 'import torch, triton, transformers; \
       print(torch.__version__, torch.version.cuda, triton.__version__, \
