@@ -123,14 +123,16 @@ dist() {  # 2 GPUs: Llama-3-8B shape, bf16, dummy weights; TP=1 in the same run
   done
 }
 
+install_wheels() {  # the carried wheels (.whl/) into /tmp/site, ahead on PYTHONPATH
+  compgen -G ".whl/*.whl" > /dev/null || return 0
+  run_step wheels 120 python3 -m pip install -q --no-index --no-deps --no-compile \
+    --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:$PYTHONPATH"
+}
+
 for step in $STEPS; do
   case $step in
-    wheels)
-      if compgen -G ".whl/*.whl" > /dev/null; then
-        run_step wheels 120 python3 -m pip install -q --no-index --no-deps --no-compile \
-          --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-        export PYTHONPATH="/tmp/site:$PYTHONPATH"
-      fi ;;
+    wheels) install_wheels ;;
     env) run_step env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version \
       --format=csv; nvidia-smi topo -m; python -c 'import torch, triton, transformers; \
       print(torch.__version__, torch.version.cuda, triton.__version__, \
