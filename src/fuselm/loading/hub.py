@@ -57,11 +57,12 @@ def _not_found_message(repo_id: str, revision: str | None, download_dir: str | N
     from huggingface_hub import constants
 
     cache = download_dir or constants.HF_HUB_CACHE
-    where = (f"offline mode (HF_HUB_OFFLINE=1) and not in the cache {cache}" if hub_offline()
+    where = (f"not in the cache {cache} (offline mode: HF_HUB_OFFLINE=1)" if hub_offline()
              else f"not in the cache {cache} and the Hub could not serve it "
                   f"({type(exc).__name__}: {_first_line(exc)})")
     at = f" at revision {revision!r}" if revision else ""
-    return (f"model {repo_id!r}{at}: {where}. --model ORG/NAME is a Hugging Face Hub id, "
+    return (f"model {repo_id!r}{at} is no local path, and as a Hub id it is {where}. "
+            "--model ORG/NAME is a Hugging Face Hub id, "
             "downloaded with huggingface_hub into --download-dir (default: $HF_HOME/hub) and "
             "read from there offline afterwards; --revision picks a branch, tag or commit. "
             "Download it where the Hub is reachable, or pass a local directory or .gguf file")
