@@ -30,9 +30,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fuselm.config import EngineConfig, ModelConfig, ParallelConfig
+from fuselm.config import EngineConfig, ModelConfig, ParallelConfig, check_parallel_fits
 from fuselm.distributed.monitor import Monitor, hard_exit
 from fuselm.envs import torchrun_env
+from fuselm.errors import ConfigError
 from fuselm.parallel import parallel_state as ps
 
 logger = logging.getLogger(__name__)
@@ -130,23 +131,17 @@ def is_torchrun_worker() -> bool:
     return env is not None and env[0] != 0
 
 
-def check_parallel_config(parallel: ParallelConfig, model: ModelConfig) -> list[int] | None:
-    """Validates tp x pp against the model; returns the layer partition (None: even split)."""
-    tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
-    if tp < 1 or pp < 1:
-        raise ValueError("--tensor-parallel-size and --pipeline-parallel-size must be >= 1")
-    if model.num_attention_heads % tp:
-        raise ValueError(f"--tensor-parallel-size {tp} does not divide the model's "
-                         f"{model.num_attention_heads} attention heads")
-    if pp > model.num_hidden_layers:
-        raise ValueError(f"--pipeline-parallel-size {pp} exceeds the model's "
-                         f"{model.num_hidden_layers} layers")
-    if parallel.pipeline_layer_partition is None:
+def layer_partition(config: EngineConfig, model: ModelConfig) -> list[int] | None:
+    """Checks tp x pp against the model (``config.check_parallel_fits``); returns the layer
+    partition of ``--pipeline-layer-partition`` (None: an even split)."""
+    check_parallel_fits(config, model)
+    spec, pp = config.parallel.pipeline_layer_partition, config.parallel.pipeline_parallel_size
+    if spec is None:
         return None
-    parts = [int(x) for x in parallel.pipeline_layer_partition.split(",")]
-    if len(parts) != pp or sum(parts) != model.num_hidden_layers or min(parts) < 1:
-        raise ValueError(f"--pipeline-layer-partition {parallel.pipeline_layer_partition} must "
-                         f"give {pp} positive layer counts summing to {model.num_hidden_layers}")
+    parts = [int(x) for x in spec.split(",")]
+    if len(parts) != pp or min(parts) < 1:
+        raise ConfigError(f"--pipeline-layer-partition {spec} must give {pp} positive layer "
+                          f"counts summing to {model.num_hidden_layers}")
     return parts
 
 
@@ -168,7 +163,7 @@ def init_distributed(config: EngineConfig, model: ModelConfig) -> DistributedCon
     env = torchrun_env()
     if world == 1 and env is None:
         return None
-    partition = check_parallel_config(config.parallel, model)
+    partition = layer_partition(config, model)
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     if env is not None:
@@ -251,7 +246,7 @@ def _spawned_worker_main(config: EngineConfig, rank: int, port: int, log_level: 
         parent = os.getppid()
         world = world_size_of(config.parallel)
         timeout = timedelta(seconds=config.parallel.distributed_timeout)
-        partition = check_parallel_config(config.parallel, _model_config(config))
+        partition = layer_partition(config, _model_config(config))
         store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timeout)
         ctx = _join(config, rank, rank, store, {}, parent, partition)
         run_worker(config, ctx)

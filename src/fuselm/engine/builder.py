@@ -15,6 +15,7 @@ from fuselm.config import EngineConfig, ModelConfig, SchedulerConfig
 from fuselm.engine import startup_report
 from fuselm.engine.block_manager import BlockManager
 from fuselm.engine.model_runner import ModelRunner
+from fuselm.errors import ConfigError
 from fuselm.kernels.kernel_set import KernelSet
 from fuselm.loading import loader
 from fuselm.tokenizer import Tokenizer
@@ -138,7 +139,7 @@ def build_engine_parts(config: EngineConfig, source: loader.ModelSource,
             config, runner, dtype, sched, max_model_len, execute))
     capacity = num_blocks * config.cache.block_size
     if capacity < max_model_len:
-        raise ValueError(
+        raise ConfigError(
             f"the KV cache holds {capacity} tokens, fewer than max_model_len {max_model_len}; "
             "raise --gpu-memory-utilization or lower --max-model-len")
     runner.allocate_kv_cache(num_blocks, dtype)
