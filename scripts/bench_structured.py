@@ -8,11 +8,13 @@ token; Llama 3's size, offline): tokenizer setup, JSON-schema compile, compile +
 the per-step mask at batch 1 (one matcher walking a valid document) and at batch N (N
 matchers at staggered positions, one batched fill per step on --threads threads).
 
-``step``: the decode step of N sequences with every sequence free (greedy), then every
-sequence constrained (a JSON schema whose string fields never close within the run, so the
-mask works at every step), in one run; prints the step times, their ratio and the host time
-of the mask fill per step. ``--shape llama-3-8b`` serves dummy weights at that shape with the
-128k tokenizer above (a GPU); the default is the default model (CPU works).
+``step``: the decode step of N sequences with every sequence free (greedy; with async
+scheduling, then without it: a constrained batch never runs ahead), then every sequence
+constrained (a JSON schema whose string fields never close within the run, so the mask works
+at every step), then free again, in one run; prints the step times, their ratios, the host
+time of the mask fill per step and the device time of applying it. ``--shape llama-3-8b``
+serves dummy weights at that shape with the 128k tokenizer above (a GPU); the default is the
+default model (CPU works).
 
 Usage:
   python scripts/bench_structured.py libraries [--threads 8] [--batch-size 64]
@@ -295,21 +297,28 @@ def run_step(args: argparse.Namespace) -> None:
         _timed_run(llm, prompts, constrained)  # warm-up: tokenizer info, grammar compile
         fill_times.clear()
         rows = []
-        for label, params in (("free", free), ("constrained", constrained),
-                              ("free again", free)):
+        run_ahead = llm.engine.run_ahead
+        for label, params, ahead in (("free", free, run_ahead),
+                                     ("free, sync", free, False),
+                                     ("constrained", constrained, run_ahead),
+                                     ("free again", free, run_ahead)):
+            llm.engine.run_ahead = ahead  # a constrained batch never runs ahead: its baseline
             step_s, steps = _timed_run(llm, prompts, params)
             rows.append((label, step_s, steps))
+        llm.engine.run_ahead = run_ahead
         sampling_inputs.fill_token_bitmask = fill
-    base = (rows[0][1] + rows[2][1]) / 2
+    base = (rows[0][1] + rows[3][1]) / 2
     print(f"device {args.device}, shape {args.shape}, batch {args.batch_size}, "
-          f"{args.max_tokens} tokens, vocab {llm.model_config.vocab_size}")
+          f"{args.max_tokens} tokens, vocab {llm.model_config.vocab_size}, "
+          f"async scheduling {'on' if run_ahead else 'off'}")
     for label, step_s, steps in rows:
         print(f"{label:12s} step {step_s * 1e3:8.3f} ms over {steps} steps  "
-              f"({step_s / base:.3f}x free)")
+              f"({step_s / base:.3f}x free, {step_s / rows[1][1]:.3f}x free sync)")
     mean_fill = statistics.mean(fill_times) * 1e3 if fill_times else 0.0
     print(f"mask fill on the host: {mean_fill:.3f} ms per step (mean of {len(fill_times)}); "
           f"mask applied on the device: {_apply_ms(args, llm.model_config.vocab_size):.3f} ms; "
-          f"constrained / free = {rows[1][1] / base:.3f}")
+          f"constrained / free = {rows[2][1] / base:.3f}, constrained / free sync = "
+          f"{rows[2][1] / rows[1][1]:.3f}")
 
 
 def _apply_ms(args: argparse.Namespace, vocab_size: int) -> float:
