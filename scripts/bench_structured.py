@@ -18,8 +18,9 @@ default model (CPU works).
 
 Usage:
   python scripts/bench_structured.py libraries [--threads 8] [--batch-size 64]
+  python scripts/bench_structured.py tokenizer --out tok128k.json   (where the default model is)
   python scripts/bench_structured.py step [--shape llama-3-8b] [--batch-size 64]
-      [--max-tokens 128] [--device cuda]
+      [--max-tokens 128] [--device cuda] [--tokenizer-json F]
 """
 
 from __future__ import annotations
@@ -234,12 +235,18 @@ OPEN_SCHEMA = {"type": "object", "properties": {"notes": {"type": "array", "item
     "type": "string"}}}, "required": ["notes"]}
 
 
-def _dummy_8b(folder: Path) -> str:
+def llama3_size_tokenizer() -> str:
+    """The 128k-token BPE (tokenizer.json text) built from the default model's vocabulary."""
+    base = Tokenizer.from_gguf(default_model_path())
+    return extend_vocab(base.tokenizer.to_str(), LLAMA3_VOCAB)
+
+
+def _dummy_8b(folder: Path, tokenizer_json: Path | None) -> str:
     from fuselm.bench.dummy_model import write_dummy_checkpoint
 
-    base = Tokenizer.from_gguf(default_model_path())
     path = write_dummy_checkpoint("llama-3-8b", folder, bos_token_id=1, eos_token_id=2)
-    (path / "tokenizer.json").write_text(extend_vocab(base.tokenizer.to_str(), LLAMA3_VOCAB))
+    (path / "tokenizer.json").write_text(
+        tokenizer_json.read_text() if tokenizer_json else llama3_size_tokenizer())
     (path / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": False}))
     return str(path)
@@ -272,7 +279,8 @@ def run_step(args: argparse.Namespace) -> None:
                               "max_num_seqs": max(args.batch_size, 1)}
     with tempfile.TemporaryDirectory() as tmp:
         if args.shape == "llama-3-8b":
-            llm = LLM(_dummy_8b(Path(tmp)), load_format="dummy", dtype="bfloat16", **kwargs)
+            llm = LLM(_dummy_8b(Path(tmp), args.tokenizer_json), load_format="dummy",
+                      dtype="bfloat16", **kwargs)
         else:
             llm = LLM(**kwargs, cpu_kv_cache_gib=1.0) if args.device == "cpu" else LLM(**kwargs)
         fill_times: list[float] = []
@@ -357,7 +365,15 @@ def main() -> None:
     step.add_argument("--batch-size", type=int, default=64)
     step.add_argument("--max-tokens", type=int, default=128)
     step.add_argument("--prompt-len", type=int, default=64)
+    step.add_argument("--tokenizer-json", type=Path, default=None,
+                      help="the 128k tokenizer of --shape llama-3-8b, written earlier by "
+                      "`tokenizer --out FILE` (for a machine without the default model)")
+    tok = sub.add_parser("tokenizer", help="write the 128k tokenizer of --shape llama-3-8b")
+    tok.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if args.command == "tokenizer":
+        args.out.write_text(llama3_size_tokenizer())
+        return
     (run_libraries if args.command == "libraries" else run_step)(args)
 
 
