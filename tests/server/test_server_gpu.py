@@ -63,7 +63,8 @@ def test_8b_dummy_serve_under_bench_serve(tmp_path: Path) -> None:
             result = json.loads(out.read_text())
             for run in result["runs"]:
                 print(run["request_rate"], run["max_concurrency"], run["completed"],
-                      run["failed"], "ITL p50 ms", run["itl_ms"]["median"])
+                      run["failed"], "ITL ms", json.dumps(run["itl_ms"]), "TPOT ms",
+                      json.dumps(run["tpot_ms"]))
                 assert run["failed"] == 0, run["errors"]
                 assert run["total_output_tokens"] == run["completed"] * 128
     finally:
