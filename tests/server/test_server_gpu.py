@@ -20,8 +20,14 @@ pytestmark = [pytest.mark.gpu, pytest.mark.timeout(1800)]
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _env() -> dict[str, str]:
+    """This tree's sources first, what the caller's PYTHONPATH holds after (carried wheels)."""
+    path = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONPATH=path)
+
+
 def _serve(model_dir: Path) -> tuple[subprocess.Popen, str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    env = _env()
     proc = subprocess.Popen(
         [sys.executable, "-m", "fuselm", "serve", str(model_dir), "--load-format", "dummy",
          "--port", "0", "--disable-log-requests", "--uvicorn-log-level", "warning"],
@@ -51,7 +57,7 @@ def test_8b_dummy_serve_under_bench_serve(tmp_path: Path) -> None:
     model_dir = write_dummy_checkpoint("llama-3-8b", tmp_path / "llama-3-8b")
     proc, url = _serve(model_dir)
     try:
-        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+        env = _env()
         for argv in (["--request-rate", "8", "32", "inf", "--num-prompts", "200"],
                      ["--max-concurrency", "1", "--num-prompts", "20"]):
             out = tmp_path / "bench.json"
