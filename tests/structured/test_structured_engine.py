@@ -76,7 +76,32 @@ def test_constrained_and_free_sequences_in_one_batch(tiny, async_scheduling):
     free = alone.generate([prompts[0], prompts[4]], [params[0], params[4]])
     assert [o.outputs[0].token_ids for o in free] == [outs[0].outputs[0].token_ids,
                                                       outs[4].outputs[0].token_ids]
-    assert engine.num_pipelined_steps == 0  # a grammar needs each token before the next mask
+    if async_scheduling:  # constrained steps ran ahead too, their sampling deferred
+        assert engine.num_pipelined_steps > 0
+
+
+def test_deferred_sampling_gives_the_synchronous_tokens(tiny):
+    """Async scheduling runs constrained steps ahead with their sampling (and mask) queued once
+    the previous step's tokens are read: every token equals the synchronous engine's, seeded
+    sampling included, and the constraints hold."""
+    so = StructuredOutputsParams
+    params = [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
+              SamplingParams(temperature=0.9, seed=5, max_tokens=40,
+                             structured_outputs=so(json=SCHEMA, disable_any_whitespace=True)),
+              SamplingParams(temperature=0.0, max_tokens=16, structured_outputs=so(regex=REGEX))]
+    prompts = _prompts(3, seed=9)
+    runs = {}
+    for mode in (False, True):
+        llm = LLM(str(tiny), device="cpu", num_gpu_blocks=100, block_size=8,
+                  async_scheduling=mode)
+        outs = llm.generate(prompts, params)
+        runs[mode] = [o.outputs[0].token_ids for o in outs]
+        jsonschema.validate(json.loads(outs[1].outputs[0].text), SCHEMA)
+        assert re.fullmatch(REGEX, outs[2].outputs[0].text)
+        steps = llm.engine.num_pipelined_steps
+        assert (steps > 0) == mode, steps
+        assert llm.engine.block_manager.num_free_blocks == 100
+    assert runs[True] == runs[False]
 
 
 def test_seeded_constrained_sampling_repeats(tiny):

@@ -75,6 +75,9 @@ class _RankStep:
                 return self.local.result()
             return self.executor.receive(self)
 
+    def finish_sampling(self) -> None:
+        """Nothing: a distributed step's sampling is queued with its forward."""
+
 
 class DistributedExecutor:
     """Rank 0's side of a distributed engine (see the module docstring)."""
@@ -129,10 +132,13 @@ class DistributedExecutor:
         return self.keep_argmax and isinstance(pending, _RankStep) and pending.greedy
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, follows: PendingStep | None = None) -> _RankStep:
+    def execute(self, out: SchedulerOutput, follows: PendingStep | None = None,
+                defer_sampling: bool = False) -> _RankStep:
         """Sends the plan of ``out``, runs rank 0's stage and queues the sampling there (one
         stage) without waiting for the device; ``follows``: the step whose device tokens are
         this one's inputs on every rank."""
+        if defer_sampling:
+            raise ValueError("a distributed step samples with its forward (no deferred sampling)")
         with self.guarded():
             reqs = [s.request for s in out.sequences if s.sample]
             greedy = self.keep_argmax and all_plain_greedy(reqs)

@@ -157,6 +157,8 @@ class LLMEngine:
         self.num_steps += 1
         self.max_seqs_in_step = max(self.max_seqs_in_step, len(out.sequences))
         self.scheduler.update(out, result.token_ids)
+        for later in self.in_flight:  # its masks can read this step's tokens now
+            later.finish_sampling()
         touched: dict[str, RequestState] = {}
         for seq, token, logprobs in zip(out.sequences, result.token_ids, result.logprobs,
                                         strict=True):
@@ -192,9 +194,14 @@ class LLMEngine:
             self.in_flight.append(self.executor.execute(out))
         if self.run_ahead and limit == 1 and len(self.in_flight) == 1:
             prev = self.in_flight[0]
-            ahead = sched.schedule_ahead(prev.out) if self.executor.can_follow(prev) else None
+            defer = self.executor.can_defer_sampling
+            ahead = (sched.schedule_ahead(prev.out, with_grammars=defer)
+                     if self.executor.can_follow(prev) else None)
             if ahead is not None:
-                self.in_flight.append(self.executor.execute(ahead, follows=prev))
+                # a constrained sequence's mask needs prev's token: its sampling waits for it
+                masked = any(s.request.grammar is not None for s in ahead.sequences)
+                self.in_flight.append(self.executor.execute(ahead, follows=prev,
+                                                            defer_sampling=masked))
                 self.num_pipelined_steps += 1
         self.max_in_flight_seen = max(self.max_in_flight_seen, len(self.in_flight))
 

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import torch
 
-from fuselm.engine.model_runner import LaunchedStep, ModelRunner, StepResult
+from fuselm.engine.model_runner import DeferredSampling, LaunchedStep, ModelRunner, StepResult
 from fuselm.engine.scheduler import SchedulerOutput
 
 
@@ -33,15 +33,23 @@ class PendingStep(Protocol):
         """Waits for this step and returns its tokens on the host."""
         ...
 
+    def finish_sampling(self) -> None:
+        """Queues its sampling if that was deferred (``execute(..., defer_sampling=True)``)."""
+        ...
+
 
 class Executor(Protocol):
     """Runs schedules on the model: one process, or every rank of a distributed engine."""
 
     max_in_flight: int
     """Steps that may be launched before the oldest one's result is read."""
+    can_defer_sampling: bool
+    """Whether ``execute`` can queue a forward now and its sampling later."""
 
-    def execute(self, out: SchedulerOutput, follows: PendingStep | None = None) -> PendingStep:
-        """Launches ``out``; with ``follows``, its input ids are that step's device tokens."""
+    def execute(self, out: SchedulerOutput, follows: PendingStep | None = None,
+                defer_sampling: bool = False) -> PendingStep:
+        """Launches ``out``; with ``follows``, its input ids are that step's device tokens;
+        with ``defer_sampling``, its sampling waits for ``PendingStep.finish_sampling``."""
         ...
 
     def can_follow(self, pending: PendingStep) -> bool:
@@ -57,13 +65,16 @@ class LocalExecutor:
     """A single process: the runner launches each schedule on this device."""
 
     max_in_flight = 1
+    can_defer_sampling = True
 
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
 
-    def execute(self, out: SchedulerOutput, follows: PendingStep | None = None) -> LaunchedStep:
+    def execute(self, out: SchedulerOutput, follows: PendingStep | None = None,
+                defer_sampling: bool = False) -> LaunchedStep | DeferredSampling:
         """Queues the step on the device without waiting for it."""
-        return self.runner.launch(out, None if follows is None else follows.device_tokens)
+        return self.runner.launch(out, None if follows is None else follows.device_tokens,
+                                  defer_sampling)
 
     def can_follow(self, pending: PendingStep) -> bool:
         """Always: sampling runs in this process, so any sampled tokens can feed the next step."""

@@ -61,6 +61,41 @@ class LaunchedStep:
             ids = self.sampled.token_ids.tolist()
         return step_result(self.out, self.sampled, ids)
 
+    def finish_sampling(self) -> None:
+        """Nothing: this step's sampling is queued already."""
+
+
+@dataclass
+class DeferredSampling:
+    """A step whose forward is queued and whose sampling waits for ``finish_sampling``: the
+    structured-output masks of its sequences need the previous step's tokens, which the host
+    reads while this forward runs (so the mask fill overlaps it)."""
+
+    runner: ModelRunner
+    out: SchedulerOutput
+    logits: torch.Tensor
+    reqs: list
+    launched: LaunchedStep | None = None
+
+    def finish_sampling(self) -> None:
+        """Builds the sampling inputs (masks included) and queues the sampling; once."""
+        if self.launched is None:
+            self.launched = self.runner.sample_launched(self.out, self.logits, self.reqs,
+                                                        greedy=False)
+
+    @property
+    def device_tokens(self) -> torch.Tensor:
+        """The sampled token ids on the device, once ``finish_sampling`` queued them."""
+        if self.launched is None:
+            raise RuntimeError("a step cannot follow one whose sampling is not queued yet")
+        return self.launched.device_tokens
+
+    def result(self) -> StepResult:
+        """Queues the sampling if still needed, waits for it and returns the tokens."""
+        self.finish_sampling()
+        assert self.launched is not None
+        return self.launched.result()
+
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     """Decode batch sizes that get a CUDA graph: 1, 2, 4, 8, then every 16 up to the limit."""
@@ -128,10 +163,11 @@ class ModelRunner:
                    for a in self.model.attention_layers())
 
     @torch.inference_mode()
-    def launch(self, out: SchedulerOutput,
-               input_ids: torch.Tensor | None = None) -> LaunchedStep:
+    def launch(self, out: SchedulerOutput, input_ids: torch.Tensor | None = None,
+               defer_sampling: bool = False) -> LaunchedStep | DeferredSampling:
         """Queues one step on the device without waiting for it. ``input_ids`` (on the device,
-        a row per sequence) replaces the host's token ids: the previous step's samples."""
+        a row per sequence) replaces the host's token ids: the previous step's samples. With
+        ``defer_sampling`` only the forward is queued (see ``DeferredSampling``)."""
         num_seqs = len(out.sequences)
         graph_size = self.graph_size_for(out)
         if graph_size is not None:
@@ -146,6 +182,8 @@ class ModelRunner:
             hidden = self.model(ids, pos, batch)
             logits = self.model.compute_logits(hidden[batch.logits_indices])
         reqs = [s.request for s in out.sequences if s.sample]
+        if defer_sampling:
+            return DeferredSampling(self, out, logits, reqs)
         return self.sample_launched(out, logits, reqs, all_plain_greedy(reqs))
 
     def sample_launched(self, out: SchedulerOutput, logits: torch.Tensor, reqs: list,

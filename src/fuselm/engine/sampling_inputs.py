@@ -10,6 +10,13 @@ from fuselm.structured.bitmask import fill_token_bitmask
 from fuselm.structured.compiler import bitmask_width
 
 
+def _device_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``values`` on ``device`` without waiting for it: through pinned memory on CUDA (a copy
+    from pageable memory would first wait for the forward queued before it)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 def _penalty_inputs(reqs: list[Request], vocab_size: int, device: torch.device,
                     t: SamplingTensors) -> None:
     params = [r.sampling_params for r in reqs]
@@ -42,8 +49,8 @@ def _logit_bias(reqs: list[Request], vocab_size: int, device: torch.device
                 bias.append(value)
     if not rows:
         return None
-    return (torch.tensor(rows, device=device), torch.tensor(ids, device=device),
-            torch.tensor(bias, dtype=torch.float32, device=device))
+    return (_device_tensor(rows, torch.int64, device), _device_tensor(ids, torch.int64, device),
+            _device_tensor(bias, torch.float32, device))
 
 
 def _token_bitmask(reqs: list[Request], vocab_size: int,
@@ -62,15 +69,19 @@ def _token_bitmask(reqs: list[Request], vocab_size: int,
 def build_sampling_tensors(reqs: list[Request], vocab_size: int,
                            device: torch.device) -> SamplingTensors:
     """Stacks the sampling parameters of ``reqs`` (one row each) on ``device``; advances the
-    structured-output grammars of ``reqs`` by their new tokens and builds their token bitmask."""
+    structured-output grammars of ``reqs`` by their new tokens and builds their token bitmask.
+
+    Nothing here waits for the device, so the host work (the mask fill first) overlaps the
+    forward queued before it."""
+    bitmask = _token_bitmask(reqs, vocab_size, device)
     params = [r.sampling_params for r in reqs]
     temps = [0.0 if p.greedy else p.temperature for p in params]
     top_ks = [vocab_size if p.top_k in (-1, 0) else min(p.top_k, vocab_size) for p in params]
     t = SamplingTensors(
-        temperature=torch.tensor(temps, dtype=torch.float32, device=device),
-        top_k=torch.tensor(top_ks, dtype=torch.int64, device=device),
-        top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
-        min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device),
+        temperature=_device_tensor(temps, torch.float32, device),
+        top_k=_device_tensor(top_ks, torch.int64, device),
+        top_p=_device_tensor([p.top_p for p in params], torch.float32, device),
+        min_p=_device_tensor([p.min_p for p in params], torch.float32, device),
         all_greedy=all(x == 0.0 for x in temps),
         need_top_k=any(k < vocab_size for k in top_ks),
         need_top_p=any(p.top_p < 1.0 for p in params),
@@ -82,5 +93,5 @@ def build_sampling_tensors(reqs: list[Request], vocab_size: int,
         t.generators = [r.generator for r in reqs]
     wanted = [p.logprobs for p in params if p.logprobs is not None]
     t.max_logprobs = max(wanted) if wanted else -1
-    t.token_bitmask = _token_bitmask(reqs, vocab_size, device)
+    t.token_bitmask = bitmask
     return t

@@ -94,10 +94,13 @@ class Scheduler:
             self._schedule_waiting(out, budget, cap)
         return out
 
-    def schedule_ahead(self, out: SchedulerOutput) -> SchedulerOutput | None:
+    def schedule_ahead(self, out: SchedulerOutput,
+                       with_grammars: bool = False) -> SchedulerOutput | None:
         """The next decode step of ``out``'s sequences, scheduled before ``out``'s tokens reach
         the host (async scheduling: its input tokens are ``out``'s samples, on the device), or
-        None when ``out`` cannot be followed blindly.
+        None when ``out`` cannot be followed blindly. ``with_grammars``: sequences with a
+        structured-output grammar may follow too (their step's sampling is then deferred until
+        ``out``'s tokens are read, see ``LLMEngine._launch_steps``).
 
         Only steady decode follows: every sequence of ``out`` decodes one token, nothing waits
         for admission, no sequence can end by length in ``out``, and no sampling parameter reads
@@ -110,17 +113,17 @@ class Scheduler:
                 s.num_new_tokens == 1 and s.sample for s in out.sequences):
             return None
         reqs = [s.request for s in out.sequences]
-        if not all(self._follows_blindly(r) for r in reqs):
+        if not all(self._follows_blindly(r, with_grammars) for r in reqs):
             return None
         if not all(self.block_manager.allocate(r, 2) for r in reqs):
             return None  # blocks already taken stay with their sequences: harmless
         return SchedulerOutput([ScheduledSequence(r, 1, True, ahead=1) for r in reqs])
 
-    def _follows_blindly(self, req: Request) -> bool:
+    def _follows_blindly(self, req: Request, with_grammars: bool) -> bool:
         p = req.sampling_params
         max_model_len = self.config.max_model_len
         return (not req.is_finished and p.logprobs is None and not p.uses_penalties
-                and req.grammar is None  # its next token mask needs this step's token
+                and (with_grammars or req.grammar is None)  # its mask needs this token
                 and len(req.output_token_ids) + 1 < req.max_tokens
                 and (max_model_len is None or req.num_computed_tokens + 2 <= max_model_len))
 
