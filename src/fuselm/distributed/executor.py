@@ -82,6 +82,8 @@ class _RankStep:
 class DistributedExecutor:
     """Rank 0's side of a distributed engine (see the module docstring)."""
 
+    can_defer_sampling = False  # every rank takes a step's plan, sampling inputs included
+
     def __init__(self, runner: ModelRunner, ctx: DistributedContext, vocab_size: int,
                  capture_graphs: bool, async_scheduling: bool = False) -> None:
         self.runner, self.ctx, self.vocab_size = runner, ctx, vocab_size
