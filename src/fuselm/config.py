@@ -409,9 +409,11 @@ def check_parallel_fits(config: EngineConfig, model: ModelConfig) -> None:
     if pp > layers:
         raise ConfigError(f"--pipeline-parallel-size {pp} exceeds the model's {layers} layers")
     partition = config.parallel.pipeline_layer_partition
-    if partition is not None and sum(int(p) for p in partition.split(",")) != layers:
-        raise ConfigError(f"--pipeline-layer-partition {partition} must sum to the model's "
-                          f"{layers} layers")
+    if partition is not None:
+        parts = [int(p) for p in partition.split(",")]
+        if sum(parts) != layers or len(parts) != pp or min(parts) < 1:
+            raise ConfigError(f"--pipeline-layer-partition {partition} must sum to the model's "
+                              f"{layers} layers in {pp} positive stage sizes")
 
 
 def check_cache_fits(config: EngineConfig, model: ModelConfig) -> None:

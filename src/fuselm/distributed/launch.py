@@ -33,7 +33,6 @@ import torch.multiprocessing as mp
 from fuselm.config import EngineConfig, ModelConfig, ParallelConfig, check_parallel_fits
 from fuselm.distributed.monitor import Monitor, hard_exit
 from fuselm.envs import torchrun_env
-from fuselm.errors import ConfigError
 from fuselm.parallel import parallel_state as ps
 
 logger = logging.getLogger(__name__)
@@ -135,14 +134,8 @@ def layer_partition(config: EngineConfig, model: ModelConfig) -> list[int] | Non
     """Checks tp x pp against the model (``config.check_parallel_fits``); returns the layer
     partition of ``--pipeline-layer-partition`` (None: an even split)."""
     check_parallel_fits(config, model)
-    spec, pp = config.parallel.pipeline_layer_partition, config.parallel.pipeline_parallel_size
-    if spec is None:
-        return None
-    parts = [int(x) for x in spec.split(",")]
-    if len(parts) != pp or min(parts) < 1:
-        raise ConfigError(f"--pipeline-layer-partition {spec} must give {pp} positive layer "
-                          f"counts summing to {model.num_hidden_layers}")
-    return parts
+    spec = config.parallel.pipeline_layer_partition
+    return None if spec is None else [int(x) for x in spec.split(",")]
 
 
 def _device_for(config: EngineConfig, local_rank: int) -> torch.device:

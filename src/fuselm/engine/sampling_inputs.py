@@ -77,11 +77,11 @@ def build_sampling_tensors(reqs: list[Request], vocab_size: int,
     params = [r.sampling_params for r in reqs]
     temps = [0.0 if p.greedy else p.temperature for p in params]
     top_ks = [vocab_size if p.top_k in (-1, 0) else min(p.top_k, vocab_size) for p in params]
+    # one pinned copy for the four per-row parameters (top_k is exact in float32 below 2**24)
+    rows = _device_tensor([temps, top_ks, [p.top_p for p in params], [p.min_p for p in params]],
+                          torch.float32, device)
     t = SamplingTensors(
-        temperature=_device_tensor(temps, torch.float32, device),
-        top_k=_device_tensor(top_ks, torch.int64, device),
-        top_p=_device_tensor([p.top_p for p in params], torch.float32, device),
-        min_p=_device_tensor([p.min_p for p in params], torch.float32, device),
+        temperature=rows[0], top_k=rows[1].long(), top_p=rows[2], min_p=rows[3],
         all_greedy=all(x == 0.0 for x in temps),
         need_top_k=any(k < vocab_size for k in top_ks),
         need_top_p=any(p.top_p < 1.0 for p in params),

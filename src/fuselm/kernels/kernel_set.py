@@ -47,10 +47,6 @@ class KernelChoice:
         self.fn = self.graph if variant == "graph" else self.eager
 
 
-def _torch_argmax(logits: torch.Tensor) -> torch.Tensor:
-    return logits.argmax(dim=-1)
-
-
 class KernelSet:
     """The kernel choices of one model on ``device`` for ``backend`` (see the module docstring).
 
@@ -67,11 +63,9 @@ class KernelSet:
         self.device = torch.device(device)
         self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
         self._choices: dict[tuple[str, str], KernelChoice] = {}
-        self.argmax: Callable[[torch.Tensor], torch.Tensor] = _torch_argmax
-        if self.device.type == "cuda":
-            from fuselm.kernels.argmax import greedy_argmax
-
-            self.argmax = greedy_argmax
+        argmax = "greedy_argmax" if self.device.type == "cuda" else "argmax_ref"
+        self.argmax: Callable[[torch.Tensor], torch.Tensor] = resolver.load(
+            resolver.Impl("argmax", attr=argmax))
 
     def _resolved(self, op: str, variant: Variant) -> tuple[Callable, str]:
         chosen = resolver.resolve_backend(op, self.backend, self.device, variant=variant,
