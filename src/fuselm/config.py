@@ -27,6 +27,8 @@ DTYPE_ALIASES = {"float": "float32", "half": "float16"}
 """Other names of dtypes (vLLM's), accepted by ``--dtype``."""
 KernelBackend = Literal["auto", "reference", "triton", "cuda"]
 LoadFormat = Literal["auto", "safetensors", "gguf", "dummy"]
+Quantization = Literal["fp8", "int8", "int4"]
+KVCacheDType = Literal["auto", "fp8", "fp8_e4m3"]
 MAX_BLOCK_SIZE = 256
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -53,7 +55,10 @@ def _check_choices(obj: Any) -> None:
     """Checks every ``Literal`` field of the dataclass `obj` against its choices."""
     for name, hint in typing.get_type_hints(type(obj)).items():
         choices = literal_choices(hint)
-        if choices and getattr(obj, name) not in choices:
+        value = getattr(obj, name)
+        if value is None and type(None) in typing.get_args(hint):
+            continue
+        if choices and value not in choices:
             _check(False, name, getattr(obj, name), f"one of {', '.join(choices)}")
 
 
@@ -241,6 +246,15 @@ class CacheConfig:
     cpu_kv_cache_gib: float | None = None
     """KV cache size on CPU when num_gpu_blocks is not given; None sizes it for max_num_seqs
     sequences of max_model_len tokens, at most 1 GiB (and one whole sequence at least)."""
+    kv_cache_dtype: KVCacheDType = "auto"
+    """auto (the model's dtype) or fp8 / fp8_e4m3 (e4m3 with per-layer scales: about twice
+    the tokens per GiB)."""
+    swap_space: float = 0.0
+    """GiB of pinned CPU memory per GPU that preempted requests' KV blocks are swapped to
+    (instead of being recomputed); 0 always recomputes."""
+    kv_offloading_size: float = 0.0
+    """GiB of pinned CPU memory for a second prefix-cache tier: full KV blocks evicted from
+    the GPU are kept there and copied back on a prefix hit; 0 disables it."""
 
     def __post_init__(self) -> None:
         bs = self.block_size
@@ -254,6 +268,11 @@ class CacheConfig:
         gib = self.cpu_kv_cache_gib
         _check(gib is None or (isinstance(gib, int | float) and gib > 0), "cpu_kv_cache_gib",
                gib, "> 0 (or unset)")
+        _check_choices(self)
+        for name in ("swap_space", "kv_offloading_size"):
+            value = getattr(self, name)
+            _check(isinstance(value, int | float) and not isinstance(value, bool)
+                   and value >= 0, name, value, ">= 0 GiB")
 
 
 @dataclass(frozen=True)
@@ -340,6 +359,14 @@ class EngineConfig:
     with the GPU; single process only). Unset: on for CUDA devices, off on CPU."""
     seed: int = 0
     """Seed of the default random generator."""
+    quantization: Quantization | None = None
+    """Quantize a float checkpoint's linear layers at load: fp8 (W8A8 e4m3, per-channel
+    weight scales, per-token dynamic activation scales), int8 (weight-only, per channel) or
+    int4 (weight-only, groups of 128 with zero points); None keeps the checkpoint's own
+    format (a pre-quantized checkpoint is detected from its quantization_config)."""
+    cpu_offload_gb: float = 0.0
+    """GB of the weights kept in pinned CPU memory and copied to the GPU just before use
+    (for models larger than the GPU); 0 keeps every weight on the device."""
     load_format: LoadFormat = "auto"
     """auto (whatever the checkpoint is), safetensors (a Hugging Face directory), gguf (a .gguf
     file), or dummy (random weights, for benchmarks); safetensors and gguf must match the
@@ -361,6 +388,9 @@ class EngineConfig:
                    "a non-empty string (or unset)")
         _check(isinstance(self.hf_overrides, dict), "hf_overrides", self.hf_overrides,
                "a JSON object")
+        offload = self.cpu_offload_gb
+        _check(isinstance(offload, int | float) and not isinstance(offload, bool)
+               and offload >= 0, "cpu_offload_gb", offload, ">= 0 GB")
         for name, cls in CONFIG_SECTIONS.items():
             if not isinstance(getattr(self, name), cls):
                 raise TypeError(f"EngineConfig.{name} must be a {cls.__name__}, "
@@ -394,6 +424,21 @@ def _parallel_misfit(model: ModelConfig, tp: int) -> str:
     if model.intermediate_size % tp:
         return f"does not divide the model's MLP width {model.intermediate_size}"
     return ""
+
+
+def check_implemented(config: EngineConfig) -> None:
+    """Raises ConfigError naming a flag whose feature this build does not run yet (accepted
+    by the parser so that its value is validated, refused before anything loads)."""
+    pending = {
+        "quantization": config.quantization is not None,
+        "kv_cache_dtype": config.cache.kv_cache_dtype != "auto",
+        "cpu_offload_gb": config.cpu_offload_gb > 0,
+        "swap_space": config.cache.swap_space > 0,
+        "kv_offloading_size": config.cache.kv_offloading_size > 0,
+    }
+    for name, used in pending.items():
+        if used:
+            raise ConfigError(f"{_flag(name)} is not implemented in this build yet")
 
 
 def check_parallel_fits(config: EngineConfig, model: ModelConfig) -> None:

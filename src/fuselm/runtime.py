@@ -12,7 +12,12 @@ import importlib.util
 
 import torch
 
-from fuselm.config import EngineConfig, check_cache_fits, check_parallel_fits
+from fuselm.config import (
+    EngineConfig,
+    check_cache_fits,
+    check_implemented,
+    check_parallel_fits,
+)
 from fuselm.engine.builder import build_engine_parts
 from fuselm.engine.engine import LLMEngine
 from fuselm.engine.executor import Executor, LocalExecutor
@@ -59,6 +64,7 @@ def check_device(config: EngineConfig) -> None:
 def build_engine(config: EngineConfig) -> LLMEngine:
     """Loads the model (on every rank) and returns this process's engine."""
     check_device(config)  # first: it needs not even the model's config
+    check_implemented(config)
     source, model_config = loader.load_model_config(config)  # checks --load-format too
     check_parallel_fits(config, model_config)
     check_cache_fits(config, model_config)
