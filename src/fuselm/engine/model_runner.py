@@ -97,6 +97,23 @@ class DeferredSampling:
         return self.launched.result()
 
 
+def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype,
+                    device: torch.device) -> torch.Tensor:
+    """A zero tensor; on a CPU its pages become resident only when first written (calloc'd
+    memory the kernel maps lazily), so a KV cache sized for the whole context costs only the
+    blocks in use: 0.38 GB of float32 cache for SmolLM2's 8192 tokens, ~10 MB for a short chat."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    import numpy as np
+
+    numel = 1
+    for size in shape:
+        numel *= size
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    raw = torch.from_numpy(np.zeros(numel * itemsize, dtype=np.uint8))
+    return raw.view(dtype).view(shape)
+
+
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     """Decode batch sizes that get a CUDA graph: 1, 2, 4, 8, then every 16 up to the limit."""
     sizes = [s for s in (1, 2, 4, 8) if s <= max_num_seqs]
@@ -151,8 +168,8 @@ class ModelRunner:
         self.kv_caches = []
         for attn in self.model.attention_layers():
             shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_size)
-            k = torch.zeros(shape, dtype=dtype, device=self.device)
-            v = torch.zeros(shape, dtype=dtype, device=self.device)
+            k = zeros_on_demand(shape, dtype, self.device)
+            v = zeros_on_demand(shape, dtype, self.device)
             attn.bind_kv_cache(k, v)
             self.kv_caches.append((k, v))
 
