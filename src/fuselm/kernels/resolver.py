@@ -68,6 +68,8 @@ TABLE: dict[str, dict[str, Impl]] = {
     "gemv_silu_mul": _ops("gemv", "gemv_silu_mul_ref", "gemv_silu_mul"),
     "vocab_embedding": _ops("vocab_embedding", "vocab_embedding_ref", "vocab_embedding"),
     "argmax": _ops("argmax", "argmax_ref", "argmax"),
+    "int8_matmul": _ops("int8_matmul", "int8_matmul_ref"),
+    "int4_matmul": _ops("int4_matmul", "int4_matmul_ref"),
 }
 
 
