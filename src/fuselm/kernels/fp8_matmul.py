@@ -1,0 +1,207 @@
+"""FP8 (e4m3fn) W8A8 linear layers: activation quantization and scaled matrix products.
+
+Canonical layouts (QUANT_SPEC, issue #18). Logical weight ``W [N, K]``; ``y = x @ W.T + bias``.
+
+- ``quant_fp8_per_token(x [M, K])`` -> ``(x_fp8 [M, K] float8_e4m3fn, scale float32 [M, 1])``:
+  ``scale = max(max|x_row|, eps) / 448``, ``x_fp8 = clamp(x / scale, -448, 448)`` rounded to
+  nearest even (``x ~= x_fp8 * scale``). ``quant_fp8_static(x, scale [1])`` uses a given
+  per-tensor scale; ``quant_fp8_per_token_group(x, group_size=128)`` a scale per 1 x 128 group
+  (``[M, ceil(K / 128)]``, DeepSeek-V3 block-FP8 activations).
+- ``fp8_matmul(x_fp8 [M, K], x_scale [M, 1] | [1], weight [N, K] fp8, weight_scale [N] | [1],
+  out_dtype, bias [N] | None)`` -> ``[M, N]`` of ``out_dtype``:
+  ``(x_fp8 * x_scale) @ (weight * weight_scale[:, None]).T + bias``, accumulated in float32.
+- ``fp8_block_matmul(x_fp8, x_scale [M, ceil(K/128)], weight, weight_scale [ceil(N/128),
+  ceil(K/128)], out_dtype, bias)``: the same product with a scale per 128 x 128 weight block
+  and per 1 x 128 activation group.
+
+Scales of any float dtype are upcast to float32. Nothing here is in place.
+
+Backends: ``*_ref`` (the spec, float32 math, any device); ``fp8_matmul_cuda``: cuBLASLt through
+``torch._scaled_mm`` (per-tensor, or rowwise per-token x per-channel scales).
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3fn value
+# The smallest scale a row may get: an all-zero row quantizes to zeros instead of 0/0, and
+# 1/scale stays finite in float32.
+FP8_MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
+FP8_BLOCK = 128  # block-FP8 checkpoints: 128 x 128 weight blocks, 1 x 128 activation groups
+
+
+# --------------------------------------------------------------------------------------------
+# References (the spec): plain PyTorch in float32.
+# --------------------------------------------------------------------------------------------
+
+
+def _check_float_2d(x: torch.Tensor, name: str) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [M, K], got shape {tuple(x.shape)}")
+    if not x.dtype.is_floating_point or x.dtype == FP8_DTYPE:
+        raise ValueError(f"{name} must be a float16/bfloat16/float32 tensor, got {x.dtype}")
+
+
+def _to_fp8(scaled: torch.Tensor) -> torch.Tensor:
+    # torch's cast does not saturate (an out-of-range value becomes NaN): clamp first
+    return scaled.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def quant_fp8_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token quantization of ``x [M, K]`` (float) to e4m3fn: ``(x_fp8 [M, K],
+    scale float32 [M, 1])`` with ``scale = max(max|x_row| / 448, FP8_MIN_SCALE)``."""
+    _check_float_2d(x, "x")
+    xf = x.float()
+    amax = xf.abs().amax(dim=1, keepdim=True) if x.shape[1] else xf.new_zeros(x.shape[0], 1)
+    scale = (amax / FP8_MAX).clamp(min=FP8_MIN_SCALE)
+    return _to_fp8(xf / scale), scale
+
+
+def quant_fp8_static_ref(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Static per-tensor quantization of ``x [M, K]`` with a given ``scale`` (one element):
+    ``clamp(x / scale, -448, 448)`` as e4m3fn."""
+    _check_float_2d(x, "x")
+    if scale.numel() != 1:
+        raise ValueError(f"scale must hold one element (per tensor), got {tuple(scale.shape)}")
+    return _to_fp8(x.float() / scale.float().reshape(1, 1))
+
+
+def quant_fp8_per_token_group_ref(x: torch.Tensor, group_size: int = FP8_BLOCK
+                                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token-group quantization of ``x [M, K]``: one scale per ``1 x group_size``
+    group, ``(x_fp8 [M, K], scale float32 [M, ceil(K / group_size)])`` (the last group may be
+    short)."""
+    _check_float_2d(x, "x")
+    if group_size <= 0:
+        raise ValueError(f"group_size must be positive, got {group_size}")
+    m, k = x.shape
+    groups = -(-k // group_size)
+    padded = torch.zeros(m, groups * group_size, dtype=torch.float32, device=x.device)
+    padded[:, :k] = x.float()
+    padded = padded.view(m, groups, group_size)
+    scale = (padded.abs().amax(dim=2) / FP8_MAX).clamp(min=FP8_MIN_SCALE)  # [M, groups]
+    q = _to_fp8(padded / scale[:, :, None]).view(m, groups * group_size)[:, :k]
+    return q.contiguous(), scale
+
+
+def _check_fp8_operands(x_fp8: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int]:
+    if x_fp8.dim() != 2 or x_fp8.dtype != FP8_DTYPE:
+        raise ValueError(f"x_fp8 must be a 2-D float8_e4m3fn tensor, got {x_fp8.dtype} "
+                         f"{tuple(x_fp8.shape)}")
+    if weight.dim() != 2 or weight.dtype != FP8_DTYPE:
+        raise ValueError(f"weight must be a 2-D float8_e4m3fn tensor [N, K], got "
+                         f"{weight.dtype} {tuple(weight.shape)}")
+    if weight.shape[1] != x_fp8.shape[1]:
+        raise ValueError(f"weight {tuple(weight.shape)} has K={weight.shape[1]} but x_fp8 "
+                         f"{tuple(x_fp8.shape)} has K={x_fp8.shape[1]}")
+    return x_fp8.shape[0], weight.shape[0], weight.shape[1]
+
+
+def x_scale_column(x_scale: torch.Tensor, m: int) -> torch.Tensor:
+    """``x_scale`` ([M, 1], [M], [1] or 0-d) as a float32 ``[M, 1]`` or ``[1, 1]`` tensor."""
+    if x_scale.numel() == 1 and x_scale.dim() <= 1 or tuple(x_scale.shape) == (1, 1):
+        return x_scale.float().reshape(1, 1)
+    if tuple(x_scale.shape) in ((m, 1), (m,)):
+        return x_scale.float().reshape(m, 1)
+    raise ValueError(f"x_scale must be [M, 1] (per token, M={m}) or [1] (per tensor), got "
+                     f"{tuple(x_scale.shape)}")
+
+
+def weight_scale_row(weight_scale: torch.Tensor, n: int) -> torch.Tensor:
+    """``weight_scale`` ([N], [N, 1], [1] or 0-d) as a float32 ``[1, N]`` or ``[1, 1]``
+    tensor."""
+    if weight_scale.numel() == 1 and (weight_scale.dim() <= 1 or n != 1):
+        return weight_scale.float().reshape(1, 1)
+    if tuple(weight_scale.shape) in ((n,), (n, 1)):
+        return weight_scale.float().reshape(1, n)
+    raise ValueError(f"weight_scale must be [N] (per channel, N={n}) or [1] (per tensor), "
+                     f"got {tuple(weight_scale.shape)}")
+
+
+def _check_bias(bias: torch.Tensor | None, n: int) -> None:
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must be [N] = [{n}], got {tuple(bias.shape)}")
+
+
+def fp8_matmul_ref(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
+                   weight_scale: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``(x_fp8 * x_scale) @ (weight * weight_scale).T + bias`` in float32, as ``out_dtype``
+    ``[M, N]``. x_scale ``[M, 1]`` or ``[1]``, weight_scale ``[N]`` or ``[1]``."""
+    m, n, _ = _check_fp8_operands(x_fp8, weight)
+    xs, ws = x_scale_column(x_scale, m), weight_scale_row(weight_scale, n)
+    _check_bias(bias, n)
+    out = (x_fp8.float() @ weight.float().t()) * xs * ws
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+def block_scale_shapes(m: int, n: int, k: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Expected (x_scale, weight_scale) shapes of ``fp8_block_matmul``."""
+    kb = -(-k // FP8_BLOCK)
+    return (m, kb), (-(-n // FP8_BLOCK), kb)
+
+
+def _check_block_scales(x_scale: torch.Tensor, weight_scale: torch.Tensor, m: int, n: int,
+                        k: int) -> None:
+    xs_shape, ws_shape = block_scale_shapes(m, n, k)
+    if tuple(x_scale.shape) != xs_shape:
+        raise ValueError(f"x_scale must be [M, ceil(K/128)] = {list(xs_shape)}, got "
+                         f"{tuple(x_scale.shape)}")
+    if tuple(weight_scale.shape) != ws_shape:
+        raise ValueError(f"weight_scale must be [ceil(N/128), ceil(K/128)] = {list(ws_shape)}, "
+                         f"got {tuple(weight_scale.shape)}")
+
+
+def fp8_block_matmul_ref(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
+                         weight_scale: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Block-scaled product in float32: ``x = x_fp8 * x_scale`` per 1 x 128 group
+    (x_scale ``[M, ceil(K/128)]``), ``W = weight * weight_scale`` per 128 x 128 block
+    (weight_scale ``[ceil(N/128), ceil(K/128)]``); ``x @ W.T + bias`` as ``out_dtype``."""
+    m, n, k = _check_fp8_operands(x_fp8, weight)
+    _check_block_scales(x_scale, weight_scale, m, n, k)
+    _check_bias(bias, n)
+    xs = x_scale.float().repeat_interleave(FP8_BLOCK, dim=1)[:, :k]
+    ws = weight_scale.float().repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)
+    out = (x_fp8.float() * xs) @ (weight.float() * ws[:n, :k]).t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# cuBLASLt through torch._scaled_mm. mat_b is the weight's transpose view [K, N] (column-major,
+# as cuBLASLt's FP8 path requires); rowwise scales must be float32 [M, 1] and [1, N].
+# --------------------------------------------------------------------------------------------
+
+
+def fp8_matmul_cuda(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
+                    weight_scale: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``fp8_matmul`` through ``torch._scaled_mm`` (cuBLASLt per-tensor, or the rowwise kernel
+    when either scale is per row); same contract as ``fp8_matmul_ref``. K and N must be
+    multiples of 16 (cuBLASLt's FP8 alignment)."""
+    m, n, k = _check_fp8_operands(x_fp8, weight)
+    xs, ws = x_scale_column(x_scale, m), weight_scale_row(weight_scale, n)
+    _check_bias(bias, n)
+    if k % 16 or n % 16:
+        raise ValueError(f"torch._scaled_mm needs K and N multiples of 16, got K={k} N={n}")
+    if x_fp8.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError("x_fp8 and weight must be contiguous in their last dimension")
+    if m == 0:
+        return torch.empty(0, n, dtype=out_dtype, device=x_fp8.device)
+    if xs.numel() == 1 and ws.numel() == 1:
+        return torch._scaled_mm(x_fp8, weight.t(), scale_a=xs.reshape(()),
+                                scale_b=ws.reshape(()), bias=bias, out_dtype=out_dtype)
+    # rowwise: both scales per row (a per-tensor one broadcast); cuBLASLt/CUTLASS rowwise
+    # writes bfloat16 only, so another out_dtype is a cast of the bf16 result
+    xs = xs.expand(m, 1).contiguous()
+    ws = ws.expand(1, n).contiguous()
+    rowwise_bias = bias.to(torch.bfloat16) if bias is not None else None
+    out = torch._scaled_mm(x_fp8, weight.t(), scale_a=xs, scale_b=ws, bias=rowwise_bias,
+                           out_dtype=torch.bfloat16)
+    return out if out_dtype == torch.bfloat16 else out.to(out_dtype)
