@@ -1,18 +1,47 @@
 """Weight-only INT4 matmul (W4A16, group-wise asymmetric): ``out = x @ W.T`` with
 ``W[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G]``.
 
-Canonical layout (QUANT_SPEC.md): qweight uint8 ``[N, K // 2]``, byte j of row n holds column
-2j in its low nibble and column 2j + 1 in its high nibble; scales float ``[N, K // G]`` (upcast
-to fp32); zeros uint8 ``[N, K // G]`` (0..15; symmetric formats use 8). G = group_size, an even
-divisor of K. x ``[M, K]`` (fp16/bf16/fp32, last dim contiguous); out ``[M, N]`` in x's dtype,
-accumulated in fp32.
+Canonical layout (QUANT_SPEC.md), read as is by every backend (no repacking): qweight uint8
+``[N, K // 2]``, byte j of row n holds column 2j in its low nibble and column 2j + 1 in its high
+nibble; scales float ``[N, K // G]`` (upcast to fp32); zeros uint8 ``[N, K // G]`` (0..15;
+symmetric formats use 8). G = group_size, an even divisor of K. x ``[M, K]`` (fp16/bf16/fp32,
+last dim contiguous); out ``[M, N]`` in x's dtype, accumulated in fp32.
 
-Backends: ``int4_matmul_ref`` (float32 spec).
+The Triton kernels read the packed bytes as int32 words (word w of a row = columns 8w..8w+7,
+nibble i = column 8w + i) and turn nibbles into floats without int-to-float conversions (the
+conversion unit runs at 1/8 of the FMA rate on Hopper, too slow to keep up with 4.8 TB/s of
+nibbles): a shift and one mask-or put a nibble into the mantissa of a float constant.
+
+- ``gemv`` (batch 1, small M): fp32 FMAs. Nibble q becomes ``f = 1 + q/16`` (bits 19..22 of
+  1.0f); per group ``sum_k W x = 16 s (sum f x - (1 + z/16) sum x)``, so a nibble costs a shift,
+  a LOP3 and an FFMA. Programs own ``block_n`` rows and stream K; the x values a thread loads
+  serve all rows it holds.
+- ``gemm`` (larger M): ``tl.dot`` with the weight as the MMA's A operand (swap-AB: the batch
+  is the MMA's N, so M = 16 wastes nothing of the weight tile). The nibble becomes the float
+  ``OFF + q`` of x's dtype (bf16: 128 + q from 0x4300 | q; fp16: 1024 + q; fp32: exact q);
+  per group ``out += s (dot - (OFF + z) sum x)``. A K step is at most one group.
+- ``dequant``: the weight dequantized to x's dtype by a Triton kernel, then ``F.linear``
+  (cuBLAS); for the large batches where the tuning table measures it faster.
+
+Which variant and launch config runs is chosen per call from M: the tuning table
+``configs/int4_matmul.json`` (bucket ``n{N}_k{K}_g{G}_m{1|4|16|64|256}``, written by
+``python -m fuselm.bench.kernels_quant``), else ``default_config``. Shapes the kernels do not
+cover (G not a multiple of 16 for ``gemm``, of 8 for ``gemv``) run ``dequant``.
+
+Backends: ``int4_matmul_ref`` (float32 spec), ``int4_matmul_triton`` (``fuselm::int4_matmul``).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+
+from fuselm.kernels import _pdl, triton_utils
+from fuselm.kernels.triton_utils import FUSELM_LIB
+
+VARIANTS = ("gemv", "gemm", "dequant")
+M_BUCKETS = (1, 4, 16, 64, 256)
 
 
 def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -57,3 +86,405 @@ def int4_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     _check(x, qweight, scales, zeros, group_size)
     w = int4_dequantize_ref(qweight, scales, zeros, group_size)
     return (x.float() @ w.t()).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Launch configs (shared with int8_matmul).
+# --------------------------------------------------------------------------------------------
+
+
+class QuantMatmulConfig(NamedTuple):
+    """Variant and launch parameters of a weight-only matmul."""
+
+    variant: str  # one of VARIANTS
+    block_n: int  # output rows (weight rows) a program computes
+    block_k: int  # K columns a loop iteration reads (a power of 2)
+    num_warps: int
+    num_stages: int = 1
+    block_m: int = 16  # gemm: batch rows a program computes (>= 16)
+
+    @property
+    def label(self) -> str:
+        """Stable name used by the sweep and the tuning table."""
+        if self.variant == "dequant":
+            return "dequant"
+        m = f"_m{self.block_m}" if self.variant == "gemm" else ""
+        return (f"{self.variant}{m}_n{self.block_n}_k{self.block_k}_w{self.num_warps}"
+                f"_s{self.num_stages}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QuantMatmulConfig:
+        """Reads the ``triton`` entry of a tuning table (ValueError on an unknown variant)."""
+        if d.get("variant") not in VARIANTS:
+            raise ValueError(f"unknown weight-only matmul variant {d.get('variant')!r}")
+        return cls(str(d["variant"]), int(d.get("block_n", 0)), int(d.get("block_k", 0)),
+                   int(d.get("num_warps", 4)), int(d.get("num_stages", 1)),
+                   int(d.get("block_m", 16)))
+
+    def to_dict(self) -> dict:
+        """The ``triton`` entry of the tuning table."""
+        return self._asdict()
+
+
+def m_bucket(m: int) -> int:
+    """The tuning-table batch bucket of M: the smallest of ``M_BUCKETS`` >= M (256 beyond)."""
+    return next((b for b in M_BUCKETS if m <= b), M_BUCKETS[-1])
+
+
+def shape_bucket(n: int, k: int, group_size: int, m: int) -> str:
+    """Tuning-table key of an int4 weight shape and batch."""
+    return f"n{n}_k{k}_g{group_size}_m{m_bucket(m)}"
+
+
+def tuned(op: str, bucket: str, device: torch.device) -> QuantMatmulConfig | None:
+    """The config the tuning table ``configs/<op>.json`` recorded for this GPU and bucket."""
+    if device.type != "cuda":
+        return None
+    entry = triton_utils.tuned_triton_config(op, bucket, "cuda", device.index or 0)
+    try:
+        return QuantMatmulConfig.from_dict(entry) if entry else None
+    except (KeyError, ValueError):  # a table from another version: keep the heuristic
+        return None
+
+
+def gemm_default(m: int, block_k: int) -> QuantMatmulConfig:
+    """The swap-AB tensor-core kernel sized to the batch (shared by int4 and int8)."""
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    block_n = 64 if m <= 16 else 128
+    return QuantMatmulConfig("gemm", block_n, block_k, 4 if block_m <= 64 else 8, 3, block_m)
+
+
+def _pow2_divisor(n: int, limit: int) -> int:
+    """The largest power of 2 dividing ``n``, at most ``limit``."""
+    return min(n & -n, limit)
+
+
+def default_config(n: int, k: int, group_size: int, m: int) -> QuantMatmulConfig:
+    """Heuristic config: ``gemv`` at M = 1 (8 rows over 2 warps: a thread holds 4 rows of the
+    same 32 columns, so its x loads serve 4 rows), else ``gemm``; ``dequant`` where a kernel
+    does not cover the group size."""
+    if m == 1 and group_size % 8 == 0:
+        return QuantMatmulConfig("gemv", 8, 1024, 2, 1)
+    if group_size % 16 == 0:
+        return gemm_default(m, _pow2_divisor(group_size, 128))
+    return QuantMatmulConfig("dequant", 0, 0, 4)
+
+
+def valid_config(cfg: QuantMatmulConfig, group_size: int) -> bool:
+    """Whether ``cfg`` can run this group size (a K step of ``gemm`` lies within one group; a
+    word chunk of ``gemv`` too)."""
+    if cfg.variant == "gemv":
+        return group_size % 8 == 0 and cfg.block_k >= 8
+    if cfg.variant == "gemm":
+        return cfg.block_k >= 16 and group_size % cfg.block_k == 0 and cfg.block_m >= 16
+    return cfg.variant == "dequant"
+
+
+def config_for(n: int, k: int, group_size: int, m: int,
+               device: torch.device) -> QuantMatmulConfig:
+    """The tuned config of this shape and batch bucket, else ``default_config``."""
+    cfg = tuned("int4_matmul", shape_bucket(n, k, group_size, m), device)
+    if cfg is not None and valid_config(cfg, group_size):
+        return cfg
+    return default_config(n, k, group_size, m)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels.
+# --------------------------------------------------------------------------------------------
+
+if triton_utils.triton_available():
+    import triton
+    import triton.language as tl
+
+    from fuselm.kernels._pdl import pdl_wait_then_release
+
+    if triton_utils.is_interpreting():
+        triton_utils.patch_interpreter_range()  # the K loops have runtime bounds
+
+    @triton.jit
+    def _nibble_fma_value(words, NIB: tl.constexpr):
+        """Nibble NIB (bits 4 NIB .. 4 NIB + 3) of int32 words as ``1 + q / 16`` (bits 19..22
+        of 1.0f)."""
+        if NIB <= 4:
+            t = words << (19 - 4 * NIB)
+        else:
+            t = words >> (4 * NIB - 19)  # arithmetic shift: the sign bits are masked off
+        return ((t & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _int4_gemv_kernel(
+        x_ptr,  # [M, K], rows x_stride apart
+        qw_ptr,  # int32 [N, K // 8] (the uint8 [N, K // 2] weight as words), rows qw_stride
+        s_ptr,  # [N, K // G], rows s_stride apart
+        z_ptr,  # uint8 [N, K // G], rows z_stride apart
+        out_ptr,  # [M, N], rows out_stride apart
+        N,
+        KW,  # K // 8
+        x_stride,
+        qw_stride,
+        s_stride,
+        z_stride,
+        out_stride,
+        GROUP_WORDS: tl.constexpr,  # G // 8
+        BLOCK_N: tl.constexpr,
+        CHUNKS: tl.constexpr,  # word chunks an iteration: CHUNKS * CW words
+        CW: tl.constexpr,  # words a chunk (a power of 2 dividing GROUP_WORDS): one scale each
+        EVEN_N: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        NUM_STAGES: tl.constexpr,
+        USE_PDL: tl.constexpr,
+    ):
+        pdl_wait_then_release(USE_PDL)
+        m = tl.program_id(1).to(tl.int64)
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < N
+        rows64 = rows.to(tl.int64)
+        chunk = tl.arange(0, CHUNKS)
+        wofs = chunk[:, None] * CW + tl.arange(0, CW)[None, :]  # [CHUNKS, CW]
+        qw_rows = qw_ptr + rows64[:, None, None] * qw_stride  # [BLOCK_N, 1, 1]
+        x_row = x_ptr + m * x_stride
+        acc = tl.zeros([BLOCK_N, CHUNKS, CW], dtype=tl.float32)
+        for w0 in tl.range(0, KW, CHUNKS * CW, num_stages=NUM_STAGES):
+            w = w0 + wofs  # [CHUNKS, CW] word indices
+            grp = (w0 + chunk * CW) // GROUP_WORDS  # [CHUNKS]
+            if EVEN_K and EVEN_N:
+                words = tl.load(qw_rows + w[None, :, :], eviction_policy="evict_first")
+                s = tl.load(s_ptr + rows64[:, None] * s_stride + grp[None, :])
+                z = tl.load(z_ptr + rows64[:, None] * z_stride + grp[None, :])
+            else:
+                gmask = rmask[:, None] & (grp < tl.cdiv(KW, GROUP_WORDS))[None, :]
+                words = tl.load(qw_rows + w[None, :, :],
+                                mask=rmask[:, None, None] & (w < KW)[None, :, :], other=0,
+                                eviction_policy="evict_first")
+                s = tl.load(s_ptr + rows64[:, None] * s_stride + grp[None, :], mask=gmask,
+                            other=0.0)
+                z = tl.load(z_ptr + rows64[:, None] * z_stride + grp[None, :], mask=gmask,
+                            other=0)
+            dot = tl.zeros([BLOCK_N, CHUNKS, CW], dtype=tl.float32)
+            xsum = tl.zeros([CHUNKS, CW], dtype=tl.float32)
+            for i in tl.static_range(8):
+                if EVEN_K:
+                    xi = tl.load(x_row + w * 8 + i).to(tl.float32)
+                else:
+                    xi = tl.load(x_row + w * 8 + i, mask=w < KW, other=0.0).to(tl.float32)
+                dot += _nibble_fma_value(words, i) * xi[None, :, :]
+                xsum += xi
+            s16 = (s.to(tl.float32) * 16.0)[:, :, None]
+            zoff = (1.0 + z.to(tl.float32) * 0.0625)[:, :, None]
+            acc += s16 * (dot - zoff * xsum[None, :, :])
+        y = tl.sum(tl.sum(acc, axis=2), axis=1)
+        dst = out_ptr + m * out_stride + rows
+        if EVEN_N:
+            tl.store(dst, y.to(out_ptr.dtype.element_ty))
+        else:
+            tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=rmask)
+
+    @triton.jit
+    def _nibble_dot_values(words, OUT: tl.constexpr):
+        """int32 words ``[R, W]`` -> their 8 nibbles ``[R, W * 8]`` (column order) as floats
+        ``OFF + q`` of the dot dtype: OUT 0 fp32 (OFF 0, exact), 1 fp16 (1024), 2 bf16 (128)."""
+        shifts = tl.arange(0, 8) * 4
+        nib = (words[:, :, None] >> shifts[None, None, :]) & 0xF
+        if OUT == 0:
+            v = (nib | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        elif OUT == 1:
+            v = (nib | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        else:
+            v = (nib | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        return tl.reshape(v, (words.shape[0], words.shape[1] * 8))
+
+    @triton.jit
+    def _int4_gemm_kernel(
+        x_ptr,  # [M, K], rows x_stride apart
+        qw_ptr,  # int32 [N, K // 8], rows qw_stride apart
+        s_ptr,  # [N, K // G]
+        z_ptr,  # uint8 [N, K // G]
+        out_ptr,  # [M, N]
+        M,
+        N,
+        KW,
+        x_stride,
+        qw_stride,
+        s_stride,
+        z_stride,
+        out_stride,
+        GROUP_WORDS: tl.constexpr,
+        OUT: tl.constexpr,  # dot dtype: 0 fp32, 1 fp16, 2 bf16 (x's)
+        OFF: tl.constexpr,  # the float offset of _nibble_dot_values
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_KW: tl.constexpr,  # words a K step (8 * BLOCK_KW columns, within one group)
+        EVEN_N: tl.constexpr,
+        NUM_STAGES: tl.constexpr,
+        USE_PDL: tl.constexpr,
+        PREC: tl.constexpr,  # "ieee" for fp32 x (no TF32 rounding); ignored for 16-bit x
+    ):
+        pdl_wait_then_release(USE_PDL)
+        cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # batch rows
+        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # weight rows
+        rows64 = rows.to(tl.int64)
+        rmask = rows < N
+        cmask = cols < M
+        kw = tl.arange(0, BLOCK_KW)
+        kk = tl.arange(0, BLOCK_KW * 8)
+        qw_tile = qw_ptr + rows64[:, None] * qw_stride + kw[None, :]  # [BLOCK_N, BLOCK_KW]
+        x_tile = x_ptr + cols.to(tl.int64)[None, :] * x_stride + kk[:, None]  # [BK, BLOCK_M]
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for w0 in tl.range(0, KW, BLOCK_KW, num_stages=NUM_STAGES):
+            if EVEN_N:
+                words = tl.load(qw_tile + w0, eviction_policy="evict_first")
+            else:
+                words = tl.load(qw_tile + w0, mask=rmask[:, None], other=0,
+                                eviction_policy="evict_first")
+            xt = tl.load(x_tile + w0 * 8, mask=cmask[None, :], other=0.0)
+            d = tl.dot(_nibble_dot_values(words, OUT), xt, input_precision=PREC)
+            g = w0 // GROUP_WORDS
+            s = tl.load(s_ptr + rows64 * s_stride + g, mask=rmask, other=0.0).to(tl.float32)
+            if OFF == 0:
+                z = tl.load(z_ptr + rows64 * z_stride + g, mask=rmask, other=0).to(tl.float32)
+            else:
+                z = tl.load(z_ptr + rows64 * z_stride + g, mask=rmask, other=0).to(
+                    tl.float32) + OFF
+            xsum = tl.sum(xt.to(tl.float32), axis=0)  # [BLOCK_M]
+            acc += s[:, None] * (d - z[:, None] * xsum[None, :])
+        dst = out_ptr + cols.to(tl.int64)[None, :] * out_stride + rows[:, None]
+        tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=cmask[None, :] & rmask[:, None])
+
+    @triton.jit
+    def _int4_dequant_kernel(
+        qw_ptr,  # int32 [N, K // 8], rows qw_stride apart
+        s_ptr,
+        z_ptr,
+        out_ptr,  # [N, K] contiguous
+        N,
+        KW,
+        qw_stride,
+        s_stride,
+        z_stride,
+        GROUP_WORDS: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_KW: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows64 = rows.to(tl.int64)
+        w = tl.program_id(1) * BLOCK_KW + tl.arange(0, BLOCK_KW)
+        mask = (rows < N)[:, None] & (w < KW)[None, :]
+        words = tl.load(qw_ptr + rows64[:, None] * qw_stride + w[None, :], mask=mask, other=0)
+        g = w // GROUP_WORDS
+        s = tl.load(s_ptr + rows64[:, None] * s_stride + g[None, :], mask=mask, other=0.0)
+        z = tl.load(z_ptr + rows64[:, None] * z_stride + g[None, :], mask=mask, other=0)
+        q = _nibble_dot_values(words, 0)  # exact q, [BLOCK_N, BLOCK_KW * 8]
+        q = tl.reshape(q, (BLOCK_N, BLOCK_KW, 8))
+        v = (q - z.to(tl.float32)[:, :, None]) * s.to(tl.float32)[:, :, None]
+        cols = w[:, None] * 8 + tl.arange(0, 8)[None, :]  # [BLOCK_KW, 8]
+        dst = out_ptr + rows64[:, None, None] * (KW * 8) + cols[None, :, :]
+        tl.store(dst, v.to(out_ptr.dtype.element_ty), mask=mask[:, :, None])
+
+
+_DOT_MODE = {torch.float32: (0, 0), torch.float16: (1, 1024), torch.bfloat16: (2, 128)}
+
+
+def _words(qweight: torch.Tensor) -> torch.Tensor:
+    """The packed weight as int32 words ``[N, K // 8]`` (a view; ValueError if it can't be)."""
+    if qweight.stride(1) != 1:
+        raise ValueError("int4_matmul qweight must be contiguous in its last dimension")
+    try:
+        return qweight.view(torch.int32)
+    except RuntimeError as err:
+        raise ValueError(f"int4_matmul qweight {tuple(qweight.shape)} (row stride "
+                         f"{qweight.stride(0)}) cannot be read as int32 words: rows must be "
+                         f"4-byte aligned") from err
+
+
+def dequantize_int4_triton(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                           group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """The logical weight ``[N, K]`` in ``dtype`` (one Triton kernel; group_size % 8 == 0,
+    else the reference)."""
+    n, k = qweight.shape[0], 2 * qweight.shape[1]
+    if group_size % 8:
+        return int4_dequantize_ref(qweight, scales, zeros, group_size).to(dtype)
+    out = torch.empty(n, k, dtype=dtype, device=qweight.device)
+    words = _words(qweight)
+    grid = (triton.cdiv(n, 16), triton.cdiv(k // 8, 64))
+    _int4_dequant_kernel[grid](words, scales, zeros, out, n, k // 8, words.stride(0),
+                               scales.stride(0), zeros.stride(0), GROUP_WORDS=group_size // 8,
+                               BLOCK_N=16, BLOCK_KW=64, num_warps=4)
+    return out
+
+
+def launch_int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                       zeros: torch.Tensor, group_size: int, out: torch.Tensor,
+                       cfg: QuantMatmulConfig) -> None:
+    """Runs ``cfg``'s variant into ``out [M, N]`` with explicit meta-parameters (the bench
+    sweeps them). ValueError where ``cfg`` cannot run this group size."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    if m == 0 or n == 0:
+        return
+    if not valid_config(cfg, group_size):
+        raise ValueError(f"int4_matmul config {cfg.label} cannot run group_size {group_size}")
+    if cfg.variant == "dequant":
+        w = dequantize_int4_triton(qweight, scales, zeros, group_size, x.dtype)
+        torch.mm(x, w.t(), out=out)
+        return
+    if scales.stride(1) != 1 or zeros.stride(1) != 1:
+        raise ValueError("int4_matmul scales and zeros must be contiguous in their last dim")
+    words = _words(qweight)
+    kw, gw = k // 8, group_size // 8
+    pdl = _pdl.use_pdl(x)
+    common = (words.stride(0), scales.stride(0), zeros.stride(0), out.stride(0))
+    if cfg.variant == "gemv":
+        cw = _pow2_divisor(gw, min(16, cfg.block_k // 8))
+        chunks = max(1, cfg.block_k // 8 // cw)
+        grid = (triton.cdiv(n, cfg.block_n), m)
+        _int4_gemv_kernel[grid](
+            x, words, scales, zeros, out, n, kw, x.stride(0), *common, GROUP_WORDS=gw,
+            BLOCK_N=cfg.block_n, CHUNKS=chunks, CW=cw, EVEN_N=n % cfg.block_n == 0,
+            EVEN_K=kw % (chunks * cw) == 0, NUM_STAGES=cfg.num_stages, USE_PDL=pdl,
+            num_warps=cfg.num_warps, launch_pdl=pdl)
+        return
+    mode, off = _DOT_MODE[x.dtype]
+    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n))
+    _int4_gemm_kernel[grid](
+        x, words, scales, zeros, out, m, n, kw, x.stride(0), *common, GROUP_WORDS=gw, OUT=mode,
+        OFF=off, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_k // 8,
+        EVEN_N=n % cfg.block_n == 0, NUM_STAGES=cfg.num_stages, USE_PDL=pdl,
+        PREC="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg.num_warps,
+        launch_pdl=pdl)
+
+
+def int4_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                       zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Triton W4A16 matmul; same contract as ``int4_matmul_ref``. The variant and config come
+    from ``config_for`` (tuning table by batch bucket, else the heuristic)."""
+    _check(x, qweight, scales, zeros, group_size)
+    if x.stride(1) != 1:
+        raise ValueError("int4_matmul x must be contiguous in its last dimension")
+    if x.dtype not in _DOT_MODE:
+        raise ValueError(f"int4_matmul x must be fp32, fp16 or bf16, got {x.dtype}")
+    n, k = qweight.shape[0], x.shape[1]
+    out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+    cfg = config_for(n, k, group_size, x.shape[0], x.device)
+    launch_int4_matmul(x, qweight, scales, zeros, group_size, out, cfg)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Registration (see rms_norm.py).
+# --------------------------------------------------------------------------------------------
+
+FUSELM_LIB.define("int4_matmul(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, "
+                  "int group_size) -> Tensor")
+
+
+@torch.library.register_fake("fuselm::int4_matmul", lib=FUSELM_LIB)
+def _int4_matmul_fake(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                      zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
+if triton_utils.triton_available():
+    for _key in triton_utils.triton_dispatch_keys():
+        FUSELM_LIB.impl("int4_matmul", int4_matmul_triton, _key)
+

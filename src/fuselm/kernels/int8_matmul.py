@@ -1,15 +1,33 @@
 """Weight-only INT8 matmul (W8A16): ``out = x @ (qweight * scales[:, None]).T``.
 
 x ``[M, K]`` (fp16/bf16/fp32, last dim contiguous), qweight int8 ``[N, K]`` row-major (the
-canonical layout of QUANT_SPEC.md), scales ``[N]`` (any float dtype; upcast to fp32);
-out ``[M, N]`` in x's dtype. Accumulation in fp32.
+canonical layout of QUANT_SPEC.md, read as is), scales ``[N]`` (any float dtype; upcast to
+fp32); out ``[M, N]`` in x's dtype. Accumulation in fp32; the per-channel scale multiplies the
+finished dot product.
 
-Backends: ``int8_matmul_ref`` (float32 spec).
+The Triton kernels read the weight as int32 words (word w = columns 4w..4w+3, byte i = column
+4w + i) and make floats of bytes without int-to-float conversions (see int4_matmul.py):
+
+- ``gemv`` (batch 1): byte b becomes ``f = 1.5 + b / 256`` (the byte in bits 15..22 of 1.0f,
+  its sign bit flipped; one shift and one LOP3), and ``sum_k b x = 256 (sum f x - 1.5 sum x)``.
+- ``gemm`` (larger M): swap-AB ``tl.dot`` (the weight is the MMA's A operand); the byte becomes
+  the exact float b (``(b ^ 0x80) | 0x4B000000`` minus ``2^23 + 128``), converted to x's dtype.
+- ``dequant``: the weight dequantized to x's dtype (one Triton kernel), then cuBLAS.
+
+Variant and launch config per call from M: ``configs/int8_matmul.json`` (bucket
+``n{N}_k{K}_m{1|4|16|64|256}``, written by ``python -m fuselm.bench.kernels_quant``), else
+``default_config``. K not a multiple of 16 runs ``dequant``.
+
+Backends: ``int8_matmul_ref`` (float32 spec), ``int8_matmul_triton`` (``fuselm::int8_matmul``).
 """
 
 from __future__ import annotations
 
 import torch
+
+from fuselm.kernels import _pdl, triton_utils
+from fuselm.kernels.int4_matmul import QuantMatmulConfig, gemm_default, m_bucket, tuned
+from fuselm.kernels.triton_utils import FUSELM_LIB
 
 
 def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> None:
@@ -33,3 +51,268 @@ def int8_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     applied after the dot product (it is constant along K)."""
     _check(x, qweight, scales)
     return ((x.float() @ qweight.float().t()) * scales.float()[None, :]).to(x.dtype)
+
+
+def shape_bucket(n: int, k: int, m: int) -> str:
+    """Tuning-table key of an int8 weight shape and batch."""
+    return f"n{n}_k{k}_m{m_bucket(m)}"
+
+
+def default_config(n: int, k: int, m: int) -> QuantMatmulConfig:
+    """Heuristic config: ``gemv`` at M = 1 (8 rows over 2 warps, 512 columns a step: a thread
+    holds 4 rows of the same 16 columns), else ``gemm``; ``dequant`` for K % 16 != 0."""
+    if k % 16:
+        return QuantMatmulConfig("dequant", 0, 0, 4)
+    if m == 1:
+        return QuantMatmulConfig("gemv", 8, 512, 2, 1)
+    return gemm_default(m, 64 if k % 64 == 0 else 16)
+
+
+def valid_config(cfg: QuantMatmulConfig, k: int) -> bool:
+    """Whether ``cfg`` can run K (words need K % 4; a gemm K step must divide K)."""
+    if cfg.variant == "gemv":
+        return k % 16 == 0 and cfg.block_k >= 16
+    if cfg.variant == "gemm":
+        return cfg.block_k >= 16 and k % cfg.block_k == 0 and cfg.block_m >= 16
+    return cfg.variant == "dequant"
+
+
+def config_for(n: int, k: int, m: int, device: torch.device) -> QuantMatmulConfig:
+    """The tuned config of this shape and batch bucket, else ``default_config``."""
+    cfg = tuned("int8_matmul", shape_bucket(n, k, m), device)
+    if cfg is not None and valid_config(cfg, k):
+        return cfg
+    return default_config(n, k, m)
+
+
+if triton_utils.triton_available():
+    import triton
+    import triton.language as tl
+
+    from fuselm.kernels._pdl import pdl_wait_then_release
+
+    if triton_utils.is_interpreting():
+        triton_utils.patch_interpreter_range()  # the K loops have runtime bounds
+
+    @triton.jit
+    def _byte_fma_value(words, BYTE: tl.constexpr):
+        """Byte BYTE of int32 words (signed b) as ``1.5 + b / 256``: the byte in bits 15..22,
+        its top bit flipped (b + 128), under the exponent of 1.0f."""
+        if BYTE <= 1:
+            t = words << (15 - 8 * BYTE)
+        else:
+            t = words >> (8 * BYTE - 15)
+        return ((t & 0x007F8000) ^ 0x3FC00000).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _int8_gemv_kernel(
+        x_ptr,  # [M, K], rows x_stride apart
+        qw_ptr,  # int32 [N, K // 4], rows qw_stride apart
+        s_ptr,  # [N]
+        out_ptr,  # [M, N], rows out_stride apart
+        N,
+        KW,  # K // 4
+        x_stride,
+        qw_stride,
+        out_stride,
+        BLOCK_N: tl.constexpr,
+        BLOCK_KW: tl.constexpr,  # words an iteration
+        EVEN_N: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        NUM_STAGES: tl.constexpr,
+        USE_PDL: tl.constexpr,
+    ):
+        pdl_wait_then_release(USE_PDL)
+        m = tl.program_id(1).to(tl.int64)
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < N
+        rows64 = rows.to(tl.int64)
+        kw = tl.arange(0, BLOCK_KW)
+        qw_rows = qw_ptr + rows64[:, None] * qw_stride
+        x_row = x_ptr + m * x_stride
+        acc = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
+        for w0 in tl.range(0, KW, BLOCK_KW, num_stages=NUM_STAGES):
+            w = w0 + kw
+            if EVEN_K and EVEN_N:
+                words = tl.load(qw_rows + w[None, :], eviction_policy="evict_first")
+            else:
+                words = tl.load(qw_rows + w[None, :], mask=rmask[:, None] & (w < KW)[None, :],
+                                other=0, eviction_policy="evict_first")
+            xsum = tl.zeros([BLOCK_KW], dtype=tl.float32)
+            for i in tl.static_range(4):
+                if EVEN_K:
+                    xi = tl.load(x_row + w * 4 + i).to(tl.float32)
+                else:
+                    xi = tl.load(x_row + w * 4 + i, mask=w < KW, other=0.0).to(tl.float32)
+                acc += _byte_fma_value(words, i) * xi[None, :]
+                xsum += xi
+            acc -= 1.5 * xsum[None, :]
+        s = tl.load(s_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+        y = tl.sum(acc, axis=1) * (s * 256.0)
+        dst = out_ptr + m * out_stride + rows
+        if EVEN_N:
+            tl.store(dst, y.to(out_ptr.dtype.element_ty))
+        else:
+            tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=rmask)
+
+    @triton.jit
+    def _byte_values(words, DTYPE: tl.constexpr):
+        """int32 words ``[R, W]`` -> their 4 signed bytes ``[R, W * 4]`` (column order), exact,
+        in DTYPE."""
+        shifts = tl.arange(0, 4) * 8
+        u = ((words[:, :, None] >> shifts[None, None, :]) & 0xFF) ^ 0x80  # b + 128
+        v = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
+        return tl.reshape(v.to(DTYPE), (words.shape[0], words.shape[1] * 4))
+
+    @triton.jit
+    def _int8_gemm_kernel(
+        x_ptr,  # [M, K], rows x_stride apart
+        qw_ptr,  # int32 [N, K // 4], rows qw_stride apart
+        s_ptr,  # [N]
+        out_ptr,  # [M, N]
+        M,
+        N,
+        KW,
+        x_stride,
+        qw_stride,
+        out_stride,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_KW: tl.constexpr,  # words a K step (4 * BLOCK_KW columns; divides K // 4)
+        EVEN_N: tl.constexpr,
+        NUM_STAGES: tl.constexpr,
+        USE_PDL: tl.constexpr,
+        PREC: tl.constexpr,  # "ieee" for fp32 x (no TF32 rounding); ignored for 16-bit x
+    ):
+        pdl_wait_then_release(USE_PDL)
+        cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # batch rows
+        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # weight rows
+        rows64 = rows.to(tl.int64)
+        rmask = rows < N
+        cmask = cols < M
+        kw = tl.arange(0, BLOCK_KW)
+        kk = tl.arange(0, BLOCK_KW * 4)
+        qw_tile = qw_ptr + rows64[:, None] * qw_stride + kw[None, :]
+        x_tile = x_ptr + cols.to(tl.int64)[None, :] * x_stride + kk[:, None]  # [BK, BLOCK_M]
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for w0 in tl.range(0, KW, BLOCK_KW, num_stages=NUM_STAGES):
+            if EVEN_N:
+                words = tl.load(qw_tile + w0, eviction_policy="evict_first")
+            else:
+                words = tl.load(qw_tile + w0, mask=rmask[:, None], other=0,
+                                eviction_policy="evict_first")
+            xt = tl.load(x_tile + w0 * 4, mask=cmask[None, :], other=0.0)
+            acc = tl.dot(_byte_values(words, xt.dtype), xt, acc, input_precision=PREC)
+        s = tl.load(s_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+        dst = out_ptr + cols.to(tl.int64)[None, :] * out_stride + rows[:, None]
+        tl.store(dst, (acc * s[:, None]).to(out_ptr.dtype.element_ty),
+                 mask=cmask[None, :] & rmask[:, None])
+
+    @triton.jit
+    def _int8_dequant_kernel(
+        qw_ptr,  # int8 [N, K], rows qw_stride apart
+        s_ptr,  # [N]
+        out_ptr,  # [N, K] contiguous
+        N,
+        K,
+        qw_stride,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows64 = rows.to(tl.int64)
+        k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = (rows < N)[:, None] & (k < K)[None, :]
+        q = tl.load(qw_ptr + rows64[:, None] * qw_stride + k[None, :], mask=mask, other=0)
+        s = tl.load(s_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        v = q.to(tl.float32) * s[:, None]
+        tl.store(out_ptr + rows64[:, None] * K + k[None, :], v.to(out_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+def dequantize_int8_triton(qweight: torch.Tensor, scales: torch.Tensor,
+                           dtype: torch.dtype) -> torch.Tensor:
+    """The logical weight ``[N, K]`` in ``dtype`` (one Triton kernel)."""
+    n, k = qweight.shape
+    out = torch.empty(n, k, dtype=dtype, device=qweight.device)
+    grid = (triton.cdiv(n, 16), triton.cdiv(k, 256))
+    _int8_dequant_kernel[grid](qweight, scales, out, n, k, qweight.stride(0), BLOCK_N=16,
+                               BLOCK_K=256, num_warps=4)
+    return out
+
+
+def _words(qweight: torch.Tensor) -> torch.Tensor:
+    """The int8 weight as int32 words ``[N, K // 4]`` (a view; ValueError if it can't be)."""
+    try:
+        return qweight.view(torch.int32)
+    except RuntimeError as err:
+        raise ValueError(f"int8_matmul qweight {tuple(qweight.shape)} (row stride "
+                         f"{qweight.stride(0)}) cannot be read as int32 words: rows must be "
+                         f"4-byte aligned") from err
+
+
+def launch_int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                       out: torch.Tensor, cfg: QuantMatmulConfig) -> None:
+    """Runs ``cfg``'s variant into ``out [M, N]`` with explicit meta-parameters (the bench
+    sweeps them). ValueError where ``cfg`` cannot run this K."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    if m == 0 or n == 0:
+        return
+    if not valid_config(cfg, k):
+        raise ValueError(f"int8_matmul config {cfg.label} cannot run K={k}")
+    if cfg.variant == "dequant":
+        torch.mm(x, dequantize_int8_triton(qweight, scales, x.dtype).t(), out=out)
+        return
+    words = _words(qweight)
+    kw = k // 4
+    pdl = _pdl.use_pdl(x)
+    if cfg.variant == "gemv":
+        bkw = max(1, cfg.block_k // 4)
+        grid = (triton.cdiv(n, cfg.block_n), m)
+        _int8_gemv_kernel[grid](
+            x, words, scales, out, n, kw, x.stride(0), words.stride(0), out.stride(0),
+            BLOCK_N=cfg.block_n, BLOCK_KW=bkw, EVEN_N=n % cfg.block_n == 0,
+            EVEN_K=kw % bkw == 0, NUM_STAGES=cfg.num_stages, USE_PDL=pdl,
+            num_warps=cfg.num_warps, launch_pdl=pdl)
+        return
+    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n))
+    _int8_gemm_kernel[grid](
+        x, words, scales, out, m, n, kw, x.stride(0), words.stride(0), out.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_k // 4,
+        EVEN_N=n % cfg.block_n == 0, NUM_STAGES=cfg.num_stages, USE_PDL=pdl,
+        PREC="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg.num_warps,
+        launch_pdl=pdl)
+
+
+def int8_matmul_triton(x: torch.Tensor, qweight: torch.Tensor,
+                       scales: torch.Tensor) -> torch.Tensor:
+    """Triton W8A16 matmul; same contract as ``int8_matmul_ref``. The variant and config come
+    from ``config_for`` (tuning table by batch bucket, else the heuristic)."""
+    _check(x, qweight, scales)
+    if x.stride(1) != 1 or qweight.stride(1) != 1:
+        raise ValueError("int8_matmul x and qweight must be contiguous in their last dimension")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"int8_matmul x must be fp32, fp16 or bf16, got {x.dtype}")
+    n, k = qweight.shape
+    out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+    launch_int8_matmul(x, qweight, scales, out, config_for(n, k, x.shape[0], x.device))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Registration (see rms_norm.py).
+# --------------------------------------------------------------------------------------------
+
+FUSELM_LIB.define("int8_matmul(Tensor x, Tensor qweight, Tensor scales) -> Tensor")
+
+
+@torch.library.register_fake("fuselm::int8_matmul", lib=FUSELM_LIB)
+def _int8_matmul_fake(x: torch.Tensor, qweight: torch.Tensor,
+                      scales: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
+if triton_utils.triton_available():
+    for _key in triton_utils.triton_dispatch_keys():
+        FUSELM_LIB.impl("int8_matmul", int8_matmul_triton, _key)
