@@ -16,13 +16,27 @@ Canonical layouts (QUANT_SPEC, issue #18). Logical weight ``W [N, K]``; ``y = x 
 
 Scales of any float dtype are upcast to float32. Nothing here is in place.
 
-Backends: ``*_ref`` (the spec, float32 math, any device); ``fp8_matmul_cuda``: cuBLASLt through
-``torch._scaled_mm`` (per-tensor, or rowwise per-token x per-channel scales).
+``fp8_w8a16_gemv(x [M, K] float, weight, weight_scale, bias)``: the weight-only product
+``x @ (weight * weight_scale).T + bias`` in x's dtype, for batch-1 decode where quantizing the
+activation costs a kernel and buys nothing (the weight stream is the whole cost).
+
+Backends: ``*_ref`` (the spec, float32 math, any device); ``*_triton`` (kernels in
+``_fp8_triton.py``; torch ops ``fuselm::fp8_matmul``, ``fuselm::fp8_block_matmul``,
+``fuselm::fp8_w8a16_gemv``): a weight-streaming GEMV at small M, a tiled tensor-core GEMM
+above; ``fp8_matmul_cuda``: cuBLASLt through ``torch._scaled_mm`` (per-tensor, or rowwise
+per-token x per-channel scales), except for the weight shapes and M buckets where
+``configs/fp8_matmul.json`` (``python -m fuselm.bench.kernels_fp8``) measured the Triton kernel
+faster. The quantization ops are in ``rms_norm_quant.py`` with the fused norm.
 """
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
+
+from fuselm.kernels import triton_utils
+from fuselm.kernels.triton_utils import FUSELM_LIB
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
@@ -192,16 +206,205 @@ def fp8_matmul_cuda(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Te
         raise ValueError(f"torch._scaled_mm needs K and N multiples of 16, got K={k} N={n}")
     if x_fp8.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError("x_fp8 and weight must be contiguous in their last dimension")
+    if x_fp8.device.type == "cuda" and _tuned_entry(n, k, m, x_fp8.device).get(
+            "backend") == "triton":
+        return fp8_matmul_triton(x_fp8, x_scale, weight, weight_scale, out_dtype, bias)
+    return scaled_mm(x_fp8, xs, weight, ws, out_dtype, bias)
+
+
+def scaled_mm(x_fp8: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, ws: torch.Tensor,
+              out_dtype: torch.dtype, bias: torch.Tensor | None,
+              fast_accum: bool = True) -> torch.Tensor:
+    """``torch._scaled_mm`` on checked operands: xs ``[M, 1]``/``[1, 1]``, ws ``[1, N]``/``[1,
+    1]`` float32 (``x_scale_column``, ``weight_scale_row``). ``fast_accum``: Hopper's FP8
+    tensor-core accumulation without periodic promotion to float32, as vLLM's CUTLASS kernels
+    and Triton's fp8 dot do by default (the GPU tests bound its error at the 8B shapes)."""
+    m, n = x_fp8.shape[0], weight.shape[0]
     if m == 0:
         return torch.empty(0, n, dtype=out_dtype, device=x_fp8.device)
     if xs.numel() == 1 and ws.numel() == 1:
         return torch._scaled_mm(x_fp8, weight.t(), scale_a=xs.reshape(()),
-                                scale_b=ws.reshape(()), bias=bias, out_dtype=out_dtype)
+                                scale_b=ws.reshape(()), bias=bias, out_dtype=out_dtype,
+                                use_fast_accum=fast_accum)
     # rowwise: both scales per row (a per-tensor one broadcast); cuBLASLt/CUTLASS rowwise
     # writes bfloat16 only, so another out_dtype is a cast of the bf16 result
     xs = xs.expand(m, 1).contiguous()
     ws = ws.expand(1, n).contiguous()
     rowwise_bias = bias.to(torch.bfloat16) if bias is not None else None
     out = torch._scaled_mm(x_fp8, weight.t(), scale_a=xs, scale_b=ws, bias=rowwise_bias,
-                           out_dtype=torch.bfloat16)
+                           out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
     return out if out_dtype == torch.bfloat16 else out.to(out_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton (kernels in _fp8_triton.py). Config: the tuning table's entry for the weight shape and
+# M bucket (``n{N}_k{K}_m{bucket}``, block-scaled ``block_n{N}_k{K}_m{bucket}``), else the
+# heuristics: GEMV up to GEMV_MAX_M rows, the tiled GEMM above.
+# --------------------------------------------------------------------------------------------
+
+M_BUCKETS = (1, 4, 16, 64, 256, 4096, 8192)  # what the benchmark measures
+GEMV_MAX_M = 4
+
+
+def m_bucket(m: int) -> int:
+    """The smallest measured M bucket holding ``m`` rows (the largest for more)."""
+    return next((b for b in M_BUCKETS if m <= b), M_BUCKETS[-1])
+
+
+def shape_bucket(n: int, k: int, m: int, block_scaled: bool = False) -> str:
+    """Tuning-table key of a weight shape and M bucket."""
+    return f"{'block_' if block_scaled else ''}n{n}_k{k}_m{m_bucket(m)}"
+
+
+@cache
+def _table_entry(bucket: str, device_index: int) -> dict:
+    entry = triton_utils.gpu_table_entry("fp8_matmul", device_index).get(bucket, {})
+    return entry if isinstance(entry, dict) else {}
+
+
+def _tuned_entry(n: int, k: int, m: int, device: torch.device,
+                 block_scaled: bool = False) -> dict:
+    if device.type != "cuda":
+        return {}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _table_entry(shape_bucket(n, k, m, block_scaled), index)
+
+
+def triton_config(n: int, k: int, m: int, device: torch.device, block_scaled: bool = False):
+    """The ``GemvConfig`` or ``GemmConfig`` the Triton path launches for this product."""
+    from fuselm.kernels import _fp8_triton as ft
+
+    tuned = _tuned_entry(n, k, m, device, block_scaled).get("triton")
+    if isinstance(tuned, dict) and tuned.get("kind") == "gemv" and not block_scaled:
+        return ft.GemvConfig(*(int(tuned[f]) for f in ft.GemvConfig._fields))
+    if isinstance(tuned, dict) and tuned.get("kind") == "gemm":
+        return ft.GemmConfig(*(int(tuned[f]) for f in ft.GemmConfig._fields))
+    if m <= GEMV_MAX_M and not block_scaled:
+        return ft.default_gemv_config(n, k)
+    return ft.default_gemm_config(m, n, k, block_scaled)
+
+
+def _check_triton_operands(x_fp8: torch.Tensor, weight: torch.Tensor) -> None:
+    if x_fp8.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError("x_fp8 and weight must be contiguous in their last dimension")
+    if x_fp8.device != weight.device:
+        raise ValueError(f"x_fp8 on {x_fp8.device} but weight on {weight.device}")
+
+
+def launch_fp8_matmul(x_fp8: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor,
+                      ws: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+                      cfg) -> None:
+    """Launches the Triton kernel ``cfg`` names (GEMV or GEMM) into ``out [M, N]``; xs, ws
+    contiguous float32 ``[M]``/``[1]`` and ``[N]``/``[1]`` (the benchmark sweeps configs)."""
+    from fuselm.kernels import _fp8_triton as ft
+
+    if isinstance(cfg, ft.GemvConfig):
+        ft.launch_gemv(x_fp8, xs, weight, ws, bias, out, cfg)
+    else:
+        ft.launch_gemm(x_fp8, xs, weight, ws, bias, out, cfg)
+
+
+def fp8_matmul_triton(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
+                      weight_scale: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton ``fp8_matmul``; same contract as ``fp8_matmul_ref``."""
+    m, n, k = _check_fp8_operands(x_fp8, weight)
+    xs = x_scale_column(x_scale, m).reshape(-1).contiguous()
+    ws = weight_scale_row(weight_scale, n).reshape(-1).contiguous()
+    _check_bias(bias, n)
+    _check_triton_operands(x_fp8, weight)
+    out = torch.empty(m, n, dtype=out_dtype, device=x_fp8.device)
+    launch_fp8_matmul(x_fp8, xs, weight, ws, bias, out, triton_config(n, k, m, x_fp8.device))
+    return out
+
+
+def fp8_block_matmul_triton(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
+                            weight_scale: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16,
+                            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton ``fp8_block_matmul``; same contract as ``fp8_block_matmul_ref``."""
+    from fuselm.kernels import _fp8_triton as ft
+
+    m, n, k = _check_fp8_operands(x_fp8, weight)
+    _check_block_scales(x_scale, weight_scale, m, n, k)
+    _check_bias(bias, n)
+    _check_triton_operands(x_fp8, weight)
+    xs = x_scale.float().contiguous()
+    ws = weight_scale.float().contiguous()
+    out = torch.empty(m, n, dtype=out_dtype, device=x_fp8.device)
+    cfg = triton_config(n, k, m, x_fp8.device, block_scaled=True)
+    ft.launch_gemm(x_fp8, xs, weight, ws, bias, out, cfg, block_scaled=True)
+    return out
+
+
+def _check_w8a16(x: torch.Tensor, weight: torch.Tensor) -> int:
+    _check_float_2d(x, "x")
+    if weight.dim() != 2 or weight.dtype != FP8_DTYPE or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight must be a float8_e4m3fn [N, K={x.shape[1]}] tensor, got "
+                         f"{weight.dtype} {tuple(weight.shape)}")
+    return weight.shape[0]
+
+
+def fp8_w8a16_gemv_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Weight-only ``x @ (weight * weight_scale).T + bias`` in float32, as x's dtype
+    ``[M, N]``; x ``[M, K]`` float, weight fp8 ``[N, K]``, weight_scale ``[N]`` or ``[1]``."""
+    n = _check_w8a16(x, weight)
+    ws = weight_scale_row(weight_scale, n)
+    _check_bias(bias, n)
+    out = (x.float() @ weight.float().t()) * ws
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+def fp8_w8a16_gemv_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                          bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton weight-only GEMV (fp8 weight dequantized in registers); the reference's
+    contract."""
+    from fuselm.kernels import _fp8_triton as ft
+
+    n = _check_w8a16(x, weight)
+    k = weight.shape[1]
+    ws = weight_scale_row(weight_scale, n).reshape(-1).contiguous()
+    _check_bias(bias, n)
+    _check_triton_operands(x, weight)
+    out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    cfg = triton_config(n, k, 1, x.device)
+    if not isinstance(cfg, ft.GemvConfig):
+        cfg = ft.default_gemv_config(n, k)
+    ft.launch_gemv(x, None, weight, ws, bias, out, cfg)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Registration: the Triton launchers as fuselm:: ops (opaque to torch.compile and CUDA graphs).
+# --------------------------------------------------------------------------------------------
+
+FUSELM_LIB.define("fp8_matmul(Tensor x_fp8, Tensor x_scale, Tensor weight, Tensor weight_scale, "
+                  "ScalarType out_dtype, Tensor? bias) -> Tensor")
+FUSELM_LIB.define("fp8_block_matmul(Tensor x_fp8, Tensor x_scale, Tensor weight, "
+                  "Tensor weight_scale, ScalarType out_dtype, Tensor? bias) -> Tensor")
+FUSELM_LIB.define("fp8_w8a16_gemv(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias) "
+                  "-> Tensor")
+
+
+@torch.library.register_fake("fuselm::fp8_matmul", lib=FUSELM_LIB)
+def _fp8_matmul_fake(x_fp8, x_scale, weight, weight_scale, out_dtype, bias):
+    return x_fp8.new_empty((x_fp8.shape[0], weight.shape[0]), dtype=out_dtype)
+
+
+@torch.library.register_fake("fuselm::fp8_block_matmul", lib=FUSELM_LIB)
+def _fp8_block_matmul_fake(x_fp8, x_scale, weight, weight_scale, out_dtype, bias):
+    return x_fp8.new_empty((x_fp8.shape[0], weight.shape[0]), dtype=out_dtype)
+
+
+@torch.library.register_fake("fuselm::fp8_w8a16_gemv", lib=FUSELM_LIB)
+def _fp8_w8a16_gemv_fake(x, weight, weight_scale, bias):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+if triton_utils.triton_available():
+    for _key in triton_utils.triton_dispatch_keys():
+        FUSELM_LIB.impl("fp8_matmul", fp8_matmul_triton, _key)
+        FUSELM_LIB.impl("fp8_block_matmul", fp8_block_matmul_triton, _key)
+        FUSELM_LIB.impl("fp8_w8a16_gemv", fp8_w8a16_gemv_triton, _key)

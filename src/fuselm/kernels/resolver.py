@@ -68,14 +68,18 @@ TABLE: dict[str, dict[str, Impl]] = {
     "gemv_silu_mul": _ops("gemv", "gemv_silu_mul_ref", "gemv_silu_mul"),
     "vocab_embedding": _ops("vocab_embedding", "vocab_embedding_ref", "vocab_embedding"),
     "argmax": _ops("argmax", "argmax_ref", "argmax"),
-    "quant_fp8_per_token": _ops("fp8_matmul", "quant_fp8_per_token_ref"),
-    "quant_fp8_static": _ops("fp8_matmul", "quant_fp8_static_ref"),
-    "quant_fp8_per_token_group": _ops("fp8_matmul", "quant_fp8_per_token_group_ref"),
-    "fp8_matmul": _ops("fp8_matmul", "fp8_matmul_ref", cuda="fp8_matmul_cuda"),
-    "fp8_block_matmul": _ops("fp8_matmul", "fp8_block_matmul_ref"),
-    "rms_norm_quant_fp8": _ops("rms_norm_quant", "rms_norm_quant_fp8_ref"),
-    "int8_matmul": _ops("int8_matmul", "int8_matmul_ref"),
-    "int4_matmul": _ops("int4_matmul", "int4_matmul_ref"),
+    # FP8 quantization: references in fp8_matmul, the Triton kernels beside the fused norm
+    **{op: {"reference": Impl("fp8_matmul", attr=f"{op}_ref"),
+            "triton": Impl("rms_norm_quant", torch_op=op)}
+       for op in ("quant_fp8_per_token", "quant_fp8_static", "quant_fp8_per_token_group")},
+    "fp8_matmul": _ops("fp8_matmul", "fp8_matmul_ref", "fp8_matmul", "fp8_matmul_cuda"),
+    "fp8_block_matmul": _ops("fp8_matmul", "fp8_block_matmul_ref", "fp8_block_matmul"),
+    "fp8_w8a16_gemv": _ops("fp8_matmul", "fp8_w8a16_gemv_ref", "fp8_w8a16_gemv"),
+    "rms_norm_quant_fp8": _ops("rms_norm_quant", "rms_norm_quant_fp8_ref",
+                               "rms_norm_quant_fp8"),
+    "int8_matmul": _ops("int8_matmul", "int8_matmul_ref", "int8_matmul"),
+    "int4_matmul": _ops("int4_matmul", "int4_matmul_ref", "int4_matmul"),
+    "gguf_matmul": _ops("gguf_matmul", "gguf_matmul_ref", "gguf_matmul"),
 }
 
 
