@@ -3,6 +3,11 @@
 A full block is identified by the SHA-256 of its token ids chained with the previous block's hash,
 so a hit implies an identical token prefix (Python's ``hash`` can be made to collide). Freed
 blocks keep their hash and stay reusable until allocation evicts them, least recently freed first.
+
+Two optional CPU tiers (``fuselm.engine.kv_tiers``): swap space, which a preempted sequence's
+blocks are copied to and back from (``swap_out`` / ``swap_in``), and a prefix tier, which keeps
+the full blocks the GPU evicts (least recently used first) so that a later hit restores them
+instead of recomputing. The moves are queued here and taken once per step (``take_copies``).
 """
 
 from __future__ import annotations
@@ -10,8 +15,9 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from fuselm.engine.kv_tiers import CpuPrefixTier, KVCopies, SwapSpace
 from fuselm.engine.request import Request
 
 
@@ -24,6 +30,23 @@ class Block:
     block_hash: bytes | None = None
 
 
+@dataclass
+class PrefixHit:
+    """The cached blocks of a prefix, one per block position: ``gpu[i]`` a GPU block to share,
+    or None where the CPU tier holds it (``cpu[i]``: the CPU block to restore)."""
+
+    gpu: list[int | None] = field(default_factory=list)
+    cpu: list[int | None] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.gpu)
+
+    def pop(self) -> None:
+        """Drops the last block."""
+        self.gpu.pop()
+        self.cpu.pop()
+
+
 def hash_block(prev_hash: bytes | None, token_ids: list[int]) -> bytes:
     """SHA-256 of the previous block's hash followed by this block's token ids."""
     digest = hashlib.sha256(prev_hash or b"")
@@ -34,7 +57,10 @@ def hash_block(prev_hash: bytes | None, token_ids: list[int]) -> bytes:
 class BlockManager:
     """Owns every KV block; requests hold block ids in ``Request.block_ids``."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 num_swap_blocks: int = 0, num_cpu_tier_blocks: int = 0):
+        """``num_swap_blocks`` / ``num_cpu_tier_blocks``: CPU blocks of swap space and of the
+        prefix tier (CPU block ids: swap space first, then the tier)."""
         if num_blocks < 1:
             raise ValueError("the KV cache needs at least one block")
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -45,6 +71,12 @@ class BlockManager:
         self._num_hashed: dict[int, int] = {}  # id(request) -> its blocks registered in the cache
         self.prefix_queries = 0  # prompt tokens looked up
         self.prefix_hits = 0  # prompt tokens found
+        self.swap = SwapSpace(0, num_swap_blocks) if num_swap_blocks else None
+        self.cpu_tier = (CpuPrefixTier(num_swap_blocks, num_cpu_tier_blocks)
+                         if num_cpu_tier_blocks and enable_prefix_caching else None)
+        self._copies = KVCopies()  # this step's moves so far
+        # blocks moved, counted when a step takes its copies
+        self.moved = {"swap_out": 0, "offload": 0, "swap_in": 0, "restore": 0}
 
     @property
     def num_free_blocks(self) -> int:
@@ -68,45 +100,75 @@ class BlockManager:
                 hash_block(prev, tokens[i * self.block_size : (i + 1) * self.block_size]))
 
     def find_cached_prefix(self, req: Request) -> list[int]:
-        """Cached blocks holding the longest prefix of the request's tokens (at least one token
-        is left to compute). Counts the lookup in the hit statistics."""
+        """GPU blocks holding the longest cached prefix of the request's tokens (the GPU tier
+        only; see ``find_prefix``)."""
+        return [b for b in self.find_prefix(req, use_cpu=False).gpu if b is not None]
+
+    def find_prefix(self, req: Request, use_cpu: bool = True) -> PrefixHit:
+        """Cached blocks, GPU or (``use_cpu``) CPU tier, holding the longest prefix of the
+        request's tokens (at least one token is left to compute). Counts the lookup in the
+        hit statistics."""
+        hit = PrefixHit()
         if not self.enable_prefix_caching:
-            return []
+            return hit
         self._update_hashes(req)
-        hits: list[int] = []
+        tier = self.cpu_tier if use_cpu else None
         for block_hash in req.block_hashes:
             block_id = self.hash_to_block.get(block_hash)
-            if block_id is None:
+            cpu_block = None if block_id is not None or tier is None else tier.lookup(block_hash)
+            if block_id is None and cpu_block is None:
                 break
-            hits.append(block_id)
-        if hits and len(hits) * self.block_size >= req.num_tokens:
-            hits.pop()
+            hit.gpu.append(block_id)
+            hit.cpu.append(cpu_block)
+        if hit and len(hit) * self.block_size >= req.num_tokens:
+            hit.pop()
         self.prefix_queries += req.num_tokens
-        self.prefix_hits += len(hits) * self.block_size
-        return hits
+        self.prefix_hits += len(hit) * self.block_size
+        return hit
 
     def allocate(self, req: Request, num_new_tokens: int,
-                 cached_blocks: list[int] | None = None) -> bool:
+                 cached_blocks: list[int] | PrefixHit | None = None) -> bool:
         """Gives the request blocks for ``num_new_tokens`` more tokens (after its computed and
-        cached ones); False, changing nothing, if too few blocks are free."""
-        cached_blocks = cached_blocks or []
-        num_tokens = req.num_computed_tokens + len(cached_blocks) * self.block_size
+        cached ones); False, changing nothing, if too few blocks are free. Cached GPU blocks
+        are shared; CPU-tier ones get a fresh block each and a queued restore."""
+        hit = (cached_blocks if isinstance(cached_blocks, PrefixHit)
+               else PrefixHit(list(cached_blocks or []), [None] * len(cached_blocks or [])))
+        num_tokens = req.num_computed_tokens + len(hit) * self.block_size
         needed = self.blocks_needed(num_tokens + num_new_tokens)
-        num_new_blocks = needed - len(req.block_ids) - len(cached_blocks)
-        reclaimed = sum(1 for b in cached_blocks if self.blocks[b].ref_count == 0)
+        shared = [b for b in hit.gpu if b is not None]
+        num_new_blocks = needed - len(req.block_ids) - len(shared)
+        reclaimed = sum(1 for b in shared if self.blocks[b].ref_count == 0)
         if num_new_blocks > self.num_free_blocks - reclaimed:
             return False
-        for block_id in cached_blocks:
+        for block_id in shared:  # first: no fresh block may evict them
             block = self.blocks[block_id]
             if block.ref_count == 0:
                 del self.free_queue[block_id]
             block.ref_count += 1
+        for cpu_block in hit.cpu:
+            if cpu_block is not None:
+                self.cpu_tier.pin(cpu_block)  # type: ignore[union-attr]
+        start = len(req.block_ids)
+        for i, (block_id, cpu_block) in enumerate(zip(hit.gpu, hit.cpu, strict=True)):
+            if block_id is None:
+                block_id = self._restore_block(req.block_hashes[start + i], cpu_block)
             req.block_ids.append(block_id)
-        if cached_blocks:
+        if hit:
             self._num_hashed[id(req)] = len(req.block_ids)
-        for _ in range(max(num_new_blocks, 0)):
+        for _ in range(max(num_new_blocks - (len(hit) - len(shared)), 0)):
             req.block_ids.append(self._take_free_block())
         return True
+
+    def _restore_block(self, block_hash: bytes, cpu_block: int | None) -> int:
+        """A fresh GPU block that this step's restore fills from ``cpu_block``, registered
+        under ``block_hash`` at once (the copy runs before any forward reads it)."""
+        assert cpu_block is not None
+        block_id = self._take_free_block()
+        if block_hash not in self.hash_to_block:
+            self.blocks[block_id].block_hash = block_hash
+            self.hash_to_block[block_hash] = block_id
+        self._copies.restore.append((block_id, cpu_block))
+        return block_id
 
     def _take_free_block(self) -> int:
         block_id, _ = self.free_queue.popitem(last=False)
@@ -114,6 +176,10 @@ class BlockManager:
         if block.block_hash is not None:
             if self.hash_to_block.get(block.block_hash) == block_id:
                 del self.hash_to_block[block.block_hash]
+                if self.cpu_tier is not None:  # evicted: keep it on the CPU
+                    cpu_block = self.cpu_tier.store(block.block_hash)
+                    if cpu_block is not None:
+                        self._copies.offload.append((block_id, cpu_block))
             block.block_hash = None
         block.ref_count = 1
         return block_id
@@ -136,7 +202,15 @@ class BlockManager:
         self._num_hashed[id(req)] = num_full
 
     def free(self, req: Request) -> None:
-        """Returns the request's blocks; the tail first, so that it is evicted first."""
+        """Returns the request's blocks (the tail first, so that it is evicted first) and its
+        swap space."""
+        self._free_gpu(req)
+        if req.swapped_block_ids:
+            self.swap.release(req.swapped_block_ids, deferred=False)  # type: ignore[union-attr]
+            req.swapped_block_ids = []
+            req.num_swapped_tokens = 0
+
+    def _free_gpu(self, req: Request) -> None:
         for block_id in reversed(req.block_ids):
             block = self.blocks[block_id]
             block.ref_count -= 1
@@ -147,8 +221,52 @@ class BlockManager:
         req.block_ids = []
         self._num_hashed.pop(id(req), None)
 
+    def can_swap_out(self, req: Request) -> int:
+        """Blocks ``swap_out`` would copy (0: no swap space, or too little free)."""
+        n = self.blocks_needed(min(req.num_computed_tokens, req.num_tokens - 1))
+        return n if self.swap is not None and 0 < n <= self.swap.num_free else 0
+
+    def swap_out(self, req: Request) -> None:
+        """Queues the copy of the request's computed blocks to swap space and frees its GPU
+        blocks; it keeps ``num_swapped_tokens`` (one token at least is left to compute)."""
+        num_blocks = self.can_swap_out(req)
+        if not num_blocks:
+            raise RuntimeError(f"{req.request_id} cannot be swapped out")
+        cpu_ids = self.swap.take(num_blocks)  # type: ignore[union-attr]
+        self._copies.swap_out.extend(zip(req.block_ids[:num_blocks], cpu_ids, strict=True))
+        req.swapped_block_ids = cpu_ids
+        req.num_swapped_tokens = min(req.num_computed_tokens, req.num_tokens - 1)
+        self._free_gpu(req)
+
+    def swap_in(self, req: Request, num_new_tokens: int) -> bool:
+        """Gives a swapped-out request fresh blocks for its swapped tokens plus
+        ``num_new_tokens``, queueing the copies back; False, changing nothing, if too few
+        blocks are free."""
+        needed = self.blocks_needed(req.num_swapped_tokens + num_new_tokens)
+        if needed > self.num_free_blocks:
+            return False
+        req.block_ids = [self._take_free_block() for _ in range(needed)]
+        self._copies.swap_in.extend(zip(req.block_ids, req.swapped_block_ids, strict=False))
+        self.swap.release(req.swapped_block_ids, deferred=True)  # type: ignore[union-attr]
+        req.swapped_block_ids = []
+        return True
+
+    def take_copies(self) -> KVCopies | None:
+        """The block moves queued since the last call (None: none), for the step about to
+        run; the CPU blocks they read are reusable from now on."""
+        copies, self._copies = self._copies, KVCopies()
+        for name in self.moved:
+            self.moved[name] += len(getattr(copies, name))
+        if self.cpu_tier is not None:
+            self.cpu_tier.end_step()
+        if self.swap is not None:
+            self.swap.end_step()
+        return copies or None
+
     def reset_prefix_cache(self) -> None:
-        """Forgets every cached hash (blocks in use keep their contents)."""
+        """Forgets every cached hash, in both tiers (blocks in use keep their contents)."""
         for block in self.blocks:
             block.block_hash = None
         self.hash_to_block.clear()
+        if self.cpu_tier is not None:
+            self.cpu_tier.clear()

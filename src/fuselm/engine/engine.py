@@ -22,6 +22,7 @@ from fuselm.config import EngineConfig, ModelConfig
 from fuselm.engine.block_manager import BlockManager
 from fuselm.engine.builder import EngineParts
 from fuselm.engine.executor import Executor, PendingStep
+from fuselm.engine.kv_mover import kv_tier_stats, with_cpu_tiers
 from fuselm.engine.model_runner import ModelRunner
 from fuselm.engine.request import Request, RequestStatus
 from fuselm.engine.scheduler import Scheduler
@@ -67,8 +68,12 @@ class LLMEngine:
         self.in_flight: deque[PendingStep] = deque()
         self.num_pipelined_steps = 0  # steps launched before the previous one's tokens were read
         self.max_in_flight_seen = 0  # steps in flight at once (pipeline micro-batches)
-        self.block_manager: BlockManager = parts.block_manager
+        self.block_manager: BlockManager = with_cpu_tiers(config.cache, parts.block_manager,
+                                                          self.runner)
         self.scheduler = Scheduler(parts.scheduler_config, self.block_manager)
+        self.scheduler.kv_rates = self.runner.kv_rates  # measured where the copies run
+        if self.runner.kv_mover is not None:
+            self.scheduler.kv_block_bytes = self.runner.kv_mover.bytes_per_block
         self.max_model_len = parts.max_model_len
         self.model_name = parts.model_name
         self.device = parts.device
@@ -261,4 +266,5 @@ class LLMEngine:
             "num_free_blocks": bm.num_free_blocks,
             "num_total_blocks": bm.num_blocks,
             "num_graph_replays": self.runner.num_graph_replays,
+            **kv_tier_stats(bm, self.runner.kv_mover, self.scheduler),
         }

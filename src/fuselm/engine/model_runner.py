@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from fuselm.engine.input_batch import InputBuffers
+from fuselm.engine.kv_mover import KVBlockMover
+from fuselm.engine.kv_tiers import TransferRates
 from fuselm.engine.sampling_inputs import build_sampling_tensors
 from fuselm.engine.scheduler import SchedulerOutput
 from fuselm.kernels.kernel_set import KernelSet
@@ -143,6 +145,8 @@ class ModelRunner:
                              for _ in range(2)]
         self._host_slot = 0
         self._graph_logits: torch.Tensor | None = None
+        self.kv_rates = TransferRates()  # copy and prefill rates: the scheduler's swap choice
+        self.kv_mover: KVBlockMover | None = None  # the CPU KV cache (swap, prefix tier)
 
     def graph_logits_bytes(self) -> int:
         """Bytes of the logits buffer that the decode graphs of more than one row share."""
@@ -173,6 +177,11 @@ class ModelRunner:
             attn.bind_kv_cache(k, v)
             self.kv_caches.append((k, v))
 
+    def allocate_cpu_kv_cache(self, num_cpu_blocks: int) -> None:
+        """A pinned CPU cache of ``num_cpu_blocks`` blocks in the device cache's layout (after
+        ``allocate_kv_cache``), which ``SchedulerOutput.kv_copies`` move blocks to and from."""
+        self.kv_mover = KVBlockMover(self.kv_caches, num_cpu_blocks, self.kv_rates)
+
     def kv_bytes_per_block(self, dtype: torch.dtype) -> int:
         """Bytes one KV block takes over all of this stage's layers."""
         itemsize = torch.empty(0, dtype=dtype).element_size()
@@ -186,6 +195,8 @@ class ModelRunner:
         a row per sequence) replaces the host's token ids: the previous step's samples. With
         ``defer_sampling`` only the forward is queued (see ``DeferredSampling``)."""
         num_seqs = len(out.sequences)
+        if out.kv_copies is not None:  # block moves first: this forward reads or rewrites them
+            self._move_kv(out)
         graph_size = self.graph_size_for(out)
         if graph_size is not None:
             self.buffers.fill(out, pad_to=graph_size)
@@ -196,12 +207,24 @@ class ModelRunner:
             ids, pos, batch, _ = self.buffers.fill(out)
             if input_ids is not None:
                 ids[:num_seqs].copy_(input_ids)
-            hidden = self.model(ids, pos, batch)
-            logits = self.model.compute_logits(hidden[batch.logits_indices])
+            with self._timed_forward(out):
+                hidden = self.model(ids, pos, batch)
+                logits = self.model.compute_logits(hidden[batch.logits_indices])
         reqs = [s.request for s in out.sequences if s.sample]
         if defer_sampling:
             return DeferredSampling(self, out, logits, reqs)
         return self.sample_launched(out, logits, reqs, all_plain_greedy(reqs))
+
+    def _move_kv(self, out: SchedulerOutput) -> None:
+        if self.kv_mover is None:
+            raise RuntimeError("a step moves KV blocks, but this runner has no CPU KV cache")
+        self.kv_mover.run(out.kv_copies)  # type: ignore[arg-type]
+
+    def _timed_forward(self, out: SchedulerOutput) -> contextlib.AbstractContextManager:
+        """Times a long eager forward into the prefill rate (where a CPU cache exists)."""
+        if self.kv_mover is None:
+            return contextlib.nullcontext()
+        return self.kv_mover.timed_forward(out.num_tokens)
 
     def sample_launched(self, out: SchedulerOutput, logits: torch.Tensor, reqs: list,
                         greedy: bool) -> LaunchedStep:

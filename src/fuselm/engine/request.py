@@ -66,6 +66,12 @@ class Request:
     first_token_time: float | None = None
     finished_time: float | None = None
     num_preemptions: int = 0
+    swapped_block_ids: list[int] = field(default_factory=list)
+    """CPU swap-space blocks holding this preempted sequence's KV (empty: not swapped)."""
+    num_swapped_tokens: int = 0
+    """Tokens whose KV is in ``swapped_block_ids``."""
+    num_discarded_tokens: int = 0
+    """Computed tokens dropped by its last preemption by recomputation."""
 
     @property
     def all_token_ids(self) -> list[int]:

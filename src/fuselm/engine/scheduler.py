@@ -3,10 +3,13 @@
 Each step: running sequences first (decodes, and the next chunk of prompts being prefilled), then
 waiting ones in arrival order, while the token budget (``max_num_batched_tokens``) and the sequence
 limit (``max_num_seqs``) allow. A long prompt is split into chunks so that decodes never stall.
-When blocks run out, the newest running sequence is preempted: it gives its blocks back and is
-recomputed later (through the prefix cache where its blocks survive). The ``n`` sequences of
-one request share its prompt: the first admitted (the leader) prefills it, the others wait for
-it and then share its full prompt blocks, computing only their last partial block.
+When blocks run out, the newest running sequence is preempted: its blocks are swapped to CPU
+memory and back (``--swap-space``) when measured rates say the copies cost less than the
+recompute, else it gives its blocks back and is recomputed later (through the prefix cache where
+its blocks survive). The block moves a step needs travel in its ``SchedulerOutput.kv_copies``.
+The ``n`` sequences of one request share its prompt: the first admitted (the leader) prefills
+it, the others wait for it and then share its full prompt blocks, computing only their last
+partial block.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from fuselm.config import SchedulerConfig
-from fuselm.engine.block_manager import BlockManager
+from fuselm.engine.block_manager import BlockManager, PrefixHit
+from fuselm.engine.kv_tiers import KVCopies, TransferRates
 from fuselm.engine.request import Request, RequestStatus
 
 
@@ -40,6 +44,8 @@ class SchedulerOutput:
 
     sequences: list[ScheduledSequence] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    kv_copies: KVCopies | None = None
+    """Block moves between the GPU and CPU caches, run before this step's forward."""
 
     @property
     def num_tokens(self) -> int:
@@ -68,6 +74,10 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_partial_prefills = 0  # chunks that stopped short of the sequence's end
         self.num_prompt_tokens_computed = 0  # prompt tokens run through the model
+        self.num_swapped_preemptions = 0  # preemptions by swap (the rest recompute)
+        self.num_recomputed_tokens = 0  # tokens computed again after a preemption
+        self.kv_rates = TransferRates()  # the runner's measurements (LLMEngine wires them)
+        self.kv_block_bytes = 0  # one block over all layers: what a swap copies per block
         # parent id -> the sibling (n > 1) whose prompt blocks the others share
         self._leaders: dict[str, Request] = {}
 
@@ -92,7 +102,14 @@ class Scheduler:
         budget = self._schedule_running(out, self.config.max_num_batched_tokens, exclude, cap)
         if not out.preempted:
             self._schedule_waiting(out, budget, cap)
+        self._attach_copies(out)
         return out
+
+    def _attach_copies(self, out: SchedulerOutput) -> None:
+        # moves of a schedule that runs nothing wait for the next one (its forward is the
+        # first to write the blocks they read)
+        if not out.is_empty:
+            out.kv_copies = self.block_manager.take_copies()
 
     def schedule_ahead(self, out: SchedulerOutput,
                        with_grammars: bool = False) -> SchedulerOutput | None:
@@ -117,7 +134,9 @@ class Scheduler:
             return None
         if not all(self.block_manager.allocate(r, 2) for r in reqs):
             return None  # blocks already taken stay with their sequences: harmless
-        return SchedulerOutput([ScheduledSequence(r, 1, True, ahead=1) for r in reqs])
+        ahead = SchedulerOutput([ScheduledSequence(r, 1, True, ahead=1) for r in reqs])
+        self._attach_copies(ahead)  # a new block can evict a cached one to the CPU tier
+        return ahead
 
     def _follows_blindly(self, req: Request, with_grammars: bool) -> bool:
         p = req.sampling_params
@@ -158,25 +177,41 @@ class Scheduler:
             if shared is None:
                 deferred.append(self.waiting.popleft())
                 continue
-            cached = self.block_manager.find_cached_prefix(req)
-            cached = shared if len(shared) > len(cached) else cached
-            num_cached = len(cached) * self.block_manager.block_size
-            remaining = req.num_tokens - num_cached
-            num_new = min(remaining, budget)
-            if num_new < remaining and not self.config.enable_chunked_prefill:
+            reserved = self._reserve(req, shared, budget)
+            if reserved is None:
                 break
-            if not self.block_manager.allocate(req, num_new, cached):
-                break
+            num_cached, num_new = reserved
             self.waiting.popleft()
             self._admit(req, num_cached)
             out.sequences.append(self._scheduled(req, num_new))
             budget -= num_new
         self.waiting.extendleft(reversed(deferred))
 
+    def _reserve(self, req: Request, shared: list[int], budget: int) -> tuple[int, int] | None:
+        """Blocks for a waiting sequence's first chunk: its swapped-out KV copied back, else
+        its longest cached prefix (either tier, or its leader's prompt blocks) plus new ones.
+        (tokens already computed, tokens to compute), or None when it does not fit."""
+        bm = self.block_manager
+        if req.swapped_block_ids:
+            num_cached, hit = req.num_swapped_tokens, None
+        else:
+            hit = bm.find_prefix(req)
+            if len(shared) > len(hit):
+                hit = PrefixHit(list(shared), [None] * len(shared))
+            num_cached = len(hit) * bm.block_size
+        remaining = req.num_tokens - num_cached
+        num_new = min(remaining, budget)
+        if num_new < remaining and not self.config.enable_chunked_prefill:
+            return None
+        fits = bm.swap_in(req, num_new) if hit is None else bm.allocate(req, num_new, hit)
+        return (num_cached, num_new) if fits else None
+
     def _admit(self, req: Request, num_cached: int) -> None:
         if req.status is RequestStatus.WAITING:
             req.num_cached_tokens = num_cached
             req.scheduled_time = time.monotonic()
+        self.num_recomputed_tokens += max(req.num_discarded_tokens - num_cached, 0)
+        req.num_discarded_tokens = 0
         if req.sampling_params.n > 1 and req.parent_id is not None:
             self._leaders.setdefault(req.parent_id, req)
         req.status = RequestStatus.RUNNING
@@ -210,7 +245,15 @@ class Scheduler:
         return ScheduledSequence(req, num_new, sample)
 
     def _preempt(self, req: Request) -> None:
-        self.block_manager.free(req)
+        bm = self.block_manager
+        num_blocks = bm.can_swap_out(req)
+        if num_blocks and self.kv_rates.swap_is_cheaper(num_blocks * self.kv_block_bytes,
+                                                        req.num_computed_tokens):
+            bm.swap_out(req)
+            self.num_swapped_preemptions += 1
+        else:
+            bm.free(req)
+            req.num_discarded_tokens = req.num_computed_tokens
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1
