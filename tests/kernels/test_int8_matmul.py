@@ -1,0 +1,149 @@
+"""int8_matmul (W8A16, per-channel scales): every Triton variant against an independent float64
+dequantize-then-matmul, under the interpreter on CPU (fp32, fp16) and at the Llama-3-8B shapes
+(the LM head included) in bf16 on the GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tolerances import assert_close, tolerance
+
+from fuselm.kernels import available_backends
+from fuselm.kernels import int8_matmul as i8
+from fuselm.kernels.int4_matmul import QuantMatmulConfig as Cfg
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+CPU_DTYPES = [torch.float32, torch.float16]
+
+
+def _need_triton():
+    if "triton" not in available_backends("int8_matmul"):
+        pytest.skip("triton backend of int8_matmul not available here")
+
+
+def _inputs(m, n, k, dtype, seed, device=DEVICE):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    q = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    s = torch.rand(n, generator=gen) * 0.002 + 0.0005
+    return tuple(t.to(device) for t in (x, q, s))
+
+
+def _expected(x, q, s):
+    """float64 x @ (q * s[:, None]).T."""
+    return x.double() @ (q.double() * s.double()[:, None]).t()
+
+
+def _tol(dtype, k):
+    # fp32 accumulation in another order than float64; the gemv's 1.5 + b/256 trick costs bits
+    atol, rtol = tolerance(dtype)
+    return atol * max(1.0, (k / 64) ** 0.5), max(rtol, 4e-6)
+
+
+GEMV = [Cfg("gemv", 4, 256, 4), Cfg("gemv", 8, 64, 2, 2)]
+GEMM = [Cfg("gemm", 16, 16, 4, 1, 16), Cfg("gemm", 32, 32, 4, 2, 32)]
+SHAPES = [(33, 96), (20, 208), (24, 256)]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("m,n,k", [(1, *SHAPES[0]), (3, *SHAPES[1]), (1, *SHAPES[1])])
+@pytest.mark.parametrize("cfg", GEMV, ids=lambda c: c.label)
+def test_gemv_variant(dtype, m, n, k, cfg):
+    _need_triton()
+    x, q, s = _inputs(m, n, k, dtype, seed=m * 100 + n + k)
+    out = torch.empty(m, n, dtype=dtype, device=DEVICE)
+    i8.launch_int8_matmul(x, q, s, out, cfg)
+    atol, rtol = _tol(dtype, k)
+    assert_close(out, _expected(x, q, s).to(dtype), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("m,n,k", [(1, *SHAPES[0]), (3, *SHAPES[1]), (17, *SHAPES[2]),
+                                   (17, *SHAPES[0])])
+@pytest.mark.parametrize("cfg", GEMM + [Cfg("dequant", 0, 0, 4)], ids=lambda c: c.label)
+def test_gemm_and_dequant_variants(dtype, m, n, k, cfg):
+    _need_triton()
+    if not i8.valid_config(cfg, k):
+        pytest.skip(f"{cfg.label} does not divide K={k}")
+    x, q, s = _inputs(m, n, k, dtype, seed=m * 100 + n + k + 1)
+    out = torch.empty(m, n, dtype=dtype, device=DEVICE)
+    i8.launch_int8_matmul(x, q, s, out, cfg)
+    atol, rtol = _tol(dtype, k)
+    if cfg.variant == "dequant" and dtype == torch.float16:
+        rtol = 2e-3  # the weight is rounded to fp16 before cuBLAS
+    assert_close(out, _expected(x, q, s).to(dtype), atol=atol, rtol=rtol)
+
+
+def test_reference():
+    x, q, s = _inputs(5, 24, 128, torch.float32, seed=7, device="cpu")
+    assert_close(i8.int8_matmul_ref(x, q, s), _expected(x, q, s).float(), atol=2e-5)
+
+
+@pytest.mark.parametrize("m", [1, 4, 17])
+def test_op_default_configs_and_odd_k(m):
+    """The torch op with its heuristic config (fp16 scales); K = 40 (not a multiple of 16)
+    runs the dequantize path."""
+    _need_triton()
+    for n, k in [(40, 192), (12, 40)]:
+        x, q, s = _inputs(m, n, k, torch.float32, seed=m + k)
+        s = s.to(torch.float16)
+        out = torch.ops.fuselm.int8_matmul(x, q, s)
+        atol, rtol = _tol(torch.float32, k)
+        assert_close(out, _expected(x, q, s).float(), atol=atol, rtol=rtol)
+
+
+def test_opcheck():
+    _need_triton()
+    x, q, s = _inputs(2, 16, 64, torch.float32, seed=3)
+    torch.library.opcheck(torch.ops.fuselm.int8_matmul.default, (x, q, s))
+
+
+def test_bad_input():
+    x, q, s = _inputs(1, 8, 64, torch.float32, seed=1, device="cpu")
+    with pytest.raises(ValueError, match="qweight"):
+        i8.int8_matmul_ref(x, q[:, :16], s)
+    with pytest.raises(ValueError, match="int8"):
+        i8.int8_matmul_ref(x, q.to(torch.uint8), s)
+    with pytest.raises(ValueError, match="scales"):
+        i8.int8_matmul_ref(x, q, s[:4])
+    with pytest.raises(ValueError, match="cannot run"):
+        i8.launch_int8_matmul(x, q, s, torch.empty(1, 8), Cfg("gemm", 16, 48, 4))
+
+
+def test_config_choice():
+    cpu = torch.device("cpu")
+    assert i8.config_for(128256, 4096, 1, cpu).variant == "gemv"
+    assert i8.config_for(4096, 4096, 64, cpu).variant == "gemm"
+    assert i8.config_for(64, 40, 1, cpu).variant == "dequant"
+    assert i8.shape_bucket(4096, 14336, 17) == "n4096_k14336_m64"
+
+
+# ---- GPU ------------------------------------------------------------------------------------
+
+GPU_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", GPU_SHAPES)
+@pytest.mark.parametrize("m", [1, 4, 16, 64, 256])
+def test_gpu_bf16_8b_shapes(n, k, m):
+    _need_triton()
+    x, q, s = _inputs(m, n, k, torch.bfloat16, seed=n + k + m)
+    s = s.to(torch.bfloat16)
+    expected = _expected(x, q, s)
+    out = torch.ops.fuselm.int8_matmul(x, q, s)
+    # bf16 output rounding (2^-9 relative) dominates; the gemm rounds nothing else
+    assert_close(out.double(), expected, atol=1e-2 * expected.std().item(), rtol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", GEMV + GEMM + [Cfg("gemm", 128, 64, 8, 3, 128),
+                                               Cfg("dequant", 0, 0, 4)], ids=lambda c: c.label)
+def test_gpu_bf16_variants(cfg):
+    _need_triton()
+    x, q, s = _inputs(33, 4096, 4096, torch.bfloat16, seed=5)
+    expected = _expected(x, q, s)
+    out = torch.empty(33, 4096, dtype=torch.bfloat16, device=DEVICE)
+    i8.launch_int8_matmul(x, q, s, out, cfg)
+    tol = 1e-2 if cfg.variant != "dequant" else 2e-2  # dequant rounds the weight to bf16
+    assert_close(out.double(), expected, atol=tol * expected.std().item(), rtol=tol)
