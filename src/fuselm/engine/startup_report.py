@@ -1,5 +1,6 @@
 """What the engine's startup did, one log line per fact: model and format, dtype, device and
-kernel backend, weights, KV cache, ``max_model_len``, CUDA graphs."""
+kernel backend, weights (and what ``--cpu-offload-gb`` streams), KV cache, ``max_model_len``,
+CUDA graphs."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
+
+from fuselm.engine import weight_offload
 
 if TYPE_CHECKING:
     from fuselm.config import EngineConfig
@@ -62,6 +65,7 @@ def startup_lines(config: EngineConfig, source: ModelSource, parts: EngineParts,
         f"dtype: {str(parts.dtype).removeprefix('torch.')} (--dtype {config.dtype})",
         f"device: {parts.device}; kernel backend: {config.kernel_backend}",
         f"weights: {num_bytes / GIB:.2f} GiB ({num_params / 1e6:.1f}M parameters)",
+        *([weight_offload.summary(parts.weight_offload)] if parts.weight_offload else []),
         f"KV cache: {num_blocks} blocks x {block_size} tokens = {num_blocks * block_size} "
         f"tokens, {kv_bytes / GIB:.2f} GiB",
         f"max_model_len: {parts.max_model_len}",
