@@ -46,6 +46,10 @@ def cpu_block_counts(cache: CacheConfig, bytes_per_block: int) -> tuple[int, int
             int(cache.kv_offloading_size * GIB // bytes_per_block))
 
 
+def _movable(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.element_size() == 1 else t
+
+
 def _runs(cpu_ids: list[int]) -> list[tuple[int, int, int]]:
     """(first cpu id, offset in the list, length) of each run of consecutive ids."""
     runs: list[tuple[int, int, int]] = []
@@ -69,12 +73,15 @@ class KVBlockMover:
                  rates: TransferRates) -> None:
         if num_cpu_blocks < 1:
             raise ValueError("the CPU KV cache needs at least one block")
-        self.kv_caches, self.rates = kv_caches, rates
+        # one-byte (fp8) caches move as uint8 views: index ops need no fp8 kernels
+        self.kv_caches = [tuple(_movable(t) for t in kv) for kv in kv_caches]
+        self.rates = rates
         self.device = kv_caches[0][0].device
         pin = self.device.type == "cuda"
         self.cpu_caches = [tuple(torch.empty((num_cpu_blocks, *t.shape[1:]), dtype=t.dtype,
-                                             pin_memory=pin) for t in kv) for kv in kv_caches]
-        self.bytes_per_block = sum(t[0].numel() * t.element_size() for kv in kv_caches
+                                             pin_memory=pin) for t in kv)
+                           for kv in self.kv_caches]
+        self.bytes_per_block = sum(t[0].numel() * t.element_size() for kv in self.kv_caches
                                    for t in kv)
         self.bytes = {"to_cpu": 0, "to_gpu": 0}  # measured copies
         self.seconds = {"to_cpu": 0.0, "to_gpu": 0.0}
