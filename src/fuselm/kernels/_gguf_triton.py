@@ -1,0 +1,291 @@
+"""Triton kernels of ``gguf_matmul`` (the block layouts are in ``gguf_matmul``'s docstring).
+
+Every ggml type decodes a tile of ``BLOCK_N`` rows x ``BLOCK_B`` blocks into a few *planes*:
+float32 ``[BLOCK_N, PLANE_K]`` weight tiles, each with the K index of its columns (``koff``).
+A plane is the part of the blocks whose bytes share one decode (the low nibbles of Q4_K, the
+third 32-value group of each Q6_K half), so every load of the packed bytes is contiguous and
+the block's own byte alignment is what Triton vectorizes (Q4_K/Q5_K blocks are 16-byte
+multiples: 16-byte loads). The x values are gathered at ``koff`` (x is small and cached), so
+nothing is permuted in registers. ``_accumulate`` then does one of:
+
+- MODE 0 (gemv): ``acc [BLOCK_N, PLANE_K] += w * x[koff]``, reduced once after the K loop;
+- MODE 1 (gemm): ``acc [BLOCK_M, BLOCK_N] += tl.dot(x[:, koff], w.T)`` in x's dtype;
+- MODE 2 (dequant): stores the plane into ``out[rows, koff]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fuselm.kernels import triton_utils
+from fuselm.kernels.gguf_matmul import GGML_TYPES, GGUFConfig
+
+if triton_utils.is_interpreting():
+    triton_utils.patch_interpreter_range()  # the K loop has a runtime bound
+
+_MODES = {"gemv": 0, "gemm": 1, "dequant": 2}
+# values of one plane per block: Q8_0 one plane of 32; Q4_0/Q4_1 two of 16; K-quants two of
+# 128 (Q4_K, Q5_K) or four of 64 (Q6_K)
+_PLANE_VALUES = {8: 32, 2: 16, 3: 16, 12: 128, 13: 128, 14: 64}
+
+
+@triton.jit
+def _accumulate(acc, w, koff, K, x_ptr, x_row, m_rows, M, x_stride, out_ptr, rows, N,
+                out_stride, MODE: tl.constexpr, IEEE: tl.constexpr):
+    kmask = koff < K
+    if MODE == 0:
+        xv = tl.load(x_ptr + x_row + koff, mask=kmask, other=0.0).to(tl.float32)
+        acc += w * xv[None, :]
+    elif MODE == 1:
+        xv = tl.load(x_ptr + m_rows[:, None] * x_stride + koff[None, :],
+                     mask=(m_rows < M)[:, None] & kmask[None, :], other=0.0)
+        wt = tl.trans(w.to(xv.dtype))
+        if IEEE:
+            acc = tl.dot(xv, wt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xv, wt, acc)
+    else:
+        dst = out_ptr + rows.to(tl.int64)[:, None] * out_stride + koff[None, :]
+        tl.store(dst, w.to(out_ptr.dtype.element_ty),
+                 mask=(rows < N)[:, None] & kmask[None, :])
+    return acc
+
+
+@triton.jit
+def _half(w16, row16, b, words: tl.constexpr, at: tl.constexpr, wmask):
+    """The fp16 at half-word ``at`` of each block (``words`` half-words long), fp32 [BN, BB]."""
+    return tl.load(w16 + row16[:, None] + b[None, :] * words + at, mask=wmask,
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _planes_q8_0(w8, w16, row8, b, wmask, BN: tl.constexpr, BB: tl.constexpr):
+    lane = tl.arange(0, 32)
+    base = row8[:, None, None] + (b * 34)[None, :, None]
+    q = tl.load(w8 + base + 2 + lane[None, None, :], mask=wmask[:, :, None], other=0)
+    q = q.to(tl.int8, bitcast=True).to(tl.float32)
+    d = _half(w16, row8 // 2, b, 17, 0, wmask)
+    w = tl.reshape(d[:, :, None] * q, (BN, BB * 32))
+    koff = tl.reshape(b[:, None] * 32 + lane[None, :], (BB * 32,))
+    return w, koff
+
+
+@triton.jit
+def _planes_q4(w8, w16, row8, b, wmask, SIZE: tl.constexpr, WITH_MIN: tl.constexpr,
+               BN: tl.constexpr, BB: tl.constexpr):
+    """Q4_0 (SIZE 18) or Q4_1 (SIZE 20, WITH_MIN): the low-nibble and high-nibble planes."""
+    j = tl.arange(0, 16)
+    base = row8[:, None, None] + (b * SIZE)[None, :, None]
+    qs = tl.load(w8 + base + (SIZE - 16) + j[None, None, :], mask=wmask[:, :, None], other=0)
+    d = _half(w16, row8 // 2, b, SIZE // 2, 0, wmask)[:, :, None]
+    lo = (qs & 0x0F).to(tl.float32)
+    hi = (qs >> 4).to(tl.float32)
+    if WITH_MIN:
+        m = _half(w16, row8 // 2, b, SIZE // 2, 1, wmask)[:, :, None]
+        lo = d * lo + m
+        hi = d * hi + m
+    else:
+        lo = d * (lo - 8.0)
+        hi = d * (hi - 8.0)
+    k_lo = b[:, None] * 32 + j[None, :]
+    return (tl.reshape(lo, (BN, BB * 16)), tl.reshape(k_lo, (BB * 16,)),
+            tl.reshape(hi, (BN, BB * 16)), tl.reshape(k_lo + 16, (BB * 16,)))
+
+
+@triton.jit
+def _k_scale_min(w8, base3, s, mask3):
+    """6-bit (scale, min) of sub-blocks ``s`` ([1, 1, 4]) from the 12 scale bytes at block
+    byte 4: as float32 [BN, BB, 4] each (``gguf_matmul._k_scale_min`` spells the rule out)."""
+    jm = s % 4
+    p = tl.load(w8 + base3 + 4 + jm, mask=mask3, other=0).to(tl.int32)
+    q = tl.load(w8 + base3 + 8 + jm, mask=mask3, other=0).to(tl.int32)
+    r = tl.load(w8 + base3 + 12 + jm, mask=mask3, other=0).to(tl.int32)
+    high = s >= 4
+    sc = tl.where(high, (r & 0x0F) | ((p >> 6) << 4), p & 63)
+    mn = tl.where(high, (r >> 4) | ((q >> 6) << 4), q & 63)
+    return sc.to(tl.float32), mn.to(tl.float32)
+
+
+@triton.jit
+def _planes_k(w8, w16, row8, b, wmask, SIZE: tl.constexpr, HIGH_BIT: tl.constexpr,
+              BN: tl.constexpr, BB: tl.constexpr):
+    """Q4_K (SIZE 144) or Q5_K (SIZE 176, HIGH_BIT): the planes of the even sub-blocks (low
+    nibbles of each 32-byte chunk) and of the odd ones (high nibbles), 128 values a block."""
+    c = tl.arange(0, 4)
+    lane = tl.arange(0, 32)
+    base3 = row8[:, None, None] + (b * SIZE)[None, :, None]
+    mask3 = wmask[:, :, None]
+    qs_at = SIZE - 128
+    qs = tl.load(w8 + base3[:, :, :, None] + qs_at + c[None, None, :, None] * 32
+                 + lane[None, None, None, :], mask=mask3[:, :, :, None], other=0)
+    lo = qs & 0x0F
+    hi = qs >> 4
+    s_lo = (2 * c)[None, None, :]
+    if HIGH_BIT:
+        qh = tl.load(w8 + base3[:, :, :, None] + 16 + lane[None, None, None, :],
+                     mask=mask3[:, :, :, None], other=0)
+        lo = lo | (((qh >> s_lo[:, :, :, None]) & 1) << 4)
+        hi = hi | (((qh >> (s_lo + 1)[:, :, :, None]) & 1) << 4)
+    row16 = row8 // 2
+    d = _half(w16, row16, b, SIZE // 2, 0, wmask)[:, :, None]
+    dmin = _half(w16, row16, b, SIZE // 2, 1, wmask)[:, :, None]
+    sc_lo, mn_lo = _k_scale_min(w8, base3, s_lo, mask3)
+    sc_hi, mn_hi = _k_scale_min(w8, base3, s_lo + 1, mask3)
+    w_lo = (d * sc_lo)[:, :, :, None] * lo.to(tl.float32) - (dmin * mn_lo)[:, :, :, None]
+    w_hi = (d * sc_hi)[:, :, :, None] * hi.to(tl.float32) - (dmin * mn_hi)[:, :, :, None]
+    k_lo = b[:, None, None] * 256 + c[None, :, None] * 64 + lane[None, None, :]
+    return (tl.reshape(w_lo, (BN, BB * 128)), tl.reshape(k_lo, (BB * 128,)),
+            tl.reshape(w_hi, (BN, BB * 128)), tl.reshape(k_lo + 32, (BB * 128,)))
+
+
+@triton.jit
+def _q6_plane(ql, qh, w8, base4, hh, ii, g: tl.constexpr, d, mask4, b, lane,
+              BN: tl.constexpr, BB: tl.constexpr):
+    """Plane ``g`` (values 32 g .. 32 g + 31 of each half) of Q6_K tiles [BN, BB, 2, 2, 16]."""
+    low = ql & 0x0F if g < 2 else ql >> 4
+    q = (low | (((qh >> (2 * g)) & 3) << 4)).to(tl.float32) - 32.0
+    sc = tl.load(w8 + base4 + 192 + 8 * hh + 2 * g + ii, mask=mask4, other=0)
+    sc = sc.to(tl.int8, bitcast=True).to(tl.float32)  # [BN, BB, 2, 2]
+    w = (d[:, :, None, None] * sc)[:, :, :, :, None] * q
+    # [BB, 2, 2, 16]
+    koff = b[:, None, None, None] * 256 + (hh * 128)[:, :, :, None] + 32 * g + lane
+    return tl.reshape(w, (BN, BB * 64)), tl.reshape(koff, (BB * 64,))
+
+
+@triton.jit
+def _q6_tiles(w8, row8, b, wmask):
+    """Q6_K bytes of a tile as [BN, BB, 2 halves, 2, 16] (value lane = 16 i + r of a group)."""
+    hh = tl.arange(0, 2)[None, :, None]  # [1, 2, 1]: the half
+    ii = tl.arange(0, 2)[None, None, :]  # [1, 1, 2]: which 16 of a 32-value group
+    r = tl.arange(0, 16)
+    base4 = row8[:, None, None, None] + (b * 210)[None, :, None, None]
+    mask4 = wmask[:, :, None, None]
+    lane = ii[:, :, :, None] * 16 + r[None, None, None, :]  # [1, 1, 2, 16]
+    at = base4[:, :, :, :, None] + (hh * 64)[:, :, :, None] + lane
+    ql_a = tl.load(w8 + at, mask=mask4[:, :, :, :, None], other=0)
+    ql_b = tl.load(w8 + at + 32, mask=mask4[:, :, :, :, None], other=0)
+    qh = tl.load(w8 + base4[:, :, :, :, None] + 128 + (hh * 32)[:, :, :, None] + lane,
+                 mask=mask4[:, :, :, :, None], other=0)
+    return ql_a, ql_b, qh, base4, mask4, hh, ii, lane
+
+
+@triton.jit
+def _step(acc, TYPE: tl.constexpr, w8, w16, row8, b, wmask, K, x_ptr, x_row, m_rows, M,
+          x_stride, out_ptr, rows, N, out_stride, MODE: tl.constexpr, IEEE: tl.constexpr,
+          BN: tl.constexpr, BB: tl.constexpr):
+    """Decodes one tile of every plane of ggml type TYPE and accumulates (or stores) it."""
+    if TYPE == 8:
+        w, k = _planes_q8_0(w8, w16, row8, b, wmask, BN, BB)
+        acc = _accumulate(acc, w, k, K, x_ptr, x_row, m_rows, M, x_stride, out_ptr, rows, N,
+                          out_stride, MODE, IEEE)
+    elif TYPE == 14:
+        ql_a, ql_b, qh, base4, mask4, hh, ii, lane = _q6_tiles(w8, row8, b, wmask)
+        d = _half(w16, row8 // 2, b, 105, 104, wmask)
+        for g in tl.static_range(4):
+            w, k = _q6_plane(ql_a if g % 2 == 0 else ql_b, qh, w8, base4, hh, ii, g, d,
+                             mask4, b, lane, BN, BB)
+            acc = _accumulate(acc, w, k, K, x_ptr, x_row, m_rows, M, x_stride, out_ptr, rows,
+                              N, out_stride, MODE, IEEE)
+    else:
+        if TYPE == 2:
+            w0, k0, w1, k1 = _planes_q4(w8, w16, row8, b, wmask, 18, False, BN, BB)
+        elif TYPE == 3:
+            w0, k0, w1, k1 = _planes_q4(w8, w16, row8, b, wmask, 20, True, BN, BB)
+        elif TYPE == 12:
+            w0, k0, w1, k1 = _planes_k(w8, w16, row8, b, wmask, 144, False, BN, BB)
+        else:
+            w0, k0, w1, k1 = _planes_k(w8, w16, row8, b, wmask, 176, True, BN, BB)
+        acc = _accumulate(acc, w0, k0, K, x_ptr, x_row, m_rows, M, x_stride, out_ptr, rows, N,
+                          out_stride, MODE, IEEE)
+        acc = _accumulate(acc, w1, k1, K, x_ptr, x_row, m_rows, M, x_stride, out_ptr, rows, N,
+                          out_stride, MODE, IEEE)
+    return acc
+
+
+@triton.jit
+def _gguf_matmul_kernel(
+    x_ptr, w8, w16, out_ptr,  # x [M, K]; the packed rows as uint8 and as fp16; out [M, N]
+    M, N, K, num_blocks, x_stride, w_stride, out_stride,  # w_stride in bytes
+    TYPE: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+    PLANE_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    pid_m = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    row8 = rows.to(tl.int64) * w_stride
+    m_rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    x_row = pid_m.to(tl.int64) * x_stride  # gemv: one x row a program
+    if MODE == 0:
+        acc = tl.zeros([BLOCK_N, PLANE_K], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for b0 in tl.range(0, num_blocks, BLOCK_B, num_stages=NUM_STAGES):
+        b = (b0 + tl.arange(0, BLOCK_B)).to(tl.int64)
+        wmask = rmask[:, None] & (b < num_blocks)[None, :]
+        acc = _step(acc, TYPE, w8, w16, row8, b, wmask, K, x_ptr, x_row, m_rows, M, x_stride,
+                    out_ptr, rows, N, out_stride, MODE, IEEE, BLOCK_N, BLOCK_B)
+    if MODE == 0:
+        y = tl.sum(acc, axis=1)
+        tl.store(out_ptr + pid_m.to(tl.int64) * out_stride + rows,
+                 y.to(out_ptr.dtype.element_ty), mask=rmask)
+    else:
+        dst = out_ptr + m_rows.to(tl.int64)[:, None] * out_stride + rows[None, :]
+        tl.store(dst, acc.to(out_ptr.dtype.element_ty),
+                 mask=(m_rows < M)[:, None] & rmask[None, :])
+
+
+@triton.jit
+def _gguf_dequant_kernel(w8, w16, out_ptr, N, K, num_blocks, w_stride, out_stride,
+                         TYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    b = (tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    wmask = (rows < N)[:, None] & (b < num_blocks)[None, :]
+    row8 = rows.to(tl.int64) * w_stride
+    none = tl.zeros([1, 1], dtype=tl.float32)
+    _step(none, TYPE, w8, w16, row8, b, wmask, K, out_ptr, 0, rows, 0, 0, out_ptr, rows, N,
+          out_stride, 2, False, BLOCK_N, BLOCK_B)
+
+
+def _views(qweight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed rows as bytes and as fp16 half-words (every block size and scale offset is
+    even, so each fp16 field is one aligned half-word)."""
+    if qweight.stride(1) != 1 or qweight.stride(0) % 2:
+        raise ValueError(f"gguf qweight rows must be contiguous and start at even bytes, got "
+                         f"strides {qweight.stride()}")
+    return qweight, qweight.view(torch.float16)
+
+
+def launch_matmul(x: torch.Tensor, qweight: torch.Tensor, ggml_type: int, out: torch.Tensor,
+                  cfg: GGUFConfig) -> None:
+    """gemv (``cfg.block_m`` ignored: one x row a program) or gemm into ``out [M, N]``."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    _, elems, _ = GGML_TYPES[ggml_type]
+    mode = _MODES[cfg.variant]
+    block_m = 1 if mode == 0 else max(16, cfg.block_m)
+    w8, w16 = _views(qweight)
+    grid = (triton.cdiv(n, cfg.block_n), m if mode == 0 else triton.cdiv(m, block_m))
+    _gguf_matmul_kernel[grid](
+        x, w8, w16, out, m, n, k, k // elems, x.stride(0), qweight.stride(0), out.stride(0),
+        TYPE=ggml_type, MODE=mode, IEEE=x.dtype == torch.float32, BLOCK_M=block_m,
+        BLOCK_N=cfg.block_n, BLOCK_B=cfg.block_b,
+        PLANE_K=cfg.block_b * _PLANE_VALUES[ggml_type], NUM_STAGES=cfg.num_stages,
+        num_warps=cfg.num_warps,
+    )
+
+
+def launch_dequant(qweight: torch.Tensor, ggml_type: int, out: torch.Tensor,
+                   cfg: GGUFConfig) -> None:
+    """The logical weight into ``out [N, K]`` (its dtype)."""
+    n, k = out.shape
+    if n == 0 or k == 0:
+        return
+    _, elems, _ = GGML_TYPES[ggml_type]
+    w8, w16 = _views(qweight)
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(k // elems, cfg.block_b))
+    _gguf_dequant_kernel[grid](w8, w16, out, n, k, k // elems, qweight.stride(0),
+                               out.stride(0), TYPE=ggml_type, BLOCK_N=cfg.block_n,
+                               BLOCK_B=cfg.block_b, num_warps=cfg.num_warps)
