@@ -8,7 +8,7 @@ import pytest
 import torch
 from tolerances import assert_close, tolerance
 
-from fuselm.kernels import available_backends
+from fuselm.kernels import available_backends, triton_utils
 from fuselm.kernels import int4_matmul as i4
 from fuselm.kernels.int4_matmul import QuantMatmulConfig as Cfg
 
@@ -17,8 +17,8 @@ CPU_DTYPES = [torch.float32, torch.float16]
 
 
 def _need_triton():
-    if "triton" not in available_backends("int4_matmul"):
-        pytest.skip("triton backend of int4_matmul not available here")
+    if not triton_utils.triton_available():
+        pytest.skip("triton not available here")
 
 
 def _inputs(m, n, k, g, dtype, seed, device=DEVICE):
@@ -125,6 +125,10 @@ def test_bad_input():
         Cfg.from_dict({"variant": "splitk"})
     with pytest.raises(ValueError, match="cannot run"):
         i4.launch_int4_matmul(x, q, s, z, 32, torch.empty(1, 8), Cfg("gemm", 16, 64, 4))
+
+
+def test_resolver_rows():
+    assert "reference" in available_backends("int4_matmul")
 
 
 def test_config_choice():
