@@ -30,6 +30,7 @@ from fuselm.planner_hardware import (
     collective_seconds,
     dtype_bytes,
     get_gpu,
+    h2d_gbs,
     load_model_shape,
 )
 
@@ -78,6 +79,12 @@ class PlanOptions:
     kernel_gap_us: float = 1.5
     """Time a tiny kernel costs inside a CUDA graph (launch + drain), from the micro-benchmark
     ``scripts/graph_kernel_gap.py``; added per kernel to memory-bound decode steps."""
+    cpu_offload_gb: float = 0.0
+    """GiB of whole decoder layers per GPU kept in pinned CPU memory and streamed in each step
+    (``--cpu-offload-gb``: layers are counted until this much is offloaded)."""
+    h2d_bandwidth_gbs: float | None = None
+    """Pinned host-to-device GB/s the offloaded weights stream at; None: the GPU's measured
+    figure (``planner_hardware.h2d_gbs``)."""
 
     @property
     def weight_bytes(self) -> float:
@@ -97,6 +104,8 @@ class PlanOptions:
                      "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.cpu_offload_gb < 0:
+            raise ValueError("cpu_offload_gb must be >= 0")
         for name in ("gpu_memory_utilization", "mem_bw_efficiency", "flops_efficiency",
                      "comm_efficiency"):
             if not 0.0 < getattr(self, name) <= 1.0:
@@ -240,6 +249,27 @@ def stage_shapes(m: ModelConfig, tp: int, pp: int, kv_bytes: float) -> list[Stag
     return out
 
 
+def layer_bytes(m: ModelConfig, tp: int, opts: PlanOptions) -> float:
+    """Bytes of one decoder layer's parameters on one TP rank."""
+    s = shard_shape(m, tp)
+    return (s.layer_matmul + s.layer_other) * opts.weight_bytes
+
+
+def offloaded_layers(m: ModelConfig, tp: int, num_layers: int, opts: PlanOptions) -> int:
+    """Layers of a stage that ``cpu_offload_gb`` takes: whole layers until that many GiB are
+    offloaded (vLLM's count; the engine's ``weight_offload.choose_offloaded``)."""
+    if opts.cpu_offload_gb <= 0:
+        return 0
+    return min(num_layers, math.ceil(opts.cpu_offload_gb * GIB / layer_bytes(m, tp, opts)))
+
+
+def offload_saved_bytes(m: ModelConfig, tp: int, stage: StageShape, opts: PlanOptions) -> float:
+    """GPU memory offload frees on a GPU of ``stage``: its offloaded layers, less the two
+    staging slots they stream through."""
+    num = offloaded_layers(m, tp, stage.num_layers, opts)
+    return (num - min(num, 2)) * layer_bytes(m, tp, opts)
+
+
 def activation_bytes(m: ModelConfig, tp: int, stage: StageShape, opts: PlanOptions) -> float:
     """Peak transient memory of one forward on a GPU of ``stage`` (see module docstring)."""
     h, hd = m.hidden_size, m.head_dim
@@ -288,6 +318,7 @@ class _StageTimer:
         self.flops = opts.flops_efficiency * c.gpu.bf16_tflops * 1e12
         self.tp_cross = c.tp_crosses_nodes(tp)
         self.hops = [c.hop_crosses_nodes(tp, i) for i in range(pp - 1)]
+        self.h2d = opts.h2d_bandwidth_gbs or h2d_gbs(c.gpu)
 
     def _collective(self, nbytes: float, all_gather: bool = False) -> float:
         lat = self.opts.inter_node_latency_us if self.tp_cross else self.opts.allreduce_latency_us
@@ -295,7 +326,29 @@ class _StageTimer:
                                   self.opts.comm_efficiency, all_gather)
 
     def stage(self, s: StageShape, b: int, ctx: int) -> dict[str, float]:
-        """Seconds by part: weights, kv, compute, comm; ``total`` = max(memory, compute) + comm."""
+        """Seconds by part; ``total`` = max(memory, compute) + comm + launches, and with
+        offloaded layers max(that, copies + the tail no copy overlaps: the stage's last layer
+        and head), since the copies run while the layers before each offloaded one compute."""
+        parts = self._resident(s, b, ctx)
+        num_off = offloaded_layers(self.m, self.tp, s.num_layers, self.opts)
+        if num_off:
+            link = num_off * layer_bytes(self.m, self.tp, self.opts) / (self.h2d * GB)
+            tail = self._resident(self._tail(s), b, ctx)["total"]
+            parts["offload"] = link
+            parts["total"] = max(parts["total"], link + tail)
+        return parts
+
+    def _tail(self, s: StageShape) -> StageShape:
+        """The stage cut to its last layer (and the head when it is the last stage)."""
+        layer = shard_shape(self.m, self.tp)
+        drop = s.num_layers - 1
+        return dataclasses.replace(
+            s, num_layers=1, read_params=s.read_params - drop * (layer.layer_matmul +
+                                                                 layer.layer_other),
+            matmul_params=s.matmul_params - drop * layer.layer_matmul,
+            kv_bytes_per_token=s.kv_bytes_per_token / s.num_layers, first=False)
+
+    def _resident(self, s: StageShape, b: int, ctx: int) -> dict[str, float]:
         o, m = self.opts, self.m
         # the first stage gathers one embedding row per sequence; layers and head read whole
         gather = embedding_gather_bytes(m, b, o.weight_bytes) if s.first else 0.0
@@ -321,7 +374,8 @@ class _StageTimer:
 
     def latency(self, b: int, ctx: int) -> dict[str, float]:
         """One token's way through every stage: seconds by part and ``total``."""
-        parts = {k: 0.0 for k in ("weights", "kv", "compute", "comm", "launch", "p2p", "total")}
+        parts = {k: 0.0 for k in ("weights", "kv", "compute", "comm", "launch", "offload",
+                                  "p2p", "total")}
         for s in self.stages:
             for k, v in self.stage(s, b, ctx).items():
                 parts[k] += v
@@ -333,6 +387,15 @@ class _StageTimer:
         """Steady-state seconds between micro-batches leaving the last stage."""
         worst_hop = max((self.hop(i, b) for i in range(self.pp - 1)), default=0.0)
         return max(self.stage(s, b, ctx)["total"] for s in self.stages) + worst_hop
+
+
+def decode_step_ms(m: ModelConfig, gpu: str, opts: PlanOptions, batch: int, tp: int = 1,
+                   pp: int = 1) -> dict[str, float]:
+    """Predicted milliseconds of one decode step of ``batch`` sequences at ``opts.context_len``
+    on one TP x PP layout of ``gpu`` cards, by part (``total``: the step)."""
+    cluster = ClusterSpec(get_gpu(gpu), 1, tp * pp)
+    timer = _StageTimer(m, cluster, opts, tp, pp, stage_shapes(m, tp, pp, opts.kv_bytes))
+    return {k: v * 1e3 for k, v in timer.latency(batch, opts.context_len).items()}
 
 
 def check_layout(m: ModelConfig, tp: int, pp: int) -> str:
@@ -353,7 +416,8 @@ def plan_layout(m: ModelConfig, c: ClusterSpec, opts: PlanOptions, tp: int,
     stages = stage_shapes(m, tp, pp, opts.kv_bytes)
     budget = opts.gpu_memory_utilization * c.gpu.memory_gib * GIB
     overhead = opts.overhead_gib * GIB
-    weights = [s.weight_params * opts.weight_bytes for s in stages]
+    weights = [s.weight_params * opts.weight_bytes - offload_saved_bytes(m, tp, s, opts)
+               for s in stages]
     acts = [activation_bytes(m, tp, s, opts) for s in stages]
     free = [budget - w - a - overhead for w, a in zip(weights, acts, strict=True)]
     tokens = [max(0.0, f) / s.kv_bytes_per_token for f, s in zip(free, stages, strict=True)]

@@ -90,6 +90,21 @@ GPUS: dict[str, GPUSpec] = {
 MEASURED_COPY_GBS: dict[str, float] = {"H100-SXM": 3000.0, "H200-SXM": 4270.0}
 
 
+# Host-to-device copies from pinned memory (GB/s, one direction) measured on these cards' hosts:
+# the link offloaded weights (--cpu-offload-gb) stream over. H200: the lent box (issue 19:
+# 55.5 GB/s pinned H2D, PCIe Gen5 x16). Elsewhere ``H2D_EFFICIENCY`` x the PCIe spec.
+MEASURED_H2D_GBS: dict[str, float] = {"H200-SXM": 55.5}
+PCIE_GBS: dict[str, float] = {  # PCIe spec per direction: Gen4 x16 32 GB/s, Gen5 x16 64 GB/s
+    "A100-40GB": 32.0, "A100-80GB": 32.0, "H100-SXM": 64.0, "H100-PCIe": 64.0, "H200-SXM": 64.0}
+H2D_EFFICIENCY = 55.5 / 64.0  # the H200 box's measured fraction of Gen5 x16
+
+
+def h2d_gbs(gpu: GPUSpec) -> float:
+    """Pinned host-to-device GB/s of a GPU's link: measured where known, else
+    ``H2D_EFFICIENCY`` x its PCIe spec."""
+    return MEASURED_H2D_GBS.get(gpu.name) or H2D_EFFICIENCY * PCIE_GBS.get(gpu.name, 32.0)
+
+
 _GPU_ALIASES = {
     "a100": "A100-80GB", "a100-40": "A100-40GB", "a100-40gb": "A100-40GB",
     "a100-80": "A100-80GB", "a100-80gb": "A100-80GB", "h100": "H100-SXM", "h100-sxm": "H100-SXM",

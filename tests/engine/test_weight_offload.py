@@ -170,3 +170,37 @@ def test_offload_in_cuda_graphs_equals_resident(tiny4) -> None:
     assert len(off.offloaded) == 3 and off.h2d_gbs > 1.0
     assert _tokens(graphs) == expected
     assert graphs.engine.stats()["num_graph_replays"] > 0
+
+
+LLAMA3_8B_LAYER_BYTES = 2 * (4096 * (4096 + 2 * 1024) + 4096 * 4096 + 3 * 4096 * 14336 + 2 * 4096)
+
+
+def test_planner_offload_prediction() -> None:
+    """fuselm plan with --cpu-offload-gb: the copies' time from the link bandwidth, the step
+    no shorter than the copies plus a layer, no longer than copies + the resident step, and
+    the memory of the offloaded layers (less two staging slots) off the GPU."""
+    from fuselm import planner
+    from fuselm.planner_hardware import GPUS, ClusterSpec, load_model_shape
+
+    _, m = load_model_shape("Llama-3-8B")
+    base_opts = planner.PlanOptions(context_len=256)
+    opts = planner.PlanOptions(context_len=256, cpu_offload_gb=8)
+    # 8 GiB / 436.2 MB a layer = 19.7: vLLM's count takes 20 layers
+    assert planner.offloaded_layers(m, 1, 32, opts) == 20
+    for batch in (1, 64, 256):
+        base = planner.decode_step_ms(m, "H200", base_opts, batch)
+        off = planner.decode_step_ms(m, "H200", opts, batch)
+        link_ms = 20 * LLAMA3_8B_LAYER_BYTES / 55.5e9 * 1e3  # the H200 box's pinned H2D
+        assert off["offload"] == pytest.approx(link_ms, rel=1e-9)
+        assert link_ms + base["total"] / 32 <= off["total"] <= link_ms + base["total"]
+    fast = planner.PlanOptions(context_len=256, cpu_offload_gb=0.1, h2d_bandwidth_gbs=1e6)
+    assert planner.decode_step_ms(m, "H200", fast, 256)["total"] == pytest.approx(
+        planner.decode_step_ms(m, "H200", base_opts, 256)["total"])  # copies hidden
+    cluster = ClusterSpec(GPUS["H200-SXM"], 1, 1)
+    full = planner.plan_layout(m, cluster, base_opts, 1, 1)
+    part = planner.plan_layout(m, cluster, opts, 1, 1)
+    assert (full.weight_gib - part.weight_gib) * GIB == pytest.approx(18 * LLAMA3_8B_LAYER_BYTES)
+    _, m70 = load_model_shape("Llama-3-70B")
+    assert not planner.plan_layout(m70, cluster, base_opts, 1, 1).feasible
+    assert planner.plan_layout(m70, cluster, planner.PlanOptions(
+        context_len=256, cpu_offload_gb=60), 1, 1).feasible

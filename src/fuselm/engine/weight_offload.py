@@ -165,7 +165,7 @@ def _register_pinned(flat: torch.Tensor) -> None:
     if err != 0:
         raise ConfigError(f"--cpu-offload-gb: pinning {flat.numel() / 1e9:.2f} GB of host memory "
                           f"failed (cudaHostRegister error {err}); lower --cpu-offload-gb")
-    weakref.finalize(flat.untyped_storage(), cudart.cudaHostUnregister, flat.data_ptr())
+    weakref.finalize(flat, cudart.cudaHostUnregister, flat.data_ptr())  # flat: the owner
 
 
 class _OffloadedLayer:
