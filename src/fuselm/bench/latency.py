@@ -22,6 +22,7 @@ freed before fuselm's engine reserves its KV cache.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import gc
 import inspect
@@ -37,6 +38,7 @@ from fuselm.bench import plots, report
 from fuselm.planner import StepBytes, decode_step_bytes, shard_shape
 
 NAME = "latency"
+H200_COPY_GBS = 4270.0  # measured device-to-device copy bandwidth of the H200 (read + write)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -161,19 +163,34 @@ class ModelBytes:
     element_size: int
     kv_element_size: int
     matmul_params: int
+    quantized_weight_bytes: int | None = None
+    """A quantized model's weight bytes per step, measured from its layers (packed weights,
+    scales, zeros, norms); None: counted from the shape at ``element_size``."""
 
     def step(self, m: Any, batch: int, kv_tokens: float) -> StepBytes:
         """What one decode step reads: ``fuselm.planner.decode_step_bytes``."""
-        return decode_step_bytes(m, batch, self.element_size, kv_tokens, self.kv_element_size)
+        sb = decode_step_bytes(m, batch, self.element_size, kv_tokens, self.kv_element_size)
+        if self.quantized_weight_bytes is None:
+            return sb
+        return dataclasses.replace(sb, weights=float(self.quantized_weight_bytes))
 
 
 def model_bytes(model: torch.nn.Module, model_config: Any, kv_dtype: torch.dtype) -> ModelBytes:
     """The weights' element size (of the first parameter), the KV cache's, and the matmul
     parameters per token of ``model_config``."""
     s = shard_shape(model_config, 1)
-    return ModelBytes(element_size=next(model.parameters()).element_size(),
+    element_size = next(p for p in model.parameters() if p.is_floating_point()).element_size()
+    quantized = None
+    if getattr(model_config, "quantization", None) is not None:
+        from fuselm.layers.quantization import weight_bytes_per_step
+
+        norms = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                    if "norm" in n)
+        quantized = weight_bytes_per_step(model) + norms
+    return ModelBytes(element_size=element_size,
                       kv_element_size=torch.empty(0, dtype=kv_dtype).element_size(),
-                      matmul_params=model_config.num_hidden_layers * s.layer_matmul)
+                      matmul_params=model_config.num_hidden_layers * s.layer_matmul,
+                      quantized_weight_bytes=quantized)
 
 
 def prefill_flops(m: Any, mb: ModelBytes, shape: Shape) -> float:
@@ -335,6 +352,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     mb = model_bytes(model, m, kv_dtype)
     copy_gbs = measure_copy_bandwidth(device)
     peak = peak_tflops(device, dtype)
+    quant = m.quantization.describe() if getattr(m, "quantization", None) else "none"
 
     def once(prompts: list[list[int]], out_len: int, tag: str) -> Timings:
         return time_engine(engine, prompts, out_len, tag, not args.disable_detokenize)
@@ -351,12 +369,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result = {
         "bench": NAME, "env": report.environment(), "model": getattr(engine, "model_name", None),
         "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-        "copy_bandwidth_gbs": copy_gbs, "peak_tflops": peak,
+        "copy_bandwidth_gbs": copy_gbs, "peak_tflops": peak, "quantization": quant,
         "weight_read_bytes": mb.step(m, 1, 0).weights,
         "embedding_row_bytes": mb.step(m, 1, 0).embedding,
         "kv_bytes_per_token": mb.step(m, 1, 1).kv,
         "num_iters": args.num_iters, "results": rows,
     }
+    print(f"quantization: {quant}; weights read per decode step "
+          f"{mb.step(m, 1, 0).weights / 1e9:.3f} GB; H200 copy ceiling "
+          f"{H200_COPY_GBS:.0f} GB/s" + (f", this card's {copy_gbs:.0f} GB/s" if copy_gbs else ""))
     for r in rows:
         step_ms = r["per_token_ms"]["median"] if r["num_decode_steps"] else None
         print(f"batch {r['batch_size']} in {r['input_len']} out {r['output_len']}: "

@@ -14,7 +14,7 @@ import torch
 from fuselm.engine import weight_offload
 
 if TYPE_CHECKING:
-    from fuselm.config import EngineConfig
+    from fuselm.config import EngineConfig, ModelConfig
     from fuselm.engine.builder import EngineParts
     from fuselm.loading.loader import ModelSource
 
@@ -33,6 +33,16 @@ def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
     """(bytes, count) of the model's parameters, a tied one counted once."""
     params = list(model.parameters())  # parameters() yields a shared tensor once
     return sum(p.numel() * p.element_size() for p in params), sum(p.numel() for p in params)
+
+
+def quantization_text(model: torch.nn.Module, mc: ModelConfig) -> str:
+    """Which quantization ran and the linear + LM head bytes a decode step reads (this rank)."""
+    from fuselm.layers.quantization import describe, weight_bytes_per_step
+
+    quant = mc.quantization.describe() if mc.quantization is not None else "none"
+    methods = f" [{describe(model)}]" if mc.quantization is not None else ""
+    step = weight_bytes_per_step(model)
+    return f"quantization {quant}{methods}; a decode step reads {step / GIB:.3f} GiB of weights"
 
 
 def _format_line(source: ModelSource) -> str:
@@ -64,7 +74,8 @@ def startup_lines(config: EngineConfig, source: ModelSource, parts: EngineParts,
         f"format: {_format_line(source)}, load format {config.load_format}",
         f"dtype: {str(parts.dtype).removeprefix('torch.')} (--dtype {config.dtype})",
         f"device: {parts.device}; kernel backend: {config.kernel_backend}",
-        f"weights: {num_bytes / GIB:.2f} GiB ({num_params / 1e6:.1f}M parameters)",
+        f"weights: {num_bytes / GIB:.2f} GiB ({num_params / 1e6:.1f}M parameters); "
+        + quantization_text(runner.model, mc),
         *([weight_offload.summary(parts.weight_offload)] if parts.weight_offload else []),
         f"KV cache: {num_blocks} blocks x {block_size} tokens = {num_blocks * block_size} "
         f"tokens, {kv_bytes / GIB:.2f} GiB",

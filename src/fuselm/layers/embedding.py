@@ -3,6 +3,10 @@
 The vocabulary (padded up to a multiple of tp_size) is split into contiguous ranges, one per rank.
 The embedding looks up ids in its range (zeros elsewhere) and all-reduces; the LM head computes
 logits for its range and all-gathers them, dropping the padding.
+
+With int4/int8 quantization the LM head is int8 per channel (``method``: quantized after
+loading from its float rows, which a tied embedding keeps for its lookups); else it multiplies
+its float weight (the batch-1 gemv where the KernelSet bound one).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fuselm.kernels.kernel_set import KernelSet
+from fuselm.layers.quantization.base import LinearMethod
 from fuselm.layers.weight_utils import copy_checked, narrow, tensor_shape
 from fuselm.parallel import comm
 from fuselm.parallel import parallel_state as ps
@@ -58,20 +63,28 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Output projection to the vocabulary; may share its weight with the embedding."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int,
-                 dtype: torch.dtype | None = None, kernels: KernelSet | None = None) -> None:
+                 dtype: torch.dtype | None = None, kernels: KernelSet | None = None,
+                 method: LinearMethod | None = None) -> None:
         kernels = kernels or KernelSet()
         super().__init__(num_embeddings, embedding_dim, dtype, kernels)
         self.gemv = kernels.gemv(self.num_embeddings_per_partition, embedding_dim)  # batch 1
+        # an online method (the int8 head): its ``process_weights_after_loading`` turns the
+        # loaded float ``weight`` into its layout (its ``create_weights`` is not called: the
+        # rows load as the embedding's do, padding included)
+        self.method = method
+        self.dense_from_m: int | None = None  # the int8 head always runs its kernel
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
-        """Uses the embedding's weight (tied embeddings)."""
+        """Uses the embedding's weight (tied embeddings; a quantized head quantizes a copy)."""
         self.weight = embedding.weight
 
     def forward(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """hidden ``[n, dim]`` -> float32 logits ``[n, vocab_size]`` (gathered over ranks),
         written into ``out`` when given."""
         gemv = self.gemv.fn
-        if gemv is not None and hidden.shape[0] == 1 and hidden.stride(1) == 1:
+        if self.method is not None:
+            logits = self.method.apply(self, hidden, None)
+        elif gemv is not None and hidden.shape[0] == 1 and hidden.stride(1) == 1:
             logits = gemv(hidden, self.weight, None, True)  # float32 straight out
         else:
             logits = F.linear(hidden, self.weight)

@@ -26,9 +26,10 @@ from fuselm.forward_batch import ForwardBatch
 from fuselm.kernels.kernel_set import KernelSet
 from fuselm.layers.attention import Attention
 from fuselm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from fuselm.layers.linear import QKVParallelLinear, RowParallelLinear
+from fuselm.layers.linear import LinearBase, QKVParallelLinear, RowParallelLinear
 from fuselm.layers.mlp import GatedMLP
 from fuselm.layers.norm import RMSNorm
+from fuselm.layers.quantization import linear_method, lm_head_method
 from fuselm.layers.rotary import cos_sin_cache
 from fuselm.layers.weight_utils import default_weight_loader
 from fuselm.parallel import comm
@@ -48,20 +49,24 @@ class LlamaAttention(nn.Module):
     """QKV projection, rotary + paged attention, output projection."""
 
     def __init__(self, config: ModelConfig, rope: torch.Tensor, kernels: KernelSet,
-                 sliding_window: int | None = None) -> None:
+                 sliding_window: int | None = None, prefix: str = "self_attn") -> None:
         super().__init__()
         head_size = config.head_dim
+        quant = config.quantization
+        qkv = linear_method(quant, kernels, tuple(f"{prefix}.{p}_proj" for p in "qkv"))
         self.qkv_proj = QKVParallelLinear(config.hidden_size, head_size,
                                           config.num_attention_heads,
                                           config.num_key_value_heads, bias=config.attention_bias,
-                                          kernels=kernels)
+                                          kernels=kernels, method=qkv)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size = self.num_heads * head_size
         self.kv_size = self.num_kv_heads * head_size
         self.head_size = head_size
         self.o_proj = RowParallelLinear(config.num_attention_heads * head_size,
                                         config.hidden_size, bias=False, reduce_results=False,
-                                        kernels=kernels)
+                                        kernels=kernels,
+                                        method=linear_method(quant, kernels,
+                                                             (f"{prefix}.o_proj",)))
         self.attn = Attention(self.num_heads, self.num_kv_heads, head_size,
                               head_size**-0.5, rope, kernels, sliding_window)
 
@@ -82,11 +87,12 @@ class LlamaDecoderLayer(nn.Module):
     """Pre-norm attention and MLP blocks with the residual carried beside the hidden state."""
 
     def __init__(self, config: ModelConfig, rope: torch.Tensor, kernels: KernelSet,
-                 sliding_window: int | None = None) -> None:
+                 sliding_window: int | None = None, prefix: str = "layers.0") -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, rope, kernels, sliding_window)
+        self.self_attn = LlamaAttention(config, rope, kernels, sliding_window,
+                                        f"model.{prefix}.self_attn")
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.mlp_bias,
-                            kernels)
+                            kernels, config.quantization, f"model.{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels=kernels)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps,
                                                 kernels=kernels)
@@ -147,13 +153,15 @@ class LlamaForCausalLM(nn.Module):
                                                        kernels=kernels)
         self.layers = nn.ModuleDict({
             str(i): LlamaDecoderLayer(config, rope, kernels,
-                                      _effective_window(config.layer_window(i), max_position))
+                                      _effective_window(config.layer_window(i), max_position),
+                                      f"layers.{i}")
             for i in range(self.start_layer, self.end_layer)
         })
         if self.is_last:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels=kernels)
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
-                                          kernels=kernels)
+                                          kernels=kernels,
+                                          method=lm_head_method(config.quantization, kernels))
             if config.tie_word_embeddings:
                 self.lm_head.tie_to(self.embed_tokens)
 
@@ -193,24 +201,45 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden, out)
 
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
-        """Loads (HF name, tensor) pairs into this stage's parameters; returns loaded names."""
+        """Loads (HF name, tensor) pairs into this stage's parameters; returns loaded names.
+        A pre-quantized checkpoint's tensors (qweight, scales, qzeros, weight_scale, ...) are
+        converted to the canonical layout of their layer's method first
+        (``loading.quant_formats``)."""
         params = dict(self.named_parameters(remove_duplicate=False))
+        quantized = self._prequantized_modules()
         loaded: set[str] = set()
         for name, tensor in weights:
             target = self._target_name(name)
             if target is None:
                 continue
             ours, shard = target
-            if ours not in params:
-                continue
-            param = params[ours]
-            loader = getattr(param, "weight_loader", default_weight_loader)
-            if shard is None:
-                loader(param, tensor)
-            else:
-                loader(param, tensor, shard)
-            loaded.add(ours)
+            module, _, suffix = ours.rpartition(".")
+            pairs = [(ours, tensor)]
+            if module in quantized:
+                from fuselm.layers.weight_utils import materialize
+                from fuselm.loading.quant_formats import convert
+
+                pairs = [(f"{module}.{canon}", t) for canon, t in
+                         convert(self.config.quantization, suffix, materialize(tensor))]
+            for ours_name, value in pairs:
+                if ours_name not in params:
+                    continue
+                param = params[ours_name]
+                loader = getattr(param, "weight_loader", default_weight_loader)
+                if shard is None:
+                    loader(param, value)
+                else:
+                    loader(param, value, shard)
+                loaded.add(ours_name)
         return loaded
+
+    def _prequantized_modules(self) -> set[str]:
+        """Names of the linear layers whose checkpoint tensors are quantized (not online)."""
+        quant = self.config.quantization
+        if quant is None or quant.source == "online":
+            return set()
+        return {name for name, m in self.named_modules()
+                if isinstance(m, LinearBase) and not m.method.is_dense}
 
     def _target_name(self, name: str) -> tuple[str, Any] | None:
         if "rotary_emb.inv_freq" in name:
@@ -228,5 +257,6 @@ class LlamaForCausalLM(nn.Module):
         return name, None
 
     def expected_parameters(self) -> set[str]:
-        """Names of parameters a checkpoint must provide for this stage."""
-        return {n for n, _ in self.named_parameters()}
+        """Names of parameters a checkpoint must provide for this stage (not those with a
+        default, such as a symmetric format's zero points)."""
+        return {n for n, p in self.named_parameters() if not getattr(p, "optional", False)}

@@ -69,13 +69,16 @@ def _convert(logical: int, elems: int, stored: int, what: str, axis: str) -> int
 
 
 def new_param(layer: nn.Module, name: str, shape: tuple[int, ...], dtype: torch.dtype,
-              meta: ShardMeta, fill: float | None = None) -> nn.Parameter:
+              meta: ShardMeta, fill: float | None = None,
+              optional: bool = False) -> nn.Parameter:
     """Registers ``layer.<name>``: an empty (or ``fill``-ed) frozen parameter with ``meta`` as
-    its ``shard_meta`` attribute and the layer's ``weight_loader``; returns it."""
+    its ``shard_meta`` attribute and the layer's ``weight_loader``; returns it. ``optional``:
+    a checkpoint need not provide it (its ``fill`` stands, e.g. symmetric zero points 8)."""
     data = torch.empty(shape, dtype=dtype) if fill is None else torch.full(shape, fill,
                                                                           dtype=dtype)
     param = nn.Parameter(data, requires_grad=False)
     param.shard_meta = meta
+    param.optional = optional
     loader = getattr(layer, "weight_loader", None)
     if loader is not None:
         param.weight_loader = loader

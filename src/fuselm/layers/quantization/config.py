@@ -49,7 +49,8 @@ class QuantizationConfig:
     """Module names (checkpoint names, e.g. ``lm_head``, ``model.layers.0.mlp.down_proj``) kept
     in float."""
     lm_head_bits: int | None = None
-    """8: the LM head is int8 per channel (int4/int8 online); None: the LM head stays float."""
+    """8: the LM head is int8 per channel, quantized at load from the checkpoint's float head
+    (int4/int8, online or pre-quantized weight-only); None: the LM head stays float."""
     checkpoint_format: str = ""
     """The checkpoint's own layout name (compressed-tensors ``format``, AWQ ``version``)."""
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -171,7 +172,7 @@ def _awq(quant: dict[str, Any]) -> QuantizationConfig:
     group = int(quant.get("group_size", quant.get("q_group_size", DEFAULT_GROUP_SIZE)))
     return QuantizationConfig(
         "int4", source="awq", bits=4, group_size=None if group < 0 else group,
-        zero_point=bool(quant.get("zero_point", True)), checkpoint_format=version,
+        zero_point=bool(quant.get("zero_point", True)), checkpoint_format=version, lm_head_bits=8,
         ignore=_ignore_list(quant, "modules_to_not_convert"))
 
 
@@ -179,13 +180,12 @@ def _gptq(quant: dict[str, Any]) -> QuantizationConfig:
     bits = int(quant.get("bits", 4))
     if bits != 4:
         raise UnsupportedModelError(f"gptq with {bits} bits is not supported (fuselm runs 4)")
-    if quant.get("desc_act"):
-        raise UnsupportedModelError("gptq desc_act (act-order) checkpoints are not supported")
+    # desc_act: loading.quant_formats refuses a layer whose g_idx is not the trivial order
     group = int(quant.get("group_size", DEFAULT_GROUP_SIZE))
     return QuantizationConfig(
         "int4", source="gptq", bits=4, group_size=None if group < 0 else group,
         zero_point=not bool(quant.get("sym", True)),
-        checkpoint_format=str(quant.get("checkpoint_format", "gptq")),
+        checkpoint_format=str(quant.get("checkpoint_format", "gptq")), lm_head_bits=8,
         ignore=_ignore_list(quant, "modules_to_not_convert"))
 
 
@@ -215,10 +215,10 @@ def _compressed_tensors(quant: dict[str, Any]) -> QuantizationConfig:
                 raise UnsupportedModelError("compressed-tensors int8 weights must be symmetric "
                                             "per channel")
             return QuantizationConfig("int8", source="compressed-tensors", bits=8,
-                                      checkpoint_format=fmt, ignore=ignore)
+                                      checkpoint_format=fmt, ignore=ignore, lm_head_bits=8)
         return QuantizationConfig("int4", source="compressed-tensors", bits=4,
                                   group_size=group, zero_point=not sym,
-                                  checkpoint_format=fmt, ignore=ignore)
+                                  checkpoint_format=fmt, ignore=ignore, lm_head_bits=8)
     act = f" with {acts.get('type')}{acts.get('num_bits')} activations" if acts else ""
     raise UnsupportedModelError(
         f"compressed-tensors scheme weights {wtype}{bits}{act}"

@@ -1,0 +1,126 @@
+"""FP8 (e4m3fn) linear method: W8A8 with per-channel (or 128 x 128 block) weight scales.
+
+Canonical layout (QUANT_SPEC): ``weight`` float8_e4m3fn ``[N, K]``; ``weight_scale`` float32
+``[N]`` per output channel (a per-tensor checkpoint scale is broadcast into its shard's rows, so
+q, k and v keep their own) or ``[ceil(N/128), ceil(K/128)]`` per block; static checkpoints add
+``input_scale`` float32 ``[1]`` (the largest of a merged layer's shards).
+
+Activations (``QuantizationConfig.activation_scheme``): ``dynamic`` per-token scales
+(``quant_fp8_per_token``: s = max|x_row| / 448), ``static`` the checkpoint's ``input_scale``,
+blocks per-token groups of 128; ``none`` (weight-only checkpoints) dequantizes the weight and
+runs ``F.linear`` in x's dtype.
+
+Online quantization (``--quantization fp8``): ``weight_scale = max|W_row| / 448``,
+``weight = W / weight_scale`` saturated to e4m3 (relative error <= 2^-4 per element).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fuselm.kernels.fp8_matmul import FP8_DTYPE, FP8_MAX
+from fuselm.layers.quantization.base import (
+    LinearMethod,
+    ShardMeta,
+    new_param,
+    replace_param,
+    tensor_bytes,
+)
+from fuselm.layers.quantization.config import FP8_BLOCK, QuantizationConfig
+
+_MIN_SCALE = 1e-12
+
+
+def quantize_fp8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float ``[N, K]`` -> ``(weight e4m3fn [N, K], weight_scale float32 [N])``."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=_MIN_SCALE)
+    q = (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q.contiguous(), scale
+
+
+def dequantize_fp8(weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """The logical weight ``[N, K]`` float32 of a per-channel, per-tensor or block layout."""
+    w = weight.float()
+    n, k = w.shape
+    s = weight_scale.float()
+    if s.dim() == 2 and s.shape != (n, 1):  # blocks
+        s = s.repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)[:n, :k]
+        return w * s
+    return w * s.reshape(-1, 1) if s.numel() > 1 else w * s.reshape(1, 1)
+
+
+class Fp8LinearMethod(LinearMethod):
+    """W8A8 e4m3: online per channel, or pre-quantized (compressed-tensors, block fp8)."""
+
+    def __init__(self, kernels, quant: QuantizationConfig) -> None:
+        super().__init__(kernels)
+        self.quant = quant
+        self.online = quant.source == "online"
+        self.block = quant.weight_block is not None
+        self.scheme = quant.activation_scheme if not self.online else "dynamic"
+        if self.block:
+            self._quant = kernels.op("quant_fp8_per_token_group")
+            self._matmul = kernels.op("fp8_block_matmul")
+        else:
+            self._quant = kernels.op("quant_fp8_static" if self.scheme == "static"
+                                     else "quant_fp8_per_token")
+            self._matmul = kernels.op("fp8_matmul")
+
+    def create_weights(self, layer: nn.Module, in_per_partition: int, out_per_partition: int,
+                       params_dtype: torch.dtype | None) -> None:
+        """Online: a float ``weight``; pre-quantized: fp8 ``weight``, ``weight_scale`` (and
+        ``input_scale`` when static)."""
+        n, k = out_per_partition, in_per_partition
+        if self.online:
+            new_param(layer, "weight", (n, k), params_dtype, ShardMeta())
+            return
+        new_param(layer, "weight", (n, k), FP8_DTYPE, ShardMeta())
+        if self.block:
+            blocks = (-(-n // FP8_BLOCK), -(-k // FP8_BLOCK))
+            new_param(layer, "weight_scale", blocks, torch.float32,
+                      ShardMeta(output_pack=FP8_BLOCK, input_pack=FP8_BLOCK,
+                                input_group=FP8_BLOCK))
+        else:
+            new_param(layer, "weight_scale", (n,), torch.float32,
+                      ShardMeta(input_dim=None, broadcast=True))
+        if self.scheme == "static":
+            new_param(layer, "input_scale", (1,), torch.float32,
+                      ShardMeta(output_dim=None, input_dim=None, merge="max"), fill=0.0)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Online: quantizes ``weight`` per channel. Static: checks ``input_scale`` > 0."""
+        if self.online:
+            q, scale = quantize_fp8_per_channel(layer.weight.data)
+            del layer._parameters["weight"]
+            replace_param(layer, "weight", q, ShardMeta())
+            replace_param(layer, "weight_scale", scale, ShardMeta(input_dim=None))
+        elif self.scheme == "static" and not bool((layer.input_scale > 0).all()):
+            raise ValueError(f"fp8 static checkpoint: {type(layer).__name__}.input_scale is "
+                             "not positive (missing from the checkpoint?)")
+
+    def apply(self, layer: nn.Module, x: torch.Tensor,
+              bias: torch.Tensor | None) -> torch.Tensor:
+        """``x [M, K]`` -> ``[M, N]`` in x's dtype (activations quantized per the scheme)."""
+        if self.scheme == "none":
+            w = dequantize_fp8(layer.weight, layer.weight_scale).to(x.dtype)
+            return F.linear(x, w, bias)
+        if self.scheme == "static":
+            x_scale = layer.input_scale
+            x_fp8 = self._quant.fn(x, x_scale)
+        else:
+            x_fp8, x_scale = self._quant.fn(x)
+        return self._matmul.fn(x_fp8, x_scale, layer.weight, layer.weight_scale, x.dtype, bias)
+
+    def weight_bytes(self, layer: nn.Module) -> int:
+        """fp8 weight + scales (+ bias)."""
+        return tensor_bytes(layer.weight, layer.weight_scale, getattr(layer, "input_scale", None),
+                            getattr(layer, "bias", None))
+
+    def describe(self) -> str:
+        """e.g. ``fp8 e4m3 per-channel (w8a8 dynamic)``."""
+        kind = "block128" if self.block else "per-channel"
+        act = {"dynamic": "w8a8 dynamic", "static": "w8a8 static", "none": "w8a16"}[self.scheme]
+        return f"fp8 e4m3 {kind} ({act})"
