@@ -187,3 +187,22 @@ def test_unexpected_suffix_and_dtype_are_named() -> None:
         quant_formats.convert(cfg, "weight_scale", torch.ones(1, 1))
     with pytest.raises(CheckpointError, match="bfloat16"):
         quant_formats.convert(cfg, "weight", torch.ones(4, 4, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize(("side_file", "method"), [("quantize_config.json", "gptq"),
+                                                   ("quant_config.json", "awq")])
+def test_side_file_quantization_config(side_file: str, method: str, tmp_path) -> None:
+    """AutoGPTQ / AutoAWQ settings beside config.json become its quantization_config."""
+    import json
+
+    from fuselm.loading.hf import load_hf_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    settings = {"bits": 4, "group_size": 128, "desc_act": False, "sym": True} \
+        if method == "gptq" else {"w_bit": 4, "q_group_size": 64, "zero_point": True,
+                                  "version": "GEMM"}
+    (tmp_path / side_file).write_text(json.dumps(settings))
+    quant = load_hf_config(tmp_path)["quantization_config"]
+    cfg = quant_formats.parse(quant)
+    assert (cfg.source, cfg.method) == (method, "int4")
+    assert cfg.group_size == (128 if method == "gptq" else 64)

@@ -38,7 +38,30 @@ def load_hf_config(path: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_file}: expected a JSON object, got "
                               f"{type(config).__name__}")
+    if "quantization_config" not in config:
+        quant = _side_quantization_config(path)
+        if quant is not None:
+            config["quantization_config"] = quant
     return config
+
+
+# AutoGPTQ and AutoAWQ checkpoints keep their settings beside config.json (older ones without
+# a quant_method), as vLLM also reads them.
+_QUANT_SIDE_FILES = (("quantize_config.json", "gptq"), ("quant_config.json", "awq"))
+
+
+def _side_quantization_config(path: Path) -> dict[str, Any] | None:
+    """The quantization settings of ``quantize_config.json`` (AutoGPTQ) or
+    ``quant_config.json`` (AutoAWQ), with ``quant_method`` filled in; None without either."""
+    for name, method in _QUANT_SIDE_FILES:
+        file = path / name
+        if file.is_file():
+            quant = read_json(file)
+            if not isinstance(quant, dict):
+                raise CheckpointError(f"{file}: expected a JSON object, got "
+                                      f"{type(quant).__name__}")
+            return {"quant_method": method, **quant}
+    return None
 
 
 def read_json(file: Path) -> Any:
