@@ -86,10 +86,11 @@ def test_zero_rows_and_bad_inputs():
 
 
 def _operands(m, n, k, seed, x_mode="token", w_mode="channel", device=DEVICE):
-    """Quantized operands and their float64 dequantized values (x [M, K], w [N, K])."""
+    """Quantized operands and their dequantized values (x [M, K], w [N, K]): float64 on a CPU,
+    float32 on a GPU (there they only bound the error)."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=g) * 3
-    w = torch.randn(n, k, generator=g) / k**0.5
+    x = (torch.randn(m, k, generator=g) * 3).to(device)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(device)
     xq, xs = fm.quant_fp8_per_token_ref(x)
     if x_mode == "tensor":
         xs = xs.max().reshape(1)
@@ -98,10 +99,11 @@ def _operands(m, n, k, seed, x_mode="token", w_mode="channel", device=DEVICE):
     ws = ws.reshape(n) if w_mode == "channel" else ws.max().reshape(1)
     if w_mode == "tensor":
         wq = fm.quant_fp8_static_ref(w, ws)
-    x64 = xq.double() * xs.double().reshape(-1, 1)
-    w64 = wq.double() * ws.double().reshape(-1, 1)
-    bias = torch.randn(n, generator=g)
-    return [t.to(device) for t in (xq, xs, wq, ws, bias)], x64, w64
+    wide = torch.float64 if device.type == "cpu" else torch.float32
+    x64 = xq.to(wide) * xs.to(wide).reshape(-1, 1)
+    w64 = wq.to(wide) * ws.to(wide).reshape(-1, 1)
+    bias = torch.randn(n, generator=g).to(device)
+    return [xq, xs, wq, ws, bias], x64, w64
 
 
 def _sum_atol(x64, w64, kind="float32"):
@@ -111,7 +113,8 @@ def _sum_atol(x64, w64, kind="float32"):
 @pytest.mark.parametrize("x_mode,w_mode", [("token", "channel"), ("tensor", "channel"),
                                            ("token", "tensor"), ("tensor", "tensor")])
 def test_matmul_reference_vs_float64(x_mode, w_mode):
-    (xq, xs, wq, ws, bias), x64, w64 = _operands(7, 33, 200, 1, x_mode, w_mode, "cpu")
+    (xq, xs, wq, ws, bias), x64, w64 = _operands(7, 33, 200, 1, x_mode, w_mode,
+                                                 torch.device("cpu"))
     expected = x64 @ w64.t() + bias.double()
     out = fm.fp8_matmul_ref(xq, xs, wq, ws, torch.float32, bias)
     assert_close(out, expected.float(), atol=_sum_atol(x64, w64), rtol=1e-5)
@@ -238,6 +241,27 @@ def test_opcheck():
                           test_utils=OPCHECK_UTILS)
 
 
+def test_tuning_table_round_trip():
+    """What the benchmark writes is what the launcher reads back (through JSON)."""
+    import json
+
+    from fuselm.bench.kernels_fp8 import tuning_table
+
+    gemv, gemm = ft.GemvConfig(2, 4096, 8, 1), ft.GemmConfig(128, 256, 128, 8, 8, 3)
+    rows = [{"name": "qkv", "m": 1, "n": 6144, "k": 4096, "block": False, "triton_config": gemv,
+             "triton_us": 10.0, "cuda_us": 20.0, "bf16_us": 30.0},
+            {"name": "qkv", "m": 4096, "n": 6144, "k": 4096, "block": False,
+             "triton_config": gemm, "triton_us": 100.0, "cuda_us": 99.0, "bf16_us": 160.0}]
+    table = json.loads(json.dumps(tuning_table(rows, 0.02)))
+    assert table["n6144_k4096_m1"]["backend"] == "triton"
+    assert table["n6144_k4096_m4096"]["backend"] == "cuda"
+    assert fm.config_from_entry(table["n6144_k4096_m1"]["triton"]) == gemv
+    assert fm.config_from_entry(table["n6144_k4096_m4096"]["triton"]) == gemm
+    assert fm.config_from_entry({"kind": "gemm", "block_m": 64}) is None
+    assert fm.shape_bucket(6144, 4096, 3000) == "n6144_k4096_m4096"
+    assert fm.shape_bucket(6144, 4096, 20000, block_scaled=True) == "block_n6144_k4096_m8192"
+
+
 # ---- GPU: the Llama-3-8B layer shapes, bf16 out -----------------------------------------------
 
 LLAMA_8B = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]  # qkv, o, gate_up, down
@@ -251,7 +275,6 @@ def test_gpu_8b_shapes(backend, m, n, k):
     _need("fp8_matmul", backend)
     fn = resolve("fp8_matmul", backend, DEVICE)
     (xq, xs, wq, ws, bias), x64, w64 = _operands(m, n, k, 5, device=DEVICE)
-    x64, w64 = x64.to(DEVICE), w64.to(DEVICE)
     expected = fm.fp8_matmul_ref(xq, xs, wq, ws, torch.float32)
     out = fn(xq, xs, wq, ws, torch.bfloat16, None)
     assert_close(out, expected.bfloat16(), atol=_sum_atol(x64, w64, "gpu"))

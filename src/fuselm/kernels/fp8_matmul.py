@@ -274,14 +274,26 @@ def triton_config(n: int, k: int, m: int, device: torch.device, block_scaled: bo
     """The ``GemvConfig`` or ``GemmConfig`` the Triton path launches for this product."""
     from fuselm.kernels import _fp8_triton as ft
 
-    tuned = _tuned_entry(n, k, m, device, block_scaled).get("triton")
-    if isinstance(tuned, dict) and tuned.get("kind") == "gemv" and not block_scaled:
-        return ft.GemvConfig(*(int(tuned[f]) for f in ft.GemvConfig._fields))
-    if isinstance(tuned, dict) and tuned.get("kind") == "gemm":
-        return ft.GemmConfig(*(int(tuned[f]) for f in ft.GemmConfig._fields))
+    tuned = config_from_entry(_tuned_entry(n, k, m, device, block_scaled).get("triton"))
+    if tuned is not None and not (block_scaled and isinstance(tuned, ft.GemvConfig)):
+        return tuned
     if m <= GEMV_MAX_M and not block_scaled:
         return ft.default_gemv_config(n, k)
     return ft.default_gemm_config(m, n, k, block_scaled)
+
+
+def config_from_entry(entry: dict | None):
+    """The ``GemvConfig`` / ``GemmConfig`` of a tuning-table ``triton`` entry (``{"kind":
+    "gemv" | "gemm", <fields>}``), or None."""
+    from fuselm.kernels import _fp8_triton as ft
+
+    if not isinstance(entry, dict):
+        return None
+    cls = {"gemv": ft.GemvConfig, "gemm": ft.GemmConfig}.get(entry.get("kind"))
+    try:
+        return cls(*(int(entry[f]) for f in cls._fields)) if cls else None
+    except (KeyError, TypeError, ValueError):
+        return None  # a malformed entry: the heuristic config
 
 
 def _check_triton_operands(x_fp8: torch.Tensor, weight: torch.Tensor) -> None:
