@@ -49,7 +49,7 @@ def _tol(dtype, k):
     return atol * max(1.0, (k / 64) ** 0.5), max(rtol, 4e-6)
 
 
-GEMV = [Cfg("gemv", 4, 256, 4), Cfg("gemv", 8, 64, 2, 2)]
+GEMV = [Cfg("gemv", 4, 256, 4), Cfg("gemv", 8, 128, 2, 2)]
 GEMM = [Cfg("gemm", 16, 32, 4, 1, 16), Cfg("gemm", 32, 16, 4, 2, 32)]
 SHAPES = [(33, 96, 32), (20, 192, 64), (24, 256, 128)]
 
@@ -105,7 +105,7 @@ def test_op_default_configs_and_odd_group(m):
 
 def test_opcheck():
     _need_triton()
-    x, q, s, z = _inputs(2, 16, 64, 32, torch.float32, seed=3)
+    x, q, s, z = _inputs(1, 16, 64, 32, torch.float32, seed=3)  # M = 1: fast under the interpreter
     torch.library.opcheck(torch.ops.fuselm.int4_matmul.default, (x, q, s, z, 32))
 
 

@@ -40,7 +40,7 @@ def _tol(dtype, k):
     return atol * max(1.0, (k / 64) ** 0.5), max(rtol, 4e-6)
 
 
-GEMV = [Cfg("gemv", 4, 256, 4), Cfg("gemv", 8, 64, 2, 2)]
+GEMV = [Cfg("gemv", 4, 256, 4), Cfg("gemv", 8, 128, 2, 2)]
 GEMM = [Cfg("gemm", 16, 16, 4, 1, 16), Cfg("gemm", 32, 32, 4, 2, 32)]
 SHAPES = [(33, 96), (20, 208), (24, 256)]
 
