@@ -393,11 +393,11 @@ def fp8_w8a16_gemv_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: t
 # --------------------------------------------------------------------------------------------
 
 FUSELM_LIB.define("fp8_matmul(Tensor x_fp8, Tensor x_scale, Tensor weight, Tensor weight_scale, "
-                  "ScalarType out_dtype, Tensor? bias) -> Tensor")
+                  "ScalarType out_dtype, Tensor? bias=None) -> Tensor")
 FUSELM_LIB.define("fp8_block_matmul(Tensor x_fp8, Tensor x_scale, Tensor weight, "
-                  "Tensor weight_scale, ScalarType out_dtype, Tensor? bias) -> Tensor")
-FUSELM_LIB.define("fp8_w8a16_gemv(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias) "
-                  "-> Tensor")
+                  "Tensor weight_scale, ScalarType out_dtype, Tensor? bias=None) -> Tensor")
+FUSELM_LIB.define("fp8_w8a16_gemv(Tensor x, Tensor weight, Tensor weight_scale, "
+                  "Tensor? bias=None) -> Tensor")
 
 
 @torch.library.register_fake("fuselm::fp8_matmul", lib=FUSELM_LIB)

@@ -272,11 +272,12 @@ def quant_fp8_per_token_group_triton(x: torch.Tensor, group_size: int = 128
 # --------------------------------------------------------------------------------------------
 
 FUSELM_LIB = triton_utils.FUSELM_LIB
-FUSELM_LIB.define("rms_norm_quant_fp8(Tensor x, Tensor weight, float eps, Tensor(a!)? residual, "
-                  "Tensor? scale, int group_size) -> (Tensor, Tensor)")
+FUSELM_LIB.define("rms_norm_quant_fp8(Tensor x, Tensor weight, float eps, "
+                  "Tensor(a!)? residual=None, Tensor? scale=None, int group_size=0) "
+                  "-> (Tensor, Tensor)")
 FUSELM_LIB.define("quant_fp8_per_token(Tensor x) -> (Tensor, Tensor)")
 FUSELM_LIB.define("quant_fp8_static(Tensor x, Tensor scale) -> Tensor")
-FUSELM_LIB.define("quant_fp8_per_token_group(Tensor x, int group_size) -> (Tensor, Tensor)")
+FUSELM_LIB.define("quant_fp8_per_token_group(Tensor x, int group_size=128) -> (Tensor, Tensor)")
 
 
 def _fake_scale(x: torch.Tensor, scale, group_size: int) -> torch.Tensor:
