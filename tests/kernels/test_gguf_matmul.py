@@ -1,0 +1,175 @@
+"""gguf_matmul: the block decoders against gguf-py's ``gguf.quants.dequantize`` (the independent
+reference), and the Triton kernels (gemv, gemm, dequant) against a float64 product of it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, quants
+from tolerances import assert_close
+
+from fuselm.bench.dummy_gguf import random_blocks
+from fuselm.kernels import available_backends
+from fuselm.kernels import gguf_matmul as gm
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TYPES = list(gm.TYPE_IDS)
+QUANTIZABLE = ("Q8_0", "Q4_0", "Q4_1")  # the types gguf.quants.quantize implements
+
+
+def _need_triton():
+    if "triton" not in available_backends("gguf_matmul"):
+        pytest.skip("triton backend of gguf_matmul not available here")
+
+
+def _gguf_dequantize(q: torch.Tensor, name: str, k: int) -> torch.Tensor:
+    """gguf-py's own decoder: float32 [N, k]."""
+    out = quants.dequantize(q.cpu().numpy(), GGMLQuantizationType[name])
+    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(-1, k)
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_dequantize_random_blocks_match_gguf(name):
+    tid = gm.TYPE_IDS[name]
+    elems, _ = gm.block_layout(tid)
+    k = 3 * elems
+    q = random_blocks(tid, 7, k, seed=len(name))
+    expected = _gguf_dequantize(q, name, k)
+    assert expected.abs().max() > 0
+    assert_close(gm.gguf_dequantize_ref(q, tid, k), expected)
+
+
+@pytest.mark.parametrize("name", QUANTIZABLE)
+def test_dequantize_quantized_weights_match_gguf(name):
+    rng = np.random.default_rng(1)
+    w = rng.normal(scale=0.02, size=(5, 96)).astype(np.float32)
+    q = torch.from_numpy(quants.quantize(w, GGMLQuantizationType[name]))
+    got = gm.gguf_dequantize_ref(q, gm.TYPE_IDS[name], 96)
+    assert_close(got, _gguf_dequantize(q, name, 96))
+    # and it is a quantization of w: 4-bit error under a few percent of the range
+    assert (got - torch.from_numpy(w)).abs().max() < 0.15 * float(np.abs(w).max())
+
+
+def _case(name: str, m: int, n: int, blocks: int, dtype: torch.dtype, seed: int):
+    tid = gm.TYPE_IDS[name]
+    elems, _ = gm.block_layout(tid)
+    k = blocks * elems
+    q = random_blocks(tid, n, k, seed=seed).to(DEVICE)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(dtype).to(DEVICE)
+    expected = x.double().cpu() @ _gguf_dequantize(q, name, k).double().t()
+    return tid, q, x, expected
+
+
+def _check(out: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str) -> None:
+    # fp32: sums of a few hundred products in another order; fp16: the gemm rounds the weight
+    # tile and the output to fp16 (scale: outputs of magnitude ~1)
+    scale = float(expected.abs().max())
+    tol = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
+    assert_close(out.float().cpu(), expected.float().cpu(), atol=tol * scale, rtol=tol, name=name)
+
+
+CPU_CONFIGS = [gm.GGUFConfig("gemv", 1, 8, 4, 2), gm.GGUFConfig("gemm", 16, 16, 1, 2, 2),
+               gm.GGUFConfig("dequant", 1, 8, 2, 2)]
+
+
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("cfg", CPU_CONFIGS, ids=lambda c: c.variant)
+def test_triton_variants_fp32(name, cfg):
+    _need_triton()
+    m = 1 if cfg.variant == "gemv" else 3
+    tid, q, x, expected = _case(name, m, 7, 3, torch.float32, seed=11)
+    out = torch.empty(m, 7, device=DEVICE)
+    gm.launch_gguf_matmul(x, q, tid, out, cfg)
+    _check(out, expected, torch.float32, f"{name} {cfg.label}")
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_triton_gemm_fp16_masked_rows_and_blocks(name):
+    _need_triton()
+    # 17 x rows (two M tiles), 13 weight rows (a masked N tile), 3 blocks 2 a step (K tail)
+    tid, q, x, expected = _case(name, 17, 13, 3, torch.float16, seed=12)
+    out = torch.empty(17, 13, dtype=torch.float16, device=DEVICE)
+    gm.launch_gguf_matmul(x, q, tid, out, gm.GGUFConfig("gemm", 16, 16, 2, 2, 1))
+    _check(out, expected, torch.float16, name)
+
+
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "Q6_K"])
+def test_op_default_config_strided_rows(name):
+    _need_triton()
+    tid, q, x, expected = _case(name, 1, 5, 2, torch.float32, seed=13)
+    wide = torch.zeros(1, x.shape[1] + 64, device=DEVICE)
+    wide[:, 32:32 + x.shape[1]] = x
+    out = torch.ops.fuselm.gguf_matmul(wide[:, 32:32 + x.shape[1]], q, tid)
+    _check(out, expected, torch.float32, name)
+    assert torch.ops.fuselm.gguf_matmul(x[:0], q, tid).shape == (0, 5)
+
+
+def test_reference_matmul_and_dequant_kernel_agree():
+    _need_triton()
+    tid, q, x, expected = _case("Q5_K", 2, 9, 2, torch.float32, seed=14)
+    _check(gm.gguf_matmul_ref(x, q, tid), expected, torch.float32, "ref")
+    w = gm.gguf_dequantize_triton(q, tid, x.shape[1], torch.float32,
+                                  gm.GGUFConfig("dequant", 1, 16, 1, 2))
+    assert_close(w.cpu(), _gguf_dequantize(q, "Q5_K", x.shape[1]))
+
+
+def test_opcheck():
+    _need_triton()
+    tid, q, x, _ = _case("Q4_0", 1, 4, 1, torch.float32, seed=15)
+    # schema and fake tensor only: the autograd checks rerun the interpreted kernel ~20 times
+    torch.library.opcheck(torch.ops.fuselm.gguf_matmul.default, (x, q, tid),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_bad_inputs_name_the_argument():
+    q = torch.zeros(4, 34, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="ggml_type 9 is not supported"):
+        gm.gguf_dequantize_ref(q, 9, 32)
+    with pytest.raises(ValueError, match="whole blocks"):
+        gm.gguf_dequantize_ref(q, gm.TYPE_IDS["Q8_0"], 64)
+    with pytest.raises(ValueError, match="uint8"):
+        gm.gguf_dequantize_ref(q.to(torch.int8), gm.TYPE_IDS["Q8_0"], 32)
+    with pytest.raises(ValueError, match="x \\[M, K\\]"):
+        gm.gguf_matmul_ref(torch.zeros(32), q, gm.TYPE_IDS["Q8_0"])
+
+
+def test_config_buckets():
+    q4k = gm.TYPE_IDS["Q4_K"]
+    assert gm.shape_bucket(q4k, 4096, 4096, 3) == "Q4_K_n4096_k4096_m4"
+    assert gm.shape_bucket(q4k, 4096, 4096, 1000) == "Q4_K_n4096_k4096_m256"
+    assert [gm.default_config(q4k, 64, 256, m).variant for m in (1, 16, 200)] == [
+        "gemv", "gemm", "dequant"]
+    cfg = gm.GGUFConfig("gemm", 16, 64, 1, 4, 2)
+    assert gm.GGUFConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("m", [1, 4, 16, 64, 256])
+def test_gpu_8b_shape_bf16(name, m):
+    """The default config of each batch bucket at the 8B down-projection shape, bf16."""
+    tid = gm.TYPE_IDS[name]
+    n, k = 512, 14336  # the rows cut to 512 to keep the float64 reference quick
+    q = random_blocks(tid, n, k, DEVICE, seed=m)
+    x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+    expected = x.double() @ gm.gguf_dequantize_ref(q, tid, k).double().t()
+    _check(torch.ops.fuselm.gguf_matmul(x, q, tid), expected, torch.bfloat16, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("cfg", [gm.GGUFConfig("gemv", 1, 1, 4, 8), gm.GGUFConfig(
+    "gemv", 1, 8, 2, 4, 2), gm.GGUFConfig("gemm", 64, 128, 1, 8, 3),
+    gm.GGUFConfig("dequant", 1, 64, 2, 8)], ids=lambda c: c.label)
+def test_gpu_variants_odd_shape(name, cfg):
+    tid = gm.TYPE_IDS[name]
+    elems, _ = gm.block_layout(tid)
+    n, k, m = 1001, 7 * 256, 1 if cfg.variant == "gemv" else 33
+    q = random_blocks(tid, n, k, DEVICE, seed=3)
+    x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+    out = torch.empty(m, n, device=DEVICE, dtype=torch.bfloat16)
+    gm.launch_gguf_matmul(x, q, tid, out, cfg)
+    expected = x.double() @ gm.gguf_dequantize_ref(q, tid, k).double().t()
+    _check(out, expected, torch.bfloat16, f"{name} {cfg.label}")
