@@ -145,6 +145,9 @@ class ModelRunner:
                              for _ in range(2)]
         self._host_slot = 0
         self._graph_logits: torch.Tensor | None = None
+        # the KV cache's dtype where it is not the model's (--kv-cache-dtype fp8); None: the
+        # dtype callers pass to allocate_kv_cache / kv_bytes_per_block
+        self.kv_cache_dtype: torch.dtype | None = None
         self.kv_rates = TransferRates()  # copy and prefill rates: the scheduler's swap choice
         self.kv_mover: KVBlockMover | None = None  # the CPU KV cache (swap, prefix tier)
 
@@ -168,7 +171,9 @@ class ModelRunner:
         return self._graph_logits[:size]
 
     def allocate_kv_cache(self, num_blocks: int, dtype: torch.dtype) -> None:
-        """Allocates ``[num_blocks, block_size, kv_heads, head_size]`` K and V per layer."""
+        """Allocates ``[num_blocks, block_size, kv_heads, head_size]`` K and V per layer, of
+        ``kv_cache_dtype`` when set, else ``dtype``."""
+        dtype = self.kv_cache_dtype or dtype
         self.kv_caches = []
         for attn in self.model.attention_layers():
             shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_size)
@@ -183,8 +188,9 @@ class ModelRunner:
         self.kv_mover = KVBlockMover(self.kv_caches, num_cpu_blocks, self.kv_rates)
 
     def kv_bytes_per_block(self, dtype: torch.dtype) -> int:
-        """Bytes one KV block takes over all of this stage's layers."""
-        itemsize = torch.empty(0, dtype=dtype).element_size()
+        """Bytes one KV block takes over all of this stage's layers (in ``kv_cache_dtype``
+        when set, else ``dtype``: 1 byte an element for fp8)."""
+        itemsize = torch.empty(0, dtype=self.kv_cache_dtype or dtype).element_size()
         return sum(2 * self.block_size * a.num_kv_heads * a.head_size * itemsize
                    for a in self.model.attention_layers())
 

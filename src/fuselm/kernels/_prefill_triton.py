@@ -67,6 +67,7 @@ if triton_utils.triton_available():
         out_ptr, q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr,  # see prefill_attention_ref
         qsl_ptr, seq_lens_ptr, bt_ptr,
         num_seqs, num_q_blocks, qk_scale,  # num_q_blocks: grid size on axis 0
+        k_scale, v_scale,  # fp8 caches: the cached prefix's scales
         o_tok_stride, o_head_stride, q_tok_stride, q_head_stride,
         k_tok_stride, k_head_stride, v_tok_stride, v_head_stride,
         kc_block_stride, kc_slot_stride, kc_head_stride,
@@ -80,6 +81,7 @@ if triton_utils.triton_available():
         FOLD_SCALE: tl.constexpr,  # see _online_softmax_step
         NARROW_OFFSETS: tl.constexpr, LEAN_EDGES: tl.constexpr,  # see PrefillConfig
         WINDOW: tl.constexpr = 0,  # sliding window (keys j > i - WINDOW); 0: none, no cost
+        KV_FP8: tl.constexpr = False,  # fp8 caches: the prefix dequantized in registers
     ):  # fmt: skip
         BLOCK_Q: tl.constexpr = BLOCK_M // HEADS_PER_PROG
         # Last programs first: under causality they own the longest key ranges (less tail).
@@ -121,6 +123,10 @@ if triton_utils.triton_available():
         else:
             ctx_lo = 0
             new_lo = 0
+        if KV_FP8:  # e4m3 -> q's dtype is exact; K's scale joins the score scale
+            ctx_qk_scale = qk_scale * k_scale
+        else:
+            ctx_qk_scale = qk_scale
         for n0 in range(ctx_lo, ctx_len, BLOCK_N):
             pos = n0 + offs_n
             n_mask = pos < ctx_len
@@ -129,7 +135,9 @@ if triton_utils.triton_available():
             kv_mask = n_mask[:, None] & d_mask[None, :]
             k = tl.load(kc_base + (blk * kc_block_stride + slot * kc_slot_stride)[:, None]
                         + offs_d[None, :], mask=kv_mask, other=0.0)
-            qk = _scores(q, k, qk_scale, DOT_PRECISION, FOLD_SCALE)
+            if KV_FP8:
+                k = k.to(q.dtype)
+            qk = _scores(q, k, ctx_qk_scale, DOT_PRECISION, FOLD_SCALE)
             if WINDOW > 0:
                 qk = tl.where(n_mask[None, :] & (pos[None, :] > qpos[:, None] - WINDOW), qk,
                               float("-inf"))
@@ -137,8 +145,10 @@ if triton_utils.triton_available():
                 qk = tl.where(n_mask[None, :], qk, float("-inf"))
             v = tl.load(vc_base + (blk * vc_block_stride + slot * vc_slot_stride)[:, None]
                         + offs_d[None, :], mask=kv_mask, other=0.0)
-            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, qk, v, qk_scale, DOT_PRECISION,
-                                                 FOLD_SCALE)
+            if KV_FP8:  # [BLOCK_N, D] multiplies a tile, next to a [BLOCK_M, BLOCK_N, D] dot
+                v = (v.to(tl.float32) * v_scale).to(q.dtype)
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, qk, v, ctx_qk_scale,
+                                                 DOT_PRECISION, FOLD_SCALE)
 
         # 2) New keys left of the diagonal: every row sees every key, no mask.
         k_base = k_ptr + kv_head * k_head_stride

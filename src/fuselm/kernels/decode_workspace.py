@@ -85,7 +85,8 @@ class PagedAttentionWorkspace:
 
     def __call__(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                  block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                 sliding_window: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+                 sliding_window: int = 0, out: torch.Tensor | None = None, *,
+                 k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
         """Same contract as ``paged_attention_ref``; writes into ``out`` when given."""
         num_seqs, num_heads, head_size = q.shape
         if num_seqs > self.max_num_seqs or num_heads != self.num_heads or \
@@ -97,7 +98,7 @@ class PagedAttentionWorkspace:
             out = torch.empty_like(q)
         size, tmp_out, max_logits, exp_sums = self.buffers(num_seqs)
         self._op()(out, tmp_out, max_logits, exp_sums, q, key_cache, value_cache,
-                   block_tables, seq_lens, scale, size, sliding_window)
+                   block_tables, seq_lens, scale, size, sliding_window, k_scale, v_scale)
         return out
 
 

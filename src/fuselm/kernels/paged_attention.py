@@ -2,10 +2,11 @@
 
 Shapes: q ``[num_seqs, num_heads, head_size]``; key_cache, value_cache ``[num_blocks,
 block_size, num_kv_heads, head_size]``; block_tables int32 ``[num_seqs, max_blocks]``; seq_lens
-int32 ``[num_seqs]`` (tokens in the cache, the current one included; 0 gives a zero output).
-Returns ``[num_seqs, num_heads, head_size]`` in q's dtype:
+int32 ``[num_seqs]`` (tokens in the cache, the current one included; 0 gives a zero output);
+k_scale / v_scale floats: an FP8 (e4m3fn) cache holds K / k_scale and V / v_scale (``kv_quant``),
+other caches ignore them. Returns ``[num_seqs, num_heads, head_size]`` in q's dtype:
 ``softmax(q . K[:seq_len]^T * scale) V[:seq_len]`` per head, query head ``h`` reading KV head
-``h // (num_heads // num_kv_heads)``.
+``h // (num_heads // num_kv_heads)``. K and V are the dequantized cache.
 
 Backends and API:
 
@@ -32,6 +33,11 @@ Split-KV: the context is cut into partitions of ``partition_size`` tokens (512; 
 head, partition) reads its K/V slice once for all the query heads of the group; a sequence that
 fits one partition writes its output directly, longer ones write partial results that a second
 kernel merges. ``seq_lens`` must not exceed ``max_model_len`` (the workspace's capacity).
+
+FP8 caches (the constexpr ``KV_FP8``; the bf16 kernel compiles without it): K and V tiles are
+loaded as 1 byte an element and converted to q's dtype in registers (exact: e4m3 values are
+bf16/fp16 values); k_scale is folded into the score scale and v_scale into the final
+normalisation, so dequantizing costs one conversion an element.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from fuselm.kernels.decode_workspace import (  # noqa: F401  (public names)
     PagedAttentionWorkspace,
     partition_size_for,
 )
+from fuselm.kernels.kv_quant import FP8_KV_DTYPE, check_kv_scale, dequantize_kv_ref
 from fuselm.kernels.triton_utils import FUSELM_LIB, next_power_of_2
 
 
@@ -59,16 +66,20 @@ def paged_attention_ref(
     seq_lens: torch.Tensor,
     scale: float,
     sliding_window: int = 0,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Plain PyTorch paged decode attention over the whole block table, in float32; with
-    ``sliding_window`` > 0 only the last ``sliding_window`` tokens of each sequence."""
+    ``sliding_window`` > 0 only the last ``sliding_window`` tokens of each sequence; an FP8
+    cache dequantized with ``k_scale`` / ``v_scale``."""
     num_seqs, num_heads, head_size = q.shape
     num_kv_heads = key_cache.shape[2]
     bt = block_tables.long().reshape(-1)
     # [B, Hkv, max_blocks * block_size, D]
     keys = key_cache.index_select(0, bt).reshape(num_seqs, -1, num_kv_heads, head_size)
     values = value_cache.index_select(0, bt).reshape(num_seqs, -1, num_kv_heads, head_size)
-    keys, values = keys.float().transpose(1, 2), values.float().transpose(1, 2)
+    keys = dequantize_kv_ref(keys, k_scale).transpose(1, 2)
+    values = dequantize_kv_ref(values, v_scale).transpose(1, 2)
     pos = torch.arange(keys.shape[2], device=q.device)
     visible = pos[None, :] < seq_lens[:, None].long()
     if sliding_window > 0:
@@ -106,6 +117,9 @@ def _check_decode_args(out, tmp_out, q, key_cache, value_cache, block_tables, se
                          f"num_kv_heads, {head_size}] with num_heads % num_kv_heads == 0")
     if head_size % 16 != 0 or head_size > 256:
         raise ValueError(f"head_size must be a multiple of 16 up to 256, got {head_size}")
+    if key_cache.dtype != value_cache.dtype or key_cache.dtype not in (q.dtype, FP8_KV_DTYPE):
+        raise ValueError(f"caches ({key_cache.dtype}, {value_cache.dtype}) must both be q's "
+                         f"dtype {q.dtype} or {FP8_KV_DTYPE}")
     for name, t in (("q", q), ("out", out), ("key_cache", key_cache),
                     ("value_cache", value_cache), ("block_tables", block_tables)):
         if t.stride(-1) != 1:
@@ -135,16 +149,19 @@ class DecodeConfig(NamedTuple):
 
 
 def decode_config(head_size: int, dtype: torch.dtype, partition_size: int,
-                  device: torch.device) -> DecodeConfig:
-    """Heuristic launch config, then the ``configs/paged_attention.json`` entry for this GPU."""
+                  device: torch.device, kv_fp8: bool = False) -> DecodeConfig:
+    """Heuristic launch config, then the ``configs/paged_attention.json`` entry for this GPU
+    (bucket ``d<D>_<dtype>``, with ``_kvfp8`` appended for an FP8 cache)."""
     if device.type != "cuda":
         return DecodeConfig(min(16, partition_size), 4, 1)
     # K and V tiles of 64 tokens x 128 x 2 B = 16 KB each; 3 stages keep ~96 KB of loads in
     # flight per program, enough to cover HBM latency at 2 programs per SM (H100: 228 KB smem).
-    cfg = DecodeConfig(64 if head_size <= 128 else 32, 4, 3)
+    # FP8: twice the tokens a tile for the same bytes in flight.
+    block_n = 64 if head_size <= 128 else 32
+    cfg = DecodeConfig(2 * block_n if kv_fp8 else block_n, 4, 3)
+    bucket = f"d{next_power_of_2(head_size)}_{str(dtype).removeprefix('torch.')}"
     tuned = triton_utils.tuned_triton_config(
-        "paged_attention", f"d{next_power_of_2(head_size)}_{str(dtype).removeprefix('torch.')}",
-        "cuda", device.index or 0)
+        "paged_attention", bucket + ("_kvfp8" if kv_fp8 else ""), "cuda", device.index or 0)
     if tuned:
         cfg = cfg._replace(**{k: int(v) for k, v in tuned.items() if k in cfg._fields})
     return cfg._replace(block_n=min(cfg.block_n, partition_size))
@@ -163,7 +180,8 @@ if triton_utils.triton_available():
     def _paged_attention_kernel(
         out_ptr, tmp_out_ptr, max_logits_ptr, exp_sums_ptr,
         q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr,
-        qk_scale,  # scale * log2(e)
+        qk_scale,  # scale * log2(e) (* k_scale for an fp8 cache)
+        v_scale,  # fp8 caches: V's scale
         o_seq_stride, o_head_stride, q_seq_stride, q_head_stride,
         kc_block_stride, kc_slot_stride, kc_head_stride,
         vc_block_stride, vc_slot_stride, vc_head_stride,
@@ -175,6 +193,7 @@ if triton_utils.triton_available():
         DOT_PRECISION: tl.constexpr,
         USE_PDL: tl.constexpr = False,  # programmatic dependent launch (_pdl.py)
         WINDOW: tl.constexpr = 0,  # sliding window: the last WINDOW tokens; 0: all, no cost
+        KV_FP8: tl.constexpr = False,  # fp8 caches, converted to q's dtype in registers
     ):  # fmt: skip
         pdl_wait_then_release(USE_PDL)
         seq = tl.program_id(0)
@@ -220,6 +239,9 @@ if triton_utils.triton_available():
                         + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(vc_base + (blk * vc_block_stride + slot * vc_slot_stride)[:, None]
                         + offs_d[None, :], mask=kv_mask, other=0.0)
+            if KV_FP8:  # e4m3 -> q's dtype is exact; the scales apply outside the tile
+                k = k.to(q.dtype)
+                v = v.to(q.dtype)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             qk = tl.where(n_mask[None, :], qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, axis=1))
@@ -230,6 +252,8 @@ if triton_utils.triton_available():
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
             m_i = m_new
 
+        if KV_FP8:
+            acc = acc * v_scale
         part_out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # seq_len 0: zeros
         io_mask = g_mask[:, None] & d_mask[None, :]
         if num_parts <= 1:
@@ -276,7 +300,8 @@ def paged_attention_triton_out(
     out: torch.Tensor, tmp_out: torch.Tensor, max_logits: torch.Tensor, exp_sums: torch.Tensor,
     q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
     block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, partition_size: int,
-    config: DecodeConfig | None = None, sliding_window: int = 0,
+    config: DecodeConfig | None = None, sliding_window: int = 0, k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Triton split-KV decode into ``out`` with the given workspace (see the module docstring)."""
     _check_decode_args(out, tmp_out, q, key_cache, value_cache, block_tables, seq_lens,
@@ -290,11 +315,14 @@ def paged_attention_triton_out(
     group = num_heads // num_kv_heads
     num_parts = num_partitions_to_launch(tmp_out.shape[2], block_tables, block_size,
                                          partition_size)
-    cfg = config or decode_config(head_size, q.dtype, partition_size, q.device)
+    kv_fp8 = key_cache.dtype == FP8_KV_DTYPE
+    k_scale, v_scale = check_kv_scale("k_scale", k_scale), check_kv_scale("v_scale", v_scale)
+    cfg = config or decode_config(head_size, q.dtype, partition_size, q.device, kv_fp8)
     d_pad = max(16, next_power_of_2(head_size))
     _paged_attention_kernel[(num_seqs, num_kv_heads, num_parts)](
         out, tmp_out, max_logits, exp_sums, q, key_cache, value_cache, block_tables, seq_lens,
-        scale * _LOG2E, out.stride(0), out.stride(1), q.stride(0), q.stride(1),
+        scale * _LOG2E * (k_scale if kv_fp8 else 1.0), v_scale,
+        out.stride(0), out.stride(1), q.stride(0), q.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         block_tables.stride(0), block_size, max_logits.stride(0), max_logits.stride(1),
@@ -302,7 +330,7 @@ def paged_attention_triton_out(
         D_PAD=d_pad, PARTITION_SIZE=partition_size, BLOCK_N=cfg.block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, WINDOW=sliding_window,
-        **_pdl.launch_args(q),
+        KV_FP8=kv_fp8, **_pdl.launch_args(q),
     )  # fmt: skip
     if num_parts > 1:
         _paged_attention_reduce_kernel[(num_seqs, num_heads)](
@@ -326,14 +354,16 @@ def _allocate_workspace(q, key_cache, block_tables, partition_size=None):
 
 def paged_attention_triton(q, key_cache, value_cache, block_tables, seq_lens, scale,
                            sliding_window: int = 0, partition_size: int | None = None,
-                           config: DecodeConfig | None = None) -> torch.Tensor:
+                           config: DecodeConfig | None = None, k_scale: float = 1.0,
+                           v_scale: float = 1.0) -> torch.Tensor:
     """Triton decode with the reference's signature; allocates its own workspace, sized by the
     block-table width (the serving path uses ``PagedAttentionWorkspace`` instead)."""
     out = torch.empty_like(q)
     tmp_out, max_logits, exp_sums, psize = _allocate_workspace(q, key_cache, block_tables,
                                                                 partition_size)
     paged_attention_triton_out(out, tmp_out, max_logits, exp_sums, q, key_cache, value_cache,
-                               block_tables, seq_lens, scale, psize, config, sliding_window)
+                               block_tables, seq_lens, scale, psize, config, sliding_window,
+                               k_scale, v_scale)
     return out
 
 
@@ -344,40 +374,42 @@ def paged_attention_triton(q, key_cache, value_cache, block_tables, seq_lens, sc
 
 FUSELM_LIB.define(
     "paged_attention(Tensor q, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
-    "Tensor seq_lens, float scale, int sliding_window=0) -> Tensor"
+    "Tensor seq_lens, float scale, int sliding_window=0, float k_scale=1.0, "
+    "float v_scale=1.0) -> Tensor"
 )
 FUSELM_LIB.define(
     "paged_attention_out(Tensor(a!) out, Tensor(b!) tmp_out, Tensor(c!) max_logits, "
     "Tensor(d!) exp_sums, Tensor q, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
-    "Tensor seq_lens, float scale, int partition_size, int sliding_window=0) -> ()"
+    "Tensor seq_lens, float scale, int partition_size, int sliding_window=0, "
+    "float k_scale=1.0, float v_scale=1.0) -> ()"
 )
 
 
 @torch.library.register_fake("fuselm::paged_attention", lib=FUSELM_LIB)
 def _paged_attention_fake(q, key_cache, value_cache, block_tables, seq_lens, scale,
-                          sliding_window=0):
+                          sliding_window=0, k_scale=1.0, v_scale=1.0):
     return torch.empty_like(q)
 
 
 @torch.library.register_fake("fuselm::paged_attention_out", lib=FUSELM_LIB)
 def _paged_attention_out_fake(out, tmp_out, max_logits, exp_sums, q, key_cache, value_cache,
                               block_tables, seq_lens, scale, partition_size,
-                              sliding_window=0) -> None:
+                              sliding_window=0, k_scale=1.0, v_scale=1.0) -> None:
     return None
 
 
 def _paged_attention_op(q, key_cache, value_cache, block_tables, seq_lens, scale,
-                        sliding_window=0):
+                        sliding_window=0, k_scale=1.0, v_scale=1.0):
     return paged_attention_triton(q, key_cache, value_cache, block_tables, seq_lens, scale,
-                                  sliding_window)
+                                  sliding_window, k_scale=k_scale, v_scale=v_scale)
 
 
 def _paged_attention_out_op(out, tmp_out, max_logits, exp_sums, q, key_cache, value_cache,
                             block_tables, seq_lens, scale, partition_size,
-                            sliding_window=0) -> None:
+                            sliding_window=0, k_scale=1.0, v_scale=1.0) -> None:
     paged_attention_triton_out(out, tmp_out, max_logits, exp_sums, q, key_cache, value_cache,
                                block_tables, seq_lens, scale, partition_size,
-                               sliding_window=sliding_window)
+                               sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale)
 
 
 if triton_utils.triton_available():

@@ -8,15 +8,18 @@ positions ``<= context_len + i``: the cached prefix, then the new keys causally.
 Shapes: q ``[num_tokens, num_heads, head_size]``; k, v ``[num_tokens, num_kv_heads, head_size]``
 (the new tokens, already rotated); key_cache, value_cache ``[num_blocks, block_size,
 num_kv_heads, head_size]``; query_start_loc int32 ``[num_seqs + 1]``; seq_lens int32
-``[num_seqs]``; block_tables int32 ``[num_seqs, max_blocks]``. Returns ``[num_tokens, num_heads,
-head_size]`` in q's dtype. ``num_heads`` must be a multiple of ``num_kv_heads``.
+``[num_seqs]``; block_tables int32 ``[num_seqs, max_blocks]``; k_scale / v_scale floats: an FP8
+(e4m3fn) cache holds K / k_scale and V / v_scale (``kv_quant``), other caches ignore them.
+Returns ``[num_tokens, num_heads, head_size]`` in q's dtype. ``num_heads`` must be a multiple
+of ``num_kv_heads``.
 
 Backends: ``prefill_attention_ref`` (the spec, float32) and ``prefill_attention_triton``
 (FlashAttention-2 style, head sizes multiple of 16 up to 256; optional ``config=`` and ``out=``),
 registered as ``fuselm::prefill_attention``; ``resolver.resolve("prefill_attention", backend,
 device)`` returns a callable with the reference's signature. Nothing is mutated. The new tokens'
 k/v are also in the cache (rotary_store_kv wrote them); the kernel reads them from k/v,
-contiguous.
+contiguous. With an FP8 cache the cached prefix is read dequantized (the kernel converts the
+e4m3 tiles in registers, constexpr ``KV_FP8``), the new tokens at full precision from k/v.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from fuselm.kernels import triton_utils
+from fuselm.kernels.kv_quant import FP8_KV_DTYPE, check_kv_scale, dequantize_kv_ref
 from fuselm.kernels.triton_utils import FUSELM_LIB, next_power_of_2
 
 
@@ -69,10 +73,12 @@ def prefill_attention_ref(
     block_tables: torch.Tensor,
     scale: float,
     sliding_window: int = 0,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Plain PyTorch varlen causal attention with cached prefixes, in float32; with
     ``sliding_window`` > 0 a query at position i attends to keys j with i - j < sliding_window
-    (transformers' sliding-window mask)."""
+    (transformers' sliding-window mask); an FP8 cache's prefix dequantized with the scales."""
     out = torch.empty_like(q)
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
@@ -81,14 +87,12 @@ def prefill_attention_ref(
         if hi == lo:
             continue
         context_len = seq_len - (hi - lo)
-        keys, values = k[lo:hi], v[lo:hi]
+        keys, values = k[lo:hi].float(), v[lo:hi].float()
         if context_len > 0:
-            keys = torch.cat(
-                (gather_cached_kv(key_cache, block_tables[b], context_len).to(k.dtype), keys)
-            )
-            values = torch.cat(
-                (gather_cached_kv(value_cache, block_tables[b], context_len).to(v.dtype), values)
-            )
+            cached_k = gather_cached_kv(key_cache, block_tables[b], context_len)
+            cached_v = gather_cached_kv(value_cache, block_tables[b], context_len)
+            keys = torch.cat((dequantize_kv_ref(cached_k, k_scale), keys))
+            values = torch.cat((dequantize_kv_ref(cached_v, v_scale), values))
         out[lo:hi] = _attend(q[lo:hi], keys, values, scale, context_len,
                              sliding_window).to(q.dtype)
     return out
@@ -182,6 +186,9 @@ def _check_prefill_args(q, k, v, key_cache, value_cache, query_start_loc, seq_le
     if key_cache.dim() != 4 or key_cache.shape != value_cache.shape or \
             key_cache.shape[2:] != k.shape[1:]:
         raise ValueError("caches must be [num_blocks, block_size, num_kv_heads, head_size]")
+    if key_cache.dtype != value_cache.dtype or key_cache.dtype not in (k.dtype, FP8_KV_DTYPE):
+        raise ValueError(f"caches ({key_cache.dtype}, {value_cache.dtype}) must both be k's "
+                         f"dtype {k.dtype} or {FP8_KV_DTYPE}")
     if query_start_loc.shape[0] != seq_lens.shape[0] + 1 or \
             block_tables.shape[0] != seq_lens.shape[0]:
         raise ValueError("query_start_loc, seq_lens and block_tables disagree on num_seqs")
@@ -202,6 +209,8 @@ def prefill_attention_triton(
     config: PrefillConfig | None = None,
     out: torch.Tensor | None = None,
     sliding_window: int = 0,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Triton varlen causal attention over cached prefixes; same contract as the reference.
 
@@ -212,6 +221,7 @@ def prefill_attention_triton(
     _check_prefill_args(q, k, v, key_cache, value_cache, query_start_loc, seq_lens, block_tables)
     if sliding_window < 0:
         raise ValueError(f"sliding_window must be >= 0 (0: none), got {sliding_window}")
+    k_scale, v_scale = check_kv_scale("k_scale", k_scale), check_kv_scale("v_scale", v_scale)
     num_tokens, num_heads, head_size = q.shape
     if out is None:
         out = torch.empty_like(q)
@@ -226,7 +236,7 @@ def prefill_attention_triton(
     _prefill_attention_kernel[grid](
         out, q, k, v, key_cache, value_cache,
         query_start_loc, seq_lens, block_tables,
-        num_seqs, grid[0], scale * _LOG2E,
+        num_seqs, grid[0], scale * _LOG2E, k_scale, v_scale,
         out.stride(0), out.stride(1), q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
@@ -236,6 +246,7 @@ def prefill_attention_triton(
         D_PAD=max(16, next_power_of_2(head_size)), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FOLD_SCALE=cfg.fold_scale, LEAN_EDGES=cfg.lean_edges, WINDOW=sliding_window,
+        KV_FP8=key_cache.dtype == FP8_KV_DTYPE,
         NARROW_OFFSETS=cfg.narrow_offsets and _int32_offsets_fit(k, v, cfg.block_n),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
@@ -256,20 +267,23 @@ def _int32_offsets_fit(k: torch.Tensor, v: torch.Tensor, block_n: int) -> bool:
 FUSELM_LIB.define(
     "prefill_attention(Tensor q, Tensor k, Tensor v, Tensor key_cache, Tensor value_cache, "
     "Tensor query_start_loc, Tensor seq_lens, Tensor block_tables, float scale, "
-    "int sliding_window=0) -> Tensor"
+    "int sliding_window=0, float k_scale=1.0, float v_scale=1.0) -> Tensor"
 )
 
 
 @torch.library.register_fake("fuselm::prefill_attention", lib=FUSELM_LIB)
 def _prefill_attention_fake(q, k, v, key_cache, value_cache, query_start_loc, seq_lens,
-                            block_tables, scale, sliding_window=0) -> torch.Tensor:
+                            block_tables, scale, sliding_window=0, k_scale=1.0,
+                            v_scale=1.0) -> torch.Tensor:
     return torch.empty_like(q)
 
 
 def _prefill_attention_op(q, k, v, key_cache, value_cache, query_start_loc, seq_lens,
-                          block_tables, scale, sliding_window=0) -> torch.Tensor:
+                          block_tables, scale, sliding_window=0, k_scale=1.0,
+                          v_scale=1.0) -> torch.Tensor:
     return prefill_attention_triton(q, k, v, key_cache, value_cache, query_start_loc, seq_lens,
-                                    block_tables, scale, sliding_window=sliding_window)
+                                    block_tables, scale, sliding_window=sliding_window,
+                                    k_scale=k_scale, v_scale=v_scale)
 
 
 if triton_utils.triton_available():

@@ -5,16 +5,19 @@ head_size]`` (each may be a strided view of one QKV output; the last dim is cont
 positions int64 ``[num_tokens]``, cos_sin_cache float32 ``[max_position, rot_dim]`` with the
 cosines in the first ``rot_dim // 2`` columns and the sines in the rest, key_cache and value_cache
 ``[num_blocks, block_size, num_kv_heads, head_size]``, slot_mapping int64 ``[num_tokens]``
-(-1: do not store). Neox layout: dims ``i`` and ``i + rot_dim // 2`` form a pair,
-``x1' = x1 cos - x2 sin``, ``x2' = x2 cos + x1 sin``; dims beyond rot_dim pass through.
+(-1: do not store), k_scale / v_scale floats (used by an FP8 cache only: ``kv_quant``).
+Neox layout: dims ``i`` and ``i + rot_dim // 2`` form a pair, ``x1' = x1 cos - x2 sin``,
+``x2' = x2 cos + x1 sin``; dims beyond rot_dim pass through.
 
-In place: q and k are rotated; rotated k and v are written at their slots.
+In place: q and k are rotated; rotated k and v are written at their slots (an FP8 cache stores
+``e4m3(clamp(x / scale))``, see ``kv_quant``; the Triton kernel rounds in float32 itself, so that
+the interpreter, whose own float32 -> fp8 cast does not round to nearest even, matches too).
 
 Backends: ``rotary_store_kv_ref`` (the spec), ``rotary_store_kv_triton`` (the torch op
 ``fuselm::rotary_store_kv``), ``rotary_store_kv_cuda`` (``fuselm_C::rotary_store_kv``,
-``csrc/rotary_store_kv.cu``; cos_sin_cache float32, caches of k's dtype). The fast backends do not
-check positions and slots against the cache sizes (that would synchronize): out-of-range values
-are the caller's bug.
+``csrc/rotary_store_kv.cu``; cos_sin_cache float32, caches of k's dtype: an FP8 cache goes to the
+Triton kernel). The fast backends do not check positions and slots against the cache sizes (that
+would synchronize): out-of-range values are the caller's bug.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from fuselm.kernels import _pdl, triton_utils
+from fuselm.kernels.kv_quant import FP8_KV_DTYPE, check_kv_scale, quantize_kv_ref
 from fuselm.kernels.triton_utils import FUSELM_LIB, next_power_of_2
 
 
@@ -52,8 +56,11 @@ def rotary_store_kv_ref(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
-    """Rotates q and k in place and stores k and v in the cache at ``slot_mapping``."""
+    """Rotates q and k in place and stores k and v in the cache at ``slot_mapping`` (an FP8
+    cache quantized with ``k_scale`` / ``v_scale``)."""
     half = cos_sin_cache.shape[-1] // 2
     cs = cos_sin_cache.index_select(0, positions)
     cos, sin = cs[:, :half].float(), cs[:, half:].float()
@@ -70,8 +77,8 @@ def rotary_store_kv_ref(
         keep = slot_mapping >= 0
         slots, keys, values = slot_mapping[keep], k[keep], v[keep]
     flat_shape = (-1, *key_cache.shape[2:])
-    key_cache.view(flat_shape)[slots] = keys.to(key_cache.dtype)
-    value_cache.view(flat_shape)[slots] = values.to(value_cache.dtype)
+    key_cache.view(flat_shape)[slots] = quantize_kv_ref(keys, k_scale, key_cache.dtype)
+    value_cache.view(flat_shape)[slots] = quantize_kv_ref(values, v_scale, value_cache.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,11 +154,32 @@ if triton_utils.triton_available():
     from fuselm.kernels._pdl import pdl_wait_then_release
 
     @triton.jit
+    def _quantize_e4m3(x, scale):
+        """float32 ``x / scale`` rounded to the nearest e4m3fn value (ties to even), saturating
+        at +-448, still float32 (so the cast to fp8 after it is exact on every backend)."""
+        y = tl.div_rn(x, scale)  # IEEE division, as the reference's
+        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+        e = ((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # unbiased exponent
+        e = tl.maximum(e, -6)  # subnormals share the ulp of 2^-6 (2^-9)
+        up = ((130 - e) << 23).to(tl.float32, bitcast=True)  # 2^(3 - e): ulp -> 1
+        down = ((124 + e) << 23).to(tl.float32, bitcast=True)  # 2^(e - 3)
+        # + 1.5 * 2^23 and back rounds |y * up| < 16 to an integer, ties to even
+        return ((y * up + 12582912.0) - 12582912.0) * down
+
+    @triton.jit
+    def _cache_value(x, scale, cty, KV_FP8: tl.constexpr):
+        """What a cache of element type ``cty`` stores for x (fp8: scaled and rounded)."""
+        if KV_FP8:
+            return _quantize_e4m3(x.to(tl.float32), scale).to(cty)
+        return x.to(cty)
+
+    @triton.jit
     def _rotate_heads(
         x_tok, head_stride, cache_tok, cache_head_stride, num_heads, half, rot_dim, head_size,
-        cos, sin, store,
+        cos, sin, store, kv_scale,
         BLOCK_H: tl.constexpr, NUM_H_CHUNKS: tl.constexpr, BLOCK_HALF: tl.constexpr,
         BLOCK_TAIL: tl.constexpr, STORE: tl.constexpr, HAS_TAIL: tl.constexpr,
+        KV_FP8: tl.constexpr,
     ):  # fmt: skip
         """Rotates heads of one token in place; with STORE also writes them to the cache slot."""
         offs = tl.arange(0, BLOCK_HALF)
@@ -162,28 +190,28 @@ if triton_utils.triton_available():
             p1 = x_tok + heads[:, None] * head_stride + offs[None, :]  # [BLOCK_H, BLOCK_HALF]
             x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
             x2 = tl.load(p1 + half, mask=mask, other=0.0).to(tl.float32)
-            o1 = x1 * cos[None, :] - x2 * sin[None, :]
-            o2 = x2 * cos[None, :] + x1 * sin[None, :]
-            tl.store(p1, o1.to(x_tok.dtype.element_ty), mask=mask)
-            tl.store(p1 + half, o2.to(x_tok.dtype.element_ty), mask=mask)
+            o1 = (x1 * cos[None, :] - x2 * sin[None, :]).to(x_tok.dtype.element_ty)
+            o2 = (x2 * cos[None, :] + x1 * sin[None, :]).to(x_tok.dtype.element_ty)
+            tl.store(p1, o1, mask=mask)
+            tl.store(p1 + half, o2, mask=mask)
             if STORE:
                 c1 = cache_tok + heads[:, None] * cache_head_stride + offs[None, :]
                 cty = cache_tok.dtype.element_ty
-                tl.store(c1, o1.to(x_tok.dtype.element_ty).to(cty), mask=mask & store)
-                tl.store(c1 + half, o2.to(x_tok.dtype.element_ty).to(cty), mask=mask & store)
+                tl.store(c1, _cache_value(o1, kv_scale, cty, KV_FP8), mask=mask & store)
+                tl.store(c1 + half, _cache_value(o2, kv_scale, cty, KV_FP8), mask=mask & store)
                 if HAS_TAIL:  # dims beyond rot_dim pass through to the cache
                     tail = rot_dim + tl.arange(0, BLOCK_TAIL)
                     tmask = (heads < num_heads)[:, None] & (tail < head_size)[None, :] & store
                     xt = tl.load(x_tok + heads[:, None] * head_stride + tail[None, :], mask=tmask)
                     tl.store(
                         cache_tok + heads[:, None] * cache_head_stride + tail[None, :],
-                        xt.to(cty),
+                        _cache_value(xt, kv_scale, cty, KV_FP8),
                         mask=tmask,
                     )
 
     @triton.jit
     def _rotary_store_kv_kernel(
-        q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, kc_ptr, vc_ptr, slot_ptr,
+        q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, kc_ptr, vc_ptr, slot_ptr, k_scale, v_scale,
         num_heads, num_kv_heads, head_size, half, block_size, cos_sin_stride,
         q_tok_stride, q_head_stride, k_tok_stride, k_head_stride, v_tok_stride, v_head_stride,
         kc_block_stride, kc_slot_stride, kc_head_stride,
@@ -191,6 +219,7 @@ if triton_utils.triton_available():
         BLOCK_HQ: tl.constexpr, NUM_HQ_CHUNKS: tl.constexpr, BLOCK_HK: tl.constexpr,
         NUM_HK_CHUNKS: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_TAIL: tl.constexpr, HAS_TAIL: tl.constexpr,
+        KV_FP8: tl.constexpr = False,  # fp8 caches: store x / scale, rounded (kv_quant)
         USE_PDL: tl.constexpr = False,  # programmatic dependent launch (_pdl.py)
     ):  # fmt: skip
         pdl_wait_then_release(USE_PDL)
@@ -202,9 +231,9 @@ if triton_utils.triton_available():
         if tl.program_id(1) == 0:
             _rotate_heads(
                 q_ptr + t * q_tok_stride, q_head_stride, q_ptr, 0, num_heads, half, 2 * half,
-                head_size, cos, sin, False,
+                head_size, cos, sin, False, 1.0,
                 BLOCK_H=BLOCK_HQ, NUM_H_CHUNKS=NUM_HQ_CHUNKS, BLOCK_HALF=BLOCK_HALF,
-                BLOCK_TAIL=BLOCK_TAIL, STORE=False, HAS_TAIL=False,
+                BLOCK_TAIL=BLOCK_TAIL, STORE=False, HAS_TAIL=False, KV_FP8=False,
             )  # fmt: skip
         else:
             slot = tl.load(slot_ptr + t)
@@ -216,9 +245,9 @@ if triton_utils.triton_available():
             vc_tok = vc_ptr + block * vc_block_stride + offset * vc_slot_stride
             _rotate_heads(
                 k_ptr + t * k_tok_stride, k_head_stride, kc_tok, kc_head_stride, num_kv_heads,
-                half, 2 * half, head_size, cos, sin, store,
+                half, 2 * half, head_size, cos, sin, store, k_scale,
                 BLOCK_H=BLOCK_HK, NUM_H_CHUNKS=NUM_HK_CHUNKS, BLOCK_HALF=BLOCK_HALF,
-                BLOCK_TAIL=BLOCK_TAIL, STORE=True, HAS_TAIL=HAS_TAIL,
+                BLOCK_TAIL=BLOCK_TAIL, STORE=True, HAS_TAIL=HAS_TAIL, KV_FP8=KV_FP8,
             )  # fmt: skip
             dims = tl.arange(0, BLOCK_D)
             for chunk in range(NUM_HK_CHUNKS):
@@ -230,25 +259,38 @@ if triton_utils.triton_available():
                 )
                 tl.store(
                     vc_tok + heads[:, None] * vc_head_stride + dims[None, :],
-                    vals.to(vc_ptr.dtype.element_ty),
+                    _cache_value(vals, v_scale, vc_ptr.dtype.element_ty, KV_FP8),
                     mask=mask,
                 )
 
 
+def _check_cache_dtypes(key_cache: torch.Tensor, value_cache: torch.Tensor, k_scale: float,
+                        v_scale: float) -> bool:
+    """ValueError unless both caches share a dtype and the scales are > 0; True for fp8."""
+    if key_cache.dtype != value_cache.dtype:
+        raise ValueError(f"key_cache ({key_cache.dtype}) and value_cache ({value_cache.dtype}) "
+                         "must have one dtype")
+    check_kv_scale("k_scale", k_scale)
+    check_kv_scale("v_scale", v_scale)
+    return key_cache.dtype == FP8_KV_DTYPE
+
+
 def _launch_rotary_store_kv(q, k, v, positions, cos_sin_cache, key_cache, value_cache,
-                            slot_mapping, cfg: dict) -> None:  # fmt: skip
+                            slot_mapping, cfg: dict, k_scale: float = 1.0,
+                            v_scale: float = 1.0) -> None:  # fmt: skip
     """Launches ``_rotary_store_kv_kernel`` with explicit meta-parameters."""
     num_tokens, num_heads, head_size = q.shape
     if num_tokens == 0:
         return
     _rotary_store_kv_kernel[(num_tokens, 2)](
         q, k, v, positions, cos_sin_cache, key_cache, value_cache, slot_mapping,
+        float(k_scale), float(v_scale),
         num_heads, k.shape[1], head_size, cos_sin_cache.shape[1] // 2, key_cache.shape[1],
         cos_sin_cache.stride(0),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
-        **cfg, **_pdl.launch_args(q),
+        KV_FP8=key_cache.dtype == FP8_KV_DTYPE, **cfg, **_pdl.launch_args(q),
     )  # fmt: skip
 
 
@@ -261,17 +303,21 @@ def rotary_store_kv_triton(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Triton rotary + KV-cache write, in place; same contract as ``rotary_store_kv_ref``."""
     args = (q, k, v, positions, cos_sin_cache, key_cache, value_cache, slot_mapping)
     _check_args(*args)
+    _check_cache_dtypes(key_cache, value_cache, k_scale, v_scale)
     cfg = _rotary_config(q.shape[1], k.shape[1], q.shape[2], cos_sin_cache.shape[1], q.device)
-    _launch_rotary_store_kv(*args, cfg)
+    _launch_rotary_store_kv(*args, cfg, k_scale, v_scale)
 
 
 # --------------------------------------------------------------------------------------------
 # CUDA: csrc/rotary_store_kv.cu, registered as fuselm_C::rotary_store_kv (cos_sin_cache fp32,
-# caches of k's dtype).
+# caches of k's dtype). An FP8 cache runs the Triton kernel: the store is a few KB a token, so a
+# CUDA quantizing variant would gain a launch's worth at most.
 # --------------------------------------------------------------------------------------------
 
 
@@ -284,10 +330,21 @@ def rotary_store_kv_cuda(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
-    """CUDA rotary + KV-cache write, in place (``fuselm_C::rotary_store_kv``)."""
+    """CUDA rotary + KV-cache write, in place (``fuselm_C::rotary_store_kv``); an FP8 cache
+    goes to ``rotary_store_kv_triton``."""
     args = (q, k, v, positions, cos_sin_cache, key_cache, value_cache, slot_mapping)
     _check_args(*args)
+    if _check_cache_dtypes(key_cache, value_cache, k_scale, v_scale):
+        cfg = _rotary_config(q.shape[1], k.shape[1], q.shape[2], cos_sin_cache.shape[1],
+                             q.device)
+        _launch_rotary_store_kv(*args, cfg, k_scale, v_scale)
+        return
+    if key_cache.dtype != k.dtype:
+        raise ValueError(f"the CUDA rotary_store_kv needs caches of k's dtype {k.dtype} (or "
+                         f"fp8), got {key_cache.dtype}")
     torch.ops.fuselm_C.rotary_store_kv(*args)
 
 
@@ -298,12 +355,13 @@ def rotary_store_kv_cuda(
 FUSELM_LIB.define(
     "rotary_store_kv(Tensor(a!) q, Tensor(b!) k, Tensor v, Tensor positions, "
     "Tensor cos_sin_cache, Tensor(c!) key_cache, Tensor(d!) value_cache, "
-    "Tensor slot_mapping) -> ()"
+    "Tensor slot_mapping, float k_scale=1.0, float v_scale=1.0) -> ()"
 )
 
 
 @torch.library.register_fake("fuselm::rotary_store_kv", lib=FUSELM_LIB)
-def _rotary_store_kv_fake(q, k, v, positions, cos_sin_cache, key_cache, value_cache, slots):
+def _rotary_store_kv_fake(q, k, v, positions, cos_sin_cache, key_cache, value_cache, slots,
+                          k_scale=1.0, v_scale=1.0):
     return None
 
 
