@@ -401,17 +401,17 @@ FUSELM_LIB.define("fp8_w8a16_gemv(Tensor x, Tensor weight, Tensor weight_scale, 
 
 
 @torch.library.register_fake("fuselm::fp8_matmul", lib=FUSELM_LIB)
-def _fp8_matmul_fake(x_fp8, x_scale, weight, weight_scale, out_dtype, bias):
+def _fp8_matmul_fake(x_fp8, x_scale, weight, weight_scale, out_dtype, bias=None):
     return x_fp8.new_empty((x_fp8.shape[0], weight.shape[0]), dtype=out_dtype)
 
 
 @torch.library.register_fake("fuselm::fp8_block_matmul", lib=FUSELM_LIB)
-def _fp8_block_matmul_fake(x_fp8, x_scale, weight, weight_scale, out_dtype, bias):
+def _fp8_block_matmul_fake(x_fp8, x_scale, weight, weight_scale, out_dtype, bias=None):
     return x_fp8.new_empty((x_fp8.shape[0], weight.shape[0]), dtype=out_dtype)
 
 
 @torch.library.register_fake("fuselm::fp8_w8a16_gemv", lib=FUSELM_LIB)
-def _fp8_w8a16_gemv_fake(x, weight, weight_scale, bias):
+def _fp8_w8a16_gemv_fake(x, weight, weight_scale, bias=None):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 

@@ -288,7 +288,7 @@ def _fake_scale(x: torch.Tensor, scale, group_size: int) -> torch.Tensor:
 
 
 @torch.library.register_fake("fuselm::rms_norm_quant_fp8", lib=FUSELM_LIB)
-def _rms_norm_quant_fp8_fake(x, weight, eps, residual, scale, group_size):
+def _rms_norm_quant_fp8_fake(x, weight, eps, residual=None, scale=None, group_size=0):
     return x.new_empty(x.shape, dtype=FP8_DTYPE), _fake_scale(x, scale, group_size)
 
 
@@ -303,7 +303,7 @@ def _quant_fp8_static_fake(x, scale):
 
 
 @torch.library.register_fake("fuselm::quant_fp8_per_token_group", lib=FUSELM_LIB)
-def _quant_fp8_per_token_group_fake(x, group_size):
+def _quant_fp8_per_token_group_fake(x, group_size=128):
     return x.new_empty(x.shape, dtype=FP8_DTYPE), _fake_scale(x, None, group_size)
 
 
