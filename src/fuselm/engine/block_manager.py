@@ -249,6 +249,7 @@ class BlockManager:
         self._copies.swap_in.extend(zip(req.block_ids, req.swapped_block_ids, strict=False))
         self.swap.release(req.swapped_block_ids, deferred=True)  # type: ignore[union-attr]
         req.swapped_block_ids = []
+        req.num_swapped_tokens = 0
         return True
 
     def take_copies(self) -> KVCopies | None:
