@@ -56,12 +56,13 @@ SHAPES = [(33, 96, 32), (20, 192, 64), (24, 256, 128)]
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("m,n,k,g", [(1, *SHAPES[0]), (3, *SHAPES[1]), (1, *SHAPES[1])])
-@pytest.mark.parametrize("cfg", GEMV, ids=lambda c: c.label)
-def test_gemv_variant(dtype, m, n, k, g, cfg):
+@pytest.mark.parametrize("cfg,prefetch", [(GEMV[0], False), (GEMV[1], True)],
+                         ids=["nopf", "prefetch"])
+def test_gemv_variant(dtype, m, n, k, g, cfg, prefetch):
     _need_triton()
     x, q, s, z = _inputs(m, n, k, g, dtype, seed=m * 100 + n + k)
     out = torch.empty(m, n, dtype=dtype, device=DEVICE)
-    i4.launch_int4_matmul(x, q, s, z, g, out, cfg)
+    i4.launch_int4_matmul(x, q, s, z, g, out, cfg, prefetch=prefetch)
     atol, rtol = _tol(dtype, k)
     assert_close(out, _expected(x, q, s, z, g).to(dtype), atol=atol, rtol=rtol)
 

@@ -47,12 +47,13 @@ SHAPES = [(33, 96), (20, 208), (24, 256)]
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("m,n,k", [(1, *SHAPES[0]), (3, *SHAPES[1]), (1, *SHAPES[1])])
-@pytest.mark.parametrize("cfg", GEMV, ids=lambda c: c.label)
-def test_gemv_variant(dtype, m, n, k, cfg):
+@pytest.mark.parametrize("cfg,prefetch", [(GEMV[0], False), (GEMV[1], True)],
+                         ids=["nopf", "prefetch"])
+def test_gemv_variant(dtype, m, n, k, cfg, prefetch):
     _need_triton()
     x, q, s = _inputs(m, n, k, dtype, seed=m * 100 + n + k)
     out = torch.empty(m, n, dtype=dtype, device=DEVICE)
-    i8.launch_int8_matmul(x, q, s, out, cfg)
+    i8.launch_int8_matmul(x, q, s, out, cfg, prefetch=prefetch)
     atol, rtol = _tol(dtype, k)
     assert_close(out, _expected(x, q, s).to(dtype), atol=atol, rtol=rtol)
 

@@ -33,15 +33,17 @@ Backends: ``int4_matmul_ref`` (float32 spec), ``int4_matmul_triton`` (``fuselm::
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from fuselm.kernels import _pdl, triton_utils
+from fuselm.kernels.int8_matmul import (
+    QuantMatmulConfig,
+    gemm_default,
+    m_bucket,
+    pow2_divisor,
+    tuned,
+)
 from fuselm.kernels.triton_utils import FUSELM_LIB
-
-VARIANTS = ("gemv", "gemm", "dequant")
-M_BUCKETS = (1, 4, 16, 64, 256)
 
 
 def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -88,75 +90,12 @@ def int4_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     return (x.float() @ w.t()).to(x.dtype)
 
 
-# --------------------------------------------------------------------------------------------
-# Launch configs (shared with int8_matmul).
-# --------------------------------------------------------------------------------------------
-
-
-class QuantMatmulConfig(NamedTuple):
-    """Variant and launch parameters of a weight-only matmul."""
-
-    variant: str  # one of VARIANTS
-    block_n: int  # output rows (weight rows) a program computes
-    block_k: int  # K columns a loop iteration reads (a power of 2)
-    num_warps: int
-    num_stages: int = 1
-    block_m: int = 16  # gemm: batch rows a program computes (>= 16)
-
-    @property
-    def label(self) -> str:
-        """Stable name used by the sweep and the tuning table."""
-        if self.variant == "dequant":
-            return "dequant"
-        m = f"_m{self.block_m}" if self.variant == "gemm" else ""
-        return (f"{self.variant}{m}_n{self.block_n}_k{self.block_k}_w{self.num_warps}"
-                f"_s{self.num_stages}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> QuantMatmulConfig:
-        """Reads the ``triton`` entry of a tuning table (ValueError on an unknown variant)."""
-        if d.get("variant") not in VARIANTS:
-            raise ValueError(f"unknown weight-only matmul variant {d.get('variant')!r}")
-        return cls(str(d["variant"]), int(d.get("block_n", 0)), int(d.get("block_k", 0)),
-                   int(d.get("num_warps", 4)), int(d.get("num_stages", 1)),
-                   int(d.get("block_m", 16)))
-
-    def to_dict(self) -> dict:
-        """The ``triton`` entry of the tuning table."""
-        return self._asdict()
-
-
-def m_bucket(m: int) -> int:
-    """The tuning-table batch bucket of M: the smallest of ``M_BUCKETS`` >= M (256 beyond)."""
-    return next((b for b in M_BUCKETS if m <= b), M_BUCKETS[-1])
+# Launch configs: QuantMatmulConfig and the batch buckets live in int8_matmul.py.
 
 
 def shape_bucket(n: int, k: int, group_size: int, m: int) -> str:
     """Tuning-table key of an int4 weight shape and batch."""
     return f"n{n}_k{k}_g{group_size}_m{m_bucket(m)}"
-
-
-def tuned(op: str, bucket: str, device: torch.device) -> QuantMatmulConfig | None:
-    """The config the tuning table ``configs/<op>.json`` recorded for this GPU and bucket."""
-    if device.type != "cuda":
-        return None
-    entry = triton_utils.tuned_triton_config(op, bucket, "cuda", device.index or 0)
-    try:
-        return QuantMatmulConfig.from_dict(entry) if entry else None
-    except (KeyError, ValueError):  # a table from another version: keep the heuristic
-        return None
-
-
-def gemm_default(m: int, block_k: int) -> QuantMatmulConfig:
-    """The swap-AB tensor-core kernel sized to the batch (shared by int4 and int8)."""
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
-    block_n = 64 if m <= 16 else 128
-    return QuantMatmulConfig("gemm", block_n, block_k, 4 if block_m <= 64 else 8, 3, block_m)
-
-
-def _pow2_divisor(n: int, limit: int) -> int:
-    """The largest power of 2 dividing ``n``, at most ``limit``."""
-    return min(n & -n, limit)
 
 
 def default_config(n: int, k: int, group_size: int, m: int) -> QuantMatmulConfig:
@@ -166,7 +105,7 @@ def default_config(n: int, k: int, group_size: int, m: int) -> QuantMatmulConfig
     if m == 1 and group_size % 8 == 0:
         return QuantMatmulConfig("gemv", 8, 1024, 2, 1)
     if group_size % 16 == 0:
-        return gemm_default(m, _pow2_divisor(group_size, 128))
+        return gemm_default(m, pow2_divisor(group_size, 128))
     return QuantMatmulConfig("dequant", 0, 0, 4)
 
 
@@ -213,6 +152,43 @@ if triton_utils.triton_available():
         return ((t & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _int4_gemv_weights(qw_rows, s_rows, z_rows, rmask, w0, wofs, chunk, KW,
+                           GROUP_WORDS: tl.constexpr, CW: tl.constexpr, EVEN: tl.constexpr):
+        """The words ``[BLOCK_N, CHUNKS, CW]`` of one K step and their chunks' ``16 s`` and
+        ``1 + z / 16`` (``[BLOCK_N, CHUNKS, 1]``); weights only (safe before the PDL wait)."""
+        w = w0 + wofs  # [CHUNKS, CW] word indices
+        grp = (w0 + chunk * CW) // GROUP_WORDS  # [CHUNKS]
+        if EVEN:
+            words = tl.load(qw_rows + w[None, :, :], eviction_policy="evict_first")
+            s = tl.load(s_rows + grp[None, :])
+            z = tl.load(z_rows + grp[None, :])
+        else:
+            gmask = rmask[:, None] & (grp < tl.cdiv(KW, GROUP_WORDS))[None, :]
+            words = tl.load(qw_rows + w[None, :, :],
+                            mask=rmask[:, None, None] & (w < KW)[None, :, :], other=0,
+                            eviction_policy="evict_first")
+            s = tl.load(s_rows + grp[None, :], mask=gmask, other=0.0)
+            z = tl.load(z_rows + grp[None, :], mask=gmask, other=0)
+        s16 = (s.to(tl.float32) * 16.0)[:, :, None]
+        zoff = (1.0 + z.to(tl.float32) * 0.0625)[:, :, None]
+        return words, s16, zoff
+
+    @triton.jit
+    def _int4_gemv_step(words, s16, zoff, x_row, w, KW, EVEN_K: tl.constexpr):
+        """One K step's ``sum W x`` per word slot ``[BLOCK_N, CHUNKS, CW]`` (w: the step's
+        word indices ``[CHUNKS, CW]``)."""
+        dot = tl.zeros(words.shape, dtype=tl.float32)
+        xsum = tl.zeros(w.shape, dtype=tl.float32)
+        for i in tl.static_range(8):
+            if EVEN_K:
+                xi = tl.load(x_row + w * 8 + i).to(tl.float32)
+            else:
+                xi = tl.load(x_row + w * 8 + i, mask=w < KW, other=0.0).to(tl.float32)
+            dot += _nibble_fma_value(words, i) * xi[None, :, :]
+            xsum += xi
+        return s16 * (dot - zoff * xsum[None, :, :])
+
+    @triton.jit
     def _int4_gemv_kernel(
         x_ptr,  # [M, K], rows x_stride apart
         qw_ptr,  # int32 [N, K // 8] (the uint8 [N, K // 2] weight as words), rows qw_stride
@@ -233,9 +209,9 @@ if triton_utils.triton_available():
         EVEN_N: tl.constexpr,
         EVEN_K: tl.constexpr,
         NUM_STAGES: tl.constexpr,
+        PREFETCH: tl.constexpr,  # load the first weight step before waiting for x (PDL)
         USE_PDL: tl.constexpr,
     ):
-        pdl_wait_then_release(USE_PDL)
         m = tl.program_id(1).to(tl.int64)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < N
@@ -243,36 +219,26 @@ if triton_utils.triton_available():
         chunk = tl.arange(0, CHUNKS)
         wofs = chunk[:, None] * CW + tl.arange(0, CW)[None, :]  # [CHUNKS, CW]
         qw_rows = qw_ptr + rows64[:, None, None] * qw_stride  # [BLOCK_N, 1, 1]
+        s_rows = s_ptr + rows64[:, None] * s_stride
+        z_rows = z_ptr + rows64[:, None] * z_stride
         x_row = x_ptr + m * x_stride
-        acc = tl.zeros([BLOCK_N, CHUNKS, CW], dtype=tl.float32)
-        for w0 in tl.range(0, KW, CHUNKS * CW, num_stages=NUM_STAGES):
-            w = w0 + wofs  # [CHUNKS, CW] word indices
-            grp = (w0 + chunk * CW) // GROUP_WORDS  # [CHUNKS]
-            if EVEN_K and EVEN_N:
-                words = tl.load(qw_rows + w[None, :, :], eviction_policy="evict_first")
-                s = tl.load(s_ptr + rows64[:, None] * s_stride + grp[None, :])
-                z = tl.load(z_ptr + rows64[:, None] * z_stride + grp[None, :])
-            else:
-                gmask = rmask[:, None] & (grp < tl.cdiv(KW, GROUP_WORDS))[None, :]
-                words = tl.load(qw_rows + w[None, :, :],
-                                mask=rmask[:, None, None] & (w < KW)[None, :, :], other=0,
-                                eviction_policy="evict_first")
-                s = tl.load(s_ptr + rows64[:, None] * s_stride + grp[None, :], mask=gmask,
-                            other=0.0)
-                z = tl.load(z_ptr + rows64[:, None] * z_stride + grp[None, :], mask=gmask,
-                            other=0)
-            dot = tl.zeros([BLOCK_N, CHUNKS, CW], dtype=tl.float32)
-            xsum = tl.zeros([CHUNKS, CW], dtype=tl.float32)
-            for i in tl.static_range(8):
-                if EVEN_K:
-                    xi = tl.load(x_row + w * 8 + i).to(tl.float32)
-                else:
-                    xi = tl.load(x_row + w * 8 + i, mask=w < KW, other=0.0).to(tl.float32)
-                dot += _nibble_fma_value(words, i) * xi[None, :, :]
-                xsum += xi
-            s16 = (s.to(tl.float32) * 16.0)[:, :, None]
-            zoff = (1.0 + z.to(tl.float32) * 0.0625)[:, :, None]
-            acc += s16 * (dot - zoff * xsum[None, :, :])
+        even = EVEN_K and EVEN_N
+        if PREFETCH:
+            # the weights do not depend on the previous kernel: with PDL the first step
+            # streams while that kernel finishes
+            words, s16, zoff = _int4_gemv_weights(qw_rows, s_rows, z_rows, rmask, 0, wofs,
+                                                  chunk, KW, GROUP_WORDS, CW, even)
+            pdl_wait_then_release(USE_PDL)
+            acc = _int4_gemv_step(words, s16, zoff, x_row, wofs, KW, EVEN_K)
+            start = CHUNKS * CW
+        else:
+            pdl_wait_then_release(USE_PDL)
+            acc = tl.zeros([BLOCK_N, CHUNKS, CW], dtype=tl.float32)
+            start = 0
+        for w0 in tl.range(start, KW, CHUNKS * CW, num_stages=NUM_STAGES):
+            words, s16, zoff = _int4_gemv_weights(qw_rows, s_rows, z_rows, rmask, w0, wofs,
+                                                  chunk, KW, GROUP_WORDS, CW, even)
+            acc += _int4_gemv_step(words, s16, zoff, x_row, w0 + wofs, KW, EVEN_K)
         y = tl.sum(tl.sum(acc, axis=2), axis=1)
         dst = out_ptr + m * out_stride + rows
         if EVEN_N:
@@ -415,9 +381,10 @@ def dequantize_int4_triton(qweight: torch.Tensor, scales: torch.Tensor, zeros: t
 
 def launch_int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                        zeros: torch.Tensor, group_size: int, out: torch.Tensor,
-                       cfg: QuantMatmulConfig) -> None:
+                       cfg: QuantMatmulConfig, prefetch: bool | None = None) -> None:
     """Runs ``cfg``'s variant into ``out [M, N]`` with explicit meta-parameters (the bench
-    sweeps them). ValueError where ``cfg`` cannot run this group size."""
+    sweeps them). ``prefetch`` (gemv; default: with PDL) loads the first weight step before
+    waiting for the previous kernel. ValueError where ``cfg`` cannot run this group size."""
     m, k = x.shape
     n = qweight.shape[0]
     if m == 0 or n == 0:
@@ -435,13 +402,14 @@ def launch_int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     pdl = _pdl.use_pdl(x)
     common = (words.stride(0), scales.stride(0), zeros.stride(0), out.stride(0))
     if cfg.variant == "gemv":
-        cw = _pow2_divisor(gw, min(16, cfg.block_k // 8))
+        cw = pow2_divisor(gw, min(16, cfg.block_k // 8))
         chunks = max(1, cfg.block_k // 8 // cw)
         grid = (triton.cdiv(n, cfg.block_n), m)
         _int4_gemv_kernel[grid](
             x, words, scales, zeros, out, n, kw, x.stride(0), *common, GROUP_WORDS=gw,
             BLOCK_N=cfg.block_n, CHUNKS=chunks, CW=cw, EVEN_N=n % cfg.block_n == 0,
-            EVEN_K=kw % (chunks * cw) == 0, NUM_STAGES=cfg.num_stages, USE_PDL=pdl,
+            EVEN_K=kw % (chunks * cw) == 0, NUM_STAGES=cfg.num_stages,
+            PREFETCH=pdl if prefetch is None else prefetch, USE_PDL=pdl,
             num_warps=cfg.num_warps, launch_pdl=pdl)
         return
     mode, off = _DOT_MODE[x.dtype]

@@ -23,10 +23,11 @@ Backends: ``int8_matmul_ref`` (float32 spec), ``int8_matmul_triton`` (``fuselm::
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from fuselm.kernels import _pdl, triton_utils
-from fuselm.kernels.int4_matmul import QuantMatmulConfig, gemm_default, m_bucket, tuned
 from fuselm.kernels.triton_utils import FUSELM_LIB
 
 
@@ -51,6 +52,76 @@ def int8_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     applied after the dot product (it is constant along K)."""
     _check(x, qweight, scales)
     return ((x.float() @ qweight.float().t()) * scales.float()[None, :]).to(x.dtype)
+
+
+VARIANTS = ("gemv", "gemm", "dequant")
+M_BUCKETS = (1, 4, 16, 64, 256)
+
+
+# --------------------------------------------------------------------------------------------
+# Launch configs (shared with int4_matmul).
+# --------------------------------------------------------------------------------------------
+
+
+class QuantMatmulConfig(NamedTuple):
+    """Variant and launch parameters of a weight-only matmul."""
+
+    variant: str  # one of VARIANTS
+    block_n: int  # output rows (weight rows) a program computes
+    block_k: int  # K columns a loop iteration reads (a power of 2)
+    num_warps: int
+    num_stages: int = 1
+    block_m: int = 16  # gemm: batch rows a program computes (>= 16)
+
+    @property
+    def label(self) -> str:
+        """Stable name used by the sweep and the tuning table."""
+        if self.variant == "dequant":
+            return "dequant"
+        m = f"_m{self.block_m}" if self.variant == "gemm" else ""
+        return (f"{self.variant}{m}_n{self.block_n}_k{self.block_k}_w{self.num_warps}"
+                f"_s{self.num_stages}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QuantMatmulConfig:
+        """Reads the ``triton`` entry of a tuning table (ValueError on an unknown variant)."""
+        if d.get("variant") not in VARIANTS:
+            raise ValueError(f"unknown weight-only matmul variant {d.get('variant')!r}")
+        return cls(str(d["variant"]), int(d.get("block_n", 0)), int(d.get("block_k", 0)),
+                   int(d.get("num_warps", 4)), int(d.get("num_stages", 1)),
+                   int(d.get("block_m", 16)))
+
+    def to_dict(self) -> dict:
+        """The ``triton`` entry of the tuning table."""
+        return self._asdict()
+
+
+def m_bucket(m: int) -> int:
+    """The tuning-table batch bucket of M: the smallest of ``M_BUCKETS`` >= M (256 beyond)."""
+    return next((b for b in M_BUCKETS if m <= b), M_BUCKETS[-1])
+
+
+def tuned(op: str, bucket: str, device: torch.device) -> QuantMatmulConfig | None:
+    """The config the tuning table ``configs/<op>.json`` recorded for this GPU and bucket."""
+    if device.type != "cuda":
+        return None
+    entry = triton_utils.tuned_triton_config(op, bucket, "cuda", device.index or 0)
+    try:
+        return QuantMatmulConfig.from_dict(entry) if entry else None
+    except (KeyError, ValueError):  # a table from another version: keep the heuristic
+        return None
+
+
+def gemm_default(m: int, block_k: int) -> QuantMatmulConfig:
+    """The swap-AB tensor-core kernel sized to the batch (shared by int4 and int8)."""
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    block_n = 64 if m <= 16 else 128
+    return QuantMatmulConfig("gemm", block_n, block_k, 4 if block_m <= 64 else 8, 3, block_m)
+
+
+def pow2_divisor(n: int, limit: int) -> int:
+    """The largest power of 2 dividing ``n``, at most ``limit``."""
+    return min(n & -n, limit)
 
 
 def shape_bucket(n: int, k: int, m: int) -> str:
@@ -105,6 +176,29 @@ if triton_utils.triton_available():
         return ((t & 0x007F8000) ^ 0x3FC00000).to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _int8_gemv_words(qw_rows, rmask, w, KW, EVEN: tl.constexpr):
+        """The words ``[BLOCK_N, BLOCK_KW]`` of one K step (weights only: safe before the PDL
+        wait)."""
+        if EVEN:
+            return tl.load(qw_rows + w[None, :], eviction_policy="evict_first")
+        return tl.load(qw_rows + w[None, :], mask=rmask[:, None] & (w < KW)[None, :], other=0,
+                       eviction_policy="evict_first")
+
+    @triton.jit
+    def _int8_gemv_step(words, x_row, w, KW, EVEN_K: tl.constexpr):
+        """One K step's ``sum f x - 1.5 sum x`` (= ``sum b x / 256``) per word slot."""
+        acc = tl.zeros(words.shape, dtype=tl.float32)
+        xsum = tl.zeros(w.shape, dtype=tl.float32)
+        for i in tl.static_range(4):
+            if EVEN_K:
+                xi = tl.load(x_row + w * 4 + i).to(tl.float32)
+            else:
+                xi = tl.load(x_row + w * 4 + i, mask=w < KW, other=0.0).to(tl.float32)
+            acc += _byte_fma_value(words, i) * xi[None, :]
+            xsum += xi
+        return acc - 1.5 * xsum[None, :]
+
+    @triton.jit
     def _int8_gemv_kernel(
         x_ptr,  # [M, K], rows x_stride apart
         qw_ptr,  # int32 [N, K // 4], rows qw_stride apart
@@ -120,9 +214,9 @@ if triton_utils.triton_available():
         EVEN_N: tl.constexpr,
         EVEN_K: tl.constexpr,
         NUM_STAGES: tl.constexpr,
+        PREFETCH: tl.constexpr,  # load the first weight step before waiting for x (PDL)
         USE_PDL: tl.constexpr,
     ):
-        pdl_wait_then_release(USE_PDL)
         m = tl.program_id(1).to(tl.int64)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < N
@@ -130,23 +224,19 @@ if triton_utils.triton_available():
         kw = tl.arange(0, BLOCK_KW)
         qw_rows = qw_ptr + rows64[:, None] * qw_stride
         x_row = x_ptr + m * x_stride
-        acc = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
-        for w0 in tl.range(0, KW, BLOCK_KW, num_stages=NUM_STAGES):
-            w = w0 + kw
-            if EVEN_K and EVEN_N:
-                words = tl.load(qw_rows + w[None, :], eviction_policy="evict_first")
-            else:
-                words = tl.load(qw_rows + w[None, :], mask=rmask[:, None] & (w < KW)[None, :],
-                                other=0, eviction_policy="evict_first")
-            xsum = tl.zeros([BLOCK_KW], dtype=tl.float32)
-            for i in tl.static_range(4):
-                if EVEN_K:
-                    xi = tl.load(x_row + w * 4 + i).to(tl.float32)
-                else:
-                    xi = tl.load(x_row + w * 4 + i, mask=w < KW, other=0.0).to(tl.float32)
-                acc += _byte_fma_value(words, i) * xi[None, :]
-                xsum += xi
-            acc -= 1.5 * xsum[None, :]
+        even = EVEN_K and EVEN_N
+        if PREFETCH:
+            words = _int8_gemv_words(qw_rows, rmask, kw, KW, even)
+            pdl_wait_then_release(USE_PDL)
+            acc = _int8_gemv_step(words, x_row, kw, KW, EVEN_K)
+            start = BLOCK_KW
+        else:
+            pdl_wait_then_release(USE_PDL)
+            acc = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
+            start = 0
+        for w0 in tl.range(start, KW, BLOCK_KW, num_stages=NUM_STAGES):
+            words = _int8_gemv_words(qw_rows, rmask, w0 + kw, KW, even)
+            acc += _int8_gemv_step(words, x_row, w0 + kw, KW, EVEN_K)
         s = tl.load(s_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
         y = tl.sum(acc, axis=1) * (s * 256.0)
         dst = out_ptr + m * out_stride + rows
@@ -252,9 +342,11 @@ def _words(qweight: torch.Tensor) -> torch.Tensor:
 
 
 def launch_int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                       out: torch.Tensor, cfg: QuantMatmulConfig) -> None:
+                       out: torch.Tensor, cfg: QuantMatmulConfig,
+                       prefetch: bool | None = None) -> None:
     """Runs ``cfg``'s variant into ``out [M, N]`` with explicit meta-parameters (the bench
-    sweeps them). ValueError where ``cfg`` cannot run this K."""
+    sweeps them). ``prefetch`` (gemv; default: with PDL) loads the first weight step before
+    waiting for the previous kernel. ValueError where ``cfg`` cannot run this K."""
     m, k = x.shape
     n = qweight.shape[0]
     if m == 0 or n == 0:
@@ -273,7 +365,8 @@ def launch_int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         _int8_gemv_kernel[grid](
             x, words, scales, out, n, kw, x.stride(0), words.stride(0), out.stride(0),
             BLOCK_N=cfg.block_n, BLOCK_KW=bkw, EVEN_N=n % cfg.block_n == 0,
-            EVEN_K=kw % bkw == 0, NUM_STAGES=cfg.num_stages, USE_PDL=pdl,
+            EVEN_K=kw % bkw == 0, NUM_STAGES=cfg.num_stages,
+            PREFETCH=pdl if prefetch is None else prefetch, USE_PDL=pdl,
             num_warps=cfg.num_warps, launch_pdl=pdl)
         return
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n))
