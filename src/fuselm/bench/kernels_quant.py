@@ -250,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--output-dir", default=None, help="write kernels_quant-<gpu>.json here")
     p.add_argument("--formats", default="int4,int8", help="comma list of int4, int8")
-    p.add_argument("--scales-dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="dtype of the scales (online quantization writes float32)")
+    p.add_argument("--scales-dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                   help="dtype of the scales (the int4/int8 methods store the model dtype)")
     p.add_argument("--replays", type=int, default=10)
     p.add_argument("--quick", action="store_true", help="time only the heuristic configs")
     p.add_argument("--budget-s", type=float, default=200.0,
