@@ -162,7 +162,8 @@ def test_fp8_matmul_triton(m, n, k, x_mode, w_mode):
 
 @pytest.mark.parametrize("cfg", [ft.GemvConfig(8, 64, 1), ft.GemvConfig(16, 32, 2, 2),
                                  ft.GemmConfig(16, 32, 64, 2, 4, 2),
-                                 ft.GemmConfig(32, 16, 32, 1, 4, 1)])
+                                 ft.GemmConfig(32, 16, 32, 1, 4, 1),
+                                 ft.GemmConfig(16, 32, 64, 2, 4, 2, tma=1)])
 def test_triton_configs_and_fp16_out(cfg):
     """Both kernels at several tiles (EVEN_K and masked K, N tails, GROUP_M swizzle)."""
     _need("fp8_matmul")
@@ -188,6 +189,10 @@ def test_fp8_block_matmul_triton(m, n, k):
     x64 = xq.double() * xs.double().repeat_interleave(128, 1)[:, :k]
     w64 = wq.double() * ws.double().repeat_interleave(128, 0).repeat_interleave(128, 1)[:n, :k]
     assert_close(out, expected, atol=_sum_atol(x64, w64), rtol=1e-5)
+    out_tma = torch.empty_like(out)
+    ft.launch_gemm(xq, xs, wq, ws, bias, out_tma, ft.GemmConfig(16, 32, 64, 2, 4, 1, tma=1),
+                   block_scaled=True)
+    assert_close(out_tma, expected, atol=_sum_atol(x64, w64), rtol=1e-5, name="tma")
     with pytest.raises(ValueError, match="block_k dividing 128"):
         ft.launch_gemm(xq, xs, wq, ws, None, out, ft.GemmConfig(16, 32, 256, 1, 4, 1), True)
 
@@ -258,6 +263,8 @@ def test_tuning_table_round_trip():
     assert fm.config_from_entry(table["n6144_k4096_m1"]["triton"]) == gemv
     assert fm.config_from_entry(table["n6144_k4096_m4096"]["triton"]) == gemm
     assert fm.config_from_entry({"kind": "gemm", "block_m": 64}) is None
+    old_entry = {k: v for k, v in table["n6144_k4096_m4096"]["triton"].items() if k != "tma"}
+    assert fm.config_from_entry(old_entry) == gemm  # fields added later take their defaults
     assert fm.shape_bucket(6144, 4096, 3000) == "n6144_k4096_m4096"
     assert fm.shape_bucket(6144, 4096, 20000, block_scaled=True) == "block_n6144_k4096_m8192"
 

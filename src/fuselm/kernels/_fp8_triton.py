@@ -170,7 +170,8 @@ def launch_gemv(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Ten
 
 
 class GemmConfig(NamedTuple):
-    """Launch parameters of ``_fp8_gemm_kernel``."""
+    """Launch parameters of the GEMM kernels; ``tma``: operand tiles through TMA descriptors
+    (``_fp8_gemm_tma_kernel``, K a multiple of 16) instead of pointer loads."""
 
     block_m: int
     block_n: int
@@ -178,12 +179,13 @@ class GemmConfig(NamedTuple):
     group_m: int
     num_warps: int
     num_stages: int
+    tma: int = 0
 
     @property
     def label(self) -> str:
         """Stable name used by the sweep and the tuning table."""
-        return (f"gemm_m{self.block_m}_n{self.block_n}_k{self.block_k}_g{self.group_m}"
-                f"_w{self.num_warps}_s{self.num_stages}")
+        return (f"gemm{'_tma' if self.tma else ''}_m{self.block_m}_n{self.block_n}"
+                f"_k{self.block_k}_g{self.group_m}_w{self.num_warps}_s{self.num_stages}")
 
 
 def default_gemm_config(m: int, n: int, k: int, block_scaled: bool) -> GemmConfig:
@@ -201,6 +203,48 @@ def default_gemm_config(m: int, n: int, k: int, block_scaled: bool) -> GemmConfi
 
 
 @triton.jit
+def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's (pid_m, pid_n): GROUP_M row tiles sweep the N tiles together, so their
+    weight tiles are read once from HBM."""
+    pid = tl.program_id(0)
+    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+    pid_n = (pid % (GROUP_M * num_n)) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _block_scales(xs_ptr, ws_ptr, rm_l, rn_l, k0, xs_stride, ws_stride):
+    """[BLOCK_M, BLOCK_N] product of the activation-group and weight-block scales at k0."""
+    kb = k0 // 128
+    sa = tl.load(xs_ptr + rm_l * xs_stride + kb)
+    sb = tl.load(ws_ptr + (rn_l // 128) * ws_stride + kb)
+    return sa[:, None] * sb[None, :]
+
+
+@triton.jit
+def _epilogue(acc, xs_ptr, ws_ptr, b_ptr, out_ptr, rm, rn, rm_l, rn_l, M, N, out_stride,
+              SCALE_MODE: tl.constexpr, X_PER_TOKEN: tl.constexpr, W_PER_CHANNEL: tl.constexpr,
+              HAS_BIAS: tl.constexpr):
+    if SCALE_MODE == 0:
+        if X_PER_TOKEN:
+            acc *= tl.load(xs_ptr + rm_l)[:, None]
+        else:
+            acc *= tl.load(xs_ptr)
+        if W_PER_CHANNEL:
+            acc *= tl.load(ws_ptr + rn_l)[None, :]
+        else:
+            acc *= tl.load(ws_ptr)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn_l).to(tl.float32)[None, :]
+    dst = out_ptr + rm.to(tl.int64)[:, None] * out_stride + rn[None, :]
+    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+@triton.jit
 def _fp8_gemm_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr,
     M, N, K, x_stride, w_stride, out_stride,
@@ -210,14 +254,7 @@ def _fp8_gemm_kernel(
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    # GROUP_M row tiles sweep the N tiles together: their weight tiles are read once from HBM
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
-    pid_n = (pid % (GROUP_M * num_n)) // size_m
+    pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -235,27 +272,43 @@ def _fp8_gemm_kernel(
             a = tl.load(a_ptrs, mask=(k0 + rk)[None, :] < K, other=0.0)
             b = tl.load(b_ptrs, mask=(k0 + rk)[:, None] < K, other=0.0)
         if SCALE_MODE == 1:
-            kb = k0 // 128
-            sa = tl.load(xs_ptr + rm_l * xs_stride + kb)  # [BLOCK_M]
-            sb = tl.load(ws_ptr + (rn_l // 128) * ws_stride + kb)  # [BLOCK_N]
-            acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
+            acc += tl.dot(a, b) * _block_scales(xs_ptr, ws_ptr, rm_l, rn_l, k0, xs_stride,
+                                                ws_stride)
         else:
             acc = tl.dot(a, b, acc)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
-    if SCALE_MODE == 0:
-        if X_PER_TOKEN:
-            acc *= tl.load(xs_ptr + rm_l)[:, None]
+    _epilogue(acc, xs_ptr, ws_ptr, b_ptr, out_ptr, rm, rn, rm_l, rn_l, M, N, out_stride,
+              SCALE_MODE, X_PER_TOKEN, W_PER_CHANNEL, HAS_BIAS)
+
+
+@triton.jit
+def _fp8_gemm_tma_kernel(
+    x_desc, xs_ptr, w_desc, ws_ptr, b_ptr, out_ptr,  # descriptors of x [M, K], w [N, K]
+    M, N, K, out_stride, xs_stride, ws_stride,
+    SCALE_MODE: tl.constexpr, X_PER_TOKEN: tl.constexpr, W_PER_CHANNEL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """``_fp8_gemm_kernel`` with TMA tile loads (out-of-bounds rows and K columns read as
+    zeros), which frees the warps from address math and lets the copies run ahead."""
+    pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    off_m, off_n = pid_m * BLOCK_M, pid_n * BLOCK_N
+    rm = off_m + tl.arange(0, BLOCK_M)
+    rn = off_n + tl.arange(0, BLOCK_N)
+    rm_l = tl.where(rm < M, rm, 0).to(tl.int64)
+    rn_l = tl.where(rn < N, rn, 0).to(tl.int64)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = x_desc.load([off_m, k0])
+        b = w_desc.load([off_n, k0])
+        if SCALE_MODE == 1:
+            acc += tl.dot(a, b.T) * _block_scales(xs_ptr, ws_ptr, rm_l, rn_l, k0, xs_stride,
+                                                  ws_stride)
         else:
-            acc *= tl.load(xs_ptr)
-        if W_PER_CHANNEL:
-            acc *= tl.load(ws_ptr + rn_l)[None, :]
-        else:
-            acc *= tl.load(ws_ptr)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn_l).to(tl.float32)[None, :]
-    dst = out_ptr + rm.to(tl.int64)[:, None] * out_stride + rn[None, :]
-    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
+            acc = tl.dot(a, b.T, acc)
+    _epilogue(acc, xs_ptr, ws_ptr, b_ptr, out_ptr, rm, rn, rm_l, rn_l, M, N, out_stride,
+              SCALE_MODE, X_PER_TOKEN, W_PER_CHANNEL, HAS_BIAS)
 
 
 def launch_gemm(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
@@ -271,12 +324,27 @@ def launch_gemm(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor
     if block_scaled and FP8_BLOCK % cfg.block_k:
         raise ValueError(f"block-scaled GEMM needs block_k dividing 128, got {cfg.block_k}")
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-    _fp8_gemm_kernel[grid](
-        x_fp8, x_scale, weight, weight_scale, bias if bias is not None else weight_scale, out,
-        m, n, k, x_fp8.stride(0), weight.stride(0), out.stride(0),
-        x_scale.stride(0) if block_scaled else 0, weight_scale.stride(0) if block_scaled else 0,
+    modes = dict(
         SCALE_MODE=1 if block_scaled else 0, X_PER_TOKEN=x_scale.numel() == m and m > 1,
         W_PER_CHANNEL=weight_scale.numel() == n and n > 1, HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        EVEN_K=k % cfg.block_k == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    bias_arg = bias if bias is not None else weight_scale
+    strides = (x_scale.stride(0) if block_scaled else 0,
+               weight_scale.stride(0) if block_scaled else 0)
+    if cfg.tma and _tma_ok(x_fp8, weight):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        x_desc = TensorDescriptor.from_tensor(x_fp8, [cfg.block_m, cfg.block_k])
+        w_desc = TensorDescriptor.from_tensor(weight, [cfg.block_n, cfg.block_k])
+        _fp8_gemm_tma_kernel[grid](x_desc, x_scale, w_desc, weight_scale, bias_arg, out,
+                                   m, n, k, out.stride(0), *strides, **modes)
+        return
+    _fp8_gemm_kernel[grid](
+        x_fp8, x_scale, weight, weight_scale, bias_arg, out, m, n, k, x_fp8.stride(0),
+        weight.stride(0), out.stride(0), *strides, EVEN_K=k % cfg.block_k == 0, **modes)
+
+
+def _tma_ok(x_fp8: torch.Tensor, weight: torch.Tensor) -> bool:
+    """TMA needs 16-byte aligned bases and row strides; else the pointer kernel runs."""
+    return all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 for t in (x_fp8, weight))

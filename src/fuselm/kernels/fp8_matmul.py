@@ -291,7 +291,8 @@ def config_from_entry(entry: dict | None):
         return None
     cls = {"gemv": ft.GemvConfig, "gemm": ft.GemmConfig}.get(entry.get("kind"))
     try:
-        return cls(*(int(entry[f]) for f in cls._fields)) if cls else None
+        return cls(*(int(entry[f] if f in entry else cls._field_defaults[f])
+                     for f in cls._fields)) if cls else None
     except (KeyError, TypeError, ValueError):
         return None  # a malformed entry: the heuristic config
 
