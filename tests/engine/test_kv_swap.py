@@ -150,3 +150,15 @@ def test_swap_decision_from_measured_rates():
     assert not rates.swap_is_cheaper(10**9, 1_000)  # 0.2 s > 0.1 s
     rates.prefer = "recompute"
     assert not rates.swap_is_cheaper(1, 10**9)
+
+
+def test_metrics_export_the_tier_counters():
+    from fuselm.server.metrics import ServerMetrics
+
+    class Engine:
+        def stats(self) -> dict[str, float]:
+            return {"kv_restored_bytes_total": 7, "cpu_kv_cache_usage_perc": 0.5}
+
+    text = ServerMetrics(Engine(), "m").render().decode()
+    assert 'fuselm:kv_restored_bytes_total{model_name="m"} 7.0' in text
+    assert 'vllm:cpu_cache_usage_perc{model_name="m"} 0.5' in text

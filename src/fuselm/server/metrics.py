@@ -48,6 +48,24 @@ _ENGINE_METRICS = {
                                    "Prompt tokens looked up in the prefix cache.", "counter"),
     "prefix_cache_hits_total": (("vllm:prefix_cache_hits",),
                                 "Prompt tokens found in the prefix cache.", "counter"),
+    # swap space and the prefix cache's CPU tier (--swap-space, --kv-offloading-size)
+    "cpu_kv_cache_usage_perc": (("vllm:cpu_cache_usage_perc",),
+                                "Fraction of CPU KV blocks (swap + prefix tier) in use.", "gauge"),
+    "cpu_prefix_cache_hits_total": (("fuselm:cpu_prefix_cache_hits",),
+                                    "Prompt tokens restored from the CPU prefix tier.",
+                                    "counter"),
+    "num_swapped_preemptions_total": (("fuselm:num_swapped_preemptions",),
+                                      "Preemptions that swapped KV to the CPU.", "counter"),
+    "recomputed_tokens_total": (("fuselm:recomputed_tokens",),
+                                "Tokens computed again after a preemption.", "counter"),
+    "kv_swapped_out_bytes_total": (("fuselm:kv_swapped_out_bytes",),
+                                   "KV bytes swapped to the CPU.", "counter"),
+    "kv_swapped_in_bytes_total": (("fuselm:kv_swapped_in_bytes",),
+                                  "KV bytes swapped back from the CPU.", "counter"),
+    "kv_offloaded_bytes_total": (("fuselm:kv_offloaded_bytes",),
+                                 "Evicted prefix KV bytes kept in the CPU tier.", "counter"),
+    "kv_restored_bytes_total": (("fuselm:kv_restored_bytes",),
+                                "Prefix KV bytes restored from the CPU tier.", "counter"),
 }
 
 
