@@ -208,6 +208,7 @@ if triton_utils.triton_available():
         CW: tl.constexpr,  # words a chunk (a power of 2 dividing GROUP_WORDS): one scale each
         EVEN_N: tl.constexpr,
         EVEN_K: tl.constexpr,
+        EVEN: tl.constexpr,  # EVEN_N and EVEN_K: no masks at all
         NUM_STAGES: tl.constexpr,
         PREFETCH: tl.constexpr,  # load the first weight step before waiting for x (PDL)
         USE_PDL: tl.constexpr,
@@ -222,12 +223,11 @@ if triton_utils.triton_available():
         s_rows = s_ptr + rows64[:, None] * s_stride
         z_rows = z_ptr + rows64[:, None] * z_stride
         x_row = x_ptr + m * x_stride
-        even = EVEN_K and EVEN_N
         if PREFETCH:
             # the weights do not depend on the previous kernel: with PDL the first step
             # streams while that kernel finishes
             words, s16, zoff = _int4_gemv_weights(qw_rows, s_rows, z_rows, rmask, 0, wofs,
-                                                  chunk, KW, GROUP_WORDS, CW, even)
+                                                  chunk, KW, GROUP_WORDS, CW, EVEN)
             pdl_wait_then_release(USE_PDL)
             acc = _int4_gemv_step(words, s16, zoff, x_row, wofs, KW, EVEN_K)
             start = CHUNKS * CW
@@ -237,7 +237,7 @@ if triton_utils.triton_available():
             start = 0
         for w0 in tl.range(start, KW, CHUNKS * CW, num_stages=NUM_STAGES):
             words, s16, zoff = _int4_gemv_weights(qw_rows, s_rows, z_rows, rmask, w0, wofs,
-                                                  chunk, KW, GROUP_WORDS, CW, even)
+                                                  chunk, KW, GROUP_WORDS, CW, EVEN)
             acc += _int4_gemv_step(words, s16, zoff, x_row, w0 + wofs, KW, EVEN_K)
         y = tl.sum(tl.sum(acc, axis=2), axis=1)
         dst = out_ptr + m * out_stride + rows
@@ -408,7 +408,8 @@ def launch_int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         _int4_gemv_kernel[grid](
             x, words, scales, zeros, out, n, kw, x.stride(0), *common, GROUP_WORDS=gw,
             BLOCK_N=cfg.block_n, CHUNKS=chunks, CW=cw, EVEN_N=n % cfg.block_n == 0,
-            EVEN_K=kw % (chunks * cw) == 0, NUM_STAGES=cfg.num_stages,
+            EVEN_K=kw % (chunks * cw) == 0,
+            EVEN=n % cfg.block_n == 0 and kw % (chunks * cw) == 0, NUM_STAGES=cfg.num_stages,
             PREFETCH=pdl if prefetch is None else prefetch, USE_PDL=pdl,
             num_warps=cfg.num_warps, launch_pdl=pdl)
         return

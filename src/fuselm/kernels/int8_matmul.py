@@ -213,6 +213,7 @@ if triton_utils.triton_available():
         BLOCK_KW: tl.constexpr,  # words an iteration
         EVEN_N: tl.constexpr,
         EVEN_K: tl.constexpr,
+        EVEN: tl.constexpr,  # EVEN_N and EVEN_K: no masks at all
         NUM_STAGES: tl.constexpr,
         PREFETCH: tl.constexpr,  # load the first weight step before waiting for x (PDL)
         USE_PDL: tl.constexpr,
@@ -224,9 +225,8 @@ if triton_utils.triton_available():
         kw = tl.arange(0, BLOCK_KW)
         qw_rows = qw_ptr + rows64[:, None] * qw_stride
         x_row = x_ptr + m * x_stride
-        even = EVEN_K and EVEN_N
         if PREFETCH:
-            words = _int8_gemv_words(qw_rows, rmask, kw, KW, even)
+            words = _int8_gemv_words(qw_rows, rmask, kw, KW, EVEN)
             pdl_wait_then_release(USE_PDL)
             acc = _int8_gemv_step(words, x_row, kw, KW, EVEN_K)
             start = BLOCK_KW
@@ -235,7 +235,7 @@ if triton_utils.triton_available():
             acc = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
             start = 0
         for w0 in tl.range(start, KW, BLOCK_KW, num_stages=NUM_STAGES):
-            words = _int8_gemv_words(qw_rows, rmask, w0 + kw, KW, even)
+            words = _int8_gemv_words(qw_rows, rmask, w0 + kw, KW, EVEN)
             acc += _int8_gemv_step(words, x_row, w0 + kw, KW, EVEN_K)
         s = tl.load(s_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
         y = tl.sum(acc, axis=1) * (s * 256.0)
@@ -365,7 +365,8 @@ def launch_int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         _int8_gemv_kernel[grid](
             x, words, scales, out, n, kw, x.stride(0), words.stride(0), out.stride(0),
             BLOCK_N=cfg.block_n, BLOCK_KW=bkw, EVEN_N=n % cfg.block_n == 0,
-            EVEN_K=kw % bkw == 0, NUM_STAGES=cfg.num_stages,
+            EVEN_K=kw % bkw == 0, EVEN=n % cfg.block_n == 0 and kw % bkw == 0,
+            NUM_STAGES=cfg.num_stages,
             PREFETCH=pdl if prefetch is None else prefetch, USE_PDL=pdl,
             num_warps=cfg.num_warps, launch_pdl=pdl)
         return
