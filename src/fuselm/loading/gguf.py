@@ -383,17 +383,21 @@ class GGUFCheckpoint:
             data = data.to(device)
         return QuantizedTensor(info.ggml_type, data, shape)
 
-    def tensors(
-        self, dequantize: bool = True, device: Device = None
-    ) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
+    def tensors(self, dequantize: bool = True, device: Device = None, packed_linear: bool = False
+                ) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
         """Yield (hf_name, tensor) one at a time, in file order.
 
         dequantize=True: float32 tensors of HF shape, dequantized on `device` (default CPU).
         dequantize=False: `QuantizedTensor`s (every type, float ones included), data on `device`.
+        packed_linear: the linear layers' weights (``*_proj``) stay `QuantizedTensor`s, named
+        ``<module>.qweight`` (``layers/quantization/gguf_packed.py``), whatever `dequantize` says.
         """
         for gguf_name in self._by_name:
-            qt = self.raw_tensor(gguf_name, device)
-            yield hf_tensor_name(gguf_name), qt.dequantize() if dequantize else qt
+            qt, name = self.raw_tensor(gguf_name, device), hf_tensor_name(gguf_name)
+            if packed_linear and name.endswith("_proj.weight"):
+                yield name.removesuffix("weight") + "qweight", qt
+            else:
+                yield name, qt.dequantize() if dequantize else qt
 
 
 def load_gguf(source: str | Path | GGUFFile) -> GGUFCheckpoint:
