@@ -352,7 +352,8 @@ class WeightOffloader:
         by_index = {layer.index: j for j, layer in enumerate(self.offloaded)}
         for i, module in enumerate(self.layers):
             j = by_index.get(i)
-            self._hooks.append(module.register_forward_pre_hook(self._pre_hook(i == 0, j)))
+            if i == 0 or j is not None:  # a hook costs a Python call per layer in eager steps
+                self._hooks.append(module.register_forward_pre_hook(self._pre_hook(i == 0, j)))
             if j is not None:
                 self._hooks.append(module.register_forward_hook(self._post_hook(j)))
         if self.is_cuda:
