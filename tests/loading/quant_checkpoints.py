@@ -213,7 +213,7 @@ FORMAT_CASES: dict[str, Callable[[torch.Tensor], LayerTensors]] = {
     "gptq-v1-asym-g64": lambda w: gptq_layer(w, 64, sym=False, v1=True),
     "gptq-v2-asym-perchannel": lambda w: gptq_layer(w, None, sym=False, v1=False),
     "fp8-block": fp8_block_layer,
-    "fp8-tensor-static": lambda w: fp8_tensor_layer(w, 0.02),
+    "fp8-tensor-static": lambda w: fp8_tensor_layer(w, 0.05),
 }
 """Name -> layer writer of the non-compressed-tensors cases of ``write_quantized``."""
 
@@ -248,17 +248,52 @@ def _layer_writer(case: str) -> tuple[Callable[[torch.Tensor], LayerTensors], di
     kind, group, sym = CT_CASES[case]
     scheme, fmt = ct_scheme(kind, group, sym)
     static = kind == "fp8-tensor-static"
-    return (lambda w: ct_layer(w, scheme, fmt, 0.02 if static else None),
+    return (lambda w: ct_layer(w, scheme, fmt, 0.05 if static else None),
             ct_quantization_config(scheme, fmt, ["lm_head"]))
 
 
-def write_quantized(case: str, float_dir: Path, out_dir: Path,
-                    dequant_dir: Path) -> dict[str, LayerTensors]:
+def make_block_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A random tiny Llama whose every projection (and each q/k/v, gate/up shard) has a
+    multiple of 128 rows and columns, the alignment 128x128 fp8 weight blocks need
+    (tests/tiny_models.py's dims are smaller)."""
+    import transformers
+
+    from fuselm.bench.dummy_model import write_byte_tokenizer
+
+    config = transformers.LlamaConfig(
+        vocab_size=300, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=256,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=256, eos_token_id=257)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).float().eval()
+    with torch.no_grad():  # weights that spread the logits out (as tests/tiny_models.py)
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.normal_(0.0, 1.0 if "lm_head" in name else 0.08)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    write_byte_tokenizer(path)
+    return path
+
+
+def int8_grid(w: torch.Tensor) -> torch.Tensor:
+    """``w`` rounded onto its symmetric per-row int8 grid (scale max|row| / 127): a weight
+    that int8 per-channel quantization reproduces exactly."""
+    scales = w.double().abs().amax(1, keepdim=True) / 127.0
+    return (torch.round(w.double() / scales) * scales).to(w.dtype)
+
+
+def write_quantized(case: str, float_dir: Path, out_dir: Path, dequant_dir: Path,
+                    lm_head_on_int8_grid: bool = False) -> dict[str, LayerTensors]:
     """Quantizes every decoder linear of the float checkpoint ``float_dir`` as ``case``
     (ALL_CASES) into ``out_dir`` (config.json with its quantization_config), and writes the
-    float checkpoint of the weights it encodes into ``dequant_dir``; returns the layers."""
+    float checkpoint of the weights it encodes into ``dequant_dir``; returns the layers.
+    ``lm_head_on_int8_grid``: both get an LM head already on its int8 grid (``int8_grid``),
+    so an engine that runs the head in int8 computes the float twin's head exactly."""
     writer, quant_config = _layer_writer(case)
     weights = load_file(str(float_dir / "model.safetensors"))
+    if lm_head_on_int8_grid:
+        weights["lm_head.weight"] = int8_grid(weights["lm_head.weight"])
     quantized: dict[str, torch.Tensor] = {}
     dequantized: dict[str, torch.Tensor] = {}
     layers: dict[str, LayerTensors] = {}
