@@ -54,6 +54,14 @@ def _accumulate(acc, w, koff, K, x_ptr, x_row, m_rows, M, x_stride, out_ptr, row
 
 
 @triton.jit
+def _mantissa(q, BITS: tl.constexpr):
+    """``1 + q / 2**BITS`` as float32 for unsigned ints ``q < 2**BITS``: q shifted into the
+    mantissa of 1.0 (a shift and an or; no int-to-float conversion, which Hopper runs at a
+    quarter of the FMA rate, too slow for the 4-8 values a byte streamed at full bandwidth)."""
+    return ((q.to(tl.int32) << (23 - BITS)) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _half(w16, row16, b, words: tl.constexpr, at: tl.constexpr, wmask):
     """The fp16 at half-word ``at`` of each block (``words`` half-words long), fp32 [BN, BB]."""
     return tl.load(w16 + row16[:, None] + b[None, :] * words + at, mask=wmask,
@@ -64,10 +72,10 @@ def _half(w16, row16, b, words: tl.constexpr, at: tl.constexpr, wmask):
 def _planes_q8_0(w8, w16, row8, b, wmask, BN: tl.constexpr, BB: tl.constexpr):
     lane = tl.arange(0, 32)
     base = row8[:, None, None] + (b * 34)[None, :, None]
-    q = tl.load(w8 + base + 2 + lane[None, None, :], mask=wmask[:, :, None], other=0)
-    q = q.to(tl.int8, bitcast=True).to(tl.float32)
-    d = _half(w16, row8 // 2, b, 17, 0, wmask)
-    w = tl.reshape(d[:, :, None] * q, (BN, BB * 32))
+    u = tl.load(w8 + base + 2 + lane[None, None, :], mask=wmask[:, :, None], other=0)
+    f = _mantissa(u ^ 0x80, 8)  # 1 + (q + 128) / 256 for the int8 q
+    d = _half(w16, row8 // 2, b, 17, 0, wmask)[:, :, None]
+    w = tl.reshape((256.0 * d) * f - 384.0 * d, (BN, BB * 32))  # = d q
     koff = tl.reshape(b[:, None] * 32 + lane[None, :], (BB * 32,))
     return w, koff
 
@@ -80,15 +88,14 @@ def _planes_q4(w8, w16, row8, b, wmask, SIZE: tl.constexpr, WITH_MIN: tl.constex
     base = row8[:, None, None] + (b * SIZE)[None, :, None]
     qs = tl.load(w8 + base + (SIZE - 16) + j[None, None, :], mask=wmask[:, :, None], other=0)
     d = _half(w16, row8 // 2, b, SIZE // 2, 0, wmask)[:, :, None]
-    lo = (qs & 0x0F).to(tl.float32)
-    hi = (qs >> 4).to(tl.float32)
+    # f = 1 + q / 16: d q + m = 16 d f - (16 d - m); d (q - 8) = 16 d f - 24 d
+    scale = 16.0 * d
     if WITH_MIN:
-        m = _half(w16, row8 // 2, b, SIZE // 2, 1, wmask)[:, :, None]
-        lo = d * lo + m
-        hi = d * hi + m
+        offset = scale - _half(w16, row8 // 2, b, SIZE // 2, 1, wmask)[:, :, None]
     else:
-        lo = d * (lo - 8.0)
-        hi = d * (hi - 8.0)
+        offset = 24.0 * d
+    lo = scale * _mantissa(qs & 0x0F, 4) - offset
+    hi = scale * _mantissa(qs >> 4, 4) - offset
     k_lo = b[:, None] * 32 + j[None, :]
     return (tl.reshape(lo, (BN, BB * 16)), tl.reshape(k_lo, (BB * 16,)),
             tl.reshape(hi, (BN, BB * 16)), tl.reshape(k_lo + 16, (BB * 16,)))
@@ -110,9 +117,10 @@ def _k_scale_min(w8, base3, s, mask3):
 
 @triton.jit
 def _planes_k(w8, w16, row8, b, wmask, SIZE: tl.constexpr, HIGH_BIT: tl.constexpr,
-              BN: tl.constexpr, BB: tl.constexpr):
-    """Q4_K (SIZE 144) or Q5_K (SIZE 176, HIGH_BIT): the planes of the even sub-blocks (low
-    nibbles of each 32-byte chunk) and of the odd ones (high nibbles), 128 values a block."""
+              BITS: tl.constexpr, BN: tl.constexpr, BB: tl.constexpr):
+    """Q4_K (SIZE 144, BITS 4) or Q5_K (SIZE 176, HIGH_BIT, BITS 5): the planes of the even
+    sub-blocks (low nibbles of each 32-byte chunk) and of the odd ones (high nibbles), 128
+    values a block."""
     c = tl.arange(0, 4)
     lane = tl.arange(0, 32)
     base3 = row8[:, None, None] + (b * SIZE)[None, :, None]
@@ -133,8 +141,11 @@ def _planes_k(w8, w16, row8, b, wmask, SIZE: tl.constexpr, HIGH_BIT: tl.constexp
     dmin = _half(w16, row16, b, SIZE // 2, 1, wmask)[:, :, None]
     sc_lo, mn_lo = _k_scale_min(w8, base3, s_lo, mask3)
     sc_hi, mn_hi = _k_scale_min(w8, base3, s_lo + 1, mask3)
-    w_lo = (d * sc_lo)[:, :, :, None] * lo.to(tl.float32) - (dmin * mn_lo)[:, :, :, None]
-    w_hi = (d * sc_hi)[:, :, :, None] * hi.to(tl.float32) - (dmin * mn_hi)[:, :, :, None]
+    # f = 1 + q / 2**BITS: a q - b = 2**BITS a f - (2**BITS a + b)
+    a_lo = (d * sc_lo * (1 << BITS))[:, :, :, None]
+    a_hi = (d * sc_hi * (1 << BITS))[:, :, :, None]
+    w_lo = a_lo * _mantissa(lo, BITS) - (a_lo + (dmin * mn_lo)[:, :, :, None])
+    w_hi = a_hi * _mantissa(hi, BITS) - (a_hi + (dmin * mn_hi)[:, :, :, None])
     k_lo = b[:, None, None] * 256 + c[None, :, None] * 64 + lane[None, None, :]
     return (tl.reshape(w_lo, (BN, BB * 128)), tl.reshape(k_lo, (BB * 128,)),
             tl.reshape(w_hi, (BN, BB * 128)), tl.reshape(k_lo + 32, (BB * 128,)))
@@ -145,10 +156,11 @@ def _q6_plane(ql, qh, w8, base4, hh, ii, g: tl.constexpr, d, mask4, b, lane,
               BN: tl.constexpr, BB: tl.constexpr):
     """Plane ``g`` (values 32 g .. 32 g + 31 of each half) of Q6_K tiles [BN, BB, 2, 2, 16]."""
     low = ql & 0x0F if g < 2 else ql >> 4
-    q = (low | (((qh >> (2 * g)) & 3) << 4)).to(tl.float32) - 32.0
+    f = _mantissa(low | (((qh >> (2 * g)) & 3) << 4), 6)  # 1 + q / 64
     sc = tl.load(w8 + base4 + 192 + 8 * hh + 2 * g + ii, mask=mask4, other=0)
     sc = sc.to(tl.int8, bitcast=True).to(tl.float32)  # [BN, BB, 2, 2]
-    w = (d[:, :, None, None] * sc)[:, :, :, :, None] * q
+    a = (d[:, :, None, None] * sc)[:, :, :, :, None]
+    w = (64.0 * a) * f - 96.0 * a  # a (q - 32)
     # [BB, 2, 2, 16]
     koff = b[:, None, None, None] * 256 + (hh * 128)[:, :, :, None] + 32 * g + lane
     return tl.reshape(w, (BN, BB * 64)), tl.reshape(koff, (BB * 64,))
@@ -194,9 +206,9 @@ def _step(acc, TYPE: tl.constexpr, w8, w16, row8, b, wmask, K, x_ptr, x_row, m_r
         elif TYPE == 3:
             w0, k0, w1, k1 = _planes_q4(w8, w16, row8, b, wmask, 20, True, BN, BB)
         elif TYPE == 12:
-            w0, k0, w1, k1 = _planes_k(w8, w16, row8, b, wmask, 144, False, BN, BB)
+            w0, k0, w1, k1 = _planes_k(w8, w16, row8, b, wmask, 144, False, 4, BN, BB)
         else:
-            w0, k0, w1, k1 = _planes_k(w8, w16, row8, b, wmask, 176, True, BN, BB)
+            w0, k0, w1, k1 = _planes_k(w8, w16, row8, b, wmask, 176, True, 5, BN, BB)
         acc = _accumulate(acc, w0, k0, K, x_ptr, x_row, m_rows, M, x_stride, out_ptr, rows, N,
                           out_stride, MODE, IEEE)
         acc = _accumulate(acc, w1, k1, K, x_ptr, x_row, m_rows, M, x_stride, out_ptr, rows, N,
