@@ -220,7 +220,8 @@ class LlamaForCausalLM(nn.Module):
                 from fuselm.loading.quant_formats import convert
 
                 pairs = [(f"{module}.{canon}", t) for canon, t in
-                         convert(self.config.quantization, suffix, materialize(tensor))]
+                         convert(self.config.quantization, suffix,
+                                 materialize(tensor)).items()]
             for ours_name, value in pairs:
                 if ours_name not in params:
                     continue
