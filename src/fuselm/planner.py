@@ -597,6 +597,10 @@ def format_plan(plan: Plan, show_all: bool = False) -> str:
         })
     table = format_table(rows) if rows else "(no layout fits)"
     step = f"\nbatch-1 step, TP=1: {plan.step_bytes_text}" if plan.step_bytes_text else ""
+    if o.cpu_offload_gb > 0:
+        step += (f"\noffload: {o.cpu_offload_gb:g} GiB of layers a GPU streamed at "
+                 f"{o.h2d_bandwidth_gbs or h2d_gbs(plan.gpu):.1f} GB/s host-to-device (in the "
+                 "weights, ms/tok and tok/s columns)")
     return f"{head}\n{table}\nrecommended: {plan.recommendation}{step}"
 
 
