@@ -121,7 +121,10 @@ def test_compressed_tensors_fields_match_the_package_unpacker() -> None:
 
 
 def test_act_order_g_idx_is_refused_naming_desc_act() -> None:
-    cfg, layer = _case("gptq-v1-sym-g32", 16, 64, seed=1)
+    """desc_act: true parses; a layer whose g_idx is the plain k // G order loads, a permuted
+    one is refused naming desc_act."""
+    _, layer = _case("gptq-v1-sym-g32", 16, 64, seed=1)
+    cfg = quant_formats.parse({**qc.QUANT_CONFIGS["gptq-v1-sym-g32"], "desc_act": True})
     perm = layer.tensors["g_idx"][torch.randperm(64)]
     with pytest.raises(UnsupportedModelError, match="desc_act"):
         quant_formats.convert(cfg, "g_idx", perm)
