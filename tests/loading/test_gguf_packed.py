@@ -16,8 +16,9 @@ from fuselm.kernels import KernelSet
 from fuselm.kernels.gguf_matmul import TYPE_IDS
 from fuselm.layers import linear
 from fuselm.layers.quantization.config import QuantizationConfig
-from fuselm.layers.quantization.gguf_packed import GGUFPackedLinearMethod, packed_quantization
+from fuselm.layers.quantization.gguf_packed import GGUFPackedLinearMethod
 from fuselm.loading.gguf import QuantizedTensor, load_gguf
+from fuselm.loading.gguf_quantization import packed_quantization
 from fuselm.parallel import parallel_state as ps
 
 QUANT = QuantizationConfig("gguf", source="gguf", bits=4)

@@ -15,15 +15,14 @@ matmul per segment; a float part (F16/F32/BF16 in the file) is a float segment (
 
 ``apply`` runs the model's KernelSet ``gguf_matmul`` (Triton on CUDA: gemv, gemm or
 dequantize + cuBLAS per batch from the tuning table; on a CPU the reference, which dequantizes
-the weight every call: slow, for the quality check). ``loading.gguf.packed_quantization``
-decides when a GGUF model runs packed.
+the weight every call: slow, for the quality check). ``loading.gguf_quantization`` decides
+when a GGUF model runs packed.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from functools import partial
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +37,6 @@ from fuselm.layers.quantization.base import (
     tensor_bytes,
 )
 from fuselm.layers.quantization.config import QuantizationConfig
-
-if TYPE_CHECKING:
-    from fuselm.loading.gguf import GGUFCheckpoint
 
 _FLOAT_TYPES = ("F32", "F16", "BF16")
 SUPER_BLOCK = 256  # the alignment of a row-parallel shard (every supported type divides it)
@@ -79,9 +75,8 @@ class GGUFPackedLinearMethod(LinearMethod):
              shard_id: Any = None) -> None:
         """Takes this rank's rows and columns of a full ``QuantizedTensor`` (part
         ``shard_id`` of a merged layer) into ``layer.gguf_parts``."""
-        from fuselm.loading.gguf import QuantizedTensor
-
-        if not isinstance(loaded, QuantizedTensor):
+        # a loading.gguf.QuantizedTensor (duck-typed: layers never import loading)
+        if isinstance(loaded, torch.Tensor) or not hasattr(loaded, "ggml_type"):
             raise TypeError(f"a packed GGUF layer loads gguf QuantizedTensors, got "
                             f"{type(loaded).__name__} (was the GGUF read with dequantize?)")
         rows = layer._rows(shard_id)  # noqa: SLF001 - the layer's own shard arithmetic
@@ -150,26 +145,6 @@ class GGUFPackedLinearMethod(LinearMethod):
     def describe(self) -> str:
         """``gguf packed (ggml blocks)``."""
         return "gguf packed (ggml blocks)"
-
-
-def packed_quantization(ckpt: GGUFCheckpoint, device: torch.device | str,
-                        requested: str | None = None) -> QuantizationConfig | None:
-    """The quantization a GGUF model runs with: packed blocks (method ``gguf``) with
-    ``--quantization gguf`` (on a CPU too: the reference dequantizes per call, slow), or by
-    default on CUDA when the file's linear weights are block-quantized; None (the weights are
-    dequantized at load, as on a CPU by default) otherwise."""
-    from fuselm.loading.gguf import hf_tensor_name
-
-    if requested not in (None, "gguf"):
-        return None  # another --quantization: the caller's to accept or refuse
-    linear = Counter(info.ggml_type for name, info in ckpt.reader.tensors.items()
-                     if hf_tensor_name(name).endswith("_proj.weight"))
-    blocks = Counter({t: c for t, c in linear.items() if t in TYPE_IDS})
-    if requested is None and (torch.device(device).type != "cuda" or not blocks):
-        return None
-    main = (blocks or linear or Counter({"F32": 1})).most_common(1)[0][0]
-    return QuantizationConfig("gguf", source="gguf", bits=8 if main == "Q8_0" else 4,
-                              checkpoint_format=main)
 
 
 def _type_id(name: str) -> int:
