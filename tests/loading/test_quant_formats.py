@@ -182,6 +182,8 @@ def test_parse_keeps_float_layers() -> None:
     assert ct.skips("lm_head") and ct.skips("model.layers.0.self_attn.q_proj")
     assert not ct.skips("model.layers.1.self_attn.q_proj")
     assert (ct.method, ct.activation_scheme) == ("fp8", "none")
+    naive = quant_formats.parse({**ct.raw, "format": "naive-quantized"})  # older FP8 releases
+    assert (naive.method, naive.source) == ("fp8", "compressed-tensors")
 
 
 def test_unexpected_suffix_and_dtype_are_named() -> None:

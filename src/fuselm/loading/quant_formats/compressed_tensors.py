@@ -88,7 +88,8 @@ def _check_weights(weights: dict[str, Any], fmt: str) -> None:
         raise UnsupportedModelError(f"compressed-tensors format {fmt!r} is not supported "
                                     f"(fuselm reads {', '.join(FORMATS)})")
     bits, wtype = int(weights.get("num_bits", 8)), weights.get("type", "int")
-    if wtype == "float" and fmt != "float-quantized" or \
+    # older FP8 releases say naive-quantized: the same fp8 `weight` (the dtype is checked)
+    if wtype == "float" and fmt not in ("float-quantized", "naive-quantized") or \
             wtype == "int" and fmt not in _INT_FORMATS.get(bits, ()):
         raise UnsupportedModelError(f"compressed-tensors format {fmt!r} with {wtype}{bits} "
                                     "weights is not supported")
