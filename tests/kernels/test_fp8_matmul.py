@@ -9,9 +9,9 @@ import pytest
 import torch
 from tolerances import FP8_SUM_ATOL, assert_close
 
-from fuselm.kernels import _fp8_triton as ft
 from fuselm.kernels import available_backends, resolve
 from fuselm.kernels import fp8_matmul as fm
+from fuselm.kernels import fp8_triton as ft
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FP8 = torch.float8_e4m3fn

@@ -105,7 +105,7 @@ def test_triton_chunked_rows(monkeypatch):
 @pytest.mark.parametrize("m,k", [(1, 64), (7, 300), (4, 4096 + 3)])
 def test_quant_ops_triton_equal_the_references(m, k):
     """Without the norm the math is one IEEE division: the Triton kernel equals the reference
-    bit for bit (the interpreter's own fp8 cast is bypassed, see _fp8_triton.e4m3_round)."""
+    bit for bit (the interpreter's own fp8 cast is bypassed, see fp8_triton.e4m3_round)."""
     _need("quant_fp8_per_token")
     g = torch.Generator().manual_seed(k)
     x = (torch.randn(m, k, generator=g) * torch.exp(torch.randn(m, 1, generator=g) * 4))

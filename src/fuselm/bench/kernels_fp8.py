@@ -35,14 +35,14 @@ NUM_LAYERS, LM_HEAD = 32, (128256, 4096)
 
 
 def gemv_configs() -> list:
-    from fuselm.kernels._fp8_triton import GemvConfig
+    from fuselm.kernels.fp8_triton import GemvConfig
 
     return [GemvConfig(1, 4096, 8), GemvConfig(2, 4096, 8), GemvConfig(4, 4096, 8),
             GemvConfig(2, 2048, 4), GemvConfig(4, 2048, 8, 3), GemvConfig(8, 1024, 8, 3)]
 
 
 def gemm_configs(m: int, block: bool = False) -> list:
-    from fuselm.kernels._fp8_triton import GemmConfig as C
+    from fuselm.kernels.fp8_triton import GemmConfig as C
 
     if m <= 64:
         # small N tiles: o_proj's 4096 outputs in 64-wide tiles are 64 programs on 132 SMs
@@ -102,8 +102,8 @@ def _eager_timer(body, calls: int) -> float:
 def measure(name: str, n: int, k: int, m: int, device: torch.device, copy_gbs: float,
             block: bool = False) -> dict[str, Any]:
     """One shape and M: bf16, _scaled_mm, the Triton sweep (block: the block-scaled GEMM)."""
-    from fuselm.kernels import _fp8_triton as ft
     from fuselm.kernels import fp8_matmul as fm
+    from fuselm.kernels import fp8_triton as ft
 
     decode = m <= max(DECODE_M)
     copies = _copies(n * k) if decode else 1
@@ -167,7 +167,7 @@ def measure(name: str, n: int, k: int, m: int, device: torch.device, copy_gbs: f
 
 def _w8a16_us(x, ws_list, outs, copies) -> float:
     """The weight-only GEMV (bf16 x, no activation quantization) at M = 1."""
-    from fuselm.kernels import _fp8_triton as ft
+    from fuselm.kernels import fp8_triton as ft
 
     cfgs = gemv_configs()
     best = float("inf")
@@ -236,8 +236,8 @@ def decode_estimate(rows: list[dict[str, Any]], device: torch.device) -> dict[st
 
 def tuning_table(rows: list[dict[str, Any]], margin: float) -> dict[str, dict]:
     """bucket -> {"backend": cuda|triton, "triton": best config + kind, "us": times}."""
-    from fuselm.kernels._fp8_triton import GemvConfig
     from fuselm.kernels.fp8_matmul import shape_bucket
+    from fuselm.kernels.fp8_triton import GemvConfig
 
     table = {}
     for r in rows:

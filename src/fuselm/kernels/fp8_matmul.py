@@ -21,7 +21,7 @@ Scales of any float dtype are upcast to float32. Nothing here is in place.
 activation costs a kernel and buys nothing (the weight stream is the whole cost).
 
 Backends: ``*_ref`` (the spec, float32 math, any device); ``*_triton`` (kernels in
-``_fp8_triton.py``; torch ops ``fuselm::fp8_matmul``, ``fuselm::fp8_block_matmul``,
+``fp8_triton.py``; torch ops ``fuselm::fp8_matmul``, ``fuselm::fp8_block_matmul``,
 ``fuselm::fp8_w8a16_gemv``): a weight-streaming GEMV at small M, a tiled tensor-core GEMM
 above; ``fp8_matmul_cuda``: cuBLASLt through ``torch._scaled_mm`` (per-tensor, or rowwise
 per-token x per-channel scales), except for the weight shapes and M buckets where
@@ -237,7 +237,7 @@ def scaled_mm(x_fp8: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, ws: t
 
 
 # --------------------------------------------------------------------------------------------
-# Triton (kernels in _fp8_triton.py). Config: the tuning table's entry for the weight shape and
+# Triton (kernels in fp8_triton.py). Config: the tuning table's entry for the weight shape and
 # M bucket (``n{N}_k{K}_m{bucket}``, block-scaled ``block_n{N}_k{K}_m{bucket}``), else the
 # heuristics: GEMV up to GEMV_MAX_M rows, the tiled GEMM above.
 # --------------------------------------------------------------------------------------------
@@ -272,7 +272,7 @@ def _tuned_entry(n: int, k: int, m: int, device: torch.device,
 
 def triton_config(n: int, k: int, m: int, device: torch.device, block_scaled: bool = False):
     """The ``GemvConfig`` or ``GemmConfig`` the Triton path launches for this product."""
-    from fuselm.kernels import _fp8_triton as ft
+    from fuselm.kernels import fp8_triton as ft
 
     tuned = config_from_entry(_tuned_entry(n, k, m, device, block_scaled).get("triton"))
     if tuned is not None and not (block_scaled and isinstance(tuned, ft.GemvConfig)):
@@ -285,7 +285,7 @@ def triton_config(n: int, k: int, m: int, device: torch.device, block_scaled: bo
 def config_from_entry(entry: dict | None):
     """The ``GemvConfig`` / ``GemmConfig`` of a tuning-table ``triton`` entry (``{"kind":
     "gemv" | "gemm", <fields>}``), or None."""
-    from fuselm.kernels import _fp8_triton as ft
+    from fuselm.kernels import fp8_triton as ft
 
     if not isinstance(entry, dict):
         return None
@@ -309,7 +309,7 @@ def launch_fp8_matmul(x_fp8: torch.Tensor, xs: torch.Tensor, weight: torch.Tenso
                       cfg) -> None:
     """Launches the Triton kernel ``cfg`` names (GEMV or GEMM) into ``out [M, N]``; xs, ws
     contiguous float32 ``[M]``/``[1]`` and ``[N]``/``[1]`` (the benchmark sweeps configs)."""
-    from fuselm.kernels import _fp8_triton as ft
+    from fuselm.kernels import fp8_triton as ft
 
     if isinstance(cfg, ft.GemvConfig):
         ft.launch_gemv(x_fp8, xs, weight, ws, bias, out, cfg)
@@ -335,7 +335,7 @@ def fp8_block_matmul_triton(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: 
                             weight_scale: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16,
                             bias: torch.Tensor | None = None) -> torch.Tensor:
     """Triton ``fp8_block_matmul``; same contract as ``fp8_block_matmul_ref``."""
-    from fuselm.kernels import _fp8_triton as ft
+    from fuselm.kernels import fp8_triton as ft
 
     m, n, k = _check_fp8_operands(x_fp8, weight)
     _check_block_scales(x_scale, weight_scale, m, n, k)
@@ -374,7 +374,7 @@ def fp8_w8a16_gemv_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: t
                           bias: torch.Tensor | None = None) -> torch.Tensor:
     """Triton weight-only GEMV (fp8 weight dequantized in registers); the reference's
     contract."""
-    from fuselm.kernels import _fp8_triton as ft
+    from fuselm.kernels import fp8_triton as ft
 
     n = _check_w8a16(x, weight)
     k = weight.shape[1]

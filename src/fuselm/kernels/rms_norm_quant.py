@@ -88,8 +88,8 @@ if triton_utils.triton_available():
     import triton
     import triton.language as tl
 
-    from fuselm.kernels._fp8_triton import quantize_fp8
     from fuselm.kernels._pdl import pdl_wait_then_release
+    from fuselm.kernels.fp8_triton import quantize_fp8
 
     FP8_MIN = tl.constexpr(FP8_MIN_SCALE)
 
