@@ -38,3 +38,10 @@ def kernel_configs_dir() -> str | None:
     """FUSELM_KERNEL_CONFIGS: a folder of tuning tables (``<op>.json``, as ``fuselm bench
     kernels --configs-dir`` writes them) read instead of the ones shipped in the package."""
     return os.environ.get("FUSELM_KERNEL_CONFIGS") or None
+
+
+def grammar_threads() -> int | None:
+    """FUSELM_GRAMMAR_THREADS: threads of xgrammar's grammar compiles and batched mask fills
+    (unset: all cores but one, at most 16)."""
+    value = os.environ.get("FUSELM_GRAMMAR_THREADS")
+    return int(value) if value else None
