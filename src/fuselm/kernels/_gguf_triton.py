@@ -26,30 +26,41 @@ if triton_utils.is_interpreting():
     triton_utils.patch_interpreter_range()  # the K loop has a runtime bound
 
 _MODES = {"gemv": 0, "gemm": 1, "dequant": 2}
-# values of one plane per block: Q8_0 one plane of 32; Q4_0/Q4_1 two of 16; K-quants two of
-# 128 (Q4_K, Q5_K) or four of 64 (Q6_K)
-_PLANE_VALUES = {8: 32, 2: 16, 3: 16, 12: 128, 13: 128, 14: 64}
+
+
+@triton.jit
+def _expand(v, ND: tl.constexpr):
+    """[BN] -> [BN, 1, ...] of ND dims (the row axis of an ND plane tile)."""
+    if ND == 3:
+        return v[:, None, None]
+    elif ND == 4:
+        return v[:, None, None, None]
+    else:
+        return v[:, None, None, None, None]
 
 
 @triton.jit
 def _accumulate(acc, w, koff, K, x_ptr, x_row, m_rows, M, x_stride, out_ptr, rows, N,
-                out_stride, MODE: tl.constexpr, IEEE: tl.constexpr):
+                out_stride, MODE: tl.constexpr, IEEE: tl.constexpr, ND: tl.constexpr,
+                BN: tl.constexpr, PK: tl.constexpr):
+    """One plane: w [BN, ...] (ND dims), koff [...] (ND - 1 dims); see the module docstring."""
     kmask = koff < K
     if MODE == 0:
         xv = tl.load(x_ptr + x_row + koff, mask=kmask, other=0.0).to(tl.float32)
-        acc += w * xv[None, :]
+        acc += w * xv[None]
     elif MODE == 1:
-        xv = tl.load(x_ptr + m_rows[:, None] * x_stride + koff[None, :],
-                     mask=(m_rows < M)[:, None] & kmask[None, :], other=0.0)
-        wt = tl.trans(w.to(xv.dtype))
+        k2 = tl.reshape(koff, (PK,))
+        xv = tl.load(x_ptr + m_rows.to(tl.int64)[:, None] * x_stride + k2[None, :],
+                     mask=(m_rows < M)[:, None] & (k2 < K)[None, :], other=0.0)
+        wt = tl.trans(tl.reshape(w, (BN, PK)).to(xv.dtype))
         if IEEE:
             acc = tl.dot(xv, wt, acc, input_precision="ieee")
         else:
             acc = tl.dot(xv, wt, acc)
     else:
-        dst = out_ptr + rows.to(tl.int64)[:, None] * out_stride + koff[None, :]
+        dst = out_ptr + _expand(rows.to(tl.int64) * out_stride, ND) + koff[None]
         tl.store(dst, w.to(out_ptr.dtype.element_ty),
-                 mask=(rows < N)[:, None] & kmask[None, :])
+                 mask=_expand(rows < N, ND) & kmask[None])
     return acc
 
 
@@ -62,53 +73,50 @@ def _mantissa(q, BITS: tl.constexpr):
 
 
 @triton.jit
-def _half(w16, row16, b, words: tl.constexpr, at: tl.constexpr, wmask):
+def _half(wp16, b, words: tl.constexpr, at: tl.constexpr, wmask):
     """The fp16 at half-word ``at`` of each block (``words`` half-words long), fp32 [BN, BB]."""
-    return tl.load(w16 + row16[:, None] + b[None, :] * words + at, mask=wmask,
+    return tl.load(wp16[:, None] + b[None, :] * words + at, mask=wmask,
                    other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _planes_q8_0(w8, w16, row8, b, wmask, BN: tl.constexpr, BB: tl.constexpr):
+def _planes_q8_0(wp8, wp16, b, wmask):
     lane = tl.arange(0, 32)
-    base = row8[:, None, None] + (b * 34)[None, :, None]
-    u = tl.load(w8 + base + 2 + lane[None, None, :], mask=wmask[:, :, None], other=0)
+    base = wp8[:, None, None] + (b * 34)[None, :, None]
+    u = tl.load(base + 2 + lane[None, None, :], mask=wmask[:, :, None], other=0)
     f = _mantissa(u ^ 0x80, 8)  # 1 + (q + 128) / 256 for the int8 q
-    d = _half(w16, row8 // 2, b, 17, 0, wmask)[:, :, None]
-    w = tl.reshape((256.0 * d) * f - 384.0 * d, (BN, BB * 32))  # = d q
-    koff = tl.reshape(b[:, None] * 32 + lane[None, :], (BB * 32,))
-    return w, koff
+    d = _half(wp16, b, 17, 0, wmask)[:, :, None]
+    w = (256.0 * d) * f - 384.0 * d  # = d q
+    return w, b[:, None] * 32 + lane[None, :]
 
 
 @triton.jit
-def _planes_q4(w8, w16, row8, b, wmask, SIZE: tl.constexpr, WITH_MIN: tl.constexpr,
-               BN: tl.constexpr, BB: tl.constexpr):
+def _planes_q4(wp8, wp16, b, wmask, SIZE: tl.constexpr, WITH_MIN: tl.constexpr):
     """Q4_0 (SIZE 18) or Q4_1 (SIZE 20, WITH_MIN): the low-nibble and high-nibble planes."""
     j = tl.arange(0, 16)
-    base = row8[:, None, None] + (b * SIZE)[None, :, None]
-    qs = tl.load(w8 + base + (SIZE - 16) + j[None, None, :], mask=wmask[:, :, None], other=0)
-    d = _half(w16, row8 // 2, b, SIZE // 2, 0, wmask)[:, :, None]
+    base = wp8[:, None, None] + (b * SIZE)[None, :, None]
+    qs = tl.load(base + (SIZE - 16) + j[None, None, :], mask=wmask[:, :, None], other=0)
+    d = _half(wp16, b, SIZE // 2, 0, wmask)[:, :, None]
     # f = 1 + q / 16: d q + m = 16 d f - (16 d - m); d (q - 8) = 16 d f - 24 d
     scale = 16.0 * d
     if WITH_MIN:
-        offset = scale - _half(w16, row8 // 2, b, SIZE // 2, 1, wmask)[:, :, None]
+        offset = scale - _half(wp16, b, SIZE // 2, 1, wmask)[:, :, None]
     else:
         offset = 24.0 * d
     lo = scale * _mantissa(qs & 0x0F, 4) - offset
     hi = scale * _mantissa(qs >> 4, 4) - offset
     k_lo = b[:, None] * 32 + j[None, :]
-    return (tl.reshape(lo, (BN, BB * 16)), tl.reshape(k_lo, (BB * 16,)),
-            tl.reshape(hi, (BN, BB * 16)), tl.reshape(k_lo + 16, (BB * 16,)))
+    return lo, k_lo, hi, k_lo + 16
 
 
 @triton.jit
-def _k_scale_min(w8, base3, s, mask3):
+def _k_scale_min(base3, s, mask3):
     """6-bit (scale, min) of sub-blocks ``s`` ([1, 1, 4]) from the 12 scale bytes at block
     byte 4: as float32 [BN, BB, 4] each (``gguf_matmul._k_scale_min`` spells the rule out)."""
     jm = s % 4
-    p = tl.load(w8 + base3 + 4 + jm, mask=mask3, other=0).to(tl.int32)
-    q = tl.load(w8 + base3 + 8 + jm, mask=mask3, other=0).to(tl.int32)
-    r = tl.load(w8 + base3 + 12 + jm, mask=mask3, other=0).to(tl.int32)
+    p = tl.load(base3 + 4 + jm, mask=mask3, other=0).to(tl.int32)
+    q = tl.load(base3 + 8 + jm, mask=mask3, other=0).to(tl.int32)
+    r = tl.load(base3 + 12 + jm, mask=mask3, other=0).to(tl.int32)
     high = s >= 4
     sc = tl.where(high, (r & 0x0F) | ((p >> 6) << 4), p & 63)
     mn = tl.where(high, (r >> 4) | ((q >> 6) << 4), q & 63)
@@ -116,104 +124,126 @@ def _k_scale_min(w8, base3, s, mask3):
 
 
 @triton.jit
-def _planes_k(w8, w16, row8, b, wmask, SIZE: tl.constexpr, HIGH_BIT: tl.constexpr,
-              BITS: tl.constexpr, BN: tl.constexpr, BB: tl.constexpr):
+def _planes_k(wp8, wp16, b, wmask, SIZE: tl.constexpr, HIGH_BIT: tl.constexpr,
+              BITS: tl.constexpr):
     """Q4_K (SIZE 144, BITS 4) or Q5_K (SIZE 176, HIGH_BIT, BITS 5): the planes of the even
     sub-blocks (low nibbles of each 32-byte chunk) and of the odd ones (high nibbles), 128
-    values a block."""
+    values a block, as [BN, BB, 4 chunks, 32]."""
     c = tl.arange(0, 4)
     lane = tl.arange(0, 32)
-    base3 = row8[:, None, None] + (b * SIZE)[None, :, None]
+    base3 = wp8[:, None, None] + (b * SIZE)[None, :, None]
     mask3 = wmask[:, :, None]
-    qs_at = SIZE - 128
-    qs = tl.load(w8 + base3[:, :, :, None] + qs_at + c[None, None, :, None] * 32
+    qs = tl.load(base3[:, :, :, None] + (SIZE - 128) + c[None, None, :, None] * 32
                  + lane[None, None, None, :], mask=mask3[:, :, :, None], other=0)
     lo = qs & 0x0F
     hi = qs >> 4
     s_lo = (2 * c)[None, None, :]
     if HIGH_BIT:
-        qh = tl.load(w8 + base3[:, :, :, None] + 16 + lane[None, None, None, :],
+        qh = tl.load(base3[:, :, :, None] + 16 + lane[None, None, None, :],
                      mask=mask3[:, :, :, None], other=0)
         lo = lo | (((qh >> s_lo[:, :, :, None]) & 1) << 4)
         hi = hi | (((qh >> (s_lo + 1)[:, :, :, None]) & 1) << 4)
-    row16 = row8 // 2
-    d = _half(w16, row16, b, SIZE // 2, 0, wmask)[:, :, None]
-    dmin = _half(w16, row16, b, SIZE // 2, 1, wmask)[:, :, None]
-    sc_lo, mn_lo = _k_scale_min(w8, base3, s_lo, mask3)
-    sc_hi, mn_hi = _k_scale_min(w8, base3, s_lo + 1, mask3)
+    d = _half(wp16, b, SIZE // 2, 0, wmask)[:, :, None]
+    dmin = _half(wp16, b, SIZE // 2, 1, wmask)[:, :, None]
+    sc_lo, mn_lo = _k_scale_min(base3, s_lo, mask3)
+    sc_hi, mn_hi = _k_scale_min(base3, s_lo + 1, mask3)
     # f = 1 + q / 2**BITS: a q - b = 2**BITS a f - (2**BITS a + b)
     a_lo = (d * sc_lo * (1 << BITS))[:, :, :, None]
     a_hi = (d * sc_hi * (1 << BITS))[:, :, :, None]
     w_lo = a_lo * _mantissa(lo, BITS) - (a_lo + (dmin * mn_lo)[:, :, :, None])
     w_hi = a_hi * _mantissa(hi, BITS) - (a_hi + (dmin * mn_hi)[:, :, :, None])
     k_lo = b[:, None, None] * 256 + c[None, :, None] * 64 + lane[None, None, :]
-    return (tl.reshape(w_lo, (BN, BB * 128)), tl.reshape(k_lo, (BB * 128,)),
-            tl.reshape(w_hi, (BN, BB * 128)), tl.reshape(k_lo + 32, (BB * 128,)))
+    return w_lo, k_lo, w_hi, k_lo + 32
 
 
 @triton.jit
-def _q6_plane(ql, qh, w8, base4, hh, ii, g: tl.constexpr, d, mask4, b, lane,
-              BN: tl.constexpr, BB: tl.constexpr):
+def _q6_plane(ql, qh, base4, hh, ii, g: tl.constexpr, d, mask4, b, lane):
     """Plane ``g`` (values 32 g .. 32 g + 31 of each half) of Q6_K tiles [BN, BB, 2, 2, 16]."""
     low = ql & 0x0F if g < 2 else ql >> 4
     f = _mantissa(low | (((qh >> (2 * g)) & 3) << 4), 6)  # 1 + q / 64
-    sc = tl.load(w8 + base4 + 192 + 8 * hh + 2 * g + ii, mask=mask4, other=0)
+    sc = tl.load(base4 + 192 + 8 * hh + 2 * g + ii, mask=mask4, other=0)
     sc = sc.to(tl.int8, bitcast=True).to(tl.float32)  # [BN, BB, 2, 2]
     a = (d[:, :, None, None] * sc)[:, :, :, :, None]
     w = (64.0 * a) * f - 96.0 * a  # a (q - 32)
     # [BB, 2, 2, 16]
     koff = b[:, None, None, None] * 256 + (hh * 128)[:, :, :, None] + 32 * g + lane
-    return tl.reshape(w, (BN, BB * 64)), tl.reshape(koff, (BB * 64,))
+    return w, koff
 
 
 @triton.jit
-def _q6_tiles(w8, row8, b, wmask):
+def _q6_tiles(wp8, b, wmask):
     """Q6_K bytes of a tile as [BN, BB, 2 halves, 2, 16] (value lane = 16 i + r of a group)."""
     hh = tl.arange(0, 2)[None, :, None]  # [1, 2, 1]: the half
     ii = tl.arange(0, 2)[None, None, :]  # [1, 1, 2]: which 16 of a 32-value group
     r = tl.arange(0, 16)
-    base4 = row8[:, None, None, None] + (b * 210)[None, :, None, None]
+    base4 = wp8[:, None, None, None] + (b * 210)[None, :, None, None]
     mask4 = wmask[:, :, None, None]
     lane = ii[:, :, :, None] * 16 + r[None, None, None, :]  # [1, 1, 2, 16]
     at = base4[:, :, :, :, None] + (hh * 64)[:, :, :, None] + lane
-    ql_a = tl.load(w8 + at, mask=mask4[:, :, :, :, None], other=0)
-    ql_b = tl.load(w8 + at + 32, mask=mask4[:, :, :, :, None], other=0)
-    qh = tl.load(w8 + base4[:, :, :, :, None] + 128 + (hh * 32)[:, :, :, None] + lane,
+    ql_a = tl.load(at, mask=mask4[:, :, :, :, None], other=0)
+    ql_b = tl.load(at + 32, mask=mask4[:, :, :, :, None], other=0)
+    qh = tl.load(base4[:, :, :, :, None] + 128 + (hh * 32)[:, :, :, None] + lane,
                  mask=mask4[:, :, :, :, None], other=0)
     return ql_a, ql_b, qh, base4, mask4, hh, ii, lane
 
 
 @triton.jit
-def _step(acc, TYPE: tl.constexpr, w8, w16, row8, b, wmask, K, x_ptr, x_row, m_rows, M,
+def _step(acc, TYPE: tl.constexpr, wp8, wp16, b, wmask, K, x_ptr, x_row, m_rows, M,
           x_stride, out_ptr, rows, N, out_stride, MODE: tl.constexpr, IEEE: tl.constexpr,
           BN: tl.constexpr, BB: tl.constexpr):
     """Decodes one tile of every plane of ggml type TYPE and accumulates (or stores) it."""
     if TYPE == 8:
-        w, k = _planes_q8_0(w8, w16, row8, b, wmask, BN, BB)
+        w, k = _planes_q8_0(wp8, wp16, b, wmask)
         acc = _accumulate(acc, w, k, K, x_ptr, x_row, m_rows, M, x_stride, out_ptr, rows, N,
-                          out_stride, MODE, IEEE)
+                          out_stride, MODE, IEEE, 3, BN, BB * 32)
     elif TYPE == 14:
-        ql_a, ql_b, qh, base4, mask4, hh, ii, lane = _q6_tiles(w8, row8, b, wmask)
-        d = _half(w16, row8 // 2, b, 105, 104, wmask)
+        ql_a, ql_b, qh, base4, mask4, hh, ii, lane = _q6_tiles(wp8, b, wmask)
+        d = _half(wp16, b, 105, 104, wmask)
         for g in tl.static_range(4):
-            w, k = _q6_plane(ql_a if g % 2 == 0 else ql_b, qh, w8, base4, hh, ii, g, d,
-                             mask4, b, lane, BN, BB)
+            w, k = _q6_plane(ql_a if g % 2 == 0 else ql_b, qh, base4, hh, ii, g, d, mask4, b,
+                             lane)
             acc = _accumulate(acc, w, k, K, x_ptr, x_row, m_rows, M, x_stride, out_ptr, rows,
-                              N, out_stride, MODE, IEEE)
-    else:
-        if TYPE == 2:
-            w0, k0, w1, k1 = _planes_q4(w8, w16, row8, b, wmask, 18, False, BN, BB)
-        elif TYPE == 3:
-            w0, k0, w1, k1 = _planes_q4(w8, w16, row8, b, wmask, 20, True, BN, BB)
-        elif TYPE == 12:
-            w0, k0, w1, k1 = _planes_k(w8, w16, row8, b, wmask, 144, False, 4, BN, BB)
-        else:
-            w0, k0, w1, k1 = _planes_k(w8, w16, row8, b, wmask, 176, True, 5, BN, BB)
+                              N, out_stride, MODE, IEEE, 5, BN, BB * 64)
+    elif TYPE == 2 or TYPE == 3:
+        w0, k0, w1, k1 = _planes_q4(wp8, wp16, b, wmask, 18 if TYPE == 2 else 20, TYPE == 3)
         acc = _accumulate(acc, w0, k0, K, x_ptr, x_row, m_rows, M, x_stride, out_ptr, rows, N,
-                          out_stride, MODE, IEEE)
+                          out_stride, MODE, IEEE, 3, BN, BB * 16)
         acc = _accumulate(acc, w1, k1, K, x_ptr, x_row, m_rows, M, x_stride, out_ptr, rows, N,
-                          out_stride, MODE, IEEE)
+                          out_stride, MODE, IEEE, 3, BN, BB * 16)
+    else:
+        if TYPE == 12:
+            w0, k0, w1, k1 = _planes_k(wp8, wp16, b, wmask, 144, False, 4)
+        else:
+            w0, k0, w1, k1 = _planes_k(wp8, wp16, b, wmask, 176, True, 5)
+        acc = _accumulate(acc, w0, k0, K, x_ptr, x_row, m_rows, M, x_stride, out_ptr, rows, N,
+                          out_stride, MODE, IEEE, 4, BN, BB * 128)
+        acc = _accumulate(acc, w1, k1, K, x_ptr, x_row, m_rows, M, x_stride, out_ptr, rows, N,
+                          out_stride, MODE, IEEE, 4, BN, BB * 128)
     return acc
+
+
+@triton.jit
+def _gemv_acc(TYPE: tl.constexpr, BN: tl.constexpr, BB: tl.constexpr):
+    """The gemv accumulator: the shape of the type's plane tiles."""
+    if TYPE == 8:
+        acc = tl.zeros([BN, BB, 32], dtype=tl.float32)
+    elif TYPE == 14:
+        acc = tl.zeros([BN, BB, 2, 2, 16], dtype=tl.float32)
+    elif TYPE == 2 or TYPE == 3:
+        acc = tl.zeros([BN, BB, 16], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BN, BB, 4, 32], dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _row_sums(acc, TYPE: tl.constexpr):
+    """[BN, ...] -> [BN]: the gemv accumulator summed once, after the K loop."""
+    if TYPE == 14:
+        acc = tl.sum(acc, axis=4)
+    if TYPE == 14 or TYPE == 12 or TYPE == 13:
+        acc = tl.sum(acc, axis=3)
+    return tl.sum(tl.sum(acc, axis=2), axis=1)
 
 
 @triton.jit
@@ -222,25 +252,27 @@ def _gguf_matmul_kernel(
     M, N, K, num_blocks, x_stride, w_stride, out_stride,  # w_stride in bytes
     TYPE: tl.constexpr, MODE: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-    PLANE_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     pid_m = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
-    row8 = rows.to(tl.int64) * w_stride
+    # int64 only in the row pointers; offsets inside a row are int32
+    wp8 = w8 + rows.to(tl.int64) * w_stride
+    wp16 = w16 + rows.to(tl.int64) * (w_stride // 2)
     m_rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     x_row = pid_m.to(tl.int64) * x_stride  # gemv: one x row a program
     if MODE == 0:
-        acc = tl.zeros([BLOCK_N, PLANE_K], dtype=tl.float32)
+        acc = _gemv_acc(TYPE, BLOCK_N, BLOCK_B)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for b0 in tl.range(0, num_blocks, BLOCK_B, num_stages=NUM_STAGES):
-        b = (b0 + tl.arange(0, BLOCK_B)).to(tl.int64)
+        b = b0 + tl.arange(0, BLOCK_B)
         wmask = rmask[:, None] & (b < num_blocks)[None, :]
-        acc = _step(acc, TYPE, w8, w16, row8, b, wmask, K, x_ptr, x_row, m_rows, M, x_stride,
+        acc = _step(acc, TYPE, wp8, wp16, b, wmask, K, x_ptr, x_row, m_rows, M, x_stride,
                     out_ptr, rows, N, out_stride, MODE, IEEE, BLOCK_N, BLOCK_B)
     if MODE == 0:
-        y = tl.sum(acc, axis=1)
+        y = _row_sums(acc, TYPE)
         tl.store(out_ptr + pid_m.to(tl.int64) * out_stride + rows,
                  y.to(out_ptr.dtype.element_ty), mask=rmask)
     else:
@@ -253,11 +285,12 @@ def _gguf_matmul_kernel(
 def _gguf_dequant_kernel(w8, w16, out_ptr, N, K, num_blocks, w_stride, out_stride,
                          TYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    b = (tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     wmask = (rows < N)[:, None] & (b < num_blocks)[None, :]
-    row8 = rows.to(tl.int64) * w_stride
+    wp8 = w8 + rows.to(tl.int64) * w_stride
+    wp16 = w16 + rows.to(tl.int64) * (w_stride // 2)
     none = tl.zeros([1, 1], dtype=tl.float32)
-    _step(none, TYPE, w8, w16, row8, b, wmask, K, out_ptr, 0, rows, 0, 0, out_ptr, rows, N,
+    _step(none, TYPE, wp8, wp16, b, wmask, K, out_ptr, 0, rows, 0, 0, out_ptr, rows, N,
           out_stride, 2, False, BLOCK_N, BLOCK_B)
 
 
@@ -283,8 +316,7 @@ def launch_matmul(x: torch.Tensor, qweight: torch.Tensor, ggml_type: int, out: t
     _gguf_matmul_kernel[grid](
         x, w8, w16, out, m, n, k, k // elems, x.stride(0), qweight.stride(0), out.stride(0),
         TYPE=ggml_type, MODE=mode, IEEE=x.dtype == torch.float32, BLOCK_M=block_m,
-        BLOCK_N=cfg.block_n, BLOCK_B=cfg.block_b,
-        PLANE_K=cfg.block_b * _PLANE_VALUES[ggml_type], NUM_STAGES=cfg.num_stages,
+        BLOCK_N=cfg.block_n, BLOCK_B=cfg.block_b, NUM_STAGES=cfg.num_stages,
         num_warps=cfg.num_warps,
     )
 
