@@ -51,10 +51,14 @@ def sweep(ggml_type: int, m: int) -> list[GGUFConfig]:
                for w in (4, 8) if 1024 <= bn * bb * elems <= 8192]
         return out + [GGUFConfig("gemv", 1, 4, bb, 4, 2) for bb in blocks[:2]]
     bb = 4 if elems == 32 else 1
+    # gemv rows re-read the weight tile from L2: worth it for a few rows
+    rows = [GGUFConfig("gemv", 1, bn, 8 if elems == 32 else 2, 4, 1) for bn in (4, 8)]
     bms = (16,) if m <= 16 else ((32, 64) if m <= 64 else (64, 128))
     out = [GGUFConfig("gemm", bm, bn, b, 4, s) for bm in bms for bn in (64, 128)
            for b in (bb, 2 * bb) for s in (2, 3)]
-    return out + [GGUFConfig("dequant", 1, 32, 8 if elems == 32 else 1, 4, 1)]
+    out += rows if m <= 16 else []
+    return out + [GGUFConfig("dequant", 1, bn, b, 4, 1) for bn in (16, 32)
+                  for b in ((8, 16) if elems == 32 else (1, 2))]
 
 
 class Case:

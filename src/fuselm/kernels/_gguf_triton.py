@@ -159,7 +159,10 @@ def _planes_k(wp8, wp16, b, wmask, SIZE: tl.constexpr, HIGH_BIT: tl.constexpr,
 @triton.jit
 def _q6_plane(ql, qh, base4, hh, ii, g: tl.constexpr, d, mask4, b, lane):
     """Plane ``g`` (values 32 g .. 32 g + 31 of each half) of Q6_K tiles [BN, BB, 2, 2, 16]."""
-    low = ql & 0x0F if g < 2 else ql >> 4
+    if g < 2:
+        low = ql & 0x0F
+    else:
+        low = ql >> 4
     f = _mantissa(low | (((qh >> (2 * g)) & 3) << 4), 6)  # 1 + q / 64
     sc = tl.load(base4 + 192 + 8 * hh + 2 * g + ii, mask=mask4, other=0)
     sc = sc.to(tl.int8, bitcast=True).to(tl.float32)  # [BN, BB, 2, 2]
@@ -199,13 +202,20 @@ def _step(acc, TYPE: tl.constexpr, wp8, wp16, b, wmask, K, x_ptr, x_row, m_rows,
     elif TYPE == 14:
         ql_a, ql_b, qh, base4, mask4, hh, ii, lane = _q6_tiles(wp8, b, wmask)
         d = _half(wp16, b, 105, 104, wmask)
-        for g in tl.static_range(4):
-            w, k = _q6_plane(ql_a if g % 2 == 0 else ql_b, qh, base4, hh, ii, g, d, mask4, b,
-                             lane)
+        # planes 0 and 2 take the low / high nibbles of ql_a, planes 1 and 3 those of ql_b
+        for g in tl.static_range(0, 4, 2):
+            w, k = _q6_plane(ql_a, qh, base4, hh, ii, g, d, mask4, b, lane)
+            acc = _accumulate(acc, w, k, K, x_ptr, x_row, m_rows, M, x_stride, out_ptr, rows,
+                              N, out_stride, MODE, IEEE, 5, BN, BB * 64)
+        for g in tl.static_range(1, 4, 2):
+            w, k = _q6_plane(ql_b, qh, base4, hh, ii, g, d, mask4, b, lane)
             acc = _accumulate(acc, w, k, K, x_ptr, x_row, m_rows, M, x_stride, out_ptr, rows,
                               N, out_stride, MODE, IEEE, 5, BN, BB * 64)
     elif TYPE == 2 or TYPE == 3:
-        w0, k0, w1, k1 = _planes_q4(wp8, wp16, b, wmask, 18 if TYPE == 2 else 20, TYPE == 3)
+        if TYPE == 2:
+            w0, k0, w1, k1 = _planes_q4(wp8, wp16, b, wmask, 18, False)
+        else:
+            w0, k0, w1, k1 = _planes_q4(wp8, wp16, b, wmask, 20, True)
         acc = _accumulate(acc, w0, k0, K, x_ptr, x_row, m_rows, M, x_stride, out_ptr, rows, N,
                           out_stride, MODE, IEEE, 3, BN, BB * 16)
         acc = _accumulate(acc, w1, k1, K, x_ptr, x_row, m_rows, M, x_stride, out_ptr, rows, N,
@@ -254,8 +264,15 @@ def _gguf_matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
-    pid_m = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # gemv: the x rows of one weight tile are neighbouring programs, so its bytes come from
+    # DRAM once and from L2 for the other rows
+    if MODE == 0:
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+    else:
+        pid_m = tl.program_id(1)
+        pid_n = tl.program_id(0)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     # int64 only in the row pointers; offsets inside a row are int32
     wp8 = w8 + rows.to(tl.int64) * w_stride
@@ -312,7 +329,8 @@ def launch_matmul(x: torch.Tensor, qweight: torch.Tensor, ggml_type: int, out: t
     mode = _MODES[cfg.variant]
     block_m = 1 if mode == 0 else max(16, cfg.block_m)
     w8, w16 = _views(qweight)
-    grid = (triton.cdiv(n, cfg.block_n), m if mode == 0 else triton.cdiv(m, block_m))
+    tiles = triton.cdiv(n, cfg.block_n)
+    grid = (m, tiles) if mode == 0 else (tiles, triton.cdiv(m, block_m))
     _gguf_matmul_kernel[grid](
         x, w8, w16, out, m, n, k, k // elems, x.stride(0), qweight.stride(0), out.stride(0),
         TYPE=ggml_type, MODE=mode, IEEE=x.dtype == torch.float32, BLOCK_M=block_m,

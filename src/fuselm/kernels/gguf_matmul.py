@@ -207,10 +207,10 @@ def shape_bucket(ggml_type: int, n: int, k: int, m: int) -> str:
 
 
 def default_config(ggml_type: int, n: int, k: int, m: int) -> GGUFConfig:
-    """Untuned choice: gemv for M <= 2, gemm up to 64 rows, dequantize + cuBLAS above; tiles of
+    """Untuned choice: gemv for M <= 4, gemm up to 64 rows, dequantize + cuBLAS above; tiles of
     about 2048 weight values (gemv) or a 128-256 deep K step (gemm)."""
     elems, _ = block_layout(ggml_type)
-    if m <= 2:
+    if m <= 4:
         return GGUFConfig("gemv", 1, 4, 8 if elems == 32 else 2, 4, 1)
     if m <= 64:
         block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
