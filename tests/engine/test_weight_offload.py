@@ -204,3 +204,88 @@ def test_planner_offload_prediction() -> None:
     assert not planner.plan_layout(m70, cluster, base_opts, 1, 1).feasible
     assert planner.plan_layout(m70, cluster, planner.PlanOptions(
         context_len=256, cpu_offload_gb=60), 1, 1).feasible
+
+
+class _FakeStream:
+    def __init__(self, name: str, log: list) -> None:
+        self.name, self.log = name, log
+
+    def wait_event(self, event) -> None:
+        self.log.append(("wait", self.name, event.name))
+
+
+class _FakeEvent:
+    def __init__(self, name: str, log: list) -> None:
+        self.name, self.log = name, log
+
+    def record(self, stream) -> None:
+        self.log.append(("record", stream.name, self.name))
+
+
+def test_stream_order_of_copies_and_layers(tiny4, monkeypatch) -> None:
+    """The CUDA ordering on fake streams and events: every offloaded layer waits for its own
+    copy; a copy into a slot waits for the end of that slot's previous layer (or the step's
+    start); the copy stream is never left with work the compute stream does not wait for."""
+    import contextlib
+
+    llm = LLM(str(tiny4), device="cpu", load_format="dummy", max_model_len=64,
+              cpu_offload_gb=_layer_gib_of(tiny4) * 2.5)  # layers 0, 1, 3 (odd: slot 0 twice)
+    off = offloader_of(llm.engine.runner.model)
+    assert off.offloaded_indices == [0, 1, 3]
+    log: list = []
+    compute, copy = _FakeStream("compute", log), _FakeStream("copy", log)
+    off.is_cuda, off.copy_stream = True, copy
+    off.start = _FakeEvent("start", log)
+    off.ready = [_FakeEvent("ready0", log), _FakeEvent("ready1", log)]
+    off.free = [_FakeEvent("free0", log), _FakeEvent("free1", log)]
+    current = [compute]
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
+
+    @contextlib.contextmanager
+    def on(stream):
+        current[0] = stream
+        yield
+        current[0] = compute
+
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    real_copy = off._copy
+    monkeypatch.setattr(off, "_copy", lambda j: (log.append(("copy", current[0].name, j)),
+                                                 real_copy(j)))
+    for i, layer in enumerate(off.layers):  # "layer": its kernels start; "end": they are done
+        layer.register_forward_pre_hook(lambda m, a, i=i: log.append(("layer", "compute", i)))
+        layer.register_forward_hook(lambda m, a, o, i=i: log.append(("end", "compute", i)),
+                                    prepend=True)
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, ignore_eos=True))  # 3 forwards
+    assert _check_order(log, off.offloaded_indices) == 3
+
+
+def _check_order(log: list, offloaded: list[int]) -> int:
+    """Replays the log in stream order (a wait makes a stream depend on everything the event's
+    stream had done when it was recorded) and asserts the invariants; returns the forwards."""
+    marks: dict[str, set] = {}
+    done: dict[str, set] = {"compute": set(), "copy": set()}
+    waited: dict[str, set] = {"compute": set(), "copy": set()}
+    n = -1  # the forward, counted at its start event
+    last_user = {s: max(j for j in range(len(offloaded)) if j % 2 == s) for s in (0, 1)
+                 if s < len(offloaded)}
+    for kind, stream, what in log:
+        if kind == "record":
+            n += what == "start"
+            marks[what] = set(done[stream])
+        elif kind == "wait":
+            waited[stream] |= marks[what]
+        elif kind == "copy":
+            j = what
+            if j >= 2:  # the slot's previous layer of this forward has run
+                assert ("end", n, offloaded[j - 2]) in waited["copy"], (n, j)
+            elif n > 0:  # the previous forward's last layer in this slot has run
+                assert ("end", n - 1, offloaded[last_user[j]]) in waited["copy"], (n, j)
+            done["copy"].add(("copied", n, j))
+        elif kind == "layer" and what in offloaded:
+            assert ("copied", n, offloaded.index(what)) in waited["compute"], (n, what)
+        elif kind == "end":
+            done["compute"].add(("end", n, what))
+    copies = {x for x in done["copy"]}
+    assert copies <= waited["compute"]  # every copy joined back into the compute stream
+    assert len(copies) == (n + 1) * len(offloaded)
+    return n + 1
