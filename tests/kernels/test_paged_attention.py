@@ -204,3 +204,116 @@ def test_paged_sliding_window_matches_reference(window):
     assert_close(paged_attention_triton(*args, window), expected, name=f"window {window}")
     full = paged_attention_ref(*args)
     assert torch.allclose(expected, full) == (window == 300)
+
+
+# ---- FP8 (e4m3fn) caches: against float64 attention over the dequantized cache ---------------
+
+FP8_SCALES = (0.37, 0.11)  # k_scale, v_scale: neither 1.0 nor a power of 2
+
+
+def _fp8_args(args, k_scale=FP8_SCALES[0], v_scale=FP8_SCALES[1]):
+    from fp8_reference import to_fp8_cache
+
+    q, kc, vc, bt, lens, scale = args
+    return q, to_fp8_cache(kc, k_scale), to_fp8_cache(vc, v_scale), bt, lens, scale
+
+
+def _decode_f64(q, kc, vc, bt, lens, scale, window=0, k_scale=FP8_SCALES[0],
+                v_scale=FP8_SCALES[1]):
+    """float64 decode attention over ``cache.double() * scale``, token by token."""
+    from fp8_reference import attention_f64, gather_tokens
+
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for b, n in enumerate(lens.tolist()):
+        if n == 0:
+            continue
+        keys = gather_tokens(kc.cpu(), bt[b].cpu(), n).double() * k_scale
+        values = gather_tokens(vc.cpu(), bt[b].cpu(), n).double() * v_scale
+        visible = torch.arange(n)[None, :] >= (n - window if window else 0)
+        out[b] = attention_f64(q[b : b + 1].cpu(), keys, values, scale, visible)[0]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", ["lens_1_7_40_0_gqa1", "gqa3_hd128_bs32", "split_gqa4"])
+def test_paged_fp8_matches_float64(case, dtype):
+    """Reference and Triton (allocating and split-KV workspace) on fp8 caches against float64
+    attention over the dequantized values."""
+    _require("triton")
+    seq_lens, heads, kv_heads, head_size, block_size, max_len, psize = CASES[case]
+    args = _fp8_args(make_inputs(seq_lens, heads, kv_heads, head_size, block_size, dtype,
+                                 max_len, seed=3))
+    expected = _decode_f64(*args).to(dtype)
+    scales = dict(zip(("k_scale", "v_scale"), FP8_SCALES, strict=True))
+    assert_close(paged_attention_ref(*args, **scales), expected, name="reference")
+    assert_close(paged_attention_triton(*args, **scales), expected, name="triton")
+    ws = PagedAttentionWorkspace(len(seq_lens), heads, head_size, max_len, "cpu",
+                                 partition_size=psize or 32)
+    assert_close(ws(*args, **scales), expected, name="workspace")
+    unscaled = paged_attention_ref(*args)  # the scales matter: a case that can fail
+    assert not torch.allclose(unscaled.float(), expected.float(), atol=1e-2)
+
+
+def test_paged_fp8_sliding_window_and_checks():
+    _require("triton")
+    seq_lens, heads, kv_heads, head_size, block_size, max_len, psize = CASES["split_gqa4"]
+    args = _fp8_args(make_inputs(seq_lens, heads, kv_heads, head_size, block_size,
+                                 torch.float32, max_len, seed=4))
+    scales = dict(zip(("k_scale", "v_scale"), FP8_SCALES, strict=True))
+    ws = PagedAttentionWorkspace(len(seq_lens), heads, head_size, max_len, "cpu",
+                                 partition_size=psize)
+    expected = _decode_f64(*args, window=40).float()
+    assert_close(ws(*args, 40, **scales), expected, name="window 40")
+    q, kc, vc, bt, lens, scale = args
+    with pytest.raises(ValueError, match="k_scale"):
+        paged_attention_triton(*args, k_scale=-1.0)
+    with pytest.raises(ValueError, match="caches"):
+        paged_attention_triton(q, kc, vc.float(), bt, lens, scale)
+
+
+def test_paged_fp8_opcheck():
+    _require("triton")
+    args = _fp8_args(make_inputs([5, 20], 4, 2, 32, 16, torch.float32, 32))
+    torch.library.opcheck(torch.ops.fuselm.paged_attention.default, (*args, 0, 0.37, 0.11),
+                          test_utils=("test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["llama8b_mixed", "long_32k"])
+def test_paged_gpu_fp8_bf16(case):
+    """bf16 q over fp8 caches at the 8B shape: reference and workspace vs float64 (a sample of
+    rows: the float64 loop is slow)."""
+    _require("triton")
+    seq_lens, heads, kv_heads, head_size, block_size, max_len, psize = GPU_CASES[case]
+    args = _fp8_args(make_inputs(seq_lens, heads, kv_heads, head_size, block_size,
+                                 torch.bfloat16, max_len, device="cuda"))
+    scales = dict(zip(("k_scale", "v_scale"), FP8_SCALES, strict=True))
+    ws = PagedAttentionWorkspace(len(seq_lens), heads, head_size, max_len, DEVICE,
+                                 partition_size=psize)
+    got, ref = ws(*args, **scales), paged_attention_ref(*args, **scales)
+    assert_close(got, ref, name="workspace vs reference")
+    rows = [0, len(seq_lens) - 1]
+    q, kc, vc, bt, lens, scale = args
+    expected = _decode_f64(q[rows], kc, vc, bt[rows], lens[rows], scale)
+    assert_close(got[rows].cpu(), expected.to(torch.bfloat16), name="vs float64")
+
+
+@pytest.mark.gpu
+def test_paged_gpu_fp8_cuda_graph_replayed_longer():
+    _require("triton")
+    batch, max_len = 8, 4096
+    args = _fp8_args(make_inputs([16] * batch, 32, 8, 128, 16, torch.bfloat16, max_len,
+                                 device="cuda"))
+    q, kc, vc, bt, seq_lens, scale = args
+    scales = dict(zip(("k_scale", "v_scale"), FP8_SCALES, strict=True))
+    ws = PagedAttentionWorkspace(batch, 32, 128, max_len, DEVICE)
+    out = torch.empty_like(q)
+    ws(*args, out=out, **scales)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ws(*args, out=out, **scales)
+    seq_lens.copy_(torch.tensor([4000, 1, 0, 513, 2048, 16, 3999, 4096], dtype=torch.int32))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(out, paged_attention_ref(*args, **scales))

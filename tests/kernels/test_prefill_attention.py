@@ -186,3 +186,81 @@ def test_prefill_sliding_window_matches_reference(case, window):
         assert_close(expected, prefill_attention_ref(*args), name="window past the context")
     else:
         assert not torch.allclose(expected, prefill_attention_ref(*args))
+
+
+# ---- FP8 (e4m3fn) caches: the cached prefix dequantized, the new tokens from k/v -------------
+
+FP8_SCALES = {"k_scale": 0.37, "v_scale": 0.11}
+
+
+def _fp8_args(args):
+    from fp8_reference import to_fp8_cache
+
+    q, k, v, kc, vc, qsl, lens, bt, scale = args
+    return (q, k, v, to_fp8_cache(kc, FP8_SCALES["k_scale"]),
+            to_fp8_cache(vc, FP8_SCALES["v_scale"]), qsl, lens, bt, scale)
+
+
+def _prefill_f64(q, k, v, kc, vc, qsl, lens, bt, scale, window=0):
+    """float64: keys = dequantized cached prefix, then the new tokens' own k/v (causal)."""
+    from fp8_reference import attention_f64, gather_tokens
+
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    starts = qsl.tolist()
+    for b, n in enumerate(lens.tolist()):
+        lo, hi = starts[b], starts[b + 1]
+        if hi == lo:
+            continue
+        ctx = n - (hi - lo)
+        keys = torch.cat((gather_tokens(kc, bt[b], ctx).double() * FP8_SCALES["k_scale"],
+                          k[lo:hi].double()))
+        values = torch.cat((gather_tokens(vc, bt[b], ctx).double() * FP8_SCALES["v_scale"],
+                            v[lo:hi].double()))
+        qpos = torch.arange(ctx, n)[:, None]
+        kpos = torch.arange(n)[None, :]
+        visible = (kpos <= qpos) & ((kpos > qpos - window) if window else True)
+        out[lo:hi] = attention_f64(q[lo:hi], keys, values, scale, visible)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", ["mixed_prefix_gqa4", "gqa7_prefix", "fold_scale",
+                                  "gqa8_hd128_bn32"])
+def test_prefill_fp8_matches_float64(case, dtype):
+    q_lens, ctx_lens, heads, kv_heads, head_size, block_size, cfg = CASES[case]
+    args = _fp8_args(make_inputs(q_lens, ctx_lens, heads, kv_heads, head_size, block_size,
+                                 dtype, seed=8))
+    expected = _prefill_f64(*args).to(dtype)
+    assert_close(prefill_attention_ref(*args, **FP8_SCALES), expected, name="reference")
+    assert_close(prefill_attention_triton(*args, config=cfg, **FP8_SCALES), expected,
+                 name="triton")
+    assert not torch.allclose(prefill_attention_ref(*args).float(), expected.float(), atol=1e-2)
+
+
+def test_prefill_fp8_sliding_window_opcheck_and_checks():
+    q_lens, ctx_lens, heads, kv_heads, head_size, block_size, cfg = CASES["mixed_prefix_gqa4"]
+    args = _fp8_args(make_inputs(q_lens, ctx_lens, heads, kv_heads, head_size, block_size,
+                                 torch.float32, seed=9))
+    assert_close(prefill_attention_triton(*args, config=cfg, sliding_window=17, **FP8_SCALES),
+                 _prefill_f64(*args, window=17).float(), name="window 17")
+    op = resolve("prefill_attention", "triton", DEVICE)
+    small = _fp8_args(make_inputs([5, 3], [4, 0], 4, 2, 32, 16, torch.float32))
+    torch.library.opcheck(op, (*small, 0, 0.37, 0.11), test_utils=("test_faketensor",))
+    q, k, v, kc, vc, qsl, lens, bt, scale = args
+    with pytest.raises(ValueError, match="v_scale"):
+        prefill_attention_triton(*args, v_scale=0.0)
+    with pytest.raises(ValueError, match="caches"):
+        prefill_attention_triton(q, k, v, kc, vc.float(), qsl, lens, bt, scale)
+
+
+@pytest.mark.gpu
+def test_prefill_fp8_gpu_bf16():
+    """bf16 over fp8 prefixes at the 8B shape: Triton vs the reference (same fp8 semantics)
+    and a short case vs float64."""
+    args = _fp8_args(make_inputs(*GPU_CASES["llama8b_mixed"], torch.bfloat16, device="cuda"))
+    assert_close(prefill_attention_triton(*args, **FP8_SCALES),
+                 prefill_attention_ref(*args, **FP8_SCALES))
+    small = _fp8_args(make_inputs([70, 1], [200, 33], 32, 8, 128, 16, torch.bfloat16))
+    got = prefill_attention_triton(*(t.cuda() if isinstance(t, torch.Tensor) else t
+                                     for t in small), **FP8_SCALES)
+    assert_close(got.cpu(), _prefill_f64(*small).to(torch.bfloat16))

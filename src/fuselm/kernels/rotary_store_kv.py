@@ -158,13 +158,15 @@ if triton_utils.triton_available():
         """float32 ``x / scale`` rounded to the nearest e4m3fn value (ties to even), saturating
         at +-448, still float32 (so the cast to fp8 after it is exact on every backend)."""
         y = tl.div_rn(x, scale)  # IEEE division, as the reference's
-        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
-        e = ((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # unbiased exponent
+        bits = y.to(tl.int32, bitcast=True)
+        mag = tl.minimum(tl.abs(y), 448.0)
+        e = ((mag.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # unbiased exponent
         e = tl.maximum(e, -6)  # subnormals share the ulp of 2^-6 (2^-9)
         up = ((130 - e) << 23).to(tl.float32, bitcast=True)  # 2^(3 - e): ulp -> 1
         down = ((124 + e) << 23).to(tl.float32, bitcast=True)  # 2^(e - 3)
-        # + 1.5 * 2^23 and back rounds |y * up| < 16 to an integer, ties to even
-        return ((y * up + 12582912.0) - 12582912.0) * down
+        # + 1.5 * 2^23 and back rounds mag * up < 16 to an integer, ties to even
+        r = ((mag * up + 12582912.0) - 12582912.0) * down
+        return tl.where(bits < 0, -r, r)  # the sign bit: -0.0 and tiny negatives stay -0
 
     @triton.jit
     def _cache_value(x, scale, cty, KV_FP8: tl.constexpr):
