@@ -161,6 +161,8 @@ def test_fp8_matmul_triton(m, n, k, x_mode, w_mode):
 
 
 @pytest.mark.parametrize("cfg", [ft.GemvConfig(8, 64, 1), ft.GemvConfig(16, 32, 2, 2),
+                                 ft.GemvConfig(8, 64, 2, 1, rows_m=4),
+                                 ft.GemvConfig(16, 32, 2, 2, rows_m=2),
                                  ft.GemmConfig(16, 32, 64, 2, 4, 2),
                                  ft.GemmConfig(32, 16, 32, 1, 4, 1),
                                  ft.GemmConfig(16, 32, 64, 2, 4, 2, tma=1)])

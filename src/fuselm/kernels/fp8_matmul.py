@@ -278,7 +278,9 @@ def triton_config(n: int, k: int, m: int, device: torch.device, block_scaled: bo
     if tuned is not None and not (block_scaled and isinstance(tuned, ft.GemvConfig)):
         return tuned
     if m <= GEMV_MAX_M and not block_scaled:
-        return ft.default_gemv_config(n, k)
+        cfg = ft.default_gemv_config(n, k)
+        # a few rows: each weight tile loaded once for all of them (a power-of-2 row tile)
+        return cfg if m == 1 else cfg._replace(rows_m=1 << (m - 1).bit_length())
     return ft.default_gemm_config(m, n, k, block_scaled)
 
 

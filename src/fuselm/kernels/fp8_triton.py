@@ -64,11 +64,14 @@ class GemvConfig(NamedTuple):
     block_k: int
     num_warps: int
     num_stages: int = 1
+    rows_m: int = 1  # x rows a program multiplies with each weight tile it loads
 
     @property
     def label(self) -> str:
         """Stable name used by the sweep and the tuning table."""
-        return f"gemv_n{self.block_n}_k{self.block_k}_w{self.num_warps}_s{self.num_stages}"
+        rows = f"_r{self.rows_m}" if self.rows_m > 1 else ""
+        return (f"gemv_n{self.block_n}_k{self.block_k}_w{self.num_warps}_s{self.num_stages}"
+                f"{rows}")
 
 
 def default_gemv_config(n: int, k: int) -> GemvConfig:
@@ -139,6 +142,48 @@ def _fp8_gemv_kernel(
     tl.store(out_ptr + m * out_stride + rows, y.to(out_ptr.dtype.element_ty), mask=rows < N)
 
 
+@triton.jit
+def _fp8_gemv_rows_kernel(
+    x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr,  # as _fp8_gemv_kernel
+    M, N, K, x_stride, w_stride, out_stride,
+    X_SCALED: tl.constexpr, X_PER_TOKEN: tl.constexpr, W_PER_CHANNEL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ROWS_M: tl.constexpr, NUM_STAGES: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    """``_fp8_gemv_kernel`` for a few rows (2 <= M <= 16): each weight tile is loaded once and
+    reduced against ROWS_M x rows, instead of once per row (the grid's second axis)."""
+    m0 = tl.program_id(1) * ROWS_M
+    mi = tl.arange(0, ROWS_M)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * w_stride
+    acc = tl.zeros([ROWS_M, BLOCK_N], dtype=tl.float32)
+    pdl_wait_then_release(USE_PDL)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+        k = k0 + cols
+        w = _gemv_w_tile(w_rows, rows, k, N, K, False, False)
+        for i in tl.static_range(ROWS_M):
+            xv = tl.load(x_ptr + (m0 + i).to(tl.int64) * x_stride + k,
+                         mask=(k < K) & (m0 + i < M), other=0.0).to(tl.float32)
+            part = tl.sum(w * xv[None, :], axis=1)  # [BLOCK_N]
+            acc += tl.where(mi[:, None] == i, part[None, :], 0.0)
+    m_rows = m0 + mi
+    if W_PER_CHANNEL:
+        acc *= tl.load(ws_ptr + rows, mask=rows < N, other=0.0)[None, :]
+    else:
+        acc *= tl.load(ws_ptr)
+    if X_SCALED:
+        if X_PER_TOKEN:
+            acc *= tl.load(xs_ptr + m_rows, mask=m_rows < M, other=0.0)[:, None]
+        else:
+            acc *= tl.load(xs_ptr)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
+    dst = out_ptr + m_rows.to(tl.int64)[:, None] * out_stride + rows[None, :]
+    tl.store(dst, acc.to(out_ptr.dtype.element_ty),
+             mask=(m_rows < M)[:, None] & (rows < N)[None, :])
+
+
 def launch_gemv(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor,
                 weight_scale: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
                 cfg: GemvConfig) -> None:
@@ -149,16 +194,22 @@ def launch_gemv(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Ten
     if m == 0 or n == 0:
         return
     pdl = _pdl.use_pdl(x)
-    _fp8_gemv_kernel[(triton.cdiv(n, cfg.block_n), m)](
-        x, x_scale if x_scale is not None else weight_scale, weight, weight_scale,
-        bias if bias is not None else weight_scale, out, n, k, x.stride(0), weight.stride(0),
-        out.stride(0), X_SCALED=x_scale is not None,
+    common = dict(
+        X_SCALED=x_scale is not None,
         X_PER_TOKEN=x_scale is not None and x_scale.numel() == m and m > 1,
         W_PER_CHANNEL=weight_scale.numel() == n and n > 1, HAS_BIAS=bias is not None,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_N=n % cfg.block_n == 0,
-        EVEN_K=k % cfg.block_k == 0, NUM_STAGES=cfg.num_stages, USE_PDL=pdl,
-        num_warps=cfg.num_warps, launch_pdl=pdl,
-    )  # fmt: skip
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages, USE_PDL=pdl,
+        num_warps=cfg.num_warps, launch_pdl=pdl)
+    args = (x, x_scale if x_scale is not None else weight_scale, weight, weight_scale,
+            bias if bias is not None else weight_scale, out)
+    if cfg.rows_m > 1 and m > 1:
+        grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.rows_m))
+        _fp8_gemv_rows_kernel[grid](*args, m, n, k, x.stride(0), weight.stride(0),
+                                    out.stride(0), ROWS_M=cfg.rows_m, **common)
+        return
+    _fp8_gemv_kernel[(triton.cdiv(n, cfg.block_n), m)](
+        *args, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        EVEN_N=n % cfg.block_n == 0, EVEN_K=k % cfg.block_k == 0, **common)
 
 
 # --------------------------------------------------------------------------------------------
