@@ -80,6 +80,10 @@ class LinearBase(nn.Module):
     """A ``[out_per_partition, in_per_partition]`` linear whose layout and matmul are its
     ``method``'s (default: dense float), and an optional bias ``[out_per_partition]``."""
 
+    #: x holds this rank's columns of the full input (row-parallel over > 1 rank): a method
+    #: whose activation scale spans the row (fp8 per token) reduces it over the TP group
+    input_is_parallel: bool = False
+
     def __init__(self, in_features: int, out_features: int, bias: bool,
                  dtype: torch.dtype | None = None, kernels: KernelSet | None = None,
                  method: LinearMethod | None = None) -> None:
@@ -187,6 +191,7 @@ class RowParallelLinear(LinearBase):
                  kernels: KernelSet | None = None, method: LinearMethod | None = None) -> None:
         self.tp_rank, self.tp_size = ps.get_tp_rank(), ps.get_tp_size()
         self.reduce_results = reduce_results
+        self.input_is_parallel = self.tp_size > 1
         super().__init__(divide(in_features, self.tp_size), out_features, bias, dtype, kernels,
                          method)
 

@@ -6,9 +6,10 @@ q, k and v keep their own) or ``[ceil(N/128), ceil(K/128)]`` per block; static c
 ``input_scale`` float32 ``[1]`` (the largest of a merged layer's shards).
 
 Activations (``QuantizationConfig.activation_scheme``): ``dynamic`` per-token scales
-(``quant_fp8_per_token``: s = max|x_row| / 448), ``static`` the checkpoint's ``input_scale``,
-blocks per-token groups of 128; ``none`` (weight-only checkpoints) dequantizes the weight and
-runs ``F.linear`` in x's dtype.
+(``quant_fp8_per_token``: s = max|x_row| / 448; a row-parallel layer over several ranks takes
+the max over the TP group, so TP quantizes as one process), ``static`` the checkpoint's
+``input_scale``, blocks per-token groups of 128; ``none`` (weight-only checkpoints)
+dequantizes the weight and runs ``F.linear`` in x's dtype.
 
 Online quantization (``--quantization fp8``): ``weight_scale = max|W_row| / 448``,
 ``weight = W / weight_scale`` saturated to e4m3 (relative error <= 2^-4 per element).
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fuselm.kernels.fp8_matmul import FP8_DTYPE, FP8_MAX
+from fuselm.kernels.fp8_matmul import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE
 from fuselm.layers.quantization.base import (
     LinearMethod,
     ShardMeta,
@@ -29,6 +30,7 @@ from fuselm.layers.quantization.base import (
     tensor_bytes,
 )
 from fuselm.layers.quantization.config import FP8_BLOCK, QuantizationConfig
+from fuselm.parallel import comm
 
 _MIN_SCALE = 1e-12
 
@@ -50,6 +52,16 @@ def dequantize_fp8(weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Te
         s = s.repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)[:n, :k]
         return w * s
     return w * s.reshape(-1, 1) if s.numel() > 1 else w * s.reshape(1, 1)
+
+
+def quant_fp8_row_parallel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token dynamic quantization of this rank's columns ``x [M, K / tp]`` with the scale
+    of the whole row (max over the TP group, one ``[M, tp]`` gather), so a row-parallel layer
+    quantizes exactly as one process does: TP runs give TP=1's tokens."""
+    amax = x.abs().amax(dim=1, keepdim=True).float()  # [M, 1]
+    amax = comm.tp_all_gather(amax, dim=-1).amax(dim=1, keepdim=True)
+    scale = (amax / FP8_MAX).clamp(min=FP8_MIN_SCALE)
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
 class Fp8LinearMethod(LinearMethod):
@@ -110,6 +122,8 @@ class Fp8LinearMethod(LinearMethod):
         if self.scheme == "static":
             x_scale = layer.input_scale
             x_fp8 = self._quant.fn(x, x_scale)
+        elif layer.input_is_parallel and not self.block:
+            x_fp8, x_scale = quant_fp8_row_parallel(x)
         else:
             x_fp8, x_scale = self._quant.fn(x)
         return self._matmul.fn(x_fp8, x_scale, layer.weight, layer.weight_scale, x.dtype, bias)
