@@ -163,6 +163,7 @@ def test_fp8_matmul_triton(m, n, k, x_mode, w_mode):
 @pytest.mark.parametrize("cfg", [ft.GemvConfig(8, 64, 1), ft.GemvConfig(16, 32, 2, 2),
                                  ft.GemvConfig(8, 64, 2, 1, rows_m=4),
                                  ft.GemvConfig(16, 32, 2, 2, rows_m=2),
+                                 ft.GemvConfig(8, 256, 2, 2, programs_per_sm=1),
                                  ft.GemmConfig(16, 32, 64, 2, 4, 2),
                                  ft.GemmConfig(32, 16, 32, 1, 4, 1),
                                  ft.GemmConfig(16, 32, 64, 2, 4, 2, tma=1)])
@@ -170,6 +171,7 @@ def test_triton_configs_and_fp16_out(cfg):
     """Both kernels at several tiles (EVEN_K and masked K, N tails, GROUP_M swizzle)."""
     _need("fp8_matmul")
     m, n, k = (3, 45, 160) if isinstance(cfg, ft.GemvConfig) else (40, 45, 160)
+    m = 1 if isinstance(cfg, ft.GemvConfig) and cfg.programs_per_sm else m  # persistent: M=1
     (xq, xs, wq, ws, bias), x64, w64 = _operands(m, n, k, 7)
     out = torch.empty(m, n, dtype=torch.float16, device=DEVICE)
     fm.launch_fp8_matmul(xq, xs.reshape(-1), wq, ws, bias, out, cfg)

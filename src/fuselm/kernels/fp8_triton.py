@@ -8,6 +8,7 @@ heuristics here, then ``configs/fp8_matmul.json``). Import only where Triton is 
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -65,13 +66,17 @@ class GemvConfig(NamedTuple):
     num_warps: int
     num_stages: int = 1
     rows_m: int = 1  # x rows a program multiplies with each weight tile it loads
+    # > 0: a persistent grid of this many programs an SM, each looping over row blocks with
+    # NUM_STAGES tiles in flight (M = 1, K <= block_k); 0: one program a row block
+    programs_per_sm: int = 0
 
     @property
     def label(self) -> str:
         """Stable name used by the sweep and the tuning table."""
         rows = f"_r{self.rows_m}" if self.rows_m > 1 else ""
+        pers = f"_p{self.programs_per_sm}" if self.programs_per_sm else ""
         return (f"gemv_n{self.block_n}_k{self.block_k}_w{self.num_warps}_s{self.num_stages}"
-                f"{rows}")
+                f"{rows}{pers}")
 
 
 def default_gemv_config(n: int, k: int) -> GemvConfig:
@@ -184,6 +189,46 @@ def _fp8_gemv_rows_kernel(
              mask=(m_rows < M)[:, None] & (rows < N)[None, :])
 
 
+@triton.jit
+def _fp8_gemv_persistent_kernel(
+    x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr,  # as _fp8_gemv_kernel, M = 1
+    N, K,
+    X_SCALED: tl.constexpr, W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """M = 1, K <= BLOCK_K: the x row stays in registers and each program streams row blocks
+    pid, pid + P, ... with NUM_STAGES weight tiles in flight, so no program waits out a DRAM
+    round trip per tile."""
+    pdl_wait_then_release(USE_PDL)
+    cols = tl.arange(0, BLOCK_K)
+    xv = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+    x_scale = 1.0
+    if X_SCALED:
+        x_scale = tl.load(xs_ptr)
+    w_scale = 1.0
+    if not W_PER_CHANNEL:
+        w_scale = tl.load(ws_ptr)
+    for rb in tl.range(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.num_programs(0),
+                       num_stages=NUM_STAGES):
+        rows = rb * BLOCK_N + tl.arange(0, BLOCK_N)
+        w = _gemv_w_tile(w_ptr + rows.to(tl.int64)[:, None] * K, rows, cols, N, K, False,
+                         False)
+        y = tl.sum(w * xv[None, :], axis=1) * (x_scale * w_scale)
+        if W_PER_CHANNEL:
+            y *= tl.load(ws_ptr + rows, mask=rows < N, other=0.0)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rows < N)
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    if not torch.cuda.is_available():
+        return 4  # the interpreter: a few programs, each looping
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def launch_gemv(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor,
                 weight_scale: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
                 cfg: GemvConfig) -> None:
@@ -202,6 +247,12 @@ def launch_gemv(x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Ten
         num_warps=cfg.num_warps, launch_pdl=pdl)
     args = (x, x_scale if x_scale is not None else weight_scale, weight, weight_scale,
             bias if bias is not None else weight_scale, out)
+    if cfg.programs_per_sm and m == 1 and k <= cfg.block_k and weight.stride(0) == k:
+        grid = (min(triton.cdiv(n, cfg.block_n),
+                    cfg.programs_per_sm * _num_sms(x.device.index or 0)),)
+        common.pop("X_PER_TOKEN")
+        _fp8_gemv_persistent_kernel[grid](*args, n, k, **common)
+        return
     if cfg.rows_m > 1 and m > 1:
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.rows_m))
         _fp8_gemv_rows_kernel[grid](*args, m, n, k, x.stride(0), weight.stride(0),
