@@ -246,7 +246,10 @@ def materialize(model: nn.Module, cpu_offload_gb: float, device: torch.device,
     _check_fits(resident + staging, device, cpu_offload_gb)
     _materialize_resident(model, device, offloaded_ids)
     pin = device.type == "cuda"
-    return WeightOffloader(layers, [_OffloadedLayer(i, layers[i], pin) for i in chosen], device)
+    offloader = WeightOffloader(layers, [_OffloadedLayer(i, layers[i], pin) for i in chosen],
+                                device)
+    offloader.resident_bytes = resident
+    return offloader
 
 
 def _check_fits(device_bytes: int, device: torch.device, cpu_offload_gb: float) -> None:
@@ -321,6 +324,7 @@ class WeightOffloader:
         self.slots: list[torch.Tensor] = []
         self.h2d_gbs: float | None = None  # measured at install on CUDA
         self.h2d_measured = False
+        self.resident_bytes = 0  # the model's parameters on the device (set by materialize)
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         if self.is_cuda:
             self.copy_stream = torch.cuda.Stream(device)
@@ -441,8 +445,9 @@ def warn_if_fits(offloader: WeightOffloader, kv_bytes_needed: int,
         return False
     _, total = torch.cuda.mem_get_info(offloader.device)
     staging = sum(slot.numel() for slot in offloader.slots)
-    need = torch.cuda.memory_allocated(offloader.device) - staging + offloader.offloaded_bytes
-    if need + kv_bytes_needed > gpu_memory_utilization * total:
+    need = offloader.resident_bytes + offloader.offloaded_bytes  # the whole model, resident
+    others = torch.cuda.memory_allocated(offloader.device) - offloader.resident_bytes - staging
+    if others + need + kv_bytes_needed > gpu_memory_utilization * total:
         return False
     logger.warning("--cpu-offload-gb: all %.1f GiB of weights would fit on %s (%.1f GiB at "
                    "--gpu-memory-utilization %.2f, with a KV cache of one max_model_len "
