@@ -384,9 +384,10 @@ def fp8_w8a16_gemv_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: t
     _check_bias(bias, n)
     _check_triton_operands(x, weight)
     out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
-    cfg = triton_config(n, k, 1, x.device)
-    if not isinstance(cfg, ft.GemvConfig):
-        cfg = ft.default_gemv_config(n, k)
+    m = x.shape[0]
+    cfg = triton_config(n, k, m, x.device)
+    if not isinstance(cfg, ft.GemvConfig):  # the table chose a GEMM for W8A8 at this M
+        cfg = ft.default_gemv_config(n, k)._replace(rows_m=1 << (min(m, 16) - 1).bit_length())
     ft.launch_gemv(x, None, weight, ws, bias, out, cfg)
     return out
 
