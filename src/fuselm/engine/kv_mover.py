@@ -219,7 +219,7 @@ def kv_tier_stats(block_manager: BlockManager, mover: KVBlockMover | None,
     moved = block_manager.moved
     swap, tier = block_manager.swap, block_manager.cpu_tier
     num_cpu = (swap.num_blocks if swap else 0) + (tier.num_blocks if tier else 0)
-    used = (len(swap.held) if swap else 0) + (len(tier.lru) if tier else 0)
+    used = (swap.num_held if swap else 0) + (len(tier.lru) if tier else 0)
     return {
         "num_swapped_preemptions_total": scheduler.num_swapped_preemptions,
         "recomputed_tokens_total": scheduler.num_recomputed_tokens,

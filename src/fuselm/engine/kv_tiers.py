@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 BlockPair = tuple[int, int]  # (gpu_block, cpu_block)
+DECAY = 0.8  # weight of the past in the measured rates, per new measurement
 
 
 @dataclass
@@ -93,8 +94,13 @@ class SwapSpace:
 
     @property
     def held(self) -> set[int]:
-        """Blocks that swapped-out sequences hold."""
+        """Blocks that swapped-out sequences hold (a copy)."""
         return set(self._held)
+
+    @property
+    def num_held(self) -> int:
+        """How many blocks swapped-out sequences hold."""
+        return len(self._held)
 
 
 class CpuPrefixTier:
@@ -160,14 +166,17 @@ class TransferRates:
     prefer: Literal["measured", "swap", "recompute"] = "measured"
 
     def observe_copy(self, num_bytes: int, seconds: float) -> None:
-        """Adds a measured copy batch (either direction)."""
-        self.copy_bytes += num_bytes
-        self.copy_seconds += seconds
+        """Adds a measured copy batch (either direction); older ones weigh less."""
+        self.copy_bytes = DECAY * self.copy_bytes + num_bytes
+        self.copy_seconds = DECAY * self.copy_seconds + seconds
 
     def observe_prefill(self, num_tokens: int, seconds: float) -> None:
-        """Adds a measured forward of ``num_tokens`` tokens (steps with many prompt tokens)."""
-        self.prefill_tokens += num_tokens
-        self.prefill_seconds += seconds
+        """Adds a measured forward of ``num_tokens`` tokens (steps with many prompt tokens);
+        older ones weigh less, so that the first forwards (kernel compilation: the H200 run of
+        bench_kv_tiers read 12k tokens/s from plain sums where an 8k prefill runs at 38k)
+        fade out."""
+        self.prefill_tokens = DECAY * self.prefill_tokens + num_tokens
+        self.prefill_seconds = DECAY * self.prefill_seconds + seconds
 
     @property
     def copy_bytes_per_s(self) -> float | None:
