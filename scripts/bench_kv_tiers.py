@@ -143,9 +143,9 @@ def main() -> None:
     parser.add_argument("--returning", type=int, default=2)
     parser.add_argument("--cpu-tier-gib", type=float, default=8.0)
     parser.add_argument("--swap-gib", type=float, default=8.0)
-    parser.add_argument("--storm-requests", type=int, default=48)
+    parser.add_argument("--storm-requests", type=int, default=64)
     parser.add_argument("--storm-prompt", type=int, default=1024)
-    parser.add_argument("--storm-tokens", type=int, default=256)
+    parser.add_argument("--storm-tokens", type=int, default=512)
     args = parser.parse_args()
     shape, device, dtype = "llama-3-8b", "cuda", "bfloat16"
     if args.smoke:
