@@ -19,6 +19,9 @@ default model (CPU works).
 Usage:
   python scripts/bench_structured.py libraries [--threads 8] [--batch-size 64]
   python scripts/bench_structured.py tokenizer --out tok128k.json   (where the default model is)
+  python scripts/bench_structured.py tokenizer --from-tiktoken tokenizer.model --out llama3.json
+      (Llama 3's real vocabulary: its tiktoken ranks file, as meta-llama/llama-models ships it)
+  python scripts/bench_structured.py fill --tokenizer-json F [--threads 1 8 15]
   python scripts/bench_structured.py step [--shape llama-3-8b] [--batch-size 64]
       [--max-tokens 128] [--device cuda] [--tokenizer-json F]
 """
@@ -235,6 +238,71 @@ OPEN_SCHEMA = {"type": "object", "properties": {"notes": {"type": "array", "item
     "type": "string"}}}, "required": ["notes"]}
 
 
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (the spelling of byte-level BPE vocabularies)."""
+    from tokenizers import pre_tokenizers
+
+    chars = pre_tokenizers.ByteLevel.alphabet()
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "
+                 and not (0x7F <= b <= 0xA0) and b != 0xAD]
+    others = [b for b in range(256) if b not in printable]
+    mapping = {b: chr(b) for b in printable}
+    mapping.update({b: chr(256 + i) for i, b in enumerate(others)})
+    if set(mapping.values()) != set(chars):
+        raise RuntimeError("unexpected byte-level alphabet")
+    return mapping
+
+
+def tiktoken_tokenizer(ranks_file: Path) -> str:
+    """A tokenizer.json (byte-level BPE) of a tiktoken ranks file (``base64 rank`` lines) plus
+    Llama 3's 256 special tokens: merges follow the ranks, as tiktoken's BPE applies them."""
+    import base64
+
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+
+    alphabet = _byte_alphabet()
+    ranks: dict[bytes, int] = {}
+    for line in ranks_file.read_text().splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+
+    def spell(b: bytes) -> str:
+        return "".join(alphabet[x] for x in b)
+
+    merges = []
+    for token, rank in ranks.items():
+        if len(token) < 2:
+            continue
+        splits = [(max(ranks[token[:i]], ranks[token[i:]]), token[:i], token[i:])
+                  for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
+        if splits:
+            _, left, right = min(splits)
+            merges.append((rank, spell(left), spell(right)))
+    merges.sort()
+    vocab = {spell(t): r for t, r in ranks.items()}
+    tk = HFTokenizer(models.BPE(vocab=vocab, merges=[(a, b) for _, a, b in merges],
+                                ignore_merges=True))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(__import__("tokenizers").Regex(_LLAMA3_SPLIT), "isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    names = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+             "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+             "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>",
+             "<|python_tag|>"]
+    names += [f"<|reserved_special_token_{i}|>" for i in range(2, LLAMA3_VOCAB - len(ranks)
+                                                                - len(names) + 2)]
+    tk.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in names])
+    if tk.get_vocab_size() != LLAMA3_VOCAB:
+        raise RuntimeError(f"built {tk.get_vocab_size()} tokens, expected {LLAMA3_VOCAB}")
+    return tk.to_str()
+
+
 def llama3_size_tokenizer() -> str:
     """The 128k-token BPE (tokenizer.json text) built from the default model's vocabulary."""
     base = Tokenizer.from_gguf(default_model_path())
@@ -353,6 +421,42 @@ def _apply_ms(args: argparse.Namespace, vocab_size: int) -> float:
     return start.elapsed_time(end) / 100
 
 
+def run_fill(args: argparse.Namespace) -> None:
+    """The batched mask fill alone: --batch-size matchers inside an open JSON string (as in
+    ``step``), one new token each per step, per --threads count."""
+    import xgrammar as xgr
+
+    hf = HFTokenizer.from_str(args.tokenizer_json.read_text())
+    size = hf.get_vocab_size()
+    vocab = [""] * size
+    for token, token_id in hf.get_vocab(with_added_tokens=True).items():
+        vocab[token_id] = token
+    info = xgr.TokenizerInfo(vocab, xgr.VocabType.BYTE_LEVEL, vocab_size=size,
+                             stop_token_ids=[size - 1])
+    grammar = xgr.GrammarCompiler(info, cache_enabled=False).compile_json_schema(
+        json.dumps(OPEN_SCHEMA))
+    prefix = hf.encode('{"notes": ["abc', add_special_tokens=False).ids
+    words = hf.encode(" the quick brown fox jumps over the lazy dog " * 4,
+                      add_special_tokens=False).ids
+    bitmask = xgr.allocate_token_bitmask(args.batch_size, size)
+    for threads in args.threads:
+        matchers = [xgr.GrammarMatcher(grammar) for _ in range(args.batch_size)]
+        for m in matchers:
+            for token in prefix:
+                m.accept_token(token)
+        batch = xgr.BatchGrammarMatcher(max_threads=threads)
+        times = []
+        for token in words:
+            for m in matchers:
+                m.accept_token(token)
+            t0 = time.perf_counter()
+            batch.batch_fill_next_token_bitmask(matchers, bitmask)
+            times.append(time.perf_counter() - t0)
+        print(f"vocab {size}, batch {args.batch_size}, {threads:2d} threads: fill "
+              f"{statistics.median(times) * 1e3:.3f} ms median, "
+              f"{statistics.mean(times) * 1e3:.3f} ms mean over {len(times)} steps")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -368,13 +472,21 @@ def main() -> None:
     step.add_argument("--tokenizer-json", type=Path, default=None,
                       help="the 128k tokenizer of --shape llama-3-8b, written earlier by "
                       "`tokenizer --out FILE` (for a machine without the default model)")
+    fill = sub.add_parser("fill", help="the batched mask fill alone, per thread count")
+    fill.add_argument("--tokenizer-json", type=Path, required=True)
+    fill.add_argument("--batch-size", type=int, default=64)
+    fill.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     tok = sub.add_parser("tokenizer", help="write the 128k tokenizer of --shape llama-3-8b")
     tok.add_argument("--out", type=Path, required=True)
+    tok.add_argument("--from-tiktoken", type=Path, default=None,
+                     help="build it from this tiktoken ranks file (Llama 3's tokenizer.model) "
+                     "instead of extending the default model's vocabulary")
     args = parser.parse_args()
     if args.command == "tokenizer":
-        args.out.write_text(llama3_size_tokenizer())
+        args.out.write_text(tiktoken_tokenizer(args.from_tiktoken) if args.from_tiktoken
+                            else llama3_size_tokenizer())
         return
-    (run_libraries if args.command == "libraries" else run_step)(args)
+    {"libraries": run_libraries, "step": run_step, "fill": run_fill}[args.command](args)
 
 
 if __name__ == "__main__":
