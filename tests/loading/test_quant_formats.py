@@ -211,3 +211,12 @@ def test_side_file_quantization_config(side_file: str, method: str, tmp_path) ->
     cfg = quant_formats.parse(quant)
     assert (cfg.source, cfg.method) == (method, "int4")
     assert cfg.group_size == (128 if method == "gptq" else 64)
+
+
+def test_word_bytes_by_shifts_equal_the_memory_view() -> None:
+    """The byte-order-independent path (big-endian hosts) gives the little-endian view."""
+    from fuselm.loading.quant_formats._packing import int32_bytes, int32_bytes_shifted
+
+    words = torch.randint(-2**31, 2**31 - 1, (5, 7), dtype=torch.int32,
+                          generator=torch.Generator().manual_seed(0))
+    assert torch.equal(int32_bytes_shifted(words), int32_bytes(words))

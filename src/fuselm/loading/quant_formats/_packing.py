@@ -9,6 +9,8 @@ are arithmetic on the integer value, so the result does not depend on the host's
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from fuselm.errors import CheckpointError
@@ -22,29 +24,45 @@ def unpack_int32(packed: torch.Tensor, bits: int, dim: int,
     ``order[j]`` is the field index holding logical position ``j`` of each word (None:
     field ``j`` holds position ``j``).
     """
+    _check_packed(packed)
+    per_word = 32 // bits
+    fields = order if order is not None else tuple(range(per_word))
+    # int32 shifts sign-extend, and the mask drops those bits: no int64 copy (8B-model layers)
+    shifts = torch.tensor([bits * f for f in fields], dtype=torch.int32)
+    mask = (1 << bits) - 1
+    if dim == 1:
+        values = (packed.unsqueeze(-1) >> shifts) & mask  # [R, C, per_word]
+        return values.to(torch.uint8).reshape(packed.shape[0], -1)
+    values = (packed.unsqueeze(1) >> shifts.view(1, -1, 1)) & mask  # [R, per_word, C]
+    return values.to(torch.uint8).reshape(-1, packed.shape[1])
+
+
+def int32_bytes(packed: torch.Tensor) -> torch.Tensor:
+    """int32 ``[R, C]`` -> uint8 ``[R, 4 C]``: the words' bytes, least significant first.
+
+    Where a format packs eight sequential nibbles into a word (GPTQ along K after a
+    transpose, compressed-tensors along K), byte ``m`` of word ``c`` holds nibbles ``8c + 2m``
+    (low) and ``8c + 2m + 1`` (high): exactly the canonical int4 bytes. On a little-endian
+    host that is the words' memory, viewed (no copy: a 8B-model MLP weight converts in
+    milliseconds); elsewhere it is shifted out.
+    """
+    _check_packed(packed)
+    if sys.byteorder == "little":
+        return packed.contiguous().view(torch.uint8)
+    return int32_bytes_shifted(packed)
+
+
+def int32_bytes_shifted(packed: torch.Tensor) -> torch.Tensor:
+    """``int32_bytes`` by arithmetic shifts (any byte order)."""
+    shifts = torch.tensor([0, 8, 16, 24], dtype=torch.int32)
+    return ((packed.unsqueeze(-1) >> shifts) & 0xFF).to(torch.uint8).reshape(
+        packed.shape[0], -1)
+
+
+def _check_packed(packed: torch.Tensor) -> None:
     if packed.dtype != torch.int32 or packed.dim() != 2:
         raise CheckpointError(f"expected a 2-D int32 packed tensor, got {packed.dtype} "
                               f"{list(packed.shape)}")
-    per_word = 32 // bits
-    fields = order if order is not None else tuple(range(per_word))
-    shifts = torch.tensor([bits * f for f in fields], dtype=torch.int64)
-    words = packed.to(torch.int64) & 0xFFFFFFFF  # the word's unsigned value
-    mask = (1 << bits) - 1
-    if dim == 1:
-        values = (words.unsqueeze(-1) >> shifts) & mask  # [R, C, per_word]
-        return values.reshape(packed.shape[0], -1).to(torch.uint8)
-    values = (words.unsqueeze(1) >> shifts.view(1, -1, 1)) & mask  # [R, per_word, C]
-    return values.reshape(-1, packed.shape[1]).to(torch.uint8)
-
-
-def pack_int4_rows(q: torch.Tensor) -> torch.Tensor:
-    """uint8 nibbles ``[N, K]`` (values 0..15, K even) -> the canonical int4 ``qweight``
-    uint8 ``[N, K // 2]``: byte ``j`` holds column ``2j`` low, ``2j + 1`` high."""
-    if q.shape[-1] % 2:
-        raise CheckpointError(f"an int4 weight needs an even number of input columns, got "
-                              f"{q.shape[-1]}")
-    q = q.to(torch.uint8)
-    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
 
 
 def check_dtype(suffix: str, tensor: torch.Tensor, *dtypes: torch.dtype) -> None:

@@ -31,7 +31,7 @@ from fuselm.layers.quantization.config import QuantizationConfig
 from fuselm.loading.quant_formats._packing import (
     check_dtype,
     check_trivial_g_idx,
-    pack_int4_rows,
+    int32_bytes,
     unpack_int32,
 )
 from fuselm.loading.quant_formats.fp8 import fp8_weight, per_tensor_scale, scale_to_float32
@@ -170,10 +170,10 @@ def _convert_int(qcfg: QuantizationConfig, suffix: str,
         return {"qweight": tensor.contiguous()}
     if suffix == "weight_packed":
         check_dtype(suffix, tensor, torch.int32)
-        fields = unpack_int32(tensor, qcfg.bits, dim=1)  # [N, K] unsigned
-        if qcfg.method == "int8":
+        if qcfg.method == "int8":  # unsigned q + 128 -> int8 q
+            fields = int32_bytes(tensor)  # [N, K]: four sequential 8-bit fields a word
             return {"qweight": (fields.to(torch.int16) - 128).to(torch.int8)}
-        return {"qweight": pack_int4_rows(fields)}
+        return {"qweight": int32_bytes(tensor)}  # [N, K / 2]: the canonical nibble pairs
     if suffix == "weight_zero_point":  # asymmetric int4
         if tensor.dtype == torch.int32:
             zeros = unpack_int32(tensor, 4, dim=0)  # [8 * ceil(N / 8), K / G] unsigned

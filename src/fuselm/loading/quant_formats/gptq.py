@@ -28,7 +28,7 @@ from fuselm.layers.quantization.config import QuantizationConfig
 from fuselm.loading.quant_formats._packing import (
     check_dtype,
     check_trivial_g_idx,
-    pack_int4_rows,
+    int32_bytes,
     unpack_int32,
 )
 
@@ -69,8 +69,7 @@ def convert(qcfg: QuantizationConfig, suffix: str,
     """One GPTQ tensor of a layer -> its canonical tensors (module docstring)."""
     if suffix == "qweight":
         check_dtype(suffix, tensor, torch.int32)
-        q = unpack_int32(tensor, 4, dim=0)  # [K, N]
-        return {"qweight": pack_int4_rows(q.t())}
+        return {"qweight": int32_bytes(tensor.t().contiguous())}  # [N, K / 2]
     if suffix == "qzeros":
         check_dtype(suffix, tensor, torch.int32)
         z = unpack_int32(tensor, 4, dim=1)  # [K / G, N]
