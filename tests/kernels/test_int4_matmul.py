@@ -49,15 +49,16 @@ def _tol(dtype, k):
     return atol * max(1.0, (k / 64) ** 0.5), max(rtol, 4e-6)
 
 
-GEMV = [Cfg("gemv", 4, 256, 4), Cfg("gemv", 8, 128, 2, 2)]
+GEMV = [Cfg("gemv", 4, 256, 4), Cfg("gemv", 8, 128, 2, 2, 16, 3)]
 GEMM = [Cfg("gemm", 16, 32, 4, 1, 16), Cfg("gemm", 32, 16, 4, 2, 32)]
 SHAPES = [(33, 96, 32), (20, 192, 64), (24, 256, 128)]
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("m,n,k,g", [(1, *SHAPES[0]), (3, *SHAPES[1]), (1, *SHAPES[1])])
-@pytest.mark.parametrize("cfg,prefetch", [(GEMV[0], False), (GEMV[1], True)],
-                         ids=["nopf", "prefetch"])
+@pytest.mark.parametrize("cfg,prefetch", [(GEMV[0], False), (GEMV[1], True),
+                                          (GEMV[0]._replace(mode=1), False)],
+                         ids=["plain", "prefetch_xvec_next", "xvec"])
 def test_gemv_variant(dtype, m, n, k, g, cfg, prefetch):
     _need_triton()
     x, q, s, z = _inputs(m, n, k, g, dtype, seed=m * 100 + n + k)
@@ -161,9 +162,12 @@ def test_gpu_bf16_8b_shapes(n, k, m):
     assert_close(out.double(), expected, atol=1e-2 * expected.std().item(), rtol=1e-2)
 
 
+GPU_VARIANTS = [*GEMV, GEMV[0]._replace(mode=1), GEMV[0]._replace(mode=2), *GEMM,
+                Cfg("gemm", 128, 128, 8, 3, 128), Cfg("dequant", 0, 0, 4)]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", GEMV + GEMM + [Cfg("gemm", 128, 128, 8, 3, 128),
-                                               Cfg("dequant", 0, 0, 4)], ids=lambda c: c.label)
+@pytest.mark.parametrize("cfg", GPU_VARIANTS, ids=lambda c: c.label)
 def test_gpu_bf16_variants(cfg):
     _need_triton()
     x, q, s, z = _inputs(33, 4096, 4096, 128, torch.bfloat16, seed=5)

@@ -39,26 +39,28 @@ BATCHES = (1, 4, 16, 64, 256)
 NUM_LAYERS = 32  # Llama-3-8B
 GROUP = 128
 
-GEMV4 = [Cfg("gemv", 8, 1024, 2), Cfg("gemv", 4, 1024, 1), Cfg("gemv", 16, 1024, 4),
-         Cfg("gemv", 32, 1024, 4), Cfg("gemv", 8, 2048, 4), Cfg("gemv", 16, 512, 2),
-         Cfg("gemv", 8, 1024, 2, 2), Cfg("gemv", 16, 2048, 8)]
-GEMV8 = [Cfg("gemv", 8, 512, 2), Cfg("gemv", 4, 512, 1), Cfg("gemv", 16, 512, 4),
-         Cfg("gemv", 32, 512, 4), Cfg("gemv", 8, 1024, 4), Cfg("gemv", 8, 512, 2, 2),
-         Cfg("gemv", 16, 1024, 8)]
+# gemv bases (block_n, block_k, warps, stages) x modes (bit 0 XVEC, bit 1 NEXT: int8_matmul)
+_GEMV4_BASES = [(8, 1024, 2, 1), (8, 2048, 4, 1), (16, 512, 2, 1), (16, 1024, 4, 1)]
+_GEMV8_BASES = [(8, 1024, 4, 1), (16, 1024, 8, 1), (32, 512, 4, 1), (8, 512, 2, 1)]
+GEMV4 = [Cfg("gemv", *b, 16, mode) for b in _GEMV4_BASES for mode in (0, 1, 2, 3)]
+GEMV4 += [Cfg("gemv", 32, 1024, 4, 1, 16, 3), Cfg("gemv", 4, 1024, 1, 1, 16, 3),
+          Cfg("gemv", 8, 1024, 2, 2, 16, 1), Cfg("gemv", 16, 512, 2, 3, 16, 1)]
+GEMV8 = [Cfg("gemv", *b, 16, mode) for b in _GEMV8_BASES for mode in (0, 1, 2, 3)]
 
 
 def gemm_sweep(m: int, max_k: int) -> list[Cfg]:
     """Tensor-core configs tried at batch m (block_k at most ``max_k``: the group for int4)."""
     k1, k2 = max_k, max_k // 2
+    # small block_n: enough programs for N = 4096 (block_n 64 gave 64 programs: 1/2 the SMs)
     if m <= 16:
-        cands = [(16, 64, k1, 4, 3), (16, 128, k1, 4, 3), (16, 64, k2, 4, 4),
-                 (16, 128, k2, 4, 4)]
+        cands = [(16, 16, k1, 1, 3), (16, 32, k1, 2, 3), (16, 32, k2, 2, 4), (16, 64, k1, 4, 3),
+                 (16, 16, k2, 1, 4)]
     elif m <= 64:
-        cands = [(64, 64, k1, 4, 3), (64, 128, k1, 4, 3), (32, 128, k1, 4, 3),
-                 (64, 128, k2, 8, 4)]
+        cands = [(64, 32, k1, 4, 3), (32, 32, k1, 2, 3), (64, 64, k1, 4, 3), (32, 64, k1, 4, 3),
+                 (64, 16, k1, 2, 3)]
     else:
-        cands = [(128, 128, k1, 8, 3), (128, 128, k2, 8, 4), (64, 128, k1, 4, 3),
-                 (128, 64, k1, 4, 3), (256, 128, k2, 8, 3)]
+        cands = [(128, 64, k1, 4, 3), (64, 64, k1, 4, 3), (128, 32, k1, 4, 3),
+                 (128, 128, k1, 8, 3), (256, 64, k2, 8, 3)]
     return [Cfg("gemm", bn, bk, w, s, bm) for bm, bn, bk, w, s in cands]
 
 
@@ -122,12 +124,12 @@ class Case:
             from fuselm.kernels.int4_matmul import default_config
 
             base = default_config(self.n, self.k, GROUP, m)
-            sweep = (GEMV4 if m == 1 else []) + gemm_sweep(m, GROUP)
+            sweep = (GEMV4 if m <= 4 else []) + gemm_sweep(m, GROUP)
         else:
             from fuselm.kernels.int8_matmul import default_config
 
             base = default_config(self.n, self.k, m)
-            sweep = (GEMV8 if m == 1 else []) + gemm_sweep(m, 128)
+            sweep = (GEMV8 if m <= 4 else []) + gemm_sweep(m, 128)
         return list(dict.fromkeys([base] + ([] if quick else sweep + [Cfg("dequant", 0, 0, 4)])))
 
 
@@ -149,8 +151,9 @@ def bf16_times(n: int, k: int, device: torch.device, replays: int) -> dict[int, 
 
 
 def measure(case: Case, m: int, bf16_us: float, copy_gbs: float, replays: int, quick: bool,
-            deadline: float) -> dict[str, Any]:
-    """Every config of ``case`` at batch m; the row of the fastest (a wrong one is skipped)."""
+            deadline: float, compiled: set[str]) -> dict[str, Any]:
+    """Every config of ``case`` at batch m; the row of the fastest (a wrong one is skipped).
+    Past ``deadline`` only configs in ``compiled`` (labels timed before: no compile) run."""
     device = case.weights[0][0].device
     x = torch.randn(m, case.k, device=device, dtype=torch.bfloat16)
     outs = [torch.empty(m, case.n, device=device, dtype=torch.bfloat16)
@@ -160,11 +163,13 @@ def measure(case: Case, m: int, bf16_us: float, copy_gbs: float, replays: int, q
     times: dict[str, float] = {}
     best: tuple[float, Cfg] | None = None
     configs = case.configs(m, quick)
+    skipped = 0
     for j, cfg in enumerate(configs):
-        if j and time.monotonic() > deadline:
-            print(f"  budget reached: {len(configs) - j} configs of {case.kind} n{case.n} m{m} "
-                  "not swept", file=sys.stderr)
-            break
+        key = f"{case.kind}:{cfg.label}"
+        if j and key not in compiled and time.monotonic() > deadline:
+            skipped += 1
+            continue
+        compiled.add(key)
 
         def body(cfg=cfg) -> None:
             for i, o in enumerate(outs):
@@ -184,6 +189,9 @@ def measure(case: Case, m: int, bf16_us: float, copy_gbs: float, replays: int, q
         times[cfg.label] = round(t, 2)
         if best is None or t < best[0]:
             best = (t, cfg)
+    if skipped:
+        print(f"  budget reached: {skipped} uncompiled configs of {case.kind} n{case.n} m{m} "
+              "not swept", file=sys.stderr)
     moved = case.weight_bytes + 2 * m * (case.k + case.n)  # + bf16 activations in and out
     row: dict[str, Any] = {"kind": case.kind, "n": case.n, "k": case.k, "m": m,
                            "MB": round(moved / 1e6, 2), "bf16_us": round(bf16_us, 2),
@@ -275,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     scales_dtype = getattr(torch, args.scales_dtype)
     copy_gbs = common.copy_bandwidth_gbs(device)
     print(f"copy bandwidth {copy_gbs:.0f} GB/s (read + write)", flush=True)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    compiled: set[str] = set()
     shapes = LLAMA3_8B + ([LM_HEAD] if "int8" in formats else [])
     for name, n, k in shapes:
         bf16 = bf16_times(n, k, device, args.replays)
@@ -284,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             case = Case(kind, n, k, device, scales_dtype, seed=n + k)
             for m in BATCHES:
                 rows.append({"name": name, **measure(case, m, bf16[m], copy_gbs, args.replays,
-                                                     args.quick, deadline)})
+                                                     args.quick, deadline, compiled)})
                 print(common.format_table(rows[-1:], ("name",) + COLUMNS), flush=True)
             del case
             torch.cuda.empty_cache()

@@ -7,26 +7,18 @@ nibble; scales float ``[N, K // G]`` (upcast to fp32); zeros uint8 ``[N, K // G]
 symmetric formats use 8). G = group_size, an even divisor of K. x ``[M, K]`` (fp16/bf16/fp32,
 last dim contiguous); out ``[M, N]`` in x's dtype, accumulated in fp32.
 
-The Triton kernels read the packed bytes as int32 words (word w of a row = columns 8w..8w+7,
-nibble i = column 8w + i) and turn nibbles into floats without int-to-float conversions (the
-conversion unit runs at 1/8 of the FMA rate on Hopper, too slow to keep up with 4.8 TB/s of
-nibbles): a shift and one mask-or put a nibble into the mantissa of a float constant.
-
-- ``gemv`` (batch 1, small M): fp32 FMAs. Nibble q becomes ``f = 1 + q/16`` (bits 19..22 of
-  1.0f); per group ``sum_k W x = 16 s (sum f x - (1 + z/16) sum x)``, so a nibble costs a shift,
-  a LOP3 and an FFMA. Programs own ``block_n`` rows and stream K; the x values a thread loads
-  serve all rows it holds.
-- ``gemm`` (larger M): ``tl.dot`` with the weight as the MMA's A operand (swap-AB: the batch
-  is the MMA's N, so M = 16 wastes nothing of the weight tile). The nibble becomes the float
-  ``OFF + q`` of x's dtype (bf16: 128 + q from 0x4300 | q; fp16: 1024 + q; fp32: exact q);
-  per group ``out += s (dot - (OFF + z) sum x)``. A K step is at most one group.
-- ``dequant``: the weight dequantized to x's dtype by a Triton kernel, then ``F.linear``
-  (cuBLAS); for the large batches where the tuning table measures it faster.
-
-Which variant and launch config runs is chosen per call from M: the tuning table
-``configs/int4_matmul.json`` (bucket ``n{N}_k{K}_g{G}_m{1|4|16|64|256}``, written by
-``python -m fuselm.bench.kernels_quant``), else ``default_config``. Shapes the kernels do not
-cover (G not a multiple of 16 for ``gemm``, of 8 for ``gemv``) run ``dequant``.
+The Triton kernels read the bytes as int32 words (word w = columns 8w..8w+7, nibble i =
+column 8w + i) and make floats of nibbles without int-to-float conversions (1/8 of the FMA rate
+on Hopper): a shift and a LOP3 put a nibble into the mantissa of a float constant.
+- ``gemv`` (batch 1): fp32 FMAs on ``f = 1 + q/16`` (bits 19..22 of 1.0f); per group
+  ``sum W x = 16 s (sum f x - (1 + z/16) sum x)``. A thread's x values serve all its rows.
+- ``gemm``: swap-AB ``tl.dot`` (weight = the MMA's A operand, batch = its N); the nibble is the
+  float ``OFF + q`` of x's dtype (bf16 128 + q, fp16 1024 + q, fp32 exact q) and per group
+  ``out += s (dot - (OFF + z) sum x)``; a K step lies within one group.
+- ``dequant``: the weight dequantized to x's dtype (one kernel), then cuBLAS.
+Variant and config per call from M: ``configs/int4_matmul.json`` (bucket
+``n{N}_k{K}_g{G}_m{1|4|16|64|256}``, by ``python -m fuselm.bench.kernels_quant``), else
+``default_config``; G not a multiple of 8 (gemv) / 16 (gemm) runs ``dequant``.
 
 Backends: ``int4_matmul_ref`` (float32 spec), ``int4_matmul_triton`` (``fuselm::int4_matmul``).
 """
@@ -38,6 +30,7 @@ import torch
 from fuselm.kernels import _pdl, triton_utils
 from fuselm.kernels.int8_matmul import (
     QuantMatmulConfig,
+    as_words,
     gemm_default,
     m_bucket,
     pow2_divisor,
@@ -174,18 +167,51 @@ if triton_utils.triton_available():
         return words, s16, zoff
 
     @triton.jit
-    def _int4_gemv_step(words, s16, zoff, x_row, w, KW, EVEN_K: tl.constexpr):
+    def _planes8(x3):
+        """``[A, B, 8]`` -> its 8 planes ``[A, B]`` (plane i = ``x3[..., i]``) by splits of
+        in-register pairs (no data movement)."""
+        a: tl.constexpr = x3.shape[0]
+        b: tl.constexpr = x3.shape[1]
+        ev, od = tl.split(tl.reshape(x3, (a, b, 4, 2)))  # x[2j], x[2j + 1]
+        e0, e1 = tl.split(tl.reshape(ev, (a, b, 2, 2)))  # x[4t], x[4t + 2]
+        o0, o1 = tl.split(tl.reshape(od, (a, b, 2, 2)))  # x[4t + 1], x[4t + 3]
+        p0, p4 = tl.split(e0)
+        p2, p6 = tl.split(e1)
+        p1, p5 = tl.split(o0)
+        p3, p7 = tl.split(o1)
+        return p0, p1, p2, p3, p4, p5, p6, p7
+
+    @triton.jit
+    def _int4_gemv_step(words, s16, zoff, x_row, w, KW, EVEN_K: tl.constexpr,
+                        XVEC: tl.constexpr):
         """One K step's ``sum W x`` per word slot ``[BLOCK_N, CHUNKS, CW]`` (w: the step's
-        word indices ``[CHUNKS, CW]``)."""
-        dot = tl.zeros(words.shape, dtype=tl.float32)
-        xsum = tl.zeros(w.shape, dtype=tl.float32)
-        for i in tl.static_range(8):
+        word indices ``[CHUNKS, CW]``). XVEC: a word's 8 x values are one 16-byte load."""
+        if XVEC:
+            cols = (w * 8)[:, :, None] + tl.arange(0, 8)[None, None, :]
             if EVEN_K:
-                xi = tl.load(x_row + w * 8 + i).to(tl.float32)
+                x3 = tl.load(x_row + cols).to(tl.float32)
             else:
-                xi = tl.load(x_row + w * 8 + i, mask=w < KW, other=0.0).to(tl.float32)
-            dot += _nibble_fma_value(words, i) * xi[None, :, :]
-            xsum += xi
+                x3 = tl.load(x_row + cols, mask=(w < KW)[:, :, None], other=0.0).to(tl.float32)
+            p0, p1, p2, p3, p4, p5, p6, p7 = _planes8(x3)
+            dot = _nibble_fma_value(words, 0) * p0[None, :, :]
+            dot += _nibble_fma_value(words, 1) * p1[None, :, :]
+            dot += _nibble_fma_value(words, 2) * p2[None, :, :]
+            dot += _nibble_fma_value(words, 3) * p3[None, :, :]
+            dot += _nibble_fma_value(words, 4) * p4[None, :, :]
+            dot += _nibble_fma_value(words, 5) * p5[None, :, :]
+            dot += _nibble_fma_value(words, 6) * p6[None, :, :]
+            dot += _nibble_fma_value(words, 7) * p7[None, :, :]
+            xsum = ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7))
+        else:
+            dot = tl.zeros(words.shape, dtype=tl.float32)
+            xsum = tl.zeros(w.shape, dtype=tl.float32)
+            for i in tl.static_range(8):
+                if EVEN_K:
+                    xi = tl.load(x_row + w * 8 + i).to(tl.float32)
+                else:
+                    xi = tl.load(x_row + w * 8 + i, mask=w < KW, other=0.0).to(tl.float32)
+                dot += _nibble_fma_value(words, i) * xi[None, :, :]
+                xsum += xi
         return s16 * (dot - zoff * xsum[None, :, :])
 
     @triton.jit
@@ -212,6 +238,8 @@ if triton_utils.triton_available():
         NUM_STAGES: tl.constexpr,
         PREFETCH: tl.constexpr,  # load the first weight step before waiting for x (PDL)
         USE_PDL: tl.constexpr,
+        XVEC: tl.constexpr = False,  # config mode bit 0
+        NEXT: tl.constexpr = False,  # config mode bit 1
     ):
         m = tl.program_id(1).to(tl.int64)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -223,22 +251,37 @@ if triton_utils.triton_available():
         s_rows = s_ptr + rows64[:, None] * s_stride
         z_rows = z_ptr + rows64[:, None] * z_stride
         x_row = x_ptr + m * x_stride
-        if PREFETCH:
-            # the weights do not depend on the previous kernel: with PDL the first step
-            # streams while that kernel finishes
+        step: tl.constexpr = CHUNKS * CW
+        if NEXT:
+            # register double buffering: the next step's weights are in flight during this
+            # step's math (the step past the end loads nothing: masked)
             words, s16, zoff = _int4_gemv_weights(qw_rows, s_rows, z_rows, rmask, 0, wofs,
                                                   chunk, KW, GROUP_WORDS, CW, EVEN)
             pdl_wait_then_release(USE_PDL)
-            acc = _int4_gemv_step(words, s16, zoff, x_row, wofs, KW, EVEN_K)
-            start = CHUNKS * CW
-        else:
-            pdl_wait_then_release(USE_PDL)
             acc = tl.zeros([BLOCK_N, CHUNKS, CW], dtype=tl.float32)
-            start = 0
-        for w0 in tl.range(start, KW, CHUNKS * CW, num_stages=NUM_STAGES):
-            words, s16, zoff = _int4_gemv_weights(qw_rows, s_rows, z_rows, rmask, w0, wofs,
-                                                  chunk, KW, GROUP_WORDS, CW, EVEN)
-            acc += _int4_gemv_step(words, s16, zoff, x_row, w0 + wofs, KW, EVEN_K)
+            for w0 in tl.range(0, KW, step):
+                n_words, n_s16, n_zoff = _int4_gemv_weights(
+                    qw_rows, s_rows, z_rows, rmask, w0 + step, wofs, chunk, KW, GROUP_WORDS, CW,
+                    False)
+                acc += _int4_gemv_step(words, s16, zoff, x_row, w0 + wofs, KW, EVEN_K, XVEC)
+                words, s16, zoff = n_words, n_s16, n_zoff
+        else:
+            if PREFETCH:
+                # the weights do not depend on the previous kernel: with PDL the first step
+                # streams while that kernel finishes
+                words, s16, zoff = _int4_gemv_weights(qw_rows, s_rows, z_rows, rmask, 0, wofs,
+                                                      chunk, KW, GROUP_WORDS, CW, EVEN)
+                pdl_wait_then_release(USE_PDL)
+                acc = _int4_gemv_step(words, s16, zoff, x_row, wofs, KW, EVEN_K, XVEC)
+                start = step
+            else:
+                pdl_wait_then_release(USE_PDL)
+                acc = tl.zeros([BLOCK_N, CHUNKS, CW], dtype=tl.float32)
+                start = 0
+            for w0 in tl.range(start, KW, step, num_stages=NUM_STAGES):
+                words, s16, zoff = _int4_gemv_weights(qw_rows, s_rows, z_rows, rmask, w0, wofs,
+                                                      chunk, KW, GROUP_WORDS, CW, EVEN)
+                acc += _int4_gemv_step(words, s16, zoff, x_row, w0 + wofs, KW, EVEN_K, XVEC)
         y = tl.sum(tl.sum(acc, axis=2), axis=1)
         dst = out_ptr + m * out_stride + rows
         if EVEN_N:
@@ -351,18 +394,6 @@ if triton_utils.triton_available():
 _DOT_MODE = {torch.float32: (0, 0), torch.float16: (1, 1024), torch.bfloat16: (2, 128)}
 
 
-def _words(qweight: torch.Tensor) -> torch.Tensor:
-    """The packed weight as int32 words ``[N, K // 8]`` (a view; ValueError if it can't be)."""
-    if qweight.stride(1) != 1:
-        raise ValueError("int4_matmul qweight must be contiguous in its last dimension")
-    try:
-        return qweight.view(torch.int32)
-    except RuntimeError as err:
-        raise ValueError(f"int4_matmul qweight {tuple(qweight.shape)} (row stride "
-                         f"{qweight.stride(0)}) cannot be read as int32 words: rows must be "
-                         f"4-byte aligned") from err
-
-
 def dequantize_int4_triton(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                            group_size: int, dtype: torch.dtype) -> torch.Tensor:
     """The logical weight ``[N, K]`` in ``dtype`` (one Triton kernel; group_size % 8 == 0,
@@ -371,7 +402,7 @@ def dequantize_int4_triton(qweight: torch.Tensor, scales: torch.Tensor, zeros: t
     if group_size % 8:
         return int4_dequantize_ref(qweight, scales, zeros, group_size).to(dtype)
     out = torch.empty(n, k, dtype=dtype, device=qweight.device)
-    words = _words(qweight)
+    words = as_words(qweight, "int4_matmul")
     grid = (triton.cdiv(n, 16), triton.cdiv(k // 8, 64))
     _int4_dequant_kernel[grid](words, scales, zeros, out, n, k // 8, words.stride(0),
                                scales.stride(0), zeros.stride(0), GROUP_WORDS=group_size // 8,
@@ -397,7 +428,7 @@ def launch_int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         return
     if scales.stride(1) != 1 or zeros.stride(1) != 1:
         raise ValueError("int4_matmul scales and zeros must be contiguous in their last dim")
-    words = _words(qweight)
+    words = as_words(qweight, "int4_matmul")
     kw, gw = k // 8, group_size // 8
     pdl = _pdl.use_pdl(x)
     common = (words.stride(0), scales.stride(0), zeros.stride(0), out.stride(0))
@@ -411,7 +442,8 @@ def launch_int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
             EVEN_K=kw % (chunks * cw) == 0,
             EVEN=n % cfg.block_n == 0 and kw % (chunks * cw) == 0, NUM_STAGES=cfg.num_stages,
             PREFETCH=pdl if prefetch is None else prefetch, USE_PDL=pdl,
-            num_warps=cfg.num_warps, launch_pdl=pdl)
+            XVEC=bool(cfg.mode & 1), NEXT=bool(cfg.mode & 2), num_warps=cfg.num_warps,
+            launch_pdl=pdl)
         return
     mode, off = _DOT_MODE[x.dtype]
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n))

@@ -72,6 +72,8 @@ class QuantMatmulConfig(NamedTuple):
     num_warps: int
     num_stages: int = 1
     block_m: int = 16  # gemm: batch rows a program computes (>= 16)
+    mode: int = 0  # gemv: bit 0 = x loaded as one vector a word and split in registers (XVEC),
+    #               bit 1 = the next step's weights loaded before this step's math (NEXT)
 
     @property
     def label(self) -> str:
@@ -79,8 +81,9 @@ class QuantMatmulConfig(NamedTuple):
         if self.variant == "dequant":
             return "dequant"
         m = f"_m{self.block_m}" if self.variant == "gemm" else ""
+        mode = f"_x{self.mode}" if self.mode else ""
         return (f"{self.variant}{m}_n{self.block_n}_k{self.block_k}_w{self.num_warps}"
-                f"_s{self.num_stages}")
+                f"_s{self.num_stages}{mode}")
 
     @classmethod
     def from_dict(cls, d: dict) -> QuantMatmulConfig:
@@ -89,7 +92,7 @@ class QuantMatmulConfig(NamedTuple):
             raise ValueError(f"unknown weight-only matmul variant {d.get('variant')!r}")
         return cls(str(d["variant"]), int(d.get("block_n", 0)), int(d.get("block_k", 0)),
                    int(d.get("num_warps", 4)), int(d.get("num_stages", 1)),
-                   int(d.get("block_m", 16)))
+                   int(d.get("block_m", 16)), int(d.get("mode", 0)))
 
     def to_dict(self) -> dict:
         """The ``triton`` entry of the tuning table."""
@@ -113,10 +116,11 @@ def tuned(op: str, bucket: str, device: torch.device) -> QuantMatmulConfig | Non
 
 
 def gemm_default(m: int, block_k: int) -> QuantMatmulConfig:
-    """The swap-AB tensor-core kernel sized to the batch (shared by int4 and int8)."""
+    """The swap-AB tensor-core kernel sized to the batch (shared by int4 and int8); small
+    ``block_n`` so that N = 4096 still gives >= 2 programs an SM (H200: 132 SMs)."""
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
-    block_n = 64 if m <= 16 else 128
-    return QuantMatmulConfig("gemm", block_n, block_k, 4 if block_m <= 64 else 8, 3, block_m)
+    block_n = 32 if m <= 64 else 64
+    return QuantMatmulConfig("gemm", block_n, block_k, 2 if block_m <= 16 else 4, 3, block_m)
 
 
 def pow2_divisor(n: int, limit: int) -> int:
@@ -185,17 +189,33 @@ if triton_utils.triton_available():
                        eviction_policy="evict_first")
 
     @triton.jit
-    def _int8_gemv_step(words, x_row, w, KW, EVEN_K: tl.constexpr):
-        """One K step's ``sum f x - 1.5 sum x`` (= ``sum b x / 256``) per word slot."""
-        acc = tl.zeros(words.shape, dtype=tl.float32)
-        xsum = tl.zeros(w.shape, dtype=tl.float32)
-        for i in tl.static_range(4):
+    def _int8_gemv_step(words, x_row, w, KW, EVEN_K: tl.constexpr, XVEC: tl.constexpr):
+        """One K step's ``sum f x - 1.5 sum x`` (= ``sum b x / 256``) per word slot. XVEC: a
+        word's 4 x values are one 8-byte load, split into planes in registers."""
+        if XVEC:
+            cols = (w * 4)[:, None] + tl.arange(0, 4)[None, :]
             if EVEN_K:
-                xi = tl.load(x_row + w * 4 + i).to(tl.float32)
+                x2 = tl.load(x_row + cols).to(tl.float32)
             else:
-                xi = tl.load(x_row + w * 4 + i, mask=w < KW, other=0.0).to(tl.float32)
-            acc += _byte_fma_value(words, i) * xi[None, :]
-            xsum += xi
+                x2 = tl.load(x_row + cols, mask=(w < KW)[:, None], other=0.0).to(tl.float32)
+            ev, od = tl.split(tl.reshape(x2, (x2.shape[0], 2, 2)))  # x[2j], x[2j + 1]
+            p0, p2 = tl.split(ev)
+            p1, p3 = tl.split(od)
+            acc = _byte_fma_value(words, 0) * p0[None, :]
+            acc += _byte_fma_value(words, 1) * p1[None, :]
+            acc += _byte_fma_value(words, 2) * p2[None, :]
+            acc += _byte_fma_value(words, 3) * p3[None, :]
+            xsum = (p0 + p1) + (p2 + p3)
+        else:
+            acc = tl.zeros(words.shape, dtype=tl.float32)
+            xsum = tl.zeros(w.shape, dtype=tl.float32)
+            for i in tl.static_range(4):
+                if EVEN_K:
+                    xi = tl.load(x_row + w * 4 + i).to(tl.float32)
+                else:
+                    xi = tl.load(x_row + w * 4 + i, mask=w < KW, other=0.0).to(tl.float32)
+                acc += _byte_fma_value(words, i) * xi[None, :]
+                xsum += xi
         return acc - 1.5 * xsum[None, :]
 
     @triton.jit
@@ -217,6 +237,8 @@ if triton_utils.triton_available():
         NUM_STAGES: tl.constexpr,
         PREFETCH: tl.constexpr,  # load the first weight step before waiting for x (PDL)
         USE_PDL: tl.constexpr,
+        XVEC: tl.constexpr = False,  # config mode bit 0
+        NEXT: tl.constexpr = False,  # config mode bit 1
     ):
         m = tl.program_id(1).to(tl.int64)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -225,18 +247,28 @@ if triton_utils.triton_available():
         kw = tl.arange(0, BLOCK_KW)
         qw_rows = qw_ptr + rows64[:, None] * qw_stride
         x_row = x_ptr + m * x_stride
-        if PREFETCH:
+        if NEXT:
+            # register double buffering (see int4_matmul): the next step's words are in flight
             words = _int8_gemv_words(qw_rows, rmask, kw, KW, EVEN)
             pdl_wait_then_release(USE_PDL)
-            acc = _int8_gemv_step(words, x_row, kw, KW, EVEN_K)
-            start = BLOCK_KW
-        else:
-            pdl_wait_then_release(USE_PDL)
             acc = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
-            start = 0
-        for w0 in tl.range(start, KW, BLOCK_KW, num_stages=NUM_STAGES):
-            words = _int8_gemv_words(qw_rows, rmask, w0 + kw, KW, EVEN)
-            acc += _int8_gemv_step(words, x_row, w0 + kw, KW, EVEN_K)
+            for w0 in tl.range(0, KW, BLOCK_KW):
+                n_words = _int8_gemv_words(qw_rows, rmask, w0 + BLOCK_KW + kw, KW, False)
+                acc += _int8_gemv_step(words, x_row, w0 + kw, KW, EVEN_K, XVEC)
+                words = n_words
+        else:
+            if PREFETCH:
+                words = _int8_gemv_words(qw_rows, rmask, kw, KW, EVEN)
+                pdl_wait_then_release(USE_PDL)
+                acc = _int8_gemv_step(words, x_row, kw, KW, EVEN_K, XVEC)
+                start = BLOCK_KW
+            else:
+                pdl_wait_then_release(USE_PDL)
+                acc = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
+                start = 0
+            for w0 in tl.range(start, KW, BLOCK_KW, num_stages=NUM_STAGES):
+                words = _int8_gemv_words(qw_rows, rmask, w0 + kw, KW, EVEN)
+                acc += _int8_gemv_step(words, x_row, w0 + kw, KW, EVEN_K, XVEC)
         s = tl.load(s_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
         y = tl.sum(acc, axis=1) * (s * 256.0)
         dst = out_ptr + m * out_stride + rows
@@ -331,14 +363,15 @@ def dequantize_int8_triton(qweight: torch.Tensor, scales: torch.Tensor,
     return out
 
 
-def _words(qweight: torch.Tensor) -> torch.Tensor:
-    """The int8 weight as int32 words ``[N, K // 4]`` (a view; ValueError if it can't be)."""
+def as_words(qweight: torch.Tensor, op: str) -> torch.Tensor:
+    """A packed weight as int32 words ``[N, bytes // 4]`` (a view; ValueError if it can't be)."""
+    if qweight.stride(1) != 1:
+        raise ValueError(f"{op} qweight must be contiguous in its last dimension")
     try:
         return qweight.view(torch.int32)
     except RuntimeError as err:
-        raise ValueError(f"int8_matmul qweight {tuple(qweight.shape)} (row stride "
-                         f"{qweight.stride(0)}) cannot be read as int32 words: rows must be "
-                         f"4-byte aligned") from err
+        raise ValueError(f"{op} qweight {tuple(qweight.shape)} (row stride {qweight.stride(0)}) "
+                         "cannot be read as int32 words: rows must be 4-byte aligned") from err
 
 
 def launch_int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -356,7 +389,7 @@ def launch_int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     if cfg.variant == "dequant":
         torch.mm(x, dequantize_int8_triton(qweight, scales, x.dtype).t(), out=out)
         return
-    words = _words(qweight)
+    words = as_words(qweight, "int8_matmul")
     kw = k // 4
     pdl = _pdl.use_pdl(x)
     if cfg.variant == "gemv":
@@ -368,7 +401,8 @@ def launch_int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
             EVEN_K=kw % bkw == 0, EVEN=n % cfg.block_n == 0 and kw % bkw == 0,
             NUM_STAGES=cfg.num_stages,
             PREFETCH=pdl if prefetch is None else prefetch, USE_PDL=pdl,
-            num_warps=cfg.num_warps, launch_pdl=pdl)
+            XVEC=bool(cfg.mode & 1), NEXT=bool(cfg.mode & 2), num_warps=cfg.num_warps,
+            launch_pdl=pdl)
         return
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n))
     _int8_gemm_kernel[grid](
