@@ -115,6 +115,12 @@ class ModelConfig:
     """Beginning-of-sequence token."""
     eos_token_id: tuple[int, ...] = ()
     """End-of-sequence token(s)."""
+    quantization_config: dict[str, Any] | None = None
+    """The checkpoint's ``quantization_config`` as read (None: a float checkpoint)."""
+    quantization: Any = None
+    """The ``layers.quantization.QuantizationConfig`` the layers run: the checkpoint's (parsed,
+    an unknown method refused by name) or the online one of ``--quantization``, set by
+    ``engine.builder.with_quantization``; None: float weights."""
 
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -145,13 +151,7 @@ class ModelConfig:
                 raise UnsupportedModelError(
                     f"unsupported rope_scaling type {rtype!r}; fuselm supports llama3 and linear"
                 )
-        quant = cfg.get("quantization_config")
-        if quant:
-            method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else quant
-            raise UnsupportedModelError(
-                f"the checkpoint is quantized (quantization_config.quant_method {method!r}); "
-                "fuselm does not load quantized Hugging Face checkpoints yet (their scales "
-                "would be dropped): use the bf16/fp16 checkpoint or a GGUF file")
+        quant = cfg.get("quantization_config")  # parsed (or refused) by engine.builder
         act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
         if act != "silu":
             raise UnsupportedModelError(
@@ -181,6 +181,7 @@ class ModelConfig:
             layer_types=layer_types,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=eos_ids,
+            quantization_config=quant or None,
         )
 
     def replace(self, **changes: Any) -> ModelConfig:
@@ -429,16 +430,11 @@ def _parallel_misfit(model: ModelConfig, tp: int) -> str:
 def check_implemented(config: EngineConfig) -> None:
     """Raises ConfigError naming a flag whose feature this build does not run yet (accepted
     by the parser so that its value is validated, refused before anything loads)."""
-    pending = {
-        "quantization": config.quantization is not None,
-        "kv_cache_dtype": config.cache.kv_cache_dtype != "auto",
-        "cpu_offload_gb": config.cpu_offload_gb > 0,
-        "swap_space": config.cache.swap_space > 0,
-        "kv_offloading_size": config.cache.kv_offloading_size > 0,
-    }
-    for name, used in pending.items():
-        if used:
-            raise ConfigError(f"{_flag(name)} is not implemented in this build yet")
+    parallel = config.parallel.tensor_parallel_size * config.parallel.pipeline_parallel_size > 1
+    for name in ("swap_space", "kv_offloading_size"):  # the step plan carries no block moves
+        if parallel and getattr(config.cache, name) > 0:
+            raise ConfigError(f"{_flag(name)} is not implemented with tensor or pipeline "
+                              "parallelism yet (one process only)")
 
 
 def check_parallel_fits(config: EngineConfig, model: ModelConfig) -> None:

@@ -12,11 +12,14 @@ from typing import Any, Protocol
 import torch
 
 from fuselm.config import EngineConfig, ModelConfig, SchedulerConfig
-from fuselm.engine import startup_report
+from fuselm.engine import startup_report, weight_offload
 from fuselm.engine.block_manager import BlockManager
 from fuselm.engine.model_runner import ModelRunner
 from fuselm.errors import ConfigError
 from fuselm.kernels.kernel_set import KernelSet
+from fuselm.kernels.kv_quant import kv_cache_torch_dtype
+from fuselm.layers import quantization
+from fuselm.layers.quantization.config import QuantizationConfig
 from fuselm.loading import loader
 from fuselm.tokenizer import Tokenizer
 
@@ -37,6 +40,7 @@ class EngineParts:
     device: torch.device
     dtype: torch.dtype
     startup_seconds: float
+    weight_offload: weight_offload.WeightOffloader | None = None
 
 
 def load_tokenizer(source: loader.ModelSource) -> Tokenizer:
@@ -45,14 +49,30 @@ def load_tokenizer(source: loader.ModelSource) -> Tokenizer:
 
 
 def use_cpu_gemv_layout(model: torch.nn.Module) -> None:
-    """Stores every 2-D weight transposed ([in, out] in memory, same [out, in] view) on CPU.
+    """Gives every 2-D float weight transposed storage ([in, out] in memory, same [out, in]
+    view) on CPU; called before the weights load, so no weight is ever held twice.
 
     MKL's fp32 GEMV streams the transposed layout 1.3-1.7x faster (2-core EPYC, SmolLM2 shapes:
-    16 -> 23-27 GB/s), and batch-1 decode on a CPU is that GEMV; the values are unchanged.
+    16 -> 23-27 GB/s), and batch-1 decode on a CPU is that GEMV. Fresh storage from
+    ``torch.empty`` becomes resident only as the loader writes it.
     """
     for name, param in model.named_parameters():
-        if param.dim() == 2 and "norm" not in name:
-            param.data = param.data.t().contiguous().t()
+        if param.dim() == 2 and param.is_floating_point() and "norm" not in name:
+            rows, cols = param.shape
+            param.data = torch.empty(cols, rows, dtype=param.dtype, device=param.device).t()
+
+
+def release_freed_heap() -> None:
+    """Returns the heap pages that loading's temporaries freed to the OS (glibc keeps them
+    resident otherwise: ~0.1 GB after the default model's dequantization); a no-op elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass  # not glibc
 
 
 def _scheduler_config(config: EngineConfig, max_model_len: int) -> SchedulerConfig:
@@ -90,6 +110,56 @@ def log_kernels(kernels: KernelSet) -> None:
     logger.info("kernels (%s on %s): %s", kernels.backend, kernels.device, "; ".join(parts))
 
 
+def _load_model(config: EngineConfig, source: loader.ModelSource, model_config: ModelConfig,
+                max_model_len: int, dtype: torch.dtype, device: torch.device,
+                kernels: KernelSet, dist_ctx: RankContext | None,
+                ) -> tuple[torch.nn.Module, weight_offload.WeightOffloader | None]:
+    """The model with its weights (checkpoint or dummy) in their final layout; with
+    ``--cpu-offload-gb`` built without allocating, the offloaded layers in host memory and
+    streamed in by the returned offloader (installed)."""
+    offload = config.cpu_offload_gb > 0
+    with weight_offload.deferred_parameters(offload):
+        model = loader.build_model(model_config, max(max_model_len, 1), dtype, device,
+                                   dist_ctx.layer_partition if dist_ctx else None, kernels)
+    offloader = weight_offload.materialize(model, config.cpu_offload_gb, device) \
+        if offload else None
+    if device.type == "cpu":
+        use_cpu_gemv_layout(model)
+    if config.load_format == "dummy" and offloader is not None:
+        weight_offload.init_dummy(model, offloader, config.seed, loader.init_dummy_weights)
+    elif config.load_format == "dummy":
+        loader.init_dummy_weights(model, config.seed)
+    else:
+        loader.load_weights(model, source, progress=dist_ctx is None or dist_ctx.rank == 0)
+    quantization.process_weights_after_loading(model)  # online quantization, repacking
+    if device.type == "cpu":
+        release_freed_heap()
+    if offloader is not None:
+        offloader.install()
+    return model, offloader
+
+
+def with_quantization(config: EngineConfig, model_config: ModelConfig) -> ModelConfig:
+    """The model config with the quantization its layers run: the checkpoint's
+    ``quantization_config`` (parsed by ``loading.quant_formats``; an unknown method or field
+    value refused by name) or ``--quantization NAME`` (the float weights quantized at load);
+    both together, or either with ``--cpu-offload-gb``, are refused."""
+    name = config.quantization
+    if model_config.quantization_config and model_config.quantization is None:
+        from fuselm.loading.quant_formats import parse
+
+        model_config = model_config.replace(
+            quantization=parse(model_config.quantization_config))
+    if name is not None and model_config.quantization is not None:
+        raise ConfigError(f"--quantization {name}: the checkpoint is quantized already "
+                          f"({model_config.quantization.describe()}); drop the flag")
+    if name is not None:
+        model_config = model_config.replace(quantization=QuantizationConfig.online(name))
+    if model_config.quantization is not None and config.cpu_offload_gb > 0:
+        raise ConfigError("--cpu-offload-gb is not implemented with quantized weights yet")
+    return model_config
+
+
 class RankContext(Protocol):
     """What the builder needs of a rank of a distributed engine (``DistributedContext``)."""
 
@@ -114,6 +184,7 @@ def build_engine_parts(config: EngineConfig, source: loader.ModelSource,
     """
     start = time.perf_counter()
     torch.manual_seed(config.seed)
+    model_config = with_quantization(config, model_config)
     device = dist_ctx.device if dist_ctx else loader.resolve_device(config.device)
     dtype = loader.resolve_dtype(config.dtype, device)
     max_model_len = config.scheduler.max_model_len or model_config.max_position_embeddings
@@ -121,17 +192,15 @@ def build_engine_parts(config: EngineConfig, source: loader.ModelSource,
     sched = _scheduler_config(config, max_model_len)
     kernels = KernelSet(config.kernel_backend, device, max_num_seqs=sched.max_num_seqs,
                         max_model_len=max_model_len)
-    model = loader.build_model(model_config, max(max_model_len, 1), dtype, device,
-                               dist_ctx.layer_partition if dist_ctx else None, kernels)
-    if config.load_format == "dummy":
-        loader.init_dummy_weights(model, config.seed)
-    else:
-        loader.load_weights(model, source, progress=dist_ctx is None or dist_ctx.rank == 0)
-    if device.type == "cpu":
-        use_cpu_gemv_layout(model)
+    model, offloader = _load_model(config, source, model_config, max_model_len, dtype, device,
+                                   kernels, dist_ctx)
     log_kernels(kernels)
     runner = ModelRunner(model, model_config.vocab_size, device, sched.max_num_batched_tokens,
                          sched.max_num_seqs, max_model_len, config.cache.block_size, kernels)
+    runner.kv_cache_dtype = kv_cache_torch_dtype(config.cache.kv_cache_dtype, dtype)
+    if offloader is not None:
+        weight_offload.warn_if_fits(offloader, runner.kv_bytes_per_block(dtype) *
+                                    runner.max_blocks_per_seq, config.cache.gpu_memory_utilization)
     if dist_ctx is None:
         num_blocks = _num_blocks(config, runner, dtype, sched, max_model_len)
     else:  # the smallest over ranks, each profiling its own stage
@@ -141,7 +210,7 @@ def build_engine_parts(config: EngineConfig, source: loader.ModelSource,
     if capacity < max_model_len:
         raise ConfigError(
             f"the KV cache holds {capacity} tokens, fewer than max_model_len {max_model_len}; "
-            "raise --gpu-memory-utilization or lower --max-model-len")
+            "raise --gpu-memory-utilization or --cpu-offload-gb, or lower --max-model-len")
     runner.allocate_kv_cache(num_blocks, dtype)
     graph_seconds = None
     if not config.enforce_eager and (dist_ctx is None or dist_ctx.pp_size == 1):
@@ -150,7 +219,7 @@ def build_engine_parts(config: EngineConfig, source: loader.ModelSource,
     block_manager = BlockManager(num_blocks, config.cache.block_size,
                                  config.cache.enable_prefix_caching)
     parts = EngineParts(model_config, sched, tokenizer, runner, block_manager, max_model_len,
-                        source.name, device, dtype, time.perf_counter() - start)
+                        source.name, device, dtype, time.perf_counter() - start, offloader)
     startup_report.log_startup(config, source, parts, graph_seconds,
                                dist_ctx.rank if dist_ctx else 0)
     return parts
