@@ -35,11 +35,14 @@ def tiny4(tmp_path_factory):
     return write_dummy_checkpoint("llama-tiny", tmp_path_factory.mktemp("offload4") / "d")
 
 
-def _tokens(llm: LLM) -> list[list[int]]:
-    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-    seeded = [SamplingParams(temperature=0.9, top_p=0.9, max_tokens=8, ignore_eos=True,
-                             seed=100 + i) for i in range(len(PROMPTS))]
-    outs = llm.generate(PROMPTS, greedy) + llm.generate(PROMPTS, seeded)
+def _tokens(llm: LLM, seeded: bool = True) -> list[list[int]]:
+    """Greedy tokens of PROMPTS, then (``seeded``) seeded samples of them."""
+    params: list = [SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)]
+    if seeded:
+        params.append([SamplingParams(temperature=0.9, top_p=0.9, max_tokens=6,
+                                      ignore_eos=True, seed=100 + i)
+                       for i in range(len(PROMPTS))])
+    outs = [o for p in params for o in llm.generate(PROMPTS, p)]
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
@@ -74,13 +77,13 @@ def test_offloaded_tokens_equal_resident_ones(which, request) -> None:
 def test_a_changed_host_buffer_changes_the_output(tiny4) -> None:
     """Negative control: the weights that run are the host buffer's, copied in each forward."""
     llm = LLM(str(tiny4), device="cpu", load_format="dummy", max_model_len=128,
-              cpu_offload_gb=1e-9)  # one layer: the last
+              max_num_seqs=4, cpu_offload_gb=1e-9)  # one layer: the last
     off = offloader_of(llm.engine.runner.model)
     assert off.offloaded_indices == [3]
-    before = _tokens(llm)
+    before = _tokens(llm, seeded=False)
     host = off.offloaded[0].host.view(torch.float32)
     host.mul_(-3.0)  # every weight of layer 3 changed in host memory only
-    assert _tokens(llm) != before
+    assert _tokens(llm, seeded=False) != before
 
 
 def test_startup_report_names_the_offloaded_bytes(tiny4, caplog) -> None:
