@@ -106,8 +106,33 @@ def _eager_timer(body, calls: int) -> float:
     return common.time_gpu_ms(body, rep_ms=60) * 1e3 / calls
 
 
+# --fast (the last device run of a session): the configs that won or came close on the H200
+FAST_GEMV = {1: (0, 1, 2, 8, 9, 11), "rows": (0, 1, 2)}
+FAST_GEMM = {16: (0, 1, 2), 64: (0, 5, 6), 256: (0, 1, 4), "prefill": (0, 3, 4), "block": (0, 3)}
+
+
+def _fast_pick(configs: list, idx: tuple[int, ...]) -> list:
+    return [configs[i] for i in idx if i < len(configs)]
+
+
+def _configs(m: int, block: bool, fast: bool) -> list:
+    """The Triton configs swept for one M (all of them, or the --fast subset)."""
+    gemm = gemm_configs(m, block)
+    if fast:
+        key = ("block" if block and m > 256 else 16 if m <= 16 else 64 if m <= 64 else
+               256 if m <= 256 else "prefill")
+        gemm = _fast_pick(gemm, FAST_GEMM[key])
+    if m > 16 or block:
+        return gemm
+    gemv = gemv_configs(m)
+    if fast:
+        gemv = _fast_pick(gemv, FAST_GEMV[1] if m == 1 else FAST_GEMV["rows"])
+    # (at M <= 4 the tiled GEMM's 16-row tiles waste the most)
+    return gemv + gemm[:2 if m == 1 else 3 if m <= 4 else None]
+
+
 def measure(name: str, n: int, k: int, m: int, device: torch.device, copy_gbs: float,
-            block: bool = False) -> dict[str, Any]:
+            block: bool = False, fast: bool = False) -> dict[str, Any]:
     """One shape and M: bf16, _scaled_mm, the Triton sweep (block: the block-scaled GEMM)."""
     from fuselm.kernels import fp8_matmul as fm
     from fuselm.kernels import fp8_triton as ft
@@ -162,9 +187,7 @@ def measure(name: str, n: int, k: int, m: int, device: torch.device, copy_gbs: f
                     fm.launch_fp8_matmul(xq, xs.reshape(-1), wq, ws, None, o, cfg)
         return body
 
-    configs = gemm_configs(m, block)
-    if m <= 16 and not block:  # (at M <= 4 the tiled GEMM's 16-row tiles waste the most)
-        configs = gemv_configs(m) + configs[:2 if m == 1 else 3 if m <= 4 else None]
+    configs = _configs(m, block, fast)
     row["configs_us"], best = _sweep(f"{name} m{m}", configs, triton_body, rel_err, copies,
                                      timer)
     row["triton_us"] = round(best[0], 2) if best else float("nan")
@@ -293,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=0.02,
                    help="Triton must beat _scaled_mm by this fraction to be chosen")
     p.add_argument("--quick", action="store_true", help="qkv shape, M = 1 and 4096 only")
+    p.add_argument("--fast", action="store_true",
+                   help="every shape and M, a few Triton configs each (about 1.5 min)")
     add_configs_arguments(p)
     return p
 
@@ -311,11 +336,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, n, k in shapes:
         for m in ms:
-            rows.append(measure(name, n, k, m, device, copy_gbs))
+            rows.append(measure(name, n, k, m, device, copy_gbs, fast=args.fast))
             print(common.format_table(rows[-1:], COLUMNS), flush=True)
             torch.cuda.empty_cache()
         for m in (16, 4096):
-            rows.append(measure(name, n, k, m, device, copy_gbs, block=True))
+            rows.append(measure(name, n, k, m, device, copy_gbs, block=True, fast=args.fast))
             torch.cuda.empty_cache()
     print(common.format_table(rows, COLUMNS))
     for r in rows:
