@@ -172,9 +172,11 @@ def test_unsupported_configs_are_refused_by_name(quant: object, words: str) -> N
 
 def test_parse_keeps_float_layers() -> None:
     awq = quant_formats.parse({**qc.QUANT_CONFIGS["awq-g32"],
-                               "modules_to_not_convert": ["mlp.down_proj"]})
-    assert awq.skips("lm_head") and awq.skips("model.layers.1.mlp.down_proj")
+                               "modules_to_not_convert": ["mlp.down", "layers.0.self_attn"]})
+    assert awq.skips("lm_head") and awq.skips("model.layers.1.mlp.down_proj")  # substring
+    assert awq.skips("model.layers.0.self_attn.o_proj")
     assert not awq.skips("model.layers.1.mlp.up_proj")
+    assert not awq.skips("model.layers.10.self_attn.o_proj")  # "layers.0." is no prefix
     ct = quant_formats.parse({"quant_method": "compressed-tensors", "format": "float-quantized",
                               "ignore": ["lm_head", "re:.*layers\\.0\\..*"],
                               "config_groups": {"g": {"targets": ["Linear"], "weights": {

@@ -14,6 +14,7 @@ One module per format: ``compressed_tensors``, ``fp8`` (``quant_method: fp8``), 
 from __future__ import annotations
 
 import dataclasses
+import re
 from types import ModuleType
 from typing import Any
 
@@ -52,6 +53,11 @@ def parse(quant: Any) -> QuantizationConfig:
             "checkpoint itself with --quantization {fp8,int8,int4}")
     module.check_config(quant)
     qcfg = QuantizationConfig.from_hf(quant)
+    if method == "awq" and quant.get("modules_to_not_convert"):
+        # AutoAWQ (and vLLM) skip a module whose name *contains* an entry ("visual" skips
+        # every vision layer); QuantizationConfig.skips matches whole names or "re:" patterns
+        qcfg = dataclasses.replace(qcfg, ignore=tuple(
+            f"re:.*{re.escape(str(name))}.*" for name in quant["modules_to_not_convert"]))
     if method in _LM_HEAD_FLOAT and not qcfg.skips("lm_head"):
         qcfg = dataclasses.replace(qcfg, ignore=(*qcfg.ignore, "lm_head"))
     return qcfg
