@@ -99,12 +99,16 @@ def decode_rows(batch: int, ctx: int, sweep: list[DecodeConfig]) -> list[dict]:
     rows = []
     for name, caches, itemsize in (("bf16", bf16, 2), ("fp8", fp8, 1)):
         scales = {"k_scale": K_SCALE, "v_scale": V_SCALE} if name == "fp8" else {}
-        for label, cfg in [("default", None)] + [(f"n{c.block_n}w{c.num_warps}s{c.num_stages}",
-                                                   c) for c in sweep]:
-            if cfg is not None and size % cfg.block_n:
+        variants = [("default", None, size)] + [
+            (f"n{c.block_n}w{c.num_warps}s{c.num_stages}", c, size) for c in sweep]
+        if sweep and 2 * size <= ctx:  # longer partitions: fewer, longer programs
+            variants += [(f"{label}_p{2 * size}", c, 2 * size) for label, c, _ in variants
+                         if c is None or (c.block_n >= 64 and c.num_stages == 3)]
+        for label, cfg, psize in variants:
+            if cfg is not None and psize % cfg.block_n:
                 continue
-            def run(cfg=cfg, caches=caches, scales=scales):  # noqa: E306
-                decode_out(out, tmp, mx, sm, q, *caches, bt, lens, scale, size, cfg, **scales)
+            def run(cfg=cfg, caches=caches, scales=scales, psize=psize):  # noqa: E306
+                decode_out(out, tmp, mx, sm, q, *caches, bt, lens, scale, psize, cfg, **scales)
             try:
                 out.fill_(float("nan"))
                 run()
@@ -207,12 +211,12 @@ def main() -> int:
         rows += decode_rows(1, 32768, [])  # the default config only
         rows += prefill_rows()
         rows += store_rows()
-    print(f"{'op':8} {'shape':16} {'cache':5} {'config':9} {'us':>9} {'GB/s':>7} "
+    print(f"{'op':8} {'shape':16} {'cache':5} {'config':14} {'us':>9} {'GB/s':>7} "
           f"{'TFLOP/s':>7} {'ok':>3}")
     for r in rows:
         gbs = f"{r['gbs']:7.0f}" if "gbs" in r else " " * 7
         tf = f"{r['tflops']:7.1f}" if "tflops" in r else " " * 7
-        print(f"{r['op']:8} {r['shape']:16} {r['cache']:5} {r['config']:9} {r['us']:9.1f} "
+        print(f"{r['op']:8} {r['shape']:16} {r['cache']:5} {r['config']:14} {r['us']:9.1f} "
               f"{gbs} {tf} {'yes' if r['correct'] else 'NO':>3}")
     for line in summary(rows):
         print(line)
