@@ -88,9 +88,9 @@ def test_zero_rows_and_bad_inputs():
 def _operands(m, n, k, seed, x_mode="token", w_mode="channel", device=DEVICE):
     """Quantized operands and their dequantized values (x [M, K], w [N, K]): float64 on a CPU,
     float32 on a GPU (there they only bound the error)."""
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(m, k, generator=g) * 3).to(device)
-    w = (torch.randn(n, k, generator=g) / k**0.5).to(device)
+    g = torch.Generator(device).manual_seed(seed)  # on the device: the 8B shapes are large
+    x = torch.randn(m, k, generator=g, device=device) * 3
+    w = torch.randn(n, k, generator=g, device=device) / k**0.5
     xq, xs = fm.quant_fp8_per_token_ref(x)
     if x_mode == "tensor":
         xs = xs.max().reshape(1)
@@ -102,7 +102,7 @@ def _operands(m, n, k, seed, x_mode="token", w_mode="channel", device=DEVICE):
     wide = torch.float64 if device.type == "cpu" else torch.float32
     x64 = xq.to(wide) * xs.to(wide).reshape(-1, 1)
     w64 = wq.to(wide) * ws.to(wide).reshape(-1, 1)
-    bias = torch.randn(n, generator=g).to(device)
+    bias = torch.randn(n, generator=g, device=device)
     return [xq, xs, wq, ws, bias], x64, w64
 
 
@@ -297,10 +297,11 @@ def test_gpu_8b_shapes(backend, m, n, k):
 @pytest.mark.parametrize("m", [1, 16, 4096])
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336)])
 def test_gpu_block_8b_shapes(m, n, k):
-    g = torch.Generator().manual_seed(m)
-    xq, xs = fm.quant_fp8_per_token_group_ref(torch.randn(m, k, generator=g).to(DEVICE), 128)
-    wq = (torch.randn(n, k, generator=g) * 100).clamp(-448, 448).to(FP8).to(DEVICE)
-    ws = (torch.rand(*fm.block_scale_shapes(m, n, k)[1], generator=g) / 1e4).to(DEVICE)
+    g = torch.Generator(DEVICE).manual_seed(m)
+    xq, xs = fm.quant_fp8_per_token_group_ref(
+        torch.randn(m, k, generator=g, device=DEVICE), 128)
+    wq = (torch.randn(n, k, generator=g, device=DEVICE) * 100).clamp(-448, 448).to(FP8)
+    ws = torch.rand(*fm.block_scale_shapes(m, n, k)[1], generator=g, device=DEVICE) / 1e4
     expected = fm.fp8_block_matmul_ref(xq, xs, wq, ws, torch.float32)
     out = fm.fp8_block_matmul_triton(xq, xs, wq, ws, torch.bfloat16)
     rel = float((out.float() - expected).norm() / expected.norm())

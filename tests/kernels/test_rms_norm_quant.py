@@ -30,10 +30,10 @@ def _kwargs(mode: dict) -> dict:
 
 
 def _inputs(m, h, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(m, h, generator=g) * 2).to(dtype).to(DEVICE)
-    residual = torch.randn(m, h, generator=g).to(dtype).to(DEVICE)
-    weight = (torch.rand(h, generator=g) + 0.5).to(dtype).to(DEVICE)
+    g = torch.Generator(DEVICE).manual_seed(seed)  # on the device: the GPU shapes are large
+    x = (torch.randn(m, h, generator=g, device=DEVICE) * 2).to(dtype)
+    residual = torch.randn(m, h, generator=g, device=DEVICE).to(dtype)
+    weight = (torch.rand(h, generator=g, device=DEVICE) + 0.5).to(dtype)
     return x, residual, weight
 
 
