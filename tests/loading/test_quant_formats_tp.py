@@ -1,12 +1,7 @@
-"""A pre-quantized checkpoint under tensor parallelism (2 gloo ranks on CPU): the converted
-canonical int4 tensors shard (groups, scales and zero points along the input of row-parallel
-layers, along the output of merged column-parallel ones) and give one process's tokens and
-logprobs.
-
-Not FP8 W8A8 here: a row-parallel layer quantizes each rank's half of a token's input with its
-own per-token scale, so TP=2 rounds activations differently from TP=1 by design (as vLLM
-does), and a random tiny model's greedy tokens are not stable under that.
-"""
+"""Pre-quantized checkpoints under tensor parallelism (2 gloo ranks on CPU): the converted
+canonical tensors shard (int4 groups, scales and zero points along the input of row-parallel
+layers; per-channel fp8 scales along the output of merged column-parallel ones) and give one
+process's tokens and logprobs."""
 
 from __future__ import annotations
 
@@ -20,8 +15,10 @@ from tests.loading import quant_checkpoints as qc
 from tests.tiny_models import make_tiny_checkpoint
 
 
-@pytest.mark.parametrize("case", ["awq-g32"])
+@pytest.mark.parametrize("case", ["awq-g32", "ct-fp8-channel-dynamic"])
 def test_tensor_parallel_matches_one_process(case: str, tmp_path: Path) -> None:
+    if case.startswith("ct-"):
+        pytest.importorskip("compressed_tensors")
     float_dir = make_tiny_checkpoint("llama3-gqa-scaled", tmp_path / "float")
     model = tmp_path / "quant"
     qc.write_quantized(case, float_dir, model, tmp_path / "dequant")
