@@ -143,8 +143,9 @@ class GGUFPackedLinearMethod(LinearMethod):
         return tensor_bytes(*params, getattr(layer, "bias", None))
 
     def describe(self) -> str:
-        """``gguf packed (ggml blocks)``."""
-        return "gguf packed (ggml blocks)"
+        """E.g. ``gguf Q4_1 packed (ggml blocks)`` (the file's most common linear type)."""
+        fmt = self.quant.checkpoint_format
+        return f"gguf {fmt} packed (ggml blocks)" if fmt else "gguf packed (ggml blocks)"
 
 
 def _type_id(name: str) -> int:
