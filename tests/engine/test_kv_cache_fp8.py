@@ -141,3 +141,28 @@ def test_load_kv_scale_checks():
         attn.load_kv_scale("k", torch.tensor(0.0))
     with pytest.raises(ValueError, match="which"):
         attn.load_kv_scale("q", 1.0)
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_cache_graphs_equal_eager_and_chunked_prefix_cached_runs(tiny):
+    """bf16 model, fp8 cache on the GPU: CUDA-graph decode gives eager's greedy tokens (same
+    kernels, scales baked into the graphs); chunked prefill and prefix caching run with it; the
+    cache holds twice the bf16 cache's blocks in the same bytes."""
+    gen = torch.Generator().manual_seed(4)
+    shared = torch.randint(0, 256, (40,), generator=gen).tolist()
+    prompts = [shared + torch.randint(0, 256, (n,), generator=gen).tolist() for n in (3, 30, 9)]
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    runs = []
+    for eager in (True, False):
+        llm = LLM(str(tiny), device="cuda", dtype="bfloat16", kv_cache_dtype="fp8",
+                  enforce_eager=eager, num_gpu_blocks=64, max_num_seqs=8,
+                  max_num_batched_tokens=32, enable_chunked_prefill=True)
+        assert llm.engine.runner.kv_caches[0][0].dtype == torch.float8_e4m3fn
+        runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params)])
+        stats = llm.engine.stats()
+        assert (stats["num_graph_replays"] > 0) != eager
+        assert stats["num_partial_prefills_total"] > 0 and stats["prefix_cache_hits_total"] > 0
+    assert runs[0] == runs[1]
+    runner = llm.engine.runner
+    assert runner.kv_bytes_per_block(torch.bfloat16) * 2 == sum(
+        2 * k.shape[1] * k.shape[2] * k.shape[3] * 2 for k, _ in runner.kv_caches)
