@@ -292,3 +292,48 @@ def _check_order(log: list, offloaded: list[int]) -> int:
     assert copies <= waited["compute"]  # every copy joined back into the compute stream
     assert len(copies) == (n + 1) * len(offloaded)
     return n + 1
+
+
+def test_parameters_replaced_after_loading_are_streamed() -> None:
+    """A layer whose parameters a quantization method replaces (another dtype) or adds after
+    loading: install lays the host buffer out anew and streams those."""
+    from torch import nn
+
+    class Layer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(4, 4), requires_grad=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = x @ self.weight.float().t()
+            return y * self.scale if hasattr(self, "scale") else y
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(Layer() for _ in range(3))
+
+    with weight_offload.deferred_parameters():
+        model = Model()
+    off = weight_offload.materialize(model, 1e-9, torch.device("cpu"))  # the last layer
+    assert off.offloaded_indices == [2]
+    gen = torch.Generator().manual_seed(0)
+    for layer in model.layers:
+        layer.weight.data.copy_(torch.randn(4, 4, generator=gen))
+    w0, w1 = model.layers[0].weight.clone(), model.layers[1].weight.clone()
+    last = model.layers[2]
+    packed = torch.randint(-8, 8, (4, 4), dtype=torch.int8, generator=gen)
+    last.weight = nn.Parameter(packed.clone(), requires_grad=False)  # replaced: int8
+    last.scale = nn.Parameter(torch.full((4,), 0.5), requires_grad=False)  # added
+    off.install()
+    slot = off.slots[0]
+    for p in (last.weight, last.scale):  # views of the slot now
+        assert slot.data_ptr() <= p.data_ptr() < slot.data_ptr() + slot.numel()
+    slot.zero_()  # refilled from the host buffer before the layer runs
+    x = torch.randn(2, 4, generator=gen)
+    out = x
+    for layer in model.layers:
+        out = layer(out)
+    want = (x @ w0.t() @ w1.t()) @ packed.float().t() * 0.5
+    torch.testing.assert_close(out, want)
+    assert torch.equal(last.weight, packed)

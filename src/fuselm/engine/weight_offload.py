@@ -193,6 +193,25 @@ class _OffloadedLayer:
                 module._parameters[name] = made[id(p)]
         self.entries = [_Entry(made[key], off) for key, (_, off) in layout.items()]
 
+    def refresh(self, layer: nn.Module, pin: bool) -> None:
+        """Lays the host buffer out anew when the layer's parameters are no longer the ones it
+        was built from (a quantization method replaced or added some after loading)."""
+        params = list(layer.parameters())
+        if [id(p) for p in params] == [id(e.param) for e in self.entries]:
+            return
+        offsets, offset = [], 0
+        for p in params:
+            offsets.append(offset)
+            offset += -(-_span(p) * p.element_size() // ALIGN) * ALIGN
+        host = torch.zeros(offset, dtype=torch.uint8)
+        if pin:
+            _register_pinned(host)
+        for p, off in zip(params, offsets, strict=True):
+            _view(host, off, p.data).copy_(p.data)
+            p.data = _view(host, off, p.data)
+        self.host, self.nbytes = host, offset
+        self.entries = [_Entry(p, off) for p, off in zip(params, offsets, strict=True)]
+
     def point_at(self, slot: torch.Tensor) -> None:
         """Makes the layer's parameters views of ``slot``, after the host buffer holds their
         current values in their current layout (a parameter re-laid out since it was built,
@@ -347,6 +366,8 @@ class WeightOffloader:
         hooks; call once the weights are loaded and in their final layout."""
         if not self.offloaded:
             return
+        for layer in self.offloaded:
+            layer.refresh(self.layers[layer.index], self.is_cuda)
         size = max(layer.nbytes for layer in self.offloaded)
         num_slots = min(2, len(self.offloaded))
         self.slots = [torch.empty(size, dtype=torch.uint8, device=self.device)
