@@ -107,8 +107,8 @@ def _eager_timer(body, calls: int) -> float:
 
 
 # --fast (the last device run of a session): the configs that won or came close on the H200
-FAST_GEMV = {1: (0, 1, 2, 8, 9, 11), "rows": (0, 1, 2)}
-FAST_GEMM = {16: (0, 1, 2), 64: (0, 5, 6), 256: (0, 1, 4), "prefill": (0, 3, 4), "block": (0, 3)}
+FAST_GEMV = {1: (0, 2, 8, 9), "rows": (0, 1)}
+FAST_GEMM = {16: (0,), 64: (0, 5), 256: (1, 4), "prefill": (0, 3), "block": (3,)}
 
 
 def _fast_pick(configs: list, idx: tuple[int, ...]) -> list:
@@ -128,7 +128,7 @@ def _configs(m: int, block: bool, fast: bool) -> list:
     if fast:
         gemv = _fast_pick(gemv, FAST_GEMV[1] if m == 1 else FAST_GEMV["rows"])
     # (at M <= 4 the tiled GEMM's 16-row tiles waste the most)
-    return gemv + gemm[:2 if m == 1 else 3 if m <= 4 else None]
+    return gemv + gemm[:1 if fast else 2 if m == 1 else 3 if m <= 4 else None]
 
 
 def measure(name: str, n: int, k: int, m: int, device: torch.device, copy_gbs: float,
@@ -194,18 +194,21 @@ def measure(name: str, n: int, k: int, m: int, device: torch.device, copy_gbs: f
     row["triton_config"] = best[1] if best else None
     row["triton_label"] = best[1].label if best else "-"
     if m == 1 and not block:
-        row["w8a16_us"] = _w8a16_us(x, ws_list, outs, copies)
+        row["w8a16_us"] = _w8a16_us(x, ws_list, outs, copies, best[1] if best else None, fast)
     _summarize(row, copy_gbs)
     return row
 
 
-def _w8a16_us(x, ws_list, outs, copies) -> float:
-    """The weight-only GEMV (bf16 x, no activation quantization) at M = 1."""
+def _w8a16_us(x, ws_list, outs, copies, w8a8_best, fast: bool) -> float:
+    """The weight-only GEMV (bf16 x, no activation quantization) at M = 1: the W8A8 winner's
+    config (if a GEMV) and a few others."""
     from fuselm.kernels import fp8_triton as ft
 
-    cfgs = gemv_configs()
+    cfgs = gemv_configs()[:1 if fast else 5]
+    if isinstance(w8a8_best, ft.GemvConfig):
+        cfgs = list(dict.fromkeys([w8a8_best, *cfgs]))
     best = float("inf")
-    for cfg in cfgs[:5]:
+    for cfg in cfgs:
         def body(cfg=cfg) -> None:
             for (_, wq, ws), o in zip(ws_list, outs, strict=True):
                 ft.launch_gemv(x, None, wq, ws, None, o, cfg)
@@ -339,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(measure(name, n, k, m, device, copy_gbs, fast=args.fast))
             print(common.format_table(rows[-1:], COLUMNS), flush=True)
             torch.cuda.empty_cache()
-        for m in (16, 4096):
+        for m in (4096,) if args.fast else (16, 4096):
             rows.append(measure(name, n, k, m, device, copy_gbs, block=True, fast=args.fast))
             torch.cuda.empty_cache()
     print(common.format_table(rows, COLUMNS))
