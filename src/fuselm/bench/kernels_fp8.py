@@ -108,7 +108,7 @@ def _eager_timer(body, calls: int) -> float:
 
 # --fast (the last device run of a session): the configs that won or came close on the H200
 FAST_GEMV = {1: (0, 2, 8, 9), "rows": (0, 1)}
-FAST_GEMM = {16: (0,), 64: (0, 5), 256: (1, 4), "prefill": (0, 3), "block": (3,)}
+FAST_GEMM = {16: (0,), 64: (0, 5), 256: (1, 4), "prefill": (0, 3), "block": (0, 3)}
 
 
 def _fast_pick(configs: list, idx: tuple[int, ...]) -> list:
@@ -312,6 +312,18 @@ def targets(rows: list[dict[str, Any]], est: dict[str, float]) -> list[str]:
     return lines
 
 
+def _measure_into(rows: list, name: str, n: int, k: int, m: int, device: torch.device,
+                  copy_gbs: float, block: bool, fast: bool) -> None:
+    """Appends one row and prints it; a case that fails is reported and skipped (the run and
+    its tuning table go on)."""
+    try:
+        rows.append(measure(name, n, k, m, device, copy_gbs, block=block, fast=fast))
+        print(common.format_table(rows[-1:], COLUMNS), flush=True)
+    except Exception as exc:  # noqa: BLE001 - one failing case must not lose the others
+        print(f"{name} m{m} block={block} FAILED: {type(exc).__name__}: {exc}", flush=True)
+    torch.cuda.empty_cache()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Flags of ``python -m fuselm.bench.kernels_fp8``."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -339,12 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, n, k in shapes:
         for m in ms:
-            rows.append(measure(name, n, k, m, device, copy_gbs, fast=args.fast))
-            print(common.format_table(rows[-1:], COLUMNS), flush=True)
-            torch.cuda.empty_cache()
+            _measure_into(rows, name, n, k, m, device, copy_gbs, False, args.fast)
         for m in (4096,) if args.fast else (16, 4096):
-            rows.append(measure(name, n, k, m, device, copy_gbs, block=True, fast=args.fast))
-            torch.cuda.empty_cache()
+            _measure_into(rows, name, n, k, m, device, copy_gbs, True, args.fast)
     print(common.format_table(rows, COLUMNS))
     for r in rows:
         if r["m"] <= 16 and not r["block"]:
