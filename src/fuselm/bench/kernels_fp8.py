@@ -359,28 +359,28 @@ def main(argv: list[str] | None = None) -> int:
         if r["m"] <= 16 and not r["block"]:
             top = sorted(r["configs_us"].items(), key=lambda kv: kv[1])[:6]
             print(f"{r['name']} m{r['m']} fastest triton configs (us): {top}")
+    gpu = torch.cuda.get_device_name(device)
+    configs_dir = resolve_configs_dir(args)
+    if configs_dir is not None:  # first: the run may be cut short after this
+        from fuselm.bench.kernels import configs_note, write_tuning_tables
+
+        table = tuning_table(rows, args.margin)
+        print(f"wrote {write_tuning_tables({'fp8_matmul': table}, gpu, configs_dir)}")
+        print(configs_note(configs_dir), flush=True)
+    for r in rows:
+        r["triton_config"] = r["triton_config"].label if r["triton_config"] else None
     norm_rows = norm_quant_rows(device)
     print(common.format_table(norm_rows, tuple(norm_rows[0])))
     est = decode_estimate(rows, device)
     print(est)
     for line in targets(rows, est):
         print(line)
-    gpu = torch.cuda.get_device_name(device)
-    table = tuning_table(rows, args.margin)
-    for r in rows:
-        r["triton_config"] = r["triton_config"].label if r["triton_config"] else None
     if args.output_dir:
         result = {"env": common.environment(), "copy_GB/s": copy_gbs, "rows": rows,
                   "norm_quant": norm_rows, "decode_estimate": est}
         path = common.write_json(Path(args.output_dir) / f"fp8-{common.gpu_slug(gpu)}.json",
                                  result)
         print(f"wrote {path}")
-    configs_dir = resolve_configs_dir(args)
-    if configs_dir is not None:
-        from fuselm.bench.kernels import configs_note, write_tuning_tables
-
-        print(f"wrote {write_tuning_tables({'fp8_matmul': table}, gpu, configs_dir)}")
-        print(configs_note(configs_dir))
     return 0
 
 
