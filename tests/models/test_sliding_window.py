@@ -1,7 +1,7 @@
 """Config fields beyond plain Llama: sliding-window attention (Mistral, Qwen2's per-layer
 windows) and ``mlp_bias`` give transformers' greedy tokens, through the Triton kernels (under
 the interpreter on a CPU) with chunked prefill and prefix caching; unimplemented fields (another
-activation, attention kind or a quantization_config) are refused by name."""
+activation, attention kind) are refused by name."""
 
 from __future__ import annotations
 
@@ -78,9 +78,6 @@ def test_windows_are_read_as_transformers_reads_them():
     ({"sliding_window": 8, "layer_types": ["full_attention", "chunked_attention"]},
      "layer_types"),
     ({"sliding_window": 0}, "sliding_window"),
-    ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}},
-     "quant_method 'fp8'"),
-    ({"quantization_config": {"quant_method": "awq", "bits": 4}}, "quant_method 'awq'"),
 ])
 def test_unimplemented_fields_are_refused_by_name(fields, named):
     with pytest.raises(UnsupportedModelError, match=named):

@@ -15,7 +15,7 @@ layer; no kernel choice is made here.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -31,7 +31,7 @@ from fuselm.layers.mlp import GatedMLP
 from fuselm.layers.norm import RMSNorm
 from fuselm.layers.quantization import linear_method, lm_head_method
 from fuselm.layers.rotary import cos_sin_cache
-from fuselm.layers.weight_utils import default_weight_loader
+from fuselm.layers.weight_utils import default_weight_loader, materialize
 from fuselm.parallel import comm
 from fuselm.parallel import parallel_state as ps
 
@@ -141,6 +141,9 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         kernels = kernels or KernelSet()
         self.config = config
+        # (QuantizationConfig, checkpoint suffix, full tensor) -> {canonical suffix: tensor};
+        # set by the composition root for a pre-quantized checkpoint (loading.quant_formats)
+        self.quant_convert: Callable[..., dict[str, torch.Tensor]] | None = None
         self.is_first, self.is_last = ps.is_first_pp_rank(), ps.is_last_pp_rank()
         self.start_layer, self.end_layer = layer_range(
             config.num_hidden_layers, ps.get_pp_rank(), ps.get_pp_size(), layer_partition)
@@ -216,12 +219,8 @@ class LlamaForCausalLM(nn.Module):
             module, _, suffix = ours.rpartition(".")
             pairs = [(ours, tensor)]
             if module in quantized:
-                from fuselm.layers.weight_utils import materialize
-                from fuselm.loading.quant_formats import convert
-
                 pairs = [(f"{module}.{canon}", t) for canon, t in
-                         convert(self.config.quantization, suffix,
-                                 materialize(tensor)).items()]
+                         self._convert(suffix, materialize(tensor)).items()]
             for ours_name, value in pairs:
                 if ours_name not in params:
                     continue
@@ -233,6 +232,13 @@ class LlamaForCausalLM(nn.Module):
                     loader(param, value, shard)
                 loaded.add(ours_name)
         return loaded
+
+    def _convert(self, suffix: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.quant_convert is None:
+            raise ValueError("a pre-quantized checkpoint loads through a tensor converter: set "
+                             "model.quant_convert (engine.builder sets loading.quant_formats."
+                             "convert)")
+        return self.quant_convert(self.config.quantization, suffix, tensor)
 
     def _prequantized_modules(self) -> set[str]:
         """Names of the linear layers whose checkpoint tensors are quantized (not online)."""

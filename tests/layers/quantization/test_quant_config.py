@@ -82,15 +82,25 @@ def test_compressed_tensors_schemes() -> None:
 def test_unknown_quant_method_is_refused_by_name(method) -> None:
     with pytest.raises(UnsupportedModelError, match=f"quant_method '{method}'"):
         QuantizationConfig.from_hf({"quant_method": method})
+    mc = ModelConfig.from_hf_dict({**LLAMA, "quantization_config": {"quant_method": method}})
     with pytest.raises(UnsupportedModelError, match=f"'{method}'"):
-        ModelConfig.from_hf_dict({**LLAMA, "quantization_config": {"quant_method": method}})
+        _with_quantization(mc)
 
 
-def test_model_config_carries_the_checkpoint_quantization() -> None:
+def _with_quantization(mc: ModelConfig, quantization: str | None = None) -> ModelConfig:
+    from fuselm.engine.builder import with_quantization
+    from fuselm.llm import engine_config_from_kwargs
+
+    return with_quantization(engine_config_from_kwargs("x", quantization=quantization), mc)
+
+
+def test_the_builder_parses_the_checkpoint_quantization() -> None:
     quant = {"quant_method": "fp8", "activation_scheme": "dynamic"}
     mc = ModelConfig.from_hf_dict({**LLAMA, "quantization_config": quant})
-    assert mc.quantization is not None and mc.quantization.method == "fp8"
-    assert ModelConfig.from_hf_dict(LLAMA).quantization is None
+    assert mc.quantization_config == quant and mc.quantization is None
+    parsed = _with_quantization(mc).quantization
+    assert parsed is not None and (parsed.method, parsed.source) == ("fp8", "fp8")
+    assert _with_quantization(ModelConfig.from_hf_dict(LLAMA)).quantization is None
 
 
 def test_checkpoint_with_unknown_quantization_config_is_refused(tmp_path) -> None:
@@ -107,12 +117,8 @@ def test_checkpoint_with_unknown_quantization_config_is_refused(tmp_path) -> Non
 
 
 def test_online_quantization_of_a_quantized_checkpoint_is_refused() -> None:
-    from fuselm.engine.builder import with_quantization
-    from fuselm.llm import engine_config_from_kwargs
-
     mc = ModelConfig.from_hf_dict({**LLAMA, "quantization_config": {"quant_method": "fp8"}})
-    config = engine_config_from_kwargs("x", quantization="int4")
     with pytest.raises(ConfigError, match="--quantization int4: the checkpoint is quantized"):
-        with_quantization(config, mc)
-    online = with_quantization(config, ModelConfig.from_hf_dict(LLAMA))
+        _with_quantization(mc, "int4")
+    online = _with_quantization(ModelConfig.from_hf_dict(LLAMA), "int4")
     assert online.quantization == QuantizationConfig.online("int4")
