@@ -71,6 +71,10 @@ def process_weights_after_loading(model: nn.Module) -> None:
         method = getattr(module, "method", None)
         if isinstance(method, LinearMethod):
             method.process_weights_after_loading(module)
+    import torch
+
+    if torch.cuda.is_available() and any(p.is_cuda for p in model.parameters()):
+        torch.cuda.empty_cache()  # the float weights online quantization freed: KV cache room
 
 
 def weight_bytes_per_step(model: nn.Module) -> int:
