@@ -95,6 +95,16 @@ def test_triton_gemm_fp16_masked_rows_and_blocks(name):
     _check(out, expected, torch.float16, name)
 
 
+@pytest.mark.parametrize("m", [1, 3])
+def test_q4_k_halfword_gemv(m):
+    """gemv16: Q4_K nibbles masked in place (no shifts); a K tail and masked rows."""
+    _need_triton()
+    tid, q, x, expected = _case("Q4_K", m, 7, 3, torch.float32, seed=16)
+    out = torch.empty(m, 7, device=DEVICE)
+    gm.launch_gguf_matmul(x, q, tid, out, gm.GGUFConfig("gemv16", 1, 8, 2, 2))
+    _check(out, expected, torch.float32, "gemv16")
+
+
 @pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "Q6_K"])
 def test_op_default_config_strided_rows(name):
     _need_triton()
@@ -162,7 +172,8 @@ def test_gpu_8b_shape_bf16(name, m):
 @pytest.mark.parametrize("name", TYPES)
 @pytest.mark.parametrize("cfg", [gm.GGUFConfig("gemv", 1, 1, 4, 8), gm.GGUFConfig(
     "gemv", 1, 8, 2, 4, 2), gm.GGUFConfig("gemm", 64, 128, 1, 8, 3),
-    gm.GGUFConfig("dequant", 1, 64, 2, 8)], ids=lambda c: c.label)
+    gm.GGUFConfig("dequant", 1, 64, 2, 8), gm.GGUFConfig("gemv16", 1, 4, 2, 4)],
+    ids=lambda c: c.label)
 def test_gpu_variants_odd_shape(name, cfg):
     tid = gm.TYPE_IDS[name]
     elems, _ = gm.block_layout(tid)

@@ -49,7 +49,11 @@ def sweep(ggml_type: int, m: int) -> list[GGUFConfig]:
         blocks = (4, 8, 16, 32) if elems == 32 else (1, 2, 4)
         out = [GGUFConfig("gemv", 1, bn, bb, w, 1) for bn in (1, 2, 4, 8) for bb in blocks
                for w in (4, 8) if 1024 <= bn * bb * elems <= 8192]
-        return out + [GGUFConfig("gemv", 1, 4, bb, 4, 2) for bb in blocks[:2]]
+        out += [GGUFConfig("gemv", 1, 4, bb, 4, 2) for bb in blocks[:2]]
+        if ggml_type == TYPE_IDS["Q4_K"]:  # the half-word decode
+            out += [GGUFConfig("gemv16", 1, bn, bb, w, 1) for bn in (1, 2, 4, 8)
+                    for bb in (1, 2, 4) for w in (4, 8) if 4 <= bn * bb <= 16]
+        return out
     bb = 4 if elems == 32 else 1
     # gemv rows re-read the weight tile from L2: worth it for a few rows
     rows = [GGUFConfig("gemv", 1, bn, 8 if elems == 32 else 2, 4, 1) for bn in (4, 8)]
@@ -59,6 +63,13 @@ def sweep(ggml_type: int, m: int) -> list[GGUFConfig]:
     out += rows if m <= 16 else []
     return out + [GGUFConfig("dequant", 1, bn, b, 4, 1) for bn in (16, 32)
                   for b in ((8, 16) if elems == 32 else (1, 2))]
+
+
+def quick_extra(ggml_type: int, base: GGUFConfig) -> list[GGUFConfig]:
+    """``--quick``: besides the heuristic config, Q4_K's gemv also read as half-words."""
+    if ggml_type == TYPE_IDS["Q4_K"] and base.variant == "gemv":
+        return [base._replace(variant="gemv16")]
+    return []
 
 
 class Case:
@@ -188,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--types", default="Q4_K,Q8_0", help=f"comma list of {', '.join(TYPE_IDS)}")
     p.add_argument("--batches", default=",".join(map(str, BATCHES)))
     p.add_argument("--replays", type=int, default=10)
-    p.add_argument("--quick", action="store_true", help="time only the heuristic configs")
+    p.add_argument("--quick", action="store_true",
+                   help="time only the heuristic configs (and Q4_K's gemv16 twin)")
     p.add_argument("--budget-s", type=float, default=360.0,
                    help="stop sweeping (heuristic configs only) after this many seconds")
     p.add_argument("--no-compare-int", dest="compare_int", action="store_false",
@@ -220,7 +232,8 @@ def _run(args: argparse.Namespace, device: torch.device, copy_gbs: float,
     for m in batches:  # batch 1 first: the sweep budget goes to the decode hot path
         for name, case, bf16 in cases:
             base = default_config(case.ggml_type, case.n, case.k, m)
-            configs = [base] + ([] if args.quick else sweep(case.ggml_type, m))
+            configs = [base] + (quick_extra(case.ggml_type, base) if args.quick
+                                else sweep(case.ggml_type, m))
             row = measure(case, m, bf16[m], copy_gbs, args.replays,
                           list(dict.fromkeys(configs)), deadline)
             rows.append({"name": name, **row})

@@ -25,7 +25,8 @@ from fuselm.kernels.gguf_matmul import GGML_TYPES, GGUFConfig
 if triton_utils.is_interpreting():
     triton_utils.patch_interpreter_range()  # the K loop has a runtime bound
 
-_MODES = {"gemv": 0, "gemm": 1, "dequant": 2}
+_MODES = {"gemv": 0, "gemv16": 0, "gemm": 1, "dequant": 2}
+Q4_K_HALFWORDS = 112  # the kernels' TYPE code of Q4_K read as half-words (variant gemv16)
 
 
 @triton.jit
@@ -157,6 +158,39 @@ def _planes_k(wp8, wp16, b, wmask, SIZE: tl.constexpr, HIGH_BIT: tl.constexpr,
 
 
 @triton.jit
+def _planes_q4_k_halfwords(wp8, wp16, b, wmask):
+    """Q4_K as [BN, BB, 4 chunks, 16 half-words, 2 bytes]: each nibble is masked in place into
+    the mantissa of 2**23 (one and-or a value: no shift, no conversion), so a nibble at bit
+    ``pos`` reads f = 2**23 + q 2**pos and ``f - 2**23`` is ``q 2**pos`` exactly; then
+    ``w = (f - 2**23) (a 2**-pos) - b``."""
+    c = tl.arange(0, 4)[None, None, :, None]
+    hw = tl.arange(0, 16)[None, None, None, :]
+    p = tl.arange(0, 2)  # byte of the half-word
+    mask4 = wmask[:, :, None, None]
+    at = wp16[:, None, None, None] + (b * 72)[None, :, None, None] + 8 + c * 16 + hw
+    v = tl.load(at, mask=mask4, other=0.0).to(tl.int16, bitcast=True).to(tl.int32)
+    v = v[:, :, :, :, None]  # the sign extension lies above the masks
+    lo_mask = (0x0F << (8 * p))[None, None, None, None, :]
+    t_lo = ((v & lo_mask) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    t_hi = ((v & (lo_mask << 4)) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    base3 = wp8[:, None, None] + (b * 144)[None, :, None]
+    s_lo = (2 * tl.arange(0, 4))[None, None, :]
+    mask3 = wmask[:, :, None]
+    d = _half(wp16, b, 72, 0, wmask)[:, :, None]
+    dmin = _half(wp16, b, 72, 1, wmask)[:, :, None]
+    sc_lo, mn_lo = _k_scale_min(base3, s_lo, mask3)
+    sc_hi, mn_hi = _k_scale_min(base3, s_lo + 1, mask3)
+    pow_lo = tl.where(p == 0, 1.0, 0.00390625)[None, None, None, None, :]  # 2**-pos: 0, 8
+    a_lo = (d * sc_lo)[:, :, :, None, None] * pow_lo
+    a_hi = (d * sc_hi)[:, :, :, None, None] * (pow_lo * 0.0625)  # pos 4, 12
+    w_lo = t_lo * a_lo - (dmin * mn_lo)[:, :, :, None, None]
+    w_hi = t_hi * a_hi - (dmin * mn_hi)[:, :, :, None, None]
+    k_lo = (b[:, None, None, None] * 256 + tl.arange(0, 4)[None, :, None, None] * 64
+            + tl.arange(0, 16)[None, None, :, None] * 2 + p[None, None, None, :])
+    return w_lo, k_lo, w_hi, k_lo + 32
+
+
+@triton.jit
 def _q6_plane(ql, qh, base4, hh, ii, g: tl.constexpr, d, mask4, b, lane):
     """Plane ``g`` (values 32 g .. 32 g + 31 of each half) of Q6_K tiles [BN, BB, 2, 2, 16]."""
     if g < 2:
@@ -220,6 +254,12 @@ def _step(acc, TYPE: tl.constexpr, wp8, wp16, b, wmask, K, x_ptr, x_row, m_rows,
                           out_stride, MODE, IEEE, 3, BN, BB * 16)
         acc = _accumulate(acc, w1, k1, K, x_ptr, x_row, m_rows, M, x_stride, out_ptr, rows, N,
                           out_stride, MODE, IEEE, 3, BN, BB * 16)
+    elif TYPE == 112:
+        w0, k0, w1, k1 = _planes_q4_k_halfwords(wp8, wp16, b, wmask)
+        acc = _accumulate(acc, w0, k0, K, x_ptr, x_row, m_rows, M, x_stride, out_ptr, rows, N,
+                          out_stride, MODE, IEEE, 5, BN, BB * 128)
+        acc = _accumulate(acc, w1, k1, K, x_ptr, x_row, m_rows, M, x_stride, out_ptr, rows, N,
+                          out_stride, MODE, IEEE, 5, BN, BB * 128)
     else:
         if TYPE == 12:
             w0, k0, w1, k1 = _planes_k(wp8, wp16, b, wmask, 144, False, 4)
@@ -237,6 +277,8 @@ def _gemv_acc(TYPE: tl.constexpr, BN: tl.constexpr, BB: tl.constexpr):
     """The gemv accumulator: the shape of the type's plane tiles."""
     if TYPE == 8:
         acc = tl.zeros([BN, BB, 32], dtype=tl.float32)
+    elif TYPE == 112:
+        acc = tl.zeros([BN, BB, 4, 16, 2], dtype=tl.float32)
     elif TYPE == 14:
         acc = tl.zeros([BN, BB, 2, 2, 16], dtype=tl.float32)
     elif TYPE == 2 or TYPE == 3:
@@ -249,9 +291,9 @@ def _gemv_acc(TYPE: tl.constexpr, BN: tl.constexpr, BB: tl.constexpr):
 @triton.jit
 def _row_sums(acc, TYPE: tl.constexpr):
     """[BN, ...] -> [BN]: the gemv accumulator summed once, after the K loop."""
-    if TYPE == 14:
+    if TYPE == 14 or TYPE == 112:
         acc = tl.sum(acc, axis=4)
-    if TYPE == 14 or TYPE == 12 or TYPE == 13:
+    if TYPE == 14 or TYPE == 112 or TYPE == 12 or TYPE == 13:
         acc = tl.sum(acc, axis=3)
     return tl.sum(tl.sum(acc, axis=2), axis=1)
 
@@ -331,9 +373,10 @@ def launch_matmul(x: torch.Tensor, qweight: torch.Tensor, ggml_type: int, out: t
     w8, w16 = _views(qweight)
     tiles = triton.cdiv(n, cfg.block_n)
     grid = (m, tiles) if mode == 0 else (tiles, triton.cdiv(m, block_m))
+    code = Q4_K_HALFWORDS if cfg.variant == "gemv16" and ggml_type == 12 else ggml_type
     _gguf_matmul_kernel[grid](
         x, w8, w16, out, m, n, k, k // elems, x.stride(0), qweight.stride(0), out.stride(0),
-        TYPE=ggml_type, MODE=mode, IEEE=x.dtype == torch.float32, BLOCK_M=block_m,
+        TYPE=code, MODE=mode, IEEE=x.dtype == torch.float32, BLOCK_M=block_m,
         BLOCK_N=cfg.block_n, BLOCK_B=cfg.block_b, NUM_STAGES=cfg.num_stages,
         num_warps=cfg.num_warps,
     )

@@ -49,7 +49,7 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
     14: ("Q6_K", 256, 210),
 }
 TYPE_IDS: dict[str, int] = {name: tid for tid, (name, _, _) in GGML_TYPES.items()}
-VARIANTS = ("gemv", "gemm", "dequant")
+VARIANTS = ("gemv", "gemv16", "gemm", "dequant")
 M_BUCKETS = (1, 4, 16, 64, 256)
 
 
@@ -171,7 +171,7 @@ def gguf_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, ggml_type: int) -> t
 class GGUFConfig(NamedTuple):
     """A variant and its Triton launch parameters."""
 
-    variant: str  # gemv | gemm | dequant
+    variant: str  # gemv | gemv16 (Q4_K read as half-words; others: gemv) | gemm | dequant
     block_m: int = 1  # gemm: x rows a program (>= 16)
     block_n: int = 4  # weight rows a program
     block_b: int = 4  # ggml blocks of a row a loop iteration
@@ -262,7 +262,7 @@ def launch_gguf_matmul(x: torch.Tensor, qweight: torch.Tensor, ggml_type: int,
     if cfg.variant == "dequant":
         w = gguf_dequantize_triton(qweight, ggml_type, k, x.dtype, cfg)
         torch.matmul(x, w.t(), out=out)
-    elif cfg.variant in ("gemv", "gemm"):
+    elif cfg.variant in ("gemv", "gemv16", "gemm"):
         _gguf_triton.launch_matmul(x, qweight, ggml_type, out, cfg)
     else:
         raise ValueError(f"unknown gguf_matmul variant {cfg.variant!r}; expected {VARIANTS}")
