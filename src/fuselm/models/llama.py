@@ -31,7 +31,7 @@ from fuselm.layers.mlp import GatedMLP
 from fuselm.layers.norm import RMSNorm
 from fuselm.layers.quantization import linear_method, lm_head_method
 from fuselm.layers.rotary import cos_sin_cache
-from fuselm.layers.weight_utils import default_weight_loader, materialize
+from fuselm.layers.weight_utils import default_weight_loader, materialize, tensor_shape
 from fuselm.parallel import comm
 from fuselm.parallel import parallel_state as ps
 
@@ -112,6 +112,12 @@ class LlamaDecoderLayer(nn.Module):
         hidden = self.self_attn(positions, hidden, batch)
         hidden, residual = self.post_attention_layernorm(hidden, residual, reduce=True)
         return self.mlp(hidden), residual
+
+
+def _whole(loaded: Any) -> torch.Tensor:
+    """A checkpoint tensor or lazy slice read whole (a 0-dim scale too: ``[:]`` refuses it)."""
+    return loaded[...] if tensor_shape(loaded) == () and not isinstance(
+        loaded, torch.Tensor) else materialize(loaded)
 
 
 def _effective_window(window: int | None, max_position: int) -> int | None:
@@ -220,7 +226,7 @@ class LlamaForCausalLM(nn.Module):
             pairs = [(ours, tensor)]
             if module in quantized:
                 pairs = [(f"{module}.{canon}", t) for canon, t in
-                         self._convert(suffix, materialize(tensor)).items()]
+                         self._convert(suffix, _whole(tensor)).items()]
             for ours_name, value in pairs:
                 if ours_name not in params:
                     continue
