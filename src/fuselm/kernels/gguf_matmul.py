@@ -34,7 +34,6 @@ from functools import cache
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from fuselm.kernels import triton_utils
 from fuselm.kernels.triton_utils import FUSELM_LIB
@@ -278,11 +277,6 @@ def gguf_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, ggml_type: int) -
     out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     launch_gguf_matmul(x, qweight, ggml_type, out, _config_for(x, ggml_type, n, k))
     return out
-
-
-def gguf_dense_matmul(x: torch.Tensor, qweight: torch.Tensor, ggml_type: int) -> torch.Tensor:
-    """Dequantize (Triton) then ``F.linear``: the large-batch route, for the benchmark."""
-    return F.linear(x, gguf_dequantize_triton(qweight, ggml_type, x.shape[1], x.dtype))
 
 
 FUSELM_LIB.define("gguf_matmul(Tensor x, Tensor qweight, int ggml_type) -> Tensor")
