@@ -22,12 +22,13 @@ def _need_triton():
 
 
 def _inputs(m, n, k, g, dtype, seed, device=DEVICE):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=gen).to(dtype)
-    q = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8)
-    s = torch.rand(n, k // g, generator=gen) * 0.02 + 0.005
-    z = torch.randint(0, 16, (n, k // g), generator=gen, dtype=torch.uint8)
-    return tuple(t.to(device) for t in (x, q, s, z))
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)  # on the device: 8B shapes are big
+    x = torch.randn(m, k, generator=gen, device=device).to(dtype)
+    q = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8, device=device)
+    s = torch.rand(n, k // g, generator=gen, device=device) * 0.02 + 0.005
+    z = torch.randint(0, 16, (n, k // g), generator=gen, dtype=torch.uint8, device=device)
+    return x, q, s, z
 
 
 def _expected(x, q, s, z, g, swap_nibbles=False):

@@ -22,11 +22,12 @@ def _need_triton():
 
 
 def _inputs(m, n, k, dtype, seed, device=DEVICE):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=gen).to(dtype)
-    q = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
-    s = torch.rand(n, generator=gen) * 0.002 + 0.0005
-    return tuple(t.to(device) for t in (x, q, s))
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)  # on the device: 8B shapes are big
+    x = torch.randn(m, k, generator=gen, device=device).to(dtype)
+    q = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8, device=device)
+    s = torch.rand(n, generator=gen, device=device) * 0.002 + 0.0005
+    return x, q, s
 
 
 def _expected(x, q, s):

@@ -42,10 +42,10 @@ GROUP = 128
 # gemv bases (block_n, block_k, warps, stages) x modes (bit 0 XVEC, bit 1 NEXT: int8_matmul)
 _GEMV4_BASES = [(8, 1024, 2, 1), (8, 2048, 4, 1), (16, 512, 2, 1), (16, 1024, 4, 1)]
 _GEMV8_BASES = [(8, 1024, 4, 1), (16, 1024, 8, 1), (32, 512, 4, 1), (8, 512, 2, 1)]
-GEMV4 = [Cfg("gemv", *b, 16, mode) for b in _GEMV4_BASES for mode in (0, 1, 2, 3)]
+GEMV4 = [Cfg("gemv", *b, 16, mode) for mode in (1, 3, 0, 2) for b in _GEMV4_BASES]
 GEMV4 += [Cfg("gemv", 32, 1024, 4, 1, 16, 3), Cfg("gemv", 4, 1024, 1, 1, 16, 3),
           Cfg("gemv", 8, 1024, 2, 2, 16, 1), Cfg("gemv", 16, 512, 2, 3, 16, 1)]
-GEMV8 = [Cfg("gemv", *b, 16, mode) for b in _GEMV8_BASES for mode in (0, 1, 2, 3)]
+GEMV8 = [Cfg("gemv", *b, 16, mode) for mode in (1, 3, 0, 2) for b in _GEMV8_BASES]
 
 
 def gemm_sweep(m: int, max_k: int) -> list[Cfg]:
@@ -120,17 +120,20 @@ class Case:
 
     def configs(self, m: int, quick: bool) -> list[Cfg]:
         """The heuristic config of batch m first, then (unless ``quick``) the sweep."""
+        device = self.weights[0][0].device
         if self.kind == "int4":
-            from fuselm.kernels.int4_matmul import default_config
+            from fuselm.kernels import int4_matmul as mod
 
-            base = default_config(self.n, self.k, GROUP, m)
+            base = [mod.config_for(self.n, self.k, GROUP, m, device),
+                    mod.default_config(self.n, self.k, GROUP, m)]
             sweep = (GEMV4 if m <= 4 else []) + gemm_sweep(m, GROUP)
         else:
-            from fuselm.kernels.int8_matmul import default_config
+            from fuselm.kernels import int8_matmul as mod
 
-            base = default_config(self.n, self.k, m)
+            base = [mod.config_for(self.n, self.k, m, device),
+                    mod.default_config(self.n, self.k, m)]
             sweep = (GEMV8 if m <= 4 else []) + gemm_sweep(m, 128)
-        return list(dict.fromkeys([base] + ([] if quick else sweep + [Cfg("dequant", 0, 0, 4)])))
+        return list(dict.fromkeys(base + ([] if quick else sweep + [Cfg("dequant", 0, 0, 4)])))
 
 
 def bf16_times(n: int, k: int, device: torch.device, replays: int) -> dict[int, float]:
@@ -151,9 +154,10 @@ def bf16_times(n: int, k: int, device: torch.device, replays: int) -> dict[int, 
 
 
 def measure(case: Case, m: int, bf16_us: float, copy_gbs: float, replays: int, quick: bool,
-            deadline: float, compiled: set[str]) -> dict[str, Any]:
+            budget_s: float, compiled: dict[str, float]) -> dict[str, Any]:
     """Every config of ``case`` at batch m; the row of the fastest (a wrong one is skipped).
-    Past ``deadline`` only configs in ``compiled`` (labels timed before: no compile) run."""
+    ``compiled``: label -> seconds its first timing took (the compile); once a format has spent
+    ``budget_s`` so, only configs timed before run."""
     device = case.weights[0][0].device
     x = torch.randn(m, case.k, device=device, dtype=torch.bfloat16)
     outs = [torch.empty(m, case.n, device=device, dtype=torch.bfloat16)
@@ -166,10 +170,11 @@ def measure(case: Case, m: int, bf16_us: float, copy_gbs: float, replays: int, q
     skipped = 0
     for j, cfg in enumerate(configs):
         key = f"{case.kind}:{cfg.label}"
-        if j and key not in compiled and time.monotonic() > deadline:
+        spent = sum(t for k, t in compiled.items() if k.startswith(case.kind))
+        if j > 1 and key not in compiled and spent > budget_s:
             skipped += 1
             continue
-        compiled.add(key)
+        started = time.monotonic()
 
         def body(cfg=cfg) -> None:
             for i, o in enumerate(outs):
@@ -181,6 +186,8 @@ def measure(case: Case, m: int, bf16_us: float, copy_gbs: float, replays: int, q
             print(f"  {cfg.label} failed: {type(exc).__name__}: {str(exc)[:200]}",
                   file=sys.stderr)
             continue
+        finally:
+            compiled.setdefault(key, time.monotonic() - started)
         err = (outs[-1].float() - expected).abs().max().item()
         if err > 0.02 * scale + 1e-3:
             print(f"  {cfg.label} wrong (max err {err:.3g} of {scale:.3g}); skipped",
@@ -263,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replays", type=int, default=10)
     p.add_argument("--quick", action="store_true", help="time only the heuristic configs")
     p.add_argument("--budget-s", type=float, default=200.0,
-                   help="stop sweeping (heuristic configs only) after this many seconds")
+                   help="seconds of first-time (compiling) config runs, shared by the formats; "
+                        "past it only configs already compiled are timed")
     add_configs_arguments(p)  # --configs-dir, else <output-dir or out>/configs
     return p
 
@@ -278,13 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(formats) - {"int4", "int8"}
     if unknown:
         raise SystemExit(f"--formats: unknown {sorted(unknown)} (int4, int8)")
-    deadline = time.monotonic() + args.budget_s
     device = torch.device("cuda")
     scales_dtype = getattr(torch, args.scales_dtype)
     copy_gbs = common.copy_bandwidth_gbs(device)
     print(f"copy bandwidth {copy_gbs:.0f} GB/s (read + write)", flush=True)
     rows: list[dict[str, Any]] = []
-    compiled: set[str] = set()
+    compiled: dict[str, float] = {}
+    budget = args.budget_s / len(formats)  # compile seconds a format may spend
     shapes = LLAMA3_8B + ([LM_HEAD] if "int8" in formats else [])
     for name, n, k in shapes:
         bf16 = bf16_times(n, k, device, args.replays)
@@ -293,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             case = Case(kind, n, k, device, scales_dtype, seed=n + k)
             for m in BATCHES:
                 rows.append({"name": name, **measure(case, m, bf16[m], copy_gbs, args.replays,
-                                                     args.quick, deadline, compiled)})
+                                                     args.quick, budget, compiled)})
                 print(common.format_table(rows[-1:], ("name",) + COLUMNS), flush=True)
             del case
             torch.cuda.empty_cache()
