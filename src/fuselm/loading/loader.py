@@ -158,13 +158,38 @@ def load_weights(model: nn.Module, source: ModelSource, progress: bool = False) 
 
         weights = tqdm(weights, desc=f"Loading {source.path.name}", unit=" tensors",
                        total=check_checkpoint(source), leave=False)
-    loaded = model.load_weights(weights)
+    loaded = model.load_weights(_trimming_heap(weights, source.path.suffix == ".gguf"))
     missing = model.expected_parameters() - loaded
     if missing:
         raise UnsupportedModelError(
             f"checkpoint {source.path} lacks {len(missing)} parameters, e.g. "
             f"{sorted(missing)[:3]}"
         )
+
+
+def release_freed_heap() -> None:
+    """Returns the heap pages that freed temporaries left to the OS (glibc keeps them
+    resident otherwise: ~0.1 GB after the default model's dequantization); a no-op elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass  # not glibc
+
+
+def _trimming_heap(weights: Iterable[tuple[str, Any]], dequantizing: bool,
+                   every: int = 16) -> Iterable[tuple[str, Any]]:
+    """The weights, with the heap trimmed every ``every`` tensors while a GGUF file is
+    dequantized on the host (its temporaries would otherwise raise the peak resident memory
+    of the default model's load by ~30 MB)."""
+    for i, item in enumerate(weights):
+        yield item
+        if dequantizing and i % every == every - 1:
+            release_freed_heap()
+    if dequantizing:
+        release_freed_heap()
 
 
 def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
