@@ -95,11 +95,12 @@ def test_triton_gemm_fp16_masked_rows_and_blocks(name):
     _check(out, expected, torch.float16, name)
 
 
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_K"])
 @pytest.mark.parametrize("m", [1, 3])
-def test_q4_k_halfword_gemv(m):
-    """gemv16: Q4_K nibbles masked in place (no shifts); a K tail and masked rows."""
+def test_halfword_gemv(name, m):
+    """gemv16: Q8_0 bytes / Q4_K nibbles masked in place (no shifts); a K tail, masked rows."""
     _need_triton()
-    tid, q, x, expected = _case("Q4_K", m, 7, 3, torch.float32, seed=16)
+    tid, q, x, expected = _case(name, m, 7, 3, torch.float32, seed=16)
     out = torch.empty(m, 7, device=DEVICE)
     gm.launch_gguf_matmul(x, q, tid, out, gm.GGUFConfig("gemv16", 1, 8, 2, 2))
     _check(out, expected, torch.float32, "gemv16")

@@ -50,9 +50,9 @@ def sweep(ggml_type: int, m: int) -> list[GGUFConfig]:
         out = [GGUFConfig("gemv", 1, bn, bb, w, 1) for bn in (1, 2, 4, 8) for bb in blocks
                for w in (4, 8) if 1024 <= bn * bb * elems <= 8192]
         out += [GGUFConfig("gemv", 1, 4, bb, 4, 2) for bb in blocks[:2]]
-        if ggml_type == TYPE_IDS["Q4_K"]:  # the half-word decode
+        if ggml_type in (TYPE_IDS["Q4_K"], TYPE_IDS["Q8_0"]):  # the half-word decode
             out += [GGUFConfig("gemv16", 1, bn, bb, w, 1) for bn in (1, 2, 4, 8)
-                    for bb in (1, 2, 4) for w in (4, 8) if 4 <= bn * bb <= 16]
+                    for bb in blocks for w in (4, 8) if 1024 <= bn * bb * elems <= 4096]
         return out
     bb = 4 if elems == 32 else 1
     # gemv rows re-read the weight tile from L2: worth it for a few rows
@@ -66,8 +66,8 @@ def sweep(ggml_type: int, m: int) -> list[GGUFConfig]:
 
 
 def quick_extra(ggml_type: int, base: GGUFConfig) -> list[GGUFConfig]:
-    """``--quick``: besides the heuristic config, Q4_K's gemv also read as half-words."""
-    if ggml_type == TYPE_IDS["Q4_K"] and base.variant == "gemv":
+    """``--quick``: besides the heuristic config, Q8_0's and Q4_K's gemv read as half-words."""
+    if ggml_type in (TYPE_IDS["Q4_K"], TYPE_IDS["Q8_0"]) and base.variant == "gemv":
         return [base._replace(variant="gemv16")]
     return []
 
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", default=",".join(map(str, BATCHES)))
     p.add_argument("--replays", type=int, default=10)
     p.add_argument("--quick", action="store_true",
-                   help="time only the heuristic configs (and Q4_K's gemv16 twin)")
+                   help="time only the heuristic configs (and the gemv16 twin)")
     p.add_argument("--budget-s", type=float, default=360.0,
                    help="stop sweeping (heuristic configs only) after this many seconds")
     p.add_argument("--no-compare-int", dest="compare_int", action="store_false",

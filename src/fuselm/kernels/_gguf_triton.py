@@ -26,7 +26,8 @@ if triton_utils.is_interpreting():
     triton_utils.patch_interpreter_range()  # the K loop has a runtime bound
 
 _MODES = {"gemv": 0, "gemv16": 0, "gemm": 1, "dequant": 2}
-Q4_K_HALFWORDS = 112  # the kernels' TYPE code of Q4_K read as half-words (variant gemv16)
+# the kernels' TYPE codes of Q8_0 / Q4_K read as half-words (variant gemv16)
+HALFWORDS = {8: 108, 12: 112}
 
 
 @triton.jit
@@ -158,6 +159,24 @@ def _planes_k(wp8, wp16, b, wmask, SIZE: tl.constexpr, HIGH_BIT: tl.constexpr,
 
 
 @triton.jit
+def _planes_q8_0_halfwords(wp16, b, wmask):
+    """Q8_0 as [BN, BB, 16 half-words, 2 bytes] (blocks are 17 half-words: d, then 16 of two
+    int8 each): flipping both sign bits makes each byte q + 128, masked in place into the
+    mantissa of 2**23 (``gemv16`` of Q4_K spells the trick out)."""
+    j = tl.arange(0, 16)[None, None, :]
+    p = tl.arange(0, 2)
+    at = wp16[:, None, None] + (b * 17)[None, :, None] + 1 + j
+    v = tl.load(at, mask=wmask[:, :, None], other=0.0).to(tl.int16, bitcast=True)
+    u = (v.to(tl.int32) ^ 0x8080)[:, :, :, None]
+    t = ((u & (0xFF << (8 * p))[None, None, None, :]) | 0x4B000000).to(
+        tl.float32, bitcast=True) - 8388608.0  # (q + 128) 2**(8 p)
+    d = _half(wp16, b, 17, 0, wmask)[:, :, None, None]
+    scale = d * tl.where(p == 0, 1.0, 0.00390625)[None, None, None, :]
+    koff = b[:, None, None] * 32 + tl.arange(0, 16)[None, :, None] * 2 + p[None, None, :]
+    return t * scale - 128.0 * d, koff
+
+
+@triton.jit
 def _planes_q4_k_halfwords(wp8, wp16, b, wmask):
     """Q4_K as [BN, BB, 4 chunks, 16 half-words, 2 bytes]: each nibble is masked in place into
     the mantissa of 2**23 (one and-or a value: no shift, no conversion), so a nibble at bit
@@ -254,6 +273,10 @@ def _step(acc, TYPE: tl.constexpr, wp8, wp16, b, wmask, K, x_ptr, x_row, m_rows,
                           out_stride, MODE, IEEE, 3, BN, BB * 16)
         acc = _accumulate(acc, w1, k1, K, x_ptr, x_row, m_rows, M, x_stride, out_ptr, rows, N,
                           out_stride, MODE, IEEE, 3, BN, BB * 16)
+    elif TYPE == 108:
+        w, k = _planes_q8_0_halfwords(wp16, b, wmask)
+        acc = _accumulate(acc, w, k, K, x_ptr, x_row, m_rows, M, x_stride, out_ptr, rows, N,
+                          out_stride, MODE, IEEE, 4, BN, BB * 32)
     elif TYPE == 112:
         w0, k0, w1, k1 = _planes_q4_k_halfwords(wp8, wp16, b, wmask)
         acc = _accumulate(acc, w0, k0, K, x_ptr, x_row, m_rows, M, x_stride, out_ptr, rows, N,
@@ -279,6 +302,8 @@ def _gemv_acc(TYPE: tl.constexpr, BN: tl.constexpr, BB: tl.constexpr):
         acc = tl.zeros([BN, BB, 32], dtype=tl.float32)
     elif TYPE == 112:
         acc = tl.zeros([BN, BB, 4, 16, 2], dtype=tl.float32)
+    elif TYPE == 108:
+        acc = tl.zeros([BN, BB, 16, 2], dtype=tl.float32)
     elif TYPE == 14:
         acc = tl.zeros([BN, BB, 2, 2, 16], dtype=tl.float32)
     elif TYPE == 2 or TYPE == 3:
@@ -293,7 +318,7 @@ def _row_sums(acc, TYPE: tl.constexpr):
     """[BN, ...] -> [BN]: the gemv accumulator summed once, after the K loop."""
     if TYPE == 14 or TYPE == 112:
         acc = tl.sum(acc, axis=4)
-    if TYPE == 14 or TYPE == 112 or TYPE == 12 or TYPE == 13:
+    if TYPE == 14 or TYPE == 112 or TYPE == 12 or TYPE == 13 or TYPE == 108:
         acc = tl.sum(acc, axis=3)
     return tl.sum(tl.sum(acc, axis=2), axis=1)
 
@@ -373,7 +398,7 @@ def launch_matmul(x: torch.Tensor, qweight: torch.Tensor, ggml_type: int, out: t
     w8, w16 = _views(qweight)
     tiles = triton.cdiv(n, cfg.block_n)
     grid = (m, tiles) if mode == 0 else (tiles, triton.cdiv(m, block_m))
-    code = Q4_K_HALFWORDS if cfg.variant == "gemv16" and ggml_type == 12 else ggml_type
+    code = HALFWORDS.get(ggml_type, ggml_type) if cfg.variant == "gemv16" else ggml_type
     _gguf_matmul_kernel[grid](
         x, w8, w16, out, m, n, k, k // elems, x.stride(0), qweight.stride(0), out.stride(0),
         TYPE=code, MODE=mode, IEEE=x.dtype == torch.float32, BLOCK_M=block_m,

@@ -18,11 +18,14 @@ accumulated in fp32. Block layouts (llama.cpp ``ggml-common.h``; d, m, dmin are 
   bits 2g..2g+1 of qh[l] on top, minus 32, times d scales[8 half + 2 g + l // 16]
 
 Triton kernels (``_gguf_triton.py``) read the packed blocks and dequantize in registers:
-``gemv`` (small M: fp32 FMAs, one x row a program), ``gemm`` (``tl.dot`` over dequantized
-tiles) and ``dequant`` (the weight to x's dtype, then ``F.linear``; for the large batches where
-the tuning table measures it faster). The variant and launch config come per call from M: the
-table ``configs/gguf_matmul.json`` (bucket ``{type}_n{N}_k{K}_m{1|4|16|64|256}``, written by
-``python -m fuselm.bench.kernels_gguf``), else ``default_config``.
+``gemv`` (small M: fp32 FMAs, one x row a program), ``gemv16`` (the same for Q8_0 and Q4_K with
+the packed bytes read as half-words and each value masked in place into a float's mantissa:
+about one integer op a value, where the byte-wise decode needs three), ``gemm`` (``tl.dot`` over
+dequantized tiles) and ``dequant`` (the weight to x's dtype, then cuBLAS; for the large
+batches where the tuning table measures it faster). The variant and launch config come per
+call from M: the table ``configs/gguf_matmul.json`` (bucket
+``{type}_n{N}_k{K}_m{1|4|16|64|256}``, written by ``python -m fuselm.bench.kernels_gguf``),
+else ``default_config``.
 
 Backends: ``gguf_dequantize_ref`` / ``gguf_matmul_ref`` (float32 spec), ``gguf_matmul_triton``
 (the torch op ``fuselm::gguf_matmul``).
@@ -170,7 +173,7 @@ def gguf_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, ggml_type: int) -> t
 class GGUFConfig(NamedTuple):
     """A variant and its Triton launch parameters."""
 
-    variant: str  # gemv | gemv16 (Q4_K read as half-words; others: gemv) | gemm | dequant
+    variant: str  # gemv | gemv16 (Q8_0/Q4_K read as half-words; others: gemv) | gemm | dequant
     block_m: int = 1  # gemm: x rows a program (>= 16)
     block_n: int = 4  # weight rows a program
     block_b: int = 4  # ggml blocks of a row a loop iteration
