@@ -62,19 +62,6 @@ def use_cpu_gemv_layout(model: torch.nn.Module) -> None:
             param.data = torch.empty(cols, rows, dtype=param.dtype, device=param.device).t()
 
 
-def release_freed_heap() -> None:
-    """Returns the heap pages that loading's temporaries freed to the OS (glibc keeps them
-    resident otherwise: ~0.1 GB after the default model's dequantization); a no-op elsewhere."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        pass  # not glibc
-
-
 def _scheduler_config(config: EngineConfig, max_model_len: int) -> SchedulerConfig:
     sched = dataclasses.replace(config.scheduler, max_model_len=max_model_len)
     if not sched.enable_chunked_prefill and sched.max_num_batched_tokens < max_model_len:
@@ -130,10 +117,15 @@ def _load_model(config: EngineConfig, source: loader.ModelSource, model_config: 
     elif config.load_format == "dummy":
         loader.init_dummy_weights(model, config.seed)
     else:
+        if model_config.quantization is not None and model_config.quantization.source not in (
+                "online", "gguf"):
+            from fuselm.loading.quant_formats import convert
+
+            model.quant_convert = convert  # pre-quantized tensors -> canonical layouts
         loader.load_weights(model, source, progress=dist_ctx is None or dist_ctx.rank == 0)
     quantization.process_weights_after_loading(model)  # online quantization, repacking
     if device.type == "cpu":
-        release_freed_heap()
+        loader.release_freed_heap()
     if offloader is not None:
         offloader.install()
     return model, offloader
