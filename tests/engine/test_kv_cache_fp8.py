@@ -166,3 +166,20 @@ def test_gpu_fp8_cache_graphs_equal_eager_and_chunked_prefix_cached_runs(tiny):
     runner = llm.engine.runner
     assert runner.kv_bytes_per_block(torch.bfloat16) * 2 == sum(
         2 * k.shape[1] * k.shape[2] * k.shape[3] * 2 for k, _ in runner.kv_caches)
+
+
+def test_checkpoint_kv_scales_are_loaded(tiny, tmp_path):
+    """compressed-tensors (self_attn.k_scale) and ModelOpt (v_proj.v_scale) names in a
+    safetensors checkpoint set the layers' scales; the rest keep the default."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "scaled"
+    shutil.copytree(tiny, path)
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.0.self_attn.k_scale"] = torch.tensor(0.5)
+    tensors["model.layers.1.self_attn.v_proj.v_scale"] = torch.tensor([0.25], dtype=torch.bfloat16)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    layers = _llm(path, "fp8").engine.runner.model.attention_layers()
+    assert [(a.k_scale, a.v_scale) for a in layers] == [(0.5, 1.0), (1.0, 0.25)]

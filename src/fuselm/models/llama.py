@@ -24,7 +24,7 @@ from torch import nn
 from fuselm.config import ModelConfig
 from fuselm.forward_batch import ForwardBatch
 from fuselm.kernels.kernel_set import KernelSet
-from fuselm.layers.attention import Attention
+from fuselm.layers.attention import Attention, kv_scale_target
 from fuselm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from fuselm.layers.linear import LinearBase, QKVParallelLinear, RowParallelLinear
 from fuselm.layers.mlp import GatedMLP
@@ -218,6 +218,11 @@ class LlamaForCausalLM(nn.Module):
         quantized = self._prequantized_modules()
         loaded: set[str] = set()
         for name, tensor in weights:
+            if (kv_scale := kv_scale_target(name)) is not None:  # FP8 KV-cache scales
+                if str(kv_scale[0]) in self.layers:
+                    self.layers[str(kv_scale[0])].self_attn.attn.load_kv_scale(
+                        kv_scale[1], _whole(tensor))
+                continue
             target = self._target_name(name)
             if target is None:
                 continue
@@ -249,7 +254,7 @@ class LlamaForCausalLM(nn.Module):
     def _prequantized_modules(self) -> set[str]:
         """Names of the linear layers whose checkpoint tensors are quantized (not online)."""
         quant = self.config.quantization
-        if quant is None or quant.source == "online":
+        if quant is None or quant.source in ("online", "gguf"):  # gguf: packed as they come
             return set()
         return {name for name, m in self.named_modules()
                 if isinstance(m, LinearBase) and not m.method.is_dense}
