@@ -19,8 +19,9 @@ FP8_KV_DTYPE = torch.float8_e4m3fn
 FP8_E4M3_MAX = 448.0  # the largest finite e4m3fn value
 # Default scale without a checkpoint's: 1.0, as vLLM. e4m3 keeps 3 mantissa bits from 2^-6 to
 # 448, so any scale that neither saturates (|x| > 448 s) nor pushes most values into the
-# subnormals (|x| < 2^-6 s) gives the same ~3 % relative error; the K and V of the default model
-# (SmolLM2-135M: |k| <= ~30, |v| <= ~10; most |v| > 0.05) sit well inside that range at 1.0.
+# subnormals (|x| < 2^-6 s) gives the same <= 6.25 % relative error; the K and V of the default
+# model sit well inside that range at 1.0 (SmolLM2-135M, 512 tokens: per-layer max |k| 13-28,
+# max |v| 3-13, 1-6 % of |v| below 2^-6; teacher-forced perplexity over 2,044 tokens +0.51 %).
 DEFAULT_KV_SCALE = 1.0
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
