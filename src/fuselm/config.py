@@ -27,7 +27,7 @@ DTYPE_ALIASES = {"float": "float32", "half": "float16"}
 """Other names of dtypes (vLLM's), accepted by ``--dtype``."""
 KernelBackend = Literal["auto", "reference", "triton", "cuda"]
 LoadFormat = Literal["auto", "safetensors", "gguf", "dummy"]
-Quantization = Literal["fp8", "int8", "int4"]
+Quantization = Literal["fp8", "int8", "int4", "gguf"]
 KVCacheDType = Literal["auto", "fp8", "fp8_e4m3"]
 MAX_BLOCK_SIZE = 256
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -363,8 +363,10 @@ class EngineConfig:
     quantization: Quantization | None = None
     """Quantize a float checkpoint's linear layers at load: fp8 (W8A8 e4m3, per-channel
     weight scales, per-token dynamic activation scales), int8 (weight-only, per channel) or
-    int4 (weight-only, groups of 128 with zero points); None keeps the checkpoint's own
-    format (a pre-quantized checkpoint is detected from its quantization_config)."""
+    int4 (weight-only, groups of 128 with zero points); gguf keeps a .gguf model's blocks
+    packed and multiplies them in place; None keeps the checkpoint's own format (a
+    pre-quantized checkpoint is detected from its quantization_config; a .gguf model is
+    dequantized at load)."""
     cpu_offload_gb: float = 0.0
     """GB of the weights kept in pinned CPU memory and copied to the GPU just before use
     (for models larger than the GPU); 0 keeps every weight on the device."""

@@ -131,12 +131,45 @@ def _load_model(config: EngineConfig, source: loader.ModelSource, model_config: 
     return model, offloader
 
 
-def with_quantization(config: EngineConfig, model_config: ModelConfig) -> ModelConfig:
+def _int4_group(model: ModelConfig, tp: int, preferred: int) -> int:
+    """The int4 group: ``preferred`` (128) where it divides every linear layer's input width
+    on a tensor-parallel rank, else the largest power of two below it that does (SmolLM2's
+    576-wide layers take 64), as GPTQ/AWQ checkpoints of such models do."""
+    widths = [model.hidden_size, model.num_attention_heads * model.head_dim // tp,
+              model.intermediate_size // tp]
+    group = preferred
+    while group >= 16:
+        if all(w % group == 0 for w in widths):
+            return group
+        group //= 2
+    raise ConfigError(f"--quantization int4: no group size from {preferred} down to 16 divides "
+                      f"the layer widths {widths} (per tensor-parallel rank)")
+
+
+def _gguf_quantization(config: EngineConfig, model_config: ModelConfig,
+                       source: loader.ModelSource) -> ModelConfig:
+    """A .gguf model with ``--quantization gguf``: its linear weights stay packed blocks."""
+    name = config.quantization
+    if source.gguf is None:
+        raise ConfigError("--quantization gguf applies to .gguf models; this checkpoint is "
+                          f"{source.format}")
+    from fuselm.loading.gguf_quantization import packed_quantization
+
+    quant = packed_quantization(source.gguf, loader.resolve_device(config.device), name)
+    return model_config.replace(quantization=quant) if quant else model_config
+
+
+def with_quantization(config: EngineConfig, model_config: ModelConfig,
+                      source: loader.ModelSource | None = None) -> ModelConfig:
     """The model config with the quantization its layers run: the checkpoint's
     ``quantization_config`` (parsed by ``loading.quant_formats``; an unknown method or field
     value refused by name) or ``--quantization NAME`` (the float weights quantized at load);
     both together, or either with ``--cpu-offload-gb``, are refused."""
     name = config.quantization
+    if name == "gguf":
+        if source is None:
+            raise ConfigError("--quantization gguf needs the .gguf source")
+        return _gguf_quantization(config, model_config, source)
     if model_config.quantization_config and model_config.quantization is None:
         from fuselm.loading.quant_formats import parse
 
@@ -146,7 +179,11 @@ def with_quantization(config: EngineConfig, model_config: ModelConfig) -> ModelC
         raise ConfigError(f"--quantization {name}: the checkpoint is quantized already "
                           f"({model_config.quantization.describe()}); drop the flag")
     if name is not None:
-        model_config = model_config.replace(quantization=QuantizationConfig.online(name))
+        quant = QuantizationConfig.online(name)
+        if quant.group_size:
+            quant = dataclasses.replace(quant, group_size=_int4_group(
+                model_config, config.parallel.tensor_parallel_size, quant.group_size))
+        model_config = model_config.replace(quantization=quant)
     if model_config.quantization is not None and config.cpu_offload_gb > 0:
         raise ConfigError("--cpu-offload-gb is not implemented with quantized weights yet")
     return model_config
@@ -176,7 +213,7 @@ def build_engine_parts(config: EngineConfig, source: loader.ModelSource,
     """
     start = time.perf_counter()
     torch.manual_seed(config.seed)
-    model_config = with_quantization(config, model_config)
+    model_config = with_quantization(config, model_config, source)
     device = dist_ctx.device if dist_ctx else loader.resolve_device(config.device)
     dtype = loader.resolve_dtype(config.dtype, device)
     max_model_len = config.scheduler.max_model_len or model_config.max_position_embeddings

@@ -103,10 +103,12 @@ def check_checkpoint(source: ModelSource) -> int:
     return hf.check_hf_weights(source.path)
 
 
-def iterate_weights(source: ModelSource) -> Iterable[tuple[str, Any]]:
-    """(HF parameter name, tensor or lazy slice) pairs of the checkpoint."""
+def iterate_weights(source: ModelSource, packed_linear: bool = False
+                    ) -> Iterable[tuple[str, Any]]:
+    """(HF parameter name, tensor or lazy slice) pairs of the checkpoint; ``packed_linear``: a
+    GGUF's linear weights stay packed blocks (``<module>.qweight``)."""
     if source.gguf is not None:
-        return source.gguf.tensors(dequantize=True)
+        return source.gguf.tensors(dequantize=True, packed_linear=packed_linear)
     return hf.iterate_hf_weights(source.path)
 
 
@@ -152,7 +154,8 @@ def build_model(model_config: ModelConfig, max_position: int, dtype: torch.dtype
 
 def load_weights(model: nn.Module, source: ModelSource, progress: bool = False) -> None:
     """Loads the checkpoint's weights; raises if a parameter stays unloaded."""
-    weights = iterate_weights(source)
+    quant = model.config.quantization
+    weights = iterate_weights(source, packed_linear=quant is not None and quant.method == "gguf")
     if progress:
         from tqdm import tqdm
 
