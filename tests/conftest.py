@@ -22,6 +22,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_gpu_memory_after_module():
+    """Engines that a module built (8B-shape GPU tests) are freed before the next module runs:
+    their reference cycles would otherwise keep the card full for the rest of the session."""
+    yield
+    if torch.cuda.is_available():
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 @pytest.fixture(scope="session")
 def default_llm():
     """The default model (SmolLM2-135M-Instruct GGUF) on CPU, loaded once per session."""

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import jsonschema
 import pytest
-from langchain_core.tools import tool
-from langchain_openai import ChatOpenAI
-from pydantic import BaseModel, Field
-from server_harness import LiveServer
+
+pytest.importorskip("langchain_core", reason="the langchain test extra is not installed")
+pytest.importorskip("langchain_openai", reason="the langchain test extra is not installed")
+
+from langchain_core.tools import tool  # noqa: E402
+from langchain_openai import ChatOpenAI  # noqa: E402
+from pydantic import BaseModel, Field  # noqa: E402
+from server_harness import LiveServer  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 

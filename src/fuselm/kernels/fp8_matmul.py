@@ -223,6 +223,8 @@ def scaled_mm(x_fp8: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, ws: t
     if m == 0:
         return torch.empty(0, n, dtype=out_dtype, device=x_fp8.device)
     if xs.numel() == 1 and ws.numel() == 1:
+        # cuBLASLt takes a bias of the output's dtype only
+        bias = bias.to(out_dtype) if bias is not None else None
         return torch._scaled_mm(x_fp8, weight.t(), scale_a=xs.reshape(()),
                                 scale_b=ws.reshape(()), bias=bias, out_dtype=out_dtype,
                                 use_fast_accum=fast_accum)
