@@ -163,20 +163,7 @@ def measure(name: str, n: int, k: int, m: int, device: torch.device, copy_gbs: f
 
     row["bf16_us"] = round(timer(bf16, copies), 2)
     if not block:
-        xs_row, one = xs.reshape(m, 1), torch.ones((), device=device)
-
-        def rowwise() -> None:  # no copy into outs: it would add a kernel to cuBLAS's time
-            for _, wq, ws in ws_list:
-                fm.scaled_mm(xq, xs_row, wq, ws.reshape(1, n), torch.bfloat16, None)
-
-        def per_tensor() -> None:
-            for _, wq, _ in ws_list:
-                fm.scaled_mm(xq, one, wq, one, torch.bfloat16, None)
-        row["cuda_us"] = round(timer(rowwise, copies), 2)
-        last = fm.scaled_mm(xq, xs_row, ws_list[-1][1], ws_list[-1][2].reshape(1, n),
-                            torch.bfloat16, None)
-        row["cuda_err"] = round((last.float() - expected).abs().max().item() / scale, 4)
-        row["cuda_tensor_us"] = round(timer(per_tensor, copies), 2)
+        row.update(_cuda_times(xq, xs, ws_list, expected, scale, timer))
 
     def triton_body(cfg):
         def body() -> None:
@@ -197,6 +184,29 @@ def measure(name: str, n: int, k: int, m: int, device: torch.device, copy_gbs: f
         row["w8a16_us"] = _w8a16_us(x, ws_list, outs, copies, best[1] if best else None, fast)
     _summarize(row, copy_gbs)
     return row
+
+
+def _cuda_times(xq, xs, ws_list, expected, scale: float, timer) -> dict[str, float]:
+    """torch._scaled_mm rowwise (with its error) and per-tensor, over the weight copies."""
+    from fuselm.kernels import fp8_matmul as fm
+
+    m, n, copies = xq.shape[0], ws_list[0][1].shape[0], len(ws_list)
+    xs_row, one = xs.reshape(m, 1), torch.ones((), device=xq.device)
+
+    def rowwise() -> None:  # no copy into outs: it would add a kernel to cuBLAS's time
+        for _, wq, ws in ws_list:
+            fm.scaled_mm(xq, xs_row, wq, ws.reshape(1, n), torch.bfloat16, None)
+
+    def per_tensor() -> None:
+        for _, wq, _ in ws_list:
+            fm.scaled_mm(xq, one, wq, one, torch.bfloat16, None)
+
+    out = {"cuda_us": round(timer(rowwise, copies), 2)}
+    last = fm.scaled_mm(xq, xs_row, ws_list[-1][1], ws_list[-1][2].reshape(1, n),
+                        torch.bfloat16, None)
+    out["cuda_err"] = round((last.float() - expected).abs().max().item() / scale, 4)
+    out["cuda_tensor_us"] = round(timer(per_tensor, copies), 2)
+    return out
 
 
 def _w8a16_us(x, ws_list, outs, copies, w8a8_best, fast: bool) -> float:
