@@ -19,6 +19,7 @@ from fuselm.errors import ConfigError
 from fuselm.kernels.kernel_set import KernelSet
 from fuselm.kernels.kv_quant import kv_cache_torch_dtype
 from fuselm.layers import quantization
+from fuselm.layers.embedding import VocabParallelEmbedding
 from fuselm.layers.quantization.config import QuantizationConfig
 from fuselm.loading import loader
 from fuselm.tokenizer import Tokenizer
@@ -60,6 +61,17 @@ def use_cpu_gemv_layout(model: torch.nn.Module) -> None:
         if param.dim() == 2 and param.is_floating_point() and "norm" not in name:
             rows, cols = param.shape
             param.data = torch.empty(cols, rows, dtype=param.dtype, device=param.device).t()
+
+
+def keep_q8_tables(model: torch.nn.Module) -> None:
+    """Lets a float32, unquantized CPU model keep vocabulary tables that arrive as GGUF Q8_0
+    blocks in them (``layers/q8_table.py``: the same numbers in a quarter of the memory, and a
+    faster LM head)."""
+    if model.config.quantization is not None:
+        return  # the int8 LM head quantizes from the float rows
+    for module in model.modules():
+        if isinstance(module, VocabParallelEmbedding) and module.weight.dtype == torch.float32:
+            module.keep_q8_table = True
 
 
 def _scheduler_config(config: EngineConfig, max_model_len: int) -> SchedulerConfig:
@@ -112,6 +124,7 @@ def _load_model(config: EngineConfig, source: loader.ModelSource, model_config: 
         if offload else None
     if device.type == "cpu":
         use_cpu_gemv_layout(model)
+        keep_q8_tables(model)
     if config.load_format == "dummy" and offloader is not None:
         weight_offload.init_dummy(model, offloader, config.seed, loader.init_dummy_weights)
     elif config.load_format == "dummy":

@@ -7,6 +7,10 @@ logits for its range and all-gathers them, dropping the padding.
 With int4/int8 quantization the LM head is int8 per channel (``method``: quantized after
 loading from its float rows, which a tied embedding keeps for its lookups); else it multiplies
 its float weight (the batch-1 gemv where the KernelSet bound one).
+
+On a CPU (one rank, float32, no quantization) a table that arrives as GGUF Q8_0 blocks stays in
+them (``keep_q8_table``, ``layers/q8_table.py``): its Parameter then holds the int8 values and
+carries their scales as ``q8_scales``, so that a tied LM head shares both.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fuselm.kernels.kernel_set import KernelSet
+from fuselm.layers import q8_table
 from fuselm.layers.quantization.base import LinearMethod
 from fuselm.layers.weight_utils import copy_checked, narrow, tensor_shape
 from fuselm.parallel import comm
@@ -43,17 +48,36 @@ class VocabParallelEmbedding(nn.Module):
         )
         self.weight.weight_loader = self.weight_loader
         self._lookup = kernels.op("vocab_embedding")  # a TP rank's masked lookup
+        self.keep_q8_table = False  # set before loading by the CPU engine (engine.builder)
 
     def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
-        """Loads this rank's vocabulary rows (the padding rows stay zero)."""
+        """Loads this rank's vocabulary rows (the padding rows stay zero); a GGUF table
+        (``loading.gguf.QuantizedTensor``) is dequantized, or kept as Q8_0 blocks where
+        ``keep_q8_table`` allows."""
+        if hasattr(loaded, "ggml_type"):
+            if self._keeps_q8(param, loaded):
+                rows, dim = loaded.shape
+                param.data, param.q8_scales = q8_table.from_q8_0_blocks(loaded.data, rows, dim)
+                return
+            loaded = loaded.dequantize()
         total = tensor_shape(loaded)[0]
         if total != self.num_embeddings:
             raise ValueError(f"embedding has {total} rows, expected {self.num_embeddings}")
         size = min(self.vocab_end, total) - self.vocab_start
         copy_checked(param.data[:size], narrow(loaded, 0, self.vocab_start, size))
 
+    def _keeps_q8(self, param: nn.Parameter, loaded: Any) -> bool:
+        if not (self.keep_q8_table and loaded.ggml_type == "Q8_0" and self.tp_size == 1):
+            return False
+        if tuple(loaded.shape) != tuple(param.shape):
+            raise ValueError(f"embedding has shape {tuple(loaded.shape)}, expected "
+                             f"{tuple(param.shape)}")
+        return True
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """ids ``[num_tokens]`` -> ``[num_tokens, dim]``."""
+        if self.weight.dtype == torch.int8:
+            return q8_table.lookup(input_ids, self.weight, self.weight.q8_scales)
         if self.tp_size == 1:
             return F.embedding(input_ids, self.weight)
         return comm.tp_all_reduce(self._lookup.fn(input_ids, self.weight, self.vocab_start))
@@ -84,6 +108,8 @@ class ParallelLMHead(VocabParallelEmbedding):
         gemv = self.gemv.fn
         if self.method is not None:
             logits = self.method.apply(self, hidden, None)
+        elif self.weight.dtype == torch.int8:
+            logits = q8_table.logits(hidden, self.weight, self.weight.q8_scales)
         elif gemv is not None and hidden.shape[0] == 1 and hidden.stride(1) == 1:
             logits = gemv(hidden, self.weight, None, True)  # float32 straight out
         else:

@@ -312,6 +312,9 @@ _LAYER_NAMES = {
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
+_TABLES = ("token_embd.weight", "output.weight")  # the vocabulary tables
+
+
 def hf_tensor_name(gguf_name: str) -> str:
     """The Hugging Face name of GGUF tensor `gguf_name`, e.g. blk.3.attn_q.weight ->
     model.layers.3.self_attn.q_proj.weight. Unknown names raise UnsupportedModelError."""
@@ -383,7 +386,8 @@ class GGUFCheckpoint:
             data = data.to(device)
         return QuantizedTensor(info.ggml_type, data, shape)
 
-    def tensors(self, dequantize: bool = True, device: Device = None, packed_linear: bool = False
+    def tensors(self, dequantize: bool = True, device: Device = None, packed_linear: bool = False,
+                raw_tables: bool = False
                 ) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
         """Yield (hf_name, tensor) one at a time, in file order.
 
@@ -391,11 +395,15 @@ class GGUFCheckpoint:
         dequantize=False: `QuantizedTensor`s (every type, float ones included), data on `device`.
         packed_linear: the linear layers' weights (``*_proj``) stay `QuantizedTensor`s, named
         ``<module>.qweight`` (``layers/quantization/gguf_packed.py``), whatever `dequantize` says.
+        raw_tables: the embedding and LM head tables stay `QuantizedTensor`s (their loader
+        dequantizes them, or keeps Q8_0 blocks: ``layers/q8_table.py``).
         """
         for gguf_name in self._by_name:
             qt, name = self.raw_tensor(gguf_name, device), hf_tensor_name(gguf_name)
             if packed_linear and name.endswith("_proj.weight"):
                 yield name.removesuffix("weight") + "qweight", qt
+            elif raw_tables and gguf_name in _TABLES:
+                yield name, qt
             else:
                 yield name, qt.dequantize() if dequantize else qt
 

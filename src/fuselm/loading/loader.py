@@ -103,12 +103,14 @@ def check_checkpoint(source: ModelSource) -> int:
     return hf.check_hf_weights(source.path)
 
 
-def iterate_weights(source: ModelSource, packed_linear: bool = False
+def iterate_weights(source: ModelSource, packed_linear: bool = False, raw_tables: bool = False
                     ) -> Iterable[tuple[str, Any]]:
     """(HF parameter name, tensor or lazy slice) pairs of the checkpoint; ``packed_linear``: a
-    GGUF's linear weights stay packed blocks (``<module>.qweight``)."""
+    GGUF's linear weights stay packed blocks (``<module>.qweight``); ``raw_tables``: so do its
+    vocabulary tables (the embedding's loader takes them)."""
     if source.gguf is not None:
-        return source.gguf.tensors(dequantize=True, packed_linear=packed_linear)
+        return source.gguf.tensors(dequantize=True, packed_linear=packed_linear,
+                                   raw_tables=raw_tables)
     return hf.iterate_hf_weights(source.path)
 
 
@@ -155,7 +157,8 @@ def build_model(model_config: ModelConfig, max_position: int, dtype: torch.dtype
 def load_weights(model: nn.Module, source: ModelSource, progress: bool = False) -> None:
     """Loads the checkpoint's weights; raises if a parameter stays unloaded."""
     quant = model.config.quantization
-    weights = iterate_weights(source, packed_linear=quant is not None and quant.method == "gguf")
+    weights = iterate_weights(source, packed_linear=quant is not None and quant.method == "gguf",
+                              raw_tables=True)
     if progress:
         from tqdm import tqdm
 
