@@ -115,6 +115,25 @@ def test_batch_mixes_free_constrained_and_finished_rows(compiler, tok):
     assert live.num_accepted == 0 and done.num_accepted == len(yes) + 1
 
 
+def test_a_reused_buffer_gets_every_row_rewritten(compiler, tok):
+    """Rows are written one by one (no whole-buffer fill first), so the garbage of a reused
+    pinned buffer must not survive in any row: free rows all ones, constrained rows exactly
+    what a fresh buffer gets."""
+    grammar = compiler.compile(StructuredOutputsParams(choice=["yes", "no"]))
+    width = -(-VOCAB // 32)
+    garbage = torch.randint(-2**31, 2**31 - 1, (6, width), dtype=torch.int32,
+                            generator=torch.Generator().manual_seed(7))
+    rows = [None, grammar.matcher(), None, grammar.matcher()]
+    histories = [[], [], [], tok.encode("y", add_special_tokens=False)]
+    got = fill_token_bitmask(rows, histories, VOCAB, out=garbage.clone())
+    fresh = [None, grammar.matcher(), None, grammar.matcher()]
+    want = fill_token_bitmask(fresh, histories, VOCAB, out=torch.zeros(6, width,
+                                                                       dtype=torch.int32))
+    assert torch.equal(got, want)
+    assert allowed_ids(got[0]) == allowed_ids(got[2]) == set(range(VOCAB))
+    assert allowed_ids(got[1]) != allowed_ids(got[3])
+
+
 def test_sampler_draws_only_allowed_tokens():
     gen = torch.Generator().manual_seed(0)
     rows, vocab = 6, 200
