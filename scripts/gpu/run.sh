@@ -5,7 +5,8 @@
 # step does not stop the later ones, and the script exits 1 if any failed.
 #
 # Usage (repo root or anywhere):  OUT=/dir scripts/gpu/run.sh [steps...]
-#   steps: wheels env build tests kbench abench gemv latency gap engine ab dist pack
+#   steps: wheels env build tests kbench abench gemv latency gap engine structured quant ab
+#          dist pack
 #   default: wheels env build tests kbench abench gemv latency gap engine pack
 #     wheels   installs the wheels in .whl/ (packages the device image lacks: FastAPI, uvicorn,
 #              xgrammar, gguf, jsonschema, ...; see docs/perf/README.md) into /tmp/site, on
@@ -19,6 +20,10 @@
 #     latency  fuselm bench latency, Llama-3-8B shape, dummy weights, against HF
 #     gap      the CUDA graph's per-kernel gap (scripts/graph_kernel_gap.py)
 #     engine   scripts/bench_engine.py (ENGINE_ARGS adds flags)
+#     structured  the structured-output mask: xgrammar's fill alone, then the 8B-shape step with
+#              and without masks (TOKENIZER_JSON: Llama 3's tokenizer, default build/tok/llama3.json)
+#     quant    fuselm bench latency, 8B shape, dummy weights, bf16 and QUANT_METHODS (int4 int8
+#              fp8) over QUANT_BATCHES (1 4 16 64 256): $OUT/quant-<method>.json
 #     ab       scripts/bench_engine.py on the baseline AB_BASE (a commit, default HEAD, checked out
 #              with `git worktree` into a temp dir; or AB_BASE_DIR, a tree already there) and on
 #              this tree, interleaved for AB_ROUNDS (2) rounds in one call; prints the medians of
@@ -157,6 +162,17 @@ for step in $STEPS; do
       --plot $OUT/latency.png --disable-tqdm" ;;
     gap) run_step gap 60 python scripts/graph_kernel_gap.py ;;
     engine) run_step engine 480 python scripts/bench_engine.py --out "$OUT" ${ENGINE_ARGS:-} ;;
+    structured) run_step structured 420 bash -c "python scripts/bench_structured.py fill \
+      --tokenizer-json ${TOKENIZER_JSON:-build/tok/llama3.json} --threads 1 8 15 && \
+      python scripts/bench_structured.py step --shape llama-3-8b --batch-size 64 \
+      --max-tokens 64 --content text --tokenizer-json ${TOKENIZER_JSON:-build/tok/llama3.json}" ;;
+    quant) run_step quant 540 bash -c "python -c 'from fuselm.bench.dummy_model import \
+      write_dummy_checkpoint as w; w(\"llama-3-8b\", __import__(\"pathlib\").Path(\"build/l8b\"))' \
+      && for q in none ${QUANT_METHODS:-int4 int8 fp8}; do echo \"== quantization \$q\"; \
+      python -m fuselm bench latency --model build/l8b --load-format dummy \
+      \$([ \$q = none ] || echo --quantization \$q) --batch-size ${QUANT_BATCHES:-1 4 16 64 256} \
+      --input-len 128 --output-len 32 --num-iters-warmup 1 --num-iters 2 --disable-detokenize \
+      --max-model-len 4096 --output-json $OUT/quant-\$q.json --disable-tqdm || exit 1; done" ;;
     ab) ab ;;
     dist) dist ;;
     pack) pack_out || status=1 ;;  # last: only $OUT/results.tgz remains

@@ -12,12 +12,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from fake_engine import FakeEngine  # noqa: E402
-from server_harness import LiveServer  # noqa: E402
+from server_harness import REAL_NAME, LiveServer  # noqa: E402
 
 from fuselm.errors import ModelNotFoundError  # noqa: E402
 from fuselm.server.api import build_app  # noqa: E402
-
-REAL_NAME = "smollm2"
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import httpx
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
+REAL_NAME = "smollm2"  # the served name of the default model in the real-engine tests
 CMPL, CHAT = "/v1/completions", "/v1/chat/completions"
 MESSAGES = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi there"}]
 

@@ -12,9 +12,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import REAL_NAME
 from prometheus_client.parser import text_string_to_metric_families
-from server_harness import LiveServer, assert_error, wait_until
+from server_harness import REAL_NAME, LiveServer, assert_error, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
