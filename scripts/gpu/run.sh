@@ -5,8 +5,7 @@
 # step does not stop the later ones, and the script exits 1 if any failed.
 #
 # Usage (repo root or anywhere):  OUT=/dir scripts/gpu/run.sh [steps...]
-#   steps: wheels env build tests kbench abench gemv latency gap engine structured quant ab
-#          dist pack
+#   steps: wheels env build tests kbench abench gemv latency gap engine structured quant ab dist pack
 #   default: wheels env build tests kbench abench gemv latency gap engine pack
 #     wheels   installs the wheels in .whl/ (packages the device image lacks: FastAPI, uvicorn,
 #              xgrammar, gguf, jsonschema, ...; see docs/perf/README.md) into /tmp/site, on

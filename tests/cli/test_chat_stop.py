@@ -42,12 +42,17 @@ def test_stopped_answer_frees_its_blocks_and_the_next_one_runs(engine, capsys):
 
 
 def test_stop_flag_turns_sigint_into_a_flag_and_restores_the_handler():
-    before = signal.getsignal(signal.SIGINT)
-    flag = cli._StopFlag()
-    with flag:
-        assert not flag()
-        os.kill(os.getpid(), signal.SIGINT)  # would raise KeyboardInterrupt outside
-        assert flag()
-    assert signal.getsignal(signal.SIGINT) is before
-    with pytest.raises(KeyboardInterrupt):
-        os.kill(os.getpid(), signal.SIGINT)
+    # Python's own handler, whatever the runner inherited (a job started in the background by
+    # a non-interactive shell has SIGINT ignored)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        flag = cli._StopFlag()
+        with flag:
+            assert not flag()
+            os.kill(os.getpid(), signal.SIGINT)  # would raise KeyboardInterrupt outside
+            assert flag()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
