@@ -275,6 +275,8 @@ _TOOLS = {
     ("bench", "latency"): ("fuselm.bench.latency", "latency benchmark", True),
     ("bench", "throughput"): ("fuselm.bench.throughput", "throughput benchmark", True),
     ("bench", "serve"): ("fuselm.bench.serving", "serving benchmark (an HTTP client)", False),
+    ("bench", "perplexity"): ("fuselm.bench.perplexity", "teacher-forced perplexity of a text",
+                              True),
     ("bench", "kernels"): ("fuselm.bench.kernels", "kernel benchmark", False),
     ("profile",): ("fuselm.profiling", "profile a workload", True),
     ("plan",): ("fuselm.planner", "memory and parallelism planner", False),

@@ -37,3 +37,6 @@ class RequestOutput:
     """Prompt tokens whose KV came from the prefix cache."""
     metrics: dict[str, float] = field(default_factory=dict)
     """arrival_time, first_token_time, finished_time (time.monotonic seconds)."""
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    """With ``SamplingParams.prompt_logprobs``: per prompt token, {token id: logprob} of the
+    token itself and the top ones, given the tokens before it (the first token: None)."""

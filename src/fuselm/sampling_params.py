@@ -90,6 +90,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    """Per prompt token after the first: its logprob given the tokens before it, plus the top
+    ``prompt_logprobs`` ones (vLLM's; 0: the prompt token's alone)."""
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     detokenize: bool = True
@@ -123,6 +126,8 @@ class SamplingParams:
             (self.min_tokens >= 0, "min_tokens", "min_tokens must be >= 0"),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs",
              f"logprobs must be between 0 and {MAX_LOGPROBS}"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+             "prompt_logprobs", f"prompt_logprobs must be between 0 and {MAX_LOGPROBS}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop",
              "stop must be a list of non-empty strings"),
         ]

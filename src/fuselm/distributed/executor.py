@@ -83,6 +83,7 @@ class DistributedExecutor:
     """Rank 0's side of a distributed engine (see the module docstring)."""
 
     can_defer_sampling = False  # every rank takes a step's plan, sampling inputs included
+    supports_prompt_logprobs = False  # the workers compute only the sampling rows' logits
 
     def __init__(self, runner: ModelRunner, ctx: DistributedContext, vocab_size: int,
                  capture_graphs: bool, async_scheduling: bool = False) -> None:

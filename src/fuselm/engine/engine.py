@@ -24,8 +24,9 @@ from fuselm.engine.builder import EngineParts
 from fuselm.engine.executor import Executor, PendingStep
 from fuselm.engine.kv_mover import kv_tier_stats, with_cpu_tiers
 from fuselm.engine.model_runner import ModelRunner
+from fuselm.engine.prompt_logprobs import PromptEntries
 from fuselm.engine.request import Request, RequestStatus
-from fuselm.engine.scheduler import Scheduler
+from fuselm.engine.scheduler import Scheduler, SchedulerOutput
 from fuselm.engine.stop_checker import SequenceText
 from fuselm.errors import ContextLengthError, InvalidRequestError
 from fuselm.outputs import CompletionOutput, RequestOutput
@@ -46,6 +47,8 @@ class RequestState:
     sequences: list[Request]
     texts: list[SequenceText]
     arrival_time: float = field(default_factory=time.monotonic)
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    """Per prompt position (the first None), when the request asked for them."""
 
     @property
     def finished(self) -> bool:
@@ -91,6 +94,10 @@ class LLMEngine:
         params = params or SamplingParams()
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if params.prompt_logprobs is not None and not self.executor.supports_prompt_logprobs:
+            raise InvalidRequestError(
+                "prompt_logprobs is not supported with tensor or pipeline parallelism",
+                param="prompt_logprobs")
         text, ids = self._encode(prompt)
         max_tokens = self._max_tokens(len(ids), params)
         grammar = (self.grammars.compile(params.structured_outputs)
@@ -104,7 +111,10 @@ class LLMEngine:
                                 parent_id=request_id, index=i, generator=gen,
                                 grammar=grammar.matcher() if grammar is not None else None))
             texts.append(SequenceText(self.tokenizer, ids, params))
-        self.requests[request_id] = RequestState(request_id, text, ids, seqs, texts)
+        state = RequestState(request_id, text, ids, seqs, texts)
+        if params.prompt_logprobs is not None:
+            state.prompt_logprobs = [None] * len(ids)
+        self.requests[request_id] = state
         self.prompt_tokens_total += len(ids)
         for seq in seqs:
             self.scheduler.add(seq)
@@ -164,6 +174,8 @@ class LLMEngine:
         self.scheduler.update(out, result.token_ids)
         for later in self.in_flight:  # its masks can read this step's tokens now
             later.finish_sampling()
+        if result.prompt_logprobs is not None:
+            self._record_prompt_logprobs(out, result.prompt_logprobs)
         touched: dict[str, RequestState] = {}
         for seq, token, logprobs in zip(out.sequences, result.token_ids, result.logprobs,
                                         strict=True):
@@ -181,6 +193,18 @@ class LLMEngine:
             if state.finished:
                 del self.requests[state.request_id]
         return outputs
+
+    def _record_prompt_logprobs(self, out: SchedulerOutput,
+                                entries: list[PromptEntries | None]) -> None:
+        """Stores the prompt entries of a step's chunks (a position computed twice, after a
+        preemption or by a sibling, keeps its first entry)."""
+        for seq, chunk in zip(out.sequences, entries, strict=True):
+            state = self.requests.get(seq.request.parent_id or "")
+            if chunk is None or state is None or state.prompt_logprobs is None:
+                continue
+            for pos, entry in chunk:
+                if state.prompt_logprobs[pos] is None:
+                    state.prompt_logprobs[pos] = entry
 
     def _launch_steps(self) -> None:
         """Fills the executor: micro-batches up to ``max_in_flight`` (disjoint sequences, each
@@ -246,7 +270,8 @@ class LLMEngine:
             metrics["finished_time"] = time.monotonic()
         return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, outputs,
                              state.finished, max(r.num_cached_tokens for r in state.sequences),
-                             metrics)
+                             metrics, prompt_logprobs=list(state.prompt_logprobs)
+                             if state.prompt_logprobs is not None else None)
 
     def stats(self) -> dict[str, float]:
         """Counts for metrics and tests."""

@@ -45,6 +45,8 @@ class Executor(Protocol):
     """Steps that may be launched before the oldest one's result is read."""
     can_defer_sampling: bool
     """Whether ``execute`` can queue a forward now and its sampling later."""
+    supports_prompt_logprobs: bool
+    """Whether its steps return prompt logprobs (``SamplingParams.prompt_logprobs``)."""
 
     def execute(self, out: SchedulerOutput, follows: PendingStep | None = None,
                 defer_sampling: bool = False) -> PendingStep:
@@ -66,6 +68,7 @@ class LocalExecutor:
 
     max_in_flight = 1
     can_defer_sampling = True
+    supports_prompt_logprobs = True
 
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner

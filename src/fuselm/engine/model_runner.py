@@ -18,6 +18,11 @@ from torch import nn
 from fuselm.engine.input_batch import InputBuffers
 from fuselm.engine.kv_mover import KVBlockMover
 from fuselm.engine.kv_tiers import TransferRates
+from fuselm.engine.prompt_logprobs import (
+    PromptEntries,
+    compute_prompt_logprobs,
+    wants_prompt_logprobs,
+)
 from fuselm.engine.sampling_inputs import build_sampling_tensors
 from fuselm.engine.scheduler import SchedulerOutput
 from fuselm.kernels.kernel_set import KernelSet
@@ -35,6 +40,8 @@ class StepResult:
 
     token_ids: list[int | None]
     logprobs: list[dict[int, float] | None]
+    prompt_logprobs: list[PromptEntries | None] | None = None
+    """Per scheduled sequence, the prompt logprobs its chunk computed (None: none asked)."""
 
 
 @dataclass
@@ -48,6 +55,7 @@ class LaunchedStep:
     host_tokens: torch.Tensor | None
     event: torch.cuda.Event | None
     greedy: bool = False  # plain greedy: the tokens are the logits' argmax
+    prompt_logprobs: list[PromptEntries | None] | None = None
 
     @property
     def device_tokens(self) -> torch.Tensor:
@@ -61,7 +69,9 @@ class LaunchedStep:
             ids = self.host_tokens.tolist()
         else:
             ids = self.sampled.token_ids.tolist()
-        return step_result(self.out, self.sampled, ids)
+        result = step_result(self.out, self.sampled, ids)
+        result.prompt_logprobs = self.prompt_logprobs
+        return result
 
     def finish_sampling(self) -> None:
         """Nothing: this step's sampling is queued already."""
@@ -78,12 +88,14 @@ class DeferredSampling:
     logits: torch.Tensor
     reqs: list
     launched: LaunchedStep | None = None
+    prompt_logprobs: list[PromptEntries | None] | None = None
 
     def finish_sampling(self) -> None:
         """Builds the sampling inputs (masks included) and queues the sampling; once."""
         if self.launched is None:
             self.launched = self.runner.sample_launched(self.out, self.logits, self.reqs,
                                                         greedy=False)
+            self.launched.prompt_logprobs = self.prompt_logprobs
 
     @property
     def device_tokens(self) -> torch.Tensor:
@@ -204,6 +216,7 @@ class ModelRunner:
         if out.kv_copies is not None:  # block moves first: this forward reads or rewrites them
             self._move_kv(out)
         graph_size = self.graph_size_for(out)
+        prompt_lp = None
         if graph_size is not None:
             self.buffers.fill(out, pad_to=graph_size)
             if input_ids is not None:
@@ -216,10 +229,14 @@ class ModelRunner:
             with self._timed_forward(out):
                 hidden = self.model(ids, pos, batch)
                 logits = self.model.compute_logits(hidden[batch.logits_indices])
+            if wants_prompt_logprobs(out):
+                prompt_lp = compute_prompt_logprobs(out, hidden, self.model.compute_logits)
         reqs = [s.request for s in out.sequences if s.sample]
         if defer_sampling:
-            return DeferredSampling(self, out, logits, reqs)
-        return self.sample_launched(out, logits, reqs, all_plain_greedy(reqs))
+            return DeferredSampling(self, out, logits, reqs, prompt_logprobs=prompt_lp)
+        step = self.sample_launched(out, logits, reqs, all_plain_greedy(reqs))
+        step.prompt_logprobs = prompt_lp
+        return step
 
     def _move_kv(self, out: SchedulerOutput) -> None:
         if self.kv_mover is None:

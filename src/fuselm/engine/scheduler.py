@@ -194,6 +194,12 @@ class Scheduler:
         bm = self.block_manager
         if req.swapped_block_ids:
             num_cached, hit = req.num_swapped_tokens, None
+        elif req.sampling_params.prompt_logprobs is not None and (
+                req.status is RequestStatus.WAITING):
+            # its prompt's logprobs come from computing it: a cached prefix would skip them
+            # (its siblings' shared blocks are the leader's, which computes them)
+            hit = PrefixHit(list(shared), [None] * len(shared))
+            num_cached = len(hit) * bm.block_size
         else:
             hit = bm.find_prefix(req)
             if len(shared) > len(hit):

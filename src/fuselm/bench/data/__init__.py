@@ -1,0 +1,1 @@
+"""Public-domain texts for ``fuselm bench perplexity`` (see README.md)."""
