@@ -254,6 +254,33 @@ def test_paged_fp8_matches_float64(case, dtype):
     assert not torch.allclose(unscaled.float(), expected.float(), atol=1e-2)
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["fp16", "fp8"])
+def test_paged_partition_scale_and_register_cap(fp8):
+    """A config whose partition is 2 or 4 of the workspace's (fewer partials than the workspace
+    has room for; 128 = one partition: the direct write) and a register cap (ignored by the
+    interpreter) matches the reference over partial, empty and full partitions."""
+    from fuselm.kernels.paged_attention import DecodeConfig, paged_attention_triton_out
+
+    _require("triton")
+    seq_lens, heads, kv_heads, head_size, block_size, max_len, psize = CASES["split_gqa4"]
+    args = make_inputs(seq_lens, heads, kv_heads, head_size, block_size, torch.float16,
+                       max_len, seed=5)
+    scales = {}
+    if fp8:
+        args = _fp8_args(args)
+        scales = dict(zip(("k_scale", "v_scale"), FP8_SCALES, strict=True))
+    expected = paged_attention_ref(*args, **scales)
+    ws = PagedAttentionWorkspace(len(seq_lens), heads, head_size, max_len, "cpu",
+                                 partition_size=psize)
+    size, tmp_out, max_logits, exp_sums = ws.buffers(len(seq_lens))
+    for partition_scale in (2, 4):
+        out = torch.full_like(args[0], float("nan"))
+        cfg = DecodeConfig(16, 4, 1, max_regs=128, partition_scale=partition_scale)
+        paged_attention_triton_out(out, tmp_out, max_logits, exp_sums, *args, size, cfg,
+                                   **scales)
+        assert_close(out, expected, name=f"partition_scale {partition_scale}")
+
+
 def test_paged_fp8_sliding_window_and_checks():
     _require("triton")
     seq_lens, heads, kv_heads, head_size, block_size, max_len, psize = CASES["split_gqa4"]
