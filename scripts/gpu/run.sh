@@ -5,7 +5,7 @@
 # step does not stop the later ones, and the script exits 1 if any failed.
 #
 # Usage (repo root or anywhere):  OUT=/dir scripts/gpu/run.sh [steps...]
-#   steps: wheels env build tests kbench abench gemv latency gap engine structured quant ab dist pack
+#   steps: wheels env build tests kbench abench gemv latency gap engine structured quant fp8e2e ab dist pack
 #   default: wheels env build tests kbench abench gemv latency gap engine pack
 #     wheels   installs the wheels in .whl/ (packages the device image lacks: FastAPI, uvicorn,
 #              xgrammar, gguf, jsonschema, ...; see docs/perf/README.md) into /tmp/site, on
@@ -23,6 +23,9 @@
 #              and without masks (TOKENIZER_JSON: Llama 3's tokenizer, default build/tok/llama3.json)
 #     quant    fuselm bench latency, 8B shape, dummy weights, bf16 and QUANT_METHODS (int4 int8
 #              fp8) over QUANT_BATCHES (1 4 16 64 256): $OUT/quant-<method>.json
+#     fp8e2e   8B shape, dummy weights, bf16 then fp8: fuselm bench throughput (FP8E2E_PROMPTS,
+#              default 2000, 256 in / 256 out) and the time to first token of one 4096-token
+#              prompt (fuselm bench latency): $OUT/tput-<q>.json, $OUT/ttft-<q>.json
 #     ab       scripts/bench_engine.py on the baseline AB_BASE (a commit, default HEAD, checked out
 #              with `git worktree` into a temp dir; or AB_BASE_DIR, a tree already there) and on
 #              this tree, interleaved for AB_ROUNDS (2) rounds in one call; prints the medians of
@@ -172,6 +175,17 @@ for step in $STEPS; do
       \$([ \$q = none ] || echo --quantization \$q) --batch-size ${QUANT_BATCHES:-1 4 16 64 256} \
       --input-len 128 --output-len 32 --num-iters-warmup 1 --num-iters 2 --disable-detokenize \
       --max-model-len 4096 --output-json $OUT/quant-\$q.json --disable-tqdm || exit 1; done" ;;
+    fp8e2e) run_step fp8e2e 480 bash -c "python -c 'from fuselm.bench.dummy_model import \
+      write_dummy_checkpoint as w; w(\"llama-3-8b\", __import__(\"pathlib\").Path(\"build/l8b\"))' \
+      && for q in none fp8; do echo \"== quantization \$q\"; \
+      python -m fuselm bench throughput --model build/l8b --load-format dummy \
+      \$([ \$q = none ] || echo --quantization \$q) --num-prompts ${FP8E2E_PROMPTS:-2000} \
+      --input-len 256 --output-len 256 --disable-detokenize --max-model-len 4096 \
+      --output-json $OUT/tput-\$q.json --disable-tqdm || exit 1; \
+      python -m fuselm bench latency --model build/l8b --load-format dummy \
+      \$([ \$q = none ] || echo --quantization \$q) --batch-size 1 --input-len 4096 \
+      --output-len 2 --num-iters-warmup 1 --num-iters 3 --disable-detokenize \
+      --max-model-len 8192 --output-json $OUT/ttft-\$q.json --disable-tqdm || exit 1; done" ;;
     ab) ab ;;
     dist) dist ;;
     pack) pack_out || status=1 ;;  # last: only $OUT/results.tgz remains

@@ -38,7 +38,7 @@ def test_packaged_text_and_gz_files(tmp_path):
     text = perplexity.read_text("shakespeare")
     assert text.startswith("First Citizen:") and len(text) > 180_000
     path = tmp_path / "t.txt.gz"
-    path.write_bytes(gzip.compress("to be or not to be".encode()))
+    path.write_bytes(gzip.compress(b"to be or not to be"))
     assert perplexity.read_text(str(path)) == "to be or not to be"
     with pytest.raises(SystemExit, match="no such file"):
         perplexity.read_text(str(tmp_path / "missing.txt"))

@@ -56,7 +56,8 @@ def _load() -> tuple[object | None, str]:
 
 # The extension's ops that only write their arguments; each gets a fake (meta) implementation so
 # that torch.compile and CUDA graph tracing see them.
-VOID_OPS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_store_kv")
+VOID_OPS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_store_kv", "int4_gemv",
+            "int8_gemv")
 
 
 def _with_fakes(ops):
@@ -100,6 +101,14 @@ def load_extension():
     except Exception as err:  # a broken CUDA setup must not break ``import fuselm``
         warnings.warn(f"fuselm CUDA extension unavailable: {err}", stacklevel=2)
         return None
+
+
+def loaded_extension():
+    """``torch.ops.fuselm_C`` when ``load_extension`` has already loaded it, else None (never
+    starts a build: for heuristics that prefer a CUDA kernel only where it is at hand)."""
+    if _load.cache_info().currsize == 0:
+        return None
+    return load_extension()
 
 
 def extension_status() -> str:

@@ -249,7 +249,9 @@ M_BUCKETS = (1, 4, 16, 64, 256, 4096, 8192)  # what the benchmark measures
 # rowwise kernel is slow at small M (H200, qkv 6144x4096, M=1: 15.3 us, bf16 cuBLAS 15.8 us,
 # the Triton GEMV 9.1 us; M=16: 15.5 vs Triton 11.5; M=256: 17.1 vs 16.3)
 UNTUNED_TRITON_MAX_M = 256
-GEMV_MAX_M = 4
+# the GEMV at batch 1 only: with 4 rows a tile it made the 8B decode step 6.82 ms at batch 4
+# (H200, 2026-12-02) where the 16-row GEMM tile made it 4.37 ms at batch 16 (bf16: 4.60, 4.90)
+GEMV_MAX_M = 1
 
 
 def m_bucket(m: int) -> int:

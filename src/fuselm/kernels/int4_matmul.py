@@ -12,13 +12,18 @@ column 8w + i) and make floats of nibbles without int-to-float conversions (1/8 
 on Hopper): a shift and a LOP3 put a nibble into the mantissa of a float constant.
 - ``gemv`` (batch 1): fp32 FMAs on ``f = 1 + q/16`` (bits 19..22 of 1.0f); per group
   ``sum W x = 16 s (sum f x - (1 + z/16) sum x)``. A thread's x values serve all its rows.
-- ``gemm``: swap-AB ``tl.dot`` (weight = the MMA's A operand, batch = its N); the nibble is the
-  float ``OFF + q`` of x's dtype (bf16 128 + q, fp16 1024 + q, fp32 exact q) and per group
-  ``out += s (dot - (OFF + z) sum x)``; a K step lies within one group.
+- ``gemm``: the tensor-core kernel of ``_quant_gemm_triton.py``: a K step's words become
+  ``(q - z) * s`` in x's dtype in registers (PTX: LOP3 puts nibble pairs into the mantissas of
+  bf16 128 / fp16 1024, PRMT regroups them, then a packed sub and mul), one ``tl.dot`` chain in
+  fp32 over K; a K step lies within one group; config mode bit 0 puts the batch on the MMA's
+  M side (else swap-AB: the weight rows are M).
 - ``dequant``: the weight dequantized to x's dtype (one kernel), then cuBLAS.
+- ``cuda_gemv`` (M <= 8, fp16/bf16 x, G % 128 == 0): the CUDA tensor-core GEMV of
+  ``quant_gemv.py``; inputs it does not take run the Triton ``default_config``.
 Variant and config per call from M: ``configs/int4_matmul.json`` (bucket
 ``n{N}_k{K}_g{G}_m{1|4|16|64|256}``, by ``python -m fuselm.bench.kernels_quant``), else
-``default_config``; G not a multiple of 8 (gemv) / 16 (gemm) runs ``dequant``.
+``default_config`` (M 5..8 take the ``m4`` entry when it is ``cuda_gemv``); G not a multiple
+of 8 (gemv) / 16 (gemm) runs ``dequant``.
 
 Backends: ``int4_matmul_ref`` (float32 spec), ``int4_matmul_triton`` (``fuselm::int4_matmul``).
 """
@@ -27,13 +32,14 @@ from __future__ import annotations
 
 import torch
 
-from fuselm.kernels import _pdl, triton_utils
+from fuselm.kernels import _pdl, quant_gemv, triton_utils
 from fuselm.kernels.int8_matmul import (
     QuantMatmulConfig,
     as_words,
     gemm_default,
     m_bucket,
     pow2_divisor,
+    small_m_cuda,
     tuned,
 )
 from fuselm.kernels.triton_utils import FUSELM_LIB
@@ -91,10 +97,15 @@ def shape_bucket(n: int, k: int, group_size: int, m: int) -> str:
     return f"n{n}_k{k}_g{group_size}_m{m_bucket(m)}"
 
 
-def default_config(n: int, k: int, group_size: int, m: int) -> QuantMatmulConfig:
-    """Heuristic config: ``gemv`` at M = 1 (8 rows over 2 warps: a thread holds 4 rows of the
-    same 32 columns, so its x loads serve 4 rows), else ``gemm``; ``dequant`` where a kernel
-    does not cover the group size."""
+def default_config(n: int, k: int, group_size: int, m: int,
+                   cuda: bool | None = None) -> QuantMatmulConfig:
+    """Heuristic config: ``cuda_gemv`` at M <= 8 (``small_m_cuda``: where the CUDA extension is
+    loaded, or as ``cuda`` says); ``gemv`` at M = 1 (8 rows over 2 warps: a thread holds 4 rows
+    of the same 32 columns, so its x loads serve 4 rows), else ``gemm``; ``dequant`` where a
+    kernel does not cover the group size."""
+    if small_m_cuda(m, group_size, quant_gemv.INT4_STEP_COLS, cuda):
+        block_n, warps, stages = quant_gemv.default_launch(n, k // quant_gemv.INT4_STEP_COLS, m)
+        return QuantMatmulConfig("cuda_gemv", block_n, 0, warps, stages)
     if m == 1 and group_size % 8 == 0:
         return QuantMatmulConfig("gemv", 8, 1024, 2, 1)
     if group_size % 16 == 0:
@@ -104,7 +115,11 @@ def default_config(n: int, k: int, group_size: int, m: int) -> QuantMatmulConfig
 
 def valid_config(cfg: QuantMatmulConfig, group_size: int) -> bool:
     """Whether ``cfg`` can run this group size (a K step of ``gemm`` lies within one group; a
-    word chunk of ``gemv`` too)."""
+    word chunk of ``gemv`` too; ``cuda_gemv`` needs G % 128 == 0)."""
+    if cfg.variant == "cuda_gemv":
+        return (group_size % quant_gemv.INT4_STEP_COLS == 0
+                and quant_gemv.valid_launch(cfg.block_n, cfg.num_warps, cfg.num_stages)
+                and quant_gemv.available())
     if cfg.variant == "gemv":
         return group_size % 8 == 0 and cfg.block_k >= 8
     if cfg.variant == "gemm":
@@ -116,6 +131,9 @@ def config_for(n: int, k: int, group_size: int, m: int,
                device: torch.device) -> QuantMatmulConfig:
     """The tuned config of this shape and batch bucket, else ``default_config``."""
     cfg = tuned("int4_matmul", shape_bucket(n, k, group_size, m), device)
+    if 4 < m <= quant_gemv.MAX_M:  # the CUDA GEMV of bucket m4 serves up to 8 rows
+        small = tuned("int4_matmul", shape_bucket(n, k, group_size, 4), device)
+        cfg = small if small is not None and small.variant == "cuda_gemv" else cfg
     if cfg is not None and valid_config(cfg, group_size):
         return cfg
     return default_config(n, k, group_size, m)
@@ -290,75 +308,13 @@ if triton_utils.triton_available():
             tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=rmask)
 
     @triton.jit
-    def _nibble_dot_values(words, OUT: tl.constexpr):
-        """int32 words ``[R, W]`` -> their 8 nibbles ``[R, W * 8]`` (column order) as floats
-        ``OFF + q`` of the dot dtype: OUT 0 fp32 (OFF 0, exact), 1 fp16 (1024), 2 bf16 (128)."""
+    def _nibble_values(words):
+        """int32 words ``[R, W]`` -> their 8 nibbles ``[R, W * 8]`` (column order) as exact
+        fp32 (the nibble in the mantissa of 2^23, minus 2^23)."""
         shifts = tl.arange(0, 8) * 4
         nib = (words[:, :, None] >> shifts[None, None, :]) & 0xF
-        if OUT == 0:
-            v = (nib | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        elif OUT == 1:
-            v = (nib | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-        else:
-            v = (nib | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        v = (nib | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
         return tl.reshape(v, (words.shape[0], words.shape[1] * 8))
-
-    @triton.jit
-    def _int4_gemm_kernel(
-        x_ptr,  # [M, K], rows x_stride apart
-        qw_ptr,  # int32 [N, K // 8], rows qw_stride apart
-        s_ptr,  # [N, K // G]
-        z_ptr,  # uint8 [N, K // G]
-        out_ptr,  # [M, N]
-        M,
-        N,
-        KW,
-        x_stride,
-        qw_stride,
-        s_stride,
-        z_stride,
-        out_stride,
-        GROUP_WORDS: tl.constexpr,
-        OUT: tl.constexpr,  # dot dtype: 0 fp32, 1 fp16, 2 bf16 (x's)
-        OFF: tl.constexpr,  # the float offset of _nibble_dot_values
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_KW: tl.constexpr,  # words a K step (8 * BLOCK_KW columns, within one group)
-        EVEN_N: tl.constexpr,
-        NUM_STAGES: tl.constexpr,
-        USE_PDL: tl.constexpr,
-        PREC: tl.constexpr,  # "ieee" for fp32 x (no TF32 rounding); ignored for 16-bit x
-    ):
-        pdl_wait_then_release(USE_PDL)
-        cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # batch rows
-        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # weight rows
-        rows64 = rows.to(tl.int64)
-        rmask = rows < N
-        cmask = cols < M
-        kw = tl.arange(0, BLOCK_KW)
-        kk = tl.arange(0, BLOCK_KW * 8)
-        qw_tile = qw_ptr + rows64[:, None] * qw_stride + kw[None, :]  # [BLOCK_N, BLOCK_KW]
-        x_tile = x_ptr + cols.to(tl.int64)[None, :] * x_stride + kk[:, None]  # [BK, BLOCK_M]
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for w0 in tl.range(0, KW, BLOCK_KW, num_stages=NUM_STAGES):
-            if EVEN_N:
-                words = tl.load(qw_tile + w0, eviction_policy="evict_first")
-            else:
-                words = tl.load(qw_tile + w0, mask=rmask[:, None], other=0,
-                                eviction_policy="evict_first")
-            xt = tl.load(x_tile + w0 * 8, mask=cmask[None, :], other=0.0)
-            d = tl.dot(_nibble_dot_values(words, OUT), xt, input_precision=PREC)
-            g = w0 // GROUP_WORDS
-            s = tl.load(s_ptr + rows64 * s_stride + g, mask=rmask, other=0.0).to(tl.float32)
-            if OFF == 0:
-                z = tl.load(z_ptr + rows64 * z_stride + g, mask=rmask, other=0).to(tl.float32)
-            else:
-                z = tl.load(z_ptr + rows64 * z_stride + g, mask=rmask, other=0).to(
-                    tl.float32) + OFF
-            xsum = tl.sum(xt.to(tl.float32), axis=0)  # [BLOCK_M]
-            acc += s[:, None] * (d - z[:, None] * xsum[None, :])
-        dst = out_ptr + cols.to(tl.int64)[None, :] * out_stride + rows[:, None]
-        tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=cmask[None, :] & rmask[:, None])
 
     @triton.jit
     def _int4_dequant_kernel(
@@ -383,7 +339,7 @@ if triton_utils.triton_available():
         g = w // GROUP_WORDS
         s = tl.load(s_ptr + rows64[:, None] * s_stride + g[None, :], mask=mask, other=0.0)
         z = tl.load(z_ptr + rows64[:, None] * z_stride + g[None, :], mask=mask, other=0)
-        q = _nibble_dot_values(words, 0)  # exact q, [BLOCK_N, BLOCK_KW * 8]
+        q = _nibble_values(words)  # exact q, [BLOCK_N, BLOCK_KW * 8]
         q = tl.reshape(q, (BLOCK_N, BLOCK_KW, 8))
         v = (q - z.to(tl.float32)[:, :, None]) * s.to(tl.float32)[:, :, None]
         cols = w[:, None] * 8 + tl.arange(0, 8)[None, :]  # [BLOCK_KW, 8]
@@ -391,7 +347,7 @@ if triton_utils.triton_available():
         tl.store(dst, v.to(out_ptr.dtype.element_ty), mask=mask[:, :, None])
 
 
-_DOT_MODE = {torch.float32: (0, 0), torch.float16: (1, 1024), torch.bfloat16: (2, 128)}
+_X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def dequantize_int4_triton(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -422,6 +378,12 @@ def launch_int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         return
     if not valid_config(cfg, group_size):
         raise ValueError(f"int4_matmul config {cfg.label} cannot run group_size {group_size}")
+    pdl = _pdl.use_pdl(x)
+    if cfg.variant == "cuda_gemv":
+        if quant_gemv.launch_int4_gemv(x, qweight, scales, zeros, group_size, out, cfg.block_n,
+                                       cfg.num_warps, cfg.num_stages, pdl):
+            return
+        cfg = default_config(n, k, group_size, m, cuda=False)  # fp32 x, M > 8, unaligned rows
     if cfg.variant == "dequant":
         w = dequantize_int4_triton(qweight, scales, zeros, group_size, x.dtype)
         torch.mm(x, w.t(), out=out)
@@ -430,7 +392,6 @@ def launch_int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         raise ValueError("int4_matmul scales and zeros must be contiguous in their last dim")
     words = as_words(qweight, "int4_matmul")
     kw, gw = k // 8, group_size // 8
-    pdl = _pdl.use_pdl(x)
     common = (words.stride(0), scales.stride(0), zeros.stride(0), out.stride(0))
     if cfg.variant == "gemv":
         cw = pow2_divisor(gw, min(16, cfg.block_k // 8))
@@ -445,14 +406,9 @@ def launch_int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
             XVEC=bool(cfg.mode & 1), NEXT=bool(cfg.mode & 2), num_warps=cfg.num_warps,
             launch_pdl=pdl)
         return
-    mode, off = _DOT_MODE[x.dtype]
-    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n))
-    _int4_gemm_kernel[grid](
-        x, words, scales, zeros, out, m, n, kw, x.stride(0), *common, GROUP_WORDS=gw, OUT=mode,
-        OFF=off, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_k // 8,
-        EVEN_N=n % cfg.block_n == 0, NUM_STAGES=cfg.num_stages, USE_PDL=pdl,
-        PREC="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg.num_warps,
-        launch_pdl=pdl)
+    from fuselm.kernels._quant_gemm_triton import int4_gemm
+
+    int4_gemm(x, words, scales, zeros, group_size, out, cfg)
 
 
 def int4_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -462,7 +418,7 @@ def int4_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     _check(x, qweight, scales, zeros, group_size)
     if x.stride(1) != 1:
         raise ValueError("int4_matmul x must be contiguous in its last dimension")
-    if x.dtype not in _DOT_MODE:
+    if x.dtype not in _X_DTYPES:
         raise ValueError(f"int4_matmul x must be fp32, fp16 or bf16, got {x.dtype}")
     n, k = qweight.shape[0], x.shape[1]
     out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)

@@ -10,13 +10,19 @@ The Triton kernels read the weight as int32 words (word w = columns 4w..4w+3, by
 
 - ``gemv`` (batch 1): byte b becomes ``f = 1.5 + b / 256`` (the byte in bits 15..22 of 1.0f,
   its sign bit flipped; one shift and one LOP3), and ``sum_k b x = 256 (sum f x - 1.5 sum x)``.
-- ``gemm`` (larger M): swap-AB ``tl.dot`` (the weight is the MMA's A operand); the byte becomes
-  the exact float b (``(b ^ 0x80) | 0x4B000000`` minus ``2^23 + 128``), converted to x's dtype.
-- ``dequant``: the weight dequantized to x's dtype (one Triton kernel), then cuBLAS.
+- ``gemm`` (larger M): the tensor-core kernel of ``_quant_gemm_triton.py``: a K step's words
+  become the exact bytes in x's dtype in registers (PTX: the byte + 128 in the mantissa of
+  2^23, minus 2^23 + 128), one ``tl.dot`` chain in fp32 over K, the scale on the finished sum;
+  config mode bit 0 puts the batch on the MMA's M side (else swap-AB: the weight rows are M).
+- ``dequant``: cuBLAS on the dequantized weight: for bf16 x the exact bytes, the scale on the
+  output; else ``q * s`` in x's dtype (one Triton kernel).
+- ``cuda_gemv`` (M <= 8, fp16/bf16 x, K % 64 == 0): the CUDA tensor-core GEMV of
+  ``quant_gemv.py``; inputs it does not take run the Triton ``default_config``.
 
 Variant and launch config per call from M: ``configs/int8_matmul.json`` (bucket
 ``n{N}_k{K}_m{1|4|16|64|256}``, written by ``python -m fuselm.bench.kernels_quant``), else
-``default_config``. K not a multiple of 16 runs ``dequant``.
+``default_config``; M 5..8 take the ``m4`` entry when it is ``cuda_gemv``. K not a multiple
+of 16 runs ``dequant``.
 
 Backends: ``int8_matmul_ref`` (float32 spec), ``int8_matmul_triton`` (``fuselm::int8_matmul``).
 """
@@ -27,7 +33,7 @@ from typing import NamedTuple
 
 import torch
 
-from fuselm.kernels import _pdl, triton_utils
+from fuselm.kernels import _pdl, quant_gemv, triton_utils
 from fuselm.kernels.triton_utils import FUSELM_LIB
 
 
@@ -54,7 +60,7 @@ def int8_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     return ((x.float() @ qweight.float().t()) * scales.float()[None, :]).to(x.dtype)
 
 
-VARIANTS = ("gemv", "gemm", "dequant")
+VARIANTS = ("gemv", "gemm", "dequant", "cuda_gemv")
 M_BUCKETS = (1, 4, 16, 64, 256)
 
 
@@ -72,8 +78,10 @@ class QuantMatmulConfig(NamedTuple):
     num_warps: int
     num_stages: int = 1
     block_m: int = 16  # gemm: batch rows a program computes (>= 16)
+    # cuda_gemv: block_n rows a block (16), num_warps split K, num_stages K steps a warp loads
     mode: int = 0  # gemv: bit 0 = x loaded as one vector a word and split in registers (XVEC),
-    #               bit 1 = the next step's weights loaded before this step's math (NEXT)
+    #               bit 1 = the next step's weights loaded before this step's math (NEXT);
+    #               gemm: bit 0 = the batch is the MMA's M side (else swap-AB)
 
     @property
     def label(self) -> str:
@@ -133,10 +141,21 @@ def shape_bucket(n: int, k: int, m: int) -> str:
     return f"n{n}_k{k}_m{m_bucket(m)}"
 
 
-def default_config(n: int, k: int, m: int) -> QuantMatmulConfig:
-    """Heuristic config: ``gemv`` at M = 1 (8 rows over 4 warps, 1024 columns a step; the
-    best of the H200 sweep on the qkv shape, 9.6 us), else ``gemm``; ``dequant`` for
-    K % 16 != 0."""
+def small_m_cuda(m: int, k: int, step_cols: int, cuda: bool | None) -> bool:
+    """Whether M <= 8 takes ``cuda_gemv`` by default (``cuda`` None: where the CUDA extension
+    is already loaded; shared with int4_matmul)."""
+    if m > quant_gemv.MAX_M or k % step_cols:
+        return False
+    return quant_gemv.available(build=False) if cuda is None else cuda
+
+
+def default_config(n: int, k: int, m: int, cuda: bool | None = None) -> QuantMatmulConfig:
+    """Heuristic config: ``cuda_gemv`` at M <= 8 (see ``small_m_cuda``); ``gemv`` at M = 1 (8
+    rows over 4 warps, 1024 columns a step; the best of the H200 sweep on the qkv shape,
+    9.6 us), else ``gemm``; ``dequant`` for K % 16 != 0."""
+    if small_m_cuda(m, k, quant_gemv.INT8_STEP_COLS, cuda):
+        block_n, warps, stages = quant_gemv.default_launch(n, k // quant_gemv.INT8_STEP_COLS, m)
+        return QuantMatmulConfig("cuda_gemv", block_n, 0, warps, stages)
     if k % 16:
         return QuantMatmulConfig("dequant", 0, 0, 4)
     if m == 1:
@@ -145,17 +164,30 @@ def default_config(n: int, k: int, m: int) -> QuantMatmulConfig:
 
 
 def valid_config(cfg: QuantMatmulConfig, k: int) -> bool:
-    """Whether ``cfg`` can run K (words need K % 4; a gemm K step must divide K)."""
+    """Whether ``cfg`` can run K (words need K % 4; a gemm K step must divide K; not swap-AB
+    ``gemm`` with 128+ weight rows over 8+ warps and 128+ batch rows: on the H200 ``block_n
+    128 block_k 64 8 warps block_m 128`` wrote garbage into half of the outputs, cause not
+    found yet; the same with ``block_m 64`` was right)."""
+    if cfg.variant == "cuda_gemv":
+        return (k % quant_gemv.INT8_STEP_COLS == 0
+                and quant_gemv.valid_launch(cfg.block_n, cfg.num_warps, cfg.num_stages)
+                and quant_gemv.available())
     if cfg.variant == "gemv":
         return k % 16 == 0 and cfg.block_k >= 16
     if cfg.variant == "gemm":
-        return cfg.block_k >= 16 and k % cfg.block_k == 0 and cfg.block_m >= 16
+        swap_two_groups = (not cfg.mode & 1 and cfg.block_n >= 128 and cfg.num_warps >= 8
+                           and cfg.block_m >= 128)
+        return (cfg.block_k >= 16 and k % cfg.block_k == 0 and cfg.block_m >= 16
+                and not swap_two_groups)
     return cfg.variant == "dequant"
 
 
 def config_for(n: int, k: int, m: int, device: torch.device) -> QuantMatmulConfig:
     """The tuned config of this shape and batch bucket, else ``default_config``."""
     cfg = tuned("int8_matmul", shape_bucket(n, k, m), device)
+    if 4 < m <= quant_gemv.MAX_M:  # the CUDA GEMV of bucket m4 serves up to 8 rows
+        small = tuned("int8_matmul", shape_bucket(n, k, 4), device)
+        cfg = small if small is not None and small.variant == "cuda_gemv" else cfg
     if cfg is not None and valid_config(cfg, k):
         return cfg
     return default_config(n, k, m)
@@ -279,59 +311,6 @@ if triton_utils.triton_available():
             tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=rmask)
 
     @triton.jit
-    def _byte_values(words, DTYPE: tl.constexpr):
-        """int32 words ``[R, W]`` -> their 4 signed bytes ``[R, W * 4]`` (column order), exact,
-        in DTYPE."""
-        shifts = tl.arange(0, 4) * 8
-        u = ((words[:, :, None] >> shifts[None, None, :]) & 0xFF) ^ 0x80  # b + 128
-        v = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
-        return tl.reshape(v.to(DTYPE), (words.shape[0], words.shape[1] * 4))
-
-    @triton.jit
-    def _int8_gemm_kernel(
-        x_ptr,  # [M, K], rows x_stride apart
-        qw_ptr,  # int32 [N, K // 4], rows qw_stride apart
-        s_ptr,  # [N]
-        out_ptr,  # [M, N]
-        M,
-        N,
-        KW,
-        x_stride,
-        qw_stride,
-        out_stride,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_KW: tl.constexpr,  # words a K step (4 * BLOCK_KW columns; divides K // 4)
-        EVEN_N: tl.constexpr,
-        NUM_STAGES: tl.constexpr,
-        USE_PDL: tl.constexpr,
-        PREC: tl.constexpr,  # "ieee" for fp32 x (no TF32 rounding); ignored for 16-bit x
-    ):
-        pdl_wait_then_release(USE_PDL)
-        cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # batch rows
-        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # weight rows
-        rows64 = rows.to(tl.int64)
-        rmask = rows < N
-        cmask = cols < M
-        kw = tl.arange(0, BLOCK_KW)
-        kk = tl.arange(0, BLOCK_KW * 4)
-        qw_tile = qw_ptr + rows64[:, None] * qw_stride + kw[None, :]
-        x_tile = x_ptr + cols.to(tl.int64)[None, :] * x_stride + kk[:, None]  # [BK, BLOCK_M]
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for w0 in tl.range(0, KW, BLOCK_KW, num_stages=NUM_STAGES):
-            if EVEN_N:
-                words = tl.load(qw_tile + w0, eviction_policy="evict_first")
-            else:
-                words = tl.load(qw_tile + w0, mask=rmask[:, None], other=0,
-                                eviction_policy="evict_first")
-            xt = tl.load(x_tile + w0 * 4, mask=cmask[None, :], other=0.0)
-            acc = tl.dot(_byte_values(words, xt.dtype), xt, acc, input_precision=PREC)
-        s = tl.load(s_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-        dst = out_ptr + cols.to(tl.int64)[None, :] * out_stride + rows[:, None]
-        tl.store(dst, (acc * s[:, None]).to(out_ptr.dtype.element_ty),
-                 mask=cmask[None, :] & rmask[:, None])
-
-    @triton.jit
     def _int8_dequant_kernel(
         qw_ptr,  # int8 [N, K], rows qw_stride apart
         s_ptr,  # [N]
@@ -387,12 +366,24 @@ def launch_int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         return
     if not valid_config(cfg, k):
         raise ValueError(f"int8_matmul config {cfg.label} cannot run K={k}")
+    pdl = _pdl.use_pdl(x)
+    if cfg.variant == "cuda_gemv":
+        if quant_gemv.launch_int8_gemv(x, qweight, scales, out, cfg.block_n, cfg.num_warps,
+                                       cfg.num_stages, pdl):
+            return
+        cfg = default_config(n, k, m, cuda=False)  # fp32 x, M > 8, unaligned rows
     if cfg.variant == "dequant":
-        torch.mm(x, dequantize_int8_triton(qweight, scales, x.dtype).t(), out=out)
+        if x.dtype == torch.bfloat16:
+            # the bytes are exact in bf16, q * s is not (8 + 8 significant bits into 8): the
+            # scaled weight put single near-zero outputs of the 8B shapes at M = 256 1.2% of the
+            # output's std off (tests/kernels/test_int8_matmul.py, H200); scale the output
+            torch.mm(x, qweight.to(torch.bfloat16).t(), out=out)
+            out.mul_(scales)
+        else:  # fp16 keeps 11 bits of q * s, and x @ q.T itself could overflow it
+            torch.mm(x, dequantize_int8_triton(qweight, scales, x.dtype).t(), out=out)
         return
     words = as_words(qweight, "int8_matmul")
     kw = k // 4
-    pdl = _pdl.use_pdl(x)
     if cfg.variant == "gemv":
         bkw = max(1, cfg.block_k // 4)
         grid = (triton.cdiv(n, cfg.block_n), m)
@@ -405,13 +396,9 @@ def launch_int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
             XVEC=bool(cfg.mode & 1), NEXT=bool(cfg.mode & 2), num_warps=cfg.num_warps,
             launch_pdl=pdl)
         return
-    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n))
-    _int8_gemm_kernel[grid](
-        x, words, scales, out, m, n, kw, x.stride(0), words.stride(0), out.stride(0),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_k // 4,
-        EVEN_N=n % cfg.block_n == 0, NUM_STAGES=cfg.num_stages, USE_PDL=pdl,
-        PREC="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg.num_warps,
-        launch_pdl=pdl)
+    from fuselm.kernels._quant_gemm_triton import int8_gemm
+
+    int8_gemm(x, words, scales, out, cfg)
 
 
 def int8_matmul_triton(x: torch.Tensor, qweight: torch.Tensor,

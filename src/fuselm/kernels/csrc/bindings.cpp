@@ -167,6 +167,78 @@ void rotary_store_kv(at::Tensor& q, at::Tensor& k, const at::Tensor& v,
            "rotary_store_kv");
 }
 
+// ---- int4_gemv / int8_gemv (quant_gemv.cu) -----------------------------------------------
+
+fuselm::QuantGemvParams gemv_params(at::Tensor& out, const at::Tensor& x,
+                                    const at::Tensor& qweight, const at::Tensor& scales,
+                                    int64_t num_warps, int64_t stages, bool pdl) {
+  check_rows(x, "x", x);
+  check_rows(out, "out", x);
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              "fuselm_C: quantized gemv needs fp16 or bf16 x, got ", x.scalar_type());
+  TORCH_CHECK(x.size(0) <= 8, "fuselm_C: quantized gemv takes at most 8 rows, got ", x.size(0));
+  TORCH_CHECK(qweight.is_cuda() && qweight.device() == x.device() && qweight.dim() == 2 &&
+                  qweight.stride(1) == 1,
+              "fuselm_C: qweight must be a 2-D CUDA tensor on x's device, contiguous in K");
+  TORCH_CHECK(out.size(0) == x.size(0) && out.size(1) == qweight.size(0),
+              "fuselm_C: out must be [M, N]");
+  TORCH_CHECK(scales.is_cuda() && scales.device() == x.device() && scales.is_floating_point(),
+              "fuselm_C: scales must be a float CUDA tensor on x's device");
+  fuselm::QuantGemvParams p{};
+  p.out = out.data_ptr();
+  p.x = x.data_ptr();
+  p.qweight = qweight.data_ptr();
+  p.scales = scales.data_ptr();
+  p.m = x.size(0);
+  p.n = qweight.size(0);
+  p.k = x.size(1);
+  p.out_stride = out.stride(0);
+  p.x_stride = x.stride(0);
+  p.qw_stride = qweight.stride(0);
+  p.dtype = to_dtype(x);
+  p.scale_dtype = to_dtype(scales);
+  p.num_warps = static_cast<int>(num_warps);
+  p.stages = static_cast<int>(stages);
+  p.pdl = pdl;
+  return p;
+}
+
+void int4_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight,
+               const at::Tensor& scales, const at::Tensor& zeros, int64_t group_size,
+               int64_t num_warps, int64_t stages, bool pdl) {
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2 &&
+                  2 * qweight.size(1) == x.size(1),
+              "fuselm_C: int4_gemv qweight must be uint8 [N, K / 2]");
+  fuselm::QuantGemvParams p = gemv_params(out, x, qweight, scales, num_warps, stages, pdl);
+  TORCH_CHECK(group_size > 0 && x.size(1) % group_size == 0, "fuselm_C: bad group_size");
+  const int64_t groups = x.size(1) / group_size;
+  for (const at::Tensor* t : {&scales, &zeros}) {
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == p.n && t->size(1) == groups &&
+                    (groups <= 1 || t->stride(1) == 1) && t->device() == x.device(),
+                "fuselm_C: int4_gemv scales and zeros must be [N, K / group_size], contiguous "
+                "in their last dimension");
+  }
+  TORCH_CHECK(zeros.scalar_type() == at::kByte, "fuselm_C: int4_gemv zeros must be uint8");
+  p.zeros = zeros.data_ptr<uint8_t>();
+  p.s_stride = scales.stride(0);
+  p.z_stride = zeros.stride(0);
+  p.group_size = group_size;
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_ok(fuselm::launch_int4_gemv(p, c10::cuda::getCurrentCUDAStream()), "int4_gemv");
+}
+
+void int8_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight,
+               const at::Tensor& scales, int64_t num_warps, int64_t stages, bool pdl) {
+  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2 &&
+                  qweight.size(1) == x.size(1),
+              "fuselm_C: int8_gemv qweight must be int8 [N, K]");
+  fuselm::QuantGemvParams p = gemv_params(out, x, qweight, scales, num_warps, stages, pdl);
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == p.n && scales.stride(0) == 1,
+              "fuselm_C: int8_gemv scales must be a contiguous [N]");
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_ok(fuselm::launch_int8_gemv(p, c10::cuda::getCurrentCUDAStream()), "int8_gemv");
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fuselm_C, m) {
@@ -180,6 +252,14 @@ TORCH_LIBRARY(fuselm_C, m) {
       "rotary_store_kv(Tensor! q, Tensor! k, Tensor v, Tensor positions, Tensor cos_sin_cache, "
       "Tensor! key_cache, Tensor! value_cache, Tensor slot_mapping) -> ()");
   m.impl("rotary_store_kv", c10::kCUDA, &rotary_store_kv);
+  m.def(
+      "int4_gemv(Tensor! out, Tensor x, Tensor qweight, Tensor scales, Tensor zeros, "
+      "int group_size, int num_warps, int stages, bool pdl) -> ()");
+  m.impl("int4_gemv", c10::kCUDA, &int4_gemv);
+  m.def(
+      "int8_gemv(Tensor! out, Tensor x, Tensor qweight, Tensor scales, int num_warps, "
+      "int stages, bool pdl) -> ()");
+  m.impl("int8_gemv", c10::kCUDA, &int8_gemv);
 }
 
 // An importable module (`import fuselm._C` loads the library and so registers the ops); the

@@ -1,0 +1,355 @@
+// Weight-only GEMV at batch 1..8: W4A16 (group-wise zeros) and W8A16 (per-channel scales) on
+// the canonical layouts, read as is (see ops.h for the contract).
+//
+// Tensor cores do the math: one mma.sync m16n8k16 (bf16/fp16 in, fp32 accumulate) multiplies
+// 16 weight rows by 16 columns of the batch (the MMA's N = 8 is the batch; rows past M are 0),
+// so M = 1..8 cost the same and every weight byte is read once. A warp step covers 16 rows x
+// 64 bytes: lane (g, t) = (lane / 4, lane % 4) loads 16 bytes (one LDG.128) of rows g and g + 8
+// at byte 16 t, which are its A fragments: a dot product does not care about the order of k,
+// so each lane feeds the MMA its own columns in the order the magic-number conversion yields
+// them, and x (the B fragment, batch row g) is permuted the same way, once per step for all
+// the rows of the block.
+//
+// int4: a step is 128 columns, one group when G % 128 == 0 (the 4 lanes of a quad hold one
+// row's 128 columns): the 8 MMAs of a step sum sum_k (q - z) x exactly in fp32 and the group's
+// scale multiplies that sum (fp32). A LOP3 puts two nibbles (i and i + 4 of a word) under the
+// exponent of OFF (bf16 128, fp16 1024), one FMA2 subtracts OFF + z: q - z, two at a time.
+// int8: a step is 64 columns (4 MMAs); b + 128 under the exponent of 2^23 (fp32, minus
+// 2^23 + 128: exact b, its top half the bf16 b) or of 1024 (fp16x2, minus 1152); the
+// per-channel scale multiplies the finished dot product.
+//
+// Block: 16 rows; num_warps warps split K (warp w takes steps w, w + num_warps, ...), each with
+// two steps' weights (2 KB a warp) in flight at a time; the warps' partial sums meet in shared
+// memory. With PDL the first two steps' weights are requested before waiting for the previous
+// kernel. Slower on every Llama-3-8B shape on the H200 (so not built): 32 rows a block (x
+// reused twice), four steps in flight a warp, a cp.async ring of 4..8 steps a warp in shared
+// memory (int4 gate_up M = 1: 29.8 us here, 43.7 us with the best ring, which holds 108-124
+// registers).
+#include <type_traits>
+
+#include "cuda_utils.h"
+
+namespace fuselm {
+namespace {
+
+constexpr int kTileRows = 16;  // weight rows of one MMA tile
+constexpr int kBatch = 8;      // the MMA's N: batch rows
+constexpr int kStepBytes = 64;  // bytes of a row one warp step reads (4 lanes x 16 bytes)
+
+template <typename T>
+struct Num;
+template <>
+struct Num<__nv_bfloat16> {
+  static constexpr uint32_t kOff = 0x43004300u;  // (128, 128)
+  static constexpr uint32_t kOne = 0x3F803F80u;  // (1, 1)
+};
+template <>
+struct Num<__half> {
+  static constexpr uint32_t kOff = 0x64006400u;  // (1024, 1024)
+  static constexpr uint32_t kOne = 0x3C003C00u;
+};
+
+__device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));  // (a & b) | c
+  return d;
+}
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  } else {
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  }
+  return d;
+}
+
+// d += A B for one 16 x 16 weight tile (a0: row g, a1: row g + 8, a2/a3: their next 8 columns)
+// and the batch fragment (b0, b1).
+template <typename T>
+__device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                    uint32_t a3, uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
+
+// 16 weight bytes, streamed (no L1 allocation, 256-byte L2 fetches: the block's other warps
+// read the neighbouring bytes); zeros where !pred. Weights are never written by a kernel, so
+// they may be read before the PDL wait.
+__device__ __forceinline__ uint4 load_weights(const uint8_t* ptr, bool pred) {
+  uint4 v;
+  asm volatile(
+      "{\n"
+      "  .reg .pred p;\n"
+      "  setp.ne.b32 p, %5, 0;\n"
+      "  mov.b32 %0, 0;\n"
+      "  mov.b32 %1, 0;\n"
+      "  mov.b32 %2, 0;\n"
+      "  mov.b32 %3, 0;\n"
+      "  @p ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+      "}\n"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(ptr), "r"(static_cast<int>(pred)));
+  return v;
+}
+
+__device__ __forceinline__ float load_scale(const void* s, int64_t i, DType dtype) {
+  switch (dtype) {
+    case DType::kBFloat16:
+      return __bfloat162float(static_cast<const __nv_bfloat16*>(s)[i]);
+    case DType::kFloat16:
+      return __half2float(static_cast<const __half*>(s)[i]);
+    default:
+      return static_cast<const float*>(s)[i];
+  }
+}
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+__device__ __forceinline__ void pdl_wait_then_release() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// One int4 step of one row tile: d += sum (q - z) x over the lane's 32 columns of rows g and
+// g + 8 (w[0], w[1]); nz: -(OFF + z) of each row as a pair; xv: the 32 x values (batch g).
+template <typename T>
+__device__ __forceinline__ void int4_step(float (&d)[4], const uint4 (&w)[2],
+                                          const uint32_t (&nz)[2], const uint4 (&xv)[4]) {
+  constexpr uint32_t kMask = 0x000F000Fu;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {  // word j: columns 8 j .. 8 j + 7, nibble i = column 8 j + i
+    const uint4& xj = xv[j];
+    // (x_i, x_{i+4}) pairs, the order of the nibble pairs below
+    const uint32_t b[4] = {prmt(xj.x, xj.z, 0x5410), prmt(xj.x, xj.z, 0x7632),
+                           prmt(xj.y, xj.w, 0x5410), prmt(xj.y, xj.w, 0x7632)};
+    const uint32_t vg = word(w[0], j);
+    const uint32_t vh = word(w[1], j);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // nibble pairs (2h, 2h + 4) and (2h + 1, 2h + 5)
+      const uint32_t a0 = fma2<T>(lop3_and_or(vg >> (8 * h), kMask, Num<T>::kOff), Num<T>::kOne,
+                                  nz[0]);
+      const uint32_t a2 = fma2<T>(lop3_and_or(vg >> (8 * h + 4), kMask, Num<T>::kOff),
+                                  Num<T>::kOne, nz[0]);
+      const uint32_t a1 = fma2<T>(lop3_and_or(vh >> (8 * h), kMask, Num<T>::kOff), Num<T>::kOne,
+                                  nz[1]);
+      const uint32_t a3 = fma2<T>(lop3_and_or(vh >> (8 * h + 4), kMask, Num<T>::kOff),
+                                  Num<T>::kOne, nz[1]);
+      mma<T>(d, a0, a1, a2, a3, b[2 * h], b[2 * h + 1]);
+    }
+  }
+}
+
+// Signed bytes 2p and 2p + 1 of word v (already xor 0x80: b + 128) as an exact pair of T.
+template <typename T>
+__device__ __forceinline__ uint32_t byte_pair(uint32_t v, int p) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    // b + 128 in the mantissa of 2^23, minus 2^23 + 128: exact b, whose top half is its bf16
+    const float lo = __uint_as_float(prmt(v, 0x4B000000u, 0x7540u + 2 * p)) - 8388736.f;
+    const float hi = __uint_as_float(prmt(v, 0x4B000000u, 0x7541u + 2 * p)) - 8388736.f;
+    return prmt(__float_as_uint(lo), __float_as_uint(hi), 0x7632u);
+  } else {
+    // (1024 + b + 128) fp16 pairs minus 1152
+    const uint32_t f = prmt(v, 0x64646464u, p == 0 ? 0x4140u : 0x4342u);
+    return fma2<T>(f, Num<T>::kOne, 0xE480E480u);
+  }
+}
+
+// One int8 step of one row tile: d += sum b x over the lane's 16 columns of rows g and g + 8.
+template <typename T>
+__device__ __forceinline__ void int8_step(float (&d)[4], const uint4 (&w)[2],
+                                          const uint4 (&xv)[2]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {  // word j: columns 4 j .. 4 j + 3
+    const uint32_t vg = word(w[0], j) ^ 0x80808080u;
+    const uint32_t vh = word(w[1], j) ^ 0x80808080u;
+    const uint4& xj = xv[j / 2];
+    const uint32_t b0 = j % 2 ? xj.z : xj.x;  // x[4 j], x[4 j + 1]
+    const uint32_t b1 = j % 2 ? xj.w : xj.y;  // x[4 j + 2], x[4 j + 3]
+    mma<T>(d, byte_pair<T>(vg, 0), byte_pair<T>(vh, 0), byte_pair<T>(vg, 1),
+           byte_pair<T>(vh, 1), b0, b1);
+  }
+}
+
+// The warps' partial sums of the block's 16 R rows (lane (g, t): rows g and g + 8 of each row
+// tile, batch rows 2 t and 2 t + 1) meet in shared memory; out[b, row] for b < M (int8: times
+// the row's scale). partial: num_warps x 16 R x 8 floats, free for the block to use.
+template <typename T, bool kInt4, int R>
+__device__ __forceinline__ void store_block(const QuantGemvParams& p, float* partial,
+                                            const float (&acc)[R][4], int64_t row0, int warp,
+                                            int num_warps, int g, int t) {
+  float* mine = partial + warp * (kTileRows * R * kBatch);
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int lo = (kTileRows * r + g) * kBatch + 2 * t;
+    const int hi = lo + 8 * kBatch;
+    mine[lo] = acc[r][0];
+    mine[lo + 1] = acc[r][1];
+    mine[hi] = acc[r][2];
+    mine[hi + 1] = acc[r][3];
+  }
+  __syncthreads();
+  T* out = static_cast<T*>(p.out);
+  for (int i = threadIdx.x; i < kTileRows * R * kBatch; i += blockDim.x) {
+    const int b = i / (kTileRows * R);  // consecutive threads: consecutive rows of one batch row
+    const int rl = i % (kTileRows * R);
+    const int64_t row = row0 + rl;
+    if (b >= p.m || row >= p.n) continue;
+    float sum = 0.f;
+    for (int w = 0; w < num_warps; ++w) sum += partial[(w * kTileRows * R + rl) * kBatch + b];
+    if constexpr (!kInt4) sum *= load_scale(p.scales, row, p.scale_dtype);
+    out[b * p.out_stride + row] = from_float<T>(sum);
+  }
+}
+
+// Threads a block of R row tiles and U steps in flight may have (more would spill). The
+// launcher builds R = 1, U = 2 only: the best of the H200 sweep (R = 2 and U = 4 were slower).
+template <int R, int U>
+constexpr int kMaxThreads = R * U >= 8 ? 256 : 512;
+
+// R row tiles (16 R rows) a block, U steps a warp in flight.
+template <typename T, bool kInt4, int R, int U>
+__global__ void __launch_bounds__(kMaxThreads<R, U>) quant_gemv_kernel(const QuantGemvParams p) {
+  extern __shared__ float partial[];  // [num_warps][16 R][kBatch]
+  constexpr int kCols = kInt4 ? 2 * kStepBytes : kStepBytes;  // columns of a step
+  constexpr int kXVecs = kCols / 4 / 8;  // 16-byte x loads a lane a step (8 values each)
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int num_warps = blockDim.x >> 5;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * (kTileRows * R);
+  const int steps = static_cast<int>(p.k / kCols);
+  const int steps_per_group = kInt4 ? static_cast<int>(p.group_size / kCols) : 1;
+  const uint8_t* qw = static_cast<const uint8_t*>(p.qweight);
+  const bool has_x = g < p.m;
+  const T* x_lane = static_cast<const T*>(p.x) + (has_x ? g : 0) * p.x_stride + t * (kCols / 4);
+
+  float acc[R][4];
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = 0.f;
+
+  bool waited = false;
+  for (int s0 = warp; s0 < steps; s0 += num_warps * U) {
+    uint4 wq[U][R][2];
+    float sc[U][R][2];
+    uint32_t nz[U][R][2];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int s = s0 + u * num_warps;
+      const int grp = kInt4 ? s / steps_per_group : 0;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int64_t row = row0 + kTileRows * r + 8 * h + g;
+          const bool ok = s < steps && row < p.n;
+          wq[u][r][h] = load_weights(
+              qw + row * p.qw_stride + static_cast<int64_t>(s) * kStepBytes + 16 * t, ok);
+          if constexpr (kInt4) {
+            sc[u][r][h] = ok ? load_scale(p.scales, row * p.s_stride + grp, p.scale_dtype) : 0.f;
+            const uint32_t z = ok ? p.zeros[row * p.z_stride + grp] : 0u;
+            nz[u][r][h] = (Num<T>::kOff | (z * 0x00010001u)) ^ 0x80008000u;  // -(OFF + z)
+          }
+        }
+      }
+    }
+    if (!waited) {  // x is the previous kernel's output
+      pdl_wait_then_release();
+      waited = true;
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int s = s0 + u * num_warps;
+      if (s >= steps) break;  // warp-uniform
+      uint4 xv[kXVecs];
+      const uint4* xp = reinterpret_cast<const uint4*>(x_lane + static_cast<int64_t>(s) * kCols);
+#pragma unroll
+      for (int i = 0; i < kXVecs; ++i) xv[i] = has_x ? xp[i] : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if constexpr (kInt4) {
+          float d[4] = {0.f, 0.f, 0.f, 0.f};
+          int4_step<T>(d, wq[u][r], nz[u][r], xv);
+          acc[r][0] += sc[u][r][0] * d[0];  // row g, batch 2 t and 2 t + 1
+          acc[r][1] += sc[u][r][0] * d[1];
+          acc[r][2] += sc[u][r][1] * d[2];  // row g + 8
+          acc[r][3] += sc[u][r][1] * d[3];
+        } else {
+          int8_step<T>(acc[r], wq[u][r], xv);
+        }
+      }
+    }
+  }
+  if (!waited) pdl_wait_then_release();  // out may be memory the previous kernel still reads
+
+  store_block<T, kInt4, R>(p, partial, acc, row0, warp, num_warps, g, t);
+}
+
+template <typename T, bool kInt4>
+cudaError_t launch_typed(const QuantGemvParams& p, cudaStream_t stream) {
+  if (p.stages != 2) return cudaErrorInvalidValue;  // the one weight stream built (see the top)
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>((p.n + kTileRows - 1) / kTileRows));
+  cfg.blockDim = dim3(static_cast<unsigned>(32 * p.num_warps));
+  cfg.dynamicSmemBytes = static_cast<size_t>(p.num_warps) * kTileRows * kBatch * sizeof(float);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = p.pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, quant_gemv_kernel<T, kInt4, 1, 2>, p);
+}
+
+template <bool kInt4>
+cudaError_t launch(const QuantGemvParams& p, cudaStream_t stream) {
+  if (p.m == 0 || p.n == 0) return cudaSuccess;
+  const int64_t cols = kInt4 ? 2 * kStepBytes : kStepBytes;
+  const bool shape_ok = p.m <= kBatch && p.k % cols == 0 && p.num_warps >= 1 &&
+                        p.num_warps <= 16 && p.qw_stride % 16 == 0 && p.x_stride % 8 == 0 &&
+                        is_aligned16(p.qweight) && is_aligned16(p.x) &&
+                        (!kInt4 || (p.group_size > 0 && p.group_size % cols == 0));
+  if (!shape_ok) return cudaErrorInvalidValue;
+  switch (p.dtype) {
+    case DType::kBFloat16:
+      return launch_typed<__nv_bfloat16, kInt4>(p, stream);
+    case DType::kFloat16:
+      return launch_typed<__half, kInt4>(p, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_int4_gemv(const QuantGemvParams& params, cudaStream_t stream) {
+  return launch<true>(params, stream);
+}
+
+cudaError_t launch_int8_gemv(const QuantGemvParams& params, cudaStream_t stream) {
+  return launch<false>(params, stream);
+}
+
+}  // namespace fuselm

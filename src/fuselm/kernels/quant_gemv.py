@@ -1,0 +1,92 @@
+"""The CUDA weight-only GEMV at batch 1..8 (``csrc/quant_gemv.cu``): the ``cuda_gemv`` variant of
+``int4_matmul`` (W4A16, group-wise zeros) and ``int8_matmul`` (W8A16, per-channel scales).
+
+Same math, layouts and dtypes as ``int4_matmul_ref`` / ``int8_matmul_ref`` (read as is, no
+repacking), for fp16 / bf16 x of at most 8 rows; fp32 accumulation, out in x's dtype. Tensor
+cores (mma m16n8k16) take 16 weight rows by the batch, so every weight byte is read once for
+all rows. Needs K % 128 == 0 and group_size % 128 == 0 (int4) or K % 64 == 0 (int8), weight rows
+and x rows 16-byte aligned; the launchers return False for inputs it does not take, and the
+op modules then run their Triton config.
+
+Launch parameters, in the op's ``QuantMatmulConfig``: ``block_n`` 16 (weight rows a block),
+``num_warps`` warps that split K (1..16), ``num_stages`` 2 (K steps, int4 128 columns, int8 64, a
+warp loads at a time; the one stream built, see the .cu file). ``fuselm_C::int4_gemv`` /
+``int8_gemv`` write a given ``out`` (nothing allocated, no sync: CUDA-graph safe); with PDL the
+weights are requested before waiting for the previous kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fuselm.kernels import extension
+
+MAX_M = 8
+INT4_STEP_COLS = 128  # K columns of one warp step (G % 128 == 0: one group)
+INT8_STEP_COLS = 64
+_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _ops(build: bool):
+    ops = extension.load_extension() if build else extension.loaded_extension()
+    return ops if ops is not None and hasattr(ops, "int4_gemv") else None
+
+
+def available(build: bool = True) -> bool:
+    """Whether the extension has the kernels (``build=False``: only if already loaded)."""
+    return _ops(build) is not None
+
+
+STAGES = (2,)
+
+
+def valid_launch(block_n: int, num_warps: int, num_stages: int) -> bool:
+    """Whether the kernel has this launch (rows a block, K-splitting warps, weight stream)."""
+    return block_n == 16 and num_stages in STAGES and 1 <= num_warps <= 16
+
+
+def default_launch(n: int, k_steps: int, m: int) -> tuple[int, int, int]:
+    """Heuristic ``(block_n, num_warps, num_stages)``: 16 rows a block; 16 warps along K where
+    there are few blocks (N <= 4096: 256 blocks, 2 an SM), else 8 (the best of the H200 sweep
+    on every Llama-3-8B shape); never more warps than K steps."""
+    warps = 16 if n <= 4096 else 8
+    while warps > 1 and warps > k_steps:
+        warps //= 2
+    return 16, warps, 2
+
+
+def _runnable(x: torch.Tensor, qweight: torch.Tensor, out: torch.Tensor) -> bool:
+    """The inputs the kernel takes (the binding raises on the others)."""
+    return (x.is_cuda and x.dtype in _DTYPES and 0 < x.shape[0] <= MAX_M and x.stride(1) == 1
+            and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0 and qweight.stride(1) == 1
+            and qweight.stride(0) % 16 == 0 and qweight.data_ptr() % 16 == 0
+            and out.stride(1) == 1 and out.dtype == x.dtype)
+
+
+def launch_int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                     zeros: torch.Tensor, group_size: int, out: torch.Tensor, block_n: int,
+                     num_warps: int, num_stages: int, pdl: bool) -> bool:
+    """``out [M, N] = x @ W.T`` of the canonical int4 layout; False (nothing launched) where
+    the kernel does not take these inputs."""
+    ops = _ops(build=True)
+    if (ops is None or group_size % INT4_STEP_COLS or not valid_launch(block_n, num_warps,
+                                                                        num_stages)
+            or not _runnable(x, qweight, out)
+            or (scales.shape[1] > 1 and (scales.stride(1) != 1 or zeros.stride(1) != 1))):
+        return False
+    ops.int4_gemv(out, x, qweight, scales, zeros, group_size, num_warps, num_stages, pdl)
+    return True
+
+
+def launch_int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                     out: torch.Tensor, block_n: int, num_warps: int, num_stages: int,
+                     pdl: bool) -> bool:
+    """``out [M, N] = x @ (qweight * scales[:, None]).T``; False (nothing launched) where the
+    kernel does not take these inputs."""
+    ops = _ops(build=True)
+    if (ops is None or x.shape[1] % INT8_STEP_COLS or not valid_launch(block_n, num_warps,
+                                                                        num_stages)
+            or not _runnable(x, qweight, out) or scales.stride(0) != 1):
+        return False
+    ops.int8_gemv(out, x, qweight, scales, num_warps, num_stages, pdl)
+    return True
