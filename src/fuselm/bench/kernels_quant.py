@@ -133,15 +133,17 @@ class Case:
             base = [mod.config_for(self.n, self.k, m, device),
                     mod.default_config(self.n, self.k, m)]
             sweep = (GEMV8 if m <= 4 else []) + gemm_sweep(m, 128)
-        return list(dict.fromkeys(base + ([] if quick else sweep + [Cfg("dequant", 0, 0, 4)])))
+        dequant = [Cfg("dequant", 0, 0, 4)]
+        return list(dict.fromkeys(base + (dequant if quick else sweep + dequant)))
 
 
-def bf16_times(n: int, k: int, device: torch.device, replays: int) -> dict[int, float]:
+def bf16_times(n: int, k: int, device: torch.device, replays: int,
+               batches: tuple[int, ...] = BATCHES) -> dict[int, float]:
     """us a call of bf16 ``torch.mm`` per batch, over >= 256 MB of distinct weights."""
     copies = max(2, -(-(256 << 20) // (2 * n * k)))
     ws = [torch.randn(n, k, device=device, dtype=torch.bfloat16) * k**-0.5 for _ in range(copies)]
     times = {}
-    for m in BATCHES:
+    for m in batches:
         x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
         outs = [torch.empty(m, n, device=device, dtype=torch.bfloat16) for _ in range(copies)]
 
@@ -236,7 +238,7 @@ def summary(rows: list[dict[str, Any]], copy_gbs: float) -> list[dict[str, Any]]
     and the 32-layer step's matmul time (+ the int8 LM head where measured)."""
     out = []
     for kind in ("int8", "int4"):
-        for m in BATCHES:
+        for m in sorted({r["m"] for r in rows}):
             layer = [r for r in rows if r["kind"] == kind and r["m"] == m and r["n"] != LM_HEAD[1]]
             if len(layer) != len(LLAMA3_8B):
                 continue
@@ -268,7 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scales-dtype", default="bfloat16", choices=["float32", "bfloat16"],
                    help="dtype of the scales (the int4/int8 methods store the model dtype)")
     p.add_argument("--replays", type=int, default=10)
-    p.add_argument("--quick", action="store_true", help="time only the heuristic configs")
+    p.add_argument("--quick", action="store_true",
+                   help="time only the table's and the heuristic configs, and dequant")
+    p.add_argument("--batches", type=int, nargs="+", default=list(BATCHES),
+                   help="batch sizes M (prefill chunks too)")
     p.add_argument("--budget-s", type=float, default=200.0,
                    help="seconds of first-time (compiling) config runs, shared by the formats; "
                         "past it only configs already compiled are timed")
@@ -295,11 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     budget = args.budget_s / len(formats)  # compile seconds a format may spend
     shapes = LLAMA3_8B + ([LM_HEAD] if "int8" in formats else [])
     for name, n, k in shapes:
-        bf16 = bf16_times(n, k, device, args.replays)
+        bf16 = bf16_times(n, k, device, args.replays, tuple(args.batches))
         kinds = [f for f in formats if name != "lm_head" or f == "int8"]
         for kind in kinds:
             case = Case(kind, n, k, device, scales_dtype, seed=n + k)
-            for m in BATCHES:
+            for m in args.batches:
                 rows.append({"name": name, **measure(case, m, bf16[m], copy_gbs, args.replays,
                                                      args.quick, budget, compiled)})
                 print(common.format_table(rows[-1:], ("name",) + COLUMNS), flush=True)
