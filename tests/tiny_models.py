@@ -68,3 +68,24 @@ def make_tiny_checkpoint(name: str, path: Path, seed: int = 0) -> Path:
     model.save_pretrained(path)
     write_byte_tokenizer(path)
     return path
+
+
+def tiny_with_hf(name: str, path: Path) -> tuple[Path, Any]:
+    """A tiny checkpoint of preset ``name`` under ``path`` and transformers' float32 model of
+    it (eval mode): the pair the engine-fidelity tests compare."""
+    import transformers
+
+    ckpt = make_tiny_checkpoint(name, path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32)
+    return ckpt, hf.eval()
+
+
+def random_prompts(seed: int, lengths: list[int], shared_len: int,
+                   shared_tails: list[int]) -> list[list[int]]:
+    """Prompts of ``lengths`` random tokens, then prompts of a common ``shared_len``-token
+    prefix followed by ``shared_tails`` random tokens (prefix-cache hits)."""
+    gen = torch.Generator().manual_seed(seed)
+    shared = torch.randint(0, 256, (shared_len,), generator=gen).tolist()
+    distinct = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in lengths]
+    return distinct + [shared + torch.randint(0, 256, (n,), generator=gen).tolist()
+                       for n in shared_tails]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fuselm import LLM, SamplingParams
-from tests.tiny_models import make_tiny_checkpoint
+from tests.tiny_models import random_prompts, tiny_with_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -16,21 +16,13 @@ NEW_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    path = make_tiny_checkpoint("llama3-gqa-scaled", tmp_path_factory.mktemp("engine"))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
-    return path, hf.eval()
+    return tiny_with_hf("llama3-gqa-scaled", tmp_path_factory.mktemp("engine"))
 
 
 @pytest.fixture(scope="module")
 def prompts():
     """Mixed lengths; the last six share a 40-token prefix (prefix-cache hits)."""
-    gen = torch.Generator().manual_seed(5)
-    shared = torch.randint(0, 256, (40,), generator=gen).tolist()
-    lengths = [3, 60, 17, 1, 33, 9]
-    distinct = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in lengths]
-    sharing = [shared + torch.randint(0, 256, (n,), generator=gen).tolist()
-               for n in (1, 5, 13, 20, 2, 8)]
-    return distinct + sharing
+    return random_prompts(5, [3, 60, 17, 1, 33, 9], 40, [1, 5, 13, 20, 2, 8])
 
 
 @pytest.fixture(scope="module")

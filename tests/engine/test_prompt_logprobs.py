@@ -11,26 +11,20 @@ import torch
 
 from fuselm import LLM, SamplingParams
 from fuselm.errors import InvalidRequestError
-from tests.tiny_models import make_tiny_checkpoint
+from tests.tiny_models import random_prompts, tiny_with_hf
 
 transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    path = make_tiny_checkpoint("llama3-gqa-scaled", tmp_path_factory.mktemp("plp"))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
-    return path, hf.eval()
+    return tiny_with_hf("llama3-gqa-scaled", tmp_path_factory.mktemp("plp"))
 
 
 @pytest.fixture(scope="module")
 def prompts():
     """Lengths across block and chunk edges; the last two share a 40-token prefix."""
-    gen = torch.Generator().manual_seed(17)
-    shared = torch.randint(0, 256, (40,), generator=gen).tolist()
-    distinct = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (1, 2, 37, 90)]
-    return distinct + [shared + torch.randint(0, 256, (n,), generator=gen).tolist()
-                       for n in (3, 11)]
+    return random_prompts(17, [1, 2, 37, 90], 40, [3, 11])
 
 
 def _hf_logprobs(hf, prompt: list[int]) -> torch.Tensor:
