@@ -127,11 +127,13 @@ def test_health_and_metrics_answer_during_a_step():
             time.sleep(0.005)
         assert core.stepping.is_set()
         for path in ("/health", "/metrics"):
-            start = time.monotonic()
-            response = client.get(path)
-            elapsed = time.monotonic() - start
-            assert response.status_code == 200, (path, response.text)
-            assert elapsed < LIMIT_S, (path, elapsed)
+            times = []
+            for _ in range(3):  # a call blocked by the 2 s step takes it every time; the best
+                start = time.monotonic()  # of three leaves out one scheduling hiccup of the VM
+                response = client.get(path)
+                times.append(time.monotonic() - start)
+                assert response.status_code == 200, (path, response.text)
+            assert min(times) < LIMIT_S, (path, times)
         assert core.stepping.is_set(), "the step was over before the checks: nothing measured"
         stream.join(30)
 
