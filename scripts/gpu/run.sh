@@ -5,7 +5,7 @@
 # step does not stop the later ones, and the script exits 1 if any failed.
 #
 # Usage (repo root or anywhere):  OUT=/dir scripts/gpu/run.sh [steps...]
-#   steps: wheels env build tests kbench abench gemv latency gap engine structured quant fp8e2e ab dist pack
+#   steps: wheels env build tests kbench abench gemv kquant ncu latency gap engine structured quant fp8e2e ab dist pack
 #   default: wheels env build tests kbench abench gemv latency gap engine pack
 #     wheels   installs the wheels in .whl/ (packages the device image lacks: FastAPI, uvicorn,
 #              xgrammar, gguf, jsonschema, ...; see docs/perf/README.md) into /tmp/site, on
@@ -16,13 +16,17 @@
 #     kbench   fuselm bench kernels (--preset quick --no-sweep; KBENCH_ARGS adds flags)
 #     abench   attention kernels with their config sweep
 #     gemv     batch-1 gemv against cuBLAS (tables to $OUT/configs, never into the package)
+#     kquant   fuselm.bench.kernels_quant (KQUANT_ARGS, default --quick; tables to $OUT/configs)
+#     ncu      Nsight Compute sections of the CUDA weight-only GEMV for each of NCU_CASES
+#              (';'-separated argument lists of scripts/gpu/ncu_quant_gemv.py)
 #     latency  fuselm bench latency, Llama-3-8B shape, dummy weights, against HF
 #     gap      the CUDA graph's per-kernel gap (scripts/graph_kernel_gap.py)
 #     engine   scripts/bench_engine.py (ENGINE_ARGS adds flags)
 #     structured  the structured-output mask: xgrammar's fill alone, then the 8B-shape step with
 #              and without masks (TOKENIZER_JSON: Llama 3's tokenizer, default build/tok/llama3.json)
 #     quant    fuselm bench latency, 8B shape, dummy weights, bf16 and QUANT_METHODS (int4 int8
-#              fp8) over QUANT_BATCHES (1 4 16 64 256): $OUT/quant-<method>.json
+#              fp8) over QUANT_BATCHES (1 4 16 64 256): $OUT/quant-<method>.json; then dummy
+#              GGUF files of the QUANT_GGUF types (e.g. Q4_K Q8_0): $OUT/quant-gguf-<type>.json
 #     fp8e2e   8B shape, dummy weights, bf16 then fp8: fuselm bench throughput (FP8E2E_PROMPTS,
 #              default 2000, 256 in / 256 out) and the time to first token of one 4096-token
 #              prompt (fuselm bench latency): $OUT/tput-<q>.json, $OUT/ttft-<q>.json
@@ -156,6 +160,16 @@ for step in $STEPS; do
       --output-dir "$OUT" --configs-dir "$OUT/configs" ;;
     gemv) run_step gemv 240 python -m fuselm.bench.kernels_gemv --output-dir "$OUT" \
       --configs-dir "$OUT/configs" ;;
+    kquant) run_step kquant 400 python -m fuselm.bench.kernels_quant --output-dir "$OUT" \
+      --configs-dir "$OUT/configs" ${KQUANT_ARGS:---quick} ;;
+    ncu) IFS=';' read -ra cases <<< "${NCU_CASES:-int4 28672 4096 1 8 1;int4 28672 4096 1 8 4}"
+      for c in "${cases[@]}"; do
+        # shellcheck disable=SC2086  # a case is the script's argument list
+        run_step "ncu-${c// /_}" 120 ncu --clock-control none -k regex:quant_gemv \
+          --launch-skip 1 --launch-count 1 --section SpeedOfLight --section Occupancy \
+          --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+          --section SchedulerStats python scripts/gpu/ncu_quant_gemv.py $c
+      done ;;
     latency) run_step latency 240 bash -c "python -c 'from fuselm.bench.dummy_model import \
       write_dummy_checkpoint as w; w(\"llama-3-8b\", __import__(\"pathlib\").Path(\"build/l8b\"))' \
       && python -m fuselm bench latency --model build/l8b --load-format dummy --batch-size 1 8 \
@@ -174,7 +188,13 @@ for step in $STEPS; do
       python -m fuselm bench latency --model build/l8b --load-format dummy \
       \$([ \$q = none ] || echo --quantization \$q) --batch-size ${QUANT_BATCHES:-1 4 16 64 256} \
       --input-len 128 --output-len 32 --num-iters-warmup 1 --num-iters 2 --disable-detokenize \
-      --max-model-len 4096 --output-json $OUT/quant-\$q.json --disable-tqdm || exit 1; done" ;;
+      --max-model-len 4096 --output-json $OUT/quant-\$q.json --disable-tqdm || exit 1; done; \
+      for t in ${QUANT_GGUF:-}; do echo \"== gguf \$t\"; python -m fuselm.bench.dummy_gguf \
+      --shape llama-3-8b --type \$t --out build/l8b-\$t.gguf && python -m fuselm bench latency \
+      --model build/l8b-\$t.gguf --batch-size ${QUANT_BATCHES:-1 4 16 64 256} --input-len 128 \
+      --output-len 32 --num-iters-warmup 1 --num-iters 2 --disable-detokenize \
+      --max-model-len 4096 --output-json $OUT/quant-gguf-\$t.json --disable-tqdm || exit 1; \
+      rm -f build/l8b-\$t.gguf; done" ;;
     fp8e2e) run_step fp8e2e 480 bash -c "python -c 'from fuselm.bench.dummy_model import \
       write_dummy_checkpoint as w; w(\"llama-3-8b\", __import__(\"pathlib\").Path(\"build/l8b\"))' \
       && for q in none fp8; do echo \"== quantization \$q\"; \

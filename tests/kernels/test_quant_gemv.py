@@ -1,7 +1,7 @@
 """The CUDA weight-only GEMV (``cuda_gemv`` of int4_matmul / int8_matmul, csrc/quant_gemv.cu)
 against independent float64 dequantize-then-matmuls of the canonical layouts: fp16 and bf16 x,
-M = 1..8, odd N, every launch the kernel has, the Llama-3-8B shapes, CUDA graph capture and the
-fallback to Triton. The config choice runs on CPU."""
+M = 1..16, odd N, every launch the kernel has (both weight streams), the Llama-3-8B shapes,
+CUDA graph capture and the fallback to Triton. The config choice runs on CPU."""
 
 from __future__ import annotations
 
@@ -16,8 +16,16 @@ from fuselm.kernels.int4_matmul import QuantMatmulConfig as Cfg
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.bfloat16, torch.float16]
-# (block_n, num_warps, num_stages): warp counts up to 16, odd ones too
-LAUNCHES = [(16, 8, 2), (16, 16, 2), (16, 1, 2), (16, 3, 2), (16, 5, 2)]
+# (block_n, num_warps, num_stages): warp counts up to 16, odd ones too; stages 1 the strided
+# stream, 2 and 4 the ring of that depth
+LAUNCHES = [(16, 8, 1), (16, 16, 1), (16, 3, 1), (16, 8, 2), (16, 1, 2), (16, 5, 2),
+            (16, 16, 4), (16, 3, 4), (16, 7, 4)]
+
+
+def _stages_for(m):
+    """A weight stream that takes m rows, cycling through them as m grows."""
+    streams = [s for s in quant_gemv.STAGES if m <= quant_gemv.max_rows(s)]
+    return streams[m % len(streams)]
 
 
 def _need_cuda_gemv():
@@ -68,8 +76,8 @@ def test_default_config_small_m():
     cfg = i4.default_config(4096, 4096, 128, 1, cuda=True)
     assert cfg.variant == "cuda_gemv" and quant_gemv.valid_launch(cfg.block_n, cfg.num_warps,
                                                                   cfg.num_stages)
-    assert i4.default_config(4096, 4096, 128, 8, cuda=True).variant == "cuda_gemv"
-    assert i4.default_config(4096, 4096, 128, 9, cuda=True).variant == "gemm"
+    assert i4.default_config(4096, 4096, 128, 16, cuda=True).variant == "cuda_gemv"
+    assert i4.default_config(4096, 4096, 128, 17, cuda=True).variant == "gemm"
     assert i4.default_config(4096, 4096, 64, 1, cuda=True).variant == "gemv"  # G % 128 != 0
     assert i4.default_config(4096, 4096, 128, 1, cuda=False).variant == "gemv"
     assert i8.default_config(4096, 14336, 4, cuda=True).variant == "cuda_gemv"
@@ -77,15 +85,16 @@ def test_default_config_small_m():
     assert i8.default_config(4096, 4096, 1, cuda=False).variant == "gemv"
     assert Cfg.from_dict(cfg.to_dict()) == cfg
     for n, k_steps in [(4096, 32), (28672, 32), (4096, 112), (16, 1), (7, 3)]:
-        launch = quant_gemv.default_launch(n, k_steps, 1)
+        launch = quant_gemv.default_launch(n, k_steps, 16)
         assert quant_gemv.valid_launch(*launch) and launch[1] <= max(1, k_steps)
-    assert not quant_gemv.valid_launch(32, 8, 2) and not quant_gemv.valid_launch(16, 8, 4)
+        assert quant_gemv.max_rows(launch[2]) == 16
+    assert not quant_gemv.valid_launch(32, 8, 2) and not quant_gemv.valid_launch(16, 8, 3)
     assert not quant_gemv.valid_launch(16, 17, 2)
 
 
 def test_packaged_tables_name_valid_launches():
     """Every cuda_gemv entry of the tuning tables is a launch the kernel has, in a batch bucket
-    it serves (m1, m4: M <= 8)."""
+    its stream serves (m1, m4; m16 for the ring)."""
     import json
 
     from fuselm.kernels.extension import CSRC_DIR
@@ -102,7 +111,9 @@ def test_packaged_tables_name_valid_launches():
                 cfg = Cfg.from_dict(entry["triton"])
                 if cfg.variant == "cuda_gemv":
                     found += 1
-                    assert bucket.endswith(("_m1", "_m4")), bucket
+                    ring = quant_gemv.max_rows(cfg.num_stages) >= 16
+                    assert bucket.endswith(("_m1", "_m4")) or (
+                        bucket.endswith("_m16") and ring), bucket
                     assert quant_gemv.valid_launch(cfg.block_n, cfg.num_warps, cfg.num_stages)
     assert found > 0
 
@@ -112,25 +123,26 @@ def test_packaged_tables_name_valid_launches():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m", range(1, 9))
+@pytest.mark.parametrize("m", range(1, 17))
 def test_gpu_int4_batch_and_odd_n(dtype, m):
     _need_cuda_gemv()
-    for n, k, g in [(333, 512, 128), (40, 768, 256), (16, 128, 128)]:
+    for n, k, g in [(333, 512, 128), (40, 768, 256), (16, 128, 128), (21, 2816, 128)]:
         x, q, s, z = _int4_inputs(m, n, k, g, dtype, seed=m * 10 + n)
         out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
-        i4.launch_int4_matmul(x, q, s, z, g, out, Cfg("cuda_gemv", 16, 0, 1 + m % 5, 2))
+        assert quant_gemv.launch_int4_gemv(x, q, s, z, g, out, 16, 1 + m % 5, _stages_for(m),
+                                           False)
         _check(out, _int4_expected(x, q, s, z, g), dtype)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m", range(1, 9))
+@pytest.mark.parametrize("m", range(1, 17))
 def test_gpu_int8_batch_and_odd_n(dtype, m):
     _need_cuda_gemv()
-    for n, k in [(333, 512), (40, 704), (16, 64)]:
+    for n, k in [(333, 512), (40, 704), (16, 64), (21, 2880)]:
         x, q, s = _int8_inputs(m, n, k, dtype, seed=m * 10 + n)
         out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
-        i8.launch_int8_matmul(x, q, s, out, Cfg("cuda_gemv", 16, 0, 1 + m % 5, 2))
+        assert quant_gemv.launch_int8_gemv(x, q, s, out, 16, 1 + m % 5, _stages_for(m), False)
         _check(out, _int8_expected(x, q, s), dtype)
 
 
@@ -140,7 +152,8 @@ def test_gpu_int8_batch_and_odd_n(dtype, m):
 def test_gpu_every_launch_and_scale_dtype(launch, scale_dtype):
     _need_cuda_gemv()
     block_n, warps, stages = launch
-    for m, dtype in [(1, torch.bfloat16), (5, torch.float16), (8, torch.bfloat16)]:
+    rows = [(1, torch.bfloat16), (5, torch.float16), (8, torch.bfloat16), (13, torch.float16)]
+    for m, dtype in [r for r in rows if r[0] <= quant_gemv.max_rows(stages)]:
         x, q, s, z = _int4_inputs(m, 1000 + 1, 2560, 128, dtype, seed=m, scale_dtype=scale_dtype)
         out = torch.full((m, 1001), float("nan"), dtype=dtype, device=DEVICE)
         assert quant_gemv.launch_int4_gemv(x, q, s, z, 128, out, block_n, warps, stages, True)
@@ -157,7 +170,7 @@ GPU_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k", GPU_SHAPES)
 @pytest.mark.parametrize("m,dtype", [(1, torch.bfloat16), (4, torch.float16),
-                                     (8, torch.bfloat16)])
+                                     (8, torch.bfloat16), (16, torch.float16)])
 def test_gpu_8b_shapes(n, k, m, dtype):
     """The Llama-3-8B projections through the op's own config (the tuning table's entry, else
     the heuristic) and through the default launch."""
@@ -186,8 +199,8 @@ def test_gpu_cuda_graph(pdl):
     out8 = torch.empty_like(out)
 
     def step():
-        quant_gemv.launch_int4_gemv(x, q, s, z, 128, out, 16, 8, 2, pdl)
-        quant_gemv.launch_int8_gemv(out, q8, s8, out8, 16, 8, 2, pdl)
+        quant_gemv.launch_int4_gemv(x, q, s, z, 128, out, 16, 8, 1, pdl)
+        quant_gemv.launch_int8_gemv(out, q8, s8, out8, 16, 8, 4, pdl)
 
     step()
     torch.cuda.synchronize()
@@ -204,19 +217,19 @@ def test_gpu_cuda_graph(pdl):
 
 @pytest.mark.gpu
 def test_gpu_fallback_to_triton():
-    """Inputs the CUDA kernel does not take (fp32 x, 9 rows, an unaligned x view) run the
-    Triton default under a cuda_gemv config."""
+    """Inputs the CUDA kernel does not take (fp32 x, 17 rows, 9 rows for the strided stream,
+    an unaligned x view) run the Triton default under a cuda_gemv config."""
     _need_cuda_gemv()
-    cfg = Cfg("cuda_gemv", 16, 0, 8, 2)
-    for m, dtype, offset in [(1, torch.float32, 0), (9, torch.bfloat16, 0),
-                             (2, torch.bfloat16, 1)]:
+    for m, dtype, offset, stages in [(1, torch.float32, 0, 2), (17, torch.bfloat16, 0, 4),
+                                     (9, torch.float16, 0, 1), (2, torch.bfloat16, 1, 2)]:
+        cfg = Cfg("cuda_gemv", 16, 0, 8, stages)
         x, q, s, z = _int4_inputs(m, 64, 512, 128, dtype, seed=m)
         if offset:  # rows 16-byte apart, but the view starts 2 bytes in
             wide = torch.zeros(m, 520, dtype=dtype, device=DEVICE)
             wide[:, offset:offset + 512] = x
             x = wide[:, offset:offset + 512]
         assert not quant_gemv.launch_int4_gemv(x, q, s, z, 128, torch.empty(m, 64, dtype=dtype,
-                                               device=DEVICE), 16, 8, 2, False)
+                                               device=DEVICE), 16, 8, stages, False)
         out = torch.empty(m, 64, dtype=dtype, device=DEVICE)
         i4.launch_int4_matmul(x, q, s, z, 128, out, cfg)
         tol = 1e-4 if dtype == torch.float32 else 1e-2

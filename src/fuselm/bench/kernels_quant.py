@@ -15,7 +15,8 @@ into ``--configs-dir`` (default ``<output-dir>/configs``; into the package only 
     python -m fuselm.bench.kernels_quant --output-dir out/quant --configs-dir out/quant/configs
 
 Budget: about 3-4 minutes on an H200, most of it Triton compiling the swept configs
-(``--quick`` times the heuristic configs only; ``--budget-s`` stops sweeping past it).
+(``--quick`` times the heuristic configs and the CUDA GEMV launches only; ``--budget-s`` stops
+sweeping past it).
 """
 
 from __future__ import annotations
@@ -46,6 +47,15 @@ GEMV4 = [Cfg("gemv", *b, 16, mode) for mode in (1, 3, 0, 2) for b in _GEMV4_BASE
 GEMV4 += [Cfg("gemv", 32, 1024, 4, 1, 16, 3), Cfg("gemv", 4, 1024, 1, 1, 16, 3),
           Cfg("gemv", 8, 1024, 2, 2, 16, 1), Cfg("gemv", 16, 512, 2, 3, 16, 1)]
 GEMV8 = [Cfg("gemv", *b, 16, mode) for mode in (1, 3, 0, 2) for b in _GEMV8_BASES]
+
+
+def cuda_gemv_sweep(m: int) -> list[Cfg]:
+    """The CUDA GEMV launches (K-splitting warps x weight stream) that take batch m: no
+    compiling, so ``--quick`` times them too."""
+    from fuselm.kernels import quant_gemv
+
+    return [Cfg("cuda_gemv", 16, 0, w, s) for s in quant_gemv.STAGES for w in (2, 4, 8, 16)
+            if m <= quant_gemv.max_rows(s)]
 
 
 def gemm_sweep(m: int, max_k: int) -> list[Cfg]:
@@ -134,7 +144,8 @@ class Case:
                     mod.default_config(self.n, self.k, m)]
             sweep = (GEMV8 if m <= 4 else []) + gemm_sweep(m, 128)
         dequant = [Cfg("dequant", 0, 0, 4)]
-        return list(dict.fromkeys(base + (dequant if quick else sweep + dequant)))
+        cuda = cuda_gemv_sweep(m)
+        return list(dict.fromkeys(base + cuda + (dequant if quick else sweep + dequant)))
 
 
 def bf16_times(n: int, k: int, device: torch.device, replays: int,

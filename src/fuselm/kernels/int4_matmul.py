@@ -18,7 +18,7 @@ on Hopper): a shift and a LOP3 put a nibble into the mantissa of a float constan
   fp32 over K; a K step lies within one group; config mode bit 0 puts the batch on the MMA's
   M side (else swap-AB: the weight rows are M).
 - ``dequant``: the weight dequantized to x's dtype (one kernel), then cuBLAS.
-- ``cuda_gemv`` (M <= 8, fp16/bf16 x, G % 128 == 0): the CUDA tensor-core GEMV of
+- ``cuda_gemv`` (M <= 16, fp16/bf16 x, G % 128 == 0): the CUDA tensor-core GEMV of
   ``quant_gemv.py``; inputs it does not take run the Triton ``default_config``.
 Variant and config per call from M: ``configs/int4_matmul.json`` (bucket
 ``n{N}_k{K}_g{G}_m{1|4|16|64|256}``, by ``python -m fuselm.bench.kernels_quant``), else
@@ -99,7 +99,7 @@ def shape_bucket(n: int, k: int, group_size: int, m: int) -> str:
 
 def default_config(n: int, k: int, group_size: int, m: int,
                    cuda: bool | None = None) -> QuantMatmulConfig:
-    """Heuristic config: ``cuda_gemv`` at M <= 8 (``small_m_cuda``: where the CUDA extension is
+    """Heuristic config: ``cuda_gemv`` at M <= 16 (``small_m_cuda``: where the CUDA extension is
     loaded, or as ``cuda`` says); ``gemv`` at M = 1 (8 rows over 2 warps: a thread holds 4 rows
     of the same 32 columns, so its x loads serve 4 rows), else ``gemm``; ``dequant`` where a
     kernel does not cover the group size."""
@@ -131,7 +131,8 @@ def config_for(n: int, k: int, group_size: int, m: int,
                device: torch.device) -> QuantMatmulConfig:
     """The tuned config of this shape and batch bucket, else ``default_config``."""
     cfg = tuned("int4_matmul", shape_bucket(n, k, group_size, m), device)
-    if 4 < m <= quant_gemv.MAX_M:  # the CUDA GEMV of bucket m4 serves up to 8 rows
+    # M 5..8 outside a CUDA GEMV of their own bucket take bucket m4's (it serves up to 8 rows)
+    if 4 < m <= quant_gemv.STRIDED_MAX_M and (cfg is None or cfg.variant != "cuda_gemv"):
         small = tuned("int4_matmul", shape_bucket(n, k, group_size, 4), device)
         cfg = small if small is not None and small.variant == "cuda_gemv" else cfg
     if cfg is not None and valid_config(cfg, group_size):

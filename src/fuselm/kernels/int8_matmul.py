@@ -16,7 +16,7 @@ The Triton kernels read the weight as int32 words (word w = columns 4w..4w+3, by
   config mode bit 0 puts the batch on the MMA's M side (else swap-AB: the weight rows are M).
 - ``dequant``: cuBLAS on the dequantized weight: for bf16 x the exact bytes, the scale on the
   output; else ``q * s`` in x's dtype (one Triton kernel).
-- ``cuda_gemv`` (M <= 8, fp16/bf16 x, K % 64 == 0): the CUDA tensor-core GEMV of
+- ``cuda_gemv`` (M <= 16, fp16/bf16 x, K % 64 == 0): the CUDA tensor-core GEMV of
   ``quant_gemv.py``; inputs it does not take run the Triton ``default_config``.
 
 Variant and launch config per call from M: ``configs/int8_matmul.json`` (bucket
@@ -142,7 +142,7 @@ def shape_bucket(n: int, k: int, m: int) -> str:
 
 
 def small_m_cuda(m: int, k: int, step_cols: int, cuda: bool | None) -> bool:
-    """Whether M <= 8 takes ``cuda_gemv`` by default (``cuda`` None: where the CUDA extension
+    """Whether M <= 16 takes ``cuda_gemv`` by default (``cuda`` None: where the CUDA extension
     is already loaded; shared with int4_matmul)."""
     if m > quant_gemv.MAX_M or k % step_cols:
         return False
@@ -150,7 +150,7 @@ def small_m_cuda(m: int, k: int, step_cols: int, cuda: bool | None) -> bool:
 
 
 def default_config(n: int, k: int, m: int, cuda: bool | None = None) -> QuantMatmulConfig:
-    """Heuristic config: ``cuda_gemv`` at M <= 8 (see ``small_m_cuda``); ``gemv`` at M = 1 (8
+    """Heuristic config: ``cuda_gemv`` at M <= 16 (see ``small_m_cuda``); ``gemv`` at M = 1 (8
     rows over 4 warps, 1024 columns a step; the best of the H200 sweep on the qkv shape,
     9.6 us), else ``gemm``; ``dequant`` for K % 16 != 0."""
     if small_m_cuda(m, k, quant_gemv.INT8_STEP_COLS, cuda):
@@ -185,7 +185,8 @@ def valid_config(cfg: QuantMatmulConfig, k: int) -> bool:
 def config_for(n: int, k: int, m: int, device: torch.device) -> QuantMatmulConfig:
     """The tuned config of this shape and batch bucket, else ``default_config``."""
     cfg = tuned("int8_matmul", shape_bucket(n, k, m), device)
-    if 4 < m <= quant_gemv.MAX_M:  # the CUDA GEMV of bucket m4 serves up to 8 rows
+    # M 5..8 outside a CUDA GEMV of their own bucket take bucket m4's (it serves up to 8 rows)
+    if 4 < m <= quant_gemv.STRIDED_MAX_M and (cfg is None or cfg.variant != "cuda_gemv"):
         small = tuned("int8_matmul", shape_bucket(n, k, 4), device)
         cfg = small if small is not None and small.variant == "cuda_gemv" else cfg
     if cfg is not None and valid_config(cfg, k):

@@ -1,16 +1,19 @@
-"""The CUDA weight-only GEMV at batch 1..8 (``csrc/quant_gemv.cu``): the ``cuda_gemv`` variant of
+"""The CUDA weight-only GEMV at batch 1..16 (``csrc/quant_gemv.cu``): the ``cuda_gemv`` variant of
 ``int4_matmul`` (W4A16, group-wise zeros) and ``int8_matmul`` (W8A16, per-channel scales).
 
 Same math, layouts and dtypes as ``int4_matmul_ref`` / ``int8_matmul_ref`` (read as is, no
-repacking), for fp16 / bf16 x of at most 8 rows; fp32 accumulation, out in x's dtype. Tensor
-cores (mma m16n8k16) take 16 weight rows by the batch, so every weight byte is read once for
-all rows. Needs K % 128 == 0 and group_size % 128 == 0 (int4) or K % 64 == 0 (int8), weight rows
-and x rows 16-byte aligned; the launchers return False for inputs it does not take, and the
-op modules then run their Triton config.
+repacking), for fp16 / bf16 x of at most 16 rows; fp32 accumulation, out in x's dtype. Tensor
+cores (mma m16n8k16) take 16 weight rows by 8 batch rows (two such tiles share the weights
+beyond 8), so every weight byte is read once for all rows. Needs K % 128 == 0 and
+group_size % 128 == 0 (int4) or K % 64 == 0 (int8), weight rows and x rows 16-byte aligned;
+the launchers return False for inputs it does not take, and the op modules then run their
+Triton config.
 
 Launch parameters, in the op's ``QuantMatmulConfig``: ``block_n`` 16 (weight rows a block),
-``num_warps`` warps that split K (1..16), ``num_stages`` 2 (K steps, int4 128 columns, int8 64, a
-warp loads at a time; the one stream built, see the .cu file). ``fuselm_C::int4_gemv`` /
+``num_warps`` warps that split K (1..16), ``num_stages`` the weight stream: 1 strided (warp w
+takes K steps w, w + W, ..., two at a time; at most 8 rows), 2 or 4 the ring of that depth
+(a warp takes one contiguous run of steps and keeps that many in flight; up to 16 rows); a K
+step is int4 128 columns, int8 64 (see the .cu file). ``fuselm_C::int4_gemv`` /
 ``int8_gemv`` write a given ``out`` (nothing allocated, no sync: CUDA-graph safe); with PDL the
 weights are requested before waiting for the previous kernel.
 """
@@ -21,7 +24,8 @@ import torch
 
 from fuselm.kernels import extension
 
-MAX_M = 8
+MAX_M = 16  # the ring stream (stages 2, 4); the strided one (stages 1) takes at most 8
+STRIDED_MAX_M = 8
 INT4_STEP_COLS = 128  # K columns of one warp step (G % 128 == 0: one group)
 INT8_STEP_COLS = 64
 _DTYPES = (torch.float16, torch.bfloat16)
@@ -37,7 +41,7 @@ def available(build: bool = True) -> bool:
     return _ops(build) is not None
 
 
-STAGES = (2,)
+STAGES = (1, 2, 4)  # 1: the strided stream; 2, 4: the ring stream of that depth
 
 
 def valid_launch(block_n: int, num_warps: int, num_stages: int) -> bool:
@@ -45,19 +49,26 @@ def valid_launch(block_n: int, num_warps: int, num_stages: int) -> bool:
     return block_n == 16 and num_stages in STAGES and 1 <= num_warps <= 16
 
 
+def max_rows(num_stages: int) -> int:
+    """The most x rows the weight stream ``num_stages`` takes."""
+    return STRIDED_MAX_M if num_stages == 1 else MAX_M
+
+
 def default_launch(n: int, k_steps: int, m: int) -> tuple[int, int, int]:
     """Heuristic ``(block_n, num_warps, num_stages)``: 16 rows a block; 16 warps along K where
-    there are few blocks (N <= 4096: 256 blocks, 2 an SM), else 8 (the best of the H200 sweep
-    on every Llama-3-8B shape); never more warps than K steps."""
+    there are few blocks (N <= 4096: 256 blocks, 2 an SM), else 8; the strided stream up to 8
+    rows, the ring of depth 2 beyond (the H200 sweep's picks on most Llama-3-8B shapes); never
+    more warps than K steps."""
     warps = 16 if n <= 4096 else 8
     while warps > 1 and warps > k_steps:
         warps //= 2
-    return 16, warps, 2
+    return 16, warps, 1 if m <= STRIDED_MAX_M else 2
 
 
-def _runnable(x: torch.Tensor, qweight: torch.Tensor, out: torch.Tensor) -> bool:
+def _runnable(x: torch.Tensor, qweight: torch.Tensor, out: torch.Tensor, num_stages: int) -> bool:
     """The inputs the kernel takes (the binding raises on the others)."""
-    return (x.is_cuda and x.dtype in _DTYPES and 0 < x.shape[0] <= MAX_M and x.stride(1) == 1
+    return (x.is_cuda and x.dtype in _DTYPES and 0 < x.shape[0] <= max_rows(num_stages)
+            and x.stride(1) == 1
             and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0 and qweight.stride(1) == 1
             and qweight.stride(0) % 16 == 0 and qweight.data_ptr() % 16 == 0
             and out.stride(1) == 1 and out.dtype == x.dtype)
@@ -71,7 +82,7 @@ def launch_int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     ops = _ops(build=True)
     if (ops is None or group_size % INT4_STEP_COLS or not valid_launch(block_n, num_warps,
                                                                         num_stages)
-            or not _runnable(x, qweight, out)
+            or not _runnable(x, qweight, out, num_stages)
             or (scales.shape[1] > 1 and (scales.stride(1) != 1 or zeros.stride(1) != 1))):
         return False
     ops.int4_gemv(out, x, qweight, scales, zeros, group_size, num_warps, num_stages, pdl)
@@ -86,7 +97,7 @@ def launch_int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     ops = _ops(build=True)
     if (ops is None or x.shape[1] % INT8_STEP_COLS or not valid_launch(block_n, num_warps,
                                                                         num_stages)
-            or not _runnable(x, qweight, out) or scales.stride(0) != 1):
+            or not _runnable(x, qweight, out, num_stages) or scales.stride(0) != 1):
         return False
     ops.int8_gemv(out, x, qweight, scales, num_warps, num_stages, pdl)
     return True

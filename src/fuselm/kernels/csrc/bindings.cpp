@@ -176,7 +176,7 @@ fuselm::QuantGemvParams gemv_params(at::Tensor& out, const at::Tensor& x,
   check_rows(out, "out", x);
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               "fuselm_C: quantized gemv needs fp16 or bf16 x, got ", x.scalar_type());
-  TORCH_CHECK(x.size(0) <= 8, "fuselm_C: quantized gemv takes at most 8 rows, got ", x.size(0));
+  TORCH_CHECK(x.size(0) <= 16, "fuselm_C: quantized gemv takes at most 16 rows, got ", x.size(0));
   TORCH_CHECK(qweight.is_cuda() && qweight.device() == x.device() && qweight.dim() == 2 &&
                   qweight.stride(1) == 1,
               "fuselm_C: qweight must be a 2-D CUDA tensor on x's device, contiguous in K");

@@ -64,14 +64,15 @@ cudaError_t launch_rotary_store_kv(const RotaryStoreKVParams& params, DType dtyp
                                    cudaStream_t stream);
 
 // ---- quant_gemv.cu ------------------------------------------------------------------------
-// Weight-only out[b, n] = sum_k x[b, k] W[n, k] for b < m <= 8, fp32 accumulation, out in x's
-// dtype (fp16 / bf16). int4 (W4A16): qweight uint8 [n, k / 2] (byte j: column 2 j in its low
-// nibble, 2 j + 1 in its high one), scales [n, k / G] of scale_dtype, zeros uint8 [n, k / G],
-// W = (q - z) s; needs k % 128 == 0 and G % 128 == 0. int8 (W8A16): qweight int8 [n, k], scales
-// [n], W = q s; needs k % 64 == 0. Both: qweight rows and x rows 16-byte aligned.
-// A block takes 16 rows; num_warps (1..16) warps split K; stages must be 2 (K steps a warp
-// loads at a time; kept in the contract for other weight streams). pdl launches it with
-// programmatic stream serialization (weights are read before waiting for the previous kernel).
+// Weight-only out[b, n] = sum_k x[b, k] W[n, k] for b < m <= 16 (8 for stages 1), fp32
+// accumulation, out in x's dtype (fp16 / bf16). int4 (W4A16): qweight uint8 [n, k / 2] (byte j:
+// column 2 j in its low nibble, 2 j + 1 in its high one), scales [n, k / G] of scale_dtype,
+// zeros uint8 [n, k / G], W = (q - z) s; needs k % 128 == 0 and G % 128 == 0. int8 (W8A16):
+// qweight int8 [n, k], scales [n], W = q s; needs k % 64 == 0. Both: qweight rows and x rows
+// 16-byte aligned. A block takes 16 rows; num_warps (1..16) warps split K; stages picks the
+// weight stream: 1 strided, 2 or 4 the ring of that depth (see quant_gemv.cu). pdl launches it
+// with programmatic stream serialization (weights are read before waiting for the previous
+// kernel).
 struct QuantGemvParams {
   void* out;
   const void* x;

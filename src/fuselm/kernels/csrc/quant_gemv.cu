@@ -18,13 +18,20 @@
 // 2^23 + 128: exact b, its top half the bf16 b) or of 1024 (fp16x2, minus 1152); the
 // per-channel scale multiplies the finished dot product.
 //
-// Block: 16 rows; num_warps warps split K (warp w takes steps w, w + num_warps, ...), each with
-// two steps' weights (2 KB a warp) in flight at a time; the warps' partial sums meet in shared
-// memory. With PDL the first two steps' weights are requested before waiting for the previous
-// kernel. Slower on every Llama-3-8B shape on the H200 (so not built): 32 rows a block (x
-// reused twice), four steps in flight a warp, a cp.async ring of 4..8 steps a warp in shared
-// memory (int4 gate_up M = 1: 29.8 us here, 43.7 us with the best ring, which holds 108-124
-// registers).
+// Block: 16 rows; num_warps warps split K; their partial sums meet in shared memory. Two
+// weight streams (num_stages): 1, strided: warp w takes steps w, w + num_warps, ..., two steps'
+// weights (2 KB a warp) requested at a time, at most 8 batch rows; 2 or 4, the ring: warp w takes
+// one contiguous run of steps and keeps 2 or 4 steps in flight all along it, a quad loads the
+// scales and zeros of 4 steps at once, and up to 16 batch rows (two MMA tiles sharing the A
+// fragments). Neither wins every shape on the H200 (the ring: down and o at M = 1, every M 9-16
+// shape; the strided: int8, qkv), so the tuning tables choose. With PDL the first steps'
+// weights are requested before waiting for the previous kernel. Slower on every Llama-3-8B
+// shape (so not built): 32 rows a block (x reused twice), four strided steps in flight a warp,
+// a cp.async ring of 4..8 steps a warp in shared memory (int4 gate_up M = 1: 29.8 us here,
+// 43.7 us with the best ring, which holds 108-124 registers). Nsight Compute on int4 gate_up
+// M = 1 (strided, 8 warps): 40 % of DRAM bandwidth, 0.62 instructions issued per scheduler
+// cycle at 44 % occupancy (60 registers), about 300 instructions per warp step: bound by
+// instruction issue and latency together, not by the loads.
 #include <type_traits>
 
 #include "cuda_utils.h"
@@ -224,7 +231,8 @@ __device__ __forceinline__ void store_block(const QuantGemvParams& p, float* par
 }
 
 // Threads a block of R row tiles and U steps in flight may have (more would spill). The
-// launcher builds R = 1, U = 2 only: the best of the H200 sweep (R = 2 and U = 4 were slower).
+// strided stream is built with R = 1, U = 2 only: the best of the H200 sweep (R = 2 and U = 4
+// were slower).
 template <int R, int U>
 constexpr int kMaxThreads = R * U >= 8 ? 256 : 512;
 
@@ -307,27 +315,254 @@ __global__ void __launch_bounds__(kMaxThreads<R, U>) quant_gemv_kernel(const Qua
   store_block<T, kInt4, R>(p, partial, acc, row0, warp, num_warps, g, t);
 }
 
+// ---- the ring stream (stages = its depth, 2 or 4) ------------------------------------------
+// Warp w takes one contiguous run of K steps and keeps `kDepth` steps' weights in flight all
+// along it (each step's registers are refilled with the step kDepth ahead before it is used),
+// so a warp never waits with nothing requested. The scales and zeros of 4 steps come in one
+// load a quad: lane t reads those of step s + t and the quad shares them with shuffles (a
+// quarter of the small scattered loads). NB batch tiles of 8 rows (M <= 8 NB) share each
+// step's A fragments.
+constexpr int kQuadSteps = 4;
+
+template <typename T, int NB>
+__device__ __forceinline__ void int4_step_nb(float (&d)[NB][4], const uint4 (&w)[2],
+                                             const uint32_t nz0, const uint32_t nz1,
+                                             const uint4 (&xv)[NB][4]) {
+  constexpr uint32_t kMask = 0x000F000Fu;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    uint32_t b[NB][4];
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) {
+      const uint4& xj = xv[nb][j];
+      b[nb][0] = prmt(xj.x, xj.z, 0x5410);
+      b[nb][1] = prmt(xj.x, xj.z, 0x7632);
+      b[nb][2] = prmt(xj.y, xj.w, 0x5410);
+      b[nb][3] = prmt(xj.y, xj.w, 0x7632);
+    }
+    const uint32_t vg = word(w[0], j);
+    const uint32_t vh = word(w[1], j);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t a0 =
+          fma2<T>(lop3_and_or(vg >> (8 * h), kMask, Num<T>::kOff), Num<T>::kOne, nz0);
+      const uint32_t a2 =
+          fma2<T>(lop3_and_or(vg >> (8 * h + 4), kMask, Num<T>::kOff), Num<T>::kOne, nz0);
+      const uint32_t a1 =
+          fma2<T>(lop3_and_or(vh >> (8 * h), kMask, Num<T>::kOff), Num<T>::kOne, nz1);
+      const uint32_t a3 =
+          fma2<T>(lop3_and_or(vh >> (8 * h + 4), kMask, Num<T>::kOff), Num<T>::kOne, nz1);
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb) mma<T>(d[nb], a0, a1, a2, a3, b[nb][2 * h], b[nb][2 * h + 1]);
+    }
+  }
+}
+
+template <typename T, int NB>
+__device__ __forceinline__ void int8_step_nb(float (&d)[NB][4], const uint4 (&w)[2],
+                                             const uint4 (&xv)[NB][2]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t vg = word(w[0], j) ^ 0x80808080u;
+    const uint32_t vh = word(w[1], j) ^ 0x80808080u;
+    const uint32_t a0 = byte_pair<T>(vg, 0), a1 = byte_pair<T>(vh, 0);
+    const uint32_t a2 = byte_pair<T>(vg, 1), a3 = byte_pair<T>(vh, 1);
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) {
+      const uint4& xj = xv[nb][j / 2];
+      mma<T>(d[nb], a0, a1, a2, a3, j % 2 ? xj.z : xj.x, j % 2 ? xj.w : xj.y);
+    }
+  }
+}
+
+// The warps' partial sums of the block's 16 rows meet in shared memory (lane (g, t): rows g
+// and g + 8, batch rows 8 nb + 2 t and + 1); out[b, row] for b < M (int8: times the scale).
+template <typename T, bool kInt4, int NB>
+__device__ __forceinline__ void store_block_nb(const QuantGemvParams& p, float* partial,
+                                               const float (&acc)[NB][4], int64_t row0,
+                                               int warp, int num_warps, int g, int t) {
+  constexpr int kB = 8 * NB;
+  float* mine = partial + warp * (kTileRows * kB);
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb) {
+    const int lo = g * kB + 8 * nb + 2 * t;
+    const int hi = lo + 8 * kB;
+    mine[lo] = acc[nb][0];
+    mine[lo + 1] = acc[nb][1];
+    mine[hi] = acc[nb][2];
+    mine[hi + 1] = acc[nb][3];
+  }
+  __syncthreads();
+  T* out = static_cast<T*>(p.out);
+  for (int i = threadIdx.x; i < kTileRows * kB; i += blockDim.x) {
+    const int b = i / kTileRows;  // consecutive threads: consecutive rows of one batch row
+    const int rl = i % kTileRows;
+    const int64_t row = row0 + rl;
+    if (b >= p.m || row >= p.n) continue;
+    float sum = 0.f;
+    for (int w = 0; w < num_warps; ++w) sum += partial[(w * kTileRows + rl) * kB + b];
+    if constexpr (!kInt4) sum *= load_scale(p.scales, row, p.scale_dtype);
+    out[b * p.out_stride + row] = from_float<T>(sum);
+  }
+}
+
+// -(OFF + z) pair and the scale of row `row`, group of step s; zeros where !ok.
+template <typename T>
+__device__ __forceinline__ void load_group(const QuantGemvParams& p, int64_t row, int grp,
+                                           bool ok, float& sc, uint32_t& nz) {
+  sc = ok ? load_scale(p.scales, row * p.s_stride + grp, p.scale_dtype) : 0.f;
+  const uint32_t z = ok ? p.zeros[row * p.z_stride + grp] : 0u;
+  nz = (Num<T>::kOff | (z * 0x00010001u)) ^ 0x80008000u;
+}
+
+template <typename T, bool kInt4, int NB, int kDepth>
+__global__ void __launch_bounds__(512) quant_gemv_ring_kernel(const QuantGemvParams p) {
+  static_assert(kDepth == 2 || kDepth == 4, "the ring holds 2 or 4 steps");
+  extern __shared__ float partial[];  // [num_warps][16][8 NB]
+  constexpr int kCols = kInt4 ? 2 * kStepBytes : kStepBytes;
+  constexpr int kXVecs = kCols / 4 / 8;
+  constexpr unsigned kFull = 0xFFFFFFFFu;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int num_warps = blockDim.x >> 5;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
+  const int steps = static_cast<int>(p.k / kCols);
+  const int per = (steps + num_warps - 1) / num_warps;
+  const int s_begin = min(steps, warp * per);
+  const int s_end = min(steps, s_begin + per);
+  const int steps_per_group = kInt4 ? static_cast<int>(p.group_size / kCols) : 1;
+  const int64_t rows[2] = {row0 + g, row0 + 8 + g};
+  const bool row_ok[2] = {rows[0] < p.n, rows[1] < p.n};
+  const uint8_t* qw = static_cast<const uint8_t*>(p.qweight);
+  const uint8_t* wrow[2] = {qw + (row_ok[0] ? rows[0] : 0) * p.qw_stride + 16 * t,
+                            qw + (row_ok[1] ? rows[1] : 0) * p.qw_stride + 16 * t};
+  bool has_x[NB];
+  const T* x_lane[NB];
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb) {
+    const int b = 8 * nb + g;
+    has_x[nb] = b < p.m;
+    x_lane[nb] = static_cast<const T*>(p.x) + (has_x[nb] ? b : 0) * p.x_stride + t * (kCols / 4);
+  }
+
+  uint4 wq[kDepth][2];
+#pragma unroll
+  for (int u = 0; u < kDepth; ++u) {
+    const int s = s_begin + u;
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      wq[u][h] = load_weights(wrow[h] + static_cast<int64_t>(s) * kStepBytes,
+                              s < s_end && row_ok[h]);
+  }
+  float sc[2] = {0.f, 0.f};
+  uint32_t nz[2] = {0u, 0u};
+  if constexpr (kInt4) {
+    const int s = s_begin + t;
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      load_group<T>(p, rows[h], s / steps_per_group, s < s_end && row_ok[h], sc[h], nz[h]);
+  }
+  pdl_wait_then_release();  // x is the previous kernel's output; out may be what it reads
+
+  float acc[NB][4];
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb) acc[nb][0] = acc[nb][1] = acc[nb][2] = acc[nb][3] = 0.f;
+
+  for (int c = s_begin; c < s_end; c += kQuadSteps) {
+    float next_sc[2] = {0.f, 0.f};
+    uint32_t next_nz[2] = {0u, 0u};
+    if constexpr (kInt4) {
+      const int s = c + kQuadSteps + t;
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        load_group<T>(p, rows[h], s / steps_per_group, s < s_end && row_ok[h], next_sc[h],
+                      next_nz[h]);
+    }
+#pragma unroll
+    for (int u = 0; u < kQuadSteps; ++u) {
+      const int s = c + u;
+      if (s >= s_end) break;  // warp-uniform
+      constexpr int kSlots = kDepth;
+      const int slot = u % kSlots;
+      const uint4 w[2] = {wq[slot][0], wq[slot][1]};
+      const int sn = s + kDepth;
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        wq[slot][h] = load_weights(wrow[h] + static_cast<int64_t>(sn) * kStepBytes,
+                                   sn < s_end && row_ok[h]);
+      uint4 xv[NB][kXVecs];
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb) {
+        const uint4* xp =
+            reinterpret_cast<const uint4*>(x_lane[nb] + static_cast<int64_t>(s) * kCols);
+#pragma unroll
+        for (int i = 0; i < kXVecs; ++i) xv[nb][i] = has_x[nb] ? xp[i] : make_uint4(0u, 0u, 0u, 0u);
+      }
+      if constexpr (kInt4) {
+        const int src = (lane & ~3) | u;
+        const float s0 = __shfl_sync(kFull, sc[0], src);
+        const float s1 = __shfl_sync(kFull, sc[1], src);
+        const uint32_t z0 = __shfl_sync(kFull, nz[0], src);
+        const uint32_t z1 = __shfl_sync(kFull, nz[1], src);
+        float d[NB][4];
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb) d[nb][0] = d[nb][1] = d[nb][2] = d[nb][3] = 0.f;
+        int4_step_nb<T, NB>(d, w, z0, z1, xv);
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb) {
+          acc[nb][0] += s0 * d[nb][0];  // row g, batch 8 nb + 2 t and + 1
+          acc[nb][1] += s0 * d[nb][1];
+          acc[nb][2] += s1 * d[nb][2];  // row g + 8
+          acc[nb][3] += s1 * d[nb][3];
+        }
+      } else {
+        int8_step_nb<T, NB>(acc, w, xv);
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      sc[h] = next_sc[h];
+      nz[h] = next_nz[h];
+    }
+  }
+  store_block_nb<T, kInt4, NB>(p, partial, acc, row0, warp, num_warps, g, t);
+}
+
+template <typename T, bool kInt4, int NB>
+cudaError_t launch_ring(const QuantGemvParams& p, cudaLaunchConfig_t& cfg) {
+  cfg.dynamicSmemBytes = static_cast<size_t>(p.num_warps) * kTileRows * 8 * NB * sizeof(float);
+  if (p.stages == 2) return cudaLaunchKernelEx(&cfg, quant_gemv_ring_kernel<T, kInt4, NB, 2>, p);
+  return cudaLaunchKernelEx(&cfg, quant_gemv_ring_kernel<T, kInt4, NB, 4>, p);
+}
+
 template <typename T, bool kInt4>
 cudaError_t launch_typed(const QuantGemvParams& p, cudaStream_t stream) {
-  if (p.stages != 2) return cudaErrorInvalidValue;  // the one weight stream built (see the top)
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>((p.n + kTileRows - 1) / kTileRows));
   cfg.blockDim = dim3(static_cast<unsigned>(32 * p.num_warps));
-  cfg.dynamicSmemBytes = static_cast<size_t>(p.num_warps) * kTileRows * kBatch * sizeof(float);
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = p.pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, quant_gemv_kernel<T, kInt4, 1, 2>, p);
+  if (p.stages == 1) {  // the strided stream
+    if (p.m > kBatch) return cudaErrorInvalidValue;
+    cfg.dynamicSmemBytes = static_cast<size_t>(p.num_warps) * kTileRows * kBatch * sizeof(float);
+    return cudaLaunchKernelEx(&cfg, quant_gemv_kernel<T, kInt4, 1, 2>, p);
+  }
+  if (p.stages != 2 && p.stages != 4) return cudaErrorInvalidValue;
+  if (p.m <= kBatch) return launch_ring<T, kInt4, 1>(p, cfg);
+  return launch_ring<T, kInt4, 2>(p, cfg);
 }
 
 template <bool kInt4>
 cudaError_t launch(const QuantGemvParams& p, cudaStream_t stream) {
   if (p.m == 0 || p.n == 0) return cudaSuccess;
   const int64_t cols = kInt4 ? 2 * kStepBytes : kStepBytes;
-  const bool shape_ok = p.m <= kBatch && p.k % cols == 0 && p.num_warps >= 1 &&
+  const bool shape_ok = p.m <= 2 * kBatch && p.k % cols == 0 && p.num_warps >= 1 &&
                         p.num_warps <= 16 && p.qw_stride % 16 == 0 && p.x_stride % 8 == 0 &&
                         is_aligned16(p.qweight) && is_aligned16(p.x) &&
                         (!kInt4 || (p.group_size > 0 && p.group_size % cols == 0));
