@@ -18,7 +18,7 @@
 #     gemv     batch-1 gemv against cuBLAS (tables to $OUT/configs, never into the package)
 #     kquant   fuselm.bench.kernels_quant (KQUANT_ARGS, default --quick; tables to $OUT/configs)
 #     ncu      Nsight Compute sections of the CUDA weight-only GEMV for each of NCU_CASES
-#              (';'-separated argument lists of scripts/gpu/ncu_quant_gemv.py)
+#              (';'-separated argument lists of scripts/ncu_quant_gemv.py)
 #     latency  fuselm bench latency, Llama-3-8B shape, dummy weights, against HF
 #     gap      the CUDA graph's per-kernel gap (scripts/graph_kernel_gap.py)
 #     engine   scripts/bench_engine.py (ENGINE_ARGS adds flags)
@@ -168,7 +168,7 @@ for step in $STEPS; do
         run_step "ncu-${c// /_}" 120 ncu --clock-control none -k regex:quant_gemv \
           --launch-skip 1 --launch-count 1 --section SpeedOfLight --section Occupancy \
           --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
-          --section SchedulerStats python scripts/gpu/ncu_quant_gemv.py $c
+          --section SchedulerStats python scripts/ncu_quant_gemv.py $c
       done ;;
     latency) run_step latency 240 bash -c "python -c 'from fuselm.bench.dummy_model import \
       write_dummy_checkpoint as w; w(\"llama-3-8b\", __import__(\"pathlib\").Path(\"build/l8b\"))' \

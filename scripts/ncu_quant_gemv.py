@@ -1,6 +1,6 @@
 """Launches one CUDA weight-only GEMV (csrc/quant_gemv.cu) a few times on random weights, for
 Nsight Compute to profile: ``ncu --clock-control none -k regex:quant_gemv python
-scripts/gpu/ncu_quant_gemv.py int4 28672 4096 1 8 4``."""
+scripts/ncu_quant_gemv.py int4 28672 4096 1 8 4``."""
 
 from __future__ import annotations
 
