@@ -26,7 +26,7 @@
 #              and without masks (TOKENIZER_JSON: Llama 3's tokenizer, default build/tok/llama3.json)
 #     quant    fuselm bench latency, 8B shape, dummy weights, bf16 and QUANT_METHODS (int4 int8
 #              fp8) over QUANT_BATCHES (1 4 16 64 256): $OUT/quant-<method>.json; then dummy
-#              GGUF files of the QUANT_GGUF types (e.g. Q4_K Q8_0): $OUT/quant-gguf-<type>.json
+#              GGUF files of the QUANT_GGUF types (e.g. Q4_K Q8_0), kept packed: $OUT/quant-gguf-<type>.json
 #     fp8e2e   8B shape, dummy weights, bf16 then fp8: fuselm bench throughput (FP8E2E_PROMPTS,
 #              default 2000, 256 in / 256 out) and the time to first token of one 4096-token
 #              prompt (fuselm bench latency): $OUT/tput-<q>.json, $OUT/ttft-<q>.json
@@ -191,7 +191,7 @@ for step in $STEPS; do
       --max-model-len 4096 --output-json $OUT/quant-\$q.json --disable-tqdm || exit 1; done; \
       for t in ${QUANT_GGUF:-}; do echo \"== gguf \$t\"; python -m fuselm.bench.dummy_gguf \
       --shape llama-3-8b --type \$t --out build/l8b-\$t.gguf && python -m fuselm bench latency \
-      --model build/l8b-\$t.gguf --batch-size ${QUANT_BATCHES:-1 4 16 64 256} --input-len 128 \
+      --model build/l8b-\$t.gguf --quantization gguf --batch-size ${QUANT_BATCHES:-1 4 16 64 256} --input-len 128 \
       --output-len 32 --num-iters-warmup 1 --num-iters 2 --disable-detokenize \
       --max-model-len 4096 --output-json $OUT/quant-gguf-\$t.json --disable-tqdm || exit 1; \
       rm -f build/l8b-\$t.gguf; done" ;;

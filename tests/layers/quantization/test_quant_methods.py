@@ -87,6 +87,23 @@ def test_int4_apply_and_bound(m, k, n) -> None:
                  rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_dense_from_m_path(name) -> None:
+    """From ``dense_from_m`` rows on, the layer dequantizes and runs a dense matmul: the same
+    product as its kernel below that, against the float64 reference."""
+    gen = torch.Generator().manual_seed(7)
+    k, n = 96, 21
+    w = torch.randn(n, k, generator=gen)
+    quant = INT4_G32 if name == "int4" else QuantizationConfig.online("int8")
+    layer = _layer(quant, k, n, w, torch.randn(n, generator=gen))
+    w64 = int4_weight64(layer) if name == "int4" else int8_weight64(layer)
+    layer.dense_from_m = 3
+    for m in (2, 3, 5):
+        x = torch.randn(m, k, generator=gen)
+        want = x.double() @ w64.t() + layer.bias.double()
+        assert_close(layer(x), want.float(), atol=_sum_atol(x, w64, 2e-6), rtol=1e-5)
+
+
 def test_int4_online_g128_default() -> None:
     quant = QuantizationConfig.online("int4")
     assert (quant.group_size, quant.zero_point, quant.lm_head_bits) == (128, True, 8)
@@ -137,10 +154,10 @@ SHAPES_8B = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["int8", "int4", "fp8"])
 @pytest.mark.parametrize(("n", "k"), SHAPES_8B)
-@pytest.mark.parametrize("m", [1, 16, 256])
+@pytest.mark.parametrize("m", [1, 16, 256, 600])
 def test_methods_8b_shapes_gpu(name, n, k, m) -> None:
     """The KernelSet's kernels (auto) on the 8B shapes in bf16 against the float64 reference
-    of the stored layout."""
+    of the stored layout (600 rows: int4's dense_from_m path on the H200)."""
     gen = torch.Generator(device="cuda").manual_seed(n + k + m)
     w = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).bfloat16()
     x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()

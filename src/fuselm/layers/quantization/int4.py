@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fuselm.kernels import resolver
-from fuselm.kernels.int4_matmul import int4_dequantize_ref
+from fuselm.kernels.int4_matmul import dequantize_int4_triton, int4_dequantize_ref
 from fuselm.layers.quantization.base import (
     LinearMethod,
     ShardMeta,
@@ -64,9 +63,6 @@ class Int4LinearMethod(LinearMethod):
         self.quant = quant
         self.online = quant.source == "online"
         self._matmul = kernels.op("int4_matmul")
-        dequant = "int4_dequantize"
-        self._dequant = kernels.op(dequant).fn if dequant in resolver.TABLE else \
-            int4_dequantize_ref
 
     def _group(self, layer: nn.Module, k: int) -> int:
         group = self.quant.group_size or k
@@ -118,10 +114,18 @@ class Int4LinearMethod(LinearMethod):
         """``x [M, K]`` -> ``[M, N]`` in x's dtype."""
         dense_from = layer.dense_from_m
         if dense_from is not None and x.shape[0] >= dense_from:
-            w = self._dequant(layer.qweight, layer.scales, layer.zeros, layer.group_size)
-            return F.linear(x, w.to(x.dtype), bias)
+            return F.linear(x, self.dense_weight(layer, x.dtype), bias)
         out = self._matmul.fn(x, layer.qweight, layer.scales, layer.zeros, layer.group_size)
         return out if bias is None else out + bias
+
+    def dense_weight(self, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+        """The layer's logical ``[N, K]`` weight in ``dtype``: one Triton kernel on a GPU (what
+        the tuning table's ``dense_from_m`` measured), the reference elsewhere."""
+        if layer.qweight.is_cuda:
+            return dequantize_int4_triton(layer.qweight, layer.scales, layer.zeros,
+                                          layer.group_size, dtype)
+        return int4_dequantize_ref(layer.qweight, layer.scales, layer.zeros,
+                                   layer.group_size).to(dtype)
 
     def weight_bytes(self, layer: nn.Module) -> int:
         """Packed nibbles + scales + zeros (+ bias)."""

@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fuselm.kernels import resolver
-from fuselm.kernels.int8_matmul import int8_dequantize_ref
+from fuselm.kernels.int8_matmul import dequantize_int8_triton, int8_dequantize_ref
 from fuselm.layers.quantization.base import (
     LinearMethod,
     ShardMeta,
@@ -48,9 +47,6 @@ class Int8LinearMethod(LinearMethod):
         self.quant = quant
         self.online = quant.source == "online"
         self._matmul = kernels.op("int8_matmul")
-        dequant = "int8_dequantize"
-        self._dequant = kernels.op(dequant).fn if dequant in resolver.TABLE else \
-            int8_dequantize_ref
 
     def create_weights(self, layer: nn.Module, in_per_partition: int, out_per_partition: int,
                        params_dtype: torch.dtype | None) -> None:
@@ -77,10 +73,16 @@ class Int8LinearMethod(LinearMethod):
         """``x [M, K]`` -> ``[M, N]`` in x's dtype."""
         dense_from = layer.dense_from_m
         if dense_from is not None and x.shape[0] >= dense_from:
-            w = self._dequant(layer.qweight, layer.scales).to(x.dtype)
-            return F.linear(x, w, bias)
+            return F.linear(x, self.dense_weight(layer, x.dtype), bias)
         out = self._matmul.fn(x, layer.qweight, layer.scales)
         return out if bias is None else out + bias
+
+    def dense_weight(self, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+        """The layer's logical ``[N, K]`` weight in ``dtype``: one Triton kernel on a GPU (what
+        the tuning table's ``dense_from_m`` measured), the reference elsewhere."""
+        if layer.qweight.is_cuda:
+            return dequantize_int8_triton(layer.qweight, layer.scales, dtype)
+        return int8_dequantize_ref(layer.qweight, layer.scales).to(dtype)
 
     def weight_bytes(self, layer: nn.Module) -> int:
         """qweight + scales (+ bias)."""
