@@ -97,11 +97,9 @@ def checkpoint():
 
 
 @pytest.fixture(scope="module")
-def hf_state_dict() -> dict[str, torch.Tensor]:
-    transformers = pytest.importorskip("transformers")
-    path = default_model_path()
-    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
-    return {k: v.detach() for k, v in model.state_dict().items()}
+def hf_state_dict(hf_default_model) -> dict[str, torch.Tensor]:
+    """transformers' tensors of the default GGUF (the session's one float32 copy)."""
+    return {k: v.detach() for k, v in hf_default_model.state_dict().items()}
 
 
 def test_default_model_quant_types(checkpoint) -> None:
