@@ -25,7 +25,7 @@ def narrow(loaded: Any, dim: int, start: int, length: int) -> torch.Tensor:
 
 def materialize(loaded: Any) -> torch.Tensor:
     """The whole tensor (a lazy slice is read fully)."""
-    return loaded if isinstance(loaded, torch.Tensor) else loaded[:]
+    return loaded if isinstance(loaded, torch.Tensor) else loaded[...]  # [:] fails on 0-d
 
 
 def copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str = "") -> None:
