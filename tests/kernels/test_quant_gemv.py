@@ -1,7 +1,8 @@
 """The CUDA weight-only GEMV (``cuda_gemv`` of int4_matmul / int8_matmul, csrc/quant_gemv.cu)
 against independent float64 dequantize-then-matmuls of the canonical layouts: fp16 and bf16 x,
 M = 1..16, odd N, every launch the kernel has (both weight streams), the Llama-3-8B shapes,
-CUDA graph capture and the fallback to Triton. The config choice runs on CPU."""
+CUDA graph capture and the fallback to Triton; the e4m3 (W8A16) entry every finite byte. The
+config choice runs on CPU."""
 
 from __future__ import annotations
 
@@ -60,6 +61,22 @@ def _int8_inputs(m, n, k, dtype, seed, scale_dtype=None):
 
 
 def _int8_expected(x, q, s):
+    return x.double() @ (q.double() * s.double()[:, None]).t()
+
+
+def _fp8_inputs(m, n, k, dtype, seed):
+    """e4m3 weights of every finite byte value (subnormals and both zeros too), fp32 scales."""
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    x = torch.randn(m, k, generator=gen, device=DEVICE).to(dtype)
+    finite = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8,
+                          device=DEVICE)
+    idx = torch.randint(0, finite.numel(), (n, k), generator=gen, device=DEVICE)
+    q = finite[idx].view(torch.float8_e4m3fn)
+    s = torch.rand(n, generator=gen, device=DEVICE) * 0.002 + 0.0005
+    return x, q, s
+
+
+def _fp8_expected(x, q, s):
     return x.double() @ (q.double() * s.double()[:, None]).t()
 
 
@@ -144,6 +161,33 @@ def test_gpu_int8_batch_and_odd_n(dtype, m):
         out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
         assert quant_gemv.launch_int8_gemv(x, q, s, out, 16, 1 + m % 5, _stages_for(m), False)
         _check(out, _int8_expected(x, q, s), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", range(1, 17))
+def test_gpu_fp8_batch_and_odd_n(dtype, m):
+    """e4m3 weights (every finite byte) through both streams against float64."""
+    _need_cuda_gemv()
+    for n, k in [(333, 512), (40, 704), (21, 2880)]:
+        x, q, s = _fp8_inputs(m, n, k, dtype, seed=m * 10 + n)
+        out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
+        assert quant_gemv.launch_fp8_gemv(x, q, s, out, 16, 1 + m % 5, _stages_for(m), False)
+        _check(out, _fp8_expected(x, q, s), dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_w8a16_entry_and_refusals():
+    """``fp8_w8a16_gemv`` on an 8B shape; None for what it does not take (9+ rows, a
+    per-tensor scale, K % 64 != 0)."""
+    _need_cuda_gemv()
+    x, q, s = _fp8_inputs(4, 6144, 4096, torch.bfloat16, seed=3)
+    _check(quant_gemv.fp8_w8a16_gemv(x, q, s), _fp8_expected(x, q, s), torch.bfloat16)
+    x9, _, _ = _fp8_inputs(quant_gemv.FP8_MAX_M + 1, 64, 4096, torch.bfloat16, seed=4)
+    assert quant_gemv.fp8_w8a16_gemv(x9, q[:64], s[:64]) is None
+    assert quant_gemv.fp8_w8a16_gemv(x, q, s[:1]) is None
+    xo, qo, so = _fp8_inputs(2, 64, 96, torch.bfloat16, seed=5)
+    assert quant_gemv.fp8_w8a16_gemv(xo, qo, so) is None
 
 
 @pytest.mark.gpu
@@ -247,3 +291,6 @@ def test_gpu_opcheck():
     x, q, s = _int8_inputs(2, 32, 256, torch.float16, seed=6)
     out = torch.empty(2, 32, dtype=torch.float16, device=DEVICE)
     torch.library.opcheck(torch.ops.fuselm_C.int8_gemv.default, (out, x, q, s, 4, 2, True))
+    x, q, s = _fp8_inputs(2, 32, 256, torch.bfloat16, seed=7)
+    out = torch.empty(2, 32, dtype=torch.bfloat16, device=DEVICE)
+    torch.library.opcheck(torch.ops.fuselm_C.fp8_gemv.default, (out, x, q, s, 4, 1, True))

@@ -1,5 +1,7 @@
 """The CUDA weight-only GEMV at batch 1..16 (``csrc/quant_gemv.cu``): the ``cuda_gemv`` variant of
-``int4_matmul`` (W4A16, group-wise zeros) and ``int8_matmul`` (W8A16, per-channel scales).
+``int4_matmul`` (W4A16, group-wise zeros) and ``int8_matmul`` (W8A16, per-channel scales), and
+``fp8_w8a16_gemv`` (e4m3 weights, per-channel scales, bf16/fp16 x) that the fp8 layers run at
+decode batches (``FP8_MAX_M``) instead of quantizing the activations.
 
 Same math, layouts and dtypes as ``int4_matmul_ref`` / ``int8_matmul_ref`` (read as is, no
 repacking), for fp16 / bf16 x of at most 16 rows; fp32 accumulation, out in x's dtype. Tensor
@@ -26,6 +28,7 @@ from fuselm.kernels import extension
 
 MAX_M = 16  # the ring stream (stages 2, 4); the strided one (stages 1) takes at most 8
 STRIDED_MAX_M = 8
+FP8_MAX_M = 8  # the fp8 layers' W8A16 GEMV serves up to this many rows (decode batches)
 INT4_STEP_COLS = 128  # K columns of one warp step (G % 128 == 0: one group)
 INT8_STEP_COLS = 64
 _DTYPES = (torch.float16, torch.bfloat16)
@@ -101,3 +104,36 @@ def launch_int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
         return False
     ops.int8_gemv(out, x, qweight, scales, num_warps, num_stages, pdl)
     return True
+
+
+def launch_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+                    out: torch.Tensor, block_n: int, num_warps: int, num_stages: int,
+                    pdl: bool) -> bool:
+    """``out [M, N] = x @ (weight * scales[:, None]).T`` for e4m3 ``weight [N, K]`` and float
+    ``scales [N]``; False (nothing launched) where the kernel does not take these inputs."""
+    ops = _ops(build=True)
+    if (ops is None or x.shape[1] % INT8_STEP_COLS or weight.dtype != torch.float8_e4m3fn
+            or not valid_launch(block_n, num_warps, num_stages)
+            or not _runnable(x, weight, out, num_stages) or scales.dim() != 1
+            or scales.stride(0) != 1 or scales.shape[0] != weight.shape[0]):
+        return False
+    ops.fp8_gemv(out, x, weight, scales, num_warps, num_stages, pdl)
+    return True
+
+
+def fp8_w8a16_gemv(x: torch.Tensor, weight: torch.Tensor,
+                   weight_scale: torch.Tensor) -> torch.Tensor | None:
+    """``x @ (weight * weight_scale[:, None]).T`` in x's dtype through the default launch, or
+    None where the kernel does not take the inputs (no extension, more than ``FP8_MAX_M``
+    rows, unaligned rows, a scale that is not one float per row)."""
+    if not x.is_cuda or x.shape[0] > FP8_MAX_M or weight_scale.numel() != weight.shape[0]:
+        return None
+    from fuselm.kernels import _pdl
+
+    n = weight.shape[0]
+    out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    block_n, warps, stages = default_launch(n, x.shape[1] // INT8_STEP_COLS, x.shape[0])
+    scales = weight_scale.reshape(-1)
+    if launch_fp8_gemv(x, weight, scales, out, block_n, warps, stages, _pdl.use_pdl(x)):
+        return out
+    return None

@@ -239,6 +239,18 @@ void int8_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight,
   check_ok(fuselm::launch_int8_gemv(p, c10::cuda::getCurrentCUDAStream()), "int8_gemv");
 }
 
+void fp8_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight,
+              const at::Tensor& scales, int64_t num_warps, int64_t stages, bool pdl) {
+  TORCH_CHECK(qweight.scalar_type() == at::kFloat8_e4m3fn && qweight.dim() == 2 &&
+                  qweight.size(1) == x.size(1),
+              "fuselm_C: fp8_gemv qweight must be float8_e4m3fn [N, K]");
+  fuselm::QuantGemvParams p = gemv_params(out, x, qweight, scales, num_warps, stages, pdl);
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == p.n && scales.stride(0) == 1,
+              "fuselm_C: fp8_gemv scales must be a contiguous [N]");
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_ok(fuselm::launch_fp8_gemv(p, c10::cuda::getCurrentCUDAStream()), "fp8_gemv");
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fuselm_C, m) {
@@ -260,6 +272,10 @@ TORCH_LIBRARY(fuselm_C, m) {
       "int8_gemv(Tensor! out, Tensor x, Tensor qweight, Tensor scales, int num_warps, "
       "int stages, bool pdl) -> ()");
   m.impl("int8_gemv", c10::kCUDA, &int8_gemv);
+  m.def(
+      "fp8_gemv(Tensor! out, Tensor x, Tensor qweight, Tensor scales, int num_warps, "
+      "int stages, bool pdl) -> ()");
+  m.impl("fp8_gemv", c10::kCUDA, &fp8_gemv);
 }
 
 // An importable module (`import fuselm._C` loads the library and so registers the ops); the

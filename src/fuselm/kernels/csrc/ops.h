@@ -93,5 +93,7 @@ struct QuantGemvParams {
 
 cudaError_t launch_int4_gemv(const QuantGemvParams& params, cudaStream_t stream);
 cudaError_t launch_int8_gemv(const QuantGemvParams& params, cudaStream_t stream);
+// fp8 (W8A16 with e4m3 weights): qweight e4m3 bytes [n, k], scales [n]; as int8 otherwise.
+cudaError_t launch_fp8_gemv(const QuantGemvParams& params, cudaStream_t stream);
 
 }  // namespace fuselm

@@ -43,6 +43,10 @@ constexpr int kTileRows = 16;  // weight rows of one MMA tile
 constexpr int kBatch = 8;      // the MMA's N: batch rows
 constexpr int kStepBytes = 64;  // bytes of a row one warp step reads (4 lanes x 16 bytes)
 
+// The weight formats: int4 (group-wise scales and zeros), and the byte formats int8 and fp8
+// e4m3 (per-channel scales, applied to the finished dot product).
+enum class WKind { kInt4, kInt8, kFp8 };
+
 template <typename T>
 struct Num;
 template <>
@@ -183,26 +187,59 @@ __device__ __forceinline__ uint32_t byte_pair(uint32_t v, int p) {
   }
 }
 
-// One int8 step of one row tile: d += sum b x over the lane's 16 columns of rows g and g + 8.
+// e4m3 bytes 2p and 2p + 1 of word v as an exact pair of T. fp16: the hardware conversion.
+// bf16: each byte under the top of a half, its exponent and mantissa moved down 4 bits
+// under the bf16 exponent (the sign stays) and the pair times 2^120 (the bias difference,
+// exact for the subnormals too). NaN bytes are not weights.
 template <typename T>
+__device__ __forceinline__ uint32_t fp8_pair(uint32_t v, int p) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const uint32_t x = prmt(v, 0u, p == 0 ? 0x1404u : 0x3424u);  // (b << 8) in each half
+    const uint32_t r = lop3_and_or(x >> 4, 0x07F007F0u, x & 0x80008000u);
+    return fma2<T>(r, 0x7B807B80u, 0x80008000u);  // r * 2^120 + (-0)
+  } else {
+    uint32_t d;
+    const uint16_t h = static_cast<uint16_t>(v >> (16 * p));
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(d) : "h"(h));
+    return d;
+  }
+}
+
+// A weight word of a byte format ready for weight_pair (int8: b + 128 in each byte).
+template <WKind kW>
+__device__ __forceinline__ uint32_t byte_word(uint32_t v) {
+  return kW == WKind::kInt8 ? v ^ 0x80808080u : v;
+}
+
+template <typename T, WKind kW>
+__device__ __forceinline__ uint32_t weight_pair(uint32_t v, int p) {
+  if constexpr (kW == WKind::kFp8) {
+    return fp8_pair<T>(v, p);
+  } else {
+    return byte_pair<T>(v, p);
+  }
+}
+
+// One int8 step of one row tile: d += sum b x over the lane's 16 columns of rows g and g + 8.
+template <typename T, WKind kW>
 __device__ __forceinline__ void int8_step(float (&d)[4], const uint4 (&w)[2],
                                           const uint4 (&xv)[2]) {
 #pragma unroll
   for (int j = 0; j < 4; ++j) {  // word j: columns 4 j .. 4 j + 3
-    const uint32_t vg = word(w[0], j) ^ 0x80808080u;
-    const uint32_t vh = word(w[1], j) ^ 0x80808080u;
+    const uint32_t vg = byte_word<kW>(word(w[0], j));
+    const uint32_t vh = byte_word<kW>(word(w[1], j));
     const uint4& xj = xv[j / 2];
     const uint32_t b0 = j % 2 ? xj.z : xj.x;  // x[4 j], x[4 j + 1]
     const uint32_t b1 = j % 2 ? xj.w : xj.y;  // x[4 j + 2], x[4 j + 3]
-    mma<T>(d, byte_pair<T>(vg, 0), byte_pair<T>(vh, 0), byte_pair<T>(vg, 1),
-           byte_pair<T>(vh, 1), b0, b1);
+    mma<T>(d, weight_pair<T, kW>(vg, 0), weight_pair<T, kW>(vh, 0), weight_pair<T, kW>(vg, 1),
+           weight_pair<T, kW>(vh, 1), b0, b1);
   }
 }
 
 // The warps' partial sums of the block's 16 R rows (lane (g, t): rows g and g + 8 of each row
 // tile, batch rows 2 t and 2 t + 1) meet in shared memory; out[b, row] for b < M (int8: times
 // the row's scale). partial: num_warps x 16 R x 8 floats, free for the block to use.
-template <typename T, bool kInt4, int R>
+template <typename T, WKind kW, int R>
 __device__ __forceinline__ void store_block(const QuantGemvParams& p, float* partial,
                                             const float (&acc)[R][4], int64_t row0, int warp,
                                             int num_warps, int g, int t) {
@@ -225,7 +262,7 @@ __device__ __forceinline__ void store_block(const QuantGemvParams& p, float* par
     if (b >= p.m || row >= p.n) continue;
     float sum = 0.f;
     for (int w = 0; w < num_warps; ++w) sum += partial[(w * kTileRows * R + rl) * kBatch + b];
-    if constexpr (!kInt4) sum *= load_scale(p.scales, row, p.scale_dtype);
+    if constexpr (kW != WKind::kInt4) sum *= load_scale(p.scales, row, p.scale_dtype);
     out[b * p.out_stride + row] = from_float<T>(sum);
   }
 }
@@ -237,8 +274,9 @@ template <int R, int U>
 constexpr int kMaxThreads = R * U >= 8 ? 256 : 512;
 
 // R row tiles (16 R rows) a block, U steps a warp in flight.
-template <typename T, bool kInt4, int R, int U>
+template <typename T, WKind kW, int R, int U>
 __global__ void __launch_bounds__(kMaxThreads<R, U>) quant_gemv_kernel(const QuantGemvParams p) {
+  constexpr bool kInt4 = kW == WKind::kInt4;
   extern __shared__ float partial[];  // [num_warps][16 R][kBatch]
   constexpr int kCols = kInt4 ? 2 * kStepBytes : kStepBytes;  // columns of a step
   constexpr int kXVecs = kCols / 4 / 8;  // 16-byte x loads a lane a step (8 values each)
@@ -305,14 +343,14 @@ __global__ void __launch_bounds__(kMaxThreads<R, U>) quant_gemv_kernel(const Qua
           acc[r][2] += sc[u][r][1] * d[2];  // row g + 8
           acc[r][3] += sc[u][r][1] * d[3];
         } else {
-          int8_step<T>(acc[r], wq[u][r], xv);
+          int8_step<T, kW>(acc[r], wq[u][r], xv);
         }
       }
     }
   }
   if (!waited) pdl_wait_then_release();  // out may be memory the previous kernel still reads
 
-  store_block<T, kInt4, R>(p, partial, acc, row0, warp, num_warps, g, t);
+  store_block<T, kW, R>(p, partial, acc, row0, warp, num_warps, g, t);
 }
 
 // ---- the ring stream (stages = its depth, 2 or 4) ------------------------------------------
@@ -358,15 +396,15 @@ __device__ __forceinline__ void int4_step_nb(float (&d)[NB][4], const uint4 (&w)
   }
 }
 
-template <typename T, int NB>
+template <typename T, WKind kW, int NB>
 __device__ __forceinline__ void int8_step_nb(float (&d)[NB][4], const uint4 (&w)[2],
                                              const uint4 (&xv)[NB][2]) {
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    const uint32_t vg = word(w[0], j) ^ 0x80808080u;
-    const uint32_t vh = word(w[1], j) ^ 0x80808080u;
-    const uint32_t a0 = byte_pair<T>(vg, 0), a1 = byte_pair<T>(vh, 0);
-    const uint32_t a2 = byte_pair<T>(vg, 1), a3 = byte_pair<T>(vh, 1);
+    const uint32_t vg = byte_word<kW>(word(w[0], j));
+    const uint32_t vh = byte_word<kW>(word(w[1], j));
+    const uint32_t a0 = weight_pair<T, kW>(vg, 0), a1 = weight_pair<T, kW>(vh, 0);
+    const uint32_t a2 = weight_pair<T, kW>(vg, 1), a3 = weight_pair<T, kW>(vh, 1);
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) {
       const uint4& xj = xv[nb][j / 2];
@@ -377,7 +415,7 @@ __device__ __forceinline__ void int8_step_nb(float (&d)[NB][4], const uint4 (&w)
 
 // The warps' partial sums of the block's 16 rows meet in shared memory (lane (g, t): rows g
 // and g + 8, batch rows 8 nb + 2 t and + 1); out[b, row] for b < M (int8: times the scale).
-template <typename T, bool kInt4, int NB>
+template <typename T, WKind kW, int NB>
 __device__ __forceinline__ void store_block_nb(const QuantGemvParams& p, float* partial,
                                                const float (&acc)[NB][4], int64_t row0,
                                                int warp, int num_warps, int g, int t) {
@@ -401,7 +439,7 @@ __device__ __forceinline__ void store_block_nb(const QuantGemvParams& p, float* 
     if (b >= p.m || row >= p.n) continue;
     float sum = 0.f;
     for (int w = 0; w < num_warps; ++w) sum += partial[(w * kTileRows + rl) * kB + b];
-    if constexpr (!kInt4) sum *= load_scale(p.scales, row, p.scale_dtype);
+    if constexpr (kW != WKind::kInt4) sum *= load_scale(p.scales, row, p.scale_dtype);
     out[b * p.out_stride + row] = from_float<T>(sum);
   }
 }
@@ -415,8 +453,9 @@ __device__ __forceinline__ void load_group(const QuantGemvParams& p, int64_t row
   nz = (Num<T>::kOff | (z * 0x00010001u)) ^ 0x80008000u;
 }
 
-template <typename T, bool kInt4, int NB, int kDepth>
+template <typename T, WKind kW, int NB, int kDepth>
 __global__ void __launch_bounds__(512) quant_gemv_ring_kernel(const QuantGemvParams p) {
+  constexpr bool kInt4 = kW == WKind::kInt4;
   static_assert(kDepth == 2 || kDepth == 4, "the ring holds 2 or 4 steps");
   extern __shared__ float partial[];  // [num_warps][16][8 NB]
   constexpr int kCols = kInt4 ? 2 * kStepBytes : kStepBytes;
@@ -518,7 +557,7 @@ __global__ void __launch_bounds__(512) quant_gemv_ring_kernel(const QuantGemvPar
           acc[nb][3] += s1 * d[nb][3];
         }
       } else {
-        int8_step_nb<T, NB>(acc, w, xv);
+        int8_step_nb<T, kW, NB>(acc, w, xv);
       }
     }
 #pragma unroll
@@ -527,17 +566,17 @@ __global__ void __launch_bounds__(512) quant_gemv_ring_kernel(const QuantGemvPar
       nz[h] = next_nz[h];
     }
   }
-  store_block_nb<T, kInt4, NB>(p, partial, acc, row0, warp, num_warps, g, t);
+  store_block_nb<T, kW, NB>(p, partial, acc, row0, warp, num_warps, g, t);
 }
 
-template <typename T, bool kInt4, int NB>
+template <typename T, WKind kW, int NB>
 cudaError_t launch_ring(const QuantGemvParams& p, cudaLaunchConfig_t& cfg) {
   cfg.dynamicSmemBytes = static_cast<size_t>(p.num_warps) * kTileRows * 8 * NB * sizeof(float);
-  if (p.stages == 2) return cudaLaunchKernelEx(&cfg, quant_gemv_ring_kernel<T, kInt4, NB, 2>, p);
-  return cudaLaunchKernelEx(&cfg, quant_gemv_ring_kernel<T, kInt4, NB, 4>, p);
+  if (p.stages == 2) return cudaLaunchKernelEx(&cfg, quant_gemv_ring_kernel<T, kW, NB, 2>, p);
+  return cudaLaunchKernelEx(&cfg, quant_gemv_ring_kernel<T, kW, NB, 4>, p);
 }
 
-template <typename T, bool kInt4>
+template <typename T, WKind kW>
 cudaError_t launch_typed(const QuantGemvParams& p, cudaStream_t stream) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>((p.n + kTileRows - 1) / kTileRows));
@@ -551,15 +590,16 @@ cudaError_t launch_typed(const QuantGemvParams& p, cudaStream_t stream) {
   if (p.stages == 1) {  // the strided stream
     if (p.m > kBatch) return cudaErrorInvalidValue;
     cfg.dynamicSmemBytes = static_cast<size_t>(p.num_warps) * kTileRows * kBatch * sizeof(float);
-    return cudaLaunchKernelEx(&cfg, quant_gemv_kernel<T, kInt4, 1, 2>, p);
+    return cudaLaunchKernelEx(&cfg, quant_gemv_kernel<T, kW, 1, 2>, p);
   }
   if (p.stages != 2 && p.stages != 4) return cudaErrorInvalidValue;
-  if (p.m <= kBatch) return launch_ring<T, kInt4, 1>(p, cfg);
-  return launch_ring<T, kInt4, 2>(p, cfg);
+  if (p.m <= kBatch) return launch_ring<T, kW, 1>(p, cfg);
+  return launch_ring<T, kW, 2>(p, cfg);
 }
 
-template <bool kInt4>
+template <WKind kW>
 cudaError_t launch(const QuantGemvParams& p, cudaStream_t stream) {
+  constexpr bool kInt4 = kW == WKind::kInt4;
   if (p.m == 0 || p.n == 0) return cudaSuccess;
   const int64_t cols = kInt4 ? 2 * kStepBytes : kStepBytes;
   const bool shape_ok = p.m <= 2 * kBatch && p.k % cols == 0 && p.num_warps >= 1 &&
@@ -569,9 +609,9 @@ cudaError_t launch(const QuantGemvParams& p, cudaStream_t stream) {
   if (!shape_ok) return cudaErrorInvalidValue;
   switch (p.dtype) {
     case DType::kBFloat16:
-      return launch_typed<__nv_bfloat16, kInt4>(p, stream);
+      return launch_typed<__nv_bfloat16, kW>(p, stream);
     case DType::kFloat16:
-      return launch_typed<__half, kInt4>(p, stream);
+      return launch_typed<__half, kW>(p, stream);
     default:
       return cudaErrorInvalidValue;
   }
@@ -580,11 +620,15 @@ cudaError_t launch(const QuantGemvParams& p, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t launch_int4_gemv(const QuantGemvParams& params, cudaStream_t stream) {
-  return launch<true>(params, stream);
+  return launch<WKind::kInt4>(params, stream);
 }
 
 cudaError_t launch_int8_gemv(const QuantGemvParams& params, cudaStream_t stream) {
-  return launch<false>(params, stream);
+  return launch<WKind::kInt8>(params, stream);
+}
+
+cudaError_t launch_fp8_gemv(const QuantGemvParams& params, cudaStream_t stream) {
+  return launch<WKind::kFp8>(params, stream);
 }
 
 }  // namespace fuselm

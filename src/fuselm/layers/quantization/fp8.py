@@ -9,7 +9,9 @@ Activations (``QuantizationConfig.activation_scheme``): ``dynamic`` per-token sc
 (``quant_fp8_per_token``: s = max|x_row| / 448; a row-parallel layer over several ranks takes
 the max over the TP group, so TP quantizes as one process), ``static`` the checkpoint's
 ``input_scale``, blocks per-token groups of 128; ``none`` (weight-only checkpoints)
-dequantizes the weight and runs ``F.linear`` in x's dtype.
+dequantizes the weight and runs ``F.linear`` in x's dtype. On a GPU, batches of at most
+``quant_gemv.FP8_MAX_M`` rows of a per-channel layer skip the activation quantization: the
+CUDA W8A16 GEMV multiplies x as it is by the e4m3 weights (decode reads the weights only).
 
 Online quantization (``--quantization fp8``): ``weight_scale = max|W_row| / 448``,
 ``weight = W / weight_scale`` saturated to e4m3 (relative error <= 2^-4 per element).
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fuselm.kernels import quant_gemv
 from fuselm.kernels.fp8_matmul import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE
 from fuselm.layers.quantization.base import (
     LinearMethod,
@@ -119,6 +122,12 @@ class Fp8LinearMethod(LinearMethod):
         if self.scheme == "none":
             w = dequantize_fp8(layer.weight, layer.weight_scale).to(x.dtype)
             return F.linear(x, w, bias)
+        if x.is_cuda and not self.block and x.shape[0] <= quant_gemv.FP8_MAX_M:
+            # decode batches: the weight stream is the whole cost, so the CUDA W8A16 GEMV
+            # reads the e4m3 weights with x as it is (no activation quantization kernel)
+            out = quant_gemv.fp8_w8a16_gemv(x, layer.weight, layer.weight_scale)
+            if out is not None:
+                return out if bias is None else out + bias
         if self.scheme == "static":
             x_scale = layer.input_scale
             x_fp8 = self._quant.fn(x, x_scale)
@@ -137,4 +146,6 @@ class Fp8LinearMethod(LinearMethod):
         """e.g. ``fp8 e4m3 per-channel (w8a8 dynamic)``."""
         kind = "block128" if self.block else "per-channel"
         act = {"dynamic": "w8a8 dynamic", "static": "w8a8 static", "none": "w8a16"}[self.scheme]
-        return f"fp8 e4m3 {kind} ({act})"
+        small = "" if self.block or self.scheme == "none" else \
+            f"; w8a16 gemv up to {quant_gemv.FP8_MAX_M} rows on a GPU"
+        return f"fp8 e4m3 {kind} ({act}{small})"
