@@ -93,22 +93,23 @@ def test_abort_frees_blocks_at_once(tiny, prompts):
 
 
 def test_prefix_caching_saves_90_percent_of_prefill(tiny):
-    """100 requests sharing a 2048-token prefix: >= 90% fewer prompt tokens computed, same
-    outputs as without the cache."""
+    """100 requests sharing a 2048-token prefix: >= 90% fewer prompt tokens computed than the
+    100 x 2056 without the cache, and the outputs of the cache-less engine (compared on the
+    first 20: its prefill of all 100 would be most of the test's time on a CPU)."""
     path, _ = tiny
     gen = torch.Generator().manual_seed(11)
     prefix = torch.randint(0, 256, (2048,), generator=gen).tolist()
     prompts = [prefix + torch.randint(0, 256, (8,), generator=gen).tolist() for _ in range(100)]
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     runs = {}
-    for caching in (False, True):
+    for caching, batch in ((False, prompts[:20]), (True, prompts)):
         llm = LLM(str(path), device="cpu", enable_prefix_caching=caching, num_gpu_blocks=2000,
                   block_size=16, max_model_len=2304, max_num_batched_tokens=4096)
         llm.generate(prompts[:1], params)  # the first request fills the cache (if on)
         before = llm.engine.stats()["prompt_tokens_computed_total"]
-        outs = llm.generate(prompts, params)
+        outs = llm.generate(batch, params)
         computed = llm.engine.stats()["prompt_tokens_computed_total"] - before
         runs[caching] = ([o.outputs[0].token_ids for o in outs], computed)
-    assert runs[True][0] == runs[False][0]
-    assert runs[False][1] == 100 * 2056
-    assert runs[True][1] <= 0.1 * runs[False][1], runs[True][1]
+    assert runs[True][0][:20] == runs[False][0]
+    assert runs[False][1] == 20 * 2056
+    assert runs[True][1] <= 0.1 * 100 * 2056, runs[True][1]
