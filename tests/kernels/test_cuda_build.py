@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,16 +44,32 @@ def test_every_cu_file_is_tested():
                                           "quant_gemv.cu"}
 
 
+@pytest.fixture(scope="module")
+def nvcc_runs(tmp_path_factory) -> Iterator[dict[str, subprocess.Popen]]:
+    """One nvcc process per .cu file, all started at once (the CI machine's cores compile
+    side by side); each test waits for its own."""
+    out = tmp_path_factory.mktemp("cu")
+    runs = {}
+    for source in CU_FILES:
+        cmd = [
+            NVCC, "-c", str(source), "-o", str(out / f"{source.stem}.o"),
+            f"-I{extension.CSRC_DIR}", "-std=c++17", "-Werror=all-warnings",
+            *cpp_extension.COMMON_NVCC_FLAGS, *extension.NVCC_FLAGS, extension.arch_gencode(9, 0),
+        ]  # fmt: skip
+        runs[source.name] = subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                                             stderr=subprocess.PIPE, text=True)
+    yield runs
+    for run in runs.values():
+        if run.poll() is None:
+            run.kill()
+
+
 @needs_nvcc
 @pytest.mark.parametrize("source", CU_FILES, ids=lambda p: p.name)
-def test_cu_compiles_for_sm90a(source, tmp_path):
-    cmd = [
-        NVCC, "-c", str(source), "-o", str(tmp_path / f"{source.stem}.o"),
-        f"-I{extension.CSRC_DIR}", "-std=c++17", "-Werror=all-warnings",
-        *cpp_extension.COMMON_NVCC_FLAGS, *extension.NVCC_FLAGS, extension.arch_gencode(9, 0),
-    ]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout}\n{result.stderr}"
+def test_cu_compiles_for_sm90a(source, nvcc_runs):
+    run = nvcc_runs[source.name]
+    stdout, stderr = run.communicate(timeout=300)
+    assert run.returncode == 0, f"{' '.join(run.args)}\n{stdout}\n{stderr}"
 
 
 @needs_nvcc
