@@ -523,8 +523,7 @@ __global__ void __launch_bounds__(512) quant_gemv_ring_kernel(const QuantGemvPar
     for (int u = 0; u < kQuadSteps; ++u) {
       const int s = c + u;
       if (s >= s_end) break;  // warp-uniform
-      constexpr int kSlots = kDepth;
-      const int slot = u % kSlots;
+      const int slot = u % kDepth;  // a run's step s sits in slot (s - s_begin) % kDepth
       const uint4 w[2] = {wq[slot][0], wq[slot][1]};
       const int sn = s + kDepth;
 #pragma unroll
