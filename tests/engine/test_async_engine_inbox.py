@@ -22,6 +22,9 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "server"))
 from server_harness import LiveServer  # noqa: E402
 
 STEP_S, LIMIT_S = 2.0, 0.05
+# an HTTP answer that did not wait for the step: far below STEP_S (a blocked call takes all of
+# it), with room for /metrics' rendering on a loaded 2-core VM (about 50 ms there)
+ANSWER_S = STEP_S / 8
 
 
 class SlowEngine:
@@ -133,7 +136,7 @@ def test_health_and_metrics_answer_during_a_step():
                 response = client.get(path)
                 times.append(time.monotonic() - start)
                 assert response.status_code == 200, (path, response.text)
-            assert min(times) < LIMIT_S, (path, times)
+            assert min(times) < ANSWER_S, (path, times)
         assert core.stepping.is_set(), "the step was over before the checks: nothing measured"
         stream.join(30)
 
