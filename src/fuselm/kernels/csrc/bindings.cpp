@@ -227,28 +227,32 @@ void int4_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight,
   check_ok(fuselm::launch_int4_gemv(p, c10::cuda::getCurrentCUDAStream()), "int4_gemv");
 }
 
-void int8_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight,
-               const at::Tensor& scales, int64_t num_warps, int64_t stages, bool pdl) {
-  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2 &&
+// int8_gemv / fp8_gemv: one byte a weight, a scale per row; `launch` is the format's kernel.
+using ByteGemvLaunch = cudaError_t (*)(const fuselm::QuantGemvParams&, cudaStream_t);
+
+void byte_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight,
+               const at::Tensor& scales, int64_t num_warps, int64_t stages, bool pdl,
+               at::ScalarType qtype, const char* op, ByteGemvLaunch launch) {
+  TORCH_CHECK(qweight.scalar_type() == qtype && qweight.dim() == 2 &&
                   qweight.size(1) == x.size(1),
-              "fuselm_C: int8_gemv qweight must be int8 [N, K]");
+              "fuselm_C: ", op, " qweight must be ", qtype, " [N, K]");
   fuselm::QuantGemvParams p = gemv_params(out, x, qweight, scales, num_warps, stages, pdl);
   TORCH_CHECK(scales.dim() == 1 && scales.size(0) == p.n && scales.stride(0) == 1,
-              "fuselm_C: int8_gemv scales must be a contiguous [N]");
+              "fuselm_C: ", op, " scales must be a contiguous [N]");
   const c10::cuda::CUDAGuard guard(x.device());
-  check_ok(fuselm::launch_int8_gemv(p, c10::cuda::getCurrentCUDAStream()), "int8_gemv");
+  check_ok(launch(p, c10::cuda::getCurrentCUDAStream()), op);
+}
+
+void int8_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight,
+               const at::Tensor& scales, int64_t num_warps, int64_t stages, bool pdl) {
+  byte_gemv(out, x, qweight, scales, num_warps, stages, pdl, at::kChar, "int8_gemv",
+            fuselm::launch_int8_gemv);
 }
 
 void fp8_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight,
               const at::Tensor& scales, int64_t num_warps, int64_t stages, bool pdl) {
-  TORCH_CHECK(qweight.scalar_type() == at::kFloat8_e4m3fn && qweight.dim() == 2 &&
-                  qweight.size(1) == x.size(1),
-              "fuselm_C: fp8_gemv qweight must be float8_e4m3fn [N, K]");
-  fuselm::QuantGemvParams p = gemv_params(out, x, qweight, scales, num_warps, stages, pdl);
-  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == p.n && scales.stride(0) == 1,
-              "fuselm_C: fp8_gemv scales must be a contiguous [N]");
-  const c10::cuda::CUDAGuard guard(x.device());
-  check_ok(fuselm::launch_fp8_gemv(p, c10::cuda::getCurrentCUDAStream()), "fp8_gemv");
+  byte_gemv(out, x, qweight, scales, num_warps, stages, pdl, at::kFloat8_e4m3fn, "fp8_gemv",
+            fuselm::launch_fp8_gemv);
 }
 
 }  // namespace
