@@ -236,32 +236,32 @@ __device__ __forceinline__ void int8_step(float (&d)[4], const uint4 (&w)[2],
   }
 }
 
-// The warps' partial sums of the block's 16 R rows (lane (g, t): rows g and g + 8 of each row
-// tile, batch rows 2 t and 2 t + 1) meet in shared memory; out[b, row] for b < M (int8: times
-// the row's scale). partial: num_warps x 16 R x 8 floats, free for the block to use.
-template <typename T, WKind kW, int R>
-__device__ __forceinline__ void store_block(const QuantGemvParams& p, float* partial,
-                                            const float (&acc)[R][4], int64_t row0, int warp,
-                                            int num_warps, int g, int t) {
-  float* mine = partial + warp * (kTileRows * R * kBatch);
+// The warps' partial sums of the block's 16 rows meet in shared memory (lane (g, t): rows g
+// and g + 8, batch rows 8 nb + 2 t and + 1); out[b, row] for b < M (int8: times the scale).
+template <typename T, WKind kW, int NB>
+__device__ __forceinline__ void store_block_nb(const QuantGemvParams& p, float* partial,
+                                               const float (&acc)[NB][4], int64_t row0,
+                                               int warp, int num_warps, int g, int t) {
+  constexpr int kB = 8 * NB;
+  float* mine = partial + warp * (kTileRows * kB);
 #pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const int lo = (kTileRows * r + g) * kBatch + 2 * t;
-    const int hi = lo + 8 * kBatch;
-    mine[lo] = acc[r][0];
-    mine[lo + 1] = acc[r][1];
-    mine[hi] = acc[r][2];
-    mine[hi + 1] = acc[r][3];
+  for (int nb = 0; nb < NB; ++nb) {
+    const int lo = g * kB + 8 * nb + 2 * t;
+    const int hi = lo + 8 * kB;
+    mine[lo] = acc[nb][0];
+    mine[lo + 1] = acc[nb][1];
+    mine[hi] = acc[nb][2];
+    mine[hi + 1] = acc[nb][3];
   }
   __syncthreads();
   T* out = static_cast<T*>(p.out);
-  for (int i = threadIdx.x; i < kTileRows * R * kBatch; i += blockDim.x) {
-    const int b = i / (kTileRows * R);  // consecutive threads: consecutive rows of one batch row
-    const int rl = i % (kTileRows * R);
+  for (int i = threadIdx.x; i < kTileRows * kB; i += blockDim.x) {
+    const int b = i / kTileRows;  // consecutive threads: consecutive rows of one batch row
+    const int rl = i % kTileRows;
     const int64_t row = row0 + rl;
     if (b >= p.m || row >= p.n) continue;
     float sum = 0.f;
-    for (int w = 0; w < num_warps; ++w) sum += partial[(w * kTileRows * R + rl) * kBatch + b];
+    for (int w = 0; w < num_warps; ++w) sum += partial[(w * kTileRows + rl) * kB + b];
     if constexpr (kW != WKind::kInt4) sum *= load_scale(p.scales, row, p.scale_dtype);
     out[b * p.out_stride + row] = from_float<T>(sum);
   }
@@ -350,7 +350,8 @@ __global__ void __launch_bounds__(kMaxThreads<R, U>) quant_gemv_kernel(const Qua
   }
   if (!waited) pdl_wait_then_release();  // out may be memory the previous kernel still reads
 
-  store_block<T, kW, R>(p, partial, acc, row0, warp, num_warps, g, t);
+  static_assert(R == 1, "the partial sums meet as one MMA tile's (store_block_nb)");
+  store_block_nb<T, kW, 1>(p, partial, acc, row0, warp, num_warps, g, t);
 }
 
 // ---- the ring stream (stages = its depth, 2 or 4) ------------------------------------------
@@ -410,37 +411,6 @@ __device__ __forceinline__ void int8_step_nb(float (&d)[NB][4], const uint4 (&w)
       const uint4& xj = xv[nb][j / 2];
       mma<T>(d[nb], a0, a1, a2, a3, j % 2 ? xj.z : xj.x, j % 2 ? xj.w : xj.y);
     }
-  }
-}
-
-// The warps' partial sums of the block's 16 rows meet in shared memory (lane (g, t): rows g
-// and g + 8, batch rows 8 nb + 2 t and + 1); out[b, row] for b < M (int8: times the scale).
-template <typename T, WKind kW, int NB>
-__device__ __forceinline__ void store_block_nb(const QuantGemvParams& p, float* partial,
-                                               const float (&acc)[NB][4], int64_t row0,
-                                               int warp, int num_warps, int g, int t) {
-  constexpr int kB = 8 * NB;
-  float* mine = partial + warp * (kTileRows * kB);
-#pragma unroll
-  for (int nb = 0; nb < NB; ++nb) {
-    const int lo = g * kB + 8 * nb + 2 * t;
-    const int hi = lo + 8 * kB;
-    mine[lo] = acc[nb][0];
-    mine[lo + 1] = acc[nb][1];
-    mine[hi] = acc[nb][2];
-    mine[hi + 1] = acc[nb][3];
-  }
-  __syncthreads();
-  T* out = static_cast<T*>(p.out);
-  for (int i = threadIdx.x; i < kTileRows * kB; i += blockDim.x) {
-    const int b = i / kTileRows;  // consecutive threads: consecutive rows of one batch row
-    const int rl = i % kTileRows;
-    const int64_t row = row0 + rl;
-    if (b >= p.m || row >= p.n) continue;
-    float sum = 0.f;
-    for (int w = 0; w < num_warps; ++w) sum += partial[(w * kTileRows + rl) * kB + b];
-    if constexpr (kW != WKind::kInt4) sum *= load_scale(p.scales, row, p.scale_dtype);
-    out[b * p.out_stride + row] = from_float<T>(sum);
   }
 }
 
