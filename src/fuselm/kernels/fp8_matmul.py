@@ -382,14 +382,19 @@ def fp8_w8a16_gemv_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torc
 
 def fp8_w8a16_gemv_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                           bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Triton weight-only GEMV (fp8 weight dequantized in registers); the reference's
-    contract."""
+    """Weight-only GEMV (fp8 weight dequantized in registers); the reference's contract. Up to
+    ``quant_gemv.FP8_MAX_M`` rows with a scale per row it runs the CUDA GEMV of
+    ``quant_gemv`` where the extension is built, else the Triton one."""
     from fuselm.kernels import fp8_triton as ft
+    from fuselm.kernels import quant_gemv
 
     n = _check_w8a16(x, weight)
     k = weight.shape[1]
-    ws = weight_scale_row(weight_scale, n).reshape(-1).contiguous()
     _check_bias(bias, n)
+    cuda = quant_gemv.fp8_w8a16_gemv(x, weight, weight_scale)  # decode batches, when built
+    if cuda is not None:
+        return cuda if bias is None else cuda + bias
+    ws = weight_scale_row(weight_scale, n).reshape(-1).contiguous()
     _check_triton_operands(x, weight)
     out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     m = x.shape[0]

@@ -1,7 +1,8 @@
 """The CUDA weight-only GEMV at batch 1..16 (``csrc/quant_gemv.cu``): the ``cuda_gemv`` variant of
 ``int4_matmul`` (W4A16, group-wise zeros) and ``int8_matmul`` (W8A16, per-channel scales), and
-``fp8_w8a16_gemv`` (e4m3 weights, per-channel scales, bf16/fp16 x) that the fp8 layers run at
-decode batches (``FP8_MAX_M``) instead of quantizing the activations.
+``fp8_w8a16_gemv`` (e4m3 weights, per-channel scales, bf16/fp16 x): what the op
+``fuselm::fp8_w8a16_gemv`` runs at decode batches (``FP8_MAX_M``), where the fp8 layers take
+it instead of quantizing the activations.
 
 Same math, layouts and dtypes as ``int4_matmul_ref`` / ``int8_matmul_ref`` (read as is, no
 repacking), for fp16 / bf16 x of at most 16 rows; fp32 accumulation, out in x's dtype. Tensor
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from fuselm.kernels import extension
+from fuselm.kernels import _pdl, extension
 
 MAX_M = 16  # the ring stream (stages 2, 4); the strided one (stages 1) takes at most 8
 STRIDED_MAX_M = 8
@@ -128,8 +129,6 @@ def fp8_w8a16_gemv(x: torch.Tensor, weight: torch.Tensor,
     rows, unaligned rows, a scale that is not one float per row)."""
     if not x.is_cuda or x.shape[0] > FP8_MAX_M or weight_scale.numel() != weight.shape[0]:
         return None
-    from fuselm.kernels import _pdl
-
     n = weight.shape[0]
     out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     block_n, warps, stages = default_launch(n, x.shape[1] // INT8_STEP_COLS, x.shape[0])

@@ -11,7 +11,8 @@ the max over the TP group, so TP quantizes as one process), ``static`` the check
 ``input_scale``, blocks per-token groups of 128; ``none`` (weight-only checkpoints)
 dequantizes the weight and runs ``F.linear`` in x's dtype. On a GPU, batches of at most
 ``quant_gemv.FP8_MAX_M`` rows of a per-channel layer skip the activation quantization: the
-CUDA W8A16 GEMV multiplies x as it is by the e4m3 weights (decode reads the weights only).
+KernelSet's ``fp8_w8a16_gemv`` (the CUDA GEMV where the extension is built) multiplies x as it
+is by the e4m3 weights (decode reads the weights only).
 
 Online quantization (``--quantization fp8``): ``weight_scale = max|W_row| / 448``,
 ``weight = W / weight_scale`` saturated to e4m3 (relative error <= 2^-4 per element).
@@ -83,6 +84,7 @@ class Fp8LinearMethod(LinearMethod):
             self._quant = kernels.op("quant_fp8_static" if self.scheme == "static"
                                      else "quant_fp8_per_token")
             self._matmul = kernels.op("fp8_matmul")
+            self._w8a16 = kernels.op("fp8_w8a16_gemv")
 
     def create_weights(self, layer: nn.Module, in_per_partition: int, out_per_partition: int,
                        params_dtype: torch.dtype | None) -> None:
@@ -123,11 +125,9 @@ class Fp8LinearMethod(LinearMethod):
             w = dequantize_fp8(layer.weight, layer.weight_scale).to(x.dtype)
             return F.linear(x, w, bias)
         if x.is_cuda and not self.block and x.shape[0] <= quant_gemv.FP8_MAX_M:
-            # decode batches: the weight stream is the whole cost, so the CUDA W8A16 GEMV
+            # decode batches: the weight stream is the whole cost, so the weight-only GEMV
             # reads the e4m3 weights with x as it is (no activation quantization kernel)
-            out = quant_gemv.fp8_w8a16_gemv(x, layer.weight, layer.weight_scale)
-            if out is not None:
-                return out if bias is None else out + bias
+            return self._w8a16.fn(x, layer.weight, layer.weight_scale, bias)
         if self.scheme == "static":
             x_scale = layer.input_scale
             x_fp8 = self._quant.fn(x, x_scale)
