@@ -5,7 +5,8 @@ For each ggml type (``--types``, default Q4_K and Q8_0), weight shape (qkv, o, g
 and batch 1, 4, 16, 64, 256 the benchmark times, the way a decode step runs them (inside one
 CUDA graph, back to back over enough distinct weight copies, >= 256 MB, that nothing is served
 from L2): bf16 ``torch.mm`` (the same-run baseline) and each swept config of the ``gemv``,
-``gemm`` and ``dequant`` (Triton dequantize, then cuBLAS) variants. It prints the bytes a call
+``gemm`` and ``dequant`` (Triton dequantize, then cuBLAS) variants, and the CUDA
+GEMV (``cuda``) of Q4_K and Q8_0 at batch <= 16. It prints the bytes a call
 reads (the packed blocks + bf16 activations in and out), GB/s and % of the copy bandwidth
 measured in the same run (the H200's is about 4.27 TB/s read + write), and the speed-up over
 bf16; per type the batch-1 decoder layer sum and the 32-layer estimate. With ``--compare-int``
@@ -44,7 +45,12 @@ COLUMNS = ("type", "name", "m", "MB", "bf16_us", "us", "default_us", "GB/s", "%c
 
 def sweep(ggml_type: int, m: int) -> list[GGUFConfig]:
     """Configs tried at batch m (the heuristic one is added first by the caller)."""
+    from fuselm.kernels import quant_gemv
+
     elems, _ = block_layout(ggml_type)
+    cuda = ([GGUFConfig("cuda", 1, 16, 1, w, 1) for w in (4, 8, 16)
+             if m <= quant_gemv.STRIDED_MAX_M or w <= quant_gemv.GGUF_TWO_TILE_WARPS]
+            if ggml_type in quant_gemv.GGUF_STEP_COLS and m <= quant_gemv.GGUF_MAX_M else [])
     if m == 1:
         blocks = (4, 8, 16, 32) if elems == 32 else (1, 2, 4)
         out = [GGUFConfig("gemv", 1, bn, bb, w, 1) for bn in (1, 2, 4, 8) for bb in blocks
@@ -53,14 +59,14 @@ def sweep(ggml_type: int, m: int) -> list[GGUFConfig]:
         if ggml_type in (TYPE_IDS["Q4_K"], TYPE_IDS["Q8_0"]):  # the half-word decode
             out += [GGUFConfig("gemv16", 1, bn, bb, w, 1) for bn in (1, 2, 4, 8)
                     for bb in blocks for w in (4, 8) if 1024 <= bn * bb * elems <= 4096]
-        return out
+        return cuda + out
     bb = 4 if elems == 32 else 1
     # gemv rows re-read the weight tile from L2: worth it for a few rows
     rows = [GGUFConfig("gemv", 1, bn, 8 if elems == 32 else 2, 4, 1) for bn in (4, 8)]
     bms = (16,) if m <= 16 else ((32, 64) if m <= 64 else (64, 128))
-    out = [GGUFConfig("gemm", bm, bn, b, 4, s) for bm in bms for bn in (64, 128)
+    out = [GGUFConfig("gemm", bm, bn, b, 4, s) for bm in bms for bn in (16, 32, 64, 128)
            for b in (bb, 2 * bb) for s in (2, 3)]
-    out += rows if m <= 16 else []
+    out = cuda + out + (rows if m <= 16 else [])
     return out + [GGUFConfig("dequant", 1, bn, b, 4, 1) for bn in (16, 32)
                   for b in ((8, 16) if elems == 32 else (1, 2))]
 

@@ -22,8 +22,11 @@ Triton kernels (``_gguf_triton.py``) read the packed blocks and dequantize in re
 the packed bytes read as half-words and each value masked in place into a float's mantissa:
 about one integer op a value, where the byte-wise decode needs three), ``gemm`` (``tl.dot`` over
 dequantized tiles) and ``dequant`` (the weight to x's dtype, then cuBLAS; for the large
-batches where the tuning table measures it faster). The variant and launch config come per
-call from M: the table ``configs/gguf_matmul.json`` (bucket
+batches where the tuning table measures it faster). ``cuda``: Q4_K and Q8_0 at <= 16 rows, the
+CUDA tensor-core GEMV of the extension (``quant_gemv.launch_gguf_gemv``: the blocks read once for
+all rows, the block scales applied in fp32); where it does not run (no extension, a CPU, an
+unaligned row) the call takes the Triton config of the same batch instead. The variant and
+launch config come per call from M: the table ``configs/gguf_matmul.json`` (bucket
 ``{type}_n{N}_k{K}_m{1|4|16|64|256}``, written by ``python -m fuselm.bench.kernels_gguf``),
 else ``default_config``.
 
@@ -51,7 +54,8 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
     14: ("Q6_K", 256, 210),
 }
 TYPE_IDS: dict[str, int] = {name: tid for tid, (name, _, _) in GGML_TYPES.items()}
-VARIANTS = ("gemv", "gemv16", "gemm", "dequant")
+VARIANTS = ("gemv", "gemv16", "gemm", "dequant", "cuda")
+CUDA_TYPES = (8, 12)  # Q8_0, Q4_K: the types of the cuda variant
 M_BUCKETS = (1, 4, 16, 64, 256)
 
 
@@ -174,6 +178,7 @@ class GGUFConfig(NamedTuple):
     """A variant and its Triton launch parameters."""
 
     variant: str  # gemv | gemv16 (Q8_0/Q4_K read as half-words; others: gemv) | gemm | dequant
+    # | cuda (Q8_0/Q4_K, M <= 16: block_n 16, num_warps split K)
     block_m: int = 1  # gemm: x rows a program (>= 16)
     block_n: int = 4  # weight rows a program
     block_b: int = 4  # ggml blocks of a row a loop iteration
@@ -209,8 +214,22 @@ def shape_bucket(ggml_type: int, n: int, k: int, m: int) -> str:
 
 
 def default_config(ggml_type: int, n: int, k: int, m: int) -> GGUFConfig:
-    """Untuned choice: gemv for M <= 4, gemm up to 64 rows, dequantize + cuBLAS above; tiles of
-    about 2048 weight values (gemv) or a 128-256 deep K step (gemm)."""
+    """Untuned choice: the cuda GEMV for Q4_K / Q8_0 at M <= 16 (16 warps along K where N <=
+    4096, else 8; at most 8 above 8 rows), else ``triton_default_config``."""
+    from fuselm.kernels import quant_gemv
+
+    cols = quant_gemv.GGUF_STEP_COLS.get(ggml_type)
+    if m <= quant_gemv.GGUF_MAX_M and cols and k % cols == 0:
+        _, warps, _ = quant_gemv.default_launch(n, k // cols, m)
+        if m > quant_gemv.STRIDED_MAX_M:
+            warps = min(warps, quant_gemv.GGUF_TWO_TILE_WARPS)
+        return GGUFConfig("cuda", 1, 16, 1, warps, 1)
+    return triton_default_config(ggml_type, n, k, m)
+
+
+def triton_default_config(ggml_type: int, n: int, k: int, m: int) -> GGUFConfig:
+    """Untuned Triton choice: gemv for M <= 4, gemm up to 64 rows, dequantize + cuBLAS above;
+    tiles of about 2048 weight values (gemv) or a 128-256 deep K step (gemm)."""
     elems, _ = block_layout(ggml_type)
     if m <= 4:
         return GGUFConfig("gemv", 1, 4, 8 if elems == 32 else 2, 4, 1)
@@ -261,6 +280,13 @@ def launch_gguf_matmul(x: torch.Tensor, qweight: torch.Tensor, ggml_type: int,
     m, k = x.shape
     if m == 0 or qweight.shape[0] == 0:
         return
+    if cfg.variant == "cuda":
+        from fuselm.kernels import _pdl, quant_gemv
+
+        if quant_gemv.launch_gguf_gemv(x, qweight, ggml_type, out, cfg.num_warps,
+                                       _pdl.use_pdl(x)):
+            return
+        cfg = triton_default_config(ggml_type, qweight.shape[0], k, m)
     if cfg.variant == "dequant":
         w = gguf_dequantize_triton(qweight, ggml_type, k, x.dtype, cfg)
         torch.matmul(x, w.t(), out=out)

@@ -170,8 +170,8 @@ void rotary_store_kv(at::Tensor& q, at::Tensor& k, const at::Tensor& v,
 // ---- int4_gemv / int8_gemv (quant_gemv.cu) -----------------------------------------------
 
 fuselm::QuantGemvParams gemv_params(at::Tensor& out, const at::Tensor& x,
-                                    const at::Tensor& qweight, const at::Tensor& scales,
-                                    int64_t num_warps, int64_t stages, bool pdl) {
+                                    const at::Tensor& qweight, int64_t num_warps, int64_t stages,
+                                    bool pdl) {
   check_rows(x, "x", x);
   check_rows(out, "out", x);
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
@@ -182,13 +182,10 @@ fuselm::QuantGemvParams gemv_params(at::Tensor& out, const at::Tensor& x,
               "fuselm_C: qweight must be a 2-D CUDA tensor on x's device, contiguous in K");
   TORCH_CHECK(out.size(0) == x.size(0) && out.size(1) == qweight.size(0),
               "fuselm_C: out must be [M, N]");
-  TORCH_CHECK(scales.is_cuda() && scales.device() == x.device() && scales.is_floating_point(),
-              "fuselm_C: scales must be a float CUDA tensor on x's device");
   fuselm::QuantGemvParams p{};
   p.out = out.data_ptr();
   p.x = x.data_ptr();
   p.qweight = qweight.data_ptr();
-  p.scales = scales.data_ptr();
   p.m = x.size(0);
   p.n = qweight.size(0);
   p.k = x.size(1);
@@ -196,11 +193,18 @@ fuselm::QuantGemvParams gemv_params(at::Tensor& out, const at::Tensor& x,
   p.x_stride = x.stride(0);
   p.qw_stride = qweight.stride(0);
   p.dtype = to_dtype(x);
-  p.scale_dtype = to_dtype(scales);
   p.num_warps = static_cast<int>(num_warps);
   p.stages = static_cast<int>(stages);
   p.pdl = pdl;
   return p;
+}
+
+// The float scales of a quantized gemv into p.
+void set_scales(fuselm::QuantGemvParams& p, const at::Tensor& scales, const at::Tensor& x) {
+  TORCH_CHECK(scales.is_cuda() && scales.device() == x.device() && scales.is_floating_point(),
+              "fuselm_C: scales must be a float CUDA tensor on x's device");
+  p.scales = scales.data_ptr();
+  p.scale_dtype = to_dtype(scales);
 }
 
 void int4_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight,
@@ -209,7 +213,8 @@ void int4_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight,
   TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2 &&
                   2 * qweight.size(1) == x.size(1),
               "fuselm_C: int4_gemv qweight must be uint8 [N, K / 2]");
-  fuselm::QuantGemvParams p = gemv_params(out, x, qweight, scales, num_warps, stages, pdl);
+  fuselm::QuantGemvParams p = gemv_params(out, x, qweight, num_warps, stages, pdl);
+  set_scales(p, scales, x);
   TORCH_CHECK(group_size > 0 && x.size(1) % group_size == 0, "fuselm_C: bad group_size");
   const int64_t groups = x.size(1) / group_size;
   for (const at::Tensor* t : {&scales, &zeros}) {
@@ -236,7 +241,8 @@ void byte_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight,
   TORCH_CHECK(qweight.scalar_type() == qtype && qweight.dim() == 2 &&
                   qweight.size(1) == x.size(1),
               "fuselm_C: ", op, " qweight must be ", qtype, " [N, K]");
-  fuselm::QuantGemvParams p = gemv_params(out, x, qweight, scales, num_warps, stages, pdl);
+  fuselm::QuantGemvParams p = gemv_params(out, x, qweight, num_warps, stages, pdl);
+  set_scales(p, scales, x);
   TORCH_CHECK(scales.dim() == 1 && scales.size(0) == p.n && scales.stride(0) == 1,
               "fuselm_C: ", op, " scales must be a contiguous [N]");
   const c10::cuda::CUDAGuard guard(x.device());
@@ -253,6 +259,27 @@ void fp8_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight,
               const at::Tensor& scales, int64_t num_warps, int64_t stages, bool pdl) {
   byte_gemv(out, x, qweight, scales, num_warps, stages, pdl, at::kFloat8_e4m3fn, "fp8_gemv",
             fuselm::launch_fp8_gemv);
+}
+
+// gguf_gemv: the file's Q8_0 / Q4_K blocks as is (gguf_gemv.cu).
+void gguf_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight,
+               int64_t ggml_type, int64_t num_warps, bool pdl) {
+  const bool q8 = ggml_type == fuselm::kGgmlQ8_0;
+  TORCH_CHECK(q8 || ggml_type == fuselm::kGgmlQ4K,
+              "fuselm_C: gguf_gemv takes ggml types Q8_0 (8) and Q4_K (12), got ", ggml_type);
+  const int64_t elems = q8 ? 32 : 256;
+  const int64_t bytes = q8 ? 34 : 144;
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2 &&
+                  x.size(1) % elems == 0 && qweight.size(1) == x.size(1) / elems * bytes,
+              "fuselm_C: gguf_gemv qweight must be uint8 [N, K / ", elems, " * ", bytes, "]");
+  TORCH_CHECK(x.size(0) <= 16 && (x.size(0) <= 8 || num_warps <= 8),
+              "fuselm_C: gguf_gemv takes at most 16 rows (above 8 at most 8 warps), got ",
+              x.size(0), " rows, ", num_warps, " warps");
+  fuselm::QuantGemvParams p = gemv_params(out, x, qweight, num_warps, 1, pdl);
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_ok(fuselm::launch_gguf_gemv(p, static_cast<int>(ggml_type),
+                                    c10::cuda::getCurrentCUDAStream()),
+           "gguf_gemv");
 }
 
 }  // namespace
@@ -280,6 +307,10 @@ TORCH_LIBRARY(fuselm_C, m) {
       "fp8_gemv(Tensor! out, Tensor x, Tensor qweight, Tensor scales, int num_warps, "
       "int stages, bool pdl) -> ()");
   m.impl("fp8_gemv", c10::kCUDA, &fp8_gemv);
+  m.def(
+      "gguf_gemv(Tensor! out, Tensor x, Tensor qweight, int ggml_type, int num_warps, "
+      "bool pdl) -> ()");
+  m.impl("gguf_gemv", c10::kCUDA, &gguf_gemv);
 }
 
 // An importable module (`import fuselm._C` loads the library and so registers the ops); the

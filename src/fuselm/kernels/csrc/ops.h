@@ -96,4 +96,13 @@ cudaError_t launch_int8_gemv(const QuantGemvParams& params, cudaStream_t stream)
 // fp8 (W8A16 with e4m3 weights): qweight e4m3 bytes [n, k], scales [n]; as int8 otherwise.
 cudaError_t launch_fp8_gemv(const QuantGemvParams& params, cudaStream_t stream);
 
+// ---- gguf_gemv.cu ---------------------------------------------------------------------------
+// out [m, n] = x @ W.T for GGUF rows kept as the file's blocks (qweight uint8 [n, row bytes],
+// row stride qw_stride bytes), ggml_type kGgmlQ8_0 (K % 64 == 0, rows 4-byte aligned) or
+// kGgmlQ4K (rows 16-byte aligned); m <= 16 (above 8: num_warps <= 8); scales and zeros unused;
+// fp32 accumulation.
+constexpr int kGgmlQ8_0 = 8;  // gguf.GGMLQuantizationType ids
+constexpr int kGgmlQ4K = 12;
+cudaError_t launch_gguf_gemv(const QuantGemvParams& params, int ggml_type, cudaStream_t stream);
+
 }  // namespace fuselm
