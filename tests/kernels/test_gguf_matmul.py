@@ -151,13 +151,15 @@ def test_config_buckets():
     assert gm.shape_bucket(q4k, 4096, 4096, 3) == "Q4_K_n4096_k4096_m4"
     assert gm.shape_bucket(q4k, 4096, 4096, 1000) == "Q4_K_n4096_k4096_m256"
     assert [gm.default_config(q4k, 64, 256, m).variant for m in (1, 8, 16, 17, 200)] == [
-        "cuda", "cuda", "cuda", "gemm", "dequant"]
+        "cuda", "cuda", "cuda", "dequant", "dequant"]
     assert gm.default_config(q4k, 4096, 4096, 1).num_warps == 16
     assert gm.default_config(q4k, 4096, 4096, 9).num_warps == 8
     assert gm.triton_default_config(q4k, 64, 256, 1).variant == "gemv"
     q6k = gm.TYPE_IDS["Q6_K"]  # no CUDA kernel: Triton at every batch
-    assert gm.default_config(q6k, 64, 256, 1).variant == "gemv"
-    assert gm.default_config(gm.TYPE_IDS["Q8_0"], 64, 96, 1).variant == "gemv"  # K % 64
+    assert [gm.default_config(q6k, 64, 256, m).variant for m in (1, 5)] == ["gemv", "dequant"]
+    assert gm.default_config(gm.TYPE_IDS["Q8_0"], 64, 256, 1).variant == "gemv"  # raw blocks
+    assert gm.default_config(gm.Q8_0_SPLIT, 64, 256, 1).variant == "cuda"
+    assert gm.default_config(gm.Q8_0_SPLIT, 64, 96, 1).variant == "gemv"  # K % 64
     cfg = gm.GGUFConfig("gemm", 16, 64, 1, 4, 2)
     assert gm.GGUFConfig.from_dict(cfg.to_dict()) == cfg
 
@@ -193,7 +195,7 @@ def test_gpu_variants_odd_shape(name, cfg):
     _check(out, expected, torch.bfloat16, f"{name} {cfg.label}")
 
 
-CUDA_TYPES = ["Q4_K", "Q8_0"]
+CUDA_TYPES = ["Q4_K", "Q8_0"]  # Q8_0 as its split rows
 
 
 def _need_cuda_gemv():
@@ -204,21 +206,56 @@ def _need_cuda_gemv():
     return quant_gemv
 
 
+def _cuda_rows(name: str, n: int, k: int, seed: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(type id the CUDA GEMV takes, its rows, the file's blocks) of random weights."""
+    q = random_blocks(gm.TYPE_IDS[name], n, k, DEVICE, seed=seed)
+    if name == "Q8_0":
+        return gm.Q8_0_SPLIT, gm.q8_0_split(q, k), q
+    return gm.TYPE_IDS[name], q, q
+
+
+def test_q8_0_split_layout():
+    """The split rows hold the same bytes, in the documented order, and decode to the blocks'
+    values (gguf-py's own decoder); odd layouts are refused."""
+    k = 192
+    q = random_blocks(gm.TYPE_IDS["Q8_0"], 3, k, seed=5)
+    split = gm.q8_0_split(q, k)
+    assert split.shape == q.shape and torch.equal(gm.q8_0_unsplit(split, k), q)
+    blocks = q.reshape(3, k // 32, 34)
+    assert torch.equal(split[:, k:].reshape(3, k // 32, 2), blocks[:, :, :2])  # the scales
+    # byte 16 t + 8 b + v of step s: value 8 t + v of the step's block b
+    s, t, b, v = 2, 3, 1, 5
+    assert torch.equal(split[:, 64 * s + 16 * t + 8 * b + v], blocks[:, 2 * s + b, 2 + 8 * t + v])
+    assert_close(gm.gguf_dequantize_ref(split, gm.Q8_0_SPLIT, k), _gguf_dequantize(q, "Q8_0", k))
+    with pytest.raises(ValueError, match="K % 64"):
+        gm.q8_0_split(random_blocks(gm.TYPE_IDS["Q8_0"], 2, 96), 96)
+
+
+@pytest.mark.parametrize("cfg", CPU_CONFIGS + [gm.GGUFConfig("gemv16", 1, 8, 2, 2)],
+                         ids=lambda c: c.variant)
+def test_triton_q8_0_split(cfg):
+    _need_triton()
+    m = 1 if cfg.variant.startswith("gemv") else 3
+    tid, q, x, expected = _case("Q8_0", m, 7, 6, torch.float32, seed=17)
+    out = torch.empty(m, 7, device=DEVICE)
+    gm.launch_gguf_matmul(x, gm.q8_0_split(q, x.shape[1]), gm.Q8_0_SPLIT, out, cfg)
+    _check(out, expected, torch.float32, cfg.label)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", CUDA_TYPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m,warps", [(1, 16), (3, 3), (8, 8), (5, 1), (9, 8), (16, 5)])
 def test_gpu_cuda_gemv(name, dtype, m, warps):
-    """The CUDA GEMV on the file's blocks: odd N (a masked row tile), K of 14 / 28 steps split
-    over 1..16 warps (some idle), every batch row of one or two MMA tiles, against gguf-py's
-    dequantization."""
+    """The CUDA GEMV: odd N (a masked row tile), K of 14 / 28 steps split over 1..16 warps
+    (some idle), every batch row of one or two MMA tiles, against gguf-py's dequantization of
+    the file's blocks."""
     qg = _need_cuda_gemv()
-    tid = gm.TYPE_IDS[name]
     n, k = 1001, 7 * 256
-    q = random_blocks(tid, n, k, DEVICE, seed=m + warps)
+    tid, rows, q = _cuda_rows(name, n, k, seed=m + warps)
     x = torch.randn(m, k, device=DEVICE).to(dtype)
     out = torch.full((m, n), float("nan"), device=DEVICE, dtype=dtype)
-    assert qg.launch_gguf_gemv(x, q, tid, out, warps, False)
+    assert qg.launch_gguf_gemv(x, rows, tid, out, warps, False)
     expected = x.double().cpu() @ _gguf_dequantize(q, name, k).double().t()
     _check(out, expected, dtype, f"{name} m{m} w{warps}")
 
@@ -228,16 +265,15 @@ def test_gpu_cuda_gemv(name, dtype, m, warps):
 def test_gpu_cuda_gemv_graph(pdl):
     """Captured, replayed on fresh x: both types chained (the second reads the first's out)."""
     qg = _need_cuda_gemv()
-    q4k, q8 = gm.TYPE_IDS["Q4_K"], gm.TYPE_IDS["Q8_0"]
-    wa = random_blocks(q4k, 512, 1024, DEVICE, seed=1)
-    wb = random_blocks(q8, 256, 512, DEVICE, seed=2)
+    ta, wa, qa = _cuda_rows("Q4_K", 512, 1024, seed=1)
+    tb, wb, qb = _cuda_rows("Q8_0", 256, 512, seed=2)
     x = torch.randn(2, 1024, device=DEVICE, dtype=torch.bfloat16)
     mid = torch.empty(2, 512, device=DEVICE, dtype=torch.bfloat16)
     out = torch.empty(2, 256, device=DEVICE, dtype=torch.bfloat16)
 
     def step():
-        assert qg.launch_gguf_gemv(x, wa, q4k, mid, 8, pdl)
-        assert qg.launch_gguf_gemv(mid, wb, q8, out, 4, pdl)
+        assert qg.launch_gguf_gemv(x, wa, ta, mid, 8, pdl)
+        assert qg.launch_gguf_gemv(mid, wb, tb, out, 4, pdl)
 
     step()
     torch.cuda.synchronize()
@@ -247,36 +283,43 @@ def test_gpu_cuda_gemv_graph(pdl):
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.cuda.synchronize()
-    expected_mid = x.double().cpu() @ _gguf_dequantize(wa, "Q4_K", 1024).double().t()
+    expected_mid = x.double().cpu() @ _gguf_dequantize(qa, "Q4_K", 1024).double().t()
     _check(mid, expected_mid, torch.bfloat16, "Q4_K")
-    expected = mid.double().cpu() @ _gguf_dequantize(wb, "Q8_0", 512).double().t()
+    expected = mid.double().cpu() @ _gguf_dequantize(qb, "Q8_0", 512).double().t()
     _check(out, expected, torch.bfloat16, "Q8_0")
 
 
 @pytest.mark.gpu
 def test_gpu_cuda_gemv_refusals_run_triton():
-    """Inputs the CUDA GEMV does not take (17 rows, 12 rows with 16 warps, fp32 x, Q8_0 with
-    K % 64 != 0, an x view 2 bytes off alignment, Q6_K) launch nothing; a cuda config then runs
-    Triton's default."""
+    """Inputs the CUDA GEMV does not take (17 rows, 12 rows with 16 warps, fp32 x, split rows
+    not 16-byte aligned (K = 320), an x view 2 bytes off alignment, the raw Q8_0 blocks, Q6_K)
+    launch nothing; a cuda config then runs Triton's default."""
     qg = _need_cuda_gemv()
     cfg = gm.GGUFConfig("cuda", 1, 16, 1, 16, 1)
-    cases = [("Q4_K", 17, 512, torch.bfloat16, 0), ("Q8_0", 12, 512, torch.bfloat16, 0),
-             ("Q4_K", 2, 512, torch.float32, 0),
-             ("Q8_0", 1, 96, torch.bfloat16, 0), ("Q8_0", 2, 512, torch.float16, 1),
-             ("Q6_K", 1, 512, torch.bfloat16, 0)]
-    for name, m, k, dtype, offset in cases:
-        tid = gm.TYPE_IDS[name]
-        q = random_blocks(tid, 40, k, DEVICE, seed=k + m)
+    cases = [("Q4_K", 17, 512, torch.bfloat16, 0, True), ("Q8_0", 12, 512, torch.bfloat16, 0, True),
+             ("Q4_K", 2, 512, torch.float32, 0, True), ("Q8_0", 1, 320, torch.bfloat16, 0, True),
+             ("Q8_0", 2, 512, torch.float16, 1, True), ("Q8_0", 1, 512, torch.bfloat16, 0, False),
+             ("Q6_K", 1, 512, torch.bfloat16, 0, False)]
+    for name, m, k, dtype, offset, cuda_layout in cases:
+        tid, rows, q = _cuda_rows(name, 40, k, seed=k + m)
+        if not cuda_layout:
+            tid, rows = gm.TYPE_IDS[name], q
         x = torch.randn(m, k, device=DEVICE).to(dtype)
         if offset:
             wide = torch.zeros(m, k + 8, device=DEVICE, dtype=dtype)
             wide[:, offset:offset + k] = x
             x = wide[:, offset:offset + k]
         out = torch.empty(m, 40, device=DEVICE, dtype=dtype)
-        assert not qg.launch_gguf_gemv(x, q, tid, out, 16, False), name
-        gm.launch_gguf_matmul(x, q, tid, out, cfg)
+        assert not qg.launch_gguf_gemv(x, rows, tid, out, 16, False), name
+        gm.launch_gguf_matmul(x, rows, tid, out, cfg)
         expected = x.double().cpu() @ _gguf_dequantize(q, name, k).double().t()
         _check(out, expected, dtype, f"{name} m{m} k{k}")
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_gemv_op_errors():
+    """The op's own checks raise (the Python launcher never passes such inputs)."""
+    _need_cuda_gemv()
     q4 = random_blocks(gm.TYPE_IDS["Q4_K"], 40, 512, DEVICE, seed=0)
     x = torch.zeros(17, 512, device=DEVICE, dtype=torch.bfloat16)
     out = torch.empty(17, 40, device=DEVICE, dtype=torch.bfloat16)
@@ -284,5 +327,5 @@ def test_gpu_cuda_gemv_refusals_run_triton():
         torch.ops.fuselm_C.gguf_gemv(out, x, q4, gm.TYPE_IDS["Q4_K"], 8, False)
     with pytest.raises(RuntimeError, match="above 8 at most 8 warps"):
         torch.ops.fuselm_C.gguf_gemv(out[:9], x[:9], q4, gm.TYPE_IDS["Q4_K"], 16, False)
-    with pytest.raises(RuntimeError, match="takes ggml types Q8_0"):
+    with pytest.raises(RuntimeError, match="takes Q4_K"):
         torch.ops.fuselm_C.gguf_gemv(out[:1], x[:1], q4, gm.TYPE_IDS["Q6_K"], 8, False)

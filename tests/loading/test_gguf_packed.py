@@ -185,3 +185,27 @@ def test_tiny_k_quant_model_packed_equals_dequantized(tiny_q4k):
     expected = all_position_logits(dense.engine, [prompt])[0]
     assert_close(all_position_logits(packed.engine, [prompt])[0], expected, atol=2e-4,
                  rtol=1e-4)
+
+
+def test_kernel_layout_splits_q8_0_rows_on_cuda_only():
+    """On CUDA a Q8_0 segment keeps its bytes in the split layout (same product, gguf-py's
+    decoding of the file's blocks as the reference); other types, CPUs and K % 64 != 0 keep
+    the file's blocks."""
+    from fuselm.kernels import gguf_matmul as gm
+    from fuselm.layers.quantization.gguf_packed import kernel_layout
+
+    q8 = gm.TYPE_IDS["Q8_0"]
+    q = random_blocks(q8, 6, 256, seed=3)
+    rows, tid = kernel_layout(q, q8, 256, cuda=True)
+    assert tid == gm.Q8_0_SPLIT and rows.shape == q.shape and not torch.equal(rows, q)
+    w = quants.dequantize(q.numpy(), GGMLQuantizationType.Q8_0).reshape(6, 256)
+    x = torch.randn(3, 256)
+    expected = x.double() @ torch.from_numpy(np.asarray(w, dtype=np.float64)).t()
+    torch.testing.assert_close(gm.gguf_matmul_ref(x, rows, tid).double(), expected,
+                               rtol=1e-5, atol=1e-4)
+    for data, ggml_type, k, cuda in [(q, q8, 256, False),
+                                     (random_blocks(q8, 2, 96), q8, 96, True),
+                                     (random_blocks(gm.TYPE_IDS["Q4_K"], 2, 256),
+                                      gm.TYPE_IDS["Q4_K"], 256, True)]:
+        kept, kept_type = kernel_layout(data, ggml_type, k, cuda)
+        assert kept is data and kept_type == ggml_type

@@ -83,14 +83,19 @@ class Case:
 
     def __init__(self, ggml_type: int, n: int, k: int, device: torch.device) -> None:
         from fuselm.kernels.gguf_matmul import gguf_dequantize_ref
+        from fuselm.layers.quantization.gguf_packed import kernel_layout
 
-        self.ggml_type, self.n, self.k = ggml_type, n, k
+        self.name = GGML_TYPES[ggml_type][0]  # the file's type (the rows may be in another layout)
+        self.n, self.k = n, k
         elems, size = block_layout(ggml_type)
         self.weight_bytes = n * k // elems * size
         self.copies = max(2, -(-(256 << 20) // self.weight_bytes))
-        self.weights = [random_blocks(ggml_type, n, k, device, seed=i)
-                        for i in range(self.copies)]
-        self.w_last = gguf_dequantize_ref(self.weights[-1], ggml_type, k)  # float32 [n, k]
+        self.weights, self.ggml_type = [], ggml_type
+        for i in range(self.copies):  # as the packed layer keeps them on this device
+            rows, self.ggml_type = kernel_layout(random_blocks(ggml_type, n, k, device, seed=i),
+                                                 ggml_type, k, device.type == "cuda")
+            self.weights.append(rows)
+        self.w_last = gguf_dequantize_ref(self.weights[-1], self.ggml_type, k)  # float32
 
     def launch(self, x: torch.Tensor, i: int, out: torch.Tensor, cfg: GGUFConfig) -> None:
         """Runs ``cfg`` on copy ``i``."""
@@ -134,7 +139,8 @@ def measure(case: Case, m: int, bf16_us: float, copy_gbs: float, replays: int,
         if best is None or t < best[0]:
             best = (t, cfg)
     moved = case.weight_bytes + 2 * m * (case.k + case.n)
-    row: dict[str, Any] = {"type": GGML_TYPES[case.ggml_type][0], "n": case.n, "k": case.k,
+    row: dict[str, Any] = {"type": case.name, "ggml_type": case.ggml_type, "n": case.n,
+                           "k": case.k,
                            "m": m, "MB": round(moved / 1e6, 2), "bf16_us": round(bf16_us, 2),
                            "configs_us": times}
     if best is None:
@@ -192,7 +198,7 @@ def tuning_table(rows: list[dict[str, Any]]) -> dict[str, dict]:
     """``{bucket: {"backend": "triton", "triton": config, "us": ...}}`` of ``gguf_matmul``."""
     from fuselm.kernels.gguf_matmul import shape_bucket
 
-    return {shape_bucket(TYPE_IDS[r["type"]], r["n"], r["k"], r["m"]):
+    return {shape_bucket(r["ggml_type"], r["n"], r["k"], r["m"]):
             {"backend": "triton", "triton": r["config"],
              "us": {"best": r["us"], "bf16": r["bf16_us"]}}
             for r in rows if r["config"] is not None}

@@ -93,6 +93,19 @@ def _planes_q8_0(wp8, wp16, b, wmask):
 
 
 @triton.jit
+def _planes_q8_0_split(wp8, wp16, b, wmask, K):
+    """Q8_0 rows in the split layout (``gguf_matmul.q8_0_split``): value 8 t + v of block b at
+    byte 64 (b // 2) + 16 t + 8 (b % 2) + v, its d at half-word K / 2 + b."""
+    lane = tl.arange(0, 32)
+    pos = (b // 2 * 64 + (b % 2) * 8)[None, :, None] + ((lane // 8) * 16 + lane % 8)[None, None, :]
+    u = tl.load(wp8[:, None, None] + pos, mask=wmask[:, :, None], other=0)
+    f = _mantissa(u ^ 0x80, 8)
+    d = tl.load(wp16[:, None] + K // 2 + b[None, :], mask=wmask, other=0.0).to(tl.float32)
+    w = (256.0 * d[:, :, None]) * f - 384.0 * d[:, :, None]  # = d q
+    return w, b[:, None] * 32 + lane[None, :]
+
+
+@triton.jit
 def _planes_q4(wp8, wp16, b, wmask, SIZE: tl.constexpr, WITH_MIN: tl.constexpr):
     """Q4_0 (SIZE 18) or Q4_1 (SIZE 20, WITH_MIN): the low-nibble and high-nibble planes."""
     j = tl.arange(0, 16)
@@ -248,8 +261,11 @@ def _step(acc, TYPE: tl.constexpr, wp8, wp16, b, wmask, K, x_ptr, x_row, m_rows,
           x_stride, out_ptr, rows, N, out_stride, MODE: tl.constexpr, IEEE: tl.constexpr,
           BN: tl.constexpr, BB: tl.constexpr):
     """Decodes one tile of every plane of ggml type TYPE and accumulates (or stores) it."""
-    if TYPE == 8:
-        w, k = _planes_q8_0(wp8, wp16, b, wmask)
+    if TYPE == 8 or TYPE == 1008:
+        if TYPE == 8:
+            w, k = _planes_q8_0(wp8, wp16, b, wmask)
+        else:
+            w, k = _planes_q8_0_split(wp8, wp16, b, wmask, K)
         acc = _accumulate(acc, w, k, K, x_ptr, x_row, m_rows, M, x_stride, out_ptr, rows, N,
                           out_stride, MODE, IEEE, 3, BN, BB * 32)
     elif TYPE == 14:
@@ -298,7 +314,7 @@ def _step(acc, TYPE: tl.constexpr, wp8, wp16, b, wmask, K, x_ptr, x_row, m_rows,
 @triton.jit
 def _gemv_acc(TYPE: tl.constexpr, BN: tl.constexpr, BB: tl.constexpr):
     """The gemv accumulator: the shape of the type's plane tiles."""
-    if TYPE == 8:
+    if TYPE == 8 or TYPE == 1008:
         acc = tl.zeros([BN, BB, 32], dtype=tl.float32)
     elif TYPE == 112:
         acc = tl.zeros([BN, BB, 4, 16, 2], dtype=tl.float32)

@@ -6,6 +6,8 @@ value. x ``[M, K]`` (fp16/bf16/fp32, last dim contiguous); out ``[M, N]`` in x's
 accumulated in fp32. Block layouts (llama.cpp ``ggml-common.h``; d, m, dmin are fp16):
 
 - Q8_0 (32 values, 34 bytes): d, int8 q[32];                  w = d q
+- Q8_0_split (fuselm's, ``Q8_0_SPLIT``): a Q8_0 row's bytes rearranged by ``q8_0_split``, the
+  layout the CUDA GEMV reads with 16-byte loads (the packed layer uses it on CUDA)
 - Q4_0 (32, 18): d, q[16] (value j: low nibble of byte j, value 16 + j: its high nibble);
   w = d (q - 8)
 - Q4_1 (32, 20): d, m, q[16] as Q4_0;                          w = d q + m
@@ -22,7 +24,7 @@ Triton kernels (``_gguf_triton.py``) read the packed blocks and dequantize in re
 the packed bytes read as half-words and each value masked in place into a float's mantissa:
 about one integer op a value, where the byte-wise decode needs three), ``gemm`` (``tl.dot`` over
 dequantized tiles) and ``dequant`` (the weight to x's dtype, then cuBLAS; for the large
-batches where the tuning table measures it faster). ``cuda``: Q4_K and Q8_0 at <= 16 rows, the
+batches where the tuning table measures it faster). ``cuda``: Q4_K and Q8_0_split at <= 16 rows, the
 CUDA tensor-core GEMV of the extension (``quant_gemv.launch_gguf_gemv``: the blocks read once for
 all rows, the block scales applied in fp32); where it does not run (no extension, a CPU, an
 unaligned row) the call takes the Triton config of the same batch instead. The variant and
@@ -54,8 +56,11 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
     14: ("Q6_K", 256, 210),
 }
 TYPE_IDS: dict[str, int] = {name: tid for tid, (name, _, _) in GGML_TYPES.items()}
+# fuselm's own row layout of Q8_0 (no ggml id): the same bytes a row, its q values first (in the
+# order the CUDA GEMV's lanes read them, 16-byte aligned), then its scales (``q8_0_split``)
+Q8_0_SPLIT = 1008
+GGML_TYPES[Q8_0_SPLIT] = ("Q8_0_split", 32, 34)
 VARIANTS = ("gemv", "gemv16", "gemm", "dequant", "cuda")
-CUDA_TYPES = (8, 12)  # Q8_0, Q4_K: the types of the cuda variant
 M_BUCKETS = (1, 4, 16, 64, 256)
 
 
@@ -149,6 +154,37 @@ def _ref_q6_k(b: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=1)
 
 
+def _split_order(k: int) -> torch.Tensor:
+    """Logical column of each byte of a split row's q part: in each 64-value step, byte
+    ``16 t + 8 b + v`` holds value ``32 b + 8 t + v`` (b: the step's block, t < 4, v < 8)."""
+    t, b, v = torch.meshgrid(torch.arange(4), torch.arange(2), torch.arange(8), indexing="ij")
+    step = (32 * b + 8 * t + v).reshape(64)
+    return (torch.arange(0, k, 64)[:, None] + step[None, :]).reshape(k)
+
+
+def q8_0_split(qweight: torch.Tensor, k: int) -> torch.Tensor:
+    """Q8_0 rows ``[N, K / 32 * 34]`` in the split layout (``Q8_0_SPLIT``): each row the K int8
+    values (``_split_order``), then the K / 32 fp16 scales; the same bytes. K % 64 == 0."""
+    _check(qweight, TYPE_IDS["Q8_0"], k)
+    if k % 64:
+        raise ValueError(f"the Q8_0 split layout needs K % 64 == 0, got K={k}")
+    n = qweight.shape[0]
+    blocks = qweight.reshape(n, k // 32, 34)
+    values = blocks[:, :, 2:].reshape(n, k)
+    order = _split_order(k).to(qweight.device)
+    return torch.cat([values[:, order], blocks[:, :, :2].reshape(n, k // 16)], dim=1)
+
+
+def q8_0_unsplit(qweight: torch.Tensor, k: int) -> torch.Tensor:
+    """The Q8_0 blocks ``[N, K / 32 * 34]`` of split rows (``q8_0_split``'s inverse)."""
+    _check(qweight, Q8_0_SPLIT, k)
+    n = qweight.shape[0]
+    values = torch.empty(n, k, dtype=torch.uint8, device=qweight.device)
+    values[:, _split_order(k).to(qweight.device)] = qweight[:, :k]
+    scales = qweight[:, k:].reshape(n, k // 32, 2)
+    return torch.cat([scales, values.reshape(n, k // 32, 32)], dim=2).reshape(n, -1)
+
+
 _REF = {8: _ref_q8_0, 2: _ref_q4_0, 3: _ref_q4_1, 12: lambda b: _ref_k(b, False),
         13: lambda b: _ref_k(b, True), 14: _ref_q6_k}
 
@@ -157,6 +193,8 @@ def gguf_dequantize_ref(qweight: torch.Tensor, ggml_type: int, k: int) -> torch.
     """The logical weight float32 ``[N, k]`` of packed rows ``qweight`` uint8 ``[N, row_bytes]``
     of ggml type id ``ggml_type`` (module docstring)."""
     _check(qweight, ggml_type, k)
+    if ggml_type == Q8_0_SPLIT:
+        qweight, ggml_type = q8_0_unsplit(qweight, k), TYPE_IDS["Q8_0"]
     _, size = block_layout(ggml_type)
     blocks = qweight.reshape(-1, size)
     return _REF[ggml_type](blocks).reshape(qweight.shape[0], k)
@@ -178,7 +216,7 @@ class GGUFConfig(NamedTuple):
     """A variant and its Triton launch parameters."""
 
     variant: str  # gemv | gemv16 (Q8_0/Q4_K read as half-words; others: gemv) | gemm | dequant
-    # | cuda (Q8_0/Q4_K, M <= 16: block_n 16, num_warps split K)
+    # | cuda (Q4_K / Q8_0_split, M <= 16: block_n 16, num_warps split K)
     block_m: int = 1  # gemm: x rows a program (>= 16)
     block_n: int = 4  # weight rows a program
     block_b: int = 4  # ggml blocks of a row a loop iteration
@@ -214,8 +252,8 @@ def shape_bucket(ggml_type: int, n: int, k: int, m: int) -> str:
 
 
 def default_config(ggml_type: int, n: int, k: int, m: int) -> GGUFConfig:
-    """Untuned choice: the cuda GEMV for Q4_K / Q8_0 at M <= 16 (16 warps along K where N <=
-    4096, else 8; at most 8 above 8 rows), else ``triton_default_config``."""
+    """Untuned choice: the cuda GEMV for Q4_K / Q8_0_split at M <= 16 (16 warps along K where
+    N <= 4096, else 8; at most 8 above 8 rows), else ``triton_default_config``."""
     from fuselm.kernels import quant_gemv
 
     cols = quant_gemv.GGUF_STEP_COLS.get(ggml_type)
@@ -228,14 +266,11 @@ def default_config(ggml_type: int, n: int, k: int, m: int) -> GGUFConfig:
 
 
 def triton_default_config(ggml_type: int, n: int, k: int, m: int) -> GGUFConfig:
-    """Untuned Triton choice: gemv for M <= 4, gemm up to 64 rows, dequantize + cuBLAS above;
-    tiles of about 2048 weight values (gemv) or a 128-256 deep K step (gemm)."""
+    """Untuned Triton choice: gemv (tiles of about 2048 weight values) for M <= 4, dequantize +
+    cuBLAS above (on the H200's 8B shapes it beat the fused gemm 3-10x at M 16-64, 2026-12-04)."""
     elems, _ = block_layout(ggml_type)
     if m <= 4:
         return GGUFConfig("gemv", 1, 4, 8 if elems == 32 else 2, 4, 1)
-    if m <= 64:
-        block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-        return GGUFConfig("gemm", block_m, 64, 4 if elems == 32 else 1, 4, 2)
     return GGUFConfig("dequant", 1, 32, 8 if elems == 32 else 1, 4, 1)
 
 

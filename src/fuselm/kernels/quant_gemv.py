@@ -3,7 +3,8 @@
 ``fp8_w8a16_gemv`` (e4m3 weights, per-channel scales, bf16/fp16 x): what the op
 ``fuselm::fp8_w8a16_gemv`` runs at decode batches (``FP8_MAX_M``), where the fp8 layers take
 it instead of quantizing the activations; and ``gguf_gemv`` (``csrc/gguf_gemv.cu``): GGUF Q4_K
-and Q8_0 rows read as the file's blocks, the ``cuda`` variant of ``gguf_matmul`` at <= 16 rows.
+rows read as the file's blocks and Q8_0 rows in the split layout (``gguf_matmul.q8_0_split``),
+the ``cuda`` variant of ``gguf_matmul`` at <= 16 rows.
 
 Same math, layouts and dtypes as ``int4_matmul_ref`` / ``int8_matmul_ref`` (read as is, no
 repacking), for fp16 / bf16 x of at most 16 rows; fp32 accumulation, out in x's dtype. Tensor
@@ -35,7 +36,8 @@ INT4_STEP_COLS = 128  # K columns of one warp step (G % 128 == 0: one group)
 INT8_STEP_COLS = 64
 GGUF_MAX_M = 16  # above 8 rows (two MMA tiles) at most GGUF_TWO_TILE_WARPS warps
 GGUF_TWO_TILE_WARPS = 8
-GGUF_STEP_COLS = {8: 64, 12: 128}  # ggml type id (Q8_0, Q4_K) -> K columns of a warp step
+# type id (gguf_matmul.Q8_0_SPLIT: Q8_0 rows split; Q4_K) -> K columns of a warp step
+GGUF_STEP_COLS = {1008: 64, 12: 128}
 _DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -144,18 +146,17 @@ def fp8_w8a16_gemv(x: torch.Tensor, weight: torch.Tensor,
 
 def launch_gguf_gemv(x: torch.Tensor, qweight: torch.Tensor, ggml_type: int, out: torch.Tensor,
                      num_warps: int, pdl: bool) -> bool:
-    """``out [M, N] = x @ W.T`` for GGUF rows ``qweight`` (the file's Q8_0 or Q4_K blocks);
+    """``out [M, N] = x @ W.T`` for GGUF rows ``qweight`` (Q4_K blocks, or Q8_0 split rows);
     False (nothing launched) where the kernel does not take these inputs (another type, more
     than ``GGUF_MAX_M`` rows or, above 8, more than ``GGUF_TWO_TILE_WARPS`` warps, K not a
     multiple of the step, unaligned rows)."""
     cols = GGUF_STEP_COLS.get(ggml_type)
-    align = 16 if ggml_type == 12 else 4
     if (cols is None or x.shape[1] % cols or not 1 <= num_warps <= 16
             or (x.shape[0] > STRIDED_MAX_M and num_warps > GGUF_TWO_TILE_WARPS)
             or not (x.is_cuda and x.dtype in _DTYPES and 0 < x.shape[0] <= GGUF_MAX_M
                     and x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0)
             or qweight.dtype != torch.uint8 or qweight.stride(1) != 1
-            or qweight.stride(0) % align or qweight.data_ptr() % align
+            or qweight.stride(0) % 16 or qweight.data_ptr() % 16
             or out.stride(1) != 1 or out.dtype != x.dtype):
         return False
     ops = _ops(build=True)

@@ -261,12 +261,13 @@ void fp8_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight,
             fuselm::launch_fp8_gemv);
 }
 
-// gguf_gemv: the file's Q8_0 / Q4_K blocks as is (gguf_gemv.cu).
+// gguf_gemv: Q4_K blocks as is, Q8_0 rows split (gguf_gemv.cu).
 void gguf_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight,
                int64_t ggml_type, int64_t num_warps, bool pdl) {
-  const bool q8 = ggml_type == fuselm::kGgmlQ8_0;
+  const bool q8 = ggml_type == fuselm::kGgmlQ8_0Split;
   TORCH_CHECK(q8 || ggml_type == fuselm::kGgmlQ4K,
-              "fuselm_C: gguf_gemv takes ggml types Q8_0 (8) and Q4_K (12), got ", ggml_type);
+              "fuselm_C: gguf_gemv takes Q4_K (12) and Q8_0 split (1008) rows, got type ",
+              ggml_type);
   const int64_t elems = q8 ? 32 : 256;
   const int64_t bytes = q8 ? 34 : 144;
   TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2 &&

@@ -1,4 +1,5 @@
-// GGUF GEMV at batch 1..16: Q4_K and Q8_0 rows multiplied as the file's blocks (see ops.h).
+// GGUF GEMV at batch 1..16: Q4_K rows as the file's blocks, Q8_0 rows as their bytes in the
+// split layout (see ops.h).
 //
 // The tensor-core scheme of quant_gemv.cu: one mma.sync m16n8k16 multiplies 16 weight rows by
 // the batch (the MMA's N), lane (g, t) = (lane / 4, lane % 4) holds rows g and g + 8, and since
@@ -15,10 +16,10 @@
 // the sum of x over each sub-block: an MMA whose A is all ones gives it in the layout of the
 // lane's outputs. Per step and row: d sum_s sc_s (q . x)_s - dmin sum_s m_s (sum x)_s.
 //
-// Q8_0 (32 values in 34 bytes: fp16 d, int8 q[32]; w = d q): a step is two blocks, 68 bytes
-// (4-byte aligned when K % 64 == 0); lane t takes values 8 t .. 8 t + 7 of each block as 4-byte
-// words (block 0's sit 2 bytes off the word grid: a PRMT joins two words) and each block's two
-// MMAs are scaled by its d.
+// Q8_0 (32 values in 34 bytes: fp16 d, int8 q[32]; w = d q) in fuselm's split layout
+// (gguf_matmul.q8_0_split: the same bytes a row, the K values first, then the K / 32 scales):
+// a step is two blocks; lane t's 16 bytes (one LDG.128) are values 8 t .. 8 t + 7 of each, so
+// two of its words are each block's A fragments; each block's two MMAs are scaled by its d.
 //
 // Block: 16 rows; num_warps warps split K, warp w taking steps w, w + num_warps, ... two at a
 // time in flight; batch rows 9..16 are a second MMA tile on the same A fragments; the partial
@@ -48,8 +49,7 @@ __device__ __forceinline__ uint2 load_weights8(const uint8_t* ptr, bool pred) {
   return v;
 }
 
-// 4 weight bytes through L1 (a Q8_0 step's words overlap, so its lines are read again); zeros
-// where !pred.
+// 4 weight bytes (a step's scales); zeros where !pred.
 __device__ __forceinline__ uint32_t load_weights4(const uint8_t* ptr, bool pred) {
   uint32_t v;
   asm volatile(
@@ -101,7 +101,7 @@ struct Gguf<WKind::kQ4K> {
     uint2 qs[2];  // bytes 8 t .. 8 t + 7 of the step's two chunks
   };
 
-  __device__ static Regs load(const uint8_t* row, int s, int t, bool ok) {
+  __device__ static Regs load(const uint8_t* row, int s, int t, bool ok, int64_t) {
     const uint8_t* block = row + static_cast<int64_t>(s >> 1) * kQ4KBlockBytes;
     const uint8_t* qs = block + 16 + 64 * (s & 1) + 8 * t;
     return {load_weights(block, ok), {load_weights8(qs, ok), load_weights8(qs + 32, ok)}};
@@ -181,18 +181,13 @@ struct Gguf<WKind::kQ8_0> {
   static constexpr int kXVecs = 2;  // 8 values of each block
 
   struct Regs {
-    uint32_t q0[3];  // step bytes 8 t .. 8 t + 11: block 0's values 8 t .. 8 t + 7 at byte 2
-    uint32_t q1[2];  // step bytes 36 + 8 t ..: block 1's values 8 t .. 8 t + 7
-    uint32_t d0, d1;  // step bytes 0..3 (d of block 0 low), 32..35 (d of block 1 high)
+    uint4 q;     // words 2 b + j: values 8 t + 4 j .. + 3 of the step's block b
+    uint32_t d;  // the two blocks' fp16 scales
   };
 
-  __device__ static Regs load(const uint8_t* row, int s, int t, bool ok) {
-    const uint8_t* step = row + static_cast<int64_t>(s) * kQ8StepBytes;
-    const uint8_t* q = step + 8 * t;
-    return {{load_weights4(q, ok), load_weights4(q + 4, ok), load_weights4(q + 8, ok)},
-            {load_weights4(q + 36, ok), load_weights4(q + 40, ok)},
-            load_weights4(step, ok),
-            load_weights4(step + 32, ok)};
+  __device__ static Regs load(const uint8_t* row, int s, int t, bool ok, int64_t k) {
+    return {load_weights(row + static_cast<int64_t>(s) * kCols + 16 * t, ok),
+            load_weights4(row + k + 4 * static_cast<int64_t>(s), ok)};
   }
 
   template <typename T, int NB>
@@ -200,17 +195,11 @@ struct Gguf<WKind::kQ8_0> {
                               const uint4 (&xv)[NB][2]) {
 #pragma unroll
     for (int b = 0; b < 2; ++b) {
-      uint32_t v[2][2];  // [row g / g + 8][word]: values 8 t .. 8 t + 3, + 4 .. + 7
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        v[h][0] = b ? w[h].q1[0] : prmt(w[h].q0[0], w[h].q0[1], 0x5432);
-        v[h][1] = b ? w[h].q1[1] : prmt(w[h].q0[1], w[h].q0[2], 0x5432);
-      }
       float d[NB][4] = {};
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        const uint32_t vg = v[0][j] ^ 0x80808080u;  // b + 128, as byte_pair takes them
-        const uint32_t vh = v[1][j] ^ 0x80808080u;
+        const uint32_t vg = word(w[0].q, 2 * b + j) ^ 0x80808080u;  // b + 128, as byte_pair
+        const uint32_t vh = word(w[1].q, 2 * b + j) ^ 0x80808080u;  // takes them
         const uint32_t a0 = byte_pair<T>(vg, 0), a1 = byte_pair<T>(vh, 0);
         const uint32_t a2 = byte_pair<T>(vg, 1), a3 = byte_pair<T>(vh, 1);
 #pragma unroll
@@ -218,8 +207,7 @@ struct Gguf<WKind::kQ8_0> {
           mma<T>(d[nb], a0, a1, a2, a3, j ? xv[nb][b].z : xv[nb][b].x,
                  j ? xv[nb][b].w : xv[nb][b].y);
       }
-      const float dg = b ? half_float(w[0].d1, 1) : half_float(w[0].d0, 0);
-      const float dh = b ? half_float(w[1].d1, 1) : half_float(w[1].d0, 0);
+      const float dg = half_float(w[0].d, b), dh = half_float(w[1].d, b);
 #pragma unroll
       for (int nb = 0; nb < NB; ++nb) {
         acc[nb][0] += dg * d[nb][0];
@@ -270,7 +258,7 @@ __global__ void __launch_bounds__(kMaxThreads<NB>) gguf_gemv_kernel(const QuantG
     for (int u = 0; u < kInFlight; ++u) {
       const int s = s0 + u * num_warps;
 #pragma unroll
-      for (int h = 0; h < 2; ++h) w[u][h] = G::load(wrow[h], s, t, s < steps && row_ok[h]);
+      for (int h = 0; h < 2; ++h) w[u][h] = G::load(wrow[h], s, t, s < steps && row_ok[h], p.k);
     }
     if (!waited) {  // x is the previous kernel's output
       pdl_wait_then_release();
@@ -309,12 +297,9 @@ cudaError_t launch_typed(const QuantGemvParams& p, cudaLaunchConfig_t& cfg) {
 template <WKind kW>
 cudaError_t launch(const QuantGemvParams& p, cudaStream_t stream) {
   if (p.m == 0 || p.n == 0) return cudaSuccess;
-  // Q4_K reads 16-byte block heads; Q8_0 4-byte words
-  const int64_t align = kW == WKind::kQ4K ? 16 : 4;
   const bool shape_ok = p.m <= 2 * kBatch && p.k % Gguf<kW>::kCols == 0 && p.num_warps >= 1 &&
-                        p.num_warps <= 16 && p.qw_stride % align == 0 && p.x_stride % 8 == 0 &&
-                        reinterpret_cast<uintptr_t>(p.qweight) % align == 0 &&
-                        is_aligned16(p.x);
+                        p.num_warps <= 16 && p.qw_stride % 16 == 0 && p.x_stride % 8 == 0 &&
+                        is_aligned16(p.qweight) && is_aligned16(p.x);
   if (!shape_ok) return cudaErrorInvalidValue;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>((p.n + kTileRows - 1) / kTileRows));
@@ -339,7 +324,7 @@ cudaError_t launch(const QuantGemvParams& p, cudaStream_t stream) {
 
 cudaError_t launch_gguf_gemv(const QuantGemvParams& params, int ggml_type, cudaStream_t stream) {
   switch (ggml_type) {
-    case kGgmlQ8_0:
+    case kGgmlQ8_0Split:
       return launch<WKind::kQ8_0>(params, stream);
     case kGgmlQ4K:
       return launch<WKind::kQ4K>(params, stream);

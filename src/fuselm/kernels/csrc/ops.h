@@ -97,12 +97,12 @@ cudaError_t launch_int8_gemv(const QuantGemvParams& params, cudaStream_t stream)
 cudaError_t launch_fp8_gemv(const QuantGemvParams& params, cudaStream_t stream);
 
 // ---- gguf_gemv.cu ---------------------------------------------------------------------------
-// out [m, n] = x @ W.T for GGUF rows kept as the file's blocks (qweight uint8 [n, row bytes],
-// row stride qw_stride bytes), ggml_type kGgmlQ8_0 (K % 64 == 0, rows 4-byte aligned) or
-// kGgmlQ4K (rows 16-byte aligned); m <= 16 (above 8: num_warps <= 8); scales and zeros unused;
-// fp32 accumulation.
-constexpr int kGgmlQ8_0 = 8;  // gguf.GGMLQuantizationType ids
-constexpr int kGgmlQ4K = 12;
+// out [m, n] = x @ W.T for GGUF rows (qweight uint8 [n, row bytes], row stride qw_stride bytes,
+// rows 16-byte aligned): ggml_type kGgmlQ4K, the file's blocks, or kGgmlQ8_0Split, Q8_0 rows in
+// fuselm's split layout (gguf_matmul.q8_0_split; K % 64 == 0); m <= 16 (above 8: num_warps
+// <= 8); scales and zeros unused; fp32 accumulation.
+constexpr int kGgmlQ4K = 12;  // gguf.GGMLQuantizationType.Q4_K
+constexpr int kGgmlQ8_0Split = 1008;  // gguf_matmul.Q8_0_SPLIT
 cudaError_t launch_gguf_gemv(const QuantGemvParams& params, int ggml_type, cudaStream_t stream);
 
 }  // namespace fuselm

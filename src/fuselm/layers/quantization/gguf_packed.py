@@ -8,7 +8,9 @@ when the tensor arrives: ``create_weights`` registers an empty ``qweight`` whose
 layer says which logical rows (q, k, v or gate, up; a rank's heads) and columns (a row-parallel
 rank's inputs, aligned to whole blocks: 32 values, or 256 for the K-quants) it holds, and
 blocks never cross rows, so row shards are row slices and column shards byte slices.
-``process_weights_after_loading`` concatenates the parts by rows into one ``qweight``. Where
+``process_weights_after_loading`` concatenates the parts by rows into one ``qweight`` (on CUDA,
+Q8_0 rows then take the split layout of ``gguf_matmul.q8_0_split``: the same bytes, ordered for
+the CUDA GEMV's 16-byte loads). Where
 the parts' types differ (llama.cpp's Q4_K_M keeps some ``attn_v`` in Q6_K), consecutive parts
 of one type become one segment each (``qweight``, ``qweight_1``, ...) and ``apply`` runs one
 matmul per segment; a float part (F16/F32/BF16 in the file) is a float segment (``F.linear``).
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fuselm.kernels.gguf_matmul import GGML_TYPES, TYPE_IDS
+from fuselm.kernels.gguf_matmul import GGML_TYPES, Q8_0_SPLIT, TYPE_IDS, q8_0_split
 from fuselm.layers.quantization.base import (
     LinearMethod,
     ShardMeta,
@@ -118,7 +120,7 @@ class GGUFPackedLinearMethod(LinearMethod):
                 joined = _float_rows(joined, ggml_type, k).to(layer.gguf_float_dtype)
                 tid = -1
             else:
-                tid = _type_id(ggml_type)
+                joined, tid = kernel_layout(joined, _type_id(ggml_type), k, joined.is_cuda)
             replace_param(layer, name, joined, ShardMeta(input_group=SUPER_BLOCK))
             segments.append(Segment(start, start + joined.shape[0], tid, name))
         layer.gguf_segments = segments
@@ -146,6 +148,16 @@ class GGUFPackedLinearMethod(LinearMethod):
         """E.g. ``gguf Q4_1 packed (ggml blocks)`` (the file's most common linear type)."""
         fmt = self.quant.checkpoint_format
         return f"gguf {fmt} packed (ggml blocks)" if fmt else "gguf packed (ggml blocks)"
+
+
+def kernel_layout(data: torch.Tensor, ggml_type: int, k: int,
+                  cuda: bool) -> tuple[torch.Tensor, int]:
+    """The rows and type id a segment keeps: on CUDA, Q8_0 rows (K % 64 == 0) in the split
+    layout the CUDA GEMV reads (``gguf_matmul.q8_0_split``: the same bytes, rearranged);
+    every other type as the file's blocks."""
+    if cuda and ggml_type == TYPE_IDS["Q8_0"] and k % 64 == 0:
+        return q8_0_split(data, k), Q8_0_SPLIT
+    return data, ggml_type
 
 
 def _type_id(name: str) -> int:
