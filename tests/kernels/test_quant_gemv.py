@@ -296,3 +296,16 @@ def test_gpu_opcheck():
     # test_schema perturbs the inputs with a multiply, which torch lacks for float8_e4m3fn
     torch.library.opcheck(torch.ops.fuselm_C.fp8_gemv.default, (out, x, q, s, 4, 1, True),
                           test_utils=("test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.gpu
+def test_gpu_op_checks_raise_with_numbers():
+    """The ops' own checks raise RuntimeErrors whose messages carry numbers and shapes (built
+    as strings: streaming a long from the extension crashed the process on the device image)."""
+    _need_cuda_gemv()
+    x, q, s = _int8_inputs(17, 16, 64, torch.bfloat16, seed=1)
+    out = torch.empty(17, 16, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(RuntimeError, match="at most 16 rows, got 17"):
+        torch.ops.fuselm_C.int8_gemv(out, x, q, s, 4, 1, False)
+    with pytest.raises(RuntimeError, match=r"must be 2-D \[rows, cols\], got \[1, 17, 64\]"):
+        torch.ops.fuselm_C.int8_gemv(out, x[None], q, s, 4, 1, False)

@@ -68,6 +68,21 @@ def test_extension_sources_and_arch_flags():
     assert extension.arch_gencode(8, 9) == "-gencode=arch=compute_89,code=sm_89"
 
 
+def test_every_extension_source_ships_in_the_package():
+    """The JIT build compiles from the installed package: each csrc file matches a
+    package-data pattern of pyproject.toml."""
+    import fnmatch
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    section = text.split("[tool.setuptools.package-data]", 1)[1]
+    patterns = re.findall(r'"([^"]+)"', re.search(r"fuselm = \[(.*?)\]", section).group(1))
+    for path in extension.CSRC_DIR.iterdir():
+        rel = f"kernels/csrc/{path.name}"
+        assert any(fnmatch.fnmatch(rel, pat) for pat in patterns), rel
+
+
 def test_tuned_tables_are_read(tmp_path, monkeypatch):
     buckets = {
         "default": {"backend": "cuda"},

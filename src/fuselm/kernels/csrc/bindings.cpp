@@ -9,9 +9,22 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include "ops.h"
 
 namespace {
+
+// Numbers and shapes in check messages become C strings first: on the device image a long
+// streamed into c10's message stream from this library crashed (the number formatting this
+// library's libstdc++ headers inline), while C strings stream fine.
+std::string num(int64_t v) { return std::to_string(v); }
+
+std::string shape_of(at::IntArrayRef sizes) {
+  std::string s = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + std::to_string(sizes[i]);
+  return s + "]";
+}
 
 fuselm::DType to_dtype(const at::Tensor& t) {
   switch (t.scalar_type()) {
@@ -29,7 +42,8 @@ fuselm::DType to_dtype(const at::Tensor& t) {
 
 void check_rows(const at::Tensor& t, const char* name, const at::Tensor& like) {
   TORCH_CHECK(t.is_cuda(), "fuselm_C: ", name, " must be a CUDA tensor");
-  TORCH_CHECK(t.dim() == 2, "fuselm_C: ", name, " must be 2-D [rows, cols], got ", t.sizes());
+  TORCH_CHECK(t.dim() == 2, "fuselm_C: ", name, " must be 2-D [rows, cols], got ",
+              shape_of(t.sizes()).c_str());
   TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, "fuselm_C: ", name,
               " must be contiguous in its last dimension");
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), "fuselm_C: ", name, " has dtype ",
@@ -45,7 +59,7 @@ void check_ok(cudaError_t err, const char* op) {
 
 void check_weight(const at::Tensor& weight, const at::Tensor& x) {
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) && weight.stride(0) == 1,
-              "fuselm_C: weight must be a contiguous [", x.size(1), "] tensor");
+              "fuselm_C: weight must be a contiguous [", num(x.size(1)).c_str(), "] tensor");
   TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.device() == x.device(),
               "fuselm_C: weight must have x's dtype and device");
 }
@@ -132,7 +146,8 @@ void rotary_store_kv(at::Tensor& q, at::Tensor& k, const at::Tensor& v,
                   cos_sin_cache.stride(1) == 1 && cos_sin_cache.device() == q.device(),
               "fuselm_C: cos_sin_cache must be float32 [max_position, rot_dim]");
   const int64_t rot_dim = cos_sin_cache.size(1);
-  TORCH_CHECK(rot_dim % 2 == 0 && rot_dim <= q.size(2), "fuselm_C: bad rot_dim ", rot_dim);
+  TORCH_CHECK(rot_dim % 2 == 0 && rot_dim <= q.size(2), "fuselm_C: bad rot_dim ",
+              num(rot_dim).c_str());
 
   fuselm::RotaryStoreKVParams p{};
   p.q = q.data_ptr();
@@ -176,7 +191,8 @@ fuselm::QuantGemvParams gemv_params(at::Tensor& out, const at::Tensor& x,
   check_rows(out, "out", x);
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               "fuselm_C: quantized gemv needs fp16 or bf16 x, got ", x.scalar_type());
-  TORCH_CHECK(x.size(0) <= 16, "fuselm_C: quantized gemv takes at most 16 rows, got ", x.size(0));
+  TORCH_CHECK(x.size(0) <= 16, "fuselm_C: quantized gemv takes at most 16 rows, got ",
+              num(x.size(0)).c_str());
   TORCH_CHECK(qweight.is_cuda() && qweight.device() == x.device() && qweight.dim() == 2 &&
                   qweight.stride(1) == 1,
               "fuselm_C: qweight must be a 2-D CUDA tensor on x's device, contiguous in K");
@@ -267,15 +283,16 @@ void gguf_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight,
   const bool q8 = ggml_type == fuselm::kGgmlQ8_0Split;
   TORCH_CHECK(q8 || ggml_type == fuselm::kGgmlQ4K,
               "fuselm_C: gguf_gemv takes Q4_K (12) and Q8_0 split (1008) rows, got type ",
-              ggml_type);
+              num(ggml_type).c_str());
   const int64_t elems = q8 ? 32 : 256;
   const int64_t bytes = q8 ? 34 : 144;
   TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2 &&
                   x.size(1) % elems == 0 && qweight.size(1) == x.size(1) / elems * bytes,
-              "fuselm_C: gguf_gemv qweight must be uint8 [N, K / ", elems, " * ", bytes, "]");
+              "fuselm_C: gguf_gemv qweight must be uint8 [N, K / ", num(elems).c_str(), " * ",
+              num(bytes).c_str(), "]");
   TORCH_CHECK(x.size(0) <= 16 && (x.size(0) <= 8 || num_warps <= 8),
               "fuselm_C: gguf_gemv takes at most 16 rows (above 8 at most 8 warps), got ",
-              x.size(0), " rows, ", num_warps, " warps");
+              num(x.size(0)).c_str(), " rows, ", num(num_warps).c_str(), " warps");
   fuselm::QuantGemvParams p = gemv_params(out, x, qweight, num_warps, 1, pdl);
   const c10::cuda::CUDAGuard guard(x.device());
   check_ok(fuselm::launch_gguf_gemv(p, static_cast<int>(ggml_type),

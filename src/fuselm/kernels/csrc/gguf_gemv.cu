@@ -31,7 +31,6 @@ namespace fuselm {
 namespace {
 
 constexpr int kQ4KBlockBytes = 144;
-constexpr int kQ8StepBytes = 68;  // two Q8_0 blocks
 
 // 8 weight bytes, streamed as load_weights; zeros where !pred.
 __device__ __forceinline__ uint2 load_weights8(const uint8_t* ptr, bool pred) {
