@@ -1,6 +1,9 @@
-"""Test helpers: running fuselm's model on prompts with logits at every position."""
+"""Test helpers: running fuselm's model on prompts with logits at every position; replaying a
+captured CUDA graph on fresh inputs."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -30,3 +33,17 @@ def all_position_logits(engine: LLMEngine, prompts: list[list[int]]) -> list[tor
             bm.free(req)
     lengths = [len(p) for p in prompts]
     return list(torch.split(logits.float().cpu(), lengths))
+
+
+def replay_on_fresh_input(step: Callable[[], None], x: torch.Tensor) -> None:
+    """Runs ``step`` eagerly, captures it in a CUDA graph, refills ``x`` with new random values
+    and replays the graph once (synchronized): what the graph wrote is then what it computed
+    from the new ``x``, not what the eager run left behind."""
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
+from helpers import replay_on_fresh_input
 from tolerances import assert_close
 
 from fuselm.bench.dummy_gguf import random_blocks
@@ -275,14 +276,7 @@ def test_gpu_cuda_gemv_graph(pdl):
         assert qg.launch_gguf_gemv(x, wa, ta, mid, 8, pdl)
         assert qg.launch_gguf_gemv(mid, wb, tb, out, 4, pdl)
 
-    step()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    torch.cuda.synchronize()
+    replay_on_fresh_input(step, x)
     expected_mid = x.double().cpu() @ _gguf_dequantize(qa, "Q4_K", 1024).double().t()
     _check(mid, expected_mid, torch.bfloat16, "Q4_K")
     expected = mid.double().cpu() @ _gguf_dequantize(qb, "Q8_0", 512).double().t()

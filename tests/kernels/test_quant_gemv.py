@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import replay_on_fresh_input
 from tolerances import assert_close
 
 from fuselm.kernels import int4_matmul as i4
@@ -246,14 +247,7 @@ def test_gpu_cuda_graph(pdl):
         quant_gemv.launch_int4_gemv(x, q, s, z, 128, out, 16, 8, 1, pdl)
         quant_gemv.launch_int8_gemv(out, q8, s8, out8, 16, 8, 4, pdl)
 
-    step()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    torch.cuda.synchronize()
+    replay_on_fresh_input(step, x)
     expected = _int4_expected(x, q, s, z, 128)
     _check(out, expected, torch.bfloat16)
     _check(out8, _int8_expected(out, q8, s8), torch.bfloat16)

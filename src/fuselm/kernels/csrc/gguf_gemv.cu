@@ -300,15 +300,8 @@ cudaError_t launch(const QuantGemvParams& p, cudaStream_t stream) {
                         p.num_warps <= 16 && p.qw_stride % 16 == 0 && p.x_stride % 8 == 0 &&
                         is_aligned16(p.qweight) && is_aligned16(p.x);
   if (!shape_ok) return cudaErrorInvalidValue;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>((p.n + kTileRows - 1) / kTileRows));
-  cfg.blockDim = dim3(static_cast<unsigned>(32 * p.num_warps));
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = p.pdl ? 1 : 0;
+  cudaLaunchAttribute attr;
+  cudaLaunchConfig_t cfg = tile_launch_config(p, stream, attr);
   switch (p.dtype) {
     case DType::kBFloat16:
       return launch_typed<__nv_bfloat16, kW>(p, cfg);

@@ -395,15 +395,8 @@ cudaError_t launch_ring(const QuantGemvParams& p, cudaLaunchConfig_t& cfg) {
 
 template <typename T, WKind kW>
 cudaError_t launch_typed(const QuantGemvParams& p, cudaStream_t stream) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>((p.n + kTileRows - 1) / kTileRows));
-  cfg.blockDim = dim3(static_cast<unsigned>(32 * p.num_warps));
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = p.pdl ? 1 : 0;
+  cudaLaunchAttribute attr;
+  cudaLaunchConfig_t cfg = tile_launch_config(p, stream, attr);
   if (p.stages == 1) {  // the strided stream
     if (p.m > kBatch) return cudaErrorInvalidValue;
     cfg.dynamicSmemBytes = static_cast<size_t>(p.num_warps) * kTileRows * kBatch * sizeof(float);

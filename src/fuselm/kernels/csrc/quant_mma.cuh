@@ -164,5 +164,20 @@ __device__ __forceinline__ void store_block_nb(const QuantGemvParams& p, float* 
   }
 }
 
+// The launch of a GEMV over 16-row tiles: one block of num_warps warps a tile, on `stream`,
+// with programmatic dependent launch when p.pdl (`attr` holds that attribute).
+inline cudaLaunchConfig_t tile_launch_config(const QuantGemvParams& p, cudaStream_t stream,
+                                             cudaLaunchAttribute& attr) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>((p.n + kTileRows - 1) / kTileRows));
+  cfg.blockDim = dim3(static_cast<unsigned>(32 * p.num_warps));
+  cfg.stream = stream;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = p.pdl ? 1 : 0;
+  return cfg;
+}
+
 }  // namespace
 }  // namespace fuselm
