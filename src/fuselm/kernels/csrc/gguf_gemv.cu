@@ -296,20 +296,10 @@ cudaError_t launch_typed(const QuantGemvParams& p, cudaLaunchConfig_t& cfg) {
 template <WKind kW>
 cudaError_t launch(const QuantGemvParams& p, cudaStream_t stream) {
   if (p.m == 0 || p.n == 0) return cudaSuccess;
-  const bool shape_ok = p.m <= 2 * kBatch && p.k % Gguf<kW>::kCols == 0 && p.num_warps >= 1 &&
-                        p.num_warps <= 16 && p.qw_stride % 16 == 0 && p.x_stride % 8 == 0 &&
-                        is_aligned16(p.qweight) && is_aligned16(p.x);
-  if (!shape_ok) return cudaErrorInvalidValue;
+  if (!tile_shape_ok(p, Gguf<kW>::kCols)) return cudaErrorInvalidValue;
   cudaLaunchAttribute attr;
   cudaLaunchConfig_t cfg = tile_launch_config(p, stream, attr);
-  switch (p.dtype) {
-    case DType::kBFloat16:
-      return launch_typed<__nv_bfloat16, kW>(p, cfg);
-    case DType::kFloat16:
-      return launch_typed<__half, kW>(p, cfg);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return with_x_dtype(p.dtype, [&](auto x) { return launch_typed<decltype(x), kW>(p, cfg); });
 }
 
 }  // namespace

@@ -412,19 +412,11 @@ cudaError_t launch(const QuantGemvParams& p, cudaStream_t stream) {
   constexpr bool kInt4 = kW == WKind::kInt4;
   if (p.m == 0 || p.n == 0) return cudaSuccess;
   const int64_t cols = kInt4 ? 2 * kStepBytes : kStepBytes;
-  const bool shape_ok = p.m <= 2 * kBatch && p.k % cols == 0 && p.num_warps >= 1 &&
-                        p.num_warps <= 16 && p.qw_stride % 16 == 0 && p.x_stride % 8 == 0 &&
-                        is_aligned16(p.qweight) && is_aligned16(p.x) &&
-                        (!kInt4 || (p.group_size > 0 && p.group_size % cols == 0));
-  if (!shape_ok) return cudaErrorInvalidValue;
-  switch (p.dtype) {
-    case DType::kBFloat16:
-      return launch_typed<__nv_bfloat16, kW>(p, stream);
-    case DType::kFloat16:
-      return launch_typed<__half, kW>(p, stream);
-    default:
-      return cudaErrorInvalidValue;
+  if (!tile_shape_ok(p, cols) ||
+      (kInt4 && (p.group_size <= 0 || p.group_size % cols != 0))) {
+    return cudaErrorInvalidValue;
   }
+  return with_x_dtype(p.dtype, [&](auto x) { return launch_typed<decltype(x), kW>(p, stream); });
 }
 
 }  // namespace

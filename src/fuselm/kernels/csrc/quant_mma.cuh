@@ -179,5 +179,26 @@ inline cudaLaunchConfig_t tile_launch_config(const QuantGemvParams& p, cudaStrea
   return cfg;
 }
 
+// Whether a 16-row-tile GEMV takes p: 1..16 batch rows, K a multiple of the step's `cols`,
+// 1..16 warps, weight rows and x rows 16-byte aligned.
+inline bool tile_shape_ok(const QuantGemvParams& p, int64_t cols) {
+  return p.m <= 2 * kBatch && p.k % cols == 0 && p.num_warps >= 1 && p.num_warps <= 16 &&
+         p.qw_stride % 16 == 0 && p.x_stride % 8 == 0 && is_aligned16(p.qweight) &&
+         is_aligned16(p.x);
+}
+
+// launch(T{}) for x's dtype T (bf16 or fp16); cudaErrorInvalidValue for another dtype.
+template <typename Launch>
+cudaError_t with_x_dtype(DType dtype, Launch&& launch) {
+  switch (dtype) {
+    case DType::kBFloat16:
+      return launch(__nv_bfloat16{});
+    case DType::kFloat16:
+      return launch(__half{});
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
 }  // namespace
 }  // namespace fuselm
