@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fuselm.kernels import quant_gemv
-from fuselm.kernels.fp8_matmul import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE
+from fuselm.kernels.fp8_matmul import FP8_DTYPE, FP8_MAX, amax_scale
 from fuselm.layers.quantization.base import (
     LinearMethod,
     ShardMeta,
@@ -64,7 +64,7 @@ def quant_fp8_row_parallel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     quantizes exactly as one process does: TP runs give TP=1's tokens."""
     amax = x.abs().amax(dim=1, keepdim=True).float()  # [M, 1]
     amax = comm.tp_all_gather(amax, dim=-1).amax(dim=1, keepdim=True)
-    scale = (amax / FP8_MAX).clamp(min=FP8_MIN_SCALE)
+    scale = amax_scale(amax)
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
