@@ -10,10 +10,10 @@ rank's inputs, aligned to whole blocks: 32 values, or 256 for the K-quants) it h
 blocks never cross rows, so row shards are row slices and column shards byte slices.
 ``process_weights_after_loading`` concatenates the parts by rows into one ``qweight`` (on CUDA,
 Q8_0 rows then take the split layout of ``gguf_matmul.q8_0_split``: the same bytes, ordered for
-the CUDA GEMV's 16-byte loads). Where
-the parts' types differ (llama.cpp's Q4_K_M keeps some ``attn_v`` in Q6_K), consecutive parts
-of one type become one segment each (``qweight``, ``qweight_1``, ...) and ``apply`` runs one
-matmul per segment; a float part (F16/F32/BF16 in the file) is a float segment (``F.linear``).
+the CUDA GEMV's 16-byte loads). Where the parts' types differ (llama.cpp's Q4_K_M keeps some
+``attn_v`` in Q6_K), consecutive parts of one type become one segment each (``qweight``,
+``qweight_1``, ...) and ``apply`` runs one matmul per segment; a float part (F16/F32/BF16 in the
+file) is a float segment (``F.linear``).
 
 ``apply`` runs the model's KernelSet ``gguf_matmul`` (Triton on CUDA: gemv, gemm or
 dequantize + cuBLAS per batch from the tuning table; on a CPU the reference, which dequantizes
