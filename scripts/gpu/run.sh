@@ -5,7 +5,7 @@
 # step does not stop the later ones, and the script exits 1 if any failed.
 #
 # Usage (repo root or anywhere):  OUT=/dir scripts/gpu/run.sh [steps...]
-#   steps: wheels env build tests kbench abench gemv kquant ncu latency gap engine structured quant fp8e2e ab dist pack
+#   steps: wheels env build tests kbench abench gemv kquant kgguf ncu latency gap engine structured quant fp8e2e ab dist pack
 #   default: wheels env build tests kbench abench gemv latency gap engine pack
 #     wheels   installs the wheels in .whl/ (packages the device image lacks: FastAPI, uvicorn,
 #              xgrammar, gguf, jsonschema, ...; see docs/perf/README.md) into /tmp/site, on
@@ -17,6 +17,8 @@
 #     abench   attention kernels with their config sweep
 #     gemv     batch-1 gemv against cuBLAS (tables to $OUT/configs, never into the package)
 #     kquant   fuselm.bench.kernels_quant (KQUANT_ARGS, default --quick; tables to $OUT/configs)
+#     kgguf    fuselm.bench.kernels_gguf (KGGUF_ARGS, default --batches 1,4,16 --budget-s 120;
+#              tables to $OUT/configs): the GGUF packed matmuls, the CUDA GEMV's launches swept
 #     ncu      Nsight Compute sections of the CUDA weight-only GEMV for each of NCU_CASES
 #              (';'-separated argument lists of scripts/ncu_quant_gemv.py)
 #     latency  fuselm bench latency, Llama-3-8B shape, dummy weights, against HF
@@ -162,6 +164,8 @@ for step in $STEPS; do
       --configs-dir "$OUT/configs" ;;
     kquant) run_step kquant 400 python -m fuselm.bench.kernels_quant --output-dir "$OUT" \
       --configs-dir "$OUT/configs" ${KQUANT_ARGS:---quick} ;;
+    kgguf) run_step kgguf 300 python -m fuselm.bench.kernels_gguf --output-dir "$OUT" \
+      --configs-dir "$OUT/configs" ${KGGUF_ARGS:---batches 1,4,16 --budget-s 120} ;;
     ncu) IFS=';' read -ra cases <<< "${NCU_CASES:-int4 28672 4096 1 8 1;int4 28672 4096 1 8 4}"
       for c in "${cases[@]}"; do
         # shellcheck disable=SC2086  # a case is the script's argument list
