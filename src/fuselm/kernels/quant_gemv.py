@@ -75,9 +75,9 @@ def default_launch(n: int, k_steps: int, m: int) -> tuple[int, int, int]:
     return 16, warps, 1 if m <= STRIDED_MAX_M else 2
 
 
-def _runnable(x: torch.Tensor, qweight: torch.Tensor, out: torch.Tensor, num_stages: int) -> bool:
-    """The inputs the kernel takes (the binding raises on the others)."""
-    return (x.is_cuda and x.dtype in _DTYPES and 0 < x.shape[0] <= max_rows(num_stages)
+def _runnable(x: torch.Tensor, qweight: torch.Tensor, out: torch.Tensor, max_m: int) -> bool:
+    """The inputs the kernels take, up to ``max_m`` rows (the binding raises on the others)."""
+    return (x.is_cuda and x.dtype in _DTYPES and 0 < x.shape[0] <= max_m
             and x.stride(1) == 1
             and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0 and qweight.stride(1) == 1
             and qweight.stride(0) % 16 == 0 and qweight.data_ptr() % 16 == 0
@@ -92,7 +92,7 @@ def launch_int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     ops = _ops(build=True)
     if (ops is None or group_size % INT4_STEP_COLS or not valid_launch(block_n, num_warps,
                                                                         num_stages)
-            or not _runnable(x, qweight, out, num_stages)
+            or not _runnable(x, qweight, out, max_rows(num_stages))
             or (scales.shape[1] > 1 and (scales.stride(1) != 1 or zeros.stride(1) != 1))):
         return False
     ops.int4_gemv(out, x, qweight, scales, zeros, group_size, num_warps, num_stages, pdl)
@@ -107,7 +107,7 @@ def launch_int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     ops = _ops(build=True)
     if (ops is None or x.shape[1] % INT8_STEP_COLS or not valid_launch(block_n, num_warps,
                                                                         num_stages)
-            or not _runnable(x, qweight, out, num_stages) or scales.stride(0) != 1):
+            or not _runnable(x, qweight, out, max_rows(num_stages)) or scales.stride(0) != 1):
         return False
     ops.int8_gemv(out, x, qweight, scales, num_warps, num_stages, pdl)
     return True
@@ -121,7 +121,7 @@ def launch_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
     ops = _ops(build=True)
     if (ops is None or x.shape[1] % INT8_STEP_COLS or weight.dtype != torch.float8_e4m3fn
             or not valid_launch(block_n, num_warps, num_stages)
-            or not _runnable(x, weight, out, num_stages) or scales.dim() != 1
+            or not _runnable(x, weight, out, max_rows(num_stages)) or scales.dim() != 1
             or scales.stride(0) != 1 or scales.shape[0] != weight.shape[0]):
         return False
     ops.fp8_gemv(out, x, weight, scales, num_warps, num_stages, pdl)
@@ -153,11 +153,7 @@ def launch_gguf_gemv(x: torch.Tensor, qweight: torch.Tensor, ggml_type: int, out
     cols = GGUF_STEP_COLS.get(ggml_type)
     if (cols is None or x.shape[1] % cols or not 1 <= num_warps <= 16
             or (x.shape[0] > STRIDED_MAX_M and num_warps > GGUF_TWO_TILE_WARPS)
-            or not (x.is_cuda and x.dtype in _DTYPES and 0 < x.shape[0] <= GGUF_MAX_M
-                    and x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0)
-            or qweight.dtype != torch.uint8 or qweight.stride(1) != 1
-            or qweight.stride(0) % 16 or qweight.data_ptr() % 16
-            or out.stride(1) != 1 or out.dtype != x.dtype):
+            or qweight.dtype != torch.uint8 or not _runnable(x, qweight, out, GGUF_MAX_M)):
         return False
     ops = _ops(build=True)
     if ops is None:
