@@ -88,7 +88,11 @@ def test_gemm_and_dequant_variants(dtype, m, n, k, g, cfg):
 # the gemm kernel at odd sizes: M past a block, N odd (masked rows), 4 groups, K steps of a
 # group and less, both operand roles
 ODD_GEMM = [Cfg("gemm", 16, 32, 4, 2, 16), Cfg("gemm", 32, 64, 4, 2, 32),
-            Cfg("gemm", 16, 16, 4, 1, 32, 1), Cfg("gemm", 32, 64, 4, 2, 16, 1)]
+            Cfg("gemm", 16, 16, 4, 1, 32, 1), Cfg("gemm", 32, 64, 4, 2, 16, 1),
+            # split K: 8 steps into runs of 3, 3, 2 (the second starts inside a group); 4
+            # steps into 4 (more splits asked than steps); the batch on the M side, 2 runs
+            Cfg("gemm", 16, 32, 4, 2, 16, 0, 3), Cfg("gemm", 32, 64, 4, 2, 16, 0, 8),
+            Cfg("gemm", 16, 32, 4, 1, 32, 1, 2)]
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
@@ -150,6 +154,15 @@ def test_bad_input():
         Cfg.from_dict({"variant": "splitk"})
     with pytest.raises(ValueError, match="cannot run"):
         i4.launch_int4_matmul(x, q, s, z, 32, torch.empty(1, 8), Cfg("gemm", 16, 64, 4))
+    for cfg in (Cfg("gemm", 16, 32, 4, split_k=0), Cfg("dequant", 0, 0, 4, split_k=2)):
+        with pytest.raises(ValueError, match="cannot run"):
+            i4.launch_int4_matmul(x, q, s, z, 32, torch.empty(1, 8), cfg)
+
+
+def test_split_k_config_round_trips_the_table():
+    cfg = Cfg("gemm", 32, 128, 4, 3, 64, 1, 4)
+    assert Cfg.from_dict(cfg.to_dict()) == cfg and cfg.label.endswith("_x1_sk4")
+    assert Cfg.from_dict({"variant": "gemm", "block_n": 32, "block_k": 128}).split_k == 1
 
 
 def test_resolver_rows():
@@ -187,6 +200,7 @@ def test_gpu_bf16_8b_shapes(n, k, m):
 
 
 GPU_VARIANTS = [*GEMV, GEMV[0]._replace(mode=1), GEMV[0]._replace(mode=2), *GEMM,
+                Cfg("gemm", 32, 128, 4, 3, 64, 1, 4), Cfg("gemm", 32, 128, 4, 3, 16, 0, 3),
                 Cfg("gemm", 128, 128, 8, 3, 128), Cfg("gemm", 64, 128, 4, 3, 16),
                 Cfg("gemm", 128, 64, 8, 3, 128, 1), Cfg("gemm", 256, 64, 8, 3, 64, 1),
                 Cfg("dequant", 0, 0, 4)]
@@ -211,7 +225,8 @@ def test_gpu_bf16_variants(cfg):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("cfg", [Cfg("gemm", 64, 128, 4, 3, 16), Cfg("gemm", 128, 64, 8, 4, 64),
                                  Cfg("gemm", 128, 64, 8, 3, 128, 1),
-                                 Cfg("gemm", 64, 64, 4, 3, 64, 1)], ids=lambda c: c.label)
+                                 Cfg("gemm", 64, 64, 4, 3, 64, 1),
+                                 Cfg("gemm", 32, 128, 4, 3, 64, 1, 3)], ids=lambda c: c.label)
 def test_gpu_gemm_odd_shapes(dtype, cfg):
     """The PTX dequantization (bf16 and fp16) with masked rows (N odd) and a batch tail."""
     _need_triton()

@@ -81,7 +81,11 @@ def test_gemm_and_dequant_variants(dtype, m, n, k, cfg):
 # the gemm kernel at odd sizes: M past a block, N odd (masked rows), several K steps, both
 # operand roles
 ODD_GEMM = [Cfg("gemm", 16, 32, 4, 2, 16), Cfg("gemm", 32, 64, 4, 2, 32),
-            Cfg("gemm", 16, 16, 4, 1, 32, 1), Cfg("gemm", 32, 64, 4, 2, 16, 1)]
+            Cfg("gemm", 16, 16, 4, 1, 32, 1), Cfg("gemm", 32, 64, 4, 2, 16, 1),
+            # split K: 8 steps into runs of 3, 3, 2 (each run scaled before the sum); 4 steps
+            # into 4; the batch on the M side, 2 runs
+            Cfg("gemm", 16, 32, 4, 2, 16, 0, 3), Cfg("gemm", 32, 64, 4, 2, 16, 0, 8),
+            Cfg("gemm", 16, 32, 4, 1, 32, 1, 2)]
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
@@ -130,6 +134,9 @@ def test_bad_input():
         i8.int8_matmul_ref(x, q, s[:4])
     with pytest.raises(ValueError, match="cannot run"):
         i8.launch_int8_matmul(x, q, s, torch.empty(1, 8), Cfg("gemm", 16, 48, 4))
+    for cfg in (Cfg("gemm", 16, 32, 4, split_k=-1), Cfg("gemv", 8, 64, 2, split_k=2)):
+        with pytest.raises(ValueError, match="cannot run"):
+            i8.launch_int8_matmul(x, q, s, torch.empty(1, 8), cfg)
 
 
 def test_resolver_rows():
@@ -184,6 +191,7 @@ def test_gpu_bf16_8b_shapes(n, k, m):
 
 
 GPU_VARIANTS = [*GEMV, GEMV[0]._replace(mode=1), GEMV[0]._replace(mode=2), *GEMM,
+                Cfg("gemm", 32, 128, 4, 3, 64, 1, 4), Cfg("gemm", 32, 128, 4, 3, 16, 0, 3),
                 Cfg("gemm", 64, 128, 4, 3, 16),
                 Cfg("gemm", 128, 64, 8, 3, 128, 1), Cfg("gemm", 256, 64, 8, 3, 64, 1),
                 Cfg("dequant", 0, 0, 4)]
@@ -205,7 +213,8 @@ def test_gpu_bf16_variants(cfg):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("cfg", [Cfg("gemm", 64, 128, 4, 3, 16), Cfg("gemm", 128, 64, 8, 4, 64),
                                  Cfg("gemm", 128, 64, 8, 3, 128, 1),
-                                 Cfg("gemm", 64, 256, 4, 3, 64, 1)], ids=lambda c: c.label)
+                                 Cfg("gemm", 64, 256, 4, 3, 64, 1),
+                                 Cfg("gemm", 32, 128, 4, 3, 64, 1, 3)], ids=lambda c: c.label)
 def test_gpu_gemm_odd_shapes(dtype, cfg):
     """The PTX byte conversion (bf16 and fp16) with masked rows (N odd) and a batch tail; the
     weights are exact, so only the output rounding remains."""

@@ -59,19 +59,24 @@ def cuda_gemv_sweep(m: int) -> list[Cfg]:
 
 
 def gemm_sweep(m: int, max_k: int) -> list[Cfg]:
-    """Tensor-core configs tried at batch m (block_k at most ``max_k``: the group for int4)."""
+    """Tensor-core configs tried at batch m (block_k at most ``max_k``: the group for int4):
+    (block_m, block_n, block_k, warps, stages[, mode, split_k])."""
     k1, k2 = max_k, max_k // 2
-    # small block_n: enough programs for N = 4096 (block_n 64 gave 64 programs: 1/2 the SMs)
+    # small block_n: enough programs for N = 4096 (block_n 64 gave 64 programs: 1/2 the SMs);
+    # split K multiplies the programs of the narrow shapes (N = 4096 / 6144: 96-192 tiles)
     if m <= 16:
         cands = [(16, 16, k1, 1, 3), (16, 32, k1, 2, 3), (16, 32, k2, 2, 4), (16, 64, k1, 4, 3),
-                 (16, 16, k2, 1, 4)]
+                 (16, 16, k2, 1, 4), (16, 32, k1, 2, 3, 0, 2), (16, 64, k1, 4, 3, 0, 4)]
     elif m <= 64:
         cands = [(64, 32, k1, 4, 3), (32, 32, k1, 2, 3), (64, 64, k1, 4, 3), (32, 64, k1, 4, 3),
-                 (64, 16, k1, 2, 3)]
+                 (64, 16, k1, 2, 3), (64, 32, k1, 4, 3, 1, 2), (64, 32, k1, 4, 3, 1, 4),
+                 (64, 64, k1, 4, 3, 1, 4), (64, 32, k1, 4, 3, 0, 4), (32, 32, k1, 2, 3, 0, 4),
+                 (64, 128, k1, 8, 3, 1, 2)]
     else:
         cands = [(128, 64, k1, 4, 3), (64, 64, k1, 4, 3), (128, 32, k1, 4, 3),
-                 (128, 128, k1, 8, 3), (256, 64, k2, 8, 3)]
-    return [Cfg("gemm", bn, bk, w, s, bm) for bm, bn, bk, w, s in cands]
+                 (128, 128, k1, 8, 3), (256, 64, k2, 8, 3), (128, 64, k1, 4, 3, 0, 2),
+                 (128, 64, k1, 8, 4, 1, 2), (64, 64, k1, 4, 3, 1, 2)]
+    return [Cfg("gemm", c[1], c[2], c[3], c[4], c[0], *c[5:]) for c in cands]
 
 
 class Case:

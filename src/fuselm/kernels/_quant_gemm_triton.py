@@ -267,12 +267,44 @@ def _load_words(ptrs, rmask, EVEN_N: tl.constexpr):
 
 
 @triton.jit
+def _split_range(out_ptr, K, split_steps, split_stride, BLOCK_K: tl.constexpr):
+    """This program's K range ``[k_lo, k_hi)`` (axis 2 = its share of split K) and the output
+    it writes: its own partial plane."""
+    split = tl.program_id(2)
+    k_lo = split * split_steps * BLOCK_K
+    k_hi = tl.minimum(k_lo + split_steps * BLOCK_K, K)
+    return k_lo, k_hi, out_ptr + split.to(tl.int64) * split_stride
+
+
+@triton.jit
+def _split_sum_kernel(
+    part_ptr,  # fp32 [SPLIT, M, N] contiguous
+    out_ptr,  # [M, N], rows out_stride apart
+    M,
+    N,
+    out_stride,
+    SPLIT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    pdl_wait_then_release(USE_PDL)
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    src = part_ptr + row * N + cols
+    acc = tl.load(src, mask=mask, other=0.0)
+    for i in tl.static_range(1, SPLIT):  # a fixed order: the same sum every run
+        acc += tl.load(src + i * M * N, mask=mask, other=0.0)
+    tl.store(out_ptr + row * out_stride + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _int4_gemm_kernel(
     x_ptr,  # [M, K], rows x_stride apart
     qw_ptr,  # int32 [N, K // 8] (the uint8 [N, K // 2] weight as words), rows qw_stride apart
     s_ptr,  # [N, K // G], rows s_stride apart
     z_ptr,  # uint8 [N, K // G], rows z_stride apart
-    out_ptr,  # [M, N], rows out_stride apart
+    out_ptr,  # [M, N], rows out_stride apart (split K: fp32 partials, planes split_stride apart)
     M,
     N,
     K,
@@ -281,6 +313,8 @@ def _int4_gemm_kernel(
     s_stride,
     z_stride,
     out_stride,
+    split_steps,  # K steps a program of axis 2 runs (all of them without split K)
+    split_stride,
     GROUP: tl.constexpr,  # G, a multiple of BLOCK_K
     ASM: tl.constexpr,  # the PTX dequantization (GPU, 16-bit x)
     BLOCK_M: tl.constexpr,
@@ -307,9 +341,10 @@ def _int4_gemm_kernel(
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     last_group = K // GROUP - 1
-    s = _load_rows(s_rows, rmask, EVEN_N)
-    z = _load_rows(z_rows, rmask, EVEN_N)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+    k_lo, k_hi, out_ptr = _split_range(out_ptr, K, split_steps, split_stride, BLOCK_K)
+    s = _load_rows(s_rows + k_lo // GROUP, rmask, EVEN_N)
+    z = _load_rows(z_rows + k_lo // GROUP, rmask, EVEN_N)
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
         words = _load_words(qw_tile + k0 // 8, rmask, EVEN_N)
         # the next step's scales and zeros: in flight during this step (the pipeliner does
         # not stage these 1-2 byte loads; a queue two steps deep stops it pipelining at all)
@@ -328,13 +363,15 @@ def _int8_gemm_kernel(
     x_ptr,  # [M, K], rows x_stride apart
     qw_ptr,  # int32 [N, K // 4] (the int8 [N, K] weight as words), rows qw_stride apart
     s_ptr,  # [N]
-    out_ptr,  # [M, N], rows out_stride apart
+    out_ptr,  # [M, N], rows out_stride apart (split K: fp32 partials, planes split_stride apart)
     M,
     N,
     K,
     x_stride,
     qw_stride,
     out_stride,
+    split_steps,
+    split_stride,
     ASM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -357,7 +394,8 @@ def _int8_gemm_kernel(
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+    k_lo, k_hi, out_ptr = _split_range(out_ptr, K, split_steps, split_stride, BLOCK_K)
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
         words = _load_words(qw_tile + k0 // 4, rmask, EVEN_N)
         w = _int8_tile(words, x_ptr.dtype.element_ty, ASM)  # [BLOCK_N, BLOCK_K]
         acc = _mma(acc, w, x_tile, k0, cmask, SWAP, PREC)
@@ -379,16 +417,41 @@ def _meta(x: torch.Tensor, cfg, n: int) -> dict:
                 num_warps=cfg.num_warps, launch_pdl=pdl)
 
 
+def _split(m: int, n: int, k: int, cfg, out: torch.Tensor) -> tuple[int, int, torch.Tensor]:
+    """(programs along K, K steps each, the tensor the kernel writes): ``out`` itself, or
+    fp32 partials ``[splits, M, N]`` when ``cfg.split_k`` leaves more than one program."""
+    steps = k // cfg.block_k
+    per = -(-steps // max(1, cfg.split_k))
+    splits = -(-steps // per)
+    if splits == 1:
+        return 1, steps, out
+    return splits, per, torch.empty((splits, m, n), dtype=torch.float32, device=out.device)
+
+
+def _sum_splits(part: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = part.sum(0)`` in out's dtype, the partials added in order (no atomics)."""
+    splits, m, n = part.shape
+    block = 512
+    pdl = _pdl.use_pdl(out)
+    _split_sum_kernel[(m, triton.cdiv(n, block))](part, out, m, n, out.stride(0), SPLIT=splits,
+                                                  BLOCK=block, USE_PDL=pdl, num_warps=4,
+                                                  launch_pdl=pdl)
+
+
 def int4_gemm(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
               group_size: int, out: torch.Tensor, cfg) -> None:
     """``out [M, N] = x @ W.T`` of the int4 layout (words: the weight as int32 ``[N, K // 8]``)
     with ``cfg`` (a valid ``gemm`` config: ``group_size % cfg.block_k == 0``)."""
     m, k = x.shape
     n = words.shape[0]
-    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n))
+    splits, per, dst = _split(m, n, k, cfg, out)
+    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), splits)
     _int4_gemm_kernel[grid](
-        x, words, scales, zeros, out, m, n, k, x.stride(0), words.stride(0), scales.stride(0),
-        zeros.stride(0), out.stride(0), GROUP=group_size, **_meta(x, cfg, n))
+        x, words, scales, zeros, dst, m, n, k, x.stride(0), words.stride(0), scales.stride(0),
+        zeros.stride(0), dst.stride(-2), per, m * n if splits > 1 else 0, GROUP=group_size,
+        **_meta(x, cfg, n))
+    if splits > 1:
+        _sum_splits(dst, out)
 
 
 def int8_gemm(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, out: torch.Tensor,
@@ -397,6 +460,9 @@ def int8_gemm(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, out: t
     with ``cfg`` (a valid ``gemm`` config: ``K % cfg.block_k == 0``)."""
     m, k = x.shape
     n = words.shape[0]
-    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n))
-    _int8_gemm_kernel[grid](x, words, scales, out, m, n, k, x.stride(0), words.stride(0),
-                            out.stride(0), **_meta(x, cfg, n))
+    splits, per, dst = _split(m, n, k, cfg, out)
+    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), splits)
+    _int8_gemm_kernel[grid](x, words, scales, dst, m, n, k, x.stride(0), words.stride(0),
+                            dst.stride(-2), per, m * n if splits > 1 else 0, **_meta(x, cfg, n))
+    if splits > 1:
+        _sum_splits(dst, out)

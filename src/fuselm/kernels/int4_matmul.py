@@ -115,7 +115,10 @@ def default_config(n: int, k: int, group_size: int, m: int,
 
 def valid_config(cfg: QuantMatmulConfig, group_size: int) -> bool:
     """Whether ``cfg`` can run this group size (a K step of ``gemm`` lies within one group; a
-    word chunk of ``gemv`` too; ``cuda_gemv`` needs G % 128 == 0)."""
+    word chunk of ``gemv`` too; ``cuda_gemv`` needs G % 128 == 0; ``split_k`` > 1 only for
+    ``gemm``)."""
+    if cfg.split_k != 1 and (cfg.variant != "gemm" or cfg.split_k < 1):
+        return False
     if cfg.variant == "cuda_gemv":
         return (group_size % quant_gemv.INT4_STEP_COLS == 0
                 and quant_gemv.valid_launch(cfg.block_n, cfg.num_warps, cfg.num_stages)

@@ -82,6 +82,8 @@ class QuantMatmulConfig(NamedTuple):
     mode: int = 0  # gemv: bit 0 = x loaded as one vector a word and split in registers (XVEC),
     #               bit 1 = the next step's weights loaded before this step's math (NEXT);
     #               gemm: bit 0 = the batch is the MMA's M side (else swap-AB)
+    split_k: int = 1  # gemm: programs sharing one output tile, each a contiguous run of K
+    #                  steps into an fp32 partial; a second kernel sums them in order
 
     @property
     def label(self) -> str:
@@ -90,8 +92,9 @@ class QuantMatmulConfig(NamedTuple):
             return "dequant"
         m = f"_m{self.block_m}" if self.variant == "gemm" else ""
         mode = f"_x{self.mode}" if self.mode else ""
+        split = f"_sk{self.split_k}" if self.split_k != 1 else ""
         return (f"{self.variant}{m}_n{self.block_n}_k{self.block_k}_w{self.num_warps}"
-                f"_s{self.num_stages}{mode}")
+                f"_s{self.num_stages}{mode}{split}")
 
     @classmethod
     def from_dict(cls, d: dict) -> QuantMatmulConfig:
@@ -100,7 +103,7 @@ class QuantMatmulConfig(NamedTuple):
             raise ValueError(f"unknown weight-only matmul variant {d.get('variant')!r}")
         return cls(str(d["variant"]), int(d.get("block_n", 0)), int(d.get("block_k", 0)),
                    int(d.get("num_warps", 4)), int(d.get("num_stages", 1)),
-                   int(d.get("block_m", 16)), int(d.get("mode", 0)))
+                   int(d.get("block_m", 16)), int(d.get("mode", 0)), int(d.get("split_k", 1)))
 
     def to_dict(self) -> dict:
         """The ``triton`` entry of the tuning table."""
@@ -164,10 +167,13 @@ def default_config(n: int, k: int, m: int, cuda: bool | None = None) -> QuantMat
 
 
 def valid_config(cfg: QuantMatmulConfig, k: int) -> bool:
-    """Whether ``cfg`` can run K (words need K % 4; a gemm K step must divide K; not swap-AB
+    """Whether ``cfg`` can run K (words need K % 4; a gemm K step must divide K; ``split_k``
+    > 1 only for ``gemm``; not swap-AB
     ``gemm`` with 128+ weight rows over 8+ warps and 128+ batch rows: on the H200 ``block_n
     128 block_k 64 8 warps block_m 128`` wrote garbage into half of the outputs, cause not
     found yet; the same with ``block_m 64`` was right)."""
+    if cfg.split_k != 1 and (cfg.variant != "gemm" or cfg.split_k < 1):
+        return False
     if cfg.variant == "cuda_gemv":
         return (k % quant_gemv.INT8_STEP_COLS == 0
                 and quant_gemv.valid_launch(cfg.block_n, cfg.num_warps, cfg.num_stages)
