@@ -4,7 +4,11 @@ math in those modules' docstrings).
 A program owns ``BLOCK_N`` weight rows and ``BLOCK_M`` batch rows. Each K step reads the packed
 weight as int32 words, dequantizes the tile in registers to x's dtype in the natural column
 order (so x's tile is an ordinary contiguous load) and feeds ``tl.dot`` with fp32
-accumulation: one dot chain over all of K, the accumulator never leaves the MMA.
+accumulation: one dot chain over the program's K range. Split K (config ``split_k`` > 1, grid
+axis 2): the programs of one output tile take contiguous runs of K steps and write fp32
+partials ``[splits, M, N]``; ``_split_sum_kernel`` adds them in a fixed order into ``out``
+(deterministic: no atomics). It multiplies the programs of the narrow shapes (N = 4096 / 6144
+give 96-192 tiles at batch 16-64 on 132 SMs), whose single chain of K steps was latency-bound.
 
 - int4: ``w = (q - z) * s`` per group in x's dtype (the group's scale rounded to x's dtype, then
   the product rounded once: what the ``dequant`` variant computes). A K step lies within one
@@ -22,12 +26,11 @@ values: every product is exact in fp32 before its single rounding).
 (64 rows a warp group) and the batch its N side (>= 8); 0 (large batch) the batch is M and
 the dequantized weight tile the B operand in shared memory.
 
-H200, Llama-3-8B shapes (the ``us`` of ``configs/int{4,8}_matmul.json``): faster than bf16
-cuBLAS only where the weight stream dominates and the grid is wide (int8 at M = 16: 0.71-0.84x
-its time; gate_up at M = 16/64 for both); 1.1-1.6x its time on the N = 4096 / 6144 shapes at
-M = 16/64 (few programs of small tiles: each K step's load latency shows, int4's scale loads
-are one step ahead only) and 1.5-2.1x at M = 256 (a program's dequantization and MMA do not
-overlap: each dot waits for its shared-memory weight tile).
+H200, Llama-3-8B shapes (the ``us`` of ``configs/int{4,8}_matmul.json``): with split K 0.56-0.76x
+bf16 cuBLAS's time at M = 16 and 0.90-1.0x at M = 64 (without it, 1.1-1.6x on the N = 4096 /
+6144 shapes: few programs, each K step's load latency exposed); 1.5-2.0x at M = 256 (a
+program's dequantization and MMA do not overlap: each dot waits for its shared-memory weight
+tile; split K does not help there).
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ on Hopper): a shift and a LOP3 put a nibble into the mantissa of a float constan
   ``(q - z) * s`` in x's dtype in registers (PTX: LOP3 puts nibble pairs into the mantissas of
   bf16 128 / fp16 1024, PRMT regroups them, then a packed sub and mul), one ``tl.dot`` chain in
   fp32 over K; a K step lies within one group; config mode bit 0 puts the batch on the MMA's
-  M side (else swap-AB: the weight rows are M).
+  M side (else swap-AB: the weight rows are M); ``split_k`` > 1 gives each output tile that
+  many programs, each a run of K steps (fp32 partials, then summed in order).
 - ``dequant``: the weight dequantized to x's dtype (one kernel), then cuBLAS.
 - ``cuda_gemv`` (M <= 16, fp16/bf16 x, G % 128 == 0): the CUDA tensor-core GEMV of
   ``quant_gemv.py``; inputs it does not take run the Triton ``default_config``.

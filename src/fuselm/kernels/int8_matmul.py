@@ -13,7 +13,8 @@ The Triton kernels read the weight as int32 words (word w = columns 4w..4w+3, by
 - ``gemm`` (larger M): the tensor-core kernel of ``_quant_gemm_triton.py``: a K step's words
   become the exact bytes in x's dtype in registers (PTX: the byte + 128 in the mantissa of
   2^23, minus 2^23 + 128), one ``tl.dot`` chain in fp32 over K, the scale on the finished sum;
-  config mode bit 0 puts the batch on the MMA's M side (else swap-AB: the weight rows are M).
+  config mode bit 0 puts the batch on the MMA's M side (else swap-AB: the weight rows are M);
+  ``split_k`` > 1 splits K over that many programs an output tile (fp32 partials, summed).
 - ``dequant``: cuBLAS on the dequantized weight: for bf16 x the exact bytes, the scale on the
   output; else ``q * s`` in x's dtype (one Triton kernel).
 - ``cuda_gemv`` (M <= 16, fp16/bf16 x, K % 64 == 0): the CUDA tensor-core GEMV of
