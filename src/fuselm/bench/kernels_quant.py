@@ -143,12 +143,14 @@ class Case:
             base = [mod.config_for(self.n, self.k, GROUP, m, device),
                     mod.default_config(self.n, self.k, GROUP, m)]
             sweep = (GEMV4 if m <= 4 else []) + gemm_sweep(m, GROUP)
+            sweep = [c for c in sweep if mod.valid_config(c, GROUP)]
         else:
             from fuselm.kernels import int8_matmul as mod
 
             base = [mod.config_for(self.n, self.k, m, device),
                     mod.default_config(self.n, self.k, m)]
             sweep = (GEMV8 if m <= 4 else []) + gemm_sweep(m, 128)
+            sweep = [c for c in sweep if mod.valid_config(c, self.k)]  # e.g. refused swap-AB
         dequant = [Cfg("dequant", 0, 0, 4)]
         cuda = cuda_gemv_sweep(m)
         return list(dict.fromkeys(base + cuda + (dequant if quick else sweep + dequant)))
