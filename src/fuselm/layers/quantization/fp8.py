@@ -14,8 +14,11 @@ dequantizes the weight and runs ``F.linear`` in x's dtype. On a GPU, batches of 
 KernelSet's ``fp8_w8a16_gemv`` (the CUDA GEMV where the extension is built) multiplies x as it
 is by the e4m3 weights (decode reads the weights only).
 
-Online quantization (``--quantization fp8``): ``weight_scale = max|W_row| / 448``,
-``weight = W / weight_scale`` saturated to e4m3 (relative error <= 2^-4 per element).
+Online quantization (``--quantization fp8``): per output channel the ``weight_scale`` (one of
+``max|W_row| / 448 * 2^(j / 32)``, j = 0..31) whose e4m3 row has the least squared error,
+``weight = W / weight_scale`` rounded to e4m3 (relative error <= 2^-4 per element). On the
+default model (its weights on Q4_1 levels) the search took W8A8 perplexity from +3.02 % to
++2.15 % of the float model's on 17,391 tokens (docs/perf/quality.md).
 """
 
 from __future__ import annotations
@@ -39,12 +42,40 @@ from fuselm.parallel import comm
 _MIN_SCALE = 1e-12
 
 
+SCALE_CANDIDATES = 32
+"""Scales tried per output channel by ``quantize_fp8_per_channel``: ``max|W_row| / 448`` times
+``2^(j / 32)``, j = 0..31 (one octave: e4m3's grid repeats beyond it; none clips a weight)."""
+
+
 def quantize_fp8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float ``[N, K]`` -> ``(weight e4m3fn [N, K], weight_scale float32 [N])``."""
-    w = weight.float()
-    scale = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=_MIN_SCALE)
-    q = (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return q.contiguous(), scale
+    """Float ``[N, K]`` -> ``(weight e4m3fn [N, K], weight_scale float32 [N])``: each row's
+    scale is the candidate (``SCALE_CANDIDATES``) whose dequantized row has the least squared
+    error, the first on ties (j = 0 is ``max|W_row| / 448``)."""
+    n, k = weight.shape
+    q = torch.empty(n, k, dtype=FP8_DTYPE, device=weight.device)
+    scales = torch.empty(n, dtype=torch.float32, device=weight.device)
+    rows = max(1, (64 << 20) // max(1, 4 * k))  # ~64 MB of float32 temporaries at a time
+    steps = 2.0 ** (torch.arange(SCALE_CANDIDATES, dtype=torch.float32) / SCALE_CANDIDATES)
+    for r0 in range(0, n, rows):
+        w = weight[r0:r0 + rows].float()
+        base = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=_MIN_SCALE)
+        best, best_err = base, None
+        for step in steps.tolist():
+            s = base * step
+            err = _dequantized(w, s).sub_(w).square_().sum(dim=1)
+            if best_err is None:
+                best_err = err
+            else:
+                better = err < best_err
+                best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
+        q[r0:r0 + rows] = (w / best[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        scales[r0:r0 + rows] = best
+    return q, scales
+
+
+def _dequantized(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``w`` rounded to e4m3 under row scales ``s`` and scaled back (float32)."""
+    return (w / s[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float().mul_(s[:, None])
 
 
 def dequantize_fp8(weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
