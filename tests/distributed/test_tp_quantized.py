@@ -1,6 +1,7 @@
-"""TP=2 on gloo with --quantization int4 and fp8: the same greedy tokens as TP=1 with the same
-quantization (each rank quantizes its own shard: per-channel scales and int4 groups do not cross
-a shard boundary, so both runs hold the same quantized weights).
+"""TP=2 on gloo with --quantization int4, fp8 and int8: the same greedy tokens as TP=1 with the
+same quantization (each rank quantizes its own shard: int4 groups do not cross a shard boundary;
+a row-parallel fp8 layer combines its row statistics over the ranks, so it picks TP=1's scales;
+a row-parallel int8 layer's scales are its shard's, a rounding away from TP=1's).
 
 Rank 0 runs this file as a script in a subprocess (it spawns the other rank); the TP=1 run is
 in this process.
@@ -41,7 +42,7 @@ def checkpoint(tmp_path_factory):
     return make_quant_checkpoint(tmp_path_factory.mktemp("tpq") / "m")
 
 
-@pytest.mark.parametrize("quantization", ["int4", "fp8"])
+@pytest.mark.parametrize("quantization", ["int4", "fp8", "int8"])
 def test_tp2_quantized_matches_tp1(checkpoint, quantization) -> None:
     from tests.distributed.dist_helpers import driver_env
 
