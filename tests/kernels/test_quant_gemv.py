@@ -19,9 +19,10 @@ from fuselm.kernels.int4_matmul import QuantMatmulConfig as Cfg
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.bfloat16, torch.float16]
 # (block_n, num_warps, num_stages): warp counts up to 16, odd ones too; stages 1 the strided
-# stream, 2 and 4 the ring of that depth
+# stream, 2 and 4 the ring of that depth, 3 the lean ring (13: its two-accumulator form)
 LAUNCHES = [(16, 8, 1), (16, 16, 1), (16, 3, 1), (16, 8, 2), (16, 1, 2), (16, 5, 2),
-            (16, 16, 4), (16, 3, 4), (16, 7, 4)]
+            (16, 16, 4), (16, 3, 4), (16, 7, 4), (16, 8, 3), (16, 1, 3), (16, 5, 3), (16, 16, 3),
+            (16, 3, 13), (16, 16, 13)]
 
 
 def _stages_for(m):
@@ -144,7 +145,8 @@ def test_packaged_tables_name_valid_launches():
 @pytest.mark.parametrize("m", range(1, 17))
 def test_gpu_int4_batch_and_odd_n(dtype, m):
     _need_cuda_gemv()
-    for n, k, g in [(333, 512, 128), (40, 768, 256), (16, 128, 128), (21, 2816, 128)]:
+    for n, k, g in [(333, 512, 128), (40, 768, 256), (16, 128, 128), (21, 2816, 128),
+                    (37, 2816, 2816), (19, 1536, 384)]:
         x, q, s, z = _int4_inputs(m, n, k, g, dtype, seed=m * 10 + n)
         out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
         assert quant_gemv.launch_int4_gemv(x, q, s, z, g, out, 16, 1 + m % 5, _stages_for(m),

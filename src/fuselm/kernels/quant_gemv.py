@@ -51,7 +51,7 @@ def available(build: bool = True) -> bool:
     return _ops(build) is not None
 
 
-STAGES = (1, 2, 4)  # 1: the strided stream; 2, 4: the ring stream of that depth
+STAGES = (1, 2, 3, 4, 13)  # 1: the strided stream; 2, 4: the ring of that depth; 3: the lean ring
 
 
 def valid_launch(block_n: int, num_warps: int, num_stages: int) -> bool:
@@ -61,7 +61,7 @@ def valid_launch(block_n: int, num_warps: int, num_stages: int) -> bool:
 
 def max_rows(num_stages: int) -> int:
     """The most x rows the weight stream ``num_stages`` takes."""
-    return STRIDED_MAX_M if num_stages == 1 else MAX_M
+    return STRIDED_MAX_M if num_stages in (1, 3, 13) else MAX_M
 
 
 def default_launch(n: int, k_steps: int, m: int) -> tuple[int, int, int]:

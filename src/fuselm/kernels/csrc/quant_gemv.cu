@@ -245,6 +245,35 @@ __device__ __forceinline__ void int4_step_nb(float (&d)[NB][4], const uint4 (&w)
   }
 }
 
+// int4_step_nb for one batch tile with the nibble pairs h = 0 and h = 1 summed into two
+// accumulators (two MMA chains of 4 a step instead of one of 8).
+template <typename T>
+__device__ __forceinline__ void int4_step_split(float (&d)[1][4], float (&e)[1][4],
+                                                const uint4 (&w)[2], const uint32_t nz0,
+                                                const uint32_t nz1, const uint4 (&xv)[4]) {
+  constexpr uint32_t kMask = 0x000F000Fu;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint4& xj = xv[j];
+    const uint32_t b[4] = {prmt(xj.x, xj.z, 0x5410), prmt(xj.x, xj.z, 0x7632),
+                           prmt(xj.y, xj.w, 0x5410), prmt(xj.y, xj.w, 0x7632)};
+    const uint32_t vg = word(w[0], j);
+    const uint32_t vh = word(w[1], j);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t a0 =
+          fma2<T>(lop3_and_or(vg >> (8 * h), kMask, Num<T>::kOff), Num<T>::kOne, nz0);
+      const uint32_t a2 =
+          fma2<T>(lop3_and_or(vg >> (8 * h + 4), kMask, Num<T>::kOff), Num<T>::kOne, nz0);
+      const uint32_t a1 =
+          fma2<T>(lop3_and_or(vh >> (8 * h), kMask, Num<T>::kOff), Num<T>::kOne, nz1);
+      const uint32_t a3 =
+          fma2<T>(lop3_and_or(vh >> (8 * h + 4), kMask, Num<T>::kOff), Num<T>::kOne, nz1);
+      mma<T>(h == 0 ? d[0] : e[0], a0, a1, a2, a3, b[2 * h], b[2 * h + 1]);
+    }
+  }
+}
+
 template <typename T, WKind kW, int NB>
 __device__ __forceinline__ void int8_step_nb(float (&d)[NB][4], const uint4 (&w)[2],
                                              const uint4 (&xv)[NB][2]) {
@@ -386,6 +415,237 @@ __global__ void __launch_bounds__(512) quant_gemv_ring_kernel(const QuantGemvPar
   store_block_nb<T, kW, NB>(p, partial, acc, row0, warp, num_warps, g, t);
 }
 
+
+// 16 weight bytes where pred, else unspecified values: a lane whose row or step is past the
+// end feeds the MMA values whose products land only in outputs that are never stored (no
+// zero fill, no copy of the register's old value).
+__device__ __forceinline__ uint4 load_weights_or_any(const uint8_t* ptr, bool pred) {
+  uint4 v;
+  asm volatile(
+      "{\n"
+      "  .reg .pred p;\n"
+      "  setp.ne.b32 p, %5, 0;\n"
+      "  @p ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+      "}\n"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(ptr), "r"(static_cast<int>(pred)));
+  return v;
+}
+
+// 16 bytes of x where pred (cached: every block reads the same x), else unspecified values
+// (a batch column past M, whose outputs are never stored).
+__device__ __forceinline__ uint4 load_x_or_any(const void* ptr, bool pred) {
+  uint4 v;
+  asm volatile(
+      "{\n"
+      "  .reg .pred p;\n"
+      "  setp.ne.b32 p, %5, 0;\n"
+      "  @p ld.global.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+      "}\n"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(ptr), "r"(static_cast<int>(pred)));
+  return v;
+}
+
+// The lean ring: the ring's schedule with the per-step address arithmetic hoisted (lane
+// pointers advanced by constants), no zero fills (a lane past a row, step or batch end feeds
+// unspecified values: their products reach only outputs that are never stored), the group
+// index counted (no division in the loop), scales read as S, and the next step's x loaded
+// one step ahead.
+template <typename S>
+__device__ __forceinline__ float scale_value(const S* s, int64_t i) {
+  if constexpr (std::is_same_v<S, float>) {
+    return s[i];
+  } else if constexpr (std::is_same_v<S, __half>) {
+    return __half2float(s[i]);
+  } else {
+    return __bfloat162float(s[i]);
+  }
+}
+
+template <typename T, typename S, WKind kW, bool kTwoAcc>
+__global__ void __launch_bounds__(512) quant_gemv_lean_kernel(const QuantGemvParams p) {
+  constexpr bool kInt4 = kW == WKind::kInt4;
+  constexpr int NB = 1;  // one 8-row batch tile (M <= 8): two spill at 128 registers
+  constexpr int kDepth = 2;  // steps in flight (4 was slower on every 8B shape: 128 registers)
+  extern __shared__ float partial[];  // [num_warps][16][8]
+  constexpr int kCols = kInt4 ? 2 * kStepBytes : kStepBytes;
+  constexpr int kXVecs = kCols / 4 / 8;
+  constexpr unsigned kFull = 0xFFFFFFFFu;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int num_warps = blockDim.x >> 5;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
+  const int steps = static_cast<int>(p.k / kCols);
+  const int per = (steps + num_warps - 1) / num_warps;
+  const int s_begin = min(steps, warp * per);
+  const int n_steps = min(steps, s_begin + per) - s_begin;  // this warp's run
+  const int64_t rows[2] = {row0 + g, row0 + 8 + g};
+  // a row past N loads nothing: its run is empty
+  const int lim[2] = {rows[0] < p.n ? n_steps : 0, rows[1] < p.n ? n_steps : 0};
+  const uint8_t* qw = static_cast<const uint8_t*>(p.qweight);
+  const uint8_t* wp[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+    wp[h] = qw + (lim[h] ? rows[h] : 0) * p.qw_stride + 16 * t +
+            static_cast<int64_t>(s_begin) * kStepBytes;
+  bool has_x[NB];
+  const T* xp[NB];
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb) {
+    const int b = 8 * nb + g;
+    has_x[nb] = b < p.m;
+    xp[nb] = static_cast<const T*>(p.x) + (has_x[nb] ? b : 0) * p.x_stride + t * (kCols / 4) +
+             static_cast<int64_t>(s_begin) * kCols;
+  }
+  // int4 groups: lane t reads the scale and zero of the run's step c + t for the quad of
+  // steps from c; (grp, in_grp) = that step's group and its place in it, advanced by counting
+  const int spg = kInt4 ? static_cast<int>(p.group_size / kCols) : 1;
+  int grp = (s_begin + t) / spg;
+  int in_grp = (s_begin + t) - grp * spg;
+  // 32-bit offsets of the rows' scales and zeros (N x groups < 2^31): cheap to keep
+  const S* scales = static_cast<const S*>(p.scales);
+  int s_row[2], z_row[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    s_row[h] = static_cast<int>((lim[h] ? rows[h] : 0) * p.s_stride);
+    z_row[h] = static_cast<int>((lim[h] ? rows[h] : 0) * p.z_stride);
+  }
+  auto next_quad_group = [&] {  // (grp, in_grp) of the step 4 later
+    in_grp += kQuadSteps;
+    while (in_grp >= spg) {
+      in_grp -= spg;
+      ++grp;
+    }
+  };
+
+  uint4 wq[kDepth][2];
+#pragma unroll
+  for (int u = 0; u < kDepth; ++u) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      wq[u][h] = load_weights_or_any(wp[h] + u * kStepBytes, u < lim[h]);
+    }
+  }
+  float sc[2] = {0.f, 0.f};
+  uint32_t nz[2] = {0u, 0u};
+  if constexpr (kInt4) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if (t < lim[h]) {
+        sc[h] = scale_value(scales, s_row[h] + grp);
+        nz[h] = (Num<T>::kOff | (static_cast<uint32_t>(p.zeros[z_row[h] + grp]) * 0x00010001u)) ^
+                0x80008000u;
+      }
+    }
+  }
+  pdl_wait_then_release();  // x is the previous kernel's output; out may be what it reads
+
+  uint4 xv[2][NB][kXVecs];  // this step's x and the next one's
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+    for (int i = 0; i < kXVecs; ++i) {
+      xv[0][nb][i] = load_x_or_any(xp[nb] + 8 * i, has_x[nb] && n_steps > 0);
+    }
+  }
+
+  float acc[NB][4];
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb) acc[nb][0] = acc[nb][1] = acc[nb][2] = acc[nb][3] = 0.f;
+
+  for (int c = 0; c < n_steps; c += kQuadSteps) {
+    float next_sc[2] = {0.f, 0.f};
+    uint32_t next_nz[2] = {0u, 0u};
+    if constexpr (kInt4) {
+      const int s = c + kQuadSteps + t;
+      next_quad_group();
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (s < lim[h]) {
+          next_sc[h] = scale_value(scales, s_row[h] + grp);
+          next_nz[h] = (Num<T>::kOff | (static_cast<uint32_t>(p.zeros[z_row[h] + grp]) *
+                                        0x00010001u)) ^
+                       0x80008000u;
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kQuadSteps; ++u) {
+      const int i = c + u;
+      if (i >= n_steps) break;  // warp-uniform
+      const int slot = u % kDepth;  // the run's step i sits in slot i % kDepth (c % 4 == 0)
+      const uint4 w[2] = {wq[slot][0], wq[slot][1]};
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        wq[slot][h] = load_weights_or_any(wp[h] + (u + kDepth) * kStepBytes, i + kDepth < lim[h]);
+      const int cur = u & 1;
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+        for (int v = 0; v < kXVecs; ++v)
+          xv[cur ^ 1][nb][v] =
+              load_x_or_any(xp[nb] + (u + 1) * kCols + 8 * v, has_x[nb] && i + 1 < n_steps);
+      }
+      if constexpr (kInt4) {
+        const int src = (lane & ~3) | u;
+        const float s0 = __shfl_sync(kFull, sc[0], src);
+        const float s1 = __shfl_sync(kFull, sc[1], src);
+        const uint32_t z0 = __shfl_sync(kFull, nz[0], src);
+        const uint32_t z1 = __shfl_sync(kFull, nz[1], src);
+        float d[NB][4];
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb) d[nb][0] = d[nb][1] = d[nb][2] = d[nb][3] = 0.f;
+        if constexpr (kTwoAcc) {
+          float e[1][4] = {{0.f, 0.f, 0.f, 0.f}};
+          int4_step_split<T>(d, e, w, z0, z1, xv[cur][0]);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) d[0][i] += e[0][i];
+        } else {
+          int4_step_nb<T, NB>(d, w, z0, z1, xv[cur]);
+        }
+        acc[0][0] += s0 * d[0][0];  // row g, batch 2 t and 2 t + 1
+        acc[0][1] += s0 * d[0][1];
+        acc[0][2] += s1 * d[0][2];  // row g + 8
+        acc[0][3] += s1 * d[0][3];
+      } else {
+        int8_step_nb<T, kW, NB>(acc, w, xv[cur]);
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      sc[h] = next_sc[h];
+      nz[h] = next_nz[h];
+      wp[h] += kQuadSteps * kStepBytes;
+    }
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) xp[nb] += kQuadSteps * kCols;
+  }
+  store_block_nb<T, kW, NB>(p, partial, acc, row0, warp, num_warps, g, t);
+}
+
+template <typename T, WKind kW, bool kTwoAcc>
+cudaError_t launch_lean(const QuantGemvParams& p, cudaLaunchConfig_t& cfg) {
+  cfg.dynamicSmemBytes = static_cast<size_t>(p.num_warps) * kTileRows * kBatch * sizeof(float);
+  if constexpr (kW == WKind::kInt4) {
+    switch (p.scale_dtype) {
+      case DType::kFloat32:
+        return cudaLaunchKernelEx(&cfg, quant_gemv_lean_kernel<T, float, kW, kTwoAcc>, p);
+      case DType::kFloat16:
+        return cudaLaunchKernelEx(&cfg, quant_gemv_lean_kernel<T, __half, kW, kTwoAcc>, p);
+      case DType::kBFloat16:
+        return cudaLaunchKernelEx(&cfg, quant_gemv_lean_kernel<T, __nv_bfloat16, kW, kTwoAcc>,
+                                  p);
+      default:
+        return cudaErrorInvalidValue;
+    }
+  } else {  // the per-row scale is read once a row, by store_block_nb
+    return cudaLaunchKernelEx(&cfg, quant_gemv_lean_kernel<T, T, kW, false>, p);
+  }
+}
+
 template <typename T, WKind kW, int NB>
 cudaError_t launch_ring(const QuantGemvParams& p, cudaLaunchConfig_t& cfg) {
   cfg.dynamicSmemBytes = static_cast<size_t>(p.num_warps) * kTileRows * 8 * NB * sizeof(float);
@@ -401,6 +661,11 @@ cudaError_t launch_typed(const QuantGemvParams& p, cudaStream_t stream) {
     if (p.m > kBatch) return cudaErrorInvalidValue;
     cfg.dynamicSmemBytes = static_cast<size_t>(p.num_warps) * kTileRows * kBatch * sizeof(float);
     return cudaLaunchKernelEx(&cfg, quant_gemv_kernel<T, kW, 1, 2>, p);
+  }
+  if (p.stages == 3 || p.stages == 13) {  // the lean ring (13: two accumulators)
+    if (p.m > kBatch) return cudaErrorInvalidValue;
+    if (p.stages == 13) return launch_lean<T, kW, true>(p, cfg);
+    return launch_lean<T, kW, false>(p, cfg);
   }
   if (p.stages != 2 && p.stages != 4) return cudaErrorInvalidValue;
   if (p.m <= kBatch) return launch_ring<T, kW, 1>(p, cfg);
