@@ -107,7 +107,8 @@ def test_default_config_small_m():
         launch = quant_gemv.default_launch(n, k_steps, 16)
         assert quant_gemv.valid_launch(*launch) and launch[1] <= max(1, k_steps)
         assert quant_gemv.max_rows(launch[2]) == 16
-    assert not quant_gemv.valid_launch(32, 8, 2) and not quant_gemv.valid_launch(16, 8, 3)
+    assert not quant_gemv.valid_launch(32, 8, 2) and not quant_gemv.valid_launch(16, 8, 5)
+    assert quant_gemv.max_rows(3) == quant_gemv.max_rows(13) == 8  # the lean ring
     assert not quant_gemv.valid_launch(16, 17, 2)
 
 

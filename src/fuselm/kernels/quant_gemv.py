@@ -17,7 +17,9 @@ Triton config.
 Launch parameters, in the op's ``QuantMatmulConfig``: ``block_n`` 16 (weight rows a block),
 ``num_warps`` warps that split K (1..16), ``num_stages`` the weight stream: 1 strided (warp w
 takes K steps w, w + W, ..., two at a time; at most 8 rows), 2 or 4 the ring of that depth
-(a warp takes one contiguous run of steps and keeps that many in flight; up to 16 rows); a K
+(a warp takes one contiguous run of steps and keeps that many in flight; up to 16 rows), 3
+the lean ring (depth 2, the address arithmetic out of the loop; at most 8 rows; 13: its two
+MMA accumulators a step, the H200 pick for int4 gate_up); a K
 step is int4 128 columns, int8 64 (see the .cu file). ``fuselm_C::int4_gemv`` /
 ``int8_gemv`` write a given ``out`` (nothing allocated, no sync: CUDA-graph safe); with PDL the
 weights are requested before waiting for the previous kernel.

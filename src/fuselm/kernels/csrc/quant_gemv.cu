@@ -18,8 +18,8 @@
 // 2^23 + 128: exact b, its top half the bf16 b) or of 1024 (fp16x2, minus 1152); the
 // per-channel scale multiplies the finished dot product.
 //
-// Block: 16 rows; num_warps warps split K; their partial sums meet in shared memory. Two
-// weight streams (num_stages): 1, strided: warp w takes steps w, w + num_warps, ..., two steps'
+// Block: 16 rows; num_warps warps split K; their partial sums meet in shared memory. Three
+// weight streams (num_stages; 3 and 13, the lean ring, are described at its kernel): 1, strided: warp w takes steps w, w + num_warps, ..., two steps'
 // weights (2 KB a warp) requested at a time, at most 8 batch rows; 2 or 4, the ring: warp w takes
 // one contiguous run of steps and keeps 2 or 4 steps in flight all along it, a quad loads the
 // scales and zeros of 4 steps at once, and up to 16 batch rows (two MMA tiles sharing the A
