@@ -54,6 +54,7 @@ def available(build: bool = True) -> bool:
 
 
 STAGES = (1, 2, 3, 4, 13)  # 1: the strided stream; 2, 4: the ring of that depth; 3: the lean ring
+LEAN_STAGES = (3, 13)  # the lean ring (13: two accumulators): 32-bit scale offsets, <= 8 rows
 
 
 def valid_launch(block_n: int, num_warps: int, num_stages: int) -> bool:
@@ -63,7 +64,7 @@ def valid_launch(block_n: int, num_warps: int, num_stages: int) -> bool:
 
 def max_rows(num_stages: int) -> int:
     """The most x rows the weight stream ``num_stages`` takes."""
-    return STRIDED_MAX_M if num_stages in (1, 3, 13) else MAX_M
+    return STRIDED_MAX_M if num_stages == 1 or num_stages in LEAN_STAGES else MAX_M
 
 
 def default_launch(n: int, k_steps: int, m: int) -> tuple[int, int, int]:
@@ -95,7 +96,9 @@ def launch_int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     if (ops is None or group_size % INT4_STEP_COLS or not valid_launch(block_n, num_warps,
                                                                         num_stages)
             or not _runnable(x, qweight, out, max_rows(num_stages))
-            or (scales.shape[1] > 1 and (scales.stride(1) != 1 or zeros.stride(1) != 1))):
+            or (scales.shape[1] > 1 and (scales.stride(1) != 1 or zeros.stride(1) != 1))
+            or (num_stages in LEAN_STAGES
+                and qweight.shape[0] * max(scales.stride(0), zeros.stride(0)) >= 2**31)):
         return False
     ops.int4_gemv(out, x, qweight, scales, zeros, group_size, num_warps, num_stages, pdl)
     return True

@@ -18,9 +18,10 @@
 // 2^23 + 128: exact b, its top half the bf16 b) or of 1024 (fp16x2, minus 1152); the
 // per-channel scale multiplies the finished dot product.
 //
-// Block: 16 rows; num_warps warps split K; their partial sums meet in shared memory. Three
-// weight streams (num_stages; 3 and 13, the lean ring, are described at its kernel): 1, strided: warp w takes steps w, w + num_warps, ..., two steps'
-// weights (2 KB a warp) requested at a time, at most 8 batch rows; 2 or 4, the ring: warp w takes
+// Block: 16 rows; num_warps warps split K; their partial sums meet in shared memory. Weight
+// streams (num_stages; 3 and 13, the lean ring, are described at its kernel): 1, strided: warp
+// w takes steps w, w + num_warps, ..., two steps' weights (2 KB a warp) requested at a time, at
+// most 8 batch rows; 2 or 4, the ring: warp w takes
 // one contiguous run of steps and keeps 2 or 4 steps in flight all along it, a quad loads the
 // scales and zeros of 4 steps at once, and up to 16 batch rows (two MMA tiles sharing the A
 // fragments). Neither wins every shape on the H200 (the ring: down and o at M = 1, every M 9-16
@@ -211,8 +212,10 @@ __global__ void __launch_bounds__(kMaxThreads<R, U>) quant_gemv_kernel(const Qua
 // step's A fragments.
 constexpr int kQuadSteps = 4;
 
-template <typename T, int NB>
-__device__ __forceinline__ void int4_step_nb(float (&d)[NB][4], const uint4 (&w)[2],
+// kChains (1 or 2) accumulators: nibble pairs h go to d[h % kChains], two MMA chains of 4 a
+// step instead of one of 8 (the caller sums them).
+template <typename T, int NB, int kChains = 1>
+__device__ __forceinline__ void int4_step_nb(float (&d)[kChains][NB][4], const uint4 (&w)[2],
                                              const uint32_t nz0, const uint32_t nz1,
                                              const uint4 (&xv)[NB][4]) {
   constexpr uint32_t kMask = 0x000F000Fu;
@@ -240,36 +243,8 @@ __device__ __forceinline__ void int4_step_nb(float (&d)[NB][4], const uint4 (&w)
       const uint32_t a3 =
           fma2<T>(lop3_and_or(vh >> (8 * h + 4), kMask, Num<T>::kOff), Num<T>::kOne, nz1);
 #pragma unroll
-      for (int nb = 0; nb < NB; ++nb) mma<T>(d[nb], a0, a1, a2, a3, b[nb][2 * h], b[nb][2 * h + 1]);
-    }
-  }
-}
-
-// int4_step_nb for one batch tile with the nibble pairs h = 0 and h = 1 summed into two
-// accumulators (two MMA chains of 4 a step instead of one of 8).
-template <typename T>
-__device__ __forceinline__ void int4_step_split(float (&d)[1][4], float (&e)[1][4],
-                                                const uint4 (&w)[2], const uint32_t nz0,
-                                                const uint32_t nz1, const uint4 (&xv)[4]) {
-  constexpr uint32_t kMask = 0x000F000Fu;
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const uint4& xj = xv[j];
-    const uint32_t b[4] = {prmt(xj.x, xj.z, 0x5410), prmt(xj.x, xj.z, 0x7632),
-                           prmt(xj.y, xj.w, 0x5410), prmt(xj.y, xj.w, 0x7632)};
-    const uint32_t vg = word(w[0], j);
-    const uint32_t vh = word(w[1], j);
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const uint32_t a0 =
-          fma2<T>(lop3_and_or(vg >> (8 * h), kMask, Num<T>::kOff), Num<T>::kOne, nz0);
-      const uint32_t a2 =
-          fma2<T>(lop3_and_or(vg >> (8 * h + 4), kMask, Num<T>::kOff), Num<T>::kOne, nz0);
-      const uint32_t a1 =
-          fma2<T>(lop3_and_or(vh >> (8 * h), kMask, Num<T>::kOff), Num<T>::kOne, nz1);
-      const uint32_t a3 =
-          fma2<T>(lop3_and_or(vh >> (8 * h + 4), kMask, Num<T>::kOff), Num<T>::kOne, nz1);
-      mma<T>(h == 0 ? d[0] : e[0], a0, a1, a2, a3, b[2 * h], b[2 * h + 1]);
+      for (int nb = 0; nb < NB; ++nb)
+        mma<T>(d[h % kChains][nb], a0, a1, a2, a3, b[nb][2 * h], b[nb][2 * h + 1]);
     }
   }
 }
@@ -391,16 +366,14 @@ __global__ void __launch_bounds__(512) quant_gemv_ring_kernel(const QuantGemvPar
         const float s1 = __shfl_sync(kFull, sc[1], src);
         const uint32_t z0 = __shfl_sync(kFull, nz[0], src);
         const uint32_t z1 = __shfl_sync(kFull, nz[1], src);
-        float d[NB][4];
-#pragma unroll
-        for (int nb = 0; nb < NB; ++nb) d[nb][0] = d[nb][1] = d[nb][2] = d[nb][3] = 0.f;
+        float d[1][NB][4] = {};
         int4_step_nb<T, NB>(d, w, z0, z1, xv);
 #pragma unroll
         for (int nb = 0; nb < NB; ++nb) {
-          acc[nb][0] += s0 * d[nb][0];  // row g, batch 8 nb + 2 t and + 1
-          acc[nb][1] += s0 * d[nb][1];
-          acc[nb][2] += s1 * d[nb][2];  // row g + 8
-          acc[nb][3] += s1 * d[nb][3];
+          acc[nb][0] += s0 * d[0][nb][0];  // row g, batch 8 nb + 2 t and + 1
+          acc[nb][1] += s0 * d[0][nb][1];
+          acc[nb][2] += s1 * d[0][nb][2];  // row g + 8
+          acc[nb][3] += s1 * d[0][nb][3];
         }
       } else {
         int8_step_nb<T, kW, NB>(acc, w, xv);
@@ -415,37 +388,6 @@ __global__ void __launch_bounds__(512) quant_gemv_ring_kernel(const QuantGemvPar
   store_block_nb<T, kW, NB>(p, partial, acc, row0, warp, num_warps, g, t);
 }
 
-
-// 16 weight bytes where pred, else unspecified values: a lane whose row or step is past the
-// end feeds the MMA values whose products land only in outputs that are never stored (no
-// zero fill, no copy of the register's old value).
-__device__ __forceinline__ uint4 load_weights_or_any(const uint8_t* ptr, bool pred) {
-  uint4 v;
-  asm volatile(
-      "{\n"
-      "  .reg .pred p;\n"
-      "  setp.ne.b32 p, %5, 0;\n"
-      "  @p ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-      "}\n"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(ptr), "r"(static_cast<int>(pred)));
-  return v;
-}
-
-// 16 bytes of x where pred (cached: every block reads the same x), else unspecified values
-// (a batch column past M, whose outputs are never stored).
-__device__ __forceinline__ uint4 load_x_or_any(const void* ptr, bool pred) {
-  uint4 v;
-  asm volatile(
-      "{\n"
-      "  .reg .pred p;\n"
-      "  setp.ne.b32 p, %5, 0;\n"
-      "  @p ld.global.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-      "}\n"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(ptr), "r"(static_cast<int>(pred)));
-  return v;
-}
 
 // The lean ring: the ring's schedule with the per-step address arithmetic hoisted (lane
 // pointers advanced by constants), no zero fills (a lane past a row, step or batch end feeds
@@ -526,7 +468,7 @@ __global__ void __launch_bounds__(512) quant_gemv_lean_kernel(const QuantGemvPar
   for (int u = 0; u < kDepth; ++u) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      wq[u][h] = load_weights_or_any(wp[h] + u * kStepBytes, u < lim[h]);
+      wq[u][h] = load16_or_any<true>(wp[h] + u * kStepBytes, u < lim[h]);
     }
   }
   float sc[2] = {0.f, 0.f};
@@ -548,7 +490,7 @@ __global__ void __launch_bounds__(512) quant_gemv_lean_kernel(const QuantGemvPar
   for (int nb = 0; nb < NB; ++nb) {
 #pragma unroll
     for (int i = 0; i < kXVecs; ++i) {
-      xv[0][nb][i] = load_x_or_any(xp[nb] + 8 * i, has_x[nb] && n_steps > 0);
+      xv[0][nb][i] = load16_or_any<false>(xp[nb] + 8 * i, has_x[nb] && n_steps > 0);
     }
   }
 
@@ -580,14 +522,15 @@ __global__ void __launch_bounds__(512) quant_gemv_lean_kernel(const QuantGemvPar
       const uint4 w[2] = {wq[slot][0], wq[slot][1]};
 #pragma unroll
       for (int h = 0; h < 2; ++h)
-        wq[slot][h] = load_weights_or_any(wp[h] + (u + kDepth) * kStepBytes, i + kDepth < lim[h]);
+        wq[slot][h] =
+            load16_or_any<true>(wp[h] + (u + kDepth) * kStepBytes, i + kDepth < lim[h]);
       const int cur = u & 1;
 #pragma unroll
       for (int nb = 0; nb < NB; ++nb) {
 #pragma unroll
         for (int v = 0; v < kXVecs; ++v)
-          xv[cur ^ 1][nb][v] =
-              load_x_or_any(xp[nb] + (u + 1) * kCols + 8 * v, has_x[nb] && i + 1 < n_steps);
+          xv[cur ^ 1][nb][v] = load16_or_any<false>(xp[nb] + (u + 1) * kCols + 8 * v,
+                                                    has_x[nb] && i + 1 < n_steps);
       }
       if constexpr (kInt4) {
         const int src = (lane & ~3) | u;
@@ -595,21 +538,17 @@ __global__ void __launch_bounds__(512) quant_gemv_lean_kernel(const QuantGemvPar
         const float s1 = __shfl_sync(kFull, sc[1], src);
         const uint32_t z0 = __shfl_sync(kFull, nz[0], src);
         const uint32_t z1 = __shfl_sync(kFull, nz[1], src);
-        float d[NB][4];
+        constexpr int kChains = kTwoAcc ? 2 : 1;
+        float d[kChains][NB][4] = {};
+        int4_step_nb<T, NB, kChains>(d, w, z0, z1, xv[cur]);
 #pragma unroll
-        for (int nb = 0; nb < NB; ++nb) d[nb][0] = d[nb][1] = d[nb][2] = d[nb][3] = 0.f;
-        if constexpr (kTwoAcc) {
-          float e[1][4] = {{0.f, 0.f, 0.f, 0.f}};
-          int4_step_split<T>(d, e, w, z0, z1, xv[cur][0]);
+        for (int i = 1; i < kChains; ++i)
 #pragma unroll
-          for (int i = 0; i < 4; ++i) d[0][i] += e[0][i];
-        } else {
-          int4_step_nb<T, NB>(d, w, z0, z1, xv[cur]);
-        }
-        acc[0][0] += s0 * d[0][0];  // row g, batch 2 t and 2 t + 1
-        acc[0][1] += s0 * d[0][1];
-        acc[0][2] += s1 * d[0][2];  // row g + 8
-        acc[0][3] += s1 * d[0][3];
+          for (int r = 0; r < 4; ++r) d[0][0][r] += d[i][0][r];
+        acc[0][0] += s0 * d[0][0][0];  // row g, batch 2 t and 2 t + 1
+        acc[0][1] += s0 * d[0][0][1];
+        acc[0][2] += s1 * d[0][0][2];  // row g + 8
+        acc[0][3] += s1 * d[0][0][3];
       } else {
         int8_step_nb<T, kW, NB>(acc, w, xv[cur]);
       }
@@ -624,6 +563,11 @@ __global__ void __launch_bounds__(512) quant_gemv_lean_kernel(const QuantGemvPar
     for (int nb = 0; nb < NB; ++nb) xp[nb] += kQuadSteps * kCols;
   }
   store_block_nb<T, kW, NB>(p, partial, acc, row0, warp, num_warps, g, t);
+}
+
+// Whether the lean ring's 32-bit scale and zero offsets hold p's (N x groups < 2^31).
+inline bool lean_offsets_fit(const QuantGemvParams& p) {
+  return p.n * std::max(p.s_stride, p.z_stride) < (int64_t{1} << 31);
 }
 
 template <typename T, WKind kW, bool kTwoAcc>
@@ -663,7 +607,7 @@ cudaError_t launch_typed(const QuantGemvParams& p, cudaStream_t stream) {
     return cudaLaunchKernelEx(&cfg, quant_gemv_kernel<T, kW, 1, 2>, p);
   }
   if (p.stages == 3 || p.stages == 13) {  // the lean ring (13: two accumulators)
-    if (p.m > kBatch) return cudaErrorInvalidValue;
+    if (p.m > kBatch || !lean_offsets_fit(p)) return cudaErrorInvalidValue;
     if (p.stages == 13) return launch_lean<T, kW, true>(p, cfg);
     return launch_lean<T, kW, false>(p, cfg);
   }

@@ -96,6 +96,35 @@ __device__ __forceinline__ uint4 load_weights(const uint8_t* ptr, bool pred) {
   return v;
 }
 
+// 16 bytes where pred, else unspecified values (no zero fill, no copy of the register's
+// old value): for a lane past a row, step or batch end, whose products reach only outputs
+// that are never stored. kStream: weights (as load_weights); else cached (x, read by every
+// block).
+template <bool kStream>
+__device__ __forceinline__ uint4 load16_or_any(const void* ptr, bool pred) {
+  uint4 v;
+  if constexpr (kStream) {
+    asm volatile(
+        "{\n"
+        "  .reg .pred p;\n"
+        "  setp.ne.b32 p, %5, 0;\n"
+        "  @p ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+        "}\n"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(ptr), "r"(static_cast<int>(pred)));
+  } else {
+    asm volatile(
+        "{\n"
+        "  .reg .pred p;\n"
+        "  setp.ne.b32 p, %5, 0;\n"
+        "  @p ld.global.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+        "}\n"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(ptr), "r"(static_cast<int>(pred)));
+  }
+  return v;
+}
+
 __device__ __forceinline__ float load_scale(const void* s, int64_t i, DType dtype) {
   switch (dtype) {
     case DType::kBFloat16:
