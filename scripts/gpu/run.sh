@@ -5,7 +5,7 @@
 # step does not stop the later ones, and the script exits 1 if any failed.
 #
 # Usage (repo root or anywhere):  OUT=/dir scripts/gpu/run.sh [steps...]
-#   steps: wheels env build tests kbench abench gemv kquant kgguf ncu latency gap engine structured quant fp8e2e ab dist pack
+#   steps: wheels env build tests kbench abench gemv kquant kgguf ncu latency gap engine structured quant profile fp8e2e ab dist pack
 #   default: wheels env build tests kbench abench gemv latency gap engine pack
 #     wheels   installs the wheels in .whl/ (packages the device image lacks: FastAPI, uvicorn,
 #              xgrammar, gguf, jsonschema, ...; see docs/perf/README.md) into /tmp/site, on
@@ -29,6 +29,8 @@
 #     quant    fuselm bench latency, 8B shape, dummy weights, bf16 and QUANT_METHODS (int4 int8
 #              fp8) over QUANT_BATCHES (1 4 16 64 256): $OUT/quant-<method>.json; then dummy
 #              GGUF files of the QUANT_GGUF types (e.g. Q4_K Q8_0), kept packed: $OUT/quant-gguf-<type>.json
+#     profile  fuselm profile, 8B shape, dummy weights, PROFILE_BATCH (1) rows, for each of
+#              PROFILE_METHODS (none int8 int4 fp8): $OUT/profile-<q>.json (top kernels, idle)
 #     fp8e2e   8B shape, dummy weights, bf16 then fp8: fuselm bench throughput (FP8E2E_PROMPTS,
 #              default 2000, 256 in / 256 out) and the time to first token of one 4096-token
 #              prompt (fuselm bench latency): $OUT/tput-<q>.json, $OUT/ttft-<q>.json
@@ -199,6 +201,14 @@ for step in $STEPS; do
       --output-len 32 --num-iters-warmup 1 --num-iters 2 --disable-detokenize \
       --max-model-len 4096 --output-json $OUT/quant-gguf-\$t.json --disable-tqdm || exit 1; \
       rm -f build/l8b-\$t.gguf; done" ;;
+    profile) run_step profile 480 bash -c "python -c 'from fuselm.bench.dummy_model import \
+      write_dummy_checkpoint as w; w(\"llama-3-8b\", __import__(\"pathlib\").Path(\"build/l8b\"))' \
+      && for q in ${PROFILE_METHODS:-none int8 int4 fp8}; do echo \"== quantization \$q\"; \
+      python -m fuselm profile --model build/l8b --load-format dummy \
+      \$([ \$q = none ] || echo --quantization \$q) --batch-size ${PROFILE_BATCH:-1} \
+      --input-len 128 --output-len 32 --max-model-len 4096 --top 30 --no-profile-memory \
+      --output-dir $OUT/profile-\$q --output-json $OUT/profile-\$q.json --disable-tqdm \
+      || exit 1; rm -f $OUT/profile-\$q/trace.json; rm -rf $OUT/profile-\$q/tensorboard; done" ;;
     fp8e2e) run_step fp8e2e 480 bash -c "python -c 'from fuselm.bench.dummy_model import \
       write_dummy_checkpoint as w; w(\"llama-3-8b\", __import__(\"pathlib\").Path(\"build/l8b\"))' \
       && for q in none fp8; do echo \"== quantization \$q\"; \
