@@ -31,7 +31,8 @@
 #              GGUF files of the QUANT_GGUF types (e.g. Q4_K Q8_0), kept packed: $OUT/quant-gguf-<type>.json
 #     profile  fuselm profile, 8B shape, dummy weights, PROFILE_BATCH (1) rows, for each of
 #              PROFILE_METHODS (none int8 int4 fp8): $OUT/profile-<q>.json (top kernels, idle)
-#     fp8e2e   8B shape, dummy weights, bf16 then fp8: fuselm bench throughput (FP8E2E_PROMPTS,
+#     fp8e2e   8B shape, dummy weights, FP8E2E_METHODS (none fp8; fp8kv: fp8 weights and KV
+#              cache, throughput only): fuselm bench throughput (FP8E2E_PROMPTS,
 #              default 2000, 256 in / 256 out) and the time to first token of one 4096-token
 #              prompt (fuselm bench latency): $OUT/tput-<q>.json, $OUT/ttft-<q>.json
 #     ab       scripts/bench_engine.py on the baseline AB_BASE (a commit, default HEAD, checked out
@@ -211,12 +212,13 @@ for step in $STEPS; do
       || exit 1; rm -f $OUT/profile-\$q/trace.json; rm -rf $OUT/profile-\$q/tensorboard; done" ;;
     fp8e2e) run_step fp8e2e 480 bash -c "python -c 'from fuselm.bench.dummy_model import \
       write_dummy_checkpoint as w; w(\"llama-3-8b\", __import__(\"pathlib\").Path(\"build/l8b\"))' \
-      && for q in none fp8; do echo \"== quantization \$q\"; \
+      && for q in ${FP8E2E_METHODS:-none fp8}; do echo \"== quantization \$q\"; \
       python -m fuselm bench throughput --model build/l8b --load-format dummy \
-      \$([ \$q = none ] || echo --quantization \$q) --num-prompts ${FP8E2E_PROMPTS:-2000} \
+      \$(case \$q in none) ;; fp8kv) echo --quantization fp8 --kv-cache-dtype fp8 ;; \
+      *) echo --quantization \$q ;; esac) --num-prompts ${FP8E2E_PROMPTS:-2000} \
       --input-len 256 --output-len 256 --disable-detokenize --max-model-len 4096 \
       --output-json $OUT/tput-\$q.json --disable-tqdm || exit 1; \
-      python -m fuselm bench latency --model build/l8b --load-format dummy \
+      [ \$q = fp8kv ] && continue; python -m fuselm bench latency --model build/l8b --load-format dummy \
       \$([ \$q = none ] || echo --quantization \$q) --batch-size 1 --input-len 4096 \
       --output-len 2 --num-iters-warmup 1 --num-iters 3 --disable-detokenize \
       --max-model-len 8192 --output-json $OUT/ttft-\$q.json --disable-tqdm || exit 1; done" ;;
