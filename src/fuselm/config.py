@@ -28,6 +28,7 @@ DTYPE_ALIASES = {"float": "float32", "half": "float16"}
 KernelBackend = Literal["auto", "reference", "triton", "cuda"]
 LoadFormat = Literal["auto", "safetensors", "gguf", "dummy"]
 Quantization = Literal["fp8", "int8", "int4", "gguf"]
+QuantizationCalibration = Literal["gptq"]
 KVCacheDType = Literal["auto", "fp8", "fp8_e4m3"]
 MAX_BLOCK_SIZE = 256
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -367,6 +368,10 @@ class EngineConfig:
     packed and multiplies them in place; None keeps the checkpoint's own format (a
     pre-quantized checkpoint is detected from its quantization_config; a .gguf model is
     dequantized at load)."""
+    quantization_calibration: QuantizationCalibration | None = None
+    """gptq: with --quantization fp8, round each weight by GPTQ against its inputs' second
+    moments, collected while the float model samples 32 texts of 256 tokens of its own (no
+    data set; adds that sampling and the rounding to the load); None: round to nearest."""
     cpu_offload_gb: float = 0.0
     """GB of the weights kept in pinned CPU memory and copied to the GPU just before use
     (for models larger than the GPU); 0 keeps every weight on the device."""
@@ -394,6 +399,9 @@ class EngineConfig:
         offload = self.cpu_offload_gb
         _check(isinstance(offload, int | float) and not isinstance(offload, bool)
                and offload >= 0, "cpu_offload_gb", offload, ">= 0 GB")
+        _check(self.quantization_calibration is None or self.quantization == "fp8",
+               "quantization_calibration", self.quantization_calibration,
+               "unset unless --quantization fp8 (gptq is implemented for fp8 only)")
         for name, cls in CONFIG_SECTIONS.items():
             if not isinstance(getattr(self, name), cls):
                 raise TypeError(f"EngineConfig.{name} must be a {cls.__name__}, "
@@ -433,6 +441,9 @@ def check_implemented(config: EngineConfig) -> None:
     """Raises ConfigError naming a flag whose feature this build does not run yet (accepted
     by the parser so that its value is validated, refused before anything loads)."""
     parallel = config.parallel.tensor_parallel_size * config.parallel.pipeline_parallel_size > 1
+    if parallel and config.quantization_calibration is not None:
+        raise ConfigError("--quantization-calibration is not implemented with tensor or "
+                          "pipeline parallelism yet (one process only)")
     for name in ("swap_space", "kv_offloading_size"):  # the step plan carries no block moves
         if parallel and getattr(config.cache, name) > 0:
             raise ConfigError(f"{_flag(name)} is not implemented with tensor or pipeline "

@@ -32,7 +32,7 @@ from fuselm.bench import report
 
 NAME = "perplexity"
 BUILTIN_TEXTS = {"shakespeare": "shakespeare.txt.gz"}
-VARIANTS = ("base", "fp8", "int8", "int4", "gguf", "kv-fp8")
+VARIANTS = ("base", "fp8", "fp8-gptq", "int8", "int4", "gguf", "kv-fp8")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -95,6 +95,8 @@ def variant_config(config: Any, variant: str) -> Any:
     """The engine config of one variant of ``config`` (``base``: itself)."""
     if variant == "base":
         return config
+    if variant == "fp8-gptq":
+        return dataclasses.replace(config, quantization="fp8", quantization_calibration="gptq")
     if variant == "kv-fp8":
         return dataclasses.replace(config, cache=dataclasses.replace(config.cache,
                                                                     kv_cache_dtype="fp8"))

@@ -234,8 +234,16 @@ def build_engine_parts(config: EngineConfig, source: loader.ModelSource,
     sched = _scheduler_config(config, max_model_len)
     kernels = KernelSet(config.kernel_backend, device, max_num_seqs=sched.max_num_seqs,
                         max_model_len=max_model_len)
+    calibrated = None
+    if config.quantization_calibration == "gptq":  # before this model loads: one at a time
+        from fuselm.engine import calibration
+
+        calibrated = calibration.gptq_fp8_weights(config)
     model, offloader = _load_model(config, source, model_config, max_model_len, dtype, device,
                                    kernels, dist_ctx)
+    if calibrated is not None:
+        calibration.apply_fp8_weights(model, calibrated)
+        del calibrated
     log_kernels(kernels)
     runner = ModelRunner(model, model_config.vocab_size, device, sched.max_num_batched_tokens,
                          sched.max_num_seqs, max_model_len, config.cache.block_size, kernels)
