@@ -31,6 +31,8 @@ def test_variants_refused_by_name_and_applied():
     cfg = EngineConfig(model="x")
     assert perplexity.variant_config(cfg, "int4").quantization == "int4"
     assert perplexity.variant_config(cfg, "kv-fp8").cache.kv_cache_dtype == "fp8"
+    gptq = perplexity.variant_config(cfg, "fp8-gptq")
+    assert (gptq.quantization, gptq.quantization_calibration) == ("fp8", "gptq")
     assert perplexity.variant_config(cfg, "base") is cfg
 
 

@@ -38,16 +38,34 @@ def _linear_layers(model: nn.Module) -> dict[str, nn.Module]:
             if isinstance(m, LinearBase) and not name.endswith("lm_head")}
 
 
+def _sample(engine) -> None:
+    """Lets ``engine`` sample ``SAMPLES`` texts from its BOS token (the hooks see them)."""
+    from fuselm.sampling_params import SamplingParams
+
+    bos = engine.tokenizer.bos_token_id
+    tokens = min(SAMPLE_TOKENS, engine.max_model_len - 1)  # after the BOS
+    for i in range(SAMPLES):
+        params = SamplingParams(temperature=1.0, max_tokens=tokens, ignore_eos=True, seed=i,
+                                detokenize=False)
+        engine.add_request(f"gptq-calibration-{i}", [bos if bos is not None else 0], params)
+    while engine.has_unfinished_requests():
+        engine.step(stream=False)
+
+
 def gptq_fp8_weights(config: EngineConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{layer name: (weight e4m3fn, weight_scale float32)}``, GPTQ-rounded against the
     float model's inputs while it samples its own calibration texts (module docstring)."""
-    from fuselm import SamplingParams
+    from fuselm.engine.builder import build_engine_parts
+    from fuselm.engine.engine import LLMEngine
+    from fuselm.engine.executor import LocalExecutor
     from fuselm.layers.quantization.gptq import gptq_fp8_per_channel
-    from fuselm.llm import LLM
+    from fuselm.loading import loader
 
     start = time.perf_counter()
-    llm = LLM(config=dataclasses.replace(config, quantization=None,
-                                         quantization_calibration=None))
+    float_config = dataclasses.replace(config, quantization=None, quantization_calibration=None)
+    source, model_config = loader.load_model_config(float_config)
+    parts = build_engine_parts(float_config, source, model_config)
+    engine = LLMEngine(float_config, parts, LocalExecutor(parts.runner))
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
@@ -62,14 +80,10 @@ def gptq_fp8_weights(config: EngineConfig) -> dict[str, tuple[torch.Tensor, torc
         return accumulate
 
     try:
-        layers = _linear_layers(llm.engine.runner.model)
+        layers = _linear_layers(engine.runner.model)
         handles = [m.register_forward_hook(hook(name)) for name, m in layers.items()]
         try:
-            bos = llm.tokenizer.bos_token_id
-            tokens = min(SAMPLE_TOKENS, llm.engine.max_model_len - 1)  # after the BOS
-            params = [SamplingParams(temperature=1.0, max_tokens=tokens, ignore_eos=True,
-                                     seed=i, detokenize=False) for i in range(SAMPLES)]
-            llm.generate([[bos if bos is not None else 0]] * SAMPLES, params)
+            _sample(engine)
         finally:
             for handle in handles:
                 handle.remove()
@@ -81,8 +95,8 @@ def gptq_fp8_weights(config: EngineConfig) -> dict[str, tuple[torch.Tensor, torc
         weights = {name: gptq_fp8_per_channel(layer.weight.data, sums.pop(name) / counts[name])
                    for name, layer in layers.items()}
     finally:
-        llm.engine.shutdown()
-        del llm
+        engine.shutdown()
+        del engine, parts
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
