@@ -196,6 +196,8 @@ def with_quantization(config: EngineConfig, model_config: ModelConfig,
         if quant.group_size:
             quant = dataclasses.replace(quant, group_size=_int4_group(
                 model_config, config.parallel.tensor_parallel_size, quant.group_size))
+        if config.quantization_calibration == "gptq":
+            quant = dataclasses.replace(quant, rounding="gptq")
         model_config = model_config.replace(quantization=quant)
     if model_config.quantization is not None and config.cpu_offload_gb > 0:
         raise ConfigError("--cpu-offload-gb is not implemented with quantized weights yet")

@@ -100,6 +100,7 @@ def test_gptq_fp8_engine(tmp_path) -> None:
     plain_logits = all_position_logits(plain.engine, PROMPTS)
     plain.engine.shutdown()
     llm = _llm(path, quantization="fp8", quantization_calibration="gptq")
+    assert "gptq" in llm.engine.model_config.quantization.describe()
     layers = {n: m for n, m in llm.engine.runner.model.named_modules() if n in floats}
     assert len(layers) == len(floats) == 8
     changed = 0

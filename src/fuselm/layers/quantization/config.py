@@ -51,6 +51,9 @@ class QuantizationConfig:
     lm_head_bits: int | None = None
     """8: the LM head is int8 per channel, quantized at load from the checkpoint's float head
     (int4/int8, online or pre-quantized weight-only); None: the LM head stays float."""
+    rounding: Literal["nearest", "gptq"] = "nearest"
+    """online fp8: how the weights were rounded (``gptq``: ``--quantization-calibration
+    gptq``, see ``engine/calibration.py``)."""
     checkpoint_format: str = ""
     """The checkpoint's own layout name (compressed-tensors ``format``, AWQ ``version``)."""
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -76,6 +79,10 @@ class QuantizationConfig:
             raise UnsupportedModelError(
                 f"fp8 weight_block_size {list(self.weight_block)} is not supported (fuselm "
                 f"runs {FP8_BLOCK}x{FP8_BLOCK} blocks)")
+        if self.rounding not in ("nearest", "gptq") or (self.rounding == "gptq" and (
+                self.method != "fp8" or self.source != "online")):
+            raise ValueError(f"QuantizationConfig.rounding {self.rounding!r}: nearest, or gptq "
+                             "for online fp8")
         if self.lm_head_bits not in (None, 8):
             raise ValueError(f"QuantizationConfig.lm_head_bits must be 8 or None, got "
                              f"{self.lm_head_bits!r}")
@@ -133,6 +140,8 @@ class QuantizationConfig:
             parts.append("block128" if self.weight_block else "per-channel")
             parts.append({"dynamic": "w8a8 dynamic", "static": "w8a8 static",
                           "none": "w8a16"}[self.activation_scheme])
+        if self.rounding == "gptq":
+            parts.append("gptq")
         if self.lm_head_bits:
             parts.append(f"lm_head int{self.lm_head_bits}")
         return " ".join(parts) + f" ({self.source})"
