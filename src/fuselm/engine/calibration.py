@@ -4,7 +4,8 @@
 sample ``SAMPLES`` texts of ``SAMPLE_TOKENS`` tokens from the BOS token (temperature 1, seeds
 0..SAMPLES-1: no calibration data set is needed, and none can overlap a user's evaluation text),
 accumulates for every linear layer but the LM head ``H = E[x x^T]`` of its inputs over every
-prefill and decode token, rounds each float weight with
+prefill and decode token (the float engine runs eager, so that every step reaches the hooks),
+rounds each float weight with
 ``layers.quantization.gptq.gptq_fp8_per_channel`` and shuts that engine down.
 ``apply_fp8_weights(model, weights)`` then writes them over the online fp8 layers of the
 quantized model (in place: CUDA graphs keep their pointers).
@@ -62,7 +63,9 @@ def gptq_fp8_weights(config: EngineConfig) -> dict[str, tuple[torch.Tensor, torc
     from fuselm.loading import loader
 
     start = time.perf_counter()
-    float_config = dataclasses.replace(config, quantization=None, quantization_calibration=None)
+    # eager: a replayed CUDA graph runs no forward hook, and a capture would feed them dummies
+    float_config = dataclasses.replace(config, quantization=None, quantization_calibration=None,
+                                       enforce_eager=True)
     source, model_config = loader.load_model_config(float_config)
     parts = build_engine_parts(float_config, source, model_config)
     engine = LLMEngine(float_config, parts, LocalExecutor(parts.runner))
