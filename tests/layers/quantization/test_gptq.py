@@ -117,3 +117,27 @@ def test_gptq_fp8_engine(tmp_path) -> None:
         rel = float((g - w).norm() / w.norm())
         assert 0 < rel < 0.3, rel  # the bound of plain fp8's end-to-end test
         assert torch.isfinite(g).all() and not torch.equal(g, p)
+
+
+@pytest.mark.gpu
+def test_gptq_fp8_engine_on_cuda(tmp_path) -> None:
+    """On a GPU the calibration engine runs eager (hooks see every step), the quantized one
+    captures graphs, and the GPTQ weights stay on their per-channel amax scales."""
+    path = make_quant_checkpoint(tmp_path / "m")
+    kwargs = dict(device="cuda", dtype="bfloat16", max_num_seqs=4, max_model_len=64,
+                  block_size=16, num_gpu_blocks=64)
+    float_llm = LLM(str(path), **kwargs)
+    floats = {name: m.weight.data.float().clone() for name, m in
+              float_llm.engine.runner.model.named_modules() if isinstance(m, LinearBase)
+              and not name.endswith("lm_head")}
+    want = all_position_logits(float_llm.engine, PROMPTS)
+    float_llm.engine.shutdown()
+    llm = LLM(str(path), quantization="fp8", quantization_calibration="gptq", **kwargs)
+    for name, layer in llm.engine.runner.model.named_modules():
+        if name in floats:
+            torch.testing.assert_close(layer.weight_scale.double().cpu(),
+                                       floats[name].double().abs().amax(dim=1).cpu() / 448.0,
+                                       rtol=1e-6, atol=0)
+    got = all_position_logits(llm.engine, PROMPTS)
+    for g, w in zip(got, want, strict=True):
+        assert 0 < float((g.float() - w.float()).norm() / w.float().norm()) < 0.3
