@@ -30,11 +30,9 @@ def _round_e4m3(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def _upper_inverse_factor(hessian: torch.Tensor) -> torch.Tensor:
     """The upper Cholesky factor of ``(H + damping)^-1`` (what the column updates read)."""
-    k = hessian.shape[0]
     h = hessian.clone()
     h.diagonal().add_(DAMPING * h.diagonal().mean().clamp(min=1e-12))
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    return torch.linalg.cholesky(inverse, upper=True) if k else inverse
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
 
 def gptq_fp8_per_channel(weight: torch.Tensor, hessian: torch.Tensor
