@@ -11,7 +11,9 @@ rounds each float weight with
 quantized model (in place: CUDA graphs keep their pointers).
 
 One process only (tensor and pipeline parallelism are refused by ``config.check_implemented``);
-the float engine and the quantized one are never loaded at the same time.
+the float engine and the quantized one are never loaded at the same time. The float engine's
+KV cache holds the samples only; every layer's H is held at once in float32 (K^2 a linear
+layer: about 32 GB for Llama-3-8B, on its device).
 """
 
 from __future__ import annotations
@@ -67,6 +69,18 @@ def gptq_fp8_weights(config: EngineConfig) -> dict[str, tuple[torch.Tensor, torc
     float_config = dataclasses.replace(config, quantization=None, quantization_calibration=None,
                                        enforce_eager=True)
     source, model_config = loader.load_model_config(float_config)
+    # a KV cache for the samples only: the Hessians need the memory a full cache would take
+    max_len = min(config.scheduler.max_model_len or model_config.max_position_embeddings,
+                  SAMPLE_TOKENS + 1)
+    per_seq = -(-max_len // config.cache.block_size)
+    # all samples in one batch, whatever the serving limit (``fuselm generate`` runs one)
+    scheduler = dataclasses.replace(config.scheduler, max_model_len=max_len,
+                                    max_num_seqs=SAMPLES,
+                                    max_num_batched_tokens=max(
+                                        SAMPLES, config.scheduler.max_num_batched_tokens))
+    float_config = dataclasses.replace(
+        float_config, scheduler=scheduler,
+        cache=dataclasses.replace(config.cache, num_gpu_blocks=SAMPLES * per_seq + 1))
     parts = build_engine_parts(float_config, source, model_config)
     engine = LLMEngine(float_config, parts, LocalExecutor(parts.runner))
     sums: dict[str, torch.Tensor] = {}
