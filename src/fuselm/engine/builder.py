@@ -237,7 +237,8 @@ def build_engine_parts(config: EngineConfig, source: loader.ModelSource,
     kernels = KernelSet(config.kernel_backend, device, max_num_seqs=sched.max_num_seqs,
                         max_model_len=max_model_len)
     calibrated = None
-    if config.quantization_calibration == "gptq":  # before this model loads: one at a time
+    quant = model_config.quantization
+    if quant is not None and quant.rounding == "gptq":  # before this model loads: one at a time
         from fuselm.engine import calibration
 
         calibrated = calibration.gptq_fp8_weights(config)

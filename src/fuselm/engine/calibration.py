@@ -124,12 +124,11 @@ def gptq_fp8_weights(config: EngineConfig) -> dict[str, tuple[torch.Tensor, torc
 
 
 def apply_fp8_weights(model: nn.Module,
-                      weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
+                      weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Writes ``weights`` over every online fp8 layer of ``model`` (in place: the parameters
-    keep their storage); returns how many; a layer without an entry is an error."""
+    keep their storage); a layer without an entry is an error."""
     from fuselm.layers.quantization.fp8 import Fp8LinearMethod
 
-    done = 0
     for name, layer in _linear_layers(model).items():
         method = layer.method
         if not isinstance(method, Fp8LinearMethod) or not method.online:
@@ -142,5 +141,3 @@ def apply_fp8_weights(model: nn.Module,
                                f"{tuple(layer.weight.shape)}, its calibration {tuple(q.shape)}")
         layer.weight.data.copy_(q)
         layer.weight_scale.data.copy_(scale)
-        done += 1
-    return done

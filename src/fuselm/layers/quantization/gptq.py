@@ -23,9 +23,9 @@ BLOCK = 128
 DAMPING = 0.01
 
 
-def _round_e4m3(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``w`` (one column, ``[N]``) rounded to e4m3 under the row scales, scaled back."""
-    return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).to(w.dtype) * scale
+def _e4m3(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``w`` (one column, ``[N]``) divided by the row scales and rounded to e4m3."""
+    return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 def _upper_inverse_factor(hessian: torch.Tensor) -> torch.Tensor:
@@ -51,7 +51,7 @@ def gptq_fp8_per_channel(weight: torch.Tensor, hessian: torch.Tensor
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     hinv = _upper_inverse_factor(h)
-    out = torch.empty(n, k, dtype=torch.float64, device=w.device)
+    q = torch.empty(n, k, dtype=FP8_DTYPE, device=w.device)
     for c0 in range(0, k, BLOCK):
         c1 = min(c0 + BLOCK, k)
         block = w[:, c0:c1].clone()
@@ -59,11 +59,10 @@ def gptq_fp8_per_channel(weight: torch.Tensor, hessian: torch.Tensor
         hb = hinv[c0:c1, c0:c1]
         for i in range(c1 - c0):
             column = block[:, i]
-            rounded = _round_e4m3(column, scale)
-            out[:, c0 + i] = rounded
+            q[:, c0 + i] = _e4m3(column, scale)
+            rounded = q[:, c0 + i].double() * scale
             err = (column - rounded) / hb[i, i]
             block[:, i:] -= err[:, None] * hb[i, i:][None, :]
             errors[:, i] = err
         w[:, c1:] -= errors @ hinv[c0:c1, c1:]
-    q = (out / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale32
